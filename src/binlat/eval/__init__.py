@@ -1,0 +1,1 @@
+"""Evaluation: the compositional judge for the ``shapes`` domain."""

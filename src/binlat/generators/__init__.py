@@ -1,0 +1,6 @@
+"""Generator networks over binary tokens (networks only; sampling lives in binlat.processes)."""
+from .ar import ARCache, ARTransformer
+from .config import GeneratorConfig
+from .diffusion import DiffusionTransformer
+
+__all__ = ["GeneratorConfig", "DiffusionTransformer", "ARTransformer", "ARCache"]

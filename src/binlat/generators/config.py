@@ -1,0 +1,40 @@
+"""Generator configurations (diffusion and AR share the same fields)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class GeneratorConfig:
+    """A transformer over `num_tokens` binary tokens of `num_bits` bits, conditioned on per-layer text states.
+
+    Defaults are the paper's generator (16 blocks x 2048 wide, AMD-OLMo-1B text states of width 2048)."""
+
+    num_bits: int = 64
+    num_tokens: int = 128
+    num_layers: int = 16
+    num_heads: int = 16
+    head_dim: int = 128
+    text_dim: int = 2048
+    mlp_ratio: int = 4
+    # Which text-encoder layer feeds each block (None: layer i feeds block i). Recorded here so a trained
+    # model always gets the same text states; see binlat.text.text_layer_map for the default mapping.
+    text_layers: tuple[int, ...] | None = None
+    # Diffusion only: what the network's logits mean ("flip": a bit of x_t is flipped, "x0": x_0 itself).
+    prediction: str = "flip"
+
+    def __post_init__(self) -> None:
+        for name in ("num_bits", "num_tokens", "num_layers", "num_heads", "head_dim", "text_dim", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_layers is not None:
+            self.text_layers = tuple(self.text_layers)
+            if len(self.text_layers) != self.num_layers or any(i < 0 for i in self.text_layers):
+                raise ValueError(f"text_layers must list {self.num_layers} non-negative layer indices "
+                                 f"(one per block), got {list(self.text_layers)}")
+        if self.prediction not in ("flip", "x0"):
+            raise ValueError(f"prediction must be 'flip' or 'x0', got {self.prediction!r}")
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim

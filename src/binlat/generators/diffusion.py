@@ -1,0 +1,60 @@
+"""Bernoulli diffusion transformer: noisy bits + t + per-layer text states -> one logit per bit.
+
+A pure network: it knows nothing of the noise schedule or of sampling (see binlat.processes.diffusion)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..modeling import ModelMixin
+from ..nn import AdaLNContinuous, AdaLNZero, Attention, GeluMLP, TimestepEmbedding, layer_norm, modulate
+from .config import GeneratorConfig
+
+
+class DiffusionBlock(nn.Module):
+    """AdaLN-Zero block; image rows query [own projection of this block's text layer ; image rows]."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.adaln = AdaLNZero(dim)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.num_tokens, dim))
+        self.text_proj = nn.Linear(cfg.text_dim, dim)
+        self.attn = Attention(dim, cfg.num_heads, cfg.head_dim)
+        self.mlp = GeluMLP(dim, cfg.mlp_ratio * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+                ) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(temb)
+        h = modulate(layer_norm(x), shift1, scale1) + self.pos_emb[:, : x.shape[1]]
+        x = x + gate1.unsqueeze(1) * self.attn(h, context=self.text_proj(text), context_mask=text_mask)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(layer_norm(x), shift2, scale2))
+
+
+class DiffusionTransformer(nn.Module, ModelMixin):
+    config_class = GeneratorConfig
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.config = config
+        self.x_embed = nn.Linear(config.num_bits, config.dim)
+        self.t_embed = TimestepEmbedding(config.dim)
+        self.blocks = nn.ModuleList(DiffusionBlock(config) for _ in range(config.num_layers))
+        self.norm_out = AdaLNContinuous(config.dim)
+        self.proj_out = nn.Linear(config.dim, config.num_bits)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: Sequence[torch.Tensor], text_mask: torch.Tensor
+                ) -> torch.Tensor:
+        """x_t [N, K, B] bits (0/1, any dtype); t [N] in [0, 1]; text: one [N, L, text_dim] per block;
+        text_mask [N, L] (True/1 = real token). Returns logits [N, K, B]."""
+        if len(text) != len(self.blocks):
+            raise ValueError(f"expected {len(self.blocks)} text layers (one per block), got {len(text)}")
+        dtype = self.x_embed.weight.dtype
+        x = self.x_embed(x_t.to(dtype))
+        temb = self.t_embed(t.to(dtype))
+        mask = text_mask.to(torch.bool)
+        for block, states in zip(self.blocks, text):
+            x = block(x, temb, states.to(dtype), mask)
+        return self.proj_out(self.norm_out(x, temb))

@@ -1,0 +1,69 @@
+"""Config-driven save/load for every binlat network (Hugging Face Hub layout: config.json + model.safetensors)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+
+from .config import ConfigError, config_from_dict, config_to_dict
+from .io import atomic_directory, check_state_dict, load_safetensors, save_safetensors
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+M = TypeVar("M", bound="ModelMixin")
+
+
+def resolve_model_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
+    """A local directory as is; anything else is treated as a Hub repo id and fetched (or read from cache)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path}: no such model directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"], **hub_kwargs))
+    except Exception as e:
+        raise FileNotFoundError(f"{name_or_path}: not a local directory, and the Hub copy could not be fetched "
+                                f"({type(e).__name__}); pass a local model directory") from None
+
+
+class ModelMixin(PyTorchModelHubMixin):
+    """Adds strict `save_pretrained` / `from_pretrained` to an nn.Module whose __init__ takes a dataclass config.
+
+    Differences from the plain hub mixin, on purpose: unknown config keys and missing/unexpected/mis-shaped
+    weights are errors (never silently ignored), loading never unpickles, and saving is atomic."""
+
+    config_class: ClassVar[type]
+    config: Any
+
+    def save_pretrained(self, save_directory: str | Path, **_: Any) -> Path:  # type: ignore[override]
+        save_directory = Path(save_directory)
+        with atomic_directory(save_directory) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
+            save_safetensors(self.state_dict(), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        return save_directory
+
+    @classmethod
+    def from_pretrained(cls: type[M], pretrained_model_name_or_path: str | Path, *,  # type: ignore[override]
+                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        **hub_kwargs: Any) -> M:
+        directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory}: missing {CONFIG_NAME}; is this a {cls.__name__} directory?")
+        try:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+        config = config_from_dict(cls.config_class, data, source=str(config_path))
+        model = cls(config)
+        state = load_safetensors(directory / WEIGHTS_NAME)
+        check_state_dict(model, state, str(directory / WEIGHTS_NAME))
+        model.load_state_dict(state, strict=True)
+        model.to(device=device, dtype=dtype)
+        return model.eval()

@@ -1,0 +1,120 @@
+"""Multi-head attention used by every network in binlat.
+
+One module covers the three uses:
+- tokenizer: full self-attention with rotary positions;
+- diffusion: image rows query [text ; image] keys, padded text keys masked;
+- AR: the same with a causal mask aligned bottom-right, plus a key/value cache for decoding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .norms import RMSNorm
+from .rotary import apply_rotary
+
+
+class KVCache:
+    """Keys and values ([B, H, L, Dh]) seen so far by one attention layer, and which keys are valid."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # [B, L] bool, None while every key is valid
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.k is None:
+            self.k, self.v, self.valid = k, v, valid
+        else:
+            if valid is not None or self.valid is not None:
+                old = self.valid if self.valid is not None else _all_valid(self.k)
+                new = valid if valid is not None else _all_valid(k)
+                self.valid = torch.cat((old, new), dim=1)
+            self.k = torch.cat((self.k, k), dim=2)
+            self.v = torch.cat((self.v, v), dim=2)
+        return self.k, self.v, self.valid
+
+    def repeat_batch(self, n: int) -> None:
+        """Repeat every cached row n times along the batch (e.g. one prompt, many samples)."""
+        for name in ("k", "v", "valid"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.repeat_interleave(n, dim=0))
+
+
+def _all_valid(k: torch.Tensor) -> torch.Tensor:
+    return torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+
+
+def attention_mask(key_valid: torch.Tensor | None, num_queries: int, num_keys: int, causal: bool,
+                   device: torch.device) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, Lq, Lk] for SDPA (True = may attend), or None when nothing is masked.
+
+    Causal masking is aligned bottom-right: query i (among the last Lq rows) sees key j iff
+    j <= i + (Lk - Lq), so image rows always see every text key, themselves and earlier rows."""
+    mask = None
+    if causal:
+        i = torch.arange(num_queries, device=device)[:, None]
+        j = torch.arange(num_keys, device=device)[None, :]
+        mask = (j <= i + (num_keys - num_queries))[None, None]
+    if key_valid is not None:
+        keys = key_valid[:, None, None, :]
+        mask = keys if mask is None else mask & keys
+    return mask
+
+
+class Attention(nn.Module):
+    """Multi-head attention with per-head RMSNorm on queries and keys, no biases.
+
+    forward(x, context): queries come from x only; keys and values from [context ; x]. This equals the
+    release's "queries are the last Lq rows of the joint sequence" formulation."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.norm_q = RMSNorm(head_dim)
+        self.norm_k = RMSNorm(head_dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, causal: bool = False,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x [B, Lq, dim]; context [B, Lc, dim] key rows placed before x; context_mask [B, Lc] bool
+        (True = real token); rotary (cos, sin) [L, Dh] for the rows of x (self-attention only);
+        cache: keys/values of earlier calls, extended in place."""
+        b, num_queries, _ = x.shape
+        source = x if context is None else torch.cat((context, x), dim=1)
+        q = self.norm_q(self._heads(self.to_q(x)))
+        k = self.norm_k(self._heads(self.to_k(source)))
+        v = self._heads(self.to_v(source))
+        if rotary is not None:
+            if context is not None or cache is not None:
+                raise ValueError("rotary positions are only supported for plain self-attention")
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+
+        valid = None
+        if context_mask is not None:
+            if context is None:
+                raise ValueError("context_mask given without context")
+            image_rows = torch.ones(b, num_queries, dtype=torch.bool, device=x.device)
+            valid = torch.cat((context_mask.to(torch.bool), image_rows), dim=1)
+        if cache is not None:
+            k, v, valid = cache.update(k, v, valid)
+
+        mask = attention_mask(valid, num_queries, k.shape[2], causal, x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(out.transpose(1, 2).reshape(b, num_queries, -1))

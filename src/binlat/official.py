@@ -1,0 +1,156 @@
+"""Conversion of the Instella-T2I release's checkpoints (its config keys and parameter names) into binlat models."""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+from .generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+from .io import WeightsError, check_state_dict, load_safetensors
+from .tokenizer import BinaryTokenizer, TokenizerConfig
+
+KINDS = ("tokenizer", "diffusion", "ar")
+MODEL_CLASSES = {"tokenizer": BinaryTokenizer, "diffusion": DiffusionTransformer, "ar": ARTransformer}
+
+# Shared by every network: attention and tokenizer-style blocks.
+_BLOCK_RULES = [
+    (r"\.attn\.q_proj\.", ".attn.to_q."), (r"\.attn\.k_proj\.", ".attn.to_k."),
+    (r"\.attn\.v_proj\.", ".attn.to_v."), (r"\.attn\.o_proj\.", ".attn.to_out."),
+    (r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2."),
+    (r"^transformer_blocks\.", "blocks."), (r"\.transformer_blocks\.", ".blocks."),
+]
+_RULES = {
+    "tokenizer": [
+        (r"\.mlp\.gate_proj\.", ".mlp.gate."), (r"\.mlp\.up_proj\.", ".mlp.up."), (r"\.mlp\.down_proj\.", ".mlp.down."),
+        (r"^encoder\.patch_embedder\.", "encoder.patch_embed."),
+        (r"^quantizer\.proj\.0\.", "quantizer.to_logits."), (r"^quantizer\.embed$", "quantizer.codebook"),
+        (r"^decoder\.input_layer\.0\.", "decoder.norm_in."), (r"^decoder\.input_layer\.1\.", "decoder.proj_in."),
+        (r"^decoder\.mask_tokens$", "decoder.mask_token"), (r"^to_pixel\.", "decoder.to_pixels."),
+    ],
+    "diffusion": [
+        (r"^x_embedder\.", "x_embed."), (r"^time_embed\.linear_1\.", "t_embed.fc1."),
+        (r"^time_embed\.linear_2\.", "t_embed.fc2."), (r"\.norm1\.linear\.", ".adaln.linear."),
+        (r"\.proj_cond\.", ".text_proj."), (r"\.ff\.net\.0\.proj\.", ".mlp.fc1."), (r"\.ff\.net\.2\.", ".mlp.fc2."),
+    ],
+    "ar": [
+        (r"^split_token$", "start_token"), (r"^x_embedder\.", "x_embed."), (r"\.proj_cond\.", ".text_proj."),
+        (r"\.mlp\.net\.0\.proj\.", ".mlp.fc1."), (r"\.mlp\.net\.2\.", ".mlp.fc2."),
+    ],
+}
+# Parameters the release keeps but never uses at inference (the AR model's timestep embedding; REPA heads).
+_DROPPED = {"tokenizer": r"(^|\.)repa", "diffusion": None, "ar": r"^time_embed\."}
+
+_TOKENIZER_KEYS = {
+    "in_channels": "in_channels", "encoder_layers": "encoder_layers", "encoder_head_dim": "encoder_head_dim",
+    "encoder_num_heads": "encoder_heads", "patch_size": "patch_size", "num_latent_tkns": "num_tokens",
+    "axes_dims_rope": "rope_axes_dims", "downsample_idx": "downsample_after", "decoder_layers": "decoder_layers",
+    "decoder_head_dim": "decoder_head_dim", "decoder_num_heads": "decoder_heads", "upsample_idx": "upsample_after",
+    "codebook_size": "num_bits", "scale": "rope_reference_size", "train_temp": "bernoulli_temperature",
+}
+_TOKENIZER_IGNORED = {"use_repa", "repa_dim", "repa_index"}
+_GENERATOR_KEYS = {
+    "in_channels": "num_bits", "num_layers": "num_layers", "attention_head_dim": "head_dim",
+    "num_attention_heads": "num_heads", "num_img_tkns": "num_tokens", "text_cond_dim": "text_dim",
+}
+_GENERATOR_IGNORED = {"axes_dims_rope"}
+
+
+def _translate(official: dict[str, Any], names: dict[str, str], ignored: set[str], source: str) -> dict[str, Any]:
+    unknown = sorted(set(official) - set(names) - ignored)
+    if unknown:
+        raise ConfigError(f"{source}: unknown official config key(s) {unknown}; expected keys from "
+                          f"{sorted(set(names) | ignored)}")
+    return {names[k]: v for k, v in official.items() if k in names and v is not None}
+
+
+def convert_config(kind: str, official: dict[str, Any], source: str = "config"):
+    """Official constructor kwargs -> binlat config dataclass."""
+    from .config import config_from_dict
+    if kind == "tokenizer":
+        data = _translate(official, _TOKENIZER_KEYS, _TOKENIZER_IGNORED, source)
+        # use_repa only adds a training-time projection head; its weights are dropped in convert_state_dict.
+        for key in ("downsample_after", "upsample_after"):
+            data[key] = sorted(data.get(key, []))
+        return config_from_dict(TokenizerConfig, data, source)
+    if kind in ("diffusion", "ar"):
+        data = _translate(official, _GENERATOR_KEYS, _GENERATOR_IGNORED, source)
+        return config_from_dict(GeneratorConfig, data, source)
+    raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+
+
+def convert_state_dict(kind: str, state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """Rename the release's parameters to binlat's; resampling layers are keyed by the block they follow."""
+    rules = _BLOCK_RULES + _RULES[kind]
+    converted = {}
+    for key, value in state.items():
+        if _DROPPED[kind] and re.search(_DROPPED[kind], key):
+            continue
+        new = key
+        m = re.match(r"^(encoder\.down_layers|decoder\.up_layers)\.(\d+)\.(.*)$", key)
+        if m and kind == "tokenizer":
+            stage, j, rest = m.group(1), int(m.group(2)), m.group(3)
+            after = config.downsample_after if stage.startswith("encoder") else config.upsample_after
+            if j >= len(after):
+                raise WeightsError(f"unexpected key {key!r}: the config lists only {len(after)} resampling layers")
+            new = f"{stage.split('.')[0]}.resample.{after[j]}.{rest}"
+        for pattern, repl in rules:
+            new = re.sub(pattern, repl, new)
+        converted[new] = value
+    return converted
+
+
+def load_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A `.safetensors` state dict, or the release's `.pt` holding {"module": state_dict}. The `.pt` is read with
+    weights_only=True: a pickle that tries to build arbitrary objects (run code) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path}: refused to load: the file holds more than plain tensors "
+                           f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
+        obj = obj["module"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict (or {{'module': state_dict}}) of tensors")
+    return obj
+
+
+def read_official_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def build_official(kind: str, config_path: str | Path, weights_path: str | Path) -> torch.nn.Module:
+    """Official config + weights -> a binlat model with those weights (eval mode)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    config = convert_config(kind, read_official_config(config_path), str(config_path))
+    model = MODEL_CLASSES[kind](config)
+    state = convert_state_dict(kind, load_official_weights(weights_path), config)
+    check_state_dict(model, state, str(weights_path))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def convert_official(kind: str, config_path: str | Path, weights_path: str | Path, out_dir: str | Path) -> Path:
+    """Write a binlat model directory (config.json + model.safetensors) from an official checkpoint."""
+    return build_official(kind, config_path, weights_path).save_pretrained(out_dir)

@@ -1,0 +1,222 @@
+"""The binary tokenizer: ViT encoder -> K x B bits -> ViT decoder.
+
+encoder:  [K latent tokens ; image patches] -> blocks (with 2x2 down-sampling) -> latent rows -> features [N, K, D]
+quantizer: features -> B bit-logits per token; bits = sigmoid(logit) > 1/2 (inference) or Bernoulli (training)
+decoder:  bits @ codebook -> [K rows ; mask tokens on a small grid] -> blocks (with 2x2 up-sampling) -> pixels
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..modeling import ModelMixin
+from ..nn import Attention, RMSNorm, SwiGLU, rotary_tables
+from .config import TokenizerConfig
+from .resample import Downsample, Upsample, map_to_tokens, tokens_to_map
+
+
+class TokenizerBlock(nn.Module):
+    """Pre-norm transformer block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); full attention."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads, head_dim)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_ratio * dim)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary=rotary)
+        return x + self.mlp(self.norm2(x))
+
+
+def token_positions(num_latent: int, height: int, width: int, scale: float | None,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """3-axis positions [num_latent + h*w, 3]: latent k -> (k, 0, 0); patch (r, c) -> (0, r, c).
+
+    With a scale S, rows and columns are stretched to span [0, S-1] whatever the grid size (division first,
+    in float32, as the release does); a side of one patch sits at 0."""
+    def axis(n: int) -> torch.Tensor:
+        idx = torch.arange(n, dtype=torch.float32, device=device)
+        if scale is None:
+            return idx
+        return idx / (n - 1) * (scale - 1) if n > 1 else idx
+
+    latent = torch.zeros(num_latent, 3, device=device)
+    latent[:, 0] = torch.arange(num_latent, dtype=torch.float32, device=device)
+    rows, cols = torch.meshgrid(axis(height), axis(width), indexing="ij")
+    image = torch.stack((torch.zeros_like(rows), rows, cols), dim=-1).reshape(-1, 3)
+    return torch.cat((latent, image), dim=0)
+
+
+class _Stack(nn.Module):
+    """Shared by encoder and decoder: blocks with a 2x2 resampling of the image rows after chosen blocks."""
+
+    def _run(self, x: torch.Tensor, num_latent: int, height: int, width: int, scale: float | None,
+             down: bool) -> tuple[torch.Tensor, int, int]:
+        rotary = self._rotary(num_latent, height, width, scale, x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary)
+            if str(i) in self.resample:
+                latent, image = x[:, :num_latent], x[:, num_latent:]
+                image = map_to_tokens(self.resample[str(i)](tokens_to_map(image, height, width)))
+                x = torch.cat((latent, image), dim=1)
+                height, width = (height // 2, width // 2) if down else (height * 2, width * 2)
+                if scale is not None:
+                    scale = float(math.floor(scale / 2)) if down else scale * 2
+                rotary = self._rotary(num_latent, height, width, scale, x.device)
+        return x, height, width
+
+    def _rotary(self, num_latent: int, height: int, width: int, scale: float | None, device: torch.device):
+        positions = token_positions(num_latent, height, width, scale, device)
+        return rotary_tables(positions, self.rope_axes_dims, self.rope_theta)
+
+
+class Encoder(_Stack):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        dim = cfg.encoder_dim
+        self.rope_axes_dims, self.rope_theta = cfg.rope_axes_dims, cfg.rope_theta
+        self.patch_embed = nn.Conv2d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.latent_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, dim) * 0.02)
+        self.blocks = nn.ModuleList(TokenizerBlock(dim, cfg.encoder_heads, cfg.encoder_head_dim, cfg.mlp_ratio)
+                                    for _ in range(cfg.encoder_layers))
+        self.resample = nn.ModuleDict({str(i): Downsample(dim) for i in cfg.downsample_after})
+        self.norm_out = RMSNorm(dim)
+        self.proj_out = nn.Linear(dim, dim)
+
+    def forward(self, images: torch.Tensor, scale: float | None) -> torch.Tensor:
+        grid = self.patch_embed(images)
+        height, width = grid.shape[-2:]
+        latent = self.latent_tokens.expand(images.shape[0], -1, -1)
+        x = torch.cat((latent, map_to_tokens(grid)), dim=1)
+        x, _, _ = self._run(x, latent.shape[1], height, width, scale, down=True)
+        return self.proj_out(self.norm_out(x[:, :latent.shape[1]]))
+
+
+class Quantizer(nn.Module):
+    """Features -> bit-logits; bits -> decoder inputs through a learned [B, D] matrix."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.to_logits = nn.Linear(cfg.encoder_dim, cfg.num_bits)
+        self.codebook = nn.Parameter(torch.randn(cfg.num_bits, cfg.encoder_dim) * 0.02)
+
+    def embed(self, bits: torch.Tensor) -> torch.Tensor:
+        return bits.to(self.codebook.dtype) @ self.codebook
+
+
+class Decoder(_Stack):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        dim = cfg.decoder_dim
+        self.rope_axes_dims, self.rope_theta = cfg.rope_axes_dims, cfg.rope_theta
+        self.patch_size, self.channels = cfg.patch_size, cfg.in_channels
+        self.norm_in = RMSNorm(cfg.encoder_dim)
+        self.proj_in = nn.Linear(cfg.encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(TokenizerBlock(dim, cfg.decoder_heads, cfg.decoder_head_dim, cfg.mlp_ratio)
+                                    for _ in range(cfg.decoder_layers))
+        self.resample = nn.ModuleDict({str(i): Upsample(dim) for i in cfg.upsample_after})
+        self.norm_out = RMSNorm(dim)
+        self.to_pixels = nn.Linear(dim, cfg.patch_size ** 2 * cfg.in_channels)
+
+    def forward(self, latent: torch.Tensor, grid_height: int, grid_width: int, scale: float | None
+                ) -> torch.Tensor:
+        """latent [N, K, D] (embedded bits) -> images [N, C, grid_height*p, grid_width*p], unclamped."""
+        factor = 2 ** len(self.resample)
+        height, width = grid_height // factor, grid_width // factor
+        if scale is not None:
+            scale = float(math.floor(scale / factor))
+        x = self.proj_in(self.norm_in(latent))
+        masks = self.mask_token.expand(x.shape[0], height * width, -1)
+        x = torch.cat((x, masks), dim=1)
+        x, height, width = self._run(x, latent.shape[1], height, width, scale, down=False)
+        pixels = self.to_pixels(self.norm_out(x[:, latent.shape[1]:]))
+        p, c = self.patch_size, self.channels
+        pixels = pixels.reshape(-1, height, width, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return pixels.reshape(-1, c, height * p, width * p)
+
+
+@dataclass
+class TokenizerOutput:
+    reconstruction: torch.Tensor  # [N, C, H, W]
+    logits: torch.Tensor          # [N, K, B]
+    bits: torch.Tensor            # [N, K, B] float 0/1 (sampled in training, thresholded otherwise)
+    probs: torch.Tensor           # sigmoid(logits / tau) in training, sigmoid(logits) otherwise
+
+
+class BinaryTokenizer(nn.Module, ModelMixin):
+    """Images in [-1, 1] <-> bits [N, num_tokens, num_bits]."""
+
+    config_class = TokenizerConfig
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = Quantizer(config)
+        self.decoder = Decoder(config)
+
+    @property
+    def scale(self) -> float | None:
+        """Grid-unit reference size S = rope_reference_size / patch_size (true division, as `set_scale`)."""
+        size = self.config.rope_reference_size
+        return None if size is None else size / self.config.patch_size
+
+    def check_size(self, height: int, width: int) -> None:
+        m = self.config.size_multiple
+        if height < m or width < m or height % m or width % m:
+            fit = lambda n: max(m, round(n / m) * m)  # noqa: E731
+            raise ValueError(f"image size {height}x{width} is not supported by this tokenizer: height and width must "
+                             f"be positive multiples of {m} px (patch size times 2 per resampling stage); "
+                             f"nearest allowed: {fit(height)}x{fit(width)}")
+
+    def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(f"images must be [N, {self.config.in_channels}, H, W], got {tuple(images.shape)}")
+        self.check_size(images.shape[-2], images.shape[-1])
+        dtype = self.quantizer.codebook.dtype
+        return self.quantizer.to_logits(self.encoder(images.to(dtype), self.scale))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] in [-1, 1] -> bits [N, K, B] (torch.bool)."""
+        return torch.sigmoid(self.encode_logits(images).float()) > 0.5
+
+    def decode(self, bits: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Bits [N, K', B] (bool, uint8 or float 0/1) -> images [N, C, height, width], unclamped (~[-1, 1])."""
+        height = self.config.image_size if height is None else height
+        width = height if width is None else width
+        if bits.ndim != 3 or bits.shape[-1] != self.config.num_bits:
+            raise ValueError(f"bits must be [N, tokens, {self.config.num_bits}], got {tuple(bits.shape)}")
+        self.check_size(height, width)
+        return self._decode_latent(self.quantizer.embed(bits), height, width)
+
+    def _decode_latent(self, latent: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        p = self.config.patch_size
+        return self.decoder(latent, height // p, width // p, self.scale)
+
+    def forward(self, images: torch.Tensor, temperature: float | None = None) -> TokenizerOutput:
+        """Full round trip. In training mode bits are Bernoulli(sigmoid(logit / tau)) samples with a
+        straight-through gradient; in eval mode they are thresholded."""
+        logits = self.encode_logits(images)
+        if self.training:
+            tau = self.config.bernoulli_temperature if temperature is None else temperature
+            probs = torch.sigmoid(logits.float() / tau)
+            bits = torch.bernoulli(probs)
+        else:
+            probs = torch.sigmoid(logits.float())
+            bits = (probs > 0.5).float()
+        # Straight-through: the value is the bits, the gradient flows as if they were the probabilities.
+        st_bits = (bits + probs) - probs.detach()
+        latent = self.quantizer.embed(st_bits)
+        recon = self._decode_latent(latent, images.shape[-2], images.shape[-1])
+        return TokenizerOutput(reconstruction=recon, logits=logits, bits=bits, probs=probs)
+
+
+def bit_regularizer(probs: torch.Tensor) -> torch.Tensor:
+    """Mean p(1 - p): pushes bit probabilities away from 1/2 so thresholding at inference loses little."""
+    return (probs * (1 - probs)).mean()
