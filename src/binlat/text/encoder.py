@@ -193,7 +193,9 @@ class TextEncoder(nn.Module):
 
 def _load(path: str, dtype: torch.dtype) -> tuple:
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for a small frozen encoder
     local = os.path.isdir(path)
     if not local and _looks_like_local_path(path):
         raise FileNotFoundError(

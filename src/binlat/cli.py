@@ -1,0 +1,225 @@
+"""The `binlat` command: a thin layer that parses arguments, calls the public API and prints results.
+
+Every expected failure (bad argument, unreadable file, mismatched weights) ends with a one-line message and a
+non-zero exit code; a traceback is shown only with --debug."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+    return parse
+
+
+def _number(name: str, low: float, inclusive: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (not inclusive and value == low):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size must be N or HxW in pixels (e.g. 64 or 64x96), got {text!r}")
+    h = int(m.group(1))
+    return h, int(m.group(2) or h)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        try:
+            raw = Path(args.prompts_file).read_bytes()
+        except OSError as e:
+            raise CLIError(f"cannot read prompts file {args.prompts_file}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CLIError(f"prompts file {args.prompts_file} is not valid UTF-8 (byte {e.start})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CLIError("no prompts: give PROMPT arguments or --prompts FILE with one prompt per line")
+    return prompts
+
+
+def _load_pipeline(model: str | None, text_encoder: str | None):
+    from .pipeline import Pipeline, default_model_dir
+    path = model or default_model_dir()
+    if path is None:
+        print("note: no trained model is installed yet; using a randomly initialised tiny model, so the images "
+              "are noise (pass --model DIR for a trained bundle)", file=sys.stderr)
+        from .text import TextEncoder
+        return Pipeline.random_tiny(text_encoder=TextEncoder(text_encoder) if text_encoder else None)
+    if not Path(path).is_dir():
+        raise CLIError(f"model directory {path} does not exist (pass --model DIR with a binlat bundle)")
+    return Pipeline.from_pretrained(path, text_encoder=text_encoder)
+
+
+def _next_index(out: Path) -> int:
+    taken = [int(m.group(1)) for f in out.glob("*.png") if (m := re.fullmatch(r"(\d{5,})\.png", f.name))]
+    return max(taken, default=-1) + 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .io import atomic_write_bytes
+    from .processes.common import check_sampling_args
+    prompts = _read_prompts(args)
+    check_sampling_args(args.steps, args.cfg, args.temperature, args.rho, args.protocol)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"cannot write to output directory {out}: {e.strerror}") from None
+    pipe = _load_pipeline(args.model, args.text_encoder)
+    height, width = args.size if args.size else (None, None)
+    result = pipe(prompts, generator=args.generator, num_steps=args.steps, guidance_scale=args.cfg,
+                  temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
+                  height=height, width=width, batch_size=args.batch_size, progress=not args.no_progress)
+    first = _next_index(out)
+    records = []
+    for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
+        # File names come from a counter, never from prompt text: nothing can escape --out or collide.
+        name = f"{first + i:05d}.png"
+        atomic_write_bytes(out / name, _png_bytes(image))
+        records.append({"file": name, "prompt": prompt, "seed": seed, "generator": args.generator,
+                        "steps": args.steps if args.generator == "diffusion" else None, "cfg": args.cfg,
+                        "temperature": args.temperature, "rho": args.rho, "protocol": args.protocol,
+                        "height": image.height, "width": image.width,
+                        "model": str(args.model or "default"), "trained": pipe.config.trained})
+    with open(out / "metadata.jsonl", "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if args.grid:
+        from .grid import contact_sheet
+        name = f"grid-{first:05d}.png"
+        atomic_write_bytes(out / name, _png_bytes(contact_sheet(result.images, result.prompts, result.seeds)))
+        print(f"wrote {out / name}")
+    print(f"wrote {len(records)} image(s) to {out} ({records[0]['file']} .. {records[-1]['file']}), "
+          f"metadata in {out / 'metadata.jsonl'}")
+    return 0
+
+
+def _png_bytes(image) -> bytes:
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def cmd_convert_official(args: argparse.Namespace) -> int:
+    from .official import convert_official
+    out = convert_official(args.kind, args.config, args.weights, args.out)
+    print(f"wrote {args.kind} model to {out} (load with from_pretrained)")
+    return 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import run_case
+    failed = 0
+    cases = []
+    for path in map(Path, args.cases):
+        # A folder of cases runs every case inside it.
+        inner = sorted(d for d in path.iterdir() if (d / "config.json").is_file()) if path.is_dir() else []
+        cases += inner if inner and not (path / "config.json").is_file() else [path]
+    for case in cases:
+        for c in run_case(case):
+            status = "ok" if c.ok else "FAIL"
+            tol = "exact" if c.tolerance == 0 else f"tol {c.tolerance:g}"
+            print(f"{Path(case).name:16s} {c.name:16s} max abs err {c.max_abs_error:.3e}  ({tol})  {status}")
+            failed += not c.ok
+    print("all outputs within tolerance" if not failed else f"{failed} output(s) out of tolerance")
+    return 0 if not failed else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="binlat", description="Text-to-image generation in a 1D binary latent space.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images from prompts")
+    g.add_argument("prompts", nargs="*", metavar="PROMPT")
+    g.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="file with one prompt per line")
+    g.add_argument("--model", metavar="DIR", help="pipeline bundle directory (default: the shipped model)")
+    g.add_argument("--text-encoder", metavar="NAME_OR_PATH",
+                   help="override the bundle's text encoder (e.g. amd/AMD-OLMo-1B or a local path)")
+    g.add_argument("--generator", choices=["diffusion", "ar"], default="diffusion")
+    g.add_argument("--steps", type=_positive_int("steps"), default=20, help="diffusion steps (default 20)")
+    g.add_argument("--cfg", type=_number("guidance scale", 0.0), default=7.5, help="guidance scale w (default 7.5)")
+    g.add_argument("--temperature", type=_number("temperature", 0.0), default=1.0,
+                   help="sampling temperature; 0 thresholds (default 1.0)")
+    g.add_argument("--rho", type=_number("rho", 0.0, inclusive=False), default=1.0,
+                   help="time-step spacing exponent (default 1.0)")
+    g.add_argument("--protocol", type=int, choices=[1, 2], default=1, help="diffusion step protocol (default 1)")
+    g.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed + i")
+    g.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="image size in pixels")
+    g.add_argument("--batch-size", type=_positive_int("batch size"), default=8)
+    g.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
+    g.add_argument("--grid", action="store_true", help="also write a labelled contact sheet")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert-official", help="convert a released Instella-T2I checkpoint to a binlat directory")
+    c.add_argument("--kind", choices=["tokenizer", "diffusion", "ar"], required=True)
+    c.add_argument("--config", required=True, metavar="CONFIG.json")
+    c.add_argument("--weights", required=True, metavar="WEIGHTS", help=".safetensors or .pt ({'module': ...})")
+    c.add_argument("--out", required=True, metavar="DIR")
+    c.set_defaults(func=cmd_convert_official)
+
+    k = sub.add_parser("conformance", help="check binlat against golden outputs of the reference implementation")
+    k.add_argument("cases", nargs="+", metavar="CASE_DIR")
+    k.set_defaults(func=cmd_conformance)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("binlat: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — the CLI promise: one line, no traceback
+        if args.debug:
+            raise
+        from .config import ConfigError
+        from .io import WeightsError
+        known = (CLIError, ValueError, OSError, ConfigError, WeightsError)
+        prefix = "error" if isinstance(e, known) else f"internal error ({type(e).__name__})"
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"binlat: {prefix}: {message}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, (CLIError, ValueError, ConfigError)) else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Pipeline: prompt -> text encoder -> generator process -> bits -> tokenizer decoder -> PIL images.
+
+A bundle directory holds `model_index.json` (PipelineConfig) and one model directory per part:
+`tokenizer/`, and `diffusion/` and/or `ar/`. The text encoder is referenced by name or path, not copied.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ConfigError, config_from_dict, config_to_dict
+from .generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+from .io import atomic_directory
+from .modeling import resolve_model_dir
+from .processes import ARDecoding, BernoulliDiffusion
+from .processes.common import check_sampling_args, make_generators
+from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextFeatures, text_layer_map
+from .tokenizer import BinaryTokenizer, TokenizerConfig
+
+INDEX_NAME = "model_index.json"
+GENERATOR_KINDS = ("diffusion", "ar")
+_GENERATOR_CLASSES = {"diffusion": DiffusionTransformer, "ar": ARTransformer}
+
+
+@dataclass
+class PipelineConfig:
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    text_max_length: int = 128
+    generators: tuple[str, ...] = ("diffusion",)
+    image_size: int = 512
+    trained: bool = True  # False marks a randomly initialised bundle (its images are noise)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.generators = tuple(self.generators)
+        bad = [g for g in self.generators if g not in GENERATOR_KINDS]
+        if bad or not self.generators:
+            raise ValueError(f"generators must name one or both of {GENERATOR_KINDS}, got {list(self.generators)}")
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image]
+    seeds: list[int]
+    bits: torch.Tensor | None = None  # [N, K, B] uint8 when asked for
+    prompts: list[str] = field(default_factory=list)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] in [-1, 1] -> PIL RGB images (values outside the range are clipped)."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} is not text: {p!r}")
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty: describe the image to generate")
+    return prompts
+
+
+class Pipeline:
+    def __init__(self, tokenizer: BinaryTokenizer, text_encoder: TextEncoder,
+                 diffusion: DiffusionTransformer | None = None, ar: ARTransformer | None = None,
+                 config: PipelineConfig | None = None):
+        self.tokenizer, self.text_encoder = tokenizer.eval(), text_encoder
+        self.generators = {k: m.eval() for k, m in (("diffusion", diffusion), ("ar", ar)) if m is not None}
+        if not self.generators:
+            raise ValueError("a pipeline needs at least one generator (diffusion or ar)")
+        self.config = config or PipelineConfig(text_encoder=text_encoder.name_or_path,
+                                               generators=tuple(self.generators),
+                                               image_size=tokenizer.config.image_size)
+        for kind, model in self.generators.items():
+            self._check_generator(kind, model)
+
+    # --- construction -------------------------------------------------------------------------------------
+    def _check_generator(self, kind: str, model: torch.nn.Module) -> None:
+        cfg: GeneratorConfig = model.config
+        tok = self.tokenizer.config
+        if (cfg.num_tokens, cfg.num_bits) != (tok.num_tokens, tok.num_bits):
+            raise ValueError(f"{kind} generator makes {cfg.num_tokens}x{cfg.num_bits} bits but the tokenizer "
+                             f"reads {tok.num_tokens}x{tok.num_bits}")
+        if cfg.text_dim != self.text_encoder.hidden_size:
+            raise ValueError(f"{kind} generator expects text features of width {cfg.text_dim}, but text encoder "
+                             f"{self.text_encoder.name_or_path!r} gives {self.text_encoder.hidden_size}; "
+                             f"use the text encoder it was trained with")
+        layers = self.text_layers(kind)
+        if max(layers) >= self.text_encoder.num_layers:
+            raise ValueError(f"{kind} generator reads text layer {max(layers)}, but the text encoder has only "
+                             f"{self.text_encoder.num_layers}")
+
+    def text_layers(self, kind: str) -> list[int]:
+        cfg = self.generators[kind].config
+        if cfg.text_layers is not None:
+            return list(cfg.text_layers)
+        return text_layer_map(self.text_encoder.num_layers, cfg.num_layers)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, text_encoder: str | TextEncoder | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
+        directory = resolve_model_dir(path)
+        index = directory / INDEX_NAME
+        if not index.is_file():
+            raise FileNotFoundError(f"{directory}: missing {INDEX_NAME}; not a binlat pipeline directory "
+                                    f"(a single model directory loads with its model class instead)")
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{index}: not valid JSON ({e})") from None
+        config = config_from_dict(PipelineConfig, data, str(index))
+        if not isinstance(text_encoder, TextEncoder):
+            text_encoder = TextEncoder(text_encoder or config.text_encoder, max_length=config.text_max_length,
+                                       device=device)
+        tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype)
+        parts = {k: _GENERATOR_CLASSES[k].from_pretrained(directory / k, device=device, dtype=dtype)
+                 for k in config.generators}
+        return cls(tokenizer, text_encoder, config=config, **parts)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            config = config_to_dict(self.config) | {"generators": list(self.generators)}
+            (tmp / INDEX_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            for kind, model in self.generators.items():
+                model.save_pretrained(tmp / kind)
+        return path
+
+    @classmethod
+    def random_tiny(cls, seed: int = 0, text_encoder: TextEncoder | None = None) -> Pipeline:
+        """A freshly initialised tiny bundle (64 px, 16 tokens x 32 bits), for trying the machinery out."""
+        text_encoder = text_encoder or TextEncoder()
+        tok = TokenizerConfig(patch_size=8, num_tokens=16, num_bits=32, encoder_layers=2, encoder_heads=2,
+                              encoder_head_dim=32, decoder_layers=2, decoder_heads=2, decoder_head_dim=32,
+                              rope_axes_dims=(8, 12, 12), downsample_after=(0,), upsample_after=(0,), image_size=64)
+        gen = GeneratorConfig(num_bits=32, num_tokens=16, num_layers=2, num_heads=2, head_dim=32,
+                              text_dim=text_encoder.hidden_size,
+                              text_layers=tuple(text_layer_map(text_encoder.num_layers, 2)))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            parts = (BinaryTokenizer(tok), DiffusionTransformer(gen), ARTransformer(gen))
+        config = PipelineConfig(text_encoder=text_encoder.name_or_path, generators=GENERATOR_KINDS,
+                                image_size=64, trained=False, description="randomly initialised tiny model")
+        return cls(parts[0], text_encoder, parts[1], parts[2], config=config)
+
+    # --- generation ---------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> tuple[TextFeatures, TextFeatures]:
+        """Features of the prompts and of the empty prompt (for guidance), each prompt encoded once."""
+        features = self.text_encoder(list(prompts) + [""])
+        n = len(prompts)
+        return features.index(list(range(n))), features.index([n])
+
+    def __call__(self, prompts: str | Sequence[str], generator: str = "diffusion", num_steps: int = 20,
+                 guidance_scale: float = 7.5, temperature: float = 1.0, rho: float = 1.0, protocol: int = 1,
+                 seed: int | None = None, height: int | None = None, width: int | None = None,
+                 batch_size: int = 8, return_bits: bool = False, progress: bool = True) -> PipelineOutput:
+        """Generate one image per prompt. Image i uses seed `seed + i`, so it can be regenerated alone."""
+        prompts = check_prompts(prompts)
+        if generator not in self.generators:
+            raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
+        check_sampling_args(num_steps, guidance_scale, temperature, rho, protocol)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
+        height = height or self.config.image_size
+        width = width or height
+        self.tokenizer.check_size(height, width)
+        base = secrets.randbelow(2**31) if seed is None else int(seed)
+        seeds = [base + i for i in range(len(prompts))]
+
+        cond_all, uncond = self.encode_prompts(prompts)
+        layers = self.text_layers(generator)
+        network = self.generators[generator]
+        device = next(network.parameters()).device
+        images, all_bits = [], []
+        for start in range(0, len(prompts), batch_size):
+            rows = list(range(start, min(start + batch_size, len(prompts))))
+            cond = cond_all.index(rows).select(layers)
+            gens = make_generators([seeds[i] for i in rows], device)
+            if generator == "diffusion":
+                process = BernoulliDiffusion(prediction=network.config.prediction)
+                bits = process.sample(network, cond, uncond.select(layers), gens, num_steps=num_steps,
+                                      guidance_scale=guidance_scale, temperature=temperature, rho=rho,
+                                      protocol=protocol, progress=progress)
+            else:
+                bits = ARDecoding().sample(network, cond, uncond.select(layers), gens,
+                                           guidance_scale=guidance_scale, temperature=temperature,
+                                           progress=progress)
+            with torch.inference_mode():
+                images += to_pil(self.tokenizer.decode(bits, height, width))
+            all_bits.append(bits.to(torch.uint8).cpu())
+        return PipelineOutput(images=images, seeds=seeds, prompts=prompts,
+                              bits=torch.cat(all_bits) if return_bits else None)
+
+
+def default_model_dir() -> Path | None:
+    """$BINLAT_MODEL, else the bundle shipped in the repository (models/default), else None."""
+    env = os.environ.get("BINLAT_MODEL")
+    if env:
+        return Path(env)
+    shipped = Path(__file__).resolve().parents[2] / "models" / "default"
+    return shipped if (shipped / INDEX_NAME).is_file() else None

@@ -1,0 +1,57 @@
+"""Pieces shared by both processes: per-sample random streams, guidance, text batching."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..text import TextFeatures
+
+
+def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample, so an image depends only on its own seed, not on batch size or position."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def uniform(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device | str = "cpu"
+            ) -> torch.Tensor:
+    """[N, *shape] uniforms in [0, 1), row i drawn from generators[i]."""
+    return torch.stack([torch.rand(tuple(shape), generator=g, device=device) for g in generators])
+
+
+def bernoulli(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Float 0/1 samples of Bernoulli(probs), row i drawn from generators[i]."""
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"need one generator per sample: {len(generators)} for {probs.shape[0]} samples")
+    return (uniform(probs.shape[1:], generators, probs.device) < probs).to(probs.dtype)
+
+
+def with_guidance(cond: TextFeatures, uncond: TextFeatures | None, guidance_scale: float) -> TextFeatures:
+    """Conditional rows first, then unconditional rows, so both run in one forward pass."""
+    if guidance_scale == 0 or uncond is None:
+        return cond
+    if uncond.mask.shape[0] == 1 and cond.mask.shape[0] > 1:
+        uncond = uncond.index([0] * cond.mask.shape[0])
+    return TextFeatures.cat([cond, uncond])
+
+
+def guide(logits: torch.Tensor, guidance_scale: float, batch: int) -> torch.Tensor:
+    """(1 + w) * cond - w * uncond on a [cond ; uncond] batch; the plain logits when w == 0."""
+    if logits.shape[0] == batch:
+        return logits
+    cond, uncond = logits[:batch], logits[batch:]
+    return (1 + guidance_scale) * cond - guidance_scale * uncond
+
+
+def check_sampling_args(num_steps: int | None = None, guidance_scale: float = 0.0, temperature: float = 1.0,
+                        rho: float | None = None, protocol: int | None = None) -> None:
+    import math
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+        raise ValueError(f"steps must be an integer >= 1, got {num_steps!r}")
+    for name, value, low in (("guidance scale", guidance_scale, 0.0), ("temperature", temperature, 0.0)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+            raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
+    if rho is not None and (not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0):
+        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
+    if protocol is not None and protocol not in (1, 2):
+        raise ValueError(f"protocol must be 1 or 2, got {protocol!r}")

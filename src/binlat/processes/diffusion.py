@@ -1,0 +1,132 @@
+"""Bernoulli diffusion over bits.
+
+Forward process: every bit drifts toward a fair coin, x_t ~ Bernoulli(x_0 (1 - t) + t / 2), t in [0, 1].
+The network reads x_t and returns one logit per bit: with the "flip" parametrisation (the paper's epsilon) the
+logit says whether that bit of x_t was flipped relative to x_0; with "x0" it is the logit of x_0 itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..text import TextFeatures
+from .common import bernoulli, check_sampling_args, guide, uniform, with_guidance
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, generators: Sequence[torch.Generator] | None = None
+             ) -> torch.Tensor:
+    """x_t ~ Bernoulli(x_0 (1 - t) + t / 2); t has one value per sample."""
+    probs = x0 * (1 - t.view(-1, 1, 1)) + t.view(-1, 1, 1) / 2
+    if generators is None:
+        return torch.bernoulli(probs)
+    return bernoulli(probs, generators)
+
+
+def x0_logits_from_flip(flip_logits: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """logit p(x_0 = 1): where x_t = 1 a flip means x_0 = 0 (logit -out), where x_t = 0 it means x_0 = 1."""
+    return (1 - 2 * x_t) * flip_logits
+
+
+def x0_prob_from_flip(flip_prob: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """p(x_0 = 1) = x_t (1 - f) + (1 - x_t) f."""
+    return x_t * (1 - flip_prob) + (1 - x_t) * flip_prob
+
+
+def timesteps(num_steps: int, rho: float = 1.0) -> torch.Tensor:
+    """t_i = (1 - i / N)^rho for i = 0..N: from pure noise (t = 1) to clean (t = 0)."""
+    return (1 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps) ** rho
+
+
+def step_protocol1(p: torch.Tensor, t_next: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """x_{t'} ~ Bernoulli(p (1 - t') + t' / 2): re-noise the x_0 estimate to the next level."""
+    return bernoulli(p * (1 - t_next) + t_next / 2, generators)
+
+
+def protocol2_prob(p: torch.Tensor, x_t: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """P(x_{t'} = 1) proportional to [p (1 - t') + t'/2] [x_t (1 - s) + s/2], s = t - t', against the same
+    product for 0; this keeps bits of x_t that agree with the estimate more often than protocol 1."""
+    s = t - t_next
+    one = (p * (1 - t_next) + t_next / 2) * (x_t * (1 - s) + s / 2)
+    zero = ((1 - p) * (1 - t_next) + t_next / 2) * ((1 - x_t) * (1 - s) + s / 2)
+    return one / (one + zero)
+
+
+@dataclass
+class BernoulliDiffusion:
+    prediction: str = "flip"            # "flip" (epsilon) or "x0"
+    time_sampling: str = "logit_normal"  # "logit_normal" (paper) or "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.prediction not in ("flip", "x0"):
+            raise ValueError(f"prediction must be 'flip' or 'x0', got {self.prediction!r}")
+        if self.time_sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {self.time_sampling!r}")
+
+    # --- training -----------------------------------------------------------------------------------------
+    def sample_t(self, batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        if self.time_sampling == "uniform":
+            return torch.rand(batch, device=device, generator=generator)
+        normal = torch.randn(batch, device=device, generator=generator)
+        return torch.sigmoid(self.logit_mean + self.logit_std * normal)
+
+    def x0_logits(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        return x0_logits_from_flip(out, x_t) if self.prediction == "flip" else out
+
+    def loss(self, network: torch.nn.Module, x0: torch.Tensor, text: TextFeatures,
+             t: torch.Tensor | None = None, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Binary cross-entropy of the predicted x_0 against the clean bits, and the bit accuracy."""
+        x0 = x0.float()
+        if t is None:
+            t = self.sample_t(x0.shape[0], x0.device, generator)
+        probs = x0 * (1 - t.view(-1, 1, 1)) + t.view(-1, 1, 1) / 2
+        x_t = torch.bernoulli(probs, generator=generator)
+        logits = self.x0_logits(network(x_t, t, text.layers, text.mask).float(), x_t)
+        loss = F.binary_cross_entropy_with_logits(logits, x0)
+        with torch.no_grad():
+            accuracy = ((logits > 0).float() == x0).float().mean()
+        return loss, {"bit_accuracy": accuracy}
+
+    # --- sampling -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample(self, network: torch.nn.Module, cond: TextFeatures, uncond: TextFeatures | None,
+               generators: Sequence[torch.Generator], num_steps: int = 20, guidance_scale: float = 7.5,
+               temperature: float = 1.0, rho: float = 1.0, protocol: int = 1, progress: bool = False,
+               x_start: torch.Tensor | None = None, t_start: float = 1.0) -> torch.Tensor:
+        """Bits [N, K, B] (float 0/1). x_start/t_start start from a partly noised input instead of pure noise
+        (image editing); by default sampling starts from Bernoulli(1/2) at t = 1."""
+        check_sampling_args(num_steps, guidance_scale, temperature, rho, protocol)
+        cfg = network.config
+        n = cond.mask.shape[0]
+        device = next(network.parameters()).device
+        text = with_guidance(cond, uncond, guidance_scale).to(device)
+        ts = timesteps(num_steps, rho) * t_start
+        if x_start is None:
+            x = (uniform((cfg.num_tokens, cfg.num_bits), generators, device) < 0.5).float()
+        else:
+            x = x_start.float().to(device)
+        for i in tqdm(range(num_steps), disable=not progress, desc="diffusion", leave=False):
+            t, t_next = float(ts[i]), float(ts[i + 1])
+            batch_x = x if text.mask.shape[0] == n else torch.cat((x, x))
+            t_vec = torch.full((batch_x.shape[0],), t, device=device)
+            out = network(batch_x, t_vec, text.layers, text.mask).float()
+            logits = guide(out, guidance_scale, n)
+            if temperature == 0:
+                q = (logits > 0).float()
+            else:
+                q = torch.sigmoid(logits / temperature)
+            p = x0_prob_from_flip(q, x) if self.prediction == "flip" else q
+            if i == num_steps - 1:
+                x = (p > 0.5).float()
+            elif protocol == 1:
+                x = step_protocol1(p, t_next, generators)
+            else:
+                x = bernoulli(protocol2_prob(p, x, t, t_next), generators)
+        return x

@@ -1,0 +1,322 @@
+"""Shapes, dtypes and behaviour of the three networks (tiny models)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from binlat.generators import ARCache, ARTransformer, DiffusionTransformer, GeneratorConfig
+from binlat.tokenizer import BinaryTokenizer, TokenizerConfig, bit_regularizer
+
+
+def randomize(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return module
+
+
+def tiny_tokenizer_config(**kw) -> TokenizerConfig:
+    base = dict(in_channels=3, patch_size=4, num_tokens=4, num_bits=8, encoder_layers=2, encoder_heads=2,
+                encoder_head_dim=8, decoder_layers=2, decoder_heads=2, decoder_head_dim=8, rope_axes_dims=(2, 2, 4),
+                downsample_after=(0,), upsample_after=(0,), image_size=16)
+    base.update(kw)
+    return TokenizerConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> BinaryTokenizer:
+    torch.manual_seed(0)
+    return randomize(BinaryTokenizer(tiny_tokenizer_config())).eval()
+
+
+def gen_config(**kw) -> GeneratorConfig:
+    base = dict(num_bits=8, num_tokens=6, num_layers=2, num_heads=2, head_dim=8, text_dim=12)
+    base.update(kw)
+    return GeneratorConfig(**base)
+
+
+def text_inputs(n: int = 3, length: int = 5, layers: int = 2, dim: int = 12):
+    text = [torch.randn(n, length, dim) for _ in range(layers)]
+    mask = torch.ones(n, length, dtype=torch.bool)
+    for b in range(n):
+        mask[b, : min(b * 2, length - 1)] = False  # left padding: 0, 2, 4 leading pads
+    return text, mask
+
+
+def bits(n: int, k: int, b: int) -> torch.Tensor:
+    return torch.randint(0, 2, (n, k, b)).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------
+
+def test_encode_returns_bool_bits(tokenizer):
+    images = torch.rand(2, 3, 16, 24) * 2 - 1
+    out = tokenizer.encode(images)
+    assert out.dtype == torch.bool and out.shape == (2, 4, 8)
+    logits = tokenizer.encode_logits(images)
+    assert torch.equal(out, torch.sigmoid(logits) > 0.5)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (16, 24), (32, 16), (24, 40)])
+def test_decode_shapes(tokenizer, size):
+    h, w = size
+    out = tokenizer.decode(bits(2, 4, 8), h, w)
+    assert out.shape == (2, 3, h, w) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    # bool and float bits decode the same
+    b = bits(1, 4, 8)
+    assert torch.equal(tokenizer.decode(b.bool(), h, w), tokenizer.decode(b, h, w))
+
+
+def test_decode_default_size(tokenizer):
+    assert tokenizer.decode(bits(1, 4, 8)).shape == (1, 3, 16, 16)
+
+
+def test_forward_eval_is_thresholded_and_deterministic(tokenizer):
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    a, b = tokenizer(images), tokenizer(images)
+    assert a.reconstruction.shape == images.shape
+    assert torch.equal(a.bits, b.bits) and torch.equal(a.reconstruction, b.reconstruction)
+    assert torch.equal(a.bits, (torch.sigmoid(a.logits) > 0.5).float())
+    assert torch.equal(a.bits.bool(), tokenizer.encode(images))
+    torch.testing.assert_close(a.probs, torch.sigmoid(a.logits))
+    torch.testing.assert_close(a.reconstruction, tokenizer.decode(a.bits, 16, 16), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_train_samples_bits_with_straight_through_gradient():
+    torch.manual_seed(1)
+    model = randomize(BinaryTokenizer(tiny_tokenizer_config())).train()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.manual_seed(123)
+    a = model(images, temperature=1000.0)  # probs all close to 1/2
+    assert ((a.probs - 0.5).abs() < 0.05).all()
+    assert set(a.bits.unique().tolist()) <= {0.0, 1.0}
+    torch.manual_seed(456)
+    b = model(images, temperature=1000.0)
+    assert not torch.equal(a.bits, b.bits)
+    torch.manual_seed(123)
+    c = model(images, temperature=1000.0)
+    assert torch.equal(a.bits, c.bits)
+    # the decoder sees the sampled bits' value ...
+    with torch.no_grad():
+        torch.testing.assert_close(a.reconstruction, model.decode(a.bits, 16, 16), atol=1e-5, rtol=1e-5)
+    # ... while the gradient flows through the probabilities into the encoder
+    a.reconstruction.square().mean().backward()
+    for p in (model.encoder.patch_embed.weight, model.encoder.latent_tokens, model.quantizer.to_logits.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_bit_regularizer():
+    probs = torch.tensor([[0.5, 0.0], [1.0, 0.25]])
+    assert bit_regularizer(probs).item() == pytest.approx((0.25 + 0 + 0 + 0.1875) / 4)
+    p = torch.rand(3, 4, 5)
+    torch.testing.assert_close(bit_regularizer(p), (p * (1 - p)).sum() / p.numel())
+
+
+def _first_block_rows(model: BinaryTokenizer, fn) -> int:
+    seen = []
+    hook = model.decoder.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        fn()
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_decode_without_upsampling():
+    torch.manual_seed(2)
+    model = randomize(BinaryTokenizer(tiny_tokenizer_config(upsample_after=()))).eval()
+    out = model.decode(bits(2, 4, 8), 16, 24)
+    assert out.shape == (2, 3, 16, 24) and torch.isfinite(out).all()
+    rows = _first_block_rows(model, lambda: model.decode(bits(1, 4, 8), 16, 24))
+    assert rows == 4 + 4 * 6  # full 4x6 grid from the start
+    recon = model(torch.rand(1, 3, 16, 24) * 2 - 1).reconstruction
+    assert recon.shape == (1, 3, 16, 24)
+
+
+@pytest.mark.parametrize("scale", [None, 96])
+def test_decode_three_upsamplings_on_24x24_grid(scale):
+    torch.manual_seed(3)
+    cfg = tiny_tokenizer_config(patch_size=2, decoder_layers=3, upsample_after=(0, 1, 2), downsample_after=(),
+                                rope_reference_size=scale)
+    model = randomize(BinaryTokenizer(cfg)).eval()
+    assert cfg.size_multiple == 16
+    out = model.decode(bits(2, 4, 8), 48, 48)  # 24x24 patch grid
+    assert out.shape == (2, 3, 48, 48) and torch.isfinite(out).all()
+    # the decoder starts from grid / 2^3 = 3x3 (the release's grid / (2*3) = 4x4 would not reach 24x24)
+    assert _first_block_rows(model, lambda: model.decode(bits(1, 4, 8), 48, 48)) == 4 + 3 * 3
+    assert model.decode(bits(1, 4, 8), 32, 64).shape == (1, 3, 32, 64)
+
+
+@pytest.mark.parametrize("size", [(65, 64), (64, 65), (0, 64), (64, 0), (4, 8), (8, 4), (12, 16), (-8, 16)])
+def test_check_size_rejects_bad_sizes(tokenizer, size):
+    assert tokenizer.config.size_multiple == 8
+    with pytest.raises(ValueError, match="multiples of 8"):
+        tokenizer.check_size(*size)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        tokenizer.decode(bits(1, 4, 8), *size)
+
+
+def test_check_size_accepts_good_sizes_and_encode_checks(tokenizer):
+    for h, w in [(8, 8), (16, 8), (64, 40)]:
+        tokenizer.check_size(h, w)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        tokenizer.encode(torch.zeros(1, 3, 20, 16))
+    with pytest.raises(ValueError):
+        tokenizer.encode(torch.zeros(1, 1, 16, 16))  # wrong channel count
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 7), (1, 4, 9), (4, 8), (1, 1, 4, 8)])
+def test_decode_rejects_wrong_shaped_bits(tokenizer, shape):
+    with pytest.raises(ValueError, match="bits must be"):
+        tokenizer.decode(torch.zeros(shape), 16, 16)
+
+
+def test_tokenizer_bfloat16():
+    torch.manual_seed(4)
+    model = randomize(BinaryTokenizer(tiny_tokenizer_config())).eval()
+    b = bits(2, 4, 8)
+    ref = model.decode(b, 16, 24)
+    model = model.to(torch.bfloat16)
+    out = model.decode(b, 16, 24)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=0.15, rtol=0.05)
+    enc = model.encode(torch.rand(1, 3, 16, 16) * 2 - 1)
+    assert enc.dtype == torch.bool and enc.shape == (1, 4, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diffusion
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def diffusion() -> DiffusionTransformer:
+    torch.manual_seed(5)
+    return randomize(DiffusionTransformer(gen_config())).eval()
+
+
+def test_diffusion_shapes_float32_and_bfloat16(diffusion):
+    torch.manual_seed(6)
+    text, mask = text_inputs()
+    x, t = bits(3, 6, 8), torch.tensor([0.9, 0.5, 0.05])
+    out = diffusion(x, t, text, mask)
+    assert out.shape == (3, 6, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert not torch.allclose(out, diffusion(x, torch.tensor([0.1, 0.2, 0.3]), text, mask), atol=1e-4)
+    bf = DiffusionTransformer(gen_config())
+    bf.load_state_dict(diffusion.state_dict())
+    bf = bf.to(torch.bfloat16).eval()
+    out_bf = bf(x.bool(), t, text, mask)
+    assert out_bf.shape == (3, 6, 8) and out_bf.dtype == torch.bfloat16 and torch.isfinite(out_bf).all()
+    torch.testing.assert_close(out_bf.float(), out, atol=0.1 * max(1.0, out.abs().max().item()), rtol=0.05)
+
+
+def test_diffusion_padded_text_has_no_influence(diffusion):
+    torch.manual_seed(7)
+    text, mask = text_inputs()
+    x, t = bits(3, 6, 8), torch.rand(3)
+    out = diffusion(x, t, text, mask)
+    noisy = [torch.where(mask[..., None], s, torch.randn_like(s) * 100) for s in text]
+    torch.testing.assert_close(diffusion(x, t, noisy, mask), out, atol=1e-6, rtol=0)
+    changed = [s.clone() for s in text]
+    changed[1][:, -1] += 3.0  # a valid position in every row
+    assert not torch.allclose(diffusion(x, t, changed, mask), out, atol=1e-4)
+
+
+def test_diffusion_wrong_number_of_text_layers(diffusion):
+    text, mask = text_inputs(layers=3)
+    with pytest.raises(ValueError, match="text layers"):
+        diffusion(bits(3, 6, 8), torch.rand(3), text, mask)
+    with pytest.raises(ValueError, match="text layers"):
+        diffusion(bits(3, 6, 8), torch.rand(3), text[:1], mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AR
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ar() -> ARTransformer:
+    torch.manual_seed(8)
+    return randomize(ARTransformer(gen_config())).eval()
+
+
+def test_ar_shapes_float32_and_bfloat16(ar):
+    torch.manual_seed(9)
+    text, mask = text_inputs()
+    first = ar(None, text, mask)
+    assert first.shape == (3, 1, 8) and first.dtype == torch.float32
+    prefix = bits(3, 5, 8)
+    out = ar(prefix, text, mask)
+    assert out.shape == (3, 6, 8) and torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :1], first, atol=1e-5, rtol=1e-5)
+    # causal: row i does not depend on bits of tokens >= i
+    prefix2 = prefix.clone()
+    prefix2[:, 3:] = 1 - prefix2[:, 3:]
+    out2 = ar(prefix2, text, mask)
+    torch.testing.assert_close(out2[:, :4], out[:, :4], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out2[:, 4:], out[:, 4:], atol=1e-4)
+    bf = ARTransformer(gen_config())
+    bf.load_state_dict(ar.state_dict())
+    bf = bf.to(torch.bfloat16).eval()
+    out_bf = bf(prefix, text, mask)
+    assert out_bf.dtype == torch.bfloat16 and out_bf.shape == (3, 6, 8) and torch.isfinite(out_bf).all()
+    torch.testing.assert_close(out_bf.float(), out, atol=0.1 * max(1.0, out.abs().max().item()), rtol=0.05)
+
+
+def test_ar_cache_incremental_matches_full(ar):
+    torch.manual_seed(10)
+    text, mask = text_inputs()
+    prefix = bits(3, 5, 8)
+    full = ar(prefix, text, mask)
+    cache = ar.new_cache()
+    assert isinstance(cache, ARCache)
+    rows = [ar(None, text, mask, cache=cache)]
+    assert cache.length == 1
+    for i in range(5):
+        rows.append(ar(prefix[:, i:i + 1], text, mask, cache=cache))
+    assert cache.length == 6
+    inc = torch.cat(rows, dim=1)
+    assert inc.shape == full.shape
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=0)
+
+
+def test_ar_cache_chunked_matches_full(ar):
+    torch.manual_seed(11)
+    text, mask = text_inputs()
+    prefix = bits(3, 5, 8)
+    full = ar(prefix, text, mask)
+    cache = ar.new_cache()
+    a = ar(prefix[:, :2], text, mask, cache=cache)  # start + 2 tokens on the first call
+    b = ar(prefix[:, 2:], text, mask, cache=cache)
+    torch.testing.assert_close(torch.cat((a, b), dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_ar_rejects_too_long_sequences(ar):
+    text, mask = text_inputs()
+    n = ar.config.num_tokens
+    with pytest.raises(ValueError, match="longer"):
+        ar(bits(3, n + 1, 8), text, mask)
+    cache = ar.new_cache()
+    ar(bits(3, n, 8), text, mask, cache=cache)
+    with pytest.raises(ValueError, match="longer"):
+        ar(bits(3, 1, 8), text, mask, cache=cache)
+
+
+def test_ar_padded_text_has_no_influence(ar):
+    torch.manual_seed(12)
+    text, mask = text_inputs()
+    prefix = bits(3, 5, 8)
+    out = ar(prefix, text, mask)
+    noisy = [torch.where(mask[..., None], s, torch.randn_like(s) * 100) for s in text]
+    torch.testing.assert_close(ar(prefix, noisy, mask), out, atol=1e-6, rtol=0)
+    changed = [s.clone() for s in text]
+    changed[0][:, -1] += 3.0
+    assert not torch.allclose(ar(prefix, changed, mask), out, atol=1e-4)
+
+
+def test_ar_wrong_number_of_text_layers(ar):
+    text, mask = text_inputs(layers=1)
+    with pytest.raises(ValueError, match="text layers"):
+        ar(None, text, mask)

@@ -1,0 +1,303 @@
+"""Tests for the shapes domain (src/binlat/data/shapes.py) and its judge."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    import binlat.data.shapes  # noqa: F401
+except ImportError:  # running from a checkout without an installed package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import binlat.data.shapes as shapes_mod
+from binlat.data.shapes import (
+    CATEGORIES,
+    HELD_OUT,
+    PALETTE,
+    RELATIONS,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    ShapesStream,
+    box_gap,
+    collate_samples,
+    parse_caption,
+    prompt_set,
+    relation_holds,
+    render,
+    sample_scene,
+    scene_for_caption,
+)
+from binlat.eval.shapes_judge import classify_shape, connected_components, detect_objects, judge
+
+SH = "(circle|square|triangle)"
+CO = "(red|green|blue|yellow|purple|black)"
+RE_ = "(to the left of|to the right of|above|below)"
+FORMS = {
+    "single": f"a {SH}",
+    "colors": f"a {CO} {SH}",
+    "two": f"a {SH} and a {SH}",
+    "counting": f"(two|three|four) {SH}s",
+    "position": f"a {SH} {RE_} a {SH}",
+    "color_attr": f"a {CO} {SH} and a {CO} {SH}",
+}
+
+
+def scenes(n: int, size: int = 64, seed: int = 0, **kw) -> list[Scene]:
+    return [sample_scene(np.random.default_rng([seed, i]), size, **kw) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def default_scenes() -> list[Scene]:
+    return scenes(2000)
+
+
+def test_palette_and_constants() -> None:
+    assert PALETTE == {
+        "red": (220, 30, 30),
+        "green": (30, 160, 60),
+        "blue": (30, 60, 220),
+        "yellow": (235, 195, 0),
+        "purple": (140, 40, 180),
+        "black": (25, 25, 25),
+    }
+    assert HELD_OUT == {("yellow", "triangle"), ("purple", "circle")}
+    assert len(CATEGORIES) == 6 and len(RELATIONS) == 4 and len(SHAPES) == 3
+
+
+def test_stream_is_deterministic_and_resumable(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = ShapesStream(seed=3), ShapesStream(seed=3)
+    for i in range(5):
+        sa, sb = a.sample(i), b.sample(i)
+        assert sa["caption"] == sb["caption"] and sa["scene"] == sb["scene"]
+        assert torch.equal(sa["image"], sb["image"])
+    first = [s["caption"] for s, _ in zip(iter(a), range(30))]
+    assert first != [s["caption"] for s, _ in zip(iter(ShapesStream(seed=4)), range(30))]
+    resumed = ShapesStream(seed=3)
+    resumed.start_index = 10
+    assert [s["caption"] for s, _ in zip(iter(resumed), range(20))] == first[10:]
+
+    x = a.sample(0)["image"]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() == 1  # white background maps to exactly 1
+
+    # Workers split indices by residue, so together they cover the stream once.
+    seen = []
+    for w in range(3):
+        monkeypatch.setattr(shapes_mod, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=3))
+        seen += [s["caption"] for s, _ in zip(iter(resumed), range(4))]
+    assert sorted(seen) == sorted(first[10:22])
+
+
+def test_dataloader_with_workers() -> None:
+    stream = ShapesStream(seed=6)
+    loader = torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2, collate_fn=collate_samples)
+    batches = [b for b, _ in zip(loader, range(2))]
+    assert batches[0]["image"].shape == (3, 3, 64, 64) and len(batches[0]["scene"]) == 3
+    got = batches[0]["caption"] + batches[1]["caption"]
+    assert sorted(got) == sorted(stream.sample(i)["caption"] for i in range(6))
+
+
+def test_caption_forms_per_category() -> None:
+    for cat in CATEGORIES:
+        for sc in scenes(60, category=cat, prefix_suffix_prob=0.0, seed=1):
+            assert sc.category == cat
+            m = re.fullmatch(FORMS[cat], sc.caption)
+            assert m, (cat, sc.caption)
+            g = m.groups()
+            if cat in ("two", "position"):
+                assert g[0] != g[-1]
+            if cat == "color_attr":
+                assert g[0] != g[2] and g[1] != g[3]
+    modified = [sc.caption for sc in scenes(400, prefix_suffix_prob=0.5, seed=2)]
+    assert any(c.startswith("a photo of ") for c in modified)
+    assert any(c.endswith(" on a white background") for c in modified)
+    for c in modified:
+        core = c.removeprefix("a photo of ").removesuffix(" on a white background")
+        assert any(re.fullmatch(f, core) for f in FORMS.values()), c
+
+
+def test_held_out_never_in_default_stream(default_scenes: list[Scene]) -> None:
+    assert {sc.category for sc in default_scenes} == set(CATEGORIES)
+    for sc in default_scenes:
+        for o in sc.objects:
+            assert (o.color, o.shape) not in HELD_OUT, sc
+    # Without the filter they do occur (also through random colours).
+    free = scenes(600, exclude_held_out=False, seed=5)
+    assert any((o.color, o.shape) in HELD_OUT for sc in free for o in sc.objects)
+
+
+def test_scene_invariants(default_scenes: list[Scene]) -> None:
+    for sc in default_scenes:
+        s = sc.size
+        assert 1 <= len(sc.objects) <= 4
+        want = parse_caption(sc.caption)
+        assert want["category"] == sc.category and want["relation"] == sc.relation
+        assert [o.shape for o in sc.objects] == [w["shape"] for w in want["objects"]]
+        for o, w in zip(sc.objects, want["objects"]):
+            assert w["color"] is None or w["color"] == o.color
+        for o in sc.objects:
+            assert 0.18 * s <= o.size <= 0.30 * s
+            x0, y0, x1, y1 = o.bbox
+            assert x0 >= 0 and y0 >= 0 and x1 <= s and y1 <= s
+        for i, a in enumerate(sc.objects):
+            for b in sc.objects[i + 1 :]:
+                assert box_gap(a.bbox, b.bbox) >= 2
+        if sc.category == "position":
+            a, b = sc.objects
+            assert relation_holds(sc.relation, (a.cx, a.cy), (b.cx, b.cy), min_offset=0.2 * s)
+    sides = np.array([o.size / 64 for sc in default_scenes for o in sc.objects])
+    assert sides.min() < 0.19 and sides.max() > 0.29  # the whole range is used
+
+
+def test_relation_definitions() -> None:
+    a = (10.0, 10.0)
+    assert relation_holds("to the left of", a, (30.0, 15.0))
+    assert relation_holds("to the right of", (30.0, 15.0), a)
+    assert relation_holds("above", a, (15.0, 30.0))
+    assert relation_holds("below", (15.0, 30.0), a)
+    assert relation_holds("to the left of", a, (20.0, 20.0)) and relation_holds("above", a, (20.0, 20.0))
+    assert not relation_holds("to the left of", a, (15.0, 30.0))
+    assert not relation_holds("to the left of", a, a)
+
+
+def test_render_exact_palette_and_geometry() -> None:
+    objs = [
+        ShapeObject(shape, color, 12 + 20 * i, 12 + 20 * j, 15.0)
+        for i, shape in enumerate(SHAPES)
+        for j, color in enumerate(["red", "blue", "black"])
+    ]
+    img = render(Scene(64, tuple(objs), "test", "single"))
+    arr = np.asarray(img)
+    assert img.mode == "RGB" and arr.shape == (64, 64, 3)
+    assert tuple(arr[0, 63]) == (255, 255, 255)
+    for o in objs:
+        assert tuple(arr[int(o.cy), int(o.cx)]) == PALETTE[o.color]
+        # Interior pixels are the exact colour: a 15 px square has a 13x13 exact core.
+        exact = (arr == PALETTE[o.color]).all(-1)
+        x0, y0, x1, y1 = (int(v) for v in o.bbox)
+        core = exact[y0 : y1 + 1, x0 : x1 + 1]
+        if o.shape == "square":
+            assert core.sum() >= 13 * 13
+        if o.shape == "triangle":  # apex at top centre, base at the bottom
+            assert core[-2].sum() > 10 and core[2].sum() <= 3
+    for color in PALETTE:
+        sc = Scene(64, (ShapeObject("square", color, 32, 32, 16),), "x", "colors")
+        assert tuple(np.asarray(render(sc))[32, 32]) == PALETTE[color]
+
+
+def test_judge_accepts_ground_truth_renders() -> None:
+    results = {cat: [] for cat in CATEGORIES}
+    for sc in scenes(300, seed=11) + scenes(24, size=128, seed=12):
+        results[sc.category].append(judge(render(sc), sc.caption)["correct"])
+    total = sum(sum(v) for v in results.values()) / sum(len(v) for v in results.values())
+    assert total >= 0.99, {k: np.mean(v) for k, v in results.items()}
+    assert all(np.mean(v) >= 0.95 for v in results.values())
+
+
+def one(shape: str, color: str, cx: float, cy: float, d: float = 16.0) -> ShapeObject:
+    return ShapeObject(shape, color, cx, cy, d)
+
+
+def test_judge_rejects_mismatches() -> None:
+    circle = render(Scene(64, (one("circle", "red", 32, 32),), "", ""))
+    assert judge(circle, "a circle")["correct"] and judge(circle, "a red circle")["correct"]
+    assert not judge(circle, "a square")["correct"]
+    assert not judge(circle, "a triangle")["correct"]
+    assert not judge(circle, "a blue circle")["correct"]
+    assert not judge(circle, "two circles")["correct"]
+
+    pair = render(Scene(64, (one("square", "green", 14, 32), one("triangle", "blue", 48, 32)), "", ""))
+    assert judge(pair, "a square to the left of a triangle")["correct"]
+    assert judge(pair, "a triangle to the right of a square")["correct"]
+    swapped = judge(pair, "a square to the right of a triangle")
+    assert not swapped["correct"] and "relation" in swapped["reason"]
+    assert not judge(pair, "a square above a triangle")["correct"]
+    assert judge(pair, "a triangle and a square")["correct"]
+    assert judge(pair, "a blue triangle and a green square")["correct"]
+    assert not judge(pair, "a green triangle and a blue square")["correct"]
+    assert not judge(pair, "a square")["correct"]
+    assert not judge(pair, "three squares")["correct"]
+
+    three = render(Scene(64, tuple(one("circle", c, 12 + 20 * i, 20) for i, c in enumerate(PALETTE) if i < 3), "", ""))
+    assert judge(three, "three circles")["correct"]
+    assert not judge(three, "two circles")["correct"] and not judge(three, "four circles")["correct"]
+    assert not judge(three, "three squares")["correct"]
+
+
+def test_detection_details() -> None:
+    sc = Scene(64, (one("triangle", "yellow", 20, 20), one("square", "purple", 45, 45)), "", "")
+    arr = np.asarray(render(sc)).copy()
+    arr[60, 2] = PALETTE["red"]  # a one-pixel speck is ignored
+    objs = detect_objects(arr)
+    assert [(o["shape"], o["color"]) for o in objs] == [("triangle", "yellow"), ("square", "purple")]
+    assert abs(objs[1]["cx"] - 45) <= 1 and abs(objs[1]["cy"] - 45) <= 1
+    x0, y0, x1, y1 = objs[1]["bbox"]
+    assert (x1 - x0, y1 - y0) == (16, 16)
+
+    # Diagonal neighbours are one 8-connected component.
+    mask = np.zeros((5, 5), bool)
+    mask[0, 0] = mask[1, 1] = mask[2, 2] = mask[4, 0] = True
+    labels = connected_components(mask)
+    assert labels[0, 0] == labels[2, 2] != labels[4, 0] and labels[3, 3] == -1
+
+    # Shape rule on clean masks.
+    yy, xx = np.mgrid[:20, :20] + 0.5
+    assert classify_shape(np.ones((20, 20), bool)) == "square"
+    assert classify_shape((xx - 10) ** 2 + (yy - 10) ** 2 <= 100) == "circle"
+    assert classify_shape(np.abs(xx - 10) <= yy / 2) == "triangle"
+
+
+def test_scene_for_caption_and_parse_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    captions = [p for cat in CATEGORIES for p in prompt_set(cat, 8, seed=1)]
+    captions += prompt_set("colors", 2, held_out=True) + prompt_set("color_attr", 6, held_out=True)
+    captions += ["a photo of a red square", "two triangles on a white background"]
+    for cap in captions:
+        sc = scene_for_caption(cap, rng, size=128 if len(cap) % 2 else 64)
+        assert sc.caption == cap and sc.category == parse_caption(cap)["category"]
+        assert judge(render(sc), cap)["correct"], cap
+        d = json.loads(json.dumps(sc.to_dict()))
+        assert Scene.from_dict(d) == sc
+    assert parse_caption("a square below a circle") == {
+        "category": "position",
+        "objects": [{"shape": "square", "color": None}, {"shape": "circle", "color": None}],
+        "relation": "below",
+    }
+    assert len(parse_caption("four triangles")["objects"]) == 4
+    for bad in ["a dog", "a circle and a circle", "a red circle and a red square", "five circles", ""]:
+        with pytest.raises(ValueError):
+            parse_caption(bad)
+        with pytest.raises(ValueError):
+            scene_for_caption(bad, rng)
+
+
+def test_prompt_set() -> None:
+    for cat in CATEGORIES:
+        p = prompt_set(cat, 50, seed=2)
+        assert p == prompt_set(cat, 50, seed=2) and len(p) == 50
+        assert all(parse_caption(c)["category"] == cat for c in p)
+        assert not any(
+            (o["color"], o["shape"]) in HELD_OUT for c in p for o in parse_caption(c)["objects"]
+        )
+    assert set(prompt_set("colors", 10, held_out=True)) == {"a yellow triangle", "a purple circle"}
+    for c in prompt_set("color_attr", 40, held_out=True):
+        assert any((o["color"], o["shape"]) in HELD_OUT for o in parse_caption(c)["objects"])
+    with pytest.raises(ValueError):
+        prompt_set("counting", 5, held_out=True)
+
+
+def test_canvas_sizes() -> None:
+    for size in (32, 512):
+        sc = sample_scene(np.random.default_rng(1), size, category="counting")
+        assert render(sc).size == (size, size)
+    with pytest.raises(ValueError):
+        sample_scene(np.random.default_rng(1), 16)
