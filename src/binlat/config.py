@@ -43,6 +43,10 @@ def _check(value: Any, hint: Any, name: str) -> Any:
         return tuple(items) if origin is tuple else items
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return config_from_dict(hint, value, source=name)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"'{name}' must be true or false, got {value!r}")

@@ -5,7 +5,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -85,12 +85,14 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise WeightsError naming every missing, unexpected or wrongly shaped key."""
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                     name: Callable[[str], str] = str) -> None:
+    """Raise WeightsError naming every missing, unexpected or wrongly shaped key (shown through `name`, e.g. as
+    the key the user's file calls it)."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+    missing = sorted(name(k) for k in set(expected) - set(state))
+    unexpected = sorted(name(k) for k in set(state) - set(expected))
+    wrong = sorted(f"{name(k)}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                    for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
     problems = []
     if missing:

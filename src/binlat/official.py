@@ -21,11 +21,11 @@ MODEL_CLASSES = {"tokenizer": BinaryTokenizer, "diffusion": DiffusionTransformer
 _BLOCK_RULES = [
     (r"\.attn\.q_proj\.", ".attn.to_q."), (r"\.attn\.k_proj\.", ".attn.to_k."),
     (r"\.attn\.v_proj\.", ".attn.to_v."), (r"\.attn\.o_proj\.", ".attn.to_out."),
-    (r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2."),
     (r"^transformer_blocks\.", "blocks."), (r"\.transformer_blocks\.", ".blocks."),
 ]
+_PRENORM_RULES = [(r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2.")]
 _RULES = {
-    "tokenizer": [
+    "tokenizer": _PRENORM_RULES + [
         (r"\.mlp\.gate_proj\.", ".mlp.gate."), (r"\.mlp\.up_proj\.", ".mlp.up."), (r"\.mlp\.down_proj\.", ".mlp.down."),
         (r"^encoder\.patch_embedder\.", "encoder.patch_embed."),
         (r"^quantizer\.proj\.0\.", "quantizer.to_logits."), (r"^quantizer\.embed$", "quantizer.codebook"),
@@ -37,7 +37,7 @@ _RULES = {
         (r"^time_embed\.linear_2\.", "t_embed.fc2."), (r"\.norm1\.linear\.", ".adaln.linear."),
         (r"\.proj_cond\.", ".text_proj."), (r"\.ff\.net\.0\.proj\.", ".mlp.fc1."), (r"\.ff\.net\.2\.", ".mlp.fc2."),
     ],
-    "ar": [
+    "ar": _PRENORM_RULES + [
         (r"^split_token$", "start_token"), (r"^x_embedder\.", "x_embed."), (r"\.proj_cond\.", ".text_proj."),
         (r"\.mlp\.net\.0\.proj\.", ".mlp.fc1."), (r"\.mlp\.net\.2\.", ".mlp.fc2."),
     ],
@@ -104,6 +104,26 @@ def convert_state_dict(kind: str, state: dict[str, torch.Tensor], config: Any) -
     return converted
 
 
+def _unescape(pattern: str) -> tuple[str, bool, bool]:
+    start, end = pattern.startswith("^"), pattern.endswith("$")
+    return pattern.strip("^$").replace("\\", ""), start, end
+
+
+def official_name(kind: str, key: str, config: Any) -> str:
+    """The release's name for binlat parameter `key` (the rename rules run backwards), for error messages."""
+    name = key
+    for pattern, repl in reversed(_BLOCK_RULES + _RULES[kind]):
+        literal, start, end = _unescape(pattern)
+        name = re.sub(("^" if start else "") + re.escape(repl) + ("$" if end else ""), literal, name)
+    m = re.match(r"^(encoder|decoder)\.resample\.(\d+)\.(.*)$", name)
+    if m and kind == "tokenizer":
+        after = list(config.downsample_after if m.group(1) == "encoder" else config.upsample_after)
+        stage = "encoder.down_layers" if m.group(1) == "encoder" else "decoder.up_layers"
+        if int(m.group(2)) in after:
+            name = f"{stage}.{after.index(int(m.group(2)))}.{m.group(3)}"
+    return name
+
+
 def load_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A `.safetensors` state dict, or the release's `.pt` holding {"module": state_dict}. The `.pt` is read with
     weights_only=True: a pickle that tries to build arbitrary objects (run code) is refused."""
@@ -146,7 +166,7 @@ def build_official(kind: str, config_path: str | Path, weights_path: str | Path)
     config = convert_config(kind, read_official_config(config_path), str(config_path))
     model = MODEL_CLASSES[kind](config)
     state = convert_state_dict(kind, load_official_weights(weights_path), config)
-    check_state_dict(model, state, str(weights_path))
+    check_state_dict(model, state, str(weights_path), name=lambda k: official_name(kind, k, config))
     model.load_state_dict(state, strict=True)
     return model.eval()
 

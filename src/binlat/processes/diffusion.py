@@ -69,25 +69,36 @@ class BernoulliDiffusion:
             raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {self.time_sampling!r}")
 
     # --- training -----------------------------------------------------------------------------------------
-    def sample_t(self, batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+    def sample_t(self, batch: int, device: torch.device | str = "cpu",
+                 generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Training times: uniform, or sigmoid(N(mean, std)) (logistic-normal, the paper's choice)."""
+        if generators is None:
+            u = torch.rand(batch, device=device)
+            z = torch.randn(batch, device=device)
+        else:
+            u = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)
+            z = torch.stack([torch.randn((), generator=g) for g in generators]).to(device)
         if self.time_sampling == "uniform":
-            return torch.rand(batch, device=device, generator=generator)
-        normal = torch.randn(batch, device=device, generator=generator)
-        return torch.sigmoid(self.logit_mean + self.logit_std * normal)
+            return u
+        return torch.sigmoid(self.logit_mean + self.logit_std * z)
 
     def x0_logits(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         return x0_logits_from_flip(out, x_t) if self.prediction == "flip" else out
 
     def loss(self, network: torch.nn.Module, x0: torch.Tensor, text: TextFeatures,
-             t: torch.Tensor | None = None, generator: torch.Generator | None = None
+             t: torch.Tensor | None = None, noise: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Binary cross-entropy of the predicted x_0 against the clean bits, and the bit accuracy."""
+        """Binary cross-entropy of the predicted x_0 against the clean bits, and the bit accuracy.
+
+        `t` [N] and `noise` [N, K, B] (uniforms deciding x_t) may be given so that the randomness of each sample
+        depends only on that sample (identical losses on 1 or many processes, exact resume)."""
         x0 = x0.float()
         if t is None:
-            t = self.sample_t(x0.shape[0], x0.device, generator)
+            t = self.sample_t(x0.shape[0], x0.device)
+        if noise is None:
+            noise = torch.rand_like(x0)
         probs = x0 * (1 - t.view(-1, 1, 1)) + t.view(-1, 1, 1) / 2
-        x_t = torch.bernoulli(probs, generator=generator)
+        x_t = (noise < probs).float()
         logits = self.x0_logits(network(x_t, t, text.layers, text.mask).float(), x_t)
         loss = F.binary_cross_entropy_with_logits(logits, x0)
         with torch.no_grad():

@@ -199,14 +199,16 @@ class BinaryTokenizer(nn.Module, ModelMixin):
         p = self.config.patch_size
         return self.decoder(latent, height // p, width // p, self.scale)
 
-    def forward(self, images: torch.Tensor, temperature: float | None = None) -> TokenizerOutput:
+    def forward(self, images: torch.Tensor, temperature: float | None = None, noise: torch.Tensor | None = None
+                ) -> TokenizerOutput:
         """Full round trip. In training mode bits are Bernoulli(sigmoid(logit / tau)) samples with a
-        straight-through gradient; in eval mode they are thresholded."""
+        straight-through gradient (`noise`: optional uniforms [N, K, B] deciding them); in eval mode they are
+        thresholded."""
         logits = self.encode_logits(images)
         if self.training:
             tau = self.config.bernoulli_temperature if temperature is None else temperature
             probs = torch.sigmoid(logits.float() / tau)
-            bits = torch.bernoulli(probs)
+            bits = torch.bernoulli(probs) if noise is None else (noise.to(probs.device) < probs).float()
         else:
             probs = torch.sigmoid(logits.float())
             bits = (probs > 0.5).float()

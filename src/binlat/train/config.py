@@ -1,0 +1,81 @@
+"""Training configuration: one JSON file per run (presets live in configs/{tokenizer,diffusion,ar}/)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TokenizerTraining:
+    l1_weight: float = 1.0           # smooth-L1 reconstruction
+    l2_weight: float = 0.0           # optional extra MSE
+    bit_reg_weight: float = 0.01     # p(1 - p) regulariser
+    perceptual_weight: float = 0.0   # needs perceptual_weights (local VGG16 safetensors); off otherwise
+    perceptual_weights: str | None = None
+    gan_weight: float = 0.0          # adversarial loss (patch discriminator, hinge), adaptive weighting
+    gan_start: int = 0               # step at which the adversarial loss switches on
+    disc_lr: float = 1e-4
+    tau_start: float = 1.0           # Bernoulli temperature, annealed linearly over tau_steps
+    tau_end: float = 1.0
+    tau_steps: int = 0
+    multires_sizes: list[int] = field(default_factory=list)  # random size per batch from this list
+    freeze_encoder: bool = False     # decoder-only second stage
+    init_from: str | None = None     # start from a tokenizer model directory
+
+
+@dataclass
+class GeneratorTraining:
+    tokenizer: str = ""              # trained tokenizer model directory (frozen)
+    text_encoder: str = "all-MiniLM-L6-v2"
+    text_max_length: int = 128
+    prompt_dropout: float = 0.1      # share of captions replaced by "" (classifier-free guidance)
+    prediction: str = "flip"         # diffusion: "flip" (epsilon) or "x0"
+    time_sampling: str = "logit_normal"
+    sample_steps: int = 20
+    sample_guidance: float = 3.0
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "tokenizer"          # tokenizer | diffusion | ar
+    model: dict[str, Any] = field(default_factory=dict)  # TokenizerConfig / GeneratorConfig fields
+    data: str = "shapes"
+    image_size: int = 64
+    batch_size: int = 32             # global batch per optimiser step (all processes, all accumulation steps)
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"    # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.1        # cosine floor, as a share of lr
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"      # no | bf16
+    grad_checkpointing: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0            # 0: no sample grids
+    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two squares",
+                                                                "a blue triangle to the left of a green circle"])
+    max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # add "wandb" if installed
+    tokenizer: TokenizerTraining = field(default_factory=TokenizerTraining)
+    generator: GeneratorTraining = field(default_factory=GeneratorTraining)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("tokenizer", "diffusion", "ar"):
+            raise ValueError(f"kind must be tokenizer, diffusion or ar, got {self.kind!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "save_every", "keep_last", "log_every", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if not 0 <= self.generator.prompt_dropout <= 1:
+            raise ValueError("generator.prompt_dropout must lie in [0, 1]")

@@ -1,0 +1,364 @@
+"""One training engine for the three trainers: accelerate, data order, EMA, checkpoints, logging.
+
+Every random choice of a sample (its noise, its time, its prompt dropout) is drawn from a generator seeded by
+(run seed, global sample index), and the global batch of step s is always samples [s*G, (s+1)*G). So one process
+and N processes with the same global batch take the same steps, and a resumed run continues bit for bit."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from ..config import config_to_dict
+from ..io import atomic_directory, atomic_write_bytes, load_safetensors, save_safetensors
+from .config import TrainConfig
+
+log = logging.getLogger("binlat.train")
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of one sample: a function of (seed, global index) only."""
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+class IndexedData(Dataset):
+    """Global sample index -> sample (with its index). Map-style data is read in a fresh permutation per epoch."""
+
+    def __init__(self, source: Any, seed: int):
+        self.source, self.seed = source, seed
+        self.length = None if hasattr(source, "sample") else len(source)
+        self._perm: tuple[int, torch.Tensor] | None = None
+        self.failed = 0
+
+    def __len__(self) -> int:  # the index space is unbounded; DataLoader only needs this for its own checks
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict | None:
+        try:
+            if self.length is None:
+                sample = self.source.sample(index)
+            else:
+                epoch, pos = divmod(index, self.length)
+                if self._perm is None or self._perm[0] != epoch:
+                    g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                    self._perm = (epoch, torch.randperm(self.length, generator=g))
+                sample = self.source[int(self._perm[1][pos])]
+        except (OSError, ValueError) as e:
+            self.failed += 1
+            log.warning("skipping sample %d: %s", index, e)
+            return None
+        if sample is None:
+            return None
+        return {**sample, "index": index}
+
+
+class StepBatches(Sampler):
+    """This process's share of every micro-batch, from `start_step` on: process r of W, micro-step m of A,
+    per-process batch b takes indices s*G + m*b*W + r*b + [0, b)."""
+
+    def __init__(self, start_step: int, max_steps: int, per_process: int, world: int, rank: int, accum: int):
+        self.start, self.stop = start_step, max_steps
+        self.b, self.world, self.rank, self.accum = per_process, world, rank, accum
+
+    def __iter__(self):
+        g = self.b * self.world * self.accum
+        for step in range(self.start, self.stop):
+            for micro in range(self.accum):
+                first = step * g + micro * self.b * self.world + self.rank * self.b
+                yield list(range(first, first + self.b))
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
+
+
+def collate(samples: list[dict | None]) -> dict[str, Any]:
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return {"image": torch.zeros(0), "caption": [], "index": torch.zeros(0, dtype=torch.long)}
+    return {"image": torch.stack([s["image"] for s in samples]), "caption": [s.get("caption", "") for s in samples],
+            "index": torch.tensor([s["index"] for s in samples])}
+
+
+class EMA:
+    """Float32 exponential moving average of the trainable weights, with the usual warm-up of the decay."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach().float(), 1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    floor = cfg.min_lr_ratio
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None):
+        from .tasks import make_task
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=self._trackers(),
+                               project_dir=str(self.run_dir))
+        world = self.acc.num_processes
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
+                             f"= {world} x {cfg.grad_accum}")
+        self.per_process = cfg.batch_size // (world * cfg.grad_accum)
+        torch.manual_seed(cfg.seed)  # model initialisation: identical on every process
+        self.task = make_task(cfg, self.acc.device)
+        self.model = self.task.model
+        if cfg.grad_checkpointing:
+            self.model.gradient_checkpointing = True
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
+        if resume:
+            self._load(self._resolve_resume(resume))
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.task.prepare(self.acc)
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.run_dir / "config.json", (json.dumps(config_to_dict(cfg), indent=2) + "\n").encode())
+            logging.basicConfig(level=logging.INFO)
+            handler = logging.FileHandler(self.run_dir / "log.txt")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            logging.getLogger("binlat").addHandler(handler)
+        self.acc.init_trackers("binlat", config=_flat(config_to_dict(cfg)))
+
+    def _trackers(self) -> list[str]:
+        wanted = []
+        for name in self.cfg.trackers:
+            try:
+                __import__({"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name))
+                wanted.append(name)
+            except ImportError:
+                log.warning("tracker %r requested but not installed; skipping it", name)
+        return wanted
+
+    # --- data ---------------------------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        data = IndexedData(self.task.dataset(), self.cfg.seed)
+        sampler = StepBatches(self.step, self.cfg.max_steps, self.per_process, self.acc.num_processes,
+                              self.acc.process_index, self.cfg.grad_accum)
+        self.data = data
+        return DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
+
+    # --- loop ---------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg, acc = self.cfg, self.acc
+        batches = iter(self._loader())
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc=cfg.kind)
+        last: dict[str, float] = {}
+        tick, images_seen = time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            lr = lr_at(cfg, self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            totals: dict[str, float] = {}
+            finite = True
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
+                sync = micro == cfg.grad_accum - 1
+                ctx = acc.no_sync(self.model) if not sync else _nullcontext()
+                with ctx, acc.autocast():
+                    loss, metrics = self.task.loss(self.model, batch, self.step, gens)
+                    finite &= bool(torch.isfinite(loss.detach()))
+                    acc.backward(loss / cfg.grad_accum)
+                for k, v in {"loss": loss, **metrics}.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+                images_seen += batch["image"].shape[0]
+            finite_all = acc.reduce(torch.tensor(float(finite), device=acc.device), reduction="sum")
+            if int(finite_all) != acc.num_processes:
+                # A non-finite loss anywhere: drop this step's gradients everywhere and carry on.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.bad_steps += 1
+                self.skipped_steps += 1
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
+                if self.bad_steps >= cfg.max_bad_steps:
+                    raise RuntimeError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
+                                       f"The last good checkpoint is intact (lower the learning rate, check the data)")
+                self.step += 1
+                bar.update(1)
+                continue
+            self.bad_steps = 0
+            if cfg.grad_clip > 0:
+                totals["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.task.after_step(self.step, gens)
+            self.ema.update(acc.unwrap_model(self.model), self.step)
+            self.step += 1
+            totals["lr"] = lr
+            last = totals
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - tick
+                totals["images_per_s"] = images_seen * acc.num_processes / max(elapsed, 1e-9)
+                tick, images_seen = time.perf_counter(), 0
+                self._log(totals)
+                bar.set_postfix(loss=f"{totals['loss']:.4f}", bit_acc=f"{totals.get('bit_accuracy', float('nan')):.3f}",
+                                lr=f"{lr:.2e}", img_s=f"{totals['images_per_s']:.1f}")
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
+                self._samples()
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save()
+            bar.update(1)
+        bar.close()
+        acc.end_training()
+        return last
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.acc.log(metrics, step=self.step)
+        if self.acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def _samples(self) -> None:
+        image = self.task.sample_grid(self.ema_model(), self.cfg)
+        if image is not None:
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+            image.save(self.run_dir / "samples" / f"step-{self.step:08d}.png")
+
+    def ema_model(self) -> torch.nn.Module:
+        model = self.task.new_model()
+        model.load_state_dict(self.ema.shadow)
+        return model.eval()
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        acc = self.acc
+        target = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with atomic_directory(target) as tmp:
+                save_safetensors(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors")
+                save_safetensors(self.ema.shadow, tmp / "ema.safetensors")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                self.task.save_extra(tmp)
+                state = {"step": self.step, "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps,
+                         "kind": self.cfg.kind, "config": config_to_dict(self.cfg)}
+                (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            plot_losses(self.run_dir)
+        acc.wait_for_everyone()
+        return target
+
+    def _resolve_resume(self, resume: str) -> Path:
+        if resume == "latest":
+            found = list_checkpoints(self.run_dir)
+            if not found:
+                raise FileNotFoundError(f"--resume latest: no checkpoint under {self.run_dir / 'checkpoints'}")
+            return found[-1]
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no state.json)")
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = json.loads((path / "state.json").read_text())
+        if state.get("kind") != self.cfg.kind:
+            raise ValueError(f"{path} is a {state.get('kind')} checkpoint, not {self.cfg.kind}")
+        self.model.load_state_dict(load_safetensors(path / "model.safetensors"))
+        self.ema.shadow = load_safetensors(path / "ema.safetensors")
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.task.load_extra(path)
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+def plot_losses(run_dir: Path) -> None:
+    """loss.png: every logged loss-like scalar against the step."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = sorted({k for r in rows for k in r if "loss" in k or k == "bit_accuracy"})
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=80)
+    plt.close(fig)
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest") -> Path:
+    """Write the EMA weights of a run's checkpoint as a model directory that from_pretrained loads."""
+    from ..config import config_from_dict
+    from .tasks import model_for_export
+    run_dir = Path(run_dir)
+    path = list_checkpoints(run_dir)[-1] if checkpoint == "latest" and list_checkpoints(run_dir) else Path(checkpoint)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"no checkpoint found in {run_dir} (looked for checkpoints/step-*/state.json)")
+    state = json.loads((path / "state.json").read_text())
+    cfg = config_from_dict(TrainConfig, state["config"], str(path / "state.json"))
+    model = model_for_export(cfg)
+    model.load_state_dict({k: v for k, v in load_safetensors(path / "ema.safetensors").items()})
+    return model.save_pretrained(out)

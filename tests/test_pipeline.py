@@ -1,0 +1,222 @@
+"""End-to-end Pipeline behaviour with the randomly initialised tiny bundle and the local MiniLM text encoder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from binlat.config import ConfigError
+from binlat.pipeline import Pipeline, PipelineConfig, check_prompts
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return Pipeline.random_tiny()
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    return pipe.save_pretrained(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+def arrays(images: list[Image.Image]) -> list[np.ndarray]:
+    return [np.asarray(im) for im in images]
+
+
+def same_images(a: list[Image.Image], b: list[Image.Image]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(arrays(a), arrays(b)))
+
+
+def count_text_rows(pipe: Pipeline) -> tuple[list[int], object]:
+    """Batch size of every call of the text encoder's transformer (forward pre-hook)."""
+    rows: list[int] = []
+
+    def hook(module, args, kwargs):
+        rows.append((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[0])
+
+    return rows, pipe.text_encoder.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+FAST = dict(num_steps=3, progress=False)
+
+
+# --- generation ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("generator", ["diffusion", "ar"])
+def test_generate_images(pipe, generator: str) -> None:
+    out = pipe(["a red circle", "a blue square"], generator=generator, seed=0, return_bits=True, **FAST)
+    assert len(out.images) == 2 and out.seeds == [0, 1] and out.prompts == ["a red circle", "a blue square"]
+    for im in out.images:
+        assert isinstance(im, Image.Image) and im.mode == "RGB" and im.size == (64, 64)
+    assert out.bits.dtype == torch.uint8 and tuple(out.bits.shape) == (2, 16, 32)
+    assert bool(((out.bits == 0) | (out.bits == 1)).all())
+
+
+@pytest.mark.parametrize("generator", ["diffusion", "ar"])
+def test_non_square_size(pipe, generator: str) -> None:
+    out = pipe("a red circle", generator=generator, seed=0, height=64, width=128, **FAST)
+    assert out.images[0].size == (128, 64)  # PIL: (width, height)
+    out = pipe("a red circle", generator=generator, seed=0, height=128, width=64, **FAST)
+    assert out.images[0].size == (64, 128)
+
+
+def test_bits_not_returned_by_default(pipe) -> None:
+    assert pipe("a cat", seed=0, **FAST).bits is None
+
+
+def test_single_string_prompt(pipe) -> None:
+    out = pipe("a cat", seed=3, **FAST)
+    assert out.prompts == ["a cat"] and out.seeds == [3] and len(out.images) == 1
+
+
+@pytest.mark.parametrize("generator", ["diffusion", "ar"])
+def test_same_seed_same_images(pipe, generator: str) -> None:
+    prompts = ["a red circle", "a green triangle"]
+    a = pipe(prompts, generator=generator, seed=42, return_bits=True, **FAST)
+    b = pipe(prompts, generator=generator, seed=42, return_bits=True, **FAST)
+    c = pipe(prompts, generator=generator, seed=43, return_bits=True, **FAST)
+    assert torch.equal(a.bits, b.bits) and same_images(a.images, b.images)
+    assert not torch.equal(a.bits, c.bits)
+
+
+@pytest.mark.parametrize("generator", ["diffusion", "ar"])
+def test_image_i_reproducible_alone(pipe, generator: str) -> None:
+    """Image i of a call with seed s is the image of that prompt generated alone with seed s + i,
+    whatever the batch size or the other prompts."""
+    prompts = ["a red circle", "a much longer prompt about a small blue square on a white background", "a red circle"]
+    full = pipe(prompts, generator=generator, seed=10, return_bits=True, **FAST)
+    assert full.seeds == [10, 11, 12]
+    for i, prompt in enumerate(prompts):
+        alone = pipe(prompt, generator=generator, seed=10 + i, return_bits=True, **FAST)
+        assert torch.equal(alone.bits[0], full.bits[i]), i
+        assert same_images(alone.images, [full.images[i]]), i
+    small_batches = pipe(prompts, generator=generator, seed=10, return_bits=True, batch_size=1, **FAST)
+    assert torch.equal(small_batches.bits, full.bits) and same_images(small_batches.images, full.images)
+
+
+def test_prompts_encoded_once(pipe) -> None:
+    rows, handle = count_text_rows(pipe)
+    try:
+        pipe(["a cat", "a dog", "a cat", "a cat"], seed=0, **FAST)
+    finally:
+        handle.remove()
+    # one encoder call: the two distinct prompts + the empty prompt for guidance
+    assert rows == [3]
+
+
+def test_empty_prompt_encoded_once(pipe) -> None:
+    rows, handle = count_text_rows(pipe)
+    try:
+        pipe(["a cat"] * 5, seed=0, batch_size=2, **FAST)
+    finally:
+        handle.remove()
+    assert sum(rows) == 2  # "a cat" and "" once each, even over 3 generation batches
+
+
+def test_save_and_load_roundtrip(pipe, saved) -> None:
+    assert (saved / "model_index.json").is_file()
+    loaded = Pipeline.from_pretrained(saved, text_encoder=pipe.text_encoder)
+    assert loaded.config == pipe.config
+    assert sorted(loaded.generators) == ["ar", "diffusion"]
+    for generator in ("diffusion", "ar"):
+        a = pipe(["a red circle", "a cat"], generator=generator, seed=5, return_bits=True, **FAST)
+        b = loaded(["a red circle", "a cat"], generator=generator, seed=5, return_bits=True, **FAST)
+        assert torch.equal(a.bits, b.bits) and same_images(a.images, b.images), generator
+
+
+def test_save_overwrites_atomically(pipe, tmp_path) -> None:
+    target = tmp_path / "bundle"
+    pipe.save_pretrained(target)
+    pipe.save_pretrained(target)  # saving again over an existing bundle works and leaves no temp dirs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert (target / "model_index.json").is_file()
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[]), "no prompts"),
+    (dict(prompts=["a cat", "   "]), "prompt 1 is empty"),
+    (dict(prompts=[""]), "empty"),
+    (dict(prompts=["a cat"], generator="gan"), "available"),
+    (dict(prompts=["a cat"], height=65), "65"),
+    (dict(prompts=["a cat"], height=64, width=65), "multiples"),
+    (dict(prompts=["a cat"], num_steps=0), "steps"),
+    (dict(prompts=["a cat"], guidance_scale=-1.0), "guidance"),
+    (dict(prompts=["a cat"], temperature=float("nan")), "temperature"),
+    (dict(prompts=["a cat"], rho=0.0), "rho"),
+    (dict(prompts=["a cat"], protocol=3), "protocol"),
+    (dict(prompts=["a cat"], batch_size=0), "batch size"),
+])
+def test_bad_arguments(pipe, kwargs, match) -> None:
+    rows, handle = count_text_rows(pipe)
+    try:
+        with pytest.raises(ValueError, match=match):
+            pipe(**kwargs, progress=False)
+    finally:
+        handle.remove()
+    assert rows == []  # arguments are checked before any work is done
+
+
+def test_size_error_suggests_nearest_allowed(pipe) -> None:
+    with pytest.raises(ValueError, match="nearest allowed: 64x64"):
+        pipe("a cat", height=65, progress=False)
+
+
+def test_unknown_generator_in_single_generator_bundle(pipe, saved, tmp_path) -> None:
+    only = tmp_path / "only_diffusion"
+    shutil.copytree(saved, only)
+    index = json.loads((only / "model_index.json").read_text())
+    index["generators"] = ["diffusion"]
+    (only / "model_index.json").write_text(json.dumps(index))
+    loaded = Pipeline.from_pretrained(only, text_encoder=pipe.text_encoder)
+    with pytest.raises(ValueError, match=r"'ar'.*available: \['diffusion'\]"):
+        loaded("a cat", generator="ar", progress=False)
+
+
+def test_check_prompts() -> None:
+    assert check_prompts("a cat") == ["a cat"]
+    assert check_prompts(("a", "b")) == ["a", "b"]
+    with pytest.raises(ValueError, match="not text"):
+        check_prompts(["a", 3])
+
+
+def test_from_pretrained_missing_dir(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        Pipeline.from_pretrained(tmp_path / "does-not-exist")
+
+
+def test_from_pretrained_without_index(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        Pipeline.from_pretrained(tmp_path / "empty")
+
+
+def test_from_pretrained_unknown_key(pipe, saved, tmp_path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(saved, bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index["guidance_sclae"] = 3
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="guidance_sclae"):
+        Pipeline.from_pretrained(bad, text_encoder=pipe.text_encoder)
+
+
+def test_from_pretrained_invalid_json(pipe, saved, tmp_path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(saved, bad)
+    (bad / "model_index.json").write_text("{not json")
+    with pytest.raises(ConfigError):
+        Pipeline.from_pretrained(bad, text_encoder=pipe.text_encoder)
+
+
+def test_pipeline_config_rejects_unknown_generator() -> None:
+    with pytest.raises(ValueError, match="generators"):
+        PipelineConfig(generators=("gan",))
+    with pytest.raises(ValueError, match="generators"):
+        PipelineConfig(generators=())
