@@ -19,6 +19,13 @@ class CLIError(Exception):
     """A user-facing error: printed as one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage block is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(name: str):
     def parse(text: str) -> int:
         try:
@@ -161,8 +168,53 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if not failed else EXIT_FAILED
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train.config import TrainConfig
+    from .train.engine import Trainer
+    cfg = load_config(TrainConfig, args.config)
+    if cfg.kind != args.kind:
+        raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
+    for name, value in (("data", args.data), ("max_steps", args.max_steps), ("batch_size", args.batch_size)):
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.__post_init__()
+    out = Path(args.output or f"runs/{args.kind}")
+    trainer = Trainer(cfg, out, resume=args.resume)
+    last = trainer.train()
+    if trainer.acc.is_main_process:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "bit_accuracy", "psnr"))
+        print(f"finished {args.kind} training at step {trainer.step} ({shown}); run folder {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.engine import export_run
+    out = export_run(args.run, args.out, args.checkpoint)
+    print(f"wrote EMA weights to {out}")
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from .generators import ARTransformer, DiffusionTransformer
+    from .pipeline import Pipeline, PipelineConfig
+    from .text import TextEncoder
+    from .tokenizer import BinaryTokenizer
+    if not (args.diffusion or args.ar):
+        raise CLIError("give --diffusion DIR and/or --ar DIR")
+    tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
+    parts = {k: cls.from_pretrained(p) for k, cls, p in (("diffusion", DiffusionTransformer, args.diffusion),
+                                                          ("ar", ARTransformer, args.ar)) if p}
+    encoder = TextEncoder(args.text_encoder)
+    config = PipelineConfig(text_encoder=args.text_encoder, generators=tuple(parts),
+                            image_size=tokenizer.config.image_size, description=args.description)
+    Pipeline(tokenizer, encoder, config=config, **parts).save_pretrained(args.out)
+    print(f"wrote pipeline bundle to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="binlat", description="Text-to-image generation in a 1D binary latent space.")
+    parser = _Parser(prog="binlat", description="Text-to-image generation in a 1D binary latent space.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -194,6 +246,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", required=True, metavar="WEIGHTS", help=".safetensors or .pt ({'module': ...})")
     c.add_argument("--out", required=True, metavar="DIR")
     c.set_defaults(func=cmd_convert_official)
+
+    t = sub.add_parser("train", help="train a tokenizer, diffusion or AR model (runs under accelerate launch too)")
+    t.add_argument("kind", choices=["tokenizer", "diffusion", "ar"])
+    t.add_argument("--config", required=True, metavar="FILE.json", help="e.g. configs/tokenizer/shapes-64.json")
+    t.add_argument("--data", metavar="SPEC", help="shapes | a folder | a .jsonl/.csv manifest | tar shards (URLs/globs)")
+    t.add_argument("--max-steps", type=_positive_int("max steps"))
+    t.add_argument("--batch-size", type=_positive_int("batch size"), help="global batch per optimiser step")
+    t.add_argument("--output", metavar="DIR", help="run folder (default runs/KIND)")
+    t.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the run's latest checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="write a run's EMA weights as a model directory")
+    e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument("--out", required=True, metavar="DIR")
+    e.add_argument("--checkpoint", default="latest", metavar="latest|DIR")
+    e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bundle", help="assemble a pipeline directory from trained model directories")
+    b.add_argument("--tokenizer", required=True, metavar="DIR")
+    b.add_argument("--diffusion", metavar="DIR")
+    b.add_argument("--ar", metavar="DIR")
+    b.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME_OR_PATH")
+    b.add_argument("--description", default="")
+    b.add_argument("--out", required=True, metavar="DIR")
+    b.set_defaults(func=cmd_bundle)
 
     k = sub.add_parser("conformance", help="check binlat against golden outputs of the reference implementation")
     k.add_argument("cases", nargs="+", metavar="CASE_DIR")

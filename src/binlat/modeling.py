@@ -40,6 +40,13 @@ class ModelMixin(PyTorchModelHubMixin):
 
     config_class: ClassVar[type]
     config: Any
+    gradient_checkpointing: bool = False
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
+        for module in self.modules():  # type: ignore[attr-defined]
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enabled
 
     def save_pretrained(self, save_directory: str | Path, **_: Any) -> Path:  # type: ignore[override]
         save_directory = Path(save_directory)

@@ -33,3 +33,26 @@ __all__ = [
     "sample_scene",
     "scene_for_caption",
 ]
+
+# Real-image datasets (image folders, manifests, WebDataset shards) and the data SPEC.
+from binlat.data.readers import (  # noqa: E402
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    ManifestDataset,
+    WebDatasetShards,
+    collate,
+    make_dataset,
+)
+from binlat.data.transforms import ImageLoadError, ImageTransform, load_image  # noqa: E402
+
+__all__ += [
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "ImageLoadError",
+    "ImageTransform",
+    "ManifestDataset",
+    "WebDatasetShards",
+    "collate",
+    "load_image",
+    "make_dataset",
+]

@@ -92,7 +92,9 @@ def load_image(
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"image {label} is too large (decompression bomb guard): {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"cannot identify image {label} ({len(data)} bytes): not a known image format") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"cannot identify image {label} ({len(data)} bytes): {exc}") from exc
 
     width, height = image.size

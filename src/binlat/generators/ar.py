@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..modeling import ModelMixin
-from ..nn import Attention, GeluMLP, KVCache, RMSNorm
+from ..nn import Attention, GeluMLP, KVCache, RMSNorm, run_block
 from .config import GeneratorConfig
 
 
@@ -79,7 +79,9 @@ class ARTransformer(nn.Module, ModelMixin):
         mask = text_mask.to(torch.bool)
         for i, block in enumerate(self.blocks):
             states = text[i].to(dtype) if first else None
-            x = block(x, offset, states, mask if first else None, None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            x = run_block(block, x, offset, states, mask if first else None, layer_cache,
+                          checkpointing=self.gradient_checkpointing and cache is None)
         if cache is not None:
             cache.length += x.shape[1]
         return self.proj_out(self.norm_out(x))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..modeling import ModelMixin
-from ..nn import AdaLNContinuous, AdaLNZero, Attention, GeluMLP, TimestepEmbedding, layer_norm, modulate
+from ..nn import run_block, AdaLNContinuous, AdaLNZero, Attention, GeluMLP, TimestepEmbedding, layer_norm, modulate
 from .config import GeneratorConfig
 
 
@@ -56,5 +56,5 @@ class DiffusionTransformer(nn.Module, ModelMixin):
         temb = self.t_embed(t.to(dtype))
         mask = text_mask.to(torch.bool)
         for block, states in zip(self.blocks, text):
-            x = block(x, temb, states.to(dtype), mask)
+            x = run_block(block, x, temb, states.to(dtype), mask, checkpointing=self.gradient_checkpointing)
         return self.proj_out(self.norm_out(x, temb))

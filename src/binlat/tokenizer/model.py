@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..modeling import ModelMixin
-from ..nn import Attention, RMSNorm, SwiGLU, rotary_tables
+from ..nn import Attention, RMSNorm, SwiGLU, rotary_tables, run_block
 from .config import TokenizerConfig
 from .resample import Downsample, Upsample, map_to_tokens, tokens_to_map
 
@@ -55,11 +55,13 @@ def token_positions(num_latent: int, height: int, width: int, scale: float | Non
 class _Stack(nn.Module):
     """Shared by encoder and decoder: blocks with a 2x2 resampling of the image rows after chosen blocks."""
 
+    gradient_checkpointing = False
+
     def _run(self, x: torch.Tensor, num_latent: int, height: int, width: int, scale: float | None,
              down: bool) -> tuple[torch.Tensor, int, int]:
         rotary = self._rotary(num_latent, height, width, scale, x.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary)
+            x = run_block(block, x, rotary, checkpointing=self.gradient_checkpointing)
             if str(i) in self.resample:
                 latent, image = x[:, :num_latent], x[:, num_latent:]
                 image = map_to_tokens(self.resample[str(i)](tokens_to_map(image, height, width)))

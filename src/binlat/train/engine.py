@@ -145,7 +145,7 @@ class Trainer:
         self.task = make_task(cfg, self.acc.device)
         self.model = self.task.model
         if cfg.grad_checkpointing:
-            self.model.gradient_checkpointing = True
+            self.model.enable_gradient_checkpointing()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.ema = EMA(self.model, cfg.ema_decay)
@@ -157,11 +157,12 @@ class Trainer:
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / "config.json", (json.dumps(config_to_dict(cfg), indent=2) + "\n").encode())
-            logging.basicConfig(level=logging.INFO)
             handler = logging.FileHandler(self.run_dir / "log.txt")
             handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-            logging.getLogger("binlat").addHandler(handler)
-        self.acc.init_trackers("binlat", config=_flat(config_to_dict(cfg)))
+            root = logging.getLogger("binlat")
+            root.setLevel(logging.INFO)
+            root.addHandler(handler)
+        self.acc.init_trackers("tb", config=_flat(config_to_dict(cfg)))
 
     def _trackers(self) -> list[str]:
         wanted = []
@@ -174,12 +175,30 @@ class Trainer:
         return wanted
 
     # --- data ---------------------------------------------------------------------------------------------
-    def _loader(self) -> DataLoader:
-        data = IndexedData(self.task.dataset(), self.cfg.seed)
+    def _loader(self):
+        source = self.task.dataset()
+        if not hasattr(source, "sample") and not hasattr(source, "__getitem__"):
+            return self._stream(source)
+        data = IndexedData(source, self.cfg.seed)
         sampler = StepBatches(self.step, self.cfg.max_steps, self.per_process, self.acc.num_processes,
                               self.acc.process_index, self.cfg.grad_accum)
         self.data = data
         return DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
+
+    def _stream(self, source):
+        """Streaming data (folders, manifests, WebDataset shards) has no random access: each process reads its own
+        split in order, and indices count samples as they come (resume restarts the stream)."""
+        loader = DataLoader(source, batch_size=self.per_process, num_workers=self.cfg.num_workers,
+                            collate_fn=lambda s: [x for x in s if x is not None])
+        first = self.step * self.cfg.batch_size + self.acc.process_index * self.per_process
+        stride = self.per_process * self.acc.num_processes
+        while True:
+            for n, samples in enumerate(loader):
+                if not samples:
+                    continue
+                start = first + n * stride
+                yield collate([{**x, "index": start + i} for i, x in enumerate(samples)])
+            first += stride * (n + 1)
 
     # --- loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -204,7 +223,7 @@ class Trainer:
                     finite &= bool(torch.isfinite(loss.detach()))
                     acc.backward(loss / cfg.grad_accum)
                 for k, v in {"loss": loss, **metrics}.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+                    totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
                 images_seen += batch["image"].shape[0]
             finite_all = acc.reduce(torch.tensor(float(finite), device=acc.device), reduction="sum")
             if int(finite_all) != acc.num_processes:
@@ -234,8 +253,8 @@ class Trainer:
                 totals["images_per_s"] = images_seen * acc.num_processes / max(elapsed, 1e-9)
                 tick, images_seen = time.perf_counter(), 0
                 self._log(totals)
-                bar.set_postfix(loss=f"{totals['loss']:.4f}", bit_acc=f"{totals.get('bit_accuracy', float('nan')):.3f}",
-                                lr=f"{lr:.2e}", img_s=f"{totals['images_per_s']:.1f}")
+                shown = {k: f"{totals[k]:.4g}" for k in ("loss", "bit_accuracy", "psnr") if k in totals}
+                bar.set_postfix(**shown, lr=f"{lr:.2e}", img_s=f"{totals['images_per_s']:.1f}")
             if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
                 self._samples()
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
@@ -274,7 +293,8 @@ class Trainer:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 self.task.save_extra(tmp)
                 state = {"step": self.step, "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps,
-                         "kind": self.cfg.kind, "config": config_to_dict(self.cfg)}
+                         "kind": self.cfg.kind, "config": config_to_dict(self.cfg),
+                         "model_config": config_to_dict(self.task.model_config)}
                 (tmp / "state.json").write_text(json.dumps(state, indent=2))
             for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -351,14 +371,13 @@ def plot_losses(run_dir: Path) -> None:
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest") -> Path:
     """Write the EMA weights of a run's checkpoint as a model directory that from_pretrained loads."""
-    from ..config import config_from_dict
     from .tasks import model_for_export
     run_dir = Path(run_dir)
-    path = list_checkpoints(run_dir)[-1] if checkpoint == "latest" and list_checkpoints(run_dir) else Path(checkpoint)
+    found = list_checkpoints(run_dir)
+    path = (found[-1] if found else run_dir / "checkpoints") if checkpoint == "latest" else Path(checkpoint)
     if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"no checkpoint found in {run_dir} (looked for checkpoints/step-*/state.json)")
+        raise FileNotFoundError(f"no checkpoint found at {path} (expected checkpoints/step-*/state.json in the run)")
     state = json.loads((path / "state.json").read_text())
-    cfg = config_from_dict(TrainConfig, state["config"], str(path / "state.json"))
-    model = model_for_export(cfg)
-    model.load_state_dict({k: v for k, v in load_safetensors(path / "ema.safetensors").items()})
+    model = model_for_export(state["kind"], state["model_config"])
+    model.load_state_dict(load_safetensors(path / "ema.safetensors"))
     return model.save_pretrained(out)

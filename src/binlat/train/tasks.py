@@ -1,0 +1,218 @@
+"""The three trainers as small tasks the engine drives: what to build, what data to read, how to score a batch."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import config_from_dict
+from ..generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+from ..io import load_safetensors, save_safetensors
+from ..processes import ARDecoding, BernoulliDiffusion
+from ..tokenizer import BinaryTokenizer, TokenizerConfig, bit_regularizer
+from .config import TrainConfig
+
+
+def _uniform(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    return torch.stack([torch.rand(shape, generator=g) for g in gens]).to(device)
+
+
+class Task:
+    model: torch.nn.Module
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+
+    def dataset(self) -> Any:
+        from ..data.readers import make_dataset
+        return make_dataset(self.cfg.data, size=self.cfg.image_size, seed=self.cfg.seed)
+
+    def new_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model, batch, step: int, gens: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def prepare(self, accelerator) -> None:
+        pass
+
+    def after_step(self, step: int, gens: list[torch.Generator]) -> None:
+        pass
+
+    def save_extra(self, directory: Path) -> None:
+        pass
+
+    def load_extra(self, directory: Path) -> None:
+        pass
+
+    def sample_grid(self, model, cfg: TrainConfig):
+        return None
+
+
+class TokenizerTask(Task):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        super().__init__(cfg, device)
+        opts = cfg.tokenizer
+        self.model_config = config_from_dict(TokenizerConfig, {"image_size": cfg.image_size, **cfg.model}, "model")
+        self.model = self.new_model()
+        if opts.init_from:
+            self.model.load_state_dict(BinaryTokenizer.from_pretrained(opts.init_from).state_dict())
+        if opts.freeze_encoder:
+            self.model.encoder.requires_grad_(False)
+            self.model.quantizer.to_logits.requires_grad_(False)
+        self.perceptual = None
+        if opts.perceptual_weight > 0:
+            if opts.perceptual_weights and Path(opts.perceptual_weights).is_file():
+                from ..tokenizer.losses import PerceptualLoss
+                self.perceptual = PerceptualLoss(opts.perceptual_weights).to(device)
+            else:
+                import logging
+                logging.getLogger("binlat.train").warning(
+                    "perceptual loss off: tokenizer.perceptual_weights (a local VGG16 safetensors file) not given "
+                    "or not found")
+        self.disc = self.disc_opt = None
+        if opts.gan_weight > 0:
+            from ..tokenizer.losses import PatchDiscriminator
+            self.disc = PatchDiscriminator(self.model_config.in_channels)
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=opts.disc_lr, betas=(0.5, 0.9))
+        self._fake: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def new_model(self) -> BinaryTokenizer:
+        return BinaryTokenizer(self.model_config)
+
+    def prepare(self, accelerator) -> None:
+        self.accelerator = accelerator
+        if self.disc is not None:
+            self.disc, self.disc_opt = accelerator.prepare(self.disc, self.disc_opt)
+
+    def temperature(self, step: int) -> float:
+        """Bernoulli temperature, annealed linearly from tau_start to tau_end over tau_steps."""
+        o = self.cfg.tokenizer
+        if o.tau_steps <= 0:
+            return o.tau_end
+        return o.tau_start + (o.tau_end - o.tau_start) * min(1.0, step / o.tau_steps)
+
+    def loss(self, model, batch, step, gens):
+        o = self.cfg.tokenizer
+        images = batch["image"].to(self.device)
+        if o.multires_sizes:
+            # One size per step, the same on every process: a function of the step only.
+            size = random.Random(self.cfg.seed * 1_000_003 + step).choice(o.multires_sizes)
+            if size != images.shape[-1]:
+                images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
+        cfg = self.model_config
+        noise = _uniform((cfg.num_tokens, cfg.num_bits), gens, images.device)
+        out = model(images, temperature=self.temperature(step), noise=noise)
+        recon = out.reconstruction.float()
+        rec = o.l1_weight * F.smooth_l1_loss(recon, images)
+        if o.l2_weight:
+            rec = rec + o.l2_weight * F.mse_loss(recon, images)
+        if self.perceptual is not None:
+            rec = rec + o.perceptual_weight * self.perceptual(recon, images)
+        loss = rec + o.bit_reg_weight * bit_regularizer(out.probs)
+        metrics = {"rec_loss": rec.detach(),
+                   "psnr": 10 * torch.log10(4.0 / F.mse_loss(recon.detach().clamp(-1, 1), images).clamp(min=1e-10))}
+        if self.disc is not None and step >= o.gan_start and model.training:
+            g_loss = -self.disc(recon).mean()
+            last = self.accelerator.unwrap_model(model).decoder.to_pixels.weight
+            from ..tokenizer.losses import adaptive_gan_weight
+            weight = adaptive_gan_weight(rec, g_loss, last)
+            loss = loss + o.gan_weight * weight * g_loss
+            metrics["gan_g_loss"] = g_loss.detach()
+            self._fake = (images.detach(), recon.detach())
+        return loss, metrics
+
+    def after_step(self, step, gens):
+        if self._fake is None:
+            return
+        from ..tokenizer.losses import hinge_d_loss
+        real, fake = self._fake
+        self._fake = None
+        d_loss = hinge_d_loss(self.disc(real), self.disc(fake))
+        self.disc_opt.zero_grad(set_to_none=True)
+        self.accelerator.backward(d_loss)
+        self.disc_opt.step()
+
+    def save_extra(self, directory):
+        if self.disc is not None:
+            save_safetensors(self.accelerator.unwrap_model(self.disc).state_dict(), directory / "disc.safetensors")
+            torch.save(self.disc_opt.state_dict(), directory / "disc_optimizer.pt")
+
+    def load_extra(self, directory):
+        if self.disc is not None and (directory / "disc.safetensors").is_file():
+            self.disc.load_state_dict(load_safetensors(directory / "disc.safetensors"))
+            self.disc_opt.load_state_dict(torch.load(directory / "disc_optimizer.pt", weights_only=True))
+
+    def sample_grid(self, model, cfg):
+        from ..grid import contact_sheet
+        from ..pipeline import to_pil
+        data = self.dataset()
+        samples = [data.sample(i) if hasattr(data, "sample") else data[i] for i in range(4)]
+        images = torch.stack([s["image"] for s in samples])
+        with torch.inference_mode():
+            recon = model.decode(model.encode(images), images.shape[-2], images.shape[-1])
+        pics = to_pil(images) + to_pil(recon)
+        return contact_sheet(pics, ["input"] * 4 + ["reconstruction"] * 4, columns=4, cell=128)
+
+
+class GeneratorTask(Task):
+    """Diffusion or AR training on bits from a frozen tokenizer and states from a frozen text encoder."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        super().__init__(cfg, device)
+        from ..text import TextEncoder, text_layer_map
+        o = cfg.generator
+        if not o.tokenizer:
+            raise ValueError("generator.tokenizer must name a trained tokenizer model directory")
+        self.tokenizer = BinaryTokenizer.from_pretrained(o.tokenizer, device=device).requires_grad_(False)
+        self.text_encoder = TextEncoder(o.text_encoder, max_length=o.text_max_length, device=device)
+        tok = self.tokenizer.config
+        layers = cfg.model.get("num_layers", GeneratorConfig.num_layers)
+        defaults = {"num_bits": tok.num_bits, "num_tokens": tok.num_tokens, "text_dim": self.text_encoder.hidden_size,
+                    "text_layers": text_layer_map(self.text_encoder.num_layers, layers),
+                    "prediction": o.prediction}
+        self.model_config = config_from_dict(GeneratorConfig, {**defaults, **cfg.model}, "model")
+        self.model = self.new_model()
+        self.process = BernoulliDiffusion(prediction=o.prediction, time_sampling=o.time_sampling) \
+            if cfg.kind == "diffusion" else ARDecoding()
+
+    def new_model(self):
+        return (DiffusionTransformer if self.cfg.kind == "diffusion" else ARTransformer)(self.model_config)
+
+    def loss(self, model, batch, step, gens):
+        o = self.cfg.generator
+        images = batch["image"].to(self.device)
+        drop = [float(torch.rand((), generator=g)) < o.prompt_dropout for g in gens]
+        captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
+        with torch.no_grad():
+            bits = self.tokenizer.encode(images).float()
+            text = self.text_encoder(captions).select(list(self.model_config.text_layers))
+        if self.cfg.kind == "diffusion":
+            t = self.process.sample_t(len(gens), self.device, generators=gens)
+            noise = _uniform(tuple(bits.shape[1:]), gens, self.device)
+            return self.process.loss(model, bits, text, t=t, noise=noise)
+        return self.process.loss(model, bits, text)
+
+    def sample_grid(self, model, cfg):
+        from ..grid import contact_sheet
+        from ..pipeline import Pipeline
+        kwargs = {cfg.kind: model}
+        pipe = Pipeline(self.tokenizer, self.text_encoder, **kwargs)
+        out = pipe(cfg.sample_prompts, generator=cfg.kind, num_steps=cfg.generator.sample_steps,
+                   guidance_scale=cfg.generator.sample_guidance, seed=0, height=cfg.image_size, progress=False)
+        return contact_sheet(out.images, out.prompts, out.seeds, cell=128)
+
+
+def make_task(cfg: TrainConfig, device: torch.device) -> Task:
+    return TokenizerTask(cfg, device) if cfg.kind == "tokenizer" else GeneratorTask(cfg, device)
+
+
+def model_for_export(kind: str, model_config: dict) -> torch.nn.Module:
+    """An empty model of a run's resolved architecture (stored in every checkpoint's state.json)."""
+    if kind == "tokenizer":
+        return BinaryTokenizer(config_from_dict(TokenizerConfig, model_config, "model_config"))
+    config = config_from_dict(GeneratorConfig, model_config, "model_config")
+    return (DiffusionTransformer if kind == "diffusion" else ARTransformer)(config)
