@@ -213,6 +213,44 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from .data.precomputed import precompute
+    from .data.readers import make_dataset
+    from .text import TextEncoder, text_layer_map
+    from .tokenizer import BinaryTokenizer
+    tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
+    size = args.size or tokenizer.config.image_size
+    data = make_dataset(args.data, size=size, seed=args.seed, random_crop=False)
+    encoder, layers = None, None
+    if args.text_layers or args.generator_layers:
+        encoder = TextEncoder(args.text_encoder, max_length=args.text_max_length)
+        layers = ([int(x) for x in args.text_layers.split(",")] if args.text_layers
+                  else text_layer_map(encoder.num_layers, args.generator_layers))
+    n = precompute(data, tokenizer, args.out, text_encoder=encoder, text_layers=layers, shard_size=args.shard_size,
+                   batch_size=args.batch_size, max_samples=args.max_samples, tokenizer_ref=str(args.tokenizer),
+                   progress=not args.no_progress)
+    print(f"wrote {n} samples to {args.out}" + (f" with text layers {layers}" if layers else " (bits + captions)"))
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    """Parameter counts of training presets, built on the meta device (no memory, no weights)."""
+    import torch
+
+    from .config import load_config
+    from .train.config import TrainConfig
+    from .train.tasks import model_for_export
+    for path in args.configs:
+        cfg = load_config(TrainConfig, path)
+        model = dict(cfg.model)
+        if cfg.kind == "tokenizer":
+            model.setdefault("image_size", cfg.image_size)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in model_for_export(cfg.kind, model).parameters())
+        print(f"{path}: {cfg.kind}, {n / 1e6:.1f} M parameters")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="binlat", description="Text-to-image generation in a 1D binary latent space.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -256,6 +294,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", metavar="DIR", help="run folder (default runs/KIND)")
     t.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the run's latest checkpoint")
     t.set_defaults(func=cmd_train)
+
+    pc = sub.add_parser("precompute", help="encode a dataset once into bits (and text features) for generator training")
+    pc.add_argument("--tokenizer", required=True, metavar="DIR")
+    pc.add_argument("--data", required=True, metavar="SPEC")
+    pc.add_argument("--out", required=True, metavar="DIR")
+    pc.add_argument("--size", type=_positive_int("size"), help="image size (default: the tokenizer's)")
+    pc.add_argument("--max-samples", type=_positive_int("max samples"), help="required for endless data (shapes)")
+    pc.add_argument("--shard-size", type=_positive_int("shard size"), default=1024)
+    pc.add_argument("--batch-size", type=_positive_int("batch size"), default=32)
+    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME_OR_PATH")
+    pc.add_argument("--text-max-length", type=_positive_int("text max length"), default=128)
+    pc.add_argument("--text-layers", metavar="I,J,...", help="also store these text-encoder layers")
+    pc.add_argument("--generator-layers", type=_positive_int("generator layers"),
+                    help="also store text layers for a generator with this many blocks (evenly spaced map)")
+    pc.add_argument("--no-progress", action="store_true")
+    pc.set_defaults(func=cmd_precompute)
+
+    pa = sub.add_parser("params", help="parameter counts of training presets")
+    pa.add_argument("configs", nargs="+", metavar="CONFIG.json")
+    pa.set_defaults(func=cmd_params)
 
     e = sub.add_parser("export", help="write a run's EMA weights as a model directory")
     e.add_argument("run", metavar="RUN_DIR")

@@ -184,6 +184,9 @@ class ImageFolderDataset(_ImageTextDataset):
     def __repr__(self) -> str:
         return f"ImageFolderDataset({str(self.root)!r}, {len(self.files)} images, transform={self.transform!r})"
 
+    def __len__(self) -> int:
+        return len(self.files)
+
     def key_of(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
@@ -266,6 +269,9 @@ class ManifestDataset(_ImageTextDataset):
 
     def __repr__(self) -> str:
         return f"ManifestDataset({str(self.path)!r}, {len(self.entries)} entries, transform={self.transform!r})"
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
     def _bad(self, line: int, why: str) -> ValueError:
         return ValueError(f"manifest {self.path} line {line}: {why}")

@@ -41,7 +41,8 @@ class IndexedData(Dataset):
 
     def __init__(self, source: Any, seed: int):
         self.source, self.seed = source, seed
-        self.length = None if hasattr(source, "sample") else len(source)
+        # Finite sources (folders, manifests) are read in a fresh permutation per epoch; the shapes stream is endless.
+        self.length = len(source) if hasattr(source, "__len__") else None
         self._perm: tuple[int, torch.Tensor] | None = None
         self.failed = 0
 
@@ -57,7 +58,7 @@ class IndexedData(Dataset):
                 if self._perm is None or self._perm[0] != epoch:
                     g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                     self._perm = (epoch, torch.randperm(self.length, generator=g))
-                sample = self.source[int(self._perm[1][pos])]
+                sample = self.source.sample(int(self._perm[1][pos]))
         except (OSError, ValueError) as e:
             self.failed += 1
             log.warning("skipping sample %d: %s", index, e)
@@ -87,11 +88,16 @@ class StepBatches(Sampler):
 
 
 def collate(samples: list[dict | None]) -> dict[str, Any]:
+    """Stack tensors, list everything else; samples that failed to load (None) are dropped."""
     samples = [s for s in samples if s is not None]
-    if not samples:
-        return {"image": torch.zeros(0), "caption": [], "index": torch.zeros(0, dtype=torch.long)}
-    return {"image": torch.stack([s["image"] for s in samples]), "caption": [s.get("caption", "") for s in samples],
-            "index": torch.tensor([s["index"] for s in samples])}
+    out: dict[str, Any] = {"index": torch.tensor([s["index"] for s in samples], dtype=torch.long)}
+    for key in samples[0] if samples else ():
+        if key == "index" or not all(key in s for s in samples):
+            continue
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    out.setdefault("caption", [""] * len(samples))
+    return out
 
 
 class EMA:
@@ -177,7 +183,7 @@ class Trainer:
     # --- data ---------------------------------------------------------------------------------------------
     def _loader(self):
         source = self.task.dataset()
-        if not hasattr(source, "sample") and not hasattr(source, "__getitem__"):
+        if not hasattr(source, "sample"):
             return self._stream(source)
         data = IndexedData(source, self.cfg.seed)
         sampler = StepBatches(self.step, self.cfg.max_steps, self.per_process, self.acc.num_processes,
@@ -224,7 +230,7 @@ class Trainer:
                     acc.backward(loss / cfg.grad_accum)
                 for k, v in {"loss": loss, **metrics}.items():
                     totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
-                images_seen += batch["image"].shape[0]
+                images_seen += len(batch["index"])
             finite_all = acc.reduce(torch.tensor(float(finite), device=acc.device), reduction="sum")
             if int(finite_all) != acc.num_processes:
                 # A non-finite loss anywhere: drop this step's gradients everywhere and carry on.

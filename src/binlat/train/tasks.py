@@ -27,8 +27,15 @@ class Task:
         self.cfg, self.device = cfg, device
 
     def dataset(self) -> Any:
+        from ..data.precomputed import INDEX, PrecomputedDataset
         from ..data.readers import make_dataset
+        spec = self.cfg.data.removeprefix("precomputed:")
+        if (Path(spec) / INDEX).is_file():
+            return self.check_precomputed(PrecomputedDataset(spec))
         return make_dataset(self.cfg.data, size=self.cfg.image_size, seed=self.cfg.seed)
+
+    def check_precomputed(self, data):
+        raise ValueError("precomputed bits only serve generator training; give the tokenizer images")
 
     def new_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -175,6 +182,10 @@ class GeneratorTask(Task):
                     "text_layers": text_layer_map(self.text_encoder.num_layers, layers),
                     "prediction": o.prediction}
         self.model_config = config_from_dict(GeneratorConfig, {**defaults, **cfg.model}, "model")
+        for name in ("num_bits", "num_tokens", "text_dim"):
+            if getattr(self.model_config, name) != defaults[name]:
+                raise ValueError(f"model.{name} = {getattr(self.model_config, name)} but the tokenizer/text encoder "
+                                 f"give {defaults[name]}; fix the config or drop the key to take theirs")
         self.model = self.new_model()
         self.process = BernoulliDiffusion(prediction=o.prediction, time_sampling=o.time_sampling) \
             if cfg.kind == "diffusion" else ARDecoding()
@@ -182,14 +193,37 @@ class GeneratorTask(Task):
     def new_model(self):
         return (DiffusionTransformer if self.cfg.kind == "diffusion" else ARTransformer)(self.model_config)
 
+    def check_precomputed(self, data):
+        tok, idx = self.tokenizer.config, data.index
+        if (idx["num_tokens"], idx["num_bits"]) != (tok.num_tokens, tok.num_bits):
+            raise ValueError(f"{data.root} holds {idx['num_tokens']}x{idx['num_bits']} bits; the tokenizer makes "
+                             f"{tok.num_tokens}x{tok.num_bits}")
+        if data.has_text:
+            if list(idx["text_layers"]) != list(self.model_config.text_layers):
+                raise ValueError(f"{data.root} stores text layers {idx['text_layers']}, the model reads "
+                                 f"{list(self.model_config.text_layers)}; precompute again with --text-layers")
+            self.uncond = data.uncond()
+        return data
+
+    def _text(self, batch, drop: list[bool]):
+        from ..text import TextFeatures
+        if "text" in batch:  # precomputed: [N, layers, L, D] float16 + mask; dropped rows take the empty prompt
+            text, mask = batch["text"].float(), batch["text_mask"].bool()
+            rows = torch.tensor(drop)
+            text[rows], mask[rows] = self.uncond["text"][0].float(), self.uncond["text_mask"][0].bool()
+            return TextFeatures(list(text.to(self.device).unbind(1)), mask.to(self.device))
+        captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
+        return self.text_encoder(captions).select(list(self.model_config.text_layers))
+
     def loss(self, model, batch, step, gens):
         o = self.cfg.generator
-        images = batch["image"].to(self.device)
         drop = [float(torch.rand((), generator=g)) < o.prompt_dropout for g in gens]
-        captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
         with torch.no_grad():
-            bits = self.tokenizer.encode(images).float()
-            text = self.text_encoder(captions).select(list(self.model_config.text_layers))
+            if "bits" in batch:
+                bits = batch["bits"].float().to(self.device)
+            else:
+                bits = self.tokenizer.encode(batch["image"].to(self.device)).float()
+            text = self._text(batch, drop)
         if self.cfg.kind == "diffusion":
             t = self.process.sample_t(len(gens), self.device, generators=gens)
             noise = _uniform(tuple(bits.shape[1:]), gens, self.device)

@@ -1,0 +1,67 @@
+"""binlat precompute: shards of bits (+ text features) that generator training reads instead of images."""
+import json
+
+import pytest
+import torch
+
+from binlat.data.precomputed import PrecomputedDataset, precompute
+from binlat.data.shapes import ShapesStream
+from binlat.text import TextEncoder
+from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(patch_size=8, num_tokens=8, num_bits=12, encoder_layers=1, encoder_heads=2,
+                          encoder_head_dim=16, decoder_layers=1, decoder_heads=2, decoder_head_dim=16,
+                          rope_axes_dims=(4, 6, 6), downsample_after=(), upsample_after=(), image_size=64)
+    return BinaryTokenizer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return TextEncoder(max_length=16)
+
+
+def test_bits_and_captions_round_trip(tokenizer, tmp_path):
+    data = ShapesStream(size=64, seed=3)
+    n = precompute(data, tokenizer, tmp_path, shard_size=4, batch_size=3, max_samples=10, progress=False)
+    assert n == 10
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    ds = PrecomputedDataset(tmp_path)
+    assert len(ds) == 10 and not ds.has_text
+    for i in (0, 3, 4, 9):  # across shard boundaries, including the short last shard
+        ref = data.sample(i)
+        got = ds.sample(i)
+        assert got["caption"] == ref["caption"]
+        assert torch.equal(got["bits"], tokenizer.encode(ref["image"][None])[0].to(torch.uint8))
+    with pytest.raises(IndexError):
+        ds.sample(10)
+
+
+def test_text_features_match_the_encoder(tokenizer, encoder, tmp_path):
+    data = ShapesStream(size=64, seed=4)
+    precompute(data, tokenizer, tmp_path, text_encoder=encoder, text_layers=[1, 4], shard_size=5, batch_size=4,
+               max_samples=6, progress=False)
+    ds = PrecomputedDataset(tmp_path)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["text_layers"] == [1, 4] and index["text_max_length"] == 16
+    s = ds.sample(5)
+    caption = data.sample(5)["caption"]
+    feats = encoder([caption]).select([1, 4])
+    length = int(feats.mask.sum())
+    assert s["text"].shape == (2, 16, encoder.hidden_size) and s["text_mask"].shape == (16,)
+    assert s["text_mask"][-length:].all() and not s["text_mask"][:-length].any()  # left padded
+    for layer in range(2):
+        torch.testing.assert_close(s["text"][layer, -length:].float(), feats.layers[layer][0, -length:],
+                                   atol=2e-3, rtol=2e-3)  # stored as float16
+    uncond = ds.uncond()
+    assert uncond["text"].shape == (1, 2, 16, encoder.hidden_size)
+
+
+def test_endless_data_needs_a_limit_and_missing_folder_is_explained(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="max_samples"):
+        precompute(ShapesStream(size=64), tokenizer, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="binlat precompute"):
+        PrecomputedDataset(tmp_path / "nothing")
