@@ -156,18 +156,20 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
+        self._log_handler: logging.Handler | None = None
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._log_handler = logging.FileHandler(self.run_dir / "log.txt")
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            root = logging.getLogger("binlat")
+            root.setLevel(logging.INFO)
+            root.addHandler(self._log_handler)
         if resume:
             self._load(self._resolve_resume(resume))
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.task.prepare(self.acc)
         if self.acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / "config.json", (json.dumps(config_to_dict(cfg), indent=2) + "\n").encode())
-            handler = logging.FileHandler(self.run_dir / "log.txt")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-            root = logging.getLogger("binlat")
-            root.setLevel(logging.INFO)
-            root.addHandler(handler)
         self.acc.init_trackers("tb", config=_flat(config_to_dict(cfg)))
 
     def _trackers(self) -> list[str]:
@@ -208,59 +210,82 @@ class Trainer:
 
     # --- loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Detach this run's log file from the shared logger (several runs may share one process)."""
+        if self._log_handler is not None:
+            logging.getLogger("binlat").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    def _step(self, batches) -> dict[str, float] | None:
+        """One optimiser step over grad_accum micro-batches; None when a non-finite loss made it a skipped step."""
+        cfg, acc = self.cfg, self.acc
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals: dict[str, float] = {}
+        finite = True
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
+            ctx = acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else _nullcontext()
+            with ctx, acc.autocast():
+                loss, metrics = self.task.loss(self.model, batch, self.step, gens)
+                finite &= bool(torch.isfinite(loss.detach()))
+                acc.backward(loss / cfg.grad_accum)
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
+            self.images_seen += len(batch["index"])
+        finite_all = acc.reduce(torch.tensor(float(finite), device=acc.device), reduction="sum")
+        if int(finite_all) != acc.num_processes:
+            # A non-finite loss anywhere: drop this step's gradients everywhere and carry on.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise RuntimeError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
+                                   f"The last good checkpoint is intact (lower the learning rate, check the data)")
+            return None
+        self.bad_steps = 0
+        # Every process logs the mean over the global batch, as a single process would.
+        names = sorted(totals)
+        means = acc.reduce(torch.tensor([totals[k] for k in names], device=acc.device), reduction="mean")
+        totals = dict(zip(names, means.tolist()))
+        if "mse" in totals:
+            totals["psnr"] = 10 * math.log10(4.0 / max(totals["mse"], 1e-10))  # images span [-1, 1]
+        if cfg.grad_clip > 0:
+            totals["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.task.after_step(self.step, gens)
+        self.ema.update(acc.unwrap_model(self.model), self.step)
+        totals["lr"] = lr
+        return totals
+
+    def _train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
         batches = iter(self._loader())
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc=cfg.kind)
         last: dict[str, float] = {}
-        tick, images_seen = time.perf_counter(), 0
+        tick, self.images_seen = time.perf_counter(), 0
         while self.step < cfg.max_steps:
-            lr = lr_at(cfg, self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            totals: dict[str, float] = {}
-            finite = True
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
-                sync = micro == cfg.grad_accum - 1
-                ctx = acc.no_sync(self.model) if not sync else _nullcontext()
-                with ctx, acc.autocast():
-                    loss, metrics = self.task.loss(self.model, batch, self.step, gens)
-                    finite &= bool(torch.isfinite(loss.detach()))
-                    acc.backward(loss / cfg.grad_accum)
-                for k, v in {"loss": loss, **metrics}.items():
-                    totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
-                images_seen += len(batch["index"])
-            finite_all = acc.reduce(torch.tensor(float(finite), device=acc.device), reduction="sum")
-            if int(finite_all) != acc.num_processes:
-                # A non-finite loss anywhere: drop this step's gradients everywhere and carry on.
-                self.optimizer.zero_grad(set_to_none=True)
-                self.bad_steps += 1
-                self.skipped_steps += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
-                if self.bad_steps >= cfg.max_bad_steps:
-                    raise RuntimeError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
-                                       f"The last good checkpoint is intact (lower the learning rate, check the data)")
-                self.step += 1
-                bar.update(1)
-                continue
-            self.bad_steps = 0
-            if cfg.grad_clip > 0:
-                totals["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.task.after_step(self.step, gens)
-            self.ema.update(acc.unwrap_model(self.model), self.step)
+            totals = self._step(batches)
             self.step += 1
-            totals["lr"] = lr
-            last = totals
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                elapsed = time.perf_counter() - tick
-                totals["images_per_s"] = images_seen * acc.num_processes / max(elapsed, 1e-9)
-                tick, images_seen = time.perf_counter(), 0
-                self._log(totals)
-                shown = {k: f"{totals[k]:.4g}" for k in ("loss", "bit_accuracy", "psnr") if k in totals}
-                bar.set_postfix(**shown, lr=f"{lr:.2e}", img_s=f"{totals['images_per_s']:.1f}")
+            if totals is not None:
+                last = totals
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    elapsed = time.perf_counter() - tick
+                    totals["images_per_s"] = self.images_seen * acc.num_processes / max(elapsed, 1e-9)
+                    tick, self.images_seen = time.perf_counter(), 0
+                    self._log(totals)
+                    shown = {k: f"{totals[k]:.4g}" for k in ("loss", "bit_accuracy", "psnr") if k in totals}
+                    bar.set_postfix(**shown, lr=f"{totals['lr']:.2e}", img_s=f"{totals['images_per_s']:.1f}")
             if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
                 self._samples()
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:

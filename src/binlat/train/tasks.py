@@ -120,8 +120,8 @@ class TokenizerTask(Task):
         if self.perceptual is not None:
             rec = rec + o.perceptual_weight * self.perceptual(recon, images)
         loss = rec + o.bit_reg_weight * bit_regularizer(out.probs)
-        metrics = {"rec_loss": rec.detach(),
-                   "psnr": 10 * torch.log10(4.0 / F.mse_loss(recon.detach().clamp(-1, 1), images).clamp(min=1e-10))}
+        # The engine turns the (process-averaged) clamped MSE into PSNR.
+        metrics = {"rec_loss": rec.detach(), "mse": F.mse_loss(recon.detach().clamp(-1, 1), images)}
         if self.disc is not None and step >= o.gan_start and model.training:
             g_loss = -self.disc(recon).mean()
             last = self.accelerator.unwrap_model(model).decoder.to_pixels.weight
