@@ -251,6 +251,147 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unit_interval(name: str):
+    def parse(text: str) -> float:
+        value = _number(name, 0.0)(text)
+        if value > 1:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text}")
+        return value
+    return parse
+
+
+def _at_least(name: str, low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"cannot write to output directory {out}: {e.strerror}") from None
+    return out
+
+
+def _input_image(path: str):
+    """The image at `path`; a missing file is an OSError (exit 1), a file that is no image a ValueError (exit 2),
+    each one line naming the file."""
+    from .editing import open_image
+    return open_image(path)
+
+
+def _write_results(out: Path, images, records: list[dict]) -> list[str]:
+    """Write images under counter names (never from prompt text) and append their metadata lines."""
+    from .io import atomic_write_bytes
+    first = _next_index(out)
+    names = [f"{first + i:05d}.png" for i in range(len(records))]
+    for name, image in zip(names, images):
+        atomic_write_bytes(out / name, _png_bytes(image))
+    with open(out / "metadata.jsonl", "a", encoding="utf-8") as f:
+        for name, record in zip(names, records):
+            f.write(json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
+    return names
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .editing import edit
+    from .processes.common import check_sampling_args
+    check_sampling_args(args.steps, args.cfg, args.temperature, args.rho, args.protocol)
+    out = _output_dir(args.out)
+    image = _input_image(args.image)
+    pipe = _load_pipeline(args.model, args.text_encoder)
+    height, width = args.size if args.size else (None, None)
+    result = edit(pipe, image, args.prompt, strength=args.strength, num_steps=args.steps, guidance_scale=args.cfg,
+                  temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
+                  height=height, width=width, progress=not args.no_progress)
+    records = [{"kind": "edit", "source": str(args.image), "prompt": result.prompts[i], "seed": seed,
+                "strength": args.strength, "generator": "diffusion", "steps": args.steps, "cfg": args.cfg,
+                "temperature": args.temperature, "rho": args.rho, "protocol": args.protocol,
+                "height": im.height, "width": im.width, "model": str(args.model or "default"),
+                "trained": pipe.config.trained} for i, (im, seed) in enumerate(zip(result.images, result.seeds))]
+    names = _write_results(out, result.images, records)
+    print(f"wrote {out / names[0]} (edit of {args.image} at strength {args.strength:g}, seed {result.seeds[0]}), "
+          f"metadata in {out / 'metadata.jsonl'}")
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from .editing import interpolate, strip
+    from .io import atomic_write_bytes
+    out = _output_dir(args.out)
+    image_a, image_b = _input_image(args.image_a), _input_image(args.image_b)
+    pipe = _load_pipeline(args.model, args.text_encoder)
+    height, width = args.size if args.size else (None, None)
+    frames = interpolate(pipe, image_a, image_b, steps=args.steps, seed=args.seed, height=height, width=width)
+    records = [{"kind": "interpolate", "a": str(args.image_a), "b": str(args.image_b), "frame": k,
+                "fraction": k / (args.steps - 1), "seed": args.seed, "height": im.height, "width": im.width,
+                "model": str(args.model or "default"), "trained": pipe.config.trained}
+               for k, im in enumerate(frames)]
+    names = _write_results(out, frames, records)
+    strip_name = f"strip-{names[0][:-4]}.png"
+    atomic_write_bytes(out / strip_name, _png_bytes(strip(frames)))
+    print(f"wrote {out / strip_name} and {len(names)} frames ({names[0]} .. {names[-1]}), "
+          f"metadata in {out / 'metadata.jsonl'}")
+    return 0
+
+
+def cmd_continue(args: argparse.Namespace) -> int:
+    from .editing import continue_ar
+    from .processes.common import check_sampling_args
+    check_sampling_args(None, args.cfg, args.temperature)
+    out = _output_dir(args.out)
+    image = _input_image(args.image)
+    pipe = _load_pipeline(args.model, args.text_encoder)
+    height, width = args.size if args.size else (None, None)
+    result = continue_ar(pipe, image, args.prompt, args.keep_tokens, guidance_scale=args.cfg,
+                         temperature=args.temperature, seed=args.seed, height=height, width=width,
+                         progress=not args.no_progress)
+    records = [{"kind": "continue", "source": str(args.image), "prompt": result.prompts[i], "seed": seed,
+                "keep_tokens": args.keep_tokens, "generator": "ar", "cfg": args.cfg, "temperature": args.temperature,
+                "height": im.height, "width": im.width, "model": str(args.model or "default"),
+                "trained": pipe.config.trained} for i, (im, seed) in enumerate(zip(result.images, result.seeds))]
+    names = _write_results(out, result.images, records)
+    print(f"wrote {out / names[0]} (first {args.keep_tokens} tokens of {args.image} kept, seed {result.seeds[0]}), "
+          f"metadata in {out / 'metadata.jsonl'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeLimits, bind_socket, create_app, serve
+    limits = ServeLimits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                         max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_steps=args.max_steps,
+                         max_prompt_chars=args.max_prompt_chars, max_size=args.max_size)
+    sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
+    try:
+        pipe = _load_pipeline(args.model, args.text_encoder)
+        serve(create_app(pipe, limits), args.host, args.port, log_level=args.log_level, sock=sock)
+    except KeyboardInterrupt:  # uvicorn has shut down gracefully and passes Ctrl+C on
+        print("binlat: server stopped", file=sys.stderr)
+    finally:
+        sock.close()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Speed, efficiency and memory comparisons on random networks (see binlat.eval.bench)."""
+    from .eval.bench import run_bench
+    result = run_bench(preset=args.preset, quick=args.quick, tiny=args.tiny, json_path=args.json)
+    if args.json:
+        print(f"wrote {args.json}")
+    return EXIT_FAILED if result["meta"]["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="binlat", description="Text-to-image generation in a 1D binary latent space.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -330,6 +471,77 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--description", default="")
     b.add_argument("--out", required=True, metavar="DIR")
     b.set_defaults(func=cmd_bundle)
+
+    ed = sub.add_parser("edit", help="re-draw an image under a new prompt (diffusion from a partly noised start)")
+    ed.add_argument("image", metavar="IMAGE")
+    ed.add_argument("--prompt", required=True, help="what the edited image should show")
+    ed.add_argument("--strength", type=_unit_interval("strength"), default=0.6,
+                    help="how far to noise the image's bits: 0 keeps it, 1 ignores it (default 0.6)")
+    ed.add_argument("--steps", type=_positive_int("steps"), default=20, help="diffusion steps (default 20)")
+    ed.add_argument("--cfg", type=_number("guidance scale", 0.0), default=7.5, help="guidance scale w (default 7.5)")
+    ed.add_argument("--temperature", type=_number("temperature", 0.0), default=1.0)
+    ed.add_argument("--rho", type=_number("rho", 0.0, inclusive=False), default=1.0)
+    ed.add_argument("--protocol", type=int, choices=[1, 2], default=1)
+    ed.add_argument("--seed", type=int, default=None)
+    ed.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="work size (default: the model's)")
+    ed.add_argument("--model", metavar="DIR", help="pipeline bundle directory (default: the shipped model)")
+    ed.add_argument("--text-encoder", metavar="NAME_OR_PATH")
+    ed.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
+    ed.add_argument("--no-progress", action="store_true")
+    ed.set_defaults(func=cmd_edit)
+
+    ip = sub.add_parser("interpolate", help="a strip of images switching bit by bit from image A to image B")
+    ip.add_argument("image_a", metavar="A")
+    ip.add_argument("image_b", metavar="B")
+    ip.add_argument("--steps", type=_at_least("steps", 2), default=8, help="frames, A and B included (default 8)")
+    ip.add_argument("--seed", type=int, default=0, help="order in which bits switch (default 0)")
+    ip.add_argument("--size", type=_size, default=None, metavar="N|HxW")
+    ip.add_argument("--model", metavar="DIR")
+    ip.add_argument("--text-encoder", metavar="NAME_OR_PATH")
+    ip.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
+    ip.set_defaults(func=cmd_interpolate)
+
+    co = sub.add_parser("continue", help="keep an image's first tokens and let the AR generator write the rest")
+    co.add_argument("image", metavar="IMAGE")
+    co.add_argument("--prompt", required=True)
+    co.add_argument("--keep-tokens", type=_at_least("keep tokens", 0), required=True, metavar="K",
+                    help="tokens of the image to keep (0 .. the model's token count)")
+    co.add_argument("--cfg", type=_number("guidance scale", 0.0), default=7.5)
+    co.add_argument("--temperature", type=_number("temperature", 0.0), default=1.0)
+    co.add_argument("--seed", type=int, default=None)
+    co.add_argument("--size", type=_size, default=None, metavar="N|HxW")
+    co.add_argument("--model", metavar="DIR")
+    co.add_argument("--text-encoder", metavar="NAME_OR_PATH")
+    co.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
+    co.add_argument("--no-progress", action="store_true")
+    co.set_defaults(func=cmd_continue)
+
+    sv = sub.add_parser("serve", help="HTTP API and web page for a model (binds 127.0.0.1 unless told otherwise)")
+    sv.add_argument("--model", metavar="DIR")
+    sv.add_argument("--text-encoder", metavar="NAME_OR_PATH")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1; anything else is reachable by others)")
+    sv.add_argument("--port", type=_at_least("port", 0), default=7860, help="port (default 7860; 0 picks a free one)")
+    sv.add_argument("--max-concurrent", type=_positive_int("max concurrent"), default=1,
+                    help="generations running at once (default 1)")
+    sv.add_argument("--max-queue", type=_positive_int("max queue"), default=8,
+                    help="requests admitted at once, running + waiting; more get 429 (default 8)")
+    sv.add_argument("--max-body-bytes", type=_positive_int("max body bytes"), default=16 * 2**20)
+    sv.add_argument("--max-n", type=_positive_int("max n"), default=8, help="images per request (default 8)")
+    sv.add_argument("--max-steps", type=_positive_int("max steps"), default=100)
+    sv.add_argument("--max-prompt-chars", type=_positive_int("max prompt chars"), default=1000)
+    sv.add_argument("--max-size", type=_positive_int("max size"), default=1024, help="pixels per side (default 1024)")
+    sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    sv.set_defaults(func=cmd_serve)
+
+    bn = sub.add_parser("bench", help="benchmark binlat against recomputation, more tokens and latent diffusion")
+    bn.add_argument("--preset", choices=["shapes-64", "paper-512"], default="shapes-64",
+                    help="model sizes (default shapes-64; paper-512 is far too slow on a CPU without --quick)")
+    mode = bn.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer repeats, composed baseline: minutes, not hours")
+    mode.add_argument("--tiny", action="store_true", help="tiny widths, one run each: seconds (for tests)")
+    bn.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
+    bn.set_defaults(func=cmd_bench)
 
     k = sub.add_parser("conformance", help="check binlat against golden outputs of the reference implementation")
     k.add_argument("cases", nargs="+", metavar="CASE_DIR")

@@ -1,0 +1,298 @@
+"""Image editing in the binary latent space: every operation works on the tokenizer's K x B bits of an image.
+
+- `edit`: noise the image's bits with the forward Bernoulli process to time `strength`, then denoise them with
+  the diffusion generator under a new prompt (SDEdit in bit space). strength 0 returns the image's own bits;
+  strength 1 draws the start exactly as plain generation does, so the input no longer matters.
+- `interpolate`: a strip of frames whose bits switch from image A's to image B's in a fixed random order.
+- `continue_ar`: keep the first k tokens of an image and let the autoregressive generator write the rest.
+
+Every function takes a `Pipeline` and PIL images and returns a `PipelineOutput` (or a list of images).
+"""
+from __future__ import annotations
+
+import io
+import math
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .pipeline import Pipeline, PipelineOutput, check_prompts, to_pil
+from .processes import ARDecoding, BernoulliDiffusion
+from .processes.common import check_sampling_args, make_generators
+from .processes.diffusion import q_sample
+
+# Decoded pixel budget for an input image (a small PNG can claim a huge canvas).
+MAX_INPUT_PIXELS = 64 * 1024 * 1024
+
+
+# --- images in ----------------------------------------------------------------------------------------------
+def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_INPUT_PIXELS
+               ) -> Image.Image:
+    """Read an image file (path or bytes) fully; anything unreadable is a ValueError (or OSError for a missing
+    file) with a one-line message naming it."""
+    label = name or (str(source) if not isinstance(source, bytes) else "uploaded data")
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except OSError as e:
+        raise OSError(f"cannot read image {label}: {e.strerror or e}") from None
+    with handle:
+        try:
+            image = Image.open(handle)
+            width, height = image.size
+        except Exception as e:  # noqa: BLE001 — decoders raise many types on malformed headers
+            raise ValueError(f"cannot read image {label}: {_why(e)}") from None
+        if width * height > max_pixels:
+            raise ValueError(f"image {label} is {width}x{height} pixels; at most {max_pixels} pixels are accepted")
+        try:
+            image.load()
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read image {label}: {_why(e)}") from None
+    return image
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "not a recognised image format"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else f"corrupt image data ({type(e).__name__})"
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """RGB view of any PIL image; transparent pixels are laid on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _target_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[int, int]:
+    height = height or pipe.config.image_size
+    width = width or height
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
+    pipe.tokenizer.check_size(height, width)
+    return height, width
+
+
+def _device(pipe: Pipeline) -> torch.device:
+    return next(pipe.tokenizer.parameters()).device
+
+
+def load_image_for(pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None
+                   ) -> torch.Tensor:
+    """A PIL image as the tokenizer's input: RGB, scaled so it covers height x width (default: the model's image
+    size), centre-cropped to exactly that, as a [1, 3, H, W] float tensor in [-1, 1] on the tokenizer's device."""
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image, got {type(image).__name__}")
+    height, width = _target_size(pipe, height, width)
+    image = _rgb(image)
+    src_w, src_h = image.size
+    if src_w < 1 or src_h < 1:
+        raise ValueError(f"image has no pixels ({src_w}x{src_h})")
+    scale = max(width / src_w, height / src_h)
+    new_w, new_h = max(width, math.ceil(src_w * scale - 1e-6)), max(height, math.ceil(src_h * scale - 1e-6))
+    if (new_w, new_h) != (src_w, src_h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1.0
+    return pixels.permute(2, 0, 1)[None].to(_device(pipe))
+
+
+@torch.inference_mode()
+def image_bits(pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None
+               ) -> torch.Tensor:
+    """The tokenizer's bits of an image: [1, K, B] float 0/1."""
+    return pipe.tokenizer.encode(load_image_for(pipe, image, height, width)).float()
+
+
+@torch.inference_mode()
+def decode_bits(pipe: Pipeline, bits: torch.Tensor, height: int | None = None, width: int | None = None
+                ) -> list[Image.Image]:
+    height, width = _target_size(pipe, height, width)
+    return to_pil(pipe.tokenizer.decode(bits.to(_device(pipe)), height, width))
+
+
+def reconstruct(pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None
+                ) -> PipelineOutput:
+    """Encode an image to bits and decode them again: what the tokenizer keeps of it."""
+    height, width = _target_size(pipe, height, width)
+    bits = image_bits(pipe, image, height, width)
+    return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=[0],
+                          bits=bits.to(torch.uint8).cpu(), prompts=[""])
+
+
+def pack_bits_hex(bits: torch.Tensor) -> str:
+    """Bits [K, B] (any 0/1 dtype) as hex: row-major, eight bits a byte, most significant bit first; the last
+    byte is padded with zero bits when K x B is not a multiple of 8."""
+    flat = bits.reshape(-1).to(torch.uint8).cpu().numpy()
+    return np.packbits(flat).tobytes().hex()
+
+
+def unpack_bits_hex(text: str, num_tokens: int, num_bits: int) -> torch.Tensor:
+    """Inverse of `pack_bits_hex`: [K, B] uint8."""
+    flat = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[: num_tokens * num_bits]
+    if flat.size != num_tokens * num_bits:
+        raise ValueError(f"hex holds {flat.size} bits; {num_tokens}x{num_bits} = {num_tokens * num_bits} needed")
+    return torch.from_numpy(flat.copy()).view(num_tokens, num_bits)
+
+
+# --- argument checks ----------------------------------------------------------------------------------------
+def resolve_seed(seed: int | None) -> int:
+    """The given seed, or a fresh random one when None."""
+    if seed is None:
+        return secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return seed
+
+
+def _check_count(name: str, value: int, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_generator(pipe: Pipeline, kind: str) -> None:
+    if kind not in pipe.generators:
+        raise ValueError(f"this operation needs the {kind} generator, but the model has only "
+                         f"{sorted(pipe.generators)}")
+
+
+def _check_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be one text, got {type(prompt).__name__}")
+    return check_prompts([prompt])[0]
+
+
+def check_strength(strength: float) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 ignores it), got {strength!r}")
+    return float(strength)
+
+
+# --- edit ---------------------------------------------------------------------------------------------------
+def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6, num_steps: int = 20,
+         guidance_scale: float = 7.5, temperature: float = 1.0, rho: float = 1.0, protocol: int = 1,
+         seed: int | None = None, height: int | None = None, width: int | None = None, num_images: int = 1,
+         progress: bool = False) -> PipelineOutput:
+    """Re-draw an image under `prompt`: bits x_0 of the image, x_t ~ Bernoulli(x_0 (1 - t) + t/2) at
+    t = strength, then the diffusion sampler runs its `num_steps` steps from t = strength down to 0.
+
+    Image i uses seed `seed + i` for both the noising and the sampling, drawn in the order plain generation
+    draws them, so strength 1 gives exactly `pipe(prompt, seed=seed)`. strength 0 samples nothing and returns
+    the image's reconstruction bits."""
+    prompt = _check_prompt(prompt)
+    strength = check_strength(strength)
+    check_sampling_args(num_steps, guidance_scale, temperature, rho, protocol)
+    _check_count("number of images", num_images, 1)
+    _check_generator(pipe, "diffusion")
+    height, width = _target_size(pipe, height, width)
+    base = resolve_seed(seed)
+    seeds = [base + i for i in range(num_images)]
+
+    x0 = image_bits(pipe, image, height, width).expand(num_images, -1, -1).contiguous()
+    if strength == 0.0:
+        bits = x0
+    else:
+        network = pipe.generators["diffusion"]
+        device = next(network.parameters()).device
+        layers = pipe.text_layers("diffusion")
+        cond, uncond = pipe.encode_prompts([prompt])
+        cond = cond.index([0] * num_images).select(layers)
+        gens = make_generators(seeds, device)
+        t = torch.full((num_images,), strength, device=device)
+        x_t = q_sample(x0.to(device), t, gens)
+        process = BernoulliDiffusion(prediction=network.config.prediction)
+        bits = process.sample(network, cond, uncond.select(layers), gens, num_steps=num_steps,
+                              guidance_scale=guidance_scale, temperature=temperature, rho=rho,
+                              protocol=protocol, progress=progress, x_start=x_t, t_start=strength)
+    return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
+                          bits=bits.to(torch.uint8).cpu(), prompts=[prompt] * num_images)
+
+
+# --- interpolate --------------------------------------------------------------------------------------------
+def interpolation_bits(bits_a: torch.Tensor, bits_b: torch.Tensor, steps: int = 8, seed: int = 0
+                       ) -> torch.Tensor:
+    """Frames [steps, K, B] uint8 between bits [K, B] (or [1, K, B]) of A and B. Each bit position gets one
+    uniform u from `seed`; frame k takes B's bit where u < k / (steps - 1), else A's. The switched positions of
+    a frame include those of every earlier frame, so frame 0 is A, the last frame is B, and the distance from A
+    never shrinks."""
+    _check_count("steps", steps, 2)
+    seed = resolve_seed(seed)
+    a, b = bits_a.reshape(bits_a.shape[-2:]).to(torch.uint8).cpu(), bits_b.reshape(bits_b.shape[-2:]).to(
+        torch.uint8).cpu()
+    if a.shape != b.shape:
+        raise ValueError(f"bits of A {tuple(a.shape)} and B {tuple(b.shape)} differ in shape")
+    u = torch.rand(a.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    frames = []
+    for k in range(steps):
+        take_b = u < k / (steps - 1)
+        frames.append(torch.where(take_b, b, a))
+    return torch.stack(frames)
+
+
+def interpolate(pipe: Pipeline, image_a: Image.Image, image_b: Image.Image, steps: int = 8, seed: int = 0,
+                height: int | None = None, width: int | None = None) -> list[Image.Image]:
+    """`steps` images going from A's reconstruction to B's by switching bits (see `interpolation_bits`)."""
+    _check_count("steps", steps, 2)
+    resolve_seed(seed)
+    height, width = _target_size(pipe, height, width)
+    frames = interpolation_bits(image_bits(pipe, image_a, height, width), image_bits(pipe, image_b, height, width),
+                                steps, seed)
+    return decode_bits(pipe, frames, height, width)
+
+
+def strip(images: Sequence[Image.Image], gap: int = 0) -> Image.Image:
+    """Images side by side in one row (heights aligned at the top, white between them)."""
+    if not images:
+        raise ValueError("no images for a strip")
+    width = sum(im.width for im in images) + gap * (len(images) - 1)
+    sheet = Image.new("RGB", (width, max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        sheet.paste(im.convert("RGB"), (x, 0))
+        x += im.width + gap
+    return sheet
+
+
+# --- AR continuation ----------------------------------------------------------------------------------------
+def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: int, guidance_scale: float = 7.5,
+                temperature: float = 1.0, seed: int | None = None, height: int | None = None,
+                width: int | None = None, num_images: int = 1, progress: bool = False) -> PipelineOutput:
+    """Keep the first `keep_tokens` tokens of the image's bits and let the AR generator write the rest under
+    `prompt`. keep_tokens = K returns the image's bits; keep_tokens = 0 is plain AR generation."""
+    prompt = _check_prompt(prompt)
+    check_sampling_args(None, guidance_scale, temperature)
+    _check_count("number of images", num_images, 1)
+    _check_generator(pipe, "ar")
+    num_tokens = pipe.tokenizer.config.num_tokens
+    if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int) or not 0 <= keep_tokens <= num_tokens:
+        raise ValueError(f"keep_tokens must be an integer in [0, {num_tokens}] (the image has {num_tokens} tokens), "
+                         f"got {keep_tokens!r}")
+    height, width = _target_size(pipe, height, width)
+    base = resolve_seed(seed)
+    seeds = [base + i for i in range(num_images)]
+
+    x0 = image_bits(pipe, image, height, width).expand(num_images, -1, -1).contiguous()
+    if keep_tokens == num_tokens:
+        bits = x0
+    else:
+        network = pipe.generators["ar"]
+        device = next(network.parameters()).device
+        layers = pipe.text_layers("ar")
+        cond, uncond = pipe.encode_prompts([prompt])
+        cond = cond.index([0] * num_images).select(layers)
+        bits = ARDecoding().sample(network, cond, uncond.select(layers), make_generators(seeds, device),
+                                   guidance_scale=guidance_scale, temperature=temperature, progress=progress,
+                                   prefix=x0[:, :keep_tokens].to(device))
+    return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
+                          bits=bits.to(torch.uint8).cpu(), prompts=[prompt] * num_images)

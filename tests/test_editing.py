@@ -1,0 +1,246 @@
+"""Editing in the binary latent space (binlat.editing) and its CLI commands, on the random tiny model."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import binlat.pipeline as pipeline_mod
+from binlat import editing
+from binlat.cli import main
+from binlat.pipeline import Pipeline
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return Pipeline.random_tiny()
+
+
+def picture_a() -> Image.Image:
+    image = Image.new("RGB", (96, 80), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((10, 10, 60, 60), fill=(220, 30, 30))
+    draw.rectangle((55, 40, 90, 75), fill=(30, 40, 200))
+    return image
+
+
+def picture_b() -> Image.Image:
+    return Image.linear_gradient("L").resize((70, 70)).convert("RGB")
+
+
+def same_images(a: list[Image.Image], b: list[Image.Image]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+def test_load_image_for_resizes_and_centre_crops(pipe) -> None:
+    x = editing.load_image_for(pipe, picture_a())
+    assert x.shape == (1, 3, 64, 64) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    # Three vertical bands, 3:1: the centre crop keeps only the green middle band.
+    bands = Image.new("RGB", (192, 64), (255, 0, 0))
+    bands.paste((0, 255, 0), (64, 0, 128, 64))
+    bands.paste((0, 0, 255), (128, 0, 192, 64))
+    green = editing.load_image_for(pipe, bands)[0]
+    assert torch.allclose(green[:, :, 8:-8], torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1), atol=0.05)
+    # Other modes and sizes: transparency goes on white, grey becomes RGB, height x width is honoured.
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    assert torch.allclose(editing.load_image_for(pipe, rgba), torch.ones(1, 3, 64, 64))
+    assert editing.load_image_for(pipe, Image.new("L", (10, 30), 128), 32, 48).shape == (1, 3, 32, 48)
+
+
+# --- edit ---------------------------------------------------------------------------------------------------
+def test_strength_zero_returns_the_reconstruction_exactly(pipe) -> None:
+    recon = editing.reconstruct(pipe, picture_a())
+    out = editing.edit(pipe, picture_a(), "a green square", strength=0.0, num_steps=STEPS, seed=1)
+    assert out.bits.dtype == torch.uint8 and out.bits.shape == (1, 16, 32)
+    assert torch.equal(out.bits, recon.bits)
+    assert same_images(out.images, recon.images)
+
+
+def test_strength_one_ignores_the_input_and_equals_plain_generation(pipe) -> None:
+    kwargs = dict(strength=1.0, num_steps=STEPS, guidance_scale=3.0, seed=11)
+    a = editing.edit(pipe, picture_a(), "a red circle", **kwargs)
+    b = editing.edit(pipe, picture_b(), "a red circle", **kwargs)
+    assert not torch.equal(editing.reconstruct(pipe, picture_a()).bits, editing.reconstruct(pipe, picture_b()).bits)
+    assert torch.equal(a.bits, b.bits)
+    plain = pipe(["a red circle"], num_steps=STEPS, guidance_scale=3.0, seed=11, return_bits=True, progress=False)
+    assert torch.equal(a.bits, plain.bits)
+    assert same_images(a.images, plain.images)
+
+
+def test_edit_is_seeded_per_image(pipe) -> None:
+    two = editing.edit(pipe, picture_a(), "a blue square", strength=0.5, num_steps=STEPS, seed=20, num_images=2)
+    assert two.seeds == [20, 21] and two.prompts == ["a blue square"] * 2
+    again = editing.edit(pipe, picture_a(), "a blue square", strength=0.5, num_steps=STEPS, seed=21)
+    assert torch.equal(two.bits[1:], again.bits)
+    assert not torch.equal(two.bits[0], two.bits[1])
+
+
+# --- interpolate --------------------------------------------------------------------------------------------
+def test_interpolation_goes_from_a_to_b_monotonically(pipe) -> None:
+    bits_a = editing.reconstruct(pipe, picture_a()).bits
+    bits_b = editing.reconstruct(pipe, picture_b()).bits
+    frames = editing.interpolation_bits(bits_a, bits_b, steps=6, seed=3)
+    assert frames.shape == (6, 16, 32)
+    assert torch.equal(frames[0], bits_a[0]) and torch.equal(frames[-1], bits_b[0])
+    distance = [int((f != bits_a[0]).sum()) for f in frames]
+    assert distance == sorted(distance) and distance[0] == 0
+    assert distance[-1] == int((bits_a != bits_b).sum()) > 0
+    assert len(set(distance)) > 2  # intermediate frames really are in between
+    images = editing.interpolate(pipe, picture_a(), picture_b(), steps=6, seed=3)
+    assert len(images) == 6 and all(im.size == (64, 64) for im in images)
+    assert same_images(images[:1], editing.reconstruct(pipe, picture_a()).images)
+    assert same_images(images[-1:], editing.reconstruct(pipe, picture_b()).images)
+    sheet = editing.strip(images)
+    assert sheet.size == (6 * 64, 64)
+
+
+# --- AR continuation ----------------------------------------------------------------------------------------
+def test_continue_ar_keeps_the_prefix(pipe) -> None:
+    recon = editing.reconstruct(pipe, picture_a()).bits
+    full = editing.continue_ar(pipe, picture_a(), "a red circle", keep_tokens=16, seed=0)
+    assert torch.equal(full.bits, recon)
+    part = editing.continue_ar(pipe, picture_a(), "a red circle", keep_tokens=5, seed=0)
+    assert torch.equal(part.bits[:, :5], recon[:, :5])
+    assert not torch.equal(part.bits, recon)
+    none = editing.continue_ar(pipe, picture_a(), "a red circle", keep_tokens=0, guidance_scale=2.0, seed=4)
+    plain = pipe(["a red circle"], generator="ar", guidance_scale=2.0, seed=4, return_bits=True, progress=False)
+    assert torch.equal(none.bits, plain.bits)
+
+
+# --- bad arguments ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strength", [-0.1, 1.01, math.nan, math.inf, "0.5", True, None])
+def test_bad_strength(pipe, strength) -> None:
+    with pytest.raises(ValueError, match="strength"):
+        editing.edit(pipe, picture_a(), "x", strength=strength)
+
+
+def test_bad_arguments_raise_value_errors(pipe) -> None:
+    a = picture_a()
+    with pytest.raises(ValueError, match="steps"):
+        editing.interpolate(pipe, a, a, steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        editing.edit(pipe, a, "x", num_steps=0)
+    for keep in (-1, 17, 2.5, True):
+        with pytest.raises(ValueError, match="keep_tokens"):
+            editing.continue_ar(pipe, a, "x", keep_tokens=keep)
+    with pytest.raises(ValueError, match="empty"):
+        editing.edit(pipe, a, "   ")
+    with pytest.raises(ValueError, match="prompt"):
+        editing.edit(pipe, a, ["x", "y"])
+    with pytest.raises(ValueError, match="not supported"):
+        editing.edit(pipe, a, "x", height=50)
+    with pytest.raises(ValueError, match="PIL"):
+        editing.load_image_for(pipe, np.zeros((64, 64, 3)))
+    with pytest.raises(ValueError, match="guidance"):
+        editing.edit(pipe, a, "x", guidance_scale=-1)
+    diffusion_only = Pipeline(pipe.tokenizer, pipe.text_encoder, diffusion=pipe.generators["diffusion"])
+    with pytest.raises(ValueError, match="ar generator"):
+        editing.continue_ar(diffusion_only, a, "x", keep_tokens=3)
+    ar_only = Pipeline(pipe.tokenizer, pipe.text_encoder, ar=pipe.generators["ar"])
+    with pytest.raises(ValueError, match="diffusion generator"):
+        editing.edit(ar_only, a, "x")
+
+
+def test_open_image_names_the_problem(tmp_path) -> None:
+    with pytest.raises(ValueError, match="not a recognised image"):
+        editing.open_image(b"definitely not a png")
+    truncated = tmp_path / "cut.png"
+    picture_a().save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(ValueError, match="cut.png"):
+        editing.open_image(truncated)
+    with pytest.raises(OSError, match="missing.png"):
+        editing.open_image(tmp_path / "missing.png")
+    bits = torch.randint(0, 2, (16, 32), dtype=torch.uint8)
+    assert torch.equal(editing.unpack_bits_hex(editing.pack_bits_hex(bits), 16, 32), bits)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def cli(monkeypatch, pipe, tmp_path):
+    """main(argv) in-process with no trained model installed (the random tiny model, shared with these tests)."""
+    monkeypatch.delenv("BINLAT_MODEL", raising=False)
+    monkeypatch.setattr(pipeline_mod, "default_model_dir", lambda: None)
+    monkeypatch.setattr(pipeline_mod.Pipeline, "random_tiny", classmethod(lambda cls, *a, **k: pipe))
+
+    def run(*argv) -> int:
+        try:
+            return main([str(a) for a in argv])
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else 1
+    return run
+
+
+@pytest.fixture
+def images(tmp_path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a.png", tmp_path / "b.jpg"
+    picture_a().save(a)
+    picture_b().save(b)
+    return a, b
+
+
+def one_line_error(err: str, *needles: str) -> None:
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(lines) == 1 and "error" in lines[0], err
+    for needle in needles:
+        assert needle in lines[-1], (needle, err)
+
+
+def read_meta(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_cli_edit_interpolate_continue_write_files(cli, images, tmp_path, capsys, pipe) -> None:
+    a, b = images
+    out = tmp_path / "out"
+    assert cli("edit", a, "--prompt", "a green square", "--strength", "0", "--seed", 5, "--out", out,
+               "--no-progress") == 0
+    meta = read_meta(out)
+    assert meta[0]["file"] == "00000.png" and meta[0]["kind"] == "edit" and meta[0]["strength"] == 0
+    assert same_images([Image.open(out / "00000.png").convert("RGB")], editing.reconstruct(pipe, picture_a()).images)
+
+    assert cli("interpolate", a, b, "--steps", 3, "--out", out) == 0
+    assert sorted(p.name for p in out.glob("strip-*.png")) == ["strip-00001.png"]
+    assert Image.open(out / "strip-00001.png").size == (3 * 64, 64)
+    assert [m["frame"] for m in read_meta(out)[1:]] == [0, 1, 2]
+    assert all((out / f"{i:05d}.png").is_file() for i in range(1, 4))
+
+    assert cli("continue", a, "--prompt", "a red circle", "--keep-tokens", 6, "--seed", 2, "--out", out,
+               "--no-progress") == 0
+    last = read_meta(out)[-1]
+    assert last["file"] == "00004.png" and last["kind"] == "continue" and last["keep_tokens"] == 6
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (("edit", "{missing}", "--prompt", "x"), "cannot read image"),
+    (("edit", "{text}", "--prompt", "x"), "not a recognised image"),
+    (("edit", "{a}", "--prompt", "x", "--strength", "1.5"), "strength"),
+    (("edit", "{a}", "--prompt", "  "), "empty"),
+    (("interpolate", "{a}", "{missing}"), "cannot read image"),
+    (("interpolate", "{a}", "{a}", "--steps", "1"), "steps"),
+    (("continue", "{a}", "--prompt", "x", "--keep-tokens", "17"), "keep_tokens"),
+    (("continue", "{text}", "--prompt", "x", "--keep-tokens", "1"), "not a recognised image"),
+])
+def test_cli_bad_inputs_exit_with_one_line(cli, images, tmp_path, capsys, argv, needle) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    names = {"missing": tmp_path / "missing.png", "text": text, "a": images[0]}
+    argv = [str(x).format(**names) for x in argv] + ["--out", str(tmp_path / "out")]
+    code = cli(*argv)
+    assert code != 0
+    one_line_error(capsys.readouterr().err, needle)
+    assert not list(tmp_path.glob("out/*.png"))  # nothing written
