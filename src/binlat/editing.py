@@ -72,8 +72,8 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 
 def _target_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[int, int]:
-    height = height or pipe.config.image_size
-    width = width or height
+    height = pipe.config.image_size if height is None else height
+    width = height if width is None else width
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")

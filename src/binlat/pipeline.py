@@ -69,6 +69,11 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
             raise ValueError(f"prompt {i} is not text: {p!r}")
         if not p.strip():
             raise ValueError(f"prompt {i} is empty: describe the image to generate")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. from undecodable command-line bytes
+            raise ValueError(f"prompt {i} is not valid Unicode text (unpaired surrogate at character {e.start})"
+                             ) from None
     return prompts
 
 
@@ -174,8 +179,8 @@ class Pipeline:
         check_sampling_args(num_steps, guidance_scale, temperature, rho, protocol)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
-        height = height or self.config.image_size
-        width = width or height
+        height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"
+        width = height if width is None else width
         self.tokenizer.check_size(height, width)
         base = secrets.randbelow(2**31) if seed is None else int(seed)
         seeds = [base + i for i in range(len(prompts))]

@@ -305,6 +305,11 @@ class _Checks:
     def prompt(self, text: str, field: str = "prompt") -> str:
         if not text.strip():
             raise ApiError(422, f"{field}: empty; describe the image")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON allows "\ud800"; the text encoder cannot take it
+            raise ApiError(422, f"{field}: not valid Unicode text (unpaired surrogate at character {e.start})"
+                           ) from None
         if len(text) > self.limits.max_prompt_chars:
             raise ApiError(422, f"{field}: {len(text)} characters is over this server's limit of "
                                 f"{self.limits.max_prompt_chars} (max_prompt_chars)")

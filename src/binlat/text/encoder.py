@@ -167,7 +167,7 @@ class TextEncoder(nn.Module):
         cut = sum(lengths[slot[p]] > self.max_length for p in prompts)
         if cut:
             warnings.warn(
-                f"{cut} of {len(prompts)} prompts exceed max_length={self.max_length} tokens and were truncated",
+                f"{cut} prompt(s) exceed max_length={self.max_length} tokens and were truncated",
                 UserWarning,
                 stacklevel=2,
             )

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -23,11 +24,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from ..config import config_to_dict
-from ..io import atomic_directory, atomic_write_bytes, load_safetensors, save_safetensors
+from ..io import (WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors,
+                  save_safetensors)
 from .config import TrainConfig
 
 log = logging.getLogger("binlat.train")
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+# What a killed process leaves behind: an atomic write's temporary (.NAME.tmp-*), a checkpoint being pruned
+# (.NAME.del-*), or one moved aside while being replaced (.NAME.old-*).
+LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|del|old)-[^/]+$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run stopped; its last checkpoint is intact."""
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -159,13 +168,18 @@ class Trainer:
         self._log_handler: logging.Handler | None = None
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.run_dir)
             self._log_handler = logging.FileHandler(self.run_dir / "log.txt")
             self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
             root = logging.getLogger("binlat")
             root.setLevel(logging.INFO)
             root.addHandler(self._log_handler)
         if resume:
-            self._load(self._resolve_resume(resume))
+            try:
+                self._load(self._resolve_resume(resume))
+            except BaseException:
+                self.close()
+                raise
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.task.prepare(self.acc)
         if self.acc.is_main_process:
@@ -249,7 +263,7 @@ class Trainer:
             self.skipped_steps += 1
             log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
             if self.bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
+                raise NonFiniteLossError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
                                    f"The last good checkpoint is intact (lower the learning rate, check the data)")
             return None
         self.bad_steps = 0
@@ -274,24 +288,26 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc=cfg.kind)
         last: dict[str, float] = {}
         tick, self.images_seen = time.perf_counter(), 0
-        while self.step < cfg.max_steps:
-            totals = self._step(batches)
-            self.step += 1
-            if totals is not None:
-                last = totals
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    elapsed = time.perf_counter() - tick
-                    totals["images_per_s"] = self.images_seen * acc.num_processes / max(elapsed, 1e-9)
-                    tick, self.images_seen = time.perf_counter(), 0
-                    self._log(totals)
-                    shown = {k: f"{totals[k]:.4g}" for k in ("loss", "bit_accuracy", "psnr") if k in totals}
-                    bar.set_postfix(**shown, lr=f"{totals['lr']:.2e}", img_s=f"{totals['images_per_s']:.1f}")
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
-                self._samples()
-            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                self.save()
-            bar.update(1)
-        bar.close()
+        try:
+            while self.step < cfg.max_steps:
+                totals = self._step(batches)
+                self.step += 1
+                if totals is not None:
+                    last = totals
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                        elapsed = time.perf_counter() - tick
+                        totals["images_per_s"] = self.images_seen * acc.num_processes / max(elapsed, 1e-9)
+                        tick, self.images_seen = time.perf_counter(), 0
+                        self._log(totals)
+                        shown = {k: f"{totals[k]:.4g}" for k in ("loss", "bit_accuracy", "psnr") if k in totals}
+                        bar.set_postfix(**shown, lr=f"{totals['lr']:.2e}", img_s=f"{totals['images_per_s']:.1f}")
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
+                    self._samples()
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+                bar.update(1)
+        finally:
+            bar.close()  # also on an error: its message then starts on a line of its own
         acc.end_training()
         return last
 
@@ -328,7 +344,10 @@ class Trainer:
                          "model_config": config_to_dict(self.task.model_config)}
                 (tmp / "state.json").write_text(json.dumps(state, indent=2))
             for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed first, so a kill mid-delete never leaves a step-* folder with only some files.
+                doomed = old.with_name(f".{old.name}.del-{os.getpid()}")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
             plot_losses(self.run_dir)
         acc.wait_for_everyone()
         return target
@@ -348,13 +367,54 @@ class Trainer:
         state = json.loads((path / "state.json").read_text())
         if state.get("kind") != self.cfg.kind:
             raise ValueError(f"{path} is a {state.get('kind')} checkpoint, not {self.cfg.kind}")
-        self.model.load_state_dict(load_safetensors(path / "model.safetensors"))
-        self.ema.shadow = load_safetensors(path / "ema.safetensors")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        model_state = load_safetensors(path / "model.safetensors")
+        ema_state = load_safetensors(path / "ema.safetensors")
+        check_state_dict(self.model, model_state, str(path / "model.safetensors"))
+        check_state_dict(self.model, ema_state, str(path / "ema.safetensors"))
+        self.model.load_state_dict(model_state)
+        self.ema.shadow = ema_state
+        self.optimizer.load_state_dict(load_torch_state(path / "optimizer.pt"))
         self.task.load_extra(path)
         self.step, self.bad_steps = state["step"], state["bad_steps"]
         self.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.step)
+
+
+def load_torch_state(path: Path) -> Any:
+    """A torch.save'd state (optimiser) read with weights_only=True; anything else is a one-line WeightsError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: file not found (incomplete checkpoint?)") from None
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path}: refused to load: the file holds more than plain tensors "
+                           f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 — zip and pickle readers raise many types on damaged files
+        raise WeightsError(f"{path}: cannot read (truncated or corrupt?): {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def clean_leftovers(run_dir: Path) -> None:
+    """Tidy what a killed run left in `run_dir` and its checkpoints/: temporary files and folders of atomic
+    writes and half-deleted checkpoints are removed; a checkpoint moved aside whose replacement never arrived
+    is put back. Complete checkpoints are never touched."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            m = LEFTOVER_RE.match(entry.name)
+            if not m:
+                continue
+            original = folder / m.group("name")
+            if m.group("kind") == "old" and not original.exists():
+                os.replace(entry, original)
+                log.warning("restored %s (a replacement was interrupted)", original)
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted write", entry)
 
 
 class _nullcontext:
