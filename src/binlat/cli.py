@@ -171,7 +171,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train.config import TrainConfig
-    from .train.engine import Trainer
+    from .train.engine import NonFiniteLossError, Trainer
     cfg = load_config(TrainConfig, args.config)
     if cfg.kind != args.kind:
         raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
@@ -181,7 +181,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.__post_init__()
     out = Path(args.output or f"runs/{args.kind}")
     trainer = Trainer(cfg, out, resume=args.resume)
-    last = trainer.train()
+    try:
+        last = trainer.train()
+    except NonFiniteLossError as e:  # an expected way for a run to end: one line, exit 1
+        print(f"binlat: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     if trainer.acc.is_main_process:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "bit_accuracy", "psnr"))
         print(f"finished {args.kind} training at step {trainer.step} ({shown}); run folder {out}")
@@ -392,6 +396,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_FAILED if result["meta"]["failed"] else 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`binlat eval KIND`: each evaluation writes a JSON report and prints its table(s) (binlat.eval.report)."""
+    from .eval.report import print_tables
+    kind, out = args.eval_kind, args.out
+    if kind == "reconstruction":
+        from .eval.reconstruction import run_reconstruction
+        report = run_reconstruction(args.model, args.data, num_images=args.num_images, size=args.size,
+                                    batch_size=args.batch_size, lpips_weights=args.lpips_weights, out=out,
+                                    json_path=args.json, device=args.device, progress=not args.no_progress)
+        if not report["summary"]["lpips"]["available"]:
+            print(f"note: LPIPS not available: {report['summary']['lpips']['reason']}", file=sys.stderr)
+    elif kind == "shapes":
+        from .eval.shapes_eval import run_shapes
+        report = run_shapes(args.model, generator=args.generator, per_category=args.per_category, steps=args.steps,
+                            cfg=args.cfg, temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                            out=out, json_path=args.json, ground_truth=args.ground_truth,
+                            no_tokenizer=args.no_tokenizer, size=args.size, held_out=not args.no_held_out,
+                            text_encoder=args.text_encoder, device=args.device, progress=not args.no_progress)
+    elif kind == "clip-score":
+        from .eval.features import run_clip_score
+        report = run_clip_score(args.images, args.prompts, args.clip_model, batch_size=args.batch_size, out=out,
+                                json_path=args.json, device=args.device)
+    else:
+        from .eval.features import run_fid
+        report = run_fid(args.real, args.fake, args.inception_weights, batch_size=args.batch_size, out=out,
+                         json_path=args.json, device=args.device)
+    print_tables(report["tables"])
+    extra = [report["summary"].get(k) for k in ("examples_sheet", "failures_sheet")]
+    print(f"wrote {report['path']}" + "".join(f" and {p}" for p in extra if p))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="binlat", description="Text-to-image generation in a 1D binary latent space.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -543,6 +579,59 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     bn.set_defaults(func=cmd_bench)
 
+    ev = sub.add_parser("eval", help="evaluate: tokenizer reconstruction, the shapes benchmark, CLIP score, FID")
+    evs = ev.add_subparsers(dest="eval_kind", required=True, metavar="{reconstruction,shapes,clip-score,fid}")
+
+    def _eval_common(p: argparse.ArgumentParser, batch: int) -> None:
+        p.add_argument("--batch-size", type=_positive_int("batch size"), default=batch)
+        p.add_argument("--out", default="out/eval", metavar="DIR",
+                       help="folder for the report and images (default out/eval)")
+        p.add_argument("--json", metavar="FILE", help="report file (default <out>/report-<kind>.json)")
+        p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+    er = evs.add_parser("reconstruction", help="tokenizer PSNR/SSIM(/LPIPS) vs JPEG and WebP at the same bytes")
+    er.add_argument("--model", required=True, metavar="DIR", help="pipeline bundle or tokenizer directory")
+    er.add_argument("--data", default="shapes", metavar="SPEC",
+                    help="shapes (evaluation seed, unseen in training) | shapes:seed=N | folder | manifest | shards")
+    er.add_argument("--num-images", type=_positive_int("num images"), default=64)
+    er.add_argument("--size", type=_positive_int("size"), help="image side (default: the tokenizer's)")
+    er.add_argument("--lpips-weights", metavar="FILE", help="local VGG16(/LPIPS) safetensors; LPIPS is skipped without")
+    er.add_argument("--no-progress", action="store_true")
+    _eval_common(er, 16)
+
+    es = evs.add_parser("shapes", help="the compositional shapes benchmark, judged as shapes-spec says")
+    es.add_argument("--model", metavar="DIR", help="pipeline bundle (or tokenizer directory with --ground-truth)")
+    es.add_argument("--generator", choices=["diffusion", "ar"], default="diffusion")
+    es.add_argument("--per-category", type=_positive_int("per category"), default=64)
+    es.add_argument("--steps", type=_positive_int("steps"), default=20, help="diffusion steps (default 20)")
+    es.add_argument("--cfg", type=_number("guidance scale", 0.0), default=3.0, help="guidance scale (default 3.0)")
+    es.add_argument("--temperature", type=_number("temperature", 0.0), default=1.0)
+    es.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i (default 0)")
+    es.add_argument("--size", type=_positive_int("size"), help="image side (default: the model's; 64 for renders)")
+    es.add_argument("--ground-truth", action="store_true",
+                    help="judge renders of each prompt through the tokenizer instead of generating (its ceiling)")
+    es.add_argument("--no-tokenizer", action="store_true",
+                    help="with --ground-truth: judge the renders themselves (checks the evaluation; ~1.0)")
+    es.add_argument("--no-held-out", action="store_true", help="skip the held-out compositions")
+    es.add_argument("--text-encoder", metavar="NAME_OR_PATH")
+    es.add_argument("--no-progress", action="store_true")
+    _eval_common(es, 8)
+
+    ec = evs.add_parser("clip-score", help="CLIP score of images against their prompts (local CLIP model)")
+    ec.add_argument("--images", required=True, metavar="DIR")
+    ec.add_argument("--prompts", metavar="FILE|metadata.jsonl",
+                    help="one prompt per line (sorted image order) or metadata.jsonl (default <images>/metadata.jsonl)")
+    ec.add_argument("--clip-model", metavar="LOCAL_DIR", help="local Hugging Face CLIP model directory")
+    _eval_common(ec, 16)
+
+    ef = evs.add_parser("fid", help="FID between two image folders (local FID Inception weights)")
+    ef.add_argument("--real", required=True, metavar="DIR")
+    ef.add_argument("--fake", required=True, metavar="DIR")
+    ef.add_argument("--inception-weights", metavar="FILE",
+                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth, on disk")
+    _eval_common(ef, 32)
+    ev.set_defaults(func=cmd_eval)
+
     k = sub.add_parser("conformance", help="check binlat against golden outputs of the reference implementation")
     k.add_argument("cases", nargs="+", metavar="CASE_DIR")
     k.set_defaults(func=cmd_conformance)
@@ -566,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         prefix = "error" if isinstance(e, known) else f"internal error ({type(e).__name__})"
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"binlat: {prefix}: {message}", file=sys.stderr)
+        if isinstance(e, WeightsError):  # a ValueError, but a file problem: exit 1 like other I/O failures
+            return EXIT_FAILED
         return EXIT_USAGE if isinstance(e, (CLIError, ValueError, ConfigError)) else EXIT_FAILED
 
 
