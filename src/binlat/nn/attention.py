@@ -16,32 +16,65 @@ from .rotary import apply_rotary
 
 
 class KVCache:
-    """Keys and values ([B, H, L, Dh]) seen so far by one attention layer, and which keys are valid."""
+    """Keys and values ([B, H, L, Dh]) seen so far by one attention layer, and which keys are valid.
+
+    Rows live in buffers that double when full, so appending one row per decoding step copies only that row."""
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None  # [B, L] bool, None while every key is valid
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None  # [B, capacity] bool, None while every key is valid
+        self.length = 0
 
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self.length
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return None if self._valid is None else self._valid[:, : self.length]
+
+    def _reserve(self, rows: int, like: torch.Tensor) -> None:
+        capacity = 0 if self._k is None else self._k.shape[2]
+        if self.length + rows <= capacity:
+            return
+        new_capacity = max(2 * (self.length + rows), 16)
+        b, h, _, d = like.shape
+        k = like.new_empty(b, h, new_capacity, d)
+        v = like.new_empty(b, h, new_capacity, d)
+        if self._k is not None:
+            k[:, :, : self.length] = self.k
+            v[:, :, : self.length] = self.v
+        self._k, self._v = k, v
+        if self._valid is not None:
+            valid = torch.ones(b, new_capacity, dtype=torch.bool, device=like.device)
+            valid[:, : self.length] = self.valid
+            self._valid = valid
 
     def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self.k is None:
-            self.k, self.v, self.valid = k, v, valid
-        else:
-            if valid is not None or self.valid is not None:
-                old = self.valid if self.valid is not None else _all_valid(self.k)
-                new = valid if valid is not None else _all_valid(k)
-                self.valid = torch.cat((old, new), dim=1)
-            self.k = torch.cat((self.k, k), dim=2)
-            self.v = torch.cat((self.v, v), dim=2)
+        rows = k.shape[2]
+        self._reserve(rows, k)
+        if valid is not None and self._valid is None:
+            self._valid = torch.ones(k.shape[0], self._k.shape[2], dtype=torch.bool, device=k.device)
+        end = self.length + rows
+        self._k[:, :, self.length: end] = k
+        self._v[:, :, self.length: end] = v
+        if self._valid is not None:
+            self._valid[:, self.length: end] = True if valid is None else valid
+        self.length = end
         return self.k, self.v, self.valid
 
     def repeat_batch(self, n: int) -> None:
         """Repeat every cached row n times along the batch (e.g. one prompt, many samples)."""
-        for name in ("k", "v", "valid"):
+        for name in ("_k", "_v", "_valid"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.repeat_interleave(n, dim=0))
