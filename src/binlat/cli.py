@@ -322,15 +322,20 @@ def cmd_edit(args: argparse.Namespace) -> int:
     result = edit(pipe, image, args.prompt, strength=args.strength, num_steps=args.steps, guidance_scale=args.cfg,
                   temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
                   height=height, width=width, progress=not args.no_progress)
-    records = [{"kind": "edit", "source": str(args.image), "prompt": result.prompts[i], "seed": seed,
-                "strength": args.strength, "generator": "diffusion", "steps": args.steps, "cfg": args.cfg,
-                "temperature": args.temperature, "rho": args.rho, "protocol": args.protocol,
-                "height": im.height, "width": im.width, "model": str(args.model or "default"),
-                "trained": pipe.config.trained} for i, (im, seed) in enumerate(zip(result.images, result.seeds))]
+    records = _records(result, pipe, args, kind="edit", source=str(args.image), strength=args.strength,
+                       generator="diffusion", steps=args.steps, cfg=args.cfg, temperature=args.temperature,
+                       rho=args.rho, protocol=args.protocol)
     names = _write_results(out, result.images, records)
     print(f"wrote {out / names[0]} (edit of {args.image} at strength {args.strength:g}, seed {result.seeds[0]}), "
           f"metadata in {out / 'metadata.jsonl'}")
     return 0
+
+
+def _records(result, pipe, args: argparse.Namespace, **fields) -> list[dict]:
+    """metadata.jsonl lines for an edit-style result: the given fields plus each image's prompt, seed and size."""
+    return [{**fields, "prompt": prompt, "seed": seed, "height": im.height, "width": im.width,
+             "model": str(args.model or "default"), "trained": pipe.config.trained}
+            for im, prompt, seed in zip(result.images, result.prompts, result.seeds)]
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
@@ -364,10 +369,8 @@ def cmd_continue(args: argparse.Namespace) -> int:
     result = continue_ar(pipe, image, args.prompt, args.keep_tokens, guidance_scale=args.cfg,
                          temperature=args.temperature, seed=args.seed, height=height, width=width,
                          progress=not args.no_progress)
-    records = [{"kind": "continue", "source": str(args.image), "prompt": result.prompts[i], "seed": seed,
-                "keep_tokens": args.keep_tokens, "generator": "ar", "cfg": args.cfg, "temperature": args.temperature,
-                "height": im.height, "width": im.width, "model": str(args.model or "default"),
-                "trained": pipe.config.trained} for i, (im, seed) in enumerate(zip(result.images, result.seeds))]
+    records = _records(result, pipe, args, kind="continue", source=str(args.image), keep_tokens=args.keep_tokens,
+                       generator="ar", cfg=args.cfg, temperature=args.temperature)
     names = _write_results(out, result.images, records)
     print(f"wrote {out / names[0]} (first {args.keep_tokens} tokens of {args.image} kept, seed {result.seeds[0]}), "
           f"metadata in {out / 'metadata.jsonl'}")

@@ -149,6 +149,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None):
         from .tasks import make_task
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        # accelerate keeps one process-wide state; a new run in the same process (a notebook, the tests) may ask for
+        # another precision, so drop the old run's settings (the distributed set-up itself is kept).
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=self._trackers(),
                                project_dir=str(self.run_dir))
         world = self.acc.num_processes

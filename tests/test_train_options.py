@@ -1,0 +1,135 @@
+"""Training options beyond the plain loop: adversarial and perceptual losses, multi-resolution, encoder freezing,
+bf16 autocast, gradient checkpointing, sample grids."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from binlat.config import config_from_dict
+from binlat.io import load_safetensors
+from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
+from binlat.tokenizer.losses import PerceptualLoss
+from binlat.train.config import TrainConfig
+from binlat.train.engine import Trainer, export_run
+
+pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
+MODEL = {"patch_size": 8, "num_tokens": 16, "num_bits": 16, "encoder_layers": 1, "encoder_heads": 2,
+         "encoder_head_dim": 16, "decoder_layers": 1, "decoder_heads": 2, "decoder_head_dim": 16,
+         "rope_axes_dims": [4, 6, 6], "downsample_after": [0], "upsample_after": [0]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, name, steps=3, **over):
+    d = {"kind": "tokenizer", "model": dict(MODEL), "image_size": 64, "batch_size": 4, "max_steps": steps,
+         "warmup_steps": 1, "save_every": steps, "log_every": 1, "trackers": [], **over}
+    trainer = Trainer(config_from_dict(TrainConfig, d), tmp_path / name)
+    trainer.train()
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return trainer, rows
+
+
+def test_adversarial_loss_trains_a_discriminator_and_checkpoints_it(tmp_path):
+    trainer, rows = run(tmp_path, "gan", steps=3, tokenizer={"gan_weight": 0.5, "gan_start": 1})
+    assert "gan_g_loss" not in rows[0] and all("gan_g_loss" in r for r in rows[1:])  # switched on at gan_start
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    ckpt = tmp_path / "gan" / "checkpoints" / "step-00000003"
+    disc = load_safetensors(ckpt / "disc.safetensors")
+    initial = type(trainer.task.disc)(3).state_dict()
+    assert (ckpt / "disc_optimizer.pt").is_file()
+    assert any(not torch.equal(disc[k], initial[k]) for k in disc if disc[k].dtype.is_floating_point)
+
+
+def test_perceptual_loss_uses_local_weights_or_logs_that_it_is_off(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="binlat"):
+        run(tmp_path, "off", steps=1, tokenizer={"perceptual_weight": 1.0})
+    assert "perceptual loss off" in caplog.text
+    # A stand-in VGG16 (random weights under torchvision's names) switches it on; identical images score 0.
+    torch.manual_seed(0)
+    layers, state, ch = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512], {}, 3
+    index = 0
+    for spec in layers:
+        if spec == "M":
+            index += 1
+            continue
+        state[f"features.{index}.weight"] = torch.randn(spec, ch, 3, 3) * 0.05
+        state[f"features.{index}.bias"] = torch.zeros(spec)
+        ch, index = spec, index + 2
+    path = tmp_path / "vgg.safetensors"
+    save_file(state, str(path))
+    loss = PerceptualLoss(path)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert loss(x, x).item() == 0.0 and loss(x, -x).item() > 0
+    trainer, rows = run(tmp_path, "on", steps=1, tokenizer={"perceptual_weight": 1.0, "perceptual_weights": str(path)})
+    assert trainer.task.perceptual is not None and torch.isfinite(torch.tensor(rows[0]["loss"]))
+
+
+def test_multiresolution_batches_use_sizes_from_the_list(tmp_path, monkeypatch):
+    from binlat.train import tasks
+    seen = []
+    original = BinaryTokenizer.forward
+
+    def spy(self, images, *a, **k):
+        seen.append(images.shape[-1])
+        return original(self, images, *a, **k)
+
+    monkeypatch.setattr(BinaryTokenizer, "forward", spy)
+    run(tmp_path, "multi", steps=8, tokenizer={"multires_sizes": [32, 64]})
+    assert set(seen) == {32, 64}
+    assert tasks  # the task picks the size per step, the same on every process
+
+
+def test_frozen_encoder_stage_only_changes_the_decoder(tmp_path):
+    torch.manual_seed(1)
+    start = BinaryTokenizer(TokenizerConfig(**MODEL, image_size=64))
+    start.save_pretrained(tmp_path / "start")
+    trainer, _ = run(tmp_path, "frozen", steps=2, lr=1e-2, tokenizer={"freeze_encoder": True,
+                                                                     "init_from": str(tmp_path / "start")})
+    end = trainer.acc.unwrap_model(trainer.model).state_dict()
+    before = start.state_dict()
+    for key in before:
+        same = torch.equal(before[key], end[key])
+        if key.startswith("encoder.") or key.startswith("quantizer.to_logits"):
+            assert same, key
+    assert any(not torch.equal(before[k], end[k]) for k in before if k.startswith("decoder."))
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path):
+    _, rows = run(tmp_path, "bf16", steps=2, mixed_precision="bf16", grad_checkpointing=True)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    export_run(tmp_path / "bf16", tmp_path / "exported")
+    assert BinaryTokenizer.from_pretrained(tmp_path / "exported").quantizer.codebook.dtype == torch.float32
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(2)
+    model = BinaryTokenizer(TokenizerConfig(**MODEL, image_size=64)).train()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    noise = torch.rand(2, 16, 16)
+
+    def grads():
+        model.zero_grad()
+        model(x, noise=noise).reconstruction.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_sample_grids_are_written(tmp_path):
+    run(tmp_path, "grid", steps=2, sample_every=2)
+    assert (tmp_path / "grid" / "samples" / "step-00000002.png").is_file()
