@@ -111,6 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.dtype != "float32":
         import torch
         pipe.to(dtype=getattr(torch, args.dtype))
+    if args.compile:
+        pipe.compile()
     height, width = args.size if args.size else (None, None)
     result = pipe(prompts, generator=args.generator, num_steps=args.steps, guidance_scale=args.cfg,
                   temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
@@ -458,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int("batch size"), default=8)
     g.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
     g.add_argument("--grid", action="store_true", help="also write a labelled contact sheet")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks (slow first call; may flip rare bits)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="network precision; bfloat16 is faster on CPUs with bf16 matmuls but changes some bits")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
