@@ -180,6 +180,14 @@ def check_strength(strength: float) -> float:
 
 
 # --- edit ---------------------------------------------------------------------------------------------------
+def _conditioning(pipe: Pipeline, kind: str, prompt: str, n: int):
+    """The generator of `kind`, its device, and the prompt's (repeated n times) and the empty prompt's features."""
+    network = pipe.generators[kind]
+    layers = pipe.text_layers(kind)
+    cond, uncond = pipe.encode_prompts([prompt])
+    return network, next(network.parameters()).device, cond.index([0] * n).select(layers), uncond.select(layers)
+
+
 def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6, num_steps: int = 20,
          guidance_scale: float = 7.5, temperature: float = 1.0, rho: float = 1.0, protocol: int = 1,
          seed: int | None = None, height: int | None = None, width: int | None = None, num_images: int = 1,
@@ -203,16 +211,12 @@ def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6,
     if strength == 0.0:
         bits = x0
     else:
-        network = pipe.generators["diffusion"]
-        device = next(network.parameters()).device
-        layers = pipe.text_layers("diffusion")
-        cond, uncond = pipe.encode_prompts([prompt])
-        cond = cond.index([0] * num_images).select(layers)
+        network, device, cond, uncond = _conditioning(pipe, "diffusion", prompt, num_images)
         gens = make_generators(seeds, device)
         t = torch.full((num_images,), strength, device=device)
         x_t = q_sample(x0.to(device), t, gens)
         process = BernoulliDiffusion(prediction=network.config.prediction)
-        bits = process.sample(network, cond, uncond.select(layers), gens, num_steps=num_steps,
+        bits = process.sample(network, cond, uncond, gens, num_steps=num_steps,
                               guidance_scale=guidance_scale, temperature=temperature, rho=rho,
                               protocol=protocol, progress=progress, x_start=x_t, t_start=strength)
     return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
@@ -286,12 +290,8 @@ def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: in
     if keep_tokens == num_tokens:
         bits = x0
     else:
-        network = pipe.generators["ar"]
-        device = next(network.parameters()).device
-        layers = pipe.text_layers("ar")
-        cond, uncond = pipe.encode_prompts([prompt])
-        cond = cond.index([0] * num_images).select(layers)
-        bits = ARDecoding().sample(network, cond, uncond.select(layers), make_generators(seeds, device),
+        network, device, cond, uncond = _conditioning(pipe, "ar", prompt, num_images)
+        bits = ARDecoding().sample(network, cond, uncond, make_generators(seeds, device),
                                    guidance_scale=guidance_scale, temperature=temperature, progress=progress,
                                    prefix=x0[:, :keep_tokens].to(device))
     return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
