@@ -130,6 +130,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
 
 
-def test_sample_grids_are_written(tmp_path):
-    run(tmp_path, "grid", steps=2, sample_every=2)
+def test_sample_grids_and_the_tokenizer_ceiling_are_written(tmp_path):
+    _, rows = run(tmp_path, "grid", steps=2, sample_every=2)
     assert (tmp_path / "grid" / "samples" / "step-00000002.png").is_file()
+    ceiling = [r for r in rows if "eval_psnr" in r]
+    assert [r["step"] for r in ceiling] == [2] and 0 < ceiling[0]["eval_psnr"] < 60

@@ -322,7 +322,14 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
 
     def _samples(self) -> None:
-        image = self.task.sample_grid(self.ema_model(), self.cfg)
+        model = self.ema_model()
+        scores = self.task.evaluate(model)
+        if scores:
+            log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+            self.acc.log(scores, step=self.step)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **scores}) + "\n")
+        image = self.task.sample_grid(model, self.cfg)
         if image is not None:
             (self.run_dir / "samples").mkdir(exist_ok=True)
             image.save(self.run_dir / "samples" / f"step-{self.step:08d}.png")
@@ -450,7 +457,7 @@ def plot_losses(run_dir: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = sorted({k for r in rows for k in r if "loss" in k or k == "bit_accuracy"})
+    keys = sorted({k for r in rows for k in r if "loss" in k or k in ("bit_accuracy", "psnr", "eval_psnr")})
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
