@@ -135,3 +135,16 @@ def test_sample_grids_and_the_tokenizer_ceiling_are_written(tmp_path):
     assert (tmp_path / "grid" / "samples" / "step-00000002.png").is_file()
     ceiling = [r for r in rows if "eval_psnr" in r]
     assert [r["step"] for r in ceiling] == [2] and 0 < ceiling[0]["eval_psnr"] < 60
+
+
+def test_generator_runs_report_judged_shapes_accuracy(tmp_path):
+    _, rows = run(tmp_path, "tok", steps=1)
+    export_run(tmp_path / "tok", tmp_path / "tokenizer")
+    d = {"kind": "diffusion", "model": {"num_layers": 1, "num_heads": 2, "head_dim": 16}, "image_size": 64,
+         "batch_size": 4, "max_steps": 1, "warmup_steps": 1, "save_every": 1, "log_every": 1, "sample_every": 1,
+         "trackers": [], "generator": {"tokenizer": str(tmp_path / "tokenizer"), "sample_steps": 2}}
+    Trainer(config_from_dict(TrainConfig, d), tmp_path / "diff").train()
+    rows = [json.loads(x) for x in (tmp_path / "diff" / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if "eval_shapes_accuracy" in r]
+    assert len(scored) == 1 and 0.0 <= scored[0]["eval_shapes_accuracy"] <= 1.0
+    assert {f"eval_{c}" for c in ("single", "colors", "two", "counting", "position", "color_attr")} <= scored[0].keys()

@@ -457,7 +457,8 @@ def plot_losses(run_dir: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = sorted({k for r in rows for k in r if "loss" in k or k in ("bit_accuracy", "psnr", "eval_psnr")})
+    keys = sorted({k for r in rows for k in r
+                   if "loss" in k or k in ("bit_accuracy", "psnr", "eval_psnr", "eval_shapes_accuracy")})
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]

@@ -248,6 +248,20 @@ class GeneratorTask(Task):
             return self.process.loss(model, bits, text, t=t, noise=noise)
         return self.process.loss(model, bits, text)
 
+    def evaluate(self, model) -> dict[str, float]:
+        """On shapes data: the judged accuracy of the EMA model on 4 prompts per category (fixed seeds), a cheap
+        running version of `binlat eval shapes`."""
+        if not self.cfg.data.startswith("shapes"):
+            return {}
+        from ..eval.shapes_eval import evaluate_shapes, pipeline_images
+        from ..pipeline import Pipeline
+        pipe = Pipeline(self.tokenizer, self.text_encoder, **{self.cfg.kind: model})
+        images = pipeline_images(pipe, self.cfg.kind, num_steps=self.cfg.generator.sample_steps,
+                                 guidance_scale=self.cfg.generator.sample_guidance, size=self.cfg.image_size)
+        summary = evaluate_shapes(images, per_category=4, seed=0, held_out=False)["summary"]
+        return {"eval_shapes_accuracy": summary["overall"],
+                **{f"eval_{c}": a for c, a in summary["accuracy"].items()}}
+
     def sample_grid(self, model, cfg):
         from ..grid import contact_sheet
         from ..pipeline import Pipeline
