@@ -436,6 +436,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_image_job_options(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """Options shared by the commands that load a pipeline and write images (edit, interpolate, continue)."""
+    p.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="work size (default: the model's)")
+    p.add_argument("--model", metavar="DIR", help="pipeline bundle directory (default: the shipped model)")
+    p.add_argument("--text-encoder", metavar="NAME_OR_PATH", help="override the bundle's text encoder")
+    p.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="binlat", description="Text-to-image generation in a 1D binary latent space.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -531,11 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--rho", type=_number("rho", 0.0, inclusive=False), default=1.0)
     ed.add_argument("--protocol", type=int, choices=[1, 2], default=1)
     ed.add_argument("--seed", type=int, default=None)
-    ed.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="work size (default: the model's)")
-    ed.add_argument("--model", metavar="DIR", help="pipeline bundle directory (default: the shipped model)")
-    ed.add_argument("--text-encoder", metavar="NAME_OR_PATH")
-    ed.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
-    ed.add_argument("--no-progress", action="store_true")
+    _add_image_job_options(ed)
     ed.set_defaults(func=cmd_edit)
 
     ip = sub.add_parser("interpolate", help="a strip of images switching bit by bit from image A to image B")
@@ -543,10 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("image_b", metavar="B")
     ip.add_argument("--steps", type=_at_least("steps", 2), default=8, help="frames, A and B included (default 8)")
     ip.add_argument("--seed", type=int, default=0, help="order in which bits switch (default 0)")
-    ip.add_argument("--size", type=_size, default=None, metavar="N|HxW")
-    ip.add_argument("--model", metavar="DIR")
-    ip.add_argument("--text-encoder", metavar="NAME_OR_PATH")
-    ip.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
+    _add_image_job_options(ip, progress=False)
     ip.set_defaults(func=cmd_interpolate)
 
     co = sub.add_parser("continue", help="keep an image's first tokens and let the AR generator write the rest")
@@ -557,11 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--cfg", type=_number("guidance scale", 0.0), default=7.5)
     co.add_argument("--temperature", type=_number("temperature", 0.0), default=1.0)
     co.add_argument("--seed", type=int, default=None)
-    co.add_argument("--size", type=_size, default=None, metavar="N|HxW")
-    co.add_argument("--model", metavar="DIR")
-    co.add_argument("--text-encoder", metavar="NAME_OR_PATH")
-    co.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
-    co.add_argument("--no-progress", action="store_true")
+    _add_image_job_options(co)
     co.set_defaults(func=cmd_continue)
 
     sv = sub.add_parser("serve", help="HTTP API and web page for a model (binds 127.0.0.1 unless told otherwise)")
