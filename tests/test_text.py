@@ -129,3 +129,33 @@ def test_features_cat_left_pads() -> None:
     assert (out.layers[1][:2, :2] == 0).all() and (out.layers[1][:2, 2:] == 2.0).all()
     with pytest.raises(ValueError):
         TextFeatures.cat([])
+
+
+def test_cached_encoder_matches_direct_and_skips_repeats(encoder: TextEncoder) -> None:
+    from binlat.text.encoder import CachedTextEncoder
+
+    cached = CachedTextEncoder(encoder, layer_ids=[5, 0])
+    prompts = ["a red circle", "", "three squares to the left of a very long blue triangle", "a red circle"]
+    rows, handle = count_model_rows(encoder)
+    try:
+        first = cached(prompts)
+        again = cached(prompts[::-1])
+    finally:
+        handle.remove()
+    assert rows == [3]  # three distinct prompts, one pass; the second call is served from the cache
+    direct = encoder(prompts).select([5, 0])
+    assert torch.equal(first.mask, direct.mask)
+    for a, b in zip(first.layers, direct.layers):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    reverse = encoder(prompts[::-1]).select([5, 0])
+    assert torch.equal(again.mask, reverse.mask)
+    torch.testing.assert_close(again.layers[0], reverse.layers[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cached_encoder_stays_bounded(encoder: TextEncoder) -> None:
+    from binlat.text.encoder import CachedTextEncoder
+
+    cached = CachedTextEncoder(encoder, max_entries=2)
+    for p in ["a", "b", "c", "d", "e"]:
+        cached([p])
+        assert len(cached.entries) <= 2

@@ -191,6 +191,31 @@ class TextEncoder(nn.Module):
     encode = forward
 
 
+class CachedTextEncoder:
+    """Remembers each prompt's features (trimmed to its own tokens), for training on data whose captions repeat,
+    like ``shapes``: a repeated caption costs no language-model pass. Batches are assembled with
+    ``TextFeatures.cat``, so they equal direct encoding up to float rounding of the different batch shapes."""
+
+    def __init__(self, encoder: TextEncoder, layer_ids: list[int] | None = None, max_entries: int = 8192):
+        self.encoder, self.layer_ids, self.max_entries = encoder, layer_ids, max_entries
+        self.entries: dict[str, TextFeatures] = {}
+
+    def __call__(self, prompts: list[str]) -> TextFeatures:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
+        if missing:
+            fresh = self.encoder(missing)
+            if self.layer_ids is not None:
+                fresh = fresh.select(self.layer_ids)
+            if len(self.entries) + len(missing) > self.max_entries:
+                self.entries.clear()  # captions beyond the bound: start over rather than grow without limit
+            for i, prompt in enumerate(missing):
+                length = int(fresh.mask[i].sum())
+                row = fresh.index([i])
+                self.entries[prompt] = TextFeatures([h[:, h.shape[1] - length:] for h in row.layers],
+                                                    row.mask[:, row.mask.shape[1] - length:])
+        return TextFeatures.cat([self.entries[p] for p in prompts])
+
+
 def _load(path: str, dtype: torch.dtype) -> tuple:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging

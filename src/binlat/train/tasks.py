@@ -189,6 +189,7 @@ class GeneratorTask(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
         from ..text import TextEncoder, text_layer_map
+        from ..text.encoder import CachedTextEncoder
         o = cfg.generator
         if not o.tokenizer:
             raise ValueError("generator.tokenizer must name a trained tokenizer model directory")
@@ -205,6 +206,7 @@ class GeneratorTask(Task):
                 raise ValueError(f"model.{name} = {getattr(self.model_config, name)} but the tokenizer/text encoder "
                                  f"give {defaults[name]}; fix the config or drop the key to take theirs")
         self.model = self.new_model()
+        self.cached_text = CachedTextEncoder(self.text_encoder, list(self.model_config.text_layers))
         self.process = BernoulliDiffusion(prediction=o.prediction, time_sampling=o.time_sampling) \
             if cfg.kind == "diffusion" else ARDecoding()
 
@@ -231,7 +233,7 @@ class GeneratorTask(Task):
             text[rows], mask[rows] = self.uncond["text"][0].float(), self.uncond["text_mask"][0].bool()
             return TextFeatures(list(text.to(self.device).unbind(1)), mask.to(self.device))
         captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
-        return self.text_encoder(captions).select(list(self.model_config.text_layers))
+        return self.cached_text(captions).to(self.device)
 
     def loss(self, model, batch, step, gens):
         o = self.cfg.generator
