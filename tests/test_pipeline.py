@@ -220,3 +220,18 @@ def test_pipeline_config_rejects_unknown_generator() -> None:
         PipelineConfig(generators=("gan",))
     with pytest.raises(ValueError, match="generators"):
         PipelineConfig(generators=())
+
+
+def test_cli_bundle_in_float16(saved, tmp_path) -> None:
+    from binlat import cli
+    from binlat.io import load_safetensors
+    out = tmp_path / "half"
+    assert cli.main(["bundle", "--tokenizer", str(saved / "tokenizer"), "--diffusion", str(saved / "diffusion"),
+                     "--ar", str(saved / "ar"), "--out", str(out), "--dtype", "float16"]) == 0
+    for part in ("tokenizer", "diffusion", "ar"):
+        stored = load_safetensors(out / part / "model.safetensors")
+        assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}, part
+        assert (out / part / "model.safetensors").stat().st_size < 0.55 * (saved / part / "model.safetensors").stat().st_size
+    half = Pipeline.from_pretrained(out)
+    images = half(["a red circle"], generator="ar", seed=1, **FAST).images
+    assert images[0].size == (64, 64)

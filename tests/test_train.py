@@ -460,6 +460,19 @@ def test_export_run_writes_ema_weights(tmp_path, tokenizer_run, tokenizer_dir):
         export_run(tmp_path / "nothing", tmp_path / "out")
 
 
+def test_export_in_float16_halves_the_file_and_loads_as_float32(tmp_path, tokenizer_run):
+    assert cli.main(["export", str(tokenizer_run), "--out", str(tmp_path / "f32")]) == 0
+    assert cli.main(["export", str(tokenizer_run), "--out", str(tmp_path / "f16"), "--dtype", "float16"]) == 0
+    stored = load_safetensors(tmp_path / "f16" / "model.safetensors")
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "f16") < 0.55 * size(tmp_path / "f32")
+    full, half = (BinaryTokenizer.from_pretrained(tmp_path / d) for d in ("f32", "f16"))
+    for name, p in half.state_dict().items():
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, full.state_dict()[name].half().float())
+
+
 @pytest.mark.parametrize("kind,cls", [("diffusion", DiffusionTransformer), ("ar", ARTransformer)])
 def test_export_generator_run(kind, cls, tmp_path, tokenizer_dir, capsys):
     run = tmp_path / "run"

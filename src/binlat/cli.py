@@ -197,9 +197,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def storage_dtype(name: str):
+    """None keeps the weights' own float32; otherwise the torch dtype to store them in."""
+    import torch
+    return None if name == "float32" else getattr(torch, name)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .train.engine import export_run
-    out = export_run(args.run, args.out, args.checkpoint)
+    out = export_run(args.run, args.out, args.checkpoint, dtype=storage_dtype(args.dtype))
     print(f"wrote EMA weights to {out}")
     return 0
 
@@ -217,7 +226,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     encoder = TextEncoder(args.text_encoder)
     config = PipelineConfig(text_encoder=args.text_encoder, generators=tuple(parts),
                             image_size=tokenizer.config.image_size, description=args.description)
-    Pipeline(tokenizer, encoder, config=config, **parts).save_pretrained(args.out)
+    Pipeline(tokenizer, encoder, config=config, **parts).save_pretrained(args.out, dtype=storage_dtype(args.dtype))
     print(f"wrote pipeline bundle to {args.out}")
     return 0
 
@@ -519,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", metavar="RUN_DIR")
     e.add_argument("--out", required=True, metavar="DIR")
     e.add_argument("--checkpoint", default="latest", metavar="latest|DIR")
+    e.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32",
+                   help="precision the weights are stored in (float16 halves the files)")
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bundle", help="assemble a pipeline directory from trained model directories")
@@ -528,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME_OR_PATH")
     b.add_argument("--description", default="")
     b.add_argument("--out", required=True, metavar="DIR")
+    b.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32",
+                   help="precision the weights are stored in (float16 halves the files)")
     b.set_defaults(func=cmd_bundle)
 
     ed = sub.add_parser("edit", help="re-draw an image under a new prompt (diffusion from a partly noised start)")

@@ -48,11 +48,17 @@ class ModelMixin(PyTorchModelHubMixin):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = enabled
 
-    def save_pretrained(self, save_directory: str | Path, **_: Any) -> Path:  # type: ignore[override]
+    def save_pretrained(self, save_directory: str | Path, *, dtype: torch.dtype | None = None,  # type: ignore[override]
+                        **_: Any) -> Path:
+        """`dtype` (e.g. torch.float16) stores floating-point weights in that precision to halve the files;
+        `from_pretrained` loads them back into the model's float32 parameters."""
         save_directory = Path(save_directory)
+        state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         with atomic_directory(save_directory) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
-            save_safetensors(self.state_dict(), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         return save_directory
 
     @classmethod

@@ -134,14 +134,15 @@ class Pipeline:
                  for k in config.generators}
         return cls(tokenizer, text_encoder, config=config, **parts)
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the bundle; `dtype` (e.g. torch.float16) stores the weights in that precision."""
         path = Path(path)
         with atomic_directory(path) as tmp:
             config = config_to_dict(self.config) | {"generators": list(self.generators)}
             (tmp / INDEX_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.tokenizer.save_pretrained(tmp / "tokenizer", dtype=dtype)
             for kind, model in self.generators.items():
-                model.save_pretrained(tmp / kind)
+                model.save_pretrained(tmp / kind, dtype=dtype)
         return path
 
     @classmethod

@@ -472,8 +472,10 @@ def plot_losses(run_dir: Path) -> None:
     plt.close(fig)
 
 
-def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest") -> Path:
-    """Write the EMA weights of a run's checkpoint as a model directory that from_pretrained loads."""
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest",
+               dtype: torch.dtype | None = None) -> Path:
+    """Write the EMA weights of a run's checkpoint as a model directory that from_pretrained loads
+    (`dtype`: store the weights in that precision, e.g. torch.float16 for a release half the size)."""
     from .tasks import model_for_export
     run_dir = Path(run_dir)
     found = list_checkpoints(run_dir)
@@ -483,4 +485,4 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest")
     state = json.loads((path / "state.json").read_text())
     model = model_for_export(state["kind"], state["model_config"])
     model.load_state_dict(load_safetensors(path / "ema.safetensors"))
-    return model.save_pretrained(out)
+    return model.save_pretrained(out, dtype=dtype)
