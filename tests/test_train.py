@@ -524,3 +524,20 @@ def test_cli_train_with_overrides(tmp_path, capsys):
                      "--batch-size", "4", "--resume", "latest"]) == 0
     assert "at step 3" in capsys.readouterr().out
     assert [r["step"] for r in metrics(run)][-1] == 3
+
+
+def test_cli_train_set_overrides_nested_and_typed_entries(tmp_path, capsys):
+    config = tmp_path / "tok.json"
+    config.write_text(json.dumps(tokenizer_dict(max_steps=50)))
+    run = tmp_path / "run"
+    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run), "--max-steps", "1",
+                     "--set", "lr=2e-4", "--set", "tokenizer.tau_end=0.25", "--set", "sample_prompts=[\"a b\"]",
+                     "--set", "trackers=[]"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["lr"] == 2e-4 and saved["tokenizer"]["tau_end"] == 0.25 and saved["sample_prompts"] == ["a b"]
+    capsys.readouterr()
+    for bad, why in (("lr", "KEY=VALUE"), ("nope=1", "unknown key"), ("lr=fast", "must be a number"),
+                     ("max_steps.x=1", "not a section")):
+        assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(tmp_path / "x"),
+                         "--set", bad]) != 0
+        assert why in capsys.readouterr().err, bad

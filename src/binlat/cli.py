@@ -177,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train.config import TrainConfig
     from .train.engine import NonFiniteLossError, Trainer
-    cfg = load_config(TrainConfig, args.config)
+    cfg = load_config(TrainConfig, args.config, args.set or [])
     if cfg.kind != args.kind:
         raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
     for name, value in (("data", args.data), ("max_steps", args.max_steps), ("batch_size", args.batch_size)):
@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int("batch size"), help="global batch per optimiser step")
     t.add_argument("--output", metavar="DIR", help="run folder (default runs/KIND)")
     t.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the run's latest checkpoint")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config entry, dotted for sections (repeatable): --set lr=1e-4 "
+                        "--set generator.tokenizer=models/mine/tokenizer")
     t.set_defaults(func=cmd_train)
 
     pc = sub.add_parser("precompute", help="encode a dataset once into bits (and text features) for generator training")

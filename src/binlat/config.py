@@ -92,7 +92,29 @@ def config_from_dict(cls: type[C], data: Any, source: str = "config") -> C:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_config(cls: type[C], path: str | Path) -> C:
+def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply `KEY=VALUE` overrides to a config dict. KEY may be dotted (`generator.tokenizer`); VALUE is read as
+    JSON when it parses (numbers, true/false, lists) and as a plain string otherwise."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source} {item!r}: expected KEY=VALUE, e.g. lr=1e-4 or generator.tokenizer=DIR")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source} {item!r}: {part!r} is not a section of the config")
+        node[leaf] = value
+    return data
+
+
+def load_config(cls: type[C], path: str | Path, overrides: list[str] = ()) -> C:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -104,4 +126,6 @@ def load_config(cls: type[C], path: str | Path) -> C:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if overrides:
+        data = apply_overrides(data, list(overrides))
     return config_from_dict(cls, data, source=str(path))
