@@ -524,6 +524,13 @@ def test_cli_train_with_overrides(tmp_path, capsys):
                      "--batch-size", "4", "--resume", "latest"]) == 0
     assert "at step 3" in capsys.readouterr().out
     assert [r["step"] for r in metrics(run)][-1] == 3
+    # --resume auto: continues when there is a checkpoint, starts fresh when there is none
+    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run), "--max-steps", "4",
+                     "--batch-size", "4", "--resume", "auto"]) == 0
+    assert [r["step"] for r in metrics(run)][-1] == 4
+    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(tmp_path / "new"),
+                     "--max-steps", "1", "--batch-size", "4", "--resume", "auto"]) == 0
+    assert [p.name for p in list_checkpoints(tmp_path / "new")] == ["step-00000001"]
 
 
 def test_cli_train_set_overrides_nested_and_typed_entries(tmp_path, capsys):

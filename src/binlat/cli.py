@@ -500,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=_positive_int("max steps"))
     t.add_argument("--batch-size", type=_positive_int("batch size"), help="global batch per optimiser step")
     t.add_argument("--output", metavar="DIR", help="run folder (default runs/KIND)")
-    t.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the run's latest checkpoint")
+    t.add_argument("--resume", metavar="latest|auto|CHECKPOINT",
+                   help="continue from the run's latest checkpoint (auto: if it has one, else start fresh)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config entry, dotted for sections (repeatable): --set lr=1e-4 "
                         "--set generator.tokenizer=models/mine/tokenizer")

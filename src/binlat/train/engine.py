@@ -178,6 +178,8 @@ class Trainer:
             root = logging.getLogger("binlat")
             root.setLevel(logging.INFO)
             root.addHandler(self._log_handler)
+        if resume == "auto":  # continue when the run folder has a checkpoint, else start fresh
+            resume = "latest" if list_checkpoints(self.run_dir) else None
         if resume:
             try:
                 self._load(self._resolve_resume(resume))
