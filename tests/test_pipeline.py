@@ -235,3 +235,55 @@ def test_cli_bundle_in_float16(saved, tmp_path) -> None:
     half = Pipeline.from_pretrained(out)
     images = half(["a red circle"], generator="ar", seed=1, **FAST).images
     assert images[0].size == (64, 64)
+
+
+def test_bundle_sampling_defaults_apply_and_calls_override(saved, tmp_path) -> None:
+    index = json.loads((saved / "model_index.json").read_text())
+    tuned = tmp_path / "tuned"
+    shutil.copytree(saved, tuned)
+    (tuned / "model_index.json").write_text(json.dumps(
+        index | {"sampling": {"diffusion": {"guidance_scale": 0.0, "num_steps": 3}, "ar": {"temperature": 0.0}}}))
+    plain, tuned_pipe = Pipeline.from_pretrained(saved), Pipeline.from_pretrained(tuned)
+    assert tuned_pipe.sampling_settings("diffusion")["guidance_scale"] == 0.0
+    assert tuned_pipe.sampling_settings("diffusion", guidance_scale=2.0)["guidance_scale"] == 2.0
+    assert plain.sampling_settings("diffusion")["guidance_scale"] == 7.5  # built-in
+    for generator, explicit in (("diffusion", {"guidance_scale": 0.0, "num_steps": 3}), ("ar", {"temperature": 0.0})):
+        a = tuned_pipe(["a red circle"], generator=generator, seed=2, return_bits=True)
+        b = plain(["a red circle"], generator=generator, seed=2, return_bits=True, **explicit)
+        c = tuned_pipe(["a red circle"], generator=generator, seed=2, return_bits=True, guidance_scale=7.5,
+                       **{k: v for k, v in explicit.items() if k != "guidance_scale"})
+        d = plain(["a red circle"], generator=generator, seed=2, return_bits=True, guidance_scale=7.5,
+                  **{k: v for k, v in explicit.items() if k != "guidance_scale"})
+        assert torch.equal(a.bits, b.bits), generator
+        assert torch.equal(c.bits, d.bits), generator
+
+
+@pytest.mark.parametrize("sampling, needle", [
+    ({"gan": {}}, "generator kinds"),
+    ({"diffusion": {"cfg": 3}}, "unknown setting"),
+    ({"diffusion": {"guidance_scale": -1}}, "guidance scale"),
+    ({"ar": {"num_steps": 0}}, "steps"),
+])
+def test_bad_sampling_defaults_are_config_errors(saved, tmp_path, sampling, needle) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(saved, bad)
+    index = json.loads((saved / "model_index.json").read_text())
+    (bad / "model_index.json").write_text(json.dumps(index | {"sampling": sampling}))
+    with pytest.raises(ConfigError, match=needle):
+        Pipeline.from_pretrained(bad)
+
+
+def test_cli_bundle_sampling_and_generate_records_the_settings_used(saved, tmp_path) -> None:
+    from binlat import cli
+    out = tmp_path / "b"
+    parts = ["--tokenizer", str(saved / "tokenizer"), "--diffusion", str(saved / "diffusion"), "--out", str(out)]
+    assert cli.main(["bundle", *parts, "--sampling", '{"diffusion": {"guidance_scale": 1.5, "num_steps": 2}}']) == 0
+    assert Pipeline.from_pretrained(out).config.sampling == {"diffusion": {"guidance_scale": 1.5, "num_steps": 2}}
+    assert cli.main(["generate", "a red circle", "--model", str(out), "--out", str(tmp_path / "g"), "--seed", "0",
+                     "--no-progress"]) == 0
+    assert cli.main(["generate", "a red circle", "--model", str(out), "--out", str(tmp_path / "g"), "--seed", "0",
+                     "--no-progress", "--cfg", "4"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "g" / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["cfg"], r["steps"]) for r in rows] == [(1.5, 2), (4.0, 2)]
+    assert cli.main(["bundle", *parts, "--sampling", "{oops"]) != 0
+    assert cli.main(["bundle", *parts, "--sampling", '{"diffusion": {"cfg": 2}}']) != 0

@@ -404,3 +404,20 @@ def test_several_workers_share_one_pipeline(pipe) -> None:
         reference = c.post("/v1/generate", json={"prompt": "shape 2", "steps": 2, "seed": 2}).json()
         again = c.post("/v1/generate", json={"prompts": ["shape 2", "a circle"], "steps": 2, "seed": 2}).json()
         assert again["images"][0]["png_base64"] == reference["images"][0]["png_base64"]
+
+
+def test_model_sampling_defaults_fill_what_a_request_leaves_out(pipe) -> None:
+    import dataclasses
+    tuned = Pipeline(pipe.tokenizer, pipe.text_encoder, config=dataclasses.replace(
+        pipe.config, sampling={"diffusion": {"guidance_scale": 2.5, "num_steps": 3}}), **pipe.generators)
+    with TestClient(create_app(tuned, LIMITS)) as c:
+        info = c.get("/v1/models").json()
+        assert info["sampling"]["diffusion"]["guidance_scale"] == 2.5
+        assert info["sampling"]["ar"]["guidance_scale"] == 7.5  # built-in where the model sets nothing
+        left_out = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 3}).json()["images"][0]
+        assert (left_out["guidance_scale"], left_out["steps"]) == (2.5, 3)
+        given = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 3, "guidance_scale": 2.5,
+                                             "steps": 3}).json()["images"][0]
+        assert given["png_base64"] == left_out["png_base64"]
+        other = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 3, "guidance_scale": 0.0}).json()
+        assert other["images"][0]["guidance_scale"] == 0.0

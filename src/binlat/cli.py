@@ -51,6 +51,12 @@ def _number(name: str, low: float, inclusive: bool = True):
     return parse
 
 
+def _protocol(text: str) -> int:
+    if text.strip() not in ("1", "2"):
+        raise argparse.ArgumentTypeError(f"protocol must be 1 or 2, got {text!r}")
+    return int(text)
+
+
 def _size(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
     if not m:
@@ -96,9 +102,7 @@ def _next_index(out: Path) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .io import atomic_write_bytes
-    from .processes.common import check_sampling_args
     prompts = _read_prompts(args)
-    check_sampling_args(args.steps, args.cfg, args.temperature, args.rho, args.protocol)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -108,6 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CLIError(f"cannot write to output directory {out}: {e.strerror}") from None
     pipe = _load_pipeline(args.model, args.text_encoder)
+    _resolve_sampling(pipe, args.generator, args)
     if args.dtype != "float32":
         import torch
         pipe.to(dtype=getattr(torch, args.dtype))
@@ -224,8 +229,16 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     parts = {k: cls.from_pretrained(p) for k, cls, p in (("diffusion", DiffusionTransformer, args.diffusion),
                                                           ("ar", ARTransformer, args.ar)) if p}
     encoder = TextEncoder(args.text_encoder)
-    config = PipelineConfig(text_encoder=args.text_encoder, generators=tuple(parts),
-                            image_size=tokenizer.config.image_size, description=args.description)
+    try:
+        sampling = json.loads(args.sampling) if args.sampling else {}
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--sampling: not valid JSON ({e.msg}); e.g. '{{\"diffusion\": {{\"guidance_scale\": 3}}}}'") from None
+    try:
+        config = PipelineConfig(text_encoder=args.text_encoder, generators=tuple(parts),
+                                image_size=tokenizer.config.image_size, description=args.description,
+                                sampling=sampling)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--sampling: {e}") from None
     Pipeline(tokenizer, encoder, config=config, **parts).save_pretrained(args.out, dtype=storage_dtype(args.dtype))
     print(f"wrote pipeline bundle to {args.out}")
     return 0
@@ -322,13 +335,39 @@ def _write_results(out: Path, images, records: list[dict]) -> list[str]:
     return names
 
 
+SAMPLING_OPTIONS = {  # option -> (Pipeline setting, argparse type, help)
+    "steps": ("num_steps", _positive_int("steps"), "diffusion steps"),
+    "cfg": ("guidance_scale", _number("guidance scale", 0.0), "guidance scale w"),
+    "temperature": ("temperature", _number("temperature", 0.0), "sampling temperature; 0 thresholds"),
+    "rho": ("rho", _number("rho", 0.0, inclusive=False), "time-step spacing exponent"),
+    "protocol": ("protocol", _protocol, "diffusion step protocol, 1 or 2"),
+}
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_OPTIONS)) -> None:
+    """Sampling options default to None: the model bundle's tuned settings apply, else the built-in ones."""
+    from .pipeline import BUILTIN_SAMPLING
+    for name in names:
+        setting, kind, text = SAMPLING_OPTIONS[name]
+        parser.add_argument(f"--{name}", type=kind, default=None,
+                            help=f"{text} (default: the model's setting, else {BUILTIN_SAMPLING[setting]})")
+
+
+def _resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
+    """Fill the sampling options the user left out with the pipeline's settings (recorded in metadata as used)."""
+    given = {SAMPLING_OPTIONS[n][0]: getattr(args, n) for n in SAMPLING_OPTIONS if hasattr(args, n)}
+    settings = pipe.sampling_settings(generator, **given)
+    for name in SAMPLING_OPTIONS:
+        if hasattr(args, name):
+            setattr(args, name, settings[SAMPLING_OPTIONS[name][0]])
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from .editing import edit
-    from .processes.common import check_sampling_args
-    check_sampling_args(args.steps, args.cfg, args.temperature, args.rho, args.protocol)
     out = _output_dir(args.out)
     image = _input_image(args.image)
     pipe = _load_pipeline(args.model, args.text_encoder)
+    _resolve_sampling(pipe, "diffusion", args)
     height, width = args.size if args.size else (None, None)
     result = edit(pipe, image, args.prompt, strength=args.strength, num_steps=args.steps, guidance_scale=args.cfg,
                   temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
@@ -371,11 +410,10 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 def cmd_continue(args: argparse.Namespace) -> int:
     from .editing import continue_ar
-    from .processes.common import check_sampling_args
-    check_sampling_args(None, args.cfg, args.temperature)
     out = _output_dir(args.out)
     image = _input_image(args.image)
     pipe = _load_pipeline(args.model, args.text_encoder)
+    _resolve_sampling(pipe, "ar", args)
     height, width = args.size if args.size else (None, None)
     result = continue_ar(pipe, image, args.prompt, args.keep_tokens, guidance_scale=args.cfg,
                          temperature=args.temperature, seed=args.seed, height=height, width=width,
@@ -467,13 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", metavar="NAME_OR_PATH",
                    help="override the bundle's text encoder (e.g. amd/AMD-OLMo-1B or a local path)")
     g.add_argument("--generator", choices=["diffusion", "ar"], default="diffusion")
-    g.add_argument("--steps", type=_positive_int("steps"), default=20, help="diffusion steps (default 20)")
-    g.add_argument("--cfg", type=_number("guidance scale", 0.0), default=7.5, help="guidance scale w (default 7.5)")
-    g.add_argument("--temperature", type=_number("temperature", 0.0), default=1.0,
-                   help="sampling temperature; 0 thresholds (default 1.0)")
-    g.add_argument("--rho", type=_number("rho", 0.0, inclusive=False), default=1.0,
-                   help="time-step spacing exponent (default 1.0)")
-    g.add_argument("--protocol", type=int, choices=[1, 2], default=1, help="diffusion step protocol (default 1)")
+    _add_sampling_options(g)
     g.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed + i")
     g.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="image size in pixels")
     g.add_argument("--batch-size", type=_positive_int("batch size"), default=8)
@@ -545,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, metavar="DIR")
     b.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32",
                    help="precision the weights are stored in (float16 halves the files)")
+    b.add_argument("--sampling", metavar="JSON",
+                   help='the settings the model was tuned for, used when a call gives none, e.g. '
+                        '\'{"diffusion": {"guidance_scale": 3, "num_steps": 20}, "ar": {"guidance_scale": 2}}\'')
     b.set_defaults(func=cmd_bundle)
 
     ed = sub.add_parser("edit", help="re-draw an image under a new prompt (diffusion from a partly noised start)")
@@ -552,11 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--prompt", required=True, help="what the edited image should show")
     ed.add_argument("--strength", type=_unit_interval("strength"), default=0.6,
                     help="how far to noise the image's bits: 0 keeps it, 1 ignores it (default 0.6)")
-    ed.add_argument("--steps", type=_positive_int("steps"), default=20, help="diffusion steps (default 20)")
-    ed.add_argument("--cfg", type=_number("guidance scale", 0.0), default=7.5, help="guidance scale w (default 7.5)")
-    ed.add_argument("--temperature", type=_number("temperature", 0.0), default=1.0)
-    ed.add_argument("--rho", type=_number("rho", 0.0, inclusive=False), default=1.0)
-    ed.add_argument("--protocol", type=int, choices=[1, 2], default=1)
+    _add_sampling_options(ed)
     ed.add_argument("--seed", type=int, default=None)
     _add_image_job_options(ed)
     ed.set_defaults(func=cmd_edit)
@@ -574,8 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--prompt", required=True)
     co.add_argument("--keep-tokens", type=_at_least("keep tokens", 0), required=True, metavar="K",
                     help="tokens of the image to keep (0 .. the model's token count)")
-    co.add_argument("--cfg", type=_number("guidance scale", 0.0), default=7.5)
-    co.add_argument("--temperature", type=_number("temperature", 0.0), default=1.0)
+    _add_sampling_options(co, ("cfg", "temperature"))
     co.add_argument("--seed", type=int, default=None)
     _add_image_job_options(co)
     co.set_defaults(func=cmd_continue)
@@ -631,9 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--model", metavar="DIR", help="pipeline bundle (or tokenizer directory with --ground-truth)")
     es.add_argument("--generator", choices=["diffusion", "ar"], default="diffusion")
     es.add_argument("--per-category", type=_positive_int("per category"), default=64)
-    es.add_argument("--steps", type=_positive_int("steps"), default=20, help="diffusion steps (default 20)")
-    es.add_argument("--cfg", type=_number("guidance scale", 0.0), default=3.0, help="guidance scale (default 3.0)")
-    es.add_argument("--temperature", type=_number("temperature", 0.0), default=1.0)
+    _add_sampling_options(es, ("steps", "cfg", "temperature"))
     es.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i (default 0)")
     es.add_argument("--size", type=_positive_int("size"), help="image side (default: the model's; 64 for renders)")
     es.add_argument("--ground-truth", action="store_true",

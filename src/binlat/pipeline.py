@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,11 @@ GENERATOR_KINDS = ("diffusion", "ar")
 _GENERATOR_CLASSES = {"diffusion": DiffusionTransformer, "ar": ARTransformer}
 
 
+# Built-in sampling settings, used where neither the call nor the bundle's `sampling` gives one.
+BUILTIN_SAMPLING: dict[str, Any] = {"num_steps": 20, "guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0,
+                                    "protocol": 1}
+
+
 @dataclass
 class PipelineConfig:
     text_encoder: str = DEFAULT_TEXT_ENCODER
@@ -38,12 +44,23 @@ class PipelineConfig:
     image_size: int = 512
     trained: bool = True  # False marks a randomly initialised bundle (its images are noise)
     description: str = ""
+    # The sampling settings this model was tuned for, per generator, e.g. {"diffusion": {"guidance_scale": 3.0}};
+    # a call's own arguments win, and keys left out take the built-in defaults (BUILTIN_SAMPLING).
+    sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.generators = tuple(self.generators)
         bad = [g for g in self.generators if g not in GENERATOR_KINDS]
         if bad or not self.generators:
             raise ValueError(f"generators must name one or both of {GENERATOR_KINDS}, got {list(self.generators)}")
+        for kind, settings in self.sampling.items():
+            if kind not in GENERATOR_KINDS or not isinstance(settings, dict):
+                raise ValueError(f"sampling: keys are generator kinds {GENERATOR_KINDS} mapping to settings, "
+                                 f"got {kind!r}: {settings!r}")
+            unknown = sorted(set(settings) - set(BUILTIN_SAMPLING))
+            if unknown:
+                raise ValueError(f"sampling.{kind}: unknown setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
+            check_sampling_args(**settings)
 
 
 @dataclass
@@ -187,14 +204,28 @@ class Pipeline:
         n = len(prompts)
         return features.index(list(range(n))), features.index([n])
 
-    def __call__(self, prompts: str | Sequence[str], generator: str = "diffusion", num_steps: int = 20,
-                 guidance_scale: float = 7.5, temperature: float = 1.0, rho: float = 1.0, protocol: int = 1,
-                 seed: int | None = None, height: int | None = None, width: int | None = None,
-                 batch_size: int = 8, return_bits: bool = False, progress: bool = True) -> PipelineOutput:
-        """Generate one image per prompt. Image i uses seed `seed + i`, so it can be regenerated alone."""
+    def sampling_settings(self, generator: str = "diffusion", **given: Any) -> dict[str, Any]:
+        """The settings a call uses: its own (non-None) arguments, else the bundle's `sampling`, else built-ins."""
+        unknown = sorted(set(given) - set(BUILTIN_SAMPLING))
+        if unknown:
+            raise TypeError(f"unknown sampling setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
+        return {**BUILTIN_SAMPLING, **self.config.sampling.get(generator, {}),
+                **{k: v for k, v in given.items() if v is not None}}
+
+    def __call__(self, prompts: str | Sequence[str], generator: str = "diffusion", num_steps: int | None = None,
+                 guidance_scale: float | None = None, temperature: float | None = None, rho: float | None = None,
+                 protocol: int | None = None, seed: int | None = None, height: int | None = None,
+                 width: int | None = None, batch_size: int = 8, return_bits: bool = False,
+                 progress: bool = True) -> PipelineOutput:
+        """Generate one image per prompt. Image i uses seed `seed + i`, so it can be regenerated alone.
+        Sampling settings left as None take the bundle's tuned ones (`config.sampling`), else the built-ins."""
         prompts = check_prompts(prompts)
         if generator not in self.generators:
             raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
+        settings = self.sampling_settings(generator, num_steps=num_steps, guidance_scale=guidance_scale,
+                                          temperature=temperature, rho=rho, protocol=protocol)
+        num_steps, guidance_scale, temperature, rho, protocol = (
+            settings[k] for k in ("num_steps", "guidance_scale", "temperature", "rho", "protocol"))
         check_sampling_args(num_steps, guidance_scale, temperature, rho, protocol)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")

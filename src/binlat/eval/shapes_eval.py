@@ -53,10 +53,10 @@ def ground_truth_images(size: int = 64, tokenizer=None, batch_size: int = 16) ->
     return make
 
 
-def pipeline_images(pipe, generator: str = "diffusion", num_steps: int = 20, guidance_scale: float = 3.0,
-                    temperature: float = 1.0, batch_size: int = 8, size: int | None = None,
-                    progress: bool = False) -> ImagesFn:
-    """Images from a Pipeline (image i of a call uses seed + i)."""
+def pipeline_images(pipe, generator: str = "diffusion", num_steps: int | None = None,
+                    guidance_scale: float | None = None, temperature: float | None = None, batch_size: int = 8,
+                    size: int | None = None, progress: bool = False) -> ImagesFn:
+    """Images from a Pipeline (image i of a call uses seed + i; settings left None take the bundle's)."""
     def make(prompts: list[str], seed: int) -> list[Image.Image]:
         result = pipe(prompts, generator=generator, num_steps=num_steps, guidance_scale=guidance_scale,
                       temperature=temperature, seed=seed, height=size, width=size, batch_size=batch_size,
@@ -161,8 +161,8 @@ def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]
     return sheet, len(chosen)
 
 
-def run_shapes(model: str | Path | None, generator: str = "diffusion", per_category: int = 64, steps: int = 20,
-               cfg: float = 3.0, temperature: float = 1.0, seed: int = 0, batch_size: int = 8,
+def run_shapes(model: str | Path | None, generator: str = "diffusion", per_category: int = 64,
+               steps: int | None = None, cfg: float | None = None, temperature: float | None = None, seed: int = 0, batch_size: int = 8,
                out: str | Path = "out/eval", json_path: str | Path | None = None, ground_truth: bool = False,
                no_tokenizer: bool = False, size: int | None = None, held_out: bool = True,
                text_encoder: str | None = None, device: str = "cpu", progress: bool = False,
@@ -198,6 +198,8 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
             pipeline = Pipeline.from_pretrained(model, text_encoder=text_encoder, device=device)
         size = size or pipeline.config.image_size
         mode = f"{generator} generator"
+        settings = pipeline.sampling_settings(generator, num_steps=steps, guidance_scale=cfg, temperature=temperature)
+        steps, cfg, temperature = settings["num_steps"], settings["guidance_scale"], settings["temperature"]
         images_fn = pipeline_images(pipeline, generator, steps, cfg, temperature, batch_size, size, progress)
     if size < 64:
         print(f"note: judging is meant for images of 64 px and more (shapes-spec); these are {size} px",

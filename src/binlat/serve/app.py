@@ -79,12 +79,16 @@ class _Strict(BaseModel):
 
 
 class _Sampling(_Strict):
-    steps: int | None = Field(None, ge=1, description="diffusion steps (default 20, or the server's max_steps if "
-                                                        "lower; ignored by the AR generator)")
-    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance scale w")
-    temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 thresholds")
-    rho: float = Field(1.0, gt=0, description="time-step spacing exponent")
-    protocol: Literal[1, 2] = Field(1, description="diffusion step protocol")
+    # Left out, a setting takes the model's tuned value (model_index.json "sampling", see /v1/models), else the
+    # built-in default.
+    steps: int | None = Field(None, ge=1, description="diffusion steps (default: the model's, else 20; capped by "
+                                                        "the server's max_steps; ignored by the AR generator)")
+    guidance_scale: float | None = Field(None, ge=0, description="classifier-free guidance scale w (default: the "
+                                                                   "model's, else 7.5)")
+    temperature: float | None = Field(None, ge=0, description="sampling temperature; 0 thresholds (default: the "
+                                                                "model's, else 1.0)")
+    rho: float | None = Field(None, gt=0, description="time-step spacing exponent (default: the model's, else 1.0)")
+    protocol: Literal[1, 2] | None = Field(None, description="diffusion step protocol (default: the model's, else 1)")
     seed: int | None = Field(None, ge=0, le=2**53, description="base seed; image i uses seed + i (default random)")
     size: int | str | list[int] | None = Field(None, description="N, 'HxW' or [H, W] in pixels (default: the "
                                                                    "model's image size)")
@@ -315,9 +319,9 @@ class _Checks:
                                 f"{self.limits.max_prompt_chars} (max_prompt_chars)")
         return text
 
-    def steps(self, steps: int | None) -> int:
+    def steps(self, steps: int | None, default: int = DEFAULT_STEPS) -> int:
         if steps is None:
-            return min(DEFAULT_STEPS, self.limits.max_steps)
+            return min(default, self.limits.max_steps)
         if steps > self.limits.max_steps:
             raise ApiError(422, f"steps: {steps} is over this server's limit of {self.limits.max_steps} "
                                 f"(max_steps)")
@@ -532,6 +536,10 @@ def create_app(pipe: Pipeline, limits: ServeLimits | None = None) -> FastAPI:
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
         return error_response(422, f"{where}: {first.get('msg', 'invalid request')}")
 
+    def sampling(req: _Sampling, generator: str) -> dict[str, Any]:
+        return pipe.sampling_settings(generator, guidance_scale=req.guidance_scale, temperature=req.temperature,
+                                      rho=req.rho, protocol=req.protocol)
+
     def image_record(image, seed: int, prompt: str, **meta: Any) -> dict[str, Any]:
         return {"png_base64": _png_base64(image), "seed": seed, "prompt": prompt, "width": image.width,
                 "height": image.height, **meta}
@@ -554,7 +562,8 @@ def create_app(pipe: Pipeline, limits: ServeLimits | None = None) -> FastAPI:
         return {"generators": sorted(pipe.generators), "image_size": pipe.config.image_size,
                 "size_multiple": tok.size_multiple, "num_tokens": tok.num_tokens, "num_bits": tok.num_bits,
                 "trained": pipe.config.trained, "description": pipe.config.description,
-                "text_encoder": pipe.config.text_encoder, "limits": asdict(limits)}
+                "text_encoder": pipe.config.text_encoder, "limits": asdict(limits),
+                "sampling": {g: pipe.sampling_settings(g) for g in sorted(pipe.generators)}}
 
     @app.post("/v1/generate", summary="images from prompts", openapi_extra=_body_doc(GenerateRequest),
               responses={200: {"model": ImagesResponse}, **_ERRORS})
@@ -570,19 +579,20 @@ def create_app(pipe: Pipeline, limits: ServeLimits | None = None) -> FastAPI:
                 raise ApiError(422, "prompts: empty list; give at least one prompt")
             prompts = [checks.prompt(p, f"prompts[{i}]") for i, p in enumerate(req.prompts)]
         checks.generator(req.generator)
-        steps = checks.steps(req.steps)
+        settings = sampling(req, req.generator)
+        steps = checks.steps(req.steps, settings["num_steps"])
         checks.count(len(prompts) * req.n, f"{len(prompts)} prompt(s) x n={req.n}")
         height, width = checks.size(req.size)
         expanded = [p for p in prompts for _ in range(req.n)]
         seed = editing.resolve_seed(req.seed)
 
         def work() -> list[dict[str, Any]]:
-            out = pipe(expanded, generator=req.generator, num_steps=steps, guidance_scale=req.guidance_scale,
-                       temperature=req.temperature, rho=req.rho, protocol=req.protocol, seed=seed, height=height,
-                       width=width, progress=False)
+            out = pipe(expanded, generator=req.generator, num_steps=steps, guidance_scale=settings["guidance_scale"],
+                       temperature=settings["temperature"], rho=settings["rho"], protocol=settings["protocol"],
+                       seed=seed, height=height, width=width, progress=False)
             meta = {"generator": req.generator, "steps": steps if req.generator == "diffusion" else None,
-                    "guidance_scale": req.guidance_scale, "temperature": req.temperature, "rho": req.rho,
-                    "protocol": req.protocol}
+                    "guidance_scale": settings["guidance_scale"], "temperature": settings["temperature"],
+                    "rho": settings["rho"], "protocol": settings["protocol"]}
             return [image_record(im, s, p, **meta) for im, s, p in zip(out.images, out.seeds, out.prompts)]
 
         images, waited, worked = await queue.run(work)
@@ -614,18 +624,20 @@ def create_app(pipe: Pipeline, limits: ServeLimits | None = None) -> FastAPI:
         req: EditRequest = _validate(EditRequest, fields)
         prompt = checks.prompt(req.prompt)
         checks.generator("diffusion")
-        steps = checks.steps(req.steps)
+        settings = sampling(req, "diffusion")
+        steps = checks.steps(req.steps, settings["num_steps"])
         checks.count(req.n, f"n={req.n}")
         height, width = checks.size(req.size)
         seed = editing.resolve_seed(req.seed)
 
         def work() -> list[dict[str, Any]]:
             out = editing.edit(pipe, _decode_image(data), prompt, strength=req.strength, num_steps=steps,
-                               guidance_scale=req.guidance_scale, temperature=req.temperature, rho=req.rho,
-                               protocol=req.protocol, seed=seed, height=height, width=width, num_images=req.n)
+                               guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
+                               rho=settings["rho"], protocol=settings["protocol"], seed=seed, height=height,
+                               width=width, num_images=req.n)
             meta = {"generator": "diffusion", "strength": req.strength, "steps": steps,
-                    "guidance_scale": req.guidance_scale, "temperature": req.temperature, "rho": req.rho,
-                    "protocol": req.protocol}
+                    "guidance_scale": settings["guidance_scale"], "temperature": settings["temperature"],
+                    "rho": settings["rho"], "protocol": settings["protocol"]}
             return [image_record(im, s, prompt, **meta) for im, s in zip(out.images, out.seeds)]
 
         images, waited, worked = await queue.run(work)

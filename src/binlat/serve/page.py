@@ -71,13 +71,13 @@ PAGE = r"""<!doctype html>
             <select id="protocol" name="protocol"><option value="1">1</option>
               <option value="2">2</option></select></div>
           <div><label for="steps">Steps (diffusion)</label>
-            <input id="steps" name="steps" type="number" min="1" max="100" step="1" value="20"></div>
+            <input id="steps" name="steps" type="number" min="1" max="100" step="1" value="" placeholder="model's"></div>
           <div><label for="guidance_scale">Guidance scale</label>
-            <input id="guidance_scale" name="guidance_scale" type="number" min="0" step="0.5" value="7.5"></div>
+            <input id="guidance_scale" name="guidance_scale" type="number" min="0" step="0.5" value="" placeholder="model's"></div>
           <div><label for="temperature">Temperature</label>
-            <input id="temperature" name="temperature" type="number" min="0" step="0.1" value="1.0"></div>
+            <input id="temperature" name="temperature" type="number" min="0" step="0.1" value="" placeholder="model's"></div>
           <div><label for="rho">Time spacing ρ</label>
-            <input id="rho" name="rho" type="number" min="0.05" step="0.1" value="1.0"></div>
+            <input id="rho" name="rho" type="number" min="0.05" step="0.1" value="" placeholder="model's"></div>
           <div><label for="seed">Seed (blank: random)</label>
             <input id="seed" name="seed" type="number" min="0" step="1" placeholder="random"></div>
           <div><label for="size">Size (px)</label>
@@ -281,6 +281,14 @@ async function editImage() {
   }
 }
 
+// Blank sampling fields take the model's tuned settings; their placeholders show what those are.
+let samplingDefaults = {};
+function showSamplingDefaults() {
+  const d = samplingDefaults[$("generator").value] || {};
+  const shown = { steps: d.num_steps, guidance_scale: d.guidance_scale, temperature: d.temperature, rho: d.rho };
+  for (const [id, value] of Object.entries(shown)) if (value !== undefined) $(id).placeholder = String(value);
+}
+
 async function loadModel() {
   try {
     const info = await callApi("/v1/models", {});
@@ -300,6 +308,8 @@ async function loadModel() {
     $("n").max = info.limits.max_n;
     $("prompt").maxLength = info.limits.max_prompt_chars;
     $("edit").disabled = !info.generators.includes("diffusion");
+    samplingDefaults = info.sampling || {};
+    showSamplingDefaults();
   } catch (e) {
     setStatus("could not load model information: " + e.message, true);
   }
@@ -315,6 +325,7 @@ function applyQuery() {
 }
 
 $("gen-form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
+$("generator").addEventListener("change", showSamplingDefaults);
 $("edit-form").addEventListener("submit", (e) => { e.preventDefault(); editImage(); });
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
