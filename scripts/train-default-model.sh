@@ -26,6 +26,10 @@ wait
 unset OMP_NUM_THREADS
 
 for part in decoder diffusion ar; do binlat export "$RUNS/$part" --out "$RUNS/export-$part"; done
+# Guidance scales were picked by judging 8 prompts per category at w = 1.5, 3, 5 (and 8 for diffusion) on prompt
+# seed 1000, not the published evaluation's seed 0:
+#   binlat eval shapes --model DIR --generator diffusion --per-category 8 --seed 1000 --cfg W --no-held-out
 binlat bundle --tokenizer "$RUNS/export-decoder" --diffusion "$RUNS/export-diffusion" --ar "$RUNS/export-ar" \
-    --description "shapes-64 demo model: tokenizer 32x32 bits, diffusion and AR generators, all-MiniLM-L6-v2 text" \
+    --description "shapes-64 demo model: 32x32-bit tokenizer, diffusion and AR generators, all-MiniLM-L6-v2 text" \
+    --sampling '{"diffusion": {"guidance_scale": 3.0, "num_steps": 20}, "ar": {"guidance_scale": 5.0}}' \
     --dtype float16 --out "$OUT"
