@@ -284,21 +284,9 @@ def test_cli_reconstruction_random_tiny(bundle, tmp_path, capsys) -> None:
     assert again["summary"]["tokenizer"] == s["tokenizer"]
 
 
-def test_reconstruction_identical_images_and_lpips(tmp_path) -> None:
+def test_reconstruction_identical_images_and_lpips(tmp_path, random_vgg16) -> None:
     """A tokenizer stand-in that returns its input exactly: PSNR inf, SSIM 1, LPIPS 0 (random VGG weights)."""
-    from safetensors.torch import save_file
-
-    from binlat.tokenizer.losses import _VGG16
-    state, in_ch, i = {}, 3, 0
-    for spec in _VGG16:
-        if spec == "M":
-            i += 1
-            continue
-        state[f"features.{i}.weight"] = torch.randn(spec, in_ch, 3, 3) * 0.05
-        state[f"features.{i}.bias"] = torch.zeros(spec)
-        in_ch, i = spec, i + 2
-    save_file(state, str(tmp_path / "vgg.safetensors"))
-    lpips, status = rec.load_lpips(tmp_path / "vgg.safetensors")
+    lpips, status = rec.load_lpips(random_vgg16)
     assert status["available"] and lpips is not None
 
     class Identity(torch.nn.Module):

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from binlat.config import config_from_dict
 from binlat.io import load_safetensors
@@ -50,23 +49,12 @@ def test_adversarial_loss_trains_a_discriminator_and_checkpoints_it(tmp_path):
     assert any(not torch.equal(disc[k], initial[k]) for k in disc if disc[k].dtype.is_floating_point)
 
 
-def test_perceptual_loss_uses_local_weights_or_logs_that_it_is_off(tmp_path, caplog):
+def test_perceptual_loss_uses_local_weights_or_logs_that_it_is_off(tmp_path, caplog, random_vgg16):
     with caplog.at_level(logging.WARNING, logger="binlat"):
         run(tmp_path, "off", steps=1, tokenizer={"perceptual_weight": 1.0})
     assert "perceptual loss off" in caplog.text
     # A stand-in VGG16 (random weights under torchvision's names) switches it on; identical images score 0.
-    torch.manual_seed(0)
-    layers, state, ch = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512], {}, 3
-    index = 0
-    for spec in layers:
-        if spec == "M":
-            index += 1
-            continue
-        state[f"features.{index}.weight"] = torch.randn(spec, ch, 3, 3) * 0.05
-        state[f"features.{index}.bias"] = torch.zeros(spec)
-        ch, index = spec, index + 2
-    path = tmp_path / "vgg.safetensors"
-    save_file(state, str(path))
+    path = random_vgg16
     loss = PerceptualLoss(path)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert loss(x, x).item() == 0.0 and loss(x, -x).item() > 0

@@ -225,14 +225,15 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     from .tokenizer import BinaryTokenizer
     if not (args.diffusion or args.ar):
         raise CLIError("give --diffusion DIR and/or --ar DIR")
+    try:  # checked before any model is loaded
+        sampling = json.loads(args.sampling) if args.sampling else {}
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--sampling: not valid JSON ({e.msg}); "
+                       f"e.g. '{{\"diffusion\": {{\"guidance_scale\": 3}}}}'") from None
     tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
     parts = {k: cls.from_pretrained(p) for k, cls, p in (("diffusion", DiffusionTransformer, args.diffusion),
                                                           ("ar", ARTransformer, args.ar)) if p}
     encoder = TextEncoder(args.text_encoder)
-    try:
-        sampling = json.loads(args.sampling) if args.sampling else {}
-    except json.JSONDecodeError as e:
-        raise CLIError(f"--sampling: not valid JSON ({e.msg}); e.g. '{{\"diffusion\": {{\"guidance_scale\": 3}}}}'") from None
     try:
         config = PipelineConfig(text_encoder=args.text_encoder, generators=tuple(parts),
                                 image_size=tokenizer.config.image_size, description=args.description,

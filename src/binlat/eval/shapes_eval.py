@@ -162,7 +162,8 @@ def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]
 
 
 def run_shapes(model: str | Path | None, generator: str = "diffusion", per_category: int = 64,
-               steps: int | None = None, cfg: float | None = None, temperature: float | None = None, seed: int = 0, batch_size: int = 8,
+               steps: int | None = None, cfg: float | None = None, temperature: float | None = None,
+               seed: int = 0, batch_size: int = 8,
                out: str | Path = "out/eval", json_path: str | Path | None = None, ground_truth: bool = False,
                no_tokenizer: bool = False, size: int | None = None, held_out: bool = True,
                text_encoder: str | None = None, device: str = "cpu", progress: bool = False,

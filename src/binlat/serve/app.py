@@ -29,13 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import editing
-from ..pipeline import Pipeline
+from ..pipeline import BUILTIN_SAMPLING, Pipeline
 from .page import PAGE
 
 log = logging.getLogger("binlat.serve")
 
 MAX_FORM_FIELDS = 32
-DEFAULT_STEPS = 20
 MAX_UPLOAD_PIXELS = 4096 * 4096  # decoded size of an uploaded image
 
 
@@ -78,17 +77,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _default(setting: str) -> str:
+    return f"default: the model's, else {BUILTIN_SAMPLING[setting]}"
+
+
 class _Sampling(_Strict):
     # Left out, a setting takes the model's tuned value (model_index.json "sampling", see /v1/models), else the
     # built-in default.
-    steps: int | None = Field(None, ge=1, description="diffusion steps (default: the model's, else 20; capped by "
-                                                        "the server's max_steps; ignored by the AR generator)")
-    guidance_scale: float | None = Field(None, ge=0, description="classifier-free guidance scale w (default: the "
-                                                                   "model's, else 7.5)")
-    temperature: float | None = Field(None, ge=0, description="sampling temperature; 0 thresholds (default: the "
-                                                                "model's, else 1.0)")
-    rho: float | None = Field(None, gt=0, description="time-step spacing exponent (default: the model's, else 1.0)")
-    protocol: Literal[1, 2] | None = Field(None, description="diffusion step protocol (default: the model's, else 1)")
+    steps: int | None = Field(None, ge=1, description=f"diffusion steps ({_default('num_steps')}; capped by the "
+                                                        "server's max_steps; ignored by the AR generator)")
+    guidance_scale: float | None = Field(None, ge=0, description=f"classifier-free guidance scale w "
+                                                                   f"({_default('guidance_scale')})")
+    temperature: float | None = Field(None, ge=0, description=f"sampling temperature; 0 thresholds "
+                                                                f"({_default('temperature')})")
+    rho: float | None = Field(None, gt=0, description=f"time-step spacing exponent ({_default('rho')})")
+    protocol: Literal[1, 2] | None = Field(None, description=f"diffusion step protocol ({_default('protocol')})")
     seed: int | None = Field(None, ge=0, le=2**53, description="base seed; image i uses seed + i (default random)")
     size: int | str | list[int] | None = Field(None, description="N, 'HxW' or [H, W] in pixels (default: the "
                                                                    "model's image size)")
@@ -319,7 +322,8 @@ class _Checks:
                                 f"{self.limits.max_prompt_chars} (max_prompt_chars)")
         return text
 
-    def steps(self, steps: int | None, default: int = DEFAULT_STEPS) -> int:
+    def steps(self, steps: int | None, default: int) -> int:
+        """The request's steps, else the model's `default` capped by this server's max_steps."""
         if steps is None:
             return min(default, self.limits.max_steps)
         if steps > self.limits.max_steps:

@@ -328,9 +328,7 @@ class Trainer:
         scores = self.task.evaluate(model)
         if scores:
             log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-            self.acc.log(scores, step=self.step)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **scores}) + "\n")
+            self._log(scores)
         image = self.task.sample_grid(model, self.cfg)
         if image is not None:
             (self.run_dir / "samples").mkdir(exist_ok=True)

@@ -1,0 +1,28 @@
+"""Helpers shared by several test files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def random_vgg16(tmp_path) -> Path:
+    """A stand-in VGG16 feature stack (random weights under torchvision's key names) saved as safetensors: what
+    the perceptual loss and LPIPS read, without downloading the real network."""
+    from safetensors.torch import save_file
+
+    from binlat.tokenizer.losses import _VGG16
+    gen = torch.Generator().manual_seed(0)
+    state, in_ch, index = {}, 3, 0
+    for spec in _VGG16:
+        if spec == "M":
+            index += 1
+            continue
+        state[f"features.{index}.weight"] = torch.randn(spec, in_ch, 3, 3, generator=gen) * 0.05
+        state[f"features.{index}.bias"] = torch.zeros(spec)
+        in_ch, index = spec, index + 2
+    path = tmp_path / "vgg.safetensors"
+    save_file(state, str(path))
+    return path
