@@ -193,27 +193,32 @@ class TextEncoder(nn.Module):
 
 class CachedTextEncoder:
     """Remembers each prompt's features (trimmed to its own tokens), for training on data whose captions repeat,
-    like ``shapes``: a repeated caption costs no language-model pass. Batches are assembled with
-    ``TextFeatures.cat``, so they equal direct encoding up to float rounding of the different batch shapes."""
+    like ``shapes``: a repeated caption costs no language-model pass.
+
+    Each new caption is encoded alone, at its own length. Batched encoding would make a caption's features depend
+    on which other captions shared its batch (matmul kernels round differently for different shapes on some CPUs),
+    and a resumed run, starting with a cold cache, would then train on slightly different features than an
+    uninterrupted one. Alone, a caption's features are a function of the caption (on a given machine and thread
+    count), so the cache's contents never depend on the order in which captions arrived."""
 
     def __init__(self, encoder: TextEncoder, layer_ids: list[int] | None = None, max_entries: int = 8192):
         self.encoder, self.layer_ids, self.max_entries = encoder, layer_ids, max_entries
         self.entries: dict[str, TextFeatures] = {}
 
-    def __call__(self, prompts: list[str]) -> TextFeatures:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.entries))
-        if missing:
-            fresh = self.encoder(missing)
+    def features_of(self, prompt: str) -> TextFeatures:
+        """One caption's features, ``[1, L, D]`` per layer with ``L`` its own token count."""
+        cached = self.entries.get(prompt)
+        if cached is None:
+            cached = self.encoder([prompt])
             if self.layer_ids is not None:
-                fresh = fresh.select(self.layer_ids)
-            if len(self.entries) + len(missing) > self.max_entries:
+                cached = cached.select(self.layer_ids)
+            if len(self.entries) >= self.max_entries:
                 self.entries.clear()  # captions beyond the bound: start over rather than grow without limit
-            for i, prompt in enumerate(missing):
-                length = int(fresh.mask[i].sum())
-                row = fresh.index([i])
-                self.entries[prompt] = TextFeatures([h[:, h.shape[1] - length:] for h in row.layers],
-                                                    row.mask[:, row.mask.shape[1] - length:])
-        return TextFeatures.cat([self.entries[p] for p in prompts])
+            self.entries[prompt] = cached
+        return cached
+
+    def __call__(self, prompts: list[str]) -> TextFeatures:
+        return TextFeatures.cat([self.features_of(p) for p in prompts])
 
 
 def _load(path: str, dtype: torch.dtype) -> tuple:
