@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from binlat.config import ConfigError
 from binlat.conformance import TOLERANCE, case_kind, run_case
 from binlat.io import WeightsError, load_safetensors
-from binlat.official import MODEL_CLASSES, build_official, convert_official, load_official_weights
+from binlat.cli import main as cli_main
+from binlat.official import RELEASE_SCALE, MODEL_CLASSES, build_official, convert_official, load_official_weights
 
 FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
 CASES = sorted(p for p in FIXTURES.iterdir() if p.is_dir() and (p / "io.safetensors").is_file())
@@ -273,3 +274,105 @@ def test_expected_outputs_are_never_inputs(prefix, names, tmp_path):
     for n, c in results.items():
         if n not in names:
             assert c.ok, (n, c.max_abs_error)
+
+
+# --- the tokenizer's position scale: the release decodes with set_scale(RELEASE_SCALE) though its config lacks "scale"
+ABSENT = object()
+
+
+def cli_run(argv: list[str]) -> int:
+    try:
+        return cli_main(argv)
+    except SystemExit as e:  # argparse rejects a bad option value itself
+        return e.code
+
+
+def _tok_config(tmp_path: Path, scale) -> Path:
+    """tok_a's release config with "scale" set to `scale`, or without the key when scale is ABSENT."""
+    data = json.loads((case("tok_a") / "config.json").read_text())
+    data.pop("scale")
+    if scale is not ABSENT:
+        data["scale"] = scale
+    path = tmp_path / "bae_config.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+# (the config's "scale", the keyword / --scale given (ABSENT: not given), the expected rope_reference_size)
+SCALE_RULE = [
+    (ABSENT, ABSENT, RELEASE_SCALE),   # the release's config: no key -> what the release uses at inference
+    (None, ABSENT, None),              # an explicit null still means no scaling (conformance case tok_a)
+    (ABSENT, 512, 512),                # an explicit value overrides ...
+    (None, 256, 256),
+    (200, None, None),                 # ... and so does "none"
+    (ABSENT, None, None),
+]
+SCALE_IDS = ["absent", "null", "absent+512", "null+256", "200+none", "absent+none"]
+
+
+@pytest.mark.parametrize("in_config,given,expected", SCALE_RULE, ids=SCALE_IDS)
+def test_convert_official_scale_rule(in_config, given, expected, tmp_path):
+    config = _tok_config(tmp_path, in_config)
+    weights = case("tok_a") / "weights.safetensors"
+    kwargs = {} if given is ABSENT else {"scale": given}
+    out = convert_official("tokenizer", config, weights, tmp_path / "out", **kwargs)
+    assert json.loads((Path(out) / "config.json").read_text())["rope_reference_size"] == expected
+    model = MODEL_CLASSES["tokenizer"].from_pretrained(out)
+    assert model.config.rope_reference_size == expected
+    assert model.scale == (None if expected is None else expected / 8)  # one S for encoder and decoder
+    assert build_official("tokenizer", config, weights, **kwargs).config == model.config
+
+
+@pytest.mark.parametrize("in_config,given,expected", SCALE_RULE, ids=SCALE_IDS)
+def test_cli_convert_official_scale_rule(in_config, given, expected, tmp_path, capsys):
+    config = _tok_config(tmp_path, in_config)
+    argv = ["convert-official", "--kind", "tokenizer", "--config", str(config),
+            "--weights", str(case("tok_a") / "weights.safetensors"), "--out", str(tmp_path / "out")]
+    if given is not ABSENT:
+        argv += ["--scale", "none" if given is None else str(given)]
+    assert cli_run(argv) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_reference_size"] == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--kind", "tokenizer", "--scale", "big"], "scale"),
+    (["--kind", "tokenizer", "--scale", "0"], "scale"),
+    (["--kind", "tokenizer", "--scale", "4"], "rope_reference_size"),  # below one 8 px patch
+    (["--kind", "diffusion", "--scale", "1024"], "tokenizer"),        # no scale in a generator: refused, not ignored
+])
+def test_cli_convert_official_bad_scale(argv, message, tmp_path, capsys):
+    kind = argv[1]
+    src = case("tok_a" if kind == "tokenizer" else "diff_a")
+    code = cli_run(["convert-official", *argv, "--config", str(src / "config.json"),
+                     "--weights", str(src / "weights.safetensors"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scale", [0, -1024, 1024.0, "1024", True])
+def test_convert_official_rejects_bad_scale_keyword(scale, tmp_path):
+    with pytest.raises(ValueError, match="scale"):
+        convert_official("tokenizer", case("tok_a") / "config.json", case("tok_a") / "weights.safetensors",
+                         tmp_path / "out", scale=scale)
+    assert not (tmp_path / "out").exists()
+
+
+def test_release_config_decodes_with_the_release_scale(tmp_path):
+    """Against the release's rule: a config without "scale" decodes exactly as one converted with scale 1024,
+    and not as one without scaling (the release never decodes unscaled)."""
+    weights = case("tok_a") / "weights.safetensors"
+    release = build_official("tokenizer", _tok_config(tmp_path, ABSENT), weights)
+    explicit = build_official("tokenizer", _tok_config(tmp_path, None), weights, scale=1024)
+    unscaled = build_official("tokenizer", _tok_config(tmp_path, None), weights)
+    bits = (torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    with torch.inference_mode():
+        got, want, other = (m.decode(bits, 64, 64) for m in (release, explicit, unscaled))
+    assert torch.equal(got, want)
+    assert (got - other).abs().max().item() > 1e-2
+    # encoding uses the same reference size (one rope_reference_size, as set_scale sets both halves)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        assert torch.equal(release.encode_logits(images), explicit.encode_logits(images))
+        assert not torch.allclose(release.encode_logits(images), unscaled.encode_logits(images), atol=1e-3)

@@ -53,6 +53,11 @@ _TOKENIZER_KEYS = {
     "codebook_size": "num_bits", "scale": "rope_reference_size", "train_temp": "bernoulli_temperature",
 }
 _TOKENIZER_IGNORED = {"use_repa", "repa_dim", "repa_index"}
+# The release always decodes with set_scale(1024) (its test_diff.py, from diff_config.py), yet its bae_config.py has
+# no "scale" key: a release config without the key gets this reference size, so the conversion decodes as it does.
+RELEASE_SCALE = 1024
+# `scale=FROM_CONFIG`: take the config's "scale" ("scale": null = no scaling), RELEASE_SCALE when the key is absent.
+FROM_CONFIG = "from-config"
 _GENERATOR_KEYS = {
     "in_channels": "num_bits", "num_layers": "num_layers", "attention_head_dim": "head_dim",
     "num_attention_heads": "num_heads", "num_img_tkns": "num_tokens", "text_cond_dim": "text_dim",
@@ -68,10 +73,24 @@ def _translate(official: dict[str, Any], names: dict[str, str], ignored: set[str
     return {names[k]: v for k, v in official.items() if k in names and v is not None}
 
 
-def convert_config(kind: str, official: dict[str, Any], source: str = "config"):
-    """Official constructor kwargs -> binlat config dataclass."""
+def _check_scale(kind: str, scale: Any) -> None:
+    if scale == FROM_CONFIG:
+        return
+    if kind != "tokenizer":
+        raise ValueError(f"a scale applies only to a tokenizer, not to kind {kind!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
+        raise ValueError(f"scale must be a positive integer (pixels) or None (no scaling), got {scale!r}")
+
+
+def convert_config(kind: str, official: dict[str, Any], source: str = "config", scale: int | None | str = FROM_CONFIG):
+    """Official constructor kwargs -> binlat config dataclass. For a tokenizer, `scale` is the reference size in
+    pixels passed to the release's `set_scale` (rope_reference_size, used to encode and decode), None for no
+    scaling; FROM_CONFIG reads the config's "scale" and falls back to RELEASE_SCALE when the key is absent."""
     from .config import config_from_dict
+    _check_scale(kind, scale)
     if kind == "tokenizer":
+        official = dict(official)
+        official["scale"] = official.get("scale", RELEASE_SCALE) if scale == FROM_CONFIG else scale
         data = _translate(official, _TOKENIZER_KEYS, _TOKENIZER_IGNORED, source)
         # use_repa only adds a training-time projection head; its weights are dropped in convert_state_dict.
         for key in ("downsample_after", "upsample_after"):
@@ -159,11 +178,13 @@ def read_official_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_official(kind: str, config_path: str | Path, weights_path: str | Path) -> torch.nn.Module:
-    """Official config + weights -> a binlat model with those weights (eval mode)."""
+def build_official(kind: str, config_path: str | Path, weights_path: str | Path,
+                   scale: int | None | str = FROM_CONFIG) -> torch.nn.Module:
+    """Official config + weights -> a binlat model with those weights (eval mode); `scale` as in convert_config."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
-    config = convert_config(kind, read_official_config(config_path), str(config_path))
+    _check_scale(kind, scale)  # before reading any file
+    config = convert_config(kind, read_official_config(config_path), str(config_path), scale)
     model = MODEL_CLASSES[kind](config)
     state = convert_state_dict(kind, load_official_weights(weights_path), config)
     check_state_dict(model, state, str(weights_path), name=lambda k: official_name(kind, k, config))
@@ -171,6 +192,10 @@ def build_official(kind: str, config_path: str | Path, weights_path: str | Path)
     return model.eval()
 
 
-def convert_official(kind: str, config_path: str | Path, weights_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a binlat model directory (config.json + model.safetensors) from an official checkpoint."""
-    return build_official(kind, config_path, weights_path).save_pretrained(out_dir)
+def convert_official(kind: str, config_path: str | Path, weights_path: str | Path, out_dir: str | Path,
+                     scale: int | None | str = FROM_CONFIG) -> Path:
+    """Write a binlat model directory (config.json + model.safetensors) from an official checkpoint.
+
+    A tokenizer's `scale` (reference size in pixels, None for none) overrides the config's "scale"; by default a
+    config without the key gets the release's RELEASE_SCALE, as the release decodes with set_scale(1024)."""
+    return build_official(kind, config_path, weights_path, scale).save_pretrained(out_dir)
