@@ -61,15 +61,37 @@ def default_scenes() -> list[Scene]:
 
 
 def test_palette_and_constants() -> None:
-    assert PALETTE == {
-        "red": (220, 30, 30),
-        "green": (30, 160, 60),
-        "blue": (30, 60, 220),
-        "yellow": (235, 195, 0),
-        "purple": (140, 40, 180),
-        "black": (25, 25, 25),
-    }
+    # What the palette must do, not a copy of it: under the judge's rule (shapes-spec.md, judging step 1: the
+    # nearest palette colour within COLOR_THRESHOLD, else background) every colour and the white background
+    # stay apart, with a margin for pixels a blur or the tokenizer moved off their colour.
+    from binlat.data.shapes import BACKGROUND, COLORS
+    from binlat.eval.shapes_judge import COLOR_THRESHOLD, palette_labels
+
+    colours = np.array([PALETTE[c] for c in COLORS], dtype=float)
+    white = np.array(BACKGROUND, dtype=float)
+    assert COLORS == tuple(PALETTE) and len(COLORS) >= 2 and ((colours >= 0) & (colours <= 255)).all()
+    swatch = np.array([[*(PALETTE[c] for c in COLORS), BACKGROUND]], dtype=np.uint8)
+    assert palette_labels(swatch).tolist() == [[*range(len(COLORS)), -1]]  # each colour itself, white background
+
+    margin = COLOR_THRESHOLD / 2  # how far off its colour a pixel may drift and still be read as it
+    pairwise = np.linalg.norm(colours[:, None] - colours[None], axis=-1)[np.triu_indices(len(COLORS), 1)]
+    assert pairwise.min() > 2 * margin, pairwise.min()  # the nearest colour is still the right one
+    assert np.linalg.norm(colours - white, axis=-1).min() > COLOR_THRESHOLD + margin  # near-white stays background
+
+    # the judge's own function agrees: pixels up to `margin` off each colour (towards every other colour, towards
+    # white and in random directions) keep their label, and pixels up to `margin` off white stay background
+    rng = np.random.default_rng(0)
+    random_dirs = rng.normal(size=(64, 3))
+    for i, colour in enumerate([*colours, white]):
+        towards = np.array([c for c in [*colours, white] if not np.array_equal(c, colour)]) - colour
+        dirs = np.concatenate([towards, random_dirs])
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        moved = np.clip(np.round(colour + (margin - 1) * dirs), 0, 255).astype(np.uint8)  # -1: rounding slack
+        labels = palette_labels(moved[None])[0]
+        assert (labels == (i if i < len(COLORS) else -1)).all(), ([*COLORS, "background"][i], labels)
+
     assert HELD_OUT == {("yellow", "triangle"), ("purple", "circle")}
+    assert all(colour in PALETTE and shape in SHAPES for colour, shape in HELD_OUT)
     assert len(CATEGORIES) == 6 and len(RELATIONS) == 4 and len(SHAPES) == 3
 
 
