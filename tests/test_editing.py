@@ -16,14 +16,33 @@ from PIL import Image, ImageDraw
 import binlat.pipeline as pipeline_mod
 from binlat import editing
 from binlat.cli import main
-from binlat.pipeline import Pipeline
+from binlat.pipeline import BUILTIN_SAMPLING, Pipeline
 
 STEPS = 4
+
+
+# Bundle settings unlike every built-in one: a function that ignores the bundle's "sampling" gets other bits.
+TUNED_SAMPLING = {"diffusion": {"num_steps": 3, "guidance_scale": 3.0, "temperature": 0.9, "rho": 1.5, "protocol": 2},
+                  "ar": {"guidance_scale": 2.0, "temperature": 0.8}}
 
 
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
     return Pipeline.random_tiny()
+
+
+@pytest.fixture(scope="module")
+def tuned_dir(pipe, tmp_path_factory) -> Path:
+    """The tiny bundle on disk with TUNED_SAMPLING in its model_index.json."""
+    path = pipe.save_pretrained(tmp_path_factory.mktemp("bundle") / "tuned")
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps(index | {"sampling": TUNED_SAMPLING}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(pipe, tuned_dir) -> Pipeline:
+    return Pipeline.from_pretrained(tuned_dir, text_encoder=pipe.text_encoder)
 
 
 def picture_a() -> Image.Image:
@@ -68,15 +87,27 @@ def test_strength_zero_returns_the_reconstruction_exactly(pipe) -> None:
     assert same_images(out.images, recon.images)
 
 
-def test_strength_one_ignores_the_input_and_equals_plain_generation(pipe) -> None:
-    kwargs = dict(strength=1.0, num_steps=STEPS, guidance_scale=3.0, seed=11)
-    a = editing.edit(pipe, picture_a(), "a red circle", **kwargs)
-    b = editing.edit(pipe, picture_b(), "a red circle", **kwargs)
-    assert not torch.equal(editing.reconstruct(pipe, picture_a()).bits, editing.reconstruct(pipe, picture_b()).bits)
+def test_strength_one_ignores_the_input_and_equals_plain_generation(tuned) -> None:
+    # Settings left out on both sides: each must take the bundle's, so the bits agree.
+    a = editing.edit(tuned, picture_a(), "a red circle", strength=1.0, seed=11)
+    b = editing.edit(tuned, picture_b(), "a red circle", strength=1.0, seed=11)
+    assert not torch.equal(editing.reconstruct(tuned, picture_a()).bits, editing.reconstruct(tuned, picture_b()).bits)
     assert torch.equal(a.bits, b.bits)
-    plain = pipe(["a red circle"], num_steps=STEPS, guidance_scale=3.0, seed=11, return_bits=True, progress=False)
+    plain = tuned(["a red circle"], seed=11, return_bits=True, progress=False)
     assert torch.equal(a.bits, plain.bits)
     assert same_images(a.images, plain.images)
+    builtin = tuned(["a red circle"], seed=11, return_bits=True, progress=False, **BUILTIN_SAMPLING)
+    assert not torch.equal(plain.bits, builtin.bits)  # the bundle's settings are what is being compared
+
+
+def test_edit_takes_the_bundle_settings_a_call_leaves_out(tuned) -> None:
+    left_out = editing.edit(tuned, picture_a(), "a blue square", strength=0.5, seed=3)
+    explicit = editing.edit(tuned, picture_a(), "a blue square", strength=0.5, seed=3, **TUNED_SAMPLING["diffusion"])
+    assert torch.equal(left_out.bits, explicit.bits)
+    override = editing.edit(tuned, picture_a(), "a blue square", strength=0.5, seed=3, num_steps=6)
+    explicit = editing.edit(tuned, picture_a(), "a blue square", strength=0.5, seed=3,
+                            **TUNED_SAMPLING["diffusion"] | {"num_steps": 6})
+    assert torch.equal(override.bits, explicit.bits) and not torch.equal(override.bits, left_out.bits)
 
 
 def test_edit_is_seeded_per_image(pipe) -> None:
@@ -114,9 +145,18 @@ def test_continue_ar_keeps_the_prefix(pipe) -> None:
     part = editing.continue_ar(pipe, picture_a(), "a red circle", keep_tokens=5, seed=0)
     assert torch.equal(part.bits[:, :5], recon[:, :5])
     assert not torch.equal(part.bits, recon)
-    none = editing.continue_ar(pipe, picture_a(), "a red circle", keep_tokens=0, guidance_scale=2.0, seed=4)
-    plain = pipe(["a red circle"], generator="ar", guidance_scale=2.0, seed=4, return_bits=True, progress=False)
+
+
+def test_continue_ar_takes_the_bundle_settings_a_call_leaves_out(tuned) -> None:
+    none = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=0, seed=4)
+    plain = tuned(["a red circle"], generator="ar", seed=4, return_bits=True, progress=False)
     assert torch.equal(none.bits, plain.bits)
+    part = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=5, seed=4)
+    explicit = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=5, seed=4, **TUNED_SAMPLING["ar"])
+    builtin = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=5, seed=4,
+                                  guidance_scale=BUILTIN_SAMPLING["guidance_scale"],
+                                  temperature=BUILTIN_SAMPLING["temperature"])
+    assert torch.equal(part.bits, explicit.bits) and not torch.equal(part.bits, builtin.bits)
 
 
 # --- bad arguments ------------------------------------------------------------------------------------------
@@ -223,6 +263,24 @@ def test_cli_edit_interpolate_continue_write_files(cli, images, tmp_path, capsys
     last = read_meta(out)[-1]
     assert last["file"] == "00004.png" and last["kind"] == "continue" and last["keep_tokens"] == 6
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_cli_edit_and_continue_use_the_bundle_settings(cli, images, tmp_path, tuned_dir) -> None:
+    a = images[0]
+    out = tmp_path / "out"
+    common = ("--model", tuned_dir, "--seed", 7, "--out", out, "--no-progress")
+    assert cli("generate", "a red circle", *common) == 0
+    assert cli("edit", a, "--prompt", "a red circle", "--strength", 1, *common) == 0
+    assert cli("continue", a, "--prompt", "a red circle", "--keep-tokens", 5, *common) == 0
+    generated, edited, continued = read_meta(out)
+    tuned = TUNED_SAMPLING["diffusion"]
+    for row in (generated, edited):  # the settings used are recorded, and they are the bundle's
+        assert (row["steps"], row["cfg"], row["temperature"], row["rho"], row["protocol"]) == (
+            tuned["num_steps"], tuned["guidance_scale"], tuned["temperature"], tuned["rho"], tuned["protocol"])
+    assert (continued["cfg"], continued["temperature"]) == (TUNED_SAMPLING["ar"]["guidance_scale"],
+                                                            TUNED_SAMPLING["ar"]["temperature"])
+    assert same_images([Image.open(out / generated["file"]).convert("RGB")],
+                       [Image.open(out / edited["file"]).convert("RGB")])
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -258,6 +258,24 @@ def test_bundle_sampling_defaults_apply_and_calls_override(saved, tmp_path) -> N
         assert torch.equal(c.bits, d.bits), generator
 
 
+def test_sampling_settings_are_complete_and_checked(pipe) -> None:
+    """The one resolver every entry point uses returns every setting, and refuses what no sampler could run."""
+    import dataclasses
+    from binlat.pipeline import BUILTIN_SAMPLING
+    tuned = Pipeline(pipe.tokenizer, pipe.text_encoder, config=dataclasses.replace(
+        pipe.config, sampling={"ar": {"guidance_scale": 2.0}}), **pipe.generators)
+    assert tuned.sampling_settings("ar") == BUILTIN_SAMPLING | {"guidance_scale": 2.0}
+    assert tuned.sampling_settings("diffusion", rho=None, protocol=2) == BUILTIN_SAMPLING | {"protocol": 2}
+    for given, needle in (({"guidance_scale": -1.0}, "guidance"), ({"num_steps": 0}, "steps"),
+                          ({"rho": float("nan")}, "rho"), ({"protocol": 3}, "protocol")):
+        with pytest.raises(ValueError, match=needle):
+            tuned.sampling_settings("diffusion", **given)
+    with pytest.raises(ValueError, match="generator"):
+        tuned.sampling_settings("gan")
+    with pytest.raises(TypeError, match="cfg"):
+        tuned.sampling_settings("diffusion", cfg=2.0)
+
+
 @pytest.mark.parametrize("sampling, needle", [
     ({"gan": {}}, "generator kinds"),
     ({"diffusion": {"cfg": 3}}, "unknown setting"),

@@ -421,3 +421,9 @@ def test_model_sampling_defaults_fill_what_a_request_leaves_out(pipe) -> None:
         assert given["png_base64"] == left_out["png_base64"]
         other = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 3, "guidance_scale": 0.0}).json()
         assert other["images"][0]["guidance_scale"] == 0.0
+        # An edit at strength 1 with the settings left out is the same image as generation left out.
+        b64 = base64.b64encode(png_bytes(sample_image())).decode()
+        edited = c.post("/v1/edit", json={"image_base64": b64, "prompt": "a red circle", "strength": 1.0,
+                                          "seed": 3}).json()["images"][0]
+        assert (edited["guidance_scale"], edited["steps"]) == (2.5, 3)
+        assert edited["png_base64"] == left_out["png_base64"]

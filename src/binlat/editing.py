@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .pipeline import Pipeline, PipelineOutput, check_prompts, to_pil
 from .processes import ARDecoding, BernoulliDiffusion
-from .processes.common import check_sampling_args, make_generators
+from .processes.common import make_generators
 from .processes.diffusion import q_sample
 
 # Decoded pixel budget for an input image (a small PNG can claim a huge canvas).
@@ -188,19 +188,21 @@ def _conditioning(pipe: Pipeline, kind: str, prompt: str, n: int):
     return network, next(network.parameters()).device, cond.index([0] * n).select(layers), uncond.select(layers)
 
 
-def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6, num_steps: int = 20,
-         guidance_scale: float = 7.5, temperature: float = 1.0, rho: float = 1.0, protocol: int = 1,
-         seed: int | None = None, height: int | None = None, width: int | None = None, num_images: int = 1,
-         progress: bool = False) -> PipelineOutput:
+def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6, num_steps: int | None = None,
+         guidance_scale: float | None = None, temperature: float | None = None, rho: float | None = None,
+         protocol: int | None = None, seed: int | None = None, height: int | None = None, width: int | None = None,
+         num_images: int = 1, progress: bool = False) -> PipelineOutput:
     """Re-draw an image under `prompt`: bits x_0 of the image, x_t ~ Bernoulli(x_0 (1 - t) + t/2) at
     t = strength, then the diffusion sampler runs its `num_steps` steps from t = strength down to 0.
+    Sampling settings left as None take the bundle's (`pipe.sampling_settings`), as plain generation does.
 
     Image i uses seed `seed + i` for both the noising and the sampling, drawn in the order plain generation
-    draws them, so strength 1 gives exactly `pipe(prompt, seed=seed)`. strength 0 samples nothing and returns
-    the image's reconstruction bits."""
+    draws them, so strength 1 gives exactly `pipe(prompt, seed=seed)` with the same settings. strength 0 samples
+    nothing and returns the image's reconstruction bits."""
     prompt = _check_prompt(prompt)
     strength = check_strength(strength)
-    check_sampling_args(num_steps, guidance_scale, temperature, rho, protocol)
+    settings = pipe.sampling_settings("diffusion", num_steps=num_steps, guidance_scale=guidance_scale,
+                                      temperature=temperature, rho=rho, protocol=protocol)
     _check_count("number of images", num_images, 1)
     _check_generator(pipe, "diffusion")
     height, width = _target_size(pipe, height, width)
@@ -216,9 +218,10 @@ def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6,
         t = torch.full((num_images,), strength, device=device)
         x_t = q_sample(x0.to(device), t, gens)
         process = BernoulliDiffusion(prediction=network.config.prediction)
-        bits = process.sample(network, cond, uncond, gens, num_steps=num_steps,
-                              guidance_scale=guidance_scale, temperature=temperature, rho=rho,
-                              protocol=protocol, progress=progress, x_start=x_t, t_start=strength)
+        bits = process.sample(network, cond, uncond, gens, num_steps=settings["num_steps"],
+                              guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
+                              rho=settings["rho"], protocol=settings["protocol"], progress=progress, x_start=x_t,
+                              t_start=strength)
     return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
                           bits=bits.to(torch.uint8).cpu(), prompts=[prompt] * num_images)
 
@@ -269,13 +272,15 @@ def strip(images: Sequence[Image.Image], gap: int = 0) -> Image.Image:
 
 
 # --- AR continuation ----------------------------------------------------------------------------------------
-def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: int, guidance_scale: float = 7.5,
-                temperature: float = 1.0, seed: int | None = None, height: int | None = None,
-                width: int | None = None, num_images: int = 1, progress: bool = False) -> PipelineOutput:
+def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: int,
+                guidance_scale: float | None = None, temperature: float | None = None, seed: int | None = None,
+                height: int | None = None, width: int | None = None, num_images: int = 1, progress: bool = False
+                ) -> PipelineOutput:
     """Keep the first `keep_tokens` tokens of the image's bits and let the AR generator write the rest under
-    `prompt`. keep_tokens = K returns the image's bits; keep_tokens = 0 is plain AR generation."""
+    `prompt`. keep_tokens = K returns the image's bits; keep_tokens = 0 is plain AR generation. Settings left as
+    None take the bundle's AR settings (`pipe.sampling_settings`)."""
     prompt = _check_prompt(prompt)
-    check_sampling_args(None, guidance_scale, temperature)
+    settings = pipe.sampling_settings("ar", guidance_scale=guidance_scale, temperature=temperature)
     _check_count("number of images", num_images, 1)
     _check_generator(pipe, "ar")
     num_tokens = pipe.tokenizer.config.num_tokens
@@ -292,7 +297,8 @@ def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: in
     else:
         network, device, cond, uncond = _conditioning(pipe, "ar", prompt, num_images)
         bits = ARDecoding().sample(network, cond, uncond, make_generators(seeds, device),
-                                   guidance_scale=guidance_scale, temperature=temperature, progress=progress,
+                                   guidance_scale=settings["guidance_scale"],
+                                   temperature=settings["temperature"], progress=progress,
                                    prefix=x0[:, :keep_tokens].to(device))
     return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
                           bits=bits.to(torch.uint8).cpu(), prompts=[prompt] * num_images)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from .config import ConfigError, config_from_dict, config_to_dict
 from .generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+from .hardware import require_bf16
 from .io import atomic_directory
 from .modeling import resolve_model_dir
 from .processes import ARDecoding, BernoulliDiffusion
@@ -143,6 +144,8 @@ class Pipeline:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{index}: not valid JSON ({e})") from None
         config = config_from_dict(PipelineConfig, data, str(index))
+        if dtype == torch.bfloat16:
+            require_bf16(device, "bfloat16 generation", fix="load in float32 (dtype=None)")
         if not isinstance(text_encoder, TextEncoder):
             text_encoder = TextEncoder(text_encoder or config.text_encoder, max_length=config.text_max_length,
                                        device=device)
@@ -182,7 +185,11 @@ class Pipeline:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         """Move the tokenizer and generators (the text encoder keeps its own dtype; the networks cast its
         features). bfloat16 is about 1.6x faster for a whole image on a CPU with bf16 matmuls (`binlat bench`,
-        table 7) but changes a few percent of the sampled bits: it is opt-in."""
+        table 7) but changes a few percent of the sampled bits: it is opt-in, and refused (ValueError) where the
+        device would emulate it (binlat.hardware)."""
+        if dtype == torch.bfloat16:
+            require_bf16(device or next(self.tokenizer.parameters()).device, "bfloat16 generation",
+                         fix="keep float32")
         self.tokenizer.to(device=device, dtype=dtype)
         for model in self.generators.values():
             model.to(device=device, dtype=dtype)
@@ -205,12 +212,17 @@ class Pipeline:
         return features.index(list(range(n))), features.index([n])
 
     def sampling_settings(self, generator: str = "diffusion", **given: Any) -> dict[str, Any]:
-        """The settings a call uses: its own (non-None) arguments, else the bundle's `sampling`, else built-ins."""
+        """The complete, checked settings a call uses: its own (non-None) arguments, else the bundle's `sampling`
+        for `generator`, else the built-ins. Every entry point (Python, CLI, server, eval) resolves through here."""
+        if generator not in GENERATOR_KINDS:
+            raise ValueError(f"generator must be one of {GENERATOR_KINDS}, got {generator!r}")
         unknown = sorted(set(given) - set(BUILTIN_SAMPLING))
         if unknown:
             raise TypeError(f"unknown sampling setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
-        return {**BUILTIN_SAMPLING, **self.config.sampling.get(generator, {}),
-                **{k: v for k, v in given.items() if v is not None}}
+        settings = {**BUILTIN_SAMPLING, **self.config.sampling.get(generator, {}),
+                    **{k: v for k, v in given.items() if v is not None}}
+        check_sampling_args(**settings)
+        return settings
 
     def __call__(self, prompts: str | Sequence[str], generator: str = "diffusion", num_steps: int | None = None,
                  guidance_scale: float | None = None, temperature: float | None = None, rho: float | None = None,
@@ -226,7 +238,6 @@ class Pipeline:
                                           temperature=temperature, rho=rho, protocol=protocol)
         num_steps, guidance_scale, temperature, rho, protocol = (
             settings[k] for k in ("num_steps", "guidance_scale", "temperature", "rho", "protocol"))
-        check_sampling_args(num_steps, guidance_scale, temperature, rho, protocol)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"
