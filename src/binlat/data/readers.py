@@ -8,7 +8,9 @@ The datasets are ``IterableDataset``s: one pass over the data per ``iter()``, sp
 across DataLoader workers and, when ``torch.distributed`` is initialised, across ranks.
 Corrupt or unreadable samples are skipped, never stop iteration, are counted in
 ``skipped`` (per process / worker) and logged as a warning on the ``binlat.data``
-logger naming the sample key and the reason.
+logger naming the sample key and the reason; ``on_skip``, when set, also receives
+each such message in the process that read the data (the trainer uses it to carry
+skips from DataLoader workers to the console).
 
 ``set_epoch(e)`` (before creating the DataLoader iterator) changes the shuffle order
 (``shuffle=True``) and the random crops/flips of a seeded :class:`ImageTransform`;
@@ -94,13 +96,20 @@ class _ImageTextDataset(IterableDataset):
         self.min_side = int(min_side)
         self.epoch = 0
         self.skipped = 0
+        self.on_skip: Callable[[str], None] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def _skip(self, key: str, reason: object) -> None:
+        self._note_skip(f"skipping sample {key}: {reason}")
+
+    def _note_skip(self, message: str) -> None:
+        """Count, log and report one skip (a sample, or the rest of a cut shard)."""
         self.skipped += 1
-        logger.warning("skipping sample %s: %s", key, reason)
+        logger.warning("%s", message)
+        if self.on_skip is not None:
+            self.on_skip(message)
 
     def _apply_transform(self, image: Image.Image, key: str) -> torch.Tensor:
         rng_for = getattr(self.transform, "rng_for", None)
@@ -429,8 +438,7 @@ class WebDatasetShards(_ImageTextDataset):
                 logger.debug("shard %s: further read error: %s: %s", url, type(exn).__name__, reason)
             else:
                 failed = True
-                self.skipped += 1
-                logger.warning("shard %s: read error, skipping the rest: %s: %s", url, type(exn).__name__, reason)
+                self._note_skip(f"shard {url}: read error, skipping the rest: {type(exn).__name__}: {reason}")
             return True
 
         for opened in url_opener([{"url": url}], handler=handler):
@@ -531,12 +539,15 @@ def make_dataset(
     hflip: bool = False,
     *,
     shuffle: bool = False,
+    include_held_out: bool = False,
 ) -> IterableDataset:
     """The dataset for the CLI's data SPEC (see ``SPEC_FORMS``) at ``size`` px.
 
     ``seed`` seeds the shapes stream, or the crops/flips (and with ``shuffle`` the order)
     of real images. Shapes ignore ``random_crop`` and ``hflip`` (a flip would contradict
-    left/right captions). Unknown or nonexistent specs raise ``ValueError``.
+    left/right captions). ``include_held_out`` lets the shapes stream render the held-out
+    compositions (the tokenizer's stream: a codec reads no captions); generators never see them.
+    Unknown or nonexistent specs raise ``ValueError``.
     """
     spec = str(spec).strip()
     shapes_seed = _shapes_seed(spec, seed)
@@ -545,7 +556,7 @@ def make_dataset(
 
         if hflip:
             logger.warning("hflip ignored for the shapes data: it would contradict left/right captions")
-        return ShapesStream(size=size, seed=shapes_seed)
+        return ShapesStream(size=size, seed=shapes_seed, exclude_held_out=not include_held_out)
     if not spec:
         raise ValueError(f"empty data spec; expected {SPEC_FORMS}")
     transform = ImageTransform(size, random_crop=random_crop, hflip=hflip, seed=seed)
