@@ -320,3 +320,97 @@ def test_ar_wrong_number_of_text_layers(ar):
     text, mask = text_inputs(layers=1)
     with pytest.raises(ValueError, match="text layers"):
         ar(None, text, mask)
+
+
+# --- options beyond the release (off by default: the conformance cases hold the defaults to the release) ----------
+def test_release_defaults_build_no_extra_parameters():
+    names = set(BinaryTokenizer(tiny_tokenizer_config()).state_dict())
+    assert not any("pos_embed" in n or "pixel_conv" in n for n in names)
+
+
+def test_position_embedding_makes_identical_decoder_queries_differ():
+    """Without it every mask token is the same vector (position only via RoPE); with it the decoder's patches
+    differ even when attention reads nothing yet (here: attention and MLPs zeroed)."""
+    def patch_spread(abs_pos_embed: bool) -> float:
+        torch.manual_seed(0)
+        model = BinaryTokenizer(tiny_tokenizer_config(abs_pos_embed=abs_pos_embed, upsample_after=())).eval()
+        with torch.no_grad():
+            for block in model.decoder.blocks:
+                for p in block.parameters():
+                    p.zero_()
+        with torch.no_grad():
+            out = model.decode(bits(1, 4, 8), 16, 16)
+        patches = out.unfold(2, 4, 4).unfold(3, 4, 4).reshape(3, 16, 16)
+        return float(patches.std(dim=1).max())
+    assert patch_spread(False) < 1e-6 < patch_spread(True)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (32, 24)])
+def test_position_embedding_and_pixel_head_at_any_size(size):
+    torch.manual_seed(1)
+    model = randomize(BinaryTokenizer(tiny_tokenizer_config(abs_pos_embed=True, pixel_head_channels=5))).eval()
+    assert model.decoder.last_layer is model.decoder.pixel_conv
+    out = model.decode(bits(2, 4, 8), *size)
+    assert out.shape == (2, 3, *size) and torch.isfinite(out).all()
+    assert model(torch.rand(1, 3, *size) * 2 - 1).reconstruction.shape == (1, 3, *size)
+
+
+def test_signed_bits_embed_as_plus_minus_one():
+    torch.manual_seed(2)
+    plain = BinaryTokenizer(tiny_tokenizer_config())
+    signed = BinaryTokenizer(tiny_tokenizer_config(signed_bits=True))
+    signed.load_state_dict(plain.state_dict())
+    b = bits(3, 4, 8).float()
+    torch.testing.assert_close(signed.quantizer.embed(b), plain.quantizer.embed(2 * b - 1))
+    assert not torch.allclose(signed.quantizer.embed(b), plain.quantizer.embed(b))
+
+
+def test_soft_forward_decodes_the_probabilities():
+    torch.manual_seed(3)
+    model = randomize(BinaryTokenizer(tiny_tokenizer_config())).train()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = model(images, soft=True)
+    probs = torch.sigmoid(model.encode_logits(images).float())
+    torch.testing.assert_close(out.probs, probs)
+    assert torch.equal(out.bits, (probs > 0.5).float())
+    expected = model._decode_latent(model.quantizer.embed(probs), 16, 16)
+    torch.testing.assert_close(out.reconstruction, expected)
+    out.reconstruction.square().mean().backward()
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0  # the gradient reaches the encoder
+    assert not torch.equal(model.eval()(images).reconstruction, out.reconstruction.detach())
+
+
+def test_region_grid_follows_the_image_aspect():
+    from binlat.tokenizer.model import region_grid
+    assert region_grid(32, 8, 8) == (4, 8)
+    assert region_grid(128, 32, 32) == (8, 16)
+    assert region_grid(16, 4, 4) == (4, 4)
+    assert region_grid(6, 2, 6) == (1, 6)
+    assert region_grid(7, 5, 5) == (1, 7)  # a prime count: one row of regions
+
+
+def test_region_pool_and_unpool():
+    from binlat.tokenizer.model import pool_regions, unpool_regions
+    grid = torch.arange(16.0).reshape(1, 1, 4, 4)
+    pooled = pool_regions(grid, 4)  # 2x2 regions of 2x2 cells
+    assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    spread = unpool_regions(pooled, 4, 4).reshape(4, 4)
+    assert spread[0, :2].tolist() == [2.5, 2.5] and spread[3, 3] == 12.5
+    tokens = torch.randn(2, 8, 3)
+    assert unpool_regions(tokens, 6, 10).shape == (2, 60, 3)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (32, 48)])
+def test_region_shortcut_carries_position_through_the_latent(size):
+    """With the shortcut, a latent token depends most on its own region from the first step: changing one corner of
+    the image moves that corner's token more than the opposite one."""
+    torch.manual_seed(4)
+    model = BinaryTokenizer(tiny_tokenizer_config(region_shortcut=True, encoder_layers=1)).eval()
+    images = torch.zeros(1, 3, *size)
+    changed = images.clone()
+    changed[..., : size[0] // 2, : size[1] // 2] = 1.0
+    with torch.no_grad():
+        delta = (model.encoder(changed, None) - model.encoder(images, None)).norm(dim=-1)[0]
+    assert delta[0] > delta[-1]
+    out = model.decode(bits(1, 4, 8), *size)
+    assert out.shape == (1, 3, *size) and torch.isfinite(out).all()

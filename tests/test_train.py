@@ -2,6 +2,7 @@
 non-finite losses, the learning-rate schedule, the data order, export and the `binlat train/export` CLI."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -9,8 +10,10 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,7 +24,7 @@ from binlat.data.shapes import ShapesStream
 from binlat.generators import ARTransformer, DiffusionTransformer
 from binlat.io import load_safetensors
 from binlat.tokenizer import BinaryTokenizer
-from binlat.train.config import TrainConfig
+from binlat.train.config import TokenizerTraining, TrainConfig
 from binlat.train.engine import StepBatches, Trainer, export_run, list_checkpoints, lr_at
 from binlat.train.tasks import GeneratorTask, TokenizerTask
 
@@ -219,7 +222,38 @@ def interrupt(loss, step):
 @pytest.mark.parametrize("kind", ["tokenizer", "diffusion"])
 def test_interrupt_and_resume_is_bitwise_identical(kind, tmp_path, tokenizer_dir, monkeypatch):
     over = dict(max_steps=6, save_every=3, log_every=1, warmup_steps=2, lr_schedule="cosine")
-    cfg = cfg_for(kind, tokenizer_dir, **over)
+    check_exact_resume(cfg_for(kind, tokenizer_dir, **over), kind, tmp_path, monkeypatch)
+
+
+def test_resume_keeps_the_soft_latent_switch(tmp_path, monkeypatch):
+    """The switch from probabilities to sampled bits depends on the PSNRs of recent steps: a resumed run must
+    switch at the same step, with the window it had (here it switches at step 3, the checkpoint's)."""
+    soft = {**TokenizerTraining().__dict__, "soft_until_psnr": 1.0, "soft_window": 3, "bit_reg_weight": 0.0}
+    cfg = make_cfg(tokenizer_dict(max_steps=6, save_every=3, log_every=1, warmup_steps=2, tokenizer=soft))
+    runs = check_exact_resume(cfg, "tokenizer", tmp_path, monkeypatch)
+    assert state_of(runs[0], 3)["task"]["bits_from"] == 3
+    assert [r["soft_latent"] for r in metrics(runs[0]) if "soft_latent" in r] == [1, 1, 1, 0, 0, 0]
+
+
+def test_resume_on_other_numerics_warns(tmp_path, caplog):
+    run = tmp_path / "run"
+    Trainer(make_cfg(tokenizer_dict(max_steps=2, save_every=2)), run).train()
+    path = step_dir(run, 2) / "state.json"
+    state = json.loads(path.read_text())
+    assert state["numerics"] == {"cpu": state["numerics"]["cpu"], "threads": torch.get_num_threads(),
+                                 "torch": torch.__version__}
+    with caplog.at_level(logging.WARNING, logger="binlat"):
+        Trainer(make_cfg(tokenizer_dict(max_steps=2, save_every=2)), run, resume="latest").close()
+    assert "other numerics" not in caplog.text
+    state["numerics"]["threads"] += 1
+    path.write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING, logger="binlat"):
+        Trainer(make_cfg(tokenizer_dict(max_steps=2, save_every=2)), run, resume="latest").close()
+    assert "not end bit for bit" in caplog.text
+
+
+def check_exact_resume(cfg: TrainConfig, kind: str, tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """Run A goes through; run B dies in step 3 and resumes: every weight, moment and logged loss must match."""
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     Trainer(cfg, run_a).train()
 
@@ -242,6 +276,7 @@ def test_interrupt_and_resume_is_bitwise_identical(kind, tmp_path, tokenizer_dir
     # the logged losses of the resumed steps are the uninterrupted run's, exactly
     assert [(r["step"], r["loss"], r["lr"]) for r in metrics(run_a)] == \
            [(r["step"], r["loss"], r["lr"]) for r in metrics(run_b)]
+    return run_a, run_b
 
 
 def test_resume_from_explicit_checkpoint_and_kind_check(tmp_path, tokenizer_dir):
@@ -548,3 +583,113 @@ def test_cli_train_set_overrides_nested_and_typed_entries(tmp_path, capsys):
         assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(tmp_path / "x"),
                          "--set", bad]) != 0
         assert why in capsys.readouterr().err, bad
+
+
+# ---------------------------------------------------------------- skipped samples on the console
+
+
+def _jpeg(seed: int, truncated: bool = False) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = buf.getvalue()
+    return data[: len(data) // 2] if truncated else data
+
+
+def _shard_with_bad_jpegs(path: Path, n: int, bad: set[int]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            for name, payload in ((f"s{i}.jpg", _jpeg(i, i in bad)), (f"s{i}.txt", b"a red circle")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_cli_train_names_a_skipped_sample_on_the_console(workers, tmp_path, capsys):
+    """A truncated JPEG in a WebDataset shard is skipped; the console names it and the bar counts it, also when a
+    DataLoader worker process read it."""
+    shard = _shard_with_bad_jpegs(tmp_path / "shard-000.tar", 10, bad={1})
+    config = tmp_path / "tok.json"
+    config.write_text(json.dumps(tokenizer_dict(num_workers=workers)))
+    run = tmp_path / "run"
+    # 2 steps x 4 images take 8 of the 9 good samples: one pass, one skip
+    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run), "--data", str(shard),
+                     "--max-steps", "2", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    named = [line for line in err.splitlines() if "skipping sample s1:" in line]
+    assert len(named) == 1 and "truncated" in named[0] and str(shard) in named[0], err
+    assert "skipped=1" in err  # the progress bar's running count
+    assert "skipping sample s1:" in (run / "log.txt").read_text()  # and the run log still has it
+
+
+def test_console_names_the_first_skips_then_counts_the_rest(tmp_path, capsys):
+    """Seven skipped images in a folder (map-style reading): five named, then one line with the rest."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(16):
+        (root / f"{i:02d}.jpg").write_bytes(_jpeg(i, truncated=i % 2 == 1 and i < 14))
+    cfg = make_cfg(tokenizer_dict(data=str(root), max_steps=4, batch_size=4, save_every=4))
+    Trainer(cfg, tmp_path / "run").train()  # 16 indices read: all 7 bad images skipped once
+    err = capsys.readouterr().err
+    named = [line for line in err.splitlines() if "skipping sample" in line]
+    assert len(named) == 5 and all("truncated" in line for line in named), err
+    assert "... and 2 more skipped samples (see log.txt)" in err
+    assert "skipped=7" in err
+
+
+def test_tokenizer_stream_renders_held_out_pairs_generator_stream_never(tokenizer_dir):
+    """shapes spec: the tokenizer is a general image codec and sees every colour-shape pair; the generators'
+    stream never renders or names a held-out composition."""
+    from binlat.data.shapes import HELD_OUT
+
+    def held_out_samples(task) -> int:
+        data = task.dataset()
+        pairs = [{(o["color"], o["shape"]) for o in data.sample(i)["scene"]["objects"]} for i in range(400)]
+        return sum(bool(p & HELD_OUT) for p in pairs)
+
+    cpu = torch.device("cpu")
+    assert held_out_samples(TokenizerTask(make_cfg(tokenizer_dict()), cpu)) > 0
+    assert held_out_samples(GeneratorTask(cfg_for("diffusion", tokenizer_dir), cpu)) == 0
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "diffusion"])
+def test_probe_trains_scores_and_appends_one_row(kind, tmp_path, tokenizer_dir, capsys):
+    config = tmp_path / "preset.json"
+    d = tokenizer_dict() if kind == "tokenizer" else generator_dict(kind, tokenizer_dir)
+    config.write_text(json.dumps(d))
+    args = ["probe", kind, "--config", str(config), "--steps", "2", "--per-category", "1", "--out",
+            str(tmp_path / "probes"), "--sample-every", "1", "--set", "lr=1e-3", "--change", "my change"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "probes" / "probes.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["change"], row["kind"], row["steps"], row["images"]) == ("my change", kind, 2, 2 * d["batch_size"])
+    assert row["threads"] == torch.get_num_threads() and row["cpu"] and row["wall_min"] >= 0
+    assert 0 <= row["accuracy"] <= 1 and 0 <= row["worst"] <= row["accuracy"] and 0 <= row["held_out"] <= 1
+    if kind == "tokenizer":
+        assert math.isfinite(row["psnr"]) and row["images_to_18db"] is None  # two steps stay on the plateau
+    out = capsys.readouterr().out
+    assert "change my change" in out and "accuracy" in out
+    run = tmp_path / "probes" / f"{kind}-my-change"
+    assert (run / "export" / "model.safetensors").is_file() and json.loads((run / "config.json").read_text())["lr"] == 1e-3
+    assert cli.main(args[:2] + ["--config", str(config), "--steps", "2"] + (
+        ["--set", "kind=ar"] if kind == "diffusion" else ["--set", "kind=diffusion"])) == 2
+
+
+def test_soft_latent_switches_on_psnr_or_at_the_step_limit():
+    def task(**opts):
+        soft = {**TokenizerTraining().__dict__, **opts}
+        return TokenizerTask(make_cfg(tokenizer_dict(tokenizer=soft)), torch.device("cpu"))
+
+    t = task(soft_until_psnr=20.0, soft_window=2)
+    for step, psnr in enumerate([25.0, 14.0, 27.0]):  # a full window first averages >= 20 dB at step 2
+        t.observe(step, {"psnr": psnr})
+        assert t.soft(step + 1) == (step < 2)
+    assert t.bits_from == 3 and not t.soft(3)
+    t = task(soft_until_psnr=99.0, soft_max_steps=2)
+    t.observe(0, {"psnr": 10.0})
+    assert t.bits_from is None and t.soft(1)
+    t.observe(1, {"psnr": 10.0})
+    assert t.bits_from == 2 and not t.soft(2) and t.soft(1)
+    assert task().bits_from == 0 and not task().soft(0)  # soft start off: bits from the first step

@@ -32,6 +32,23 @@ class TokenizerConfig:
     # Bernoulli temperature tau used when bits are sampled in training.
     bernoulli_temperature: float = 1.0
     image_size: int = 512  # the default resolution for decode() when no size is given
+    # Options beyond the release (their defaults keep the release architecture, RoPE-only, linear pixel head):
+    # a learned absolute position embedding on the encoder's patch tokens and the decoder's mask tokens, laid out
+    # for an image_size grid and resized for other sizes. Without it every decoder query starts identical and a
+    # small model sits for thousands of images on the "paint it all white" plateau.
+    abs_pos_embed: bool = False
+    # 0: one linear map per patch to pixels (the release). N > 0: a linear map to N channels per pixel, then a
+    # 3x3 convolution to RGB, which can draw edges across patch borders.
+    pixel_head_channels: int = 0
+    # Embed bit b as the codebook row times 2b - 1 (+-1) instead of b (0/1). With 0/1 every token's embedding
+    # shares the offset sum(codebook)/2 while bits are near 1/2, so after the decoder's input norm the tokens look
+    # almost alike and the decoder learns slowly; +-1 bits carry no common offset.
+    signed_bits: bool = False
+    # Latent token k starts as the learned token plus the mean of the patches of region k (the image cut into
+    # num_tokens regions, row-major), and each decoder patch starts with the embedded token of its region.
+    # Attention can still move information anywhere; the shortcut only breaks the symmetry among the tokens
+    # from the first step, which otherwise takes a small model thousands of images to break.
+    region_shortcut: bool = False
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "patch_size", "num_tokens", "num_bits", "encoder_layers", "encoder_heads",
@@ -51,6 +68,8 @@ class TokenizerConfig:
                                   ("upsample_after", self.upsample_after, self.decoder_layers)):
             if len(set(idx)) != len(idx) or any(not 0 <= i < layers for i in idx):
                 raise ValueError(f"{name} must list distinct block indices in [0, {layers}), got {list(idx)}")
+        if self.pixel_head_channels < 0:
+            raise ValueError(f"pixel_head_channels must be >= 0 (0: linear head), got {self.pixel_head_channels}")
         if self.bernoulli_temperature <= 0:
             raise ValueError("bernoulli_temperature must be > 0")
         if self.rope_reference_size is not None and self.rope_reference_size < self.patch_size:

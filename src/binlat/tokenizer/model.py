@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ..modeling import ModelMixin
 from ..nn import Attention, RMSNorm, SwiGLU, rotary_tables, run_block
@@ -52,6 +53,42 @@ def token_positions(num_latent: int, height: int, width: int, scale: float | Non
     return torch.cat((latent, image), dim=0)
 
 
+class GridEmbedding(nn.Module):
+    """A learned absolute position embedding for a `side` x `side` token grid, resized bicubically for others."""
+
+    def __init__(self, side: int, dim: int):
+        super().__init__()
+        self.side = side
+        self.table = nn.Parameter(torch.randn(1, dim, side, side) * 0.02)
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        """[1, height*width, dim]."""
+        table = self.table
+        if (height, width) != (self.side, self.side):
+            table = F.interpolate(table, size=(height, width), mode="bicubic", align_corners=False)
+        return map_to_tokens(table)
+
+
+def region_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
+    """Rows x columns of the regions that num_tokens cut a height x width grid into: the factor pair of
+    num_tokens whose aspect is closest to the grid's."""
+    pairs = [(r, num_tokens // r) for r in range(1, num_tokens + 1) if num_tokens % r == 0]
+    return min(pairs, key=lambda p: (round(abs(math.log(p[0] / p[1]) - math.log(height / width)), 9), p[0]))
+
+
+def pool_regions(grid: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[N, D, h, w] -> [N, num_tokens, D]: the mean of each region, row-major."""
+    rows, cols = region_grid(num_tokens, *grid.shape[-2:])
+    return map_to_tokens(F.adaptive_avg_pool2d(grid, (rows, cols)))
+
+
+def unpool_regions(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[N, K, D] -> [N, height*width, D]: every grid cell takes the token of the region it lies in."""
+    rows, cols = region_grid(tokens.shape[1], height, width)
+    regions = tokens_to_map(tokens, rows, cols)
+    return map_to_tokens(F.interpolate(regions, size=(height, width), mode="nearest"))
+
+
 class _Stack(nn.Module):
     """Shared by encoder and decoder: blocks with a 2x2 resampling of the image rows after chosen blocks."""
 
@@ -83,6 +120,8 @@ class Encoder(_Stack):
         dim = cfg.encoder_dim
         self.rope_axes_dims, self.rope_theta = cfg.rope_axes_dims, cfg.rope_theta
         self.patch_embed = nn.Conv2d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = GridEmbedding(max(1, cfg.image_size // cfg.patch_size), dim) if cfg.abs_pos_embed else None
+        self.region_shortcut = cfg.region_shortcut
         self.latent_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, dim) * 0.02)
         self.blocks = nn.ModuleList(TokenizerBlock(dim, cfg.encoder_heads, cfg.encoder_head_dim, cfg.mlp_ratio)
                                     for _ in range(cfg.encoder_layers))
@@ -94,7 +133,12 @@ class Encoder(_Stack):
         grid = self.patch_embed(images)
         height, width = grid.shape[-2:]
         latent = self.latent_tokens.expand(images.shape[0], -1, -1)
-        x = torch.cat((latent, map_to_tokens(grid)), dim=1)
+        if self.region_shortcut:
+            latent = latent + pool_regions(grid, latent.shape[1])
+        patches = map_to_tokens(grid)
+        if self.pos_embed is not None:
+            patches = patches + self.pos_embed(height, width)
+        x = torch.cat((latent, patches), dim=1)
         x, _, _ = self._run(x, latent.shape[1], height, width, scale, down=True)
         return self.proj_out(self.norm_out(x[:, :latent.shape[1]]))
 
@@ -106,9 +150,12 @@ class Quantizer(nn.Module):
         super().__init__()
         self.to_logits = nn.Linear(cfg.encoder_dim, cfg.num_bits)
         self.codebook = nn.Parameter(torch.randn(cfg.num_bits, cfg.encoder_dim) * 0.02)
+        self.signed = cfg.signed_bits
 
     def embed(self, bits: torch.Tensor) -> torch.Tensor:
-        return bits.to(self.codebook.dtype) @ self.codebook
+        """Bits (or their probabilities) in [0, 1] -> [.., D]."""
+        bits = bits.to(self.codebook.dtype)
+        return (2 * bits - 1 if self.signed else bits) @ self.codebook
 
 
 class Decoder(_Stack):
@@ -120,11 +167,21 @@ class Decoder(_Stack):
         self.norm_in = RMSNorm(cfg.encoder_dim)
         self.proj_in = nn.Linear(cfg.encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        side = max(1, cfg.image_size // cfg.patch_size // 2 ** len(cfg.upsample_after))
+        self.pos_embed = GridEmbedding(side, dim) if cfg.abs_pos_embed else None
+        self.region_shortcut = cfg.region_shortcut
         self.blocks = nn.ModuleList(TokenizerBlock(dim, cfg.decoder_heads, cfg.decoder_head_dim, cfg.mlp_ratio)
                                     for _ in range(cfg.decoder_layers))
         self.resample = nn.ModuleDict({str(i): Upsample(dim) for i in cfg.upsample_after})
         self.norm_out = RMSNorm(dim)
-        self.to_pixels = nn.Linear(dim, cfg.patch_size ** 2 * cfg.in_channels)
+        head = cfg.pixel_head_channels or cfg.in_channels
+        self.to_pixels = nn.Linear(dim, cfg.patch_size ** 2 * head)
+        self.pixel_conv = nn.Conv2d(head, cfg.in_channels, 3, padding=1) if cfg.pixel_head_channels else None
+
+    @property
+    def last_layer(self) -> nn.Module:
+        """The layer that writes pixels (the adversarial loss balances its gradient against reconstruction's)."""
+        return self.pixel_conv if self.pixel_conv is not None else self.to_pixels
 
     def forward(self, latent: torch.Tensor, grid_height: int, grid_width: int, scale: float | None
                 ) -> torch.Tensor:
@@ -135,12 +192,18 @@ class Decoder(_Stack):
             scale = float(math.floor(scale / factor))
         x = self.proj_in(self.norm_in(latent))
         masks = self.mask_token.expand(x.shape[0], height * width, -1)
+        if self.pos_embed is not None:
+            masks = masks + self.pos_embed(height, width)
+        if self.region_shortcut:
+            masks = masks + unpool_regions(x, height, width)
         x = torch.cat((x, masks), dim=1)
         x, height, width = self._run(x, latent.shape[1], height, width, scale, down=False)
         pixels = self.to_pixels(self.norm_out(x[:, latent.shape[1]:]))
-        p, c = self.patch_size, self.channels
+        p = self.patch_size
+        c = self.pixel_conv.in_channels if self.pixel_conv is not None else self.channels
         pixels = pixels.reshape(-1, height, width, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return pixels.reshape(-1, c, height * p, width * p)
+        pixels = pixels.reshape(-1, c, height * p, width * p)
+        return pixels if self.pixel_conv is None else self.pixel_conv(pixels)
 
 
 @dataclass
@@ -201,12 +264,17 @@ class BinaryTokenizer(nn.Module, ModelMixin):
         p = self.config.patch_size
         return self.decoder(latent, height // p, width // p, self.scale)
 
-    def forward(self, images: torch.Tensor, temperature: float | None = None, noise: torch.Tensor | None = None
-                ) -> TokenizerOutput:
+    def forward(self, images: torch.Tensor, temperature: float | None = None, noise: torch.Tensor | None = None,
+                soft: bool = False) -> TokenizerOutput:
         """Full round trip. In training mode bits are Bernoulli(sigmoid(logit / tau)) samples with a
         straight-through gradient (`noise`: optional uniforms [N, K, B] deciding them); in eval mode they are
-        thresholded."""
+        thresholded. `soft` (training only) feeds the decoder the probabilities sigmoid(logit) themselves
+        (no temperature), a continuous latent that trains faster early on; `bits` then holds the thresholded bits."""
         logits = self.encode_logits(images)
+        if self.training and soft:
+            probs = torch.sigmoid(logits.float())
+            recon = self._decode_latent(self.quantizer.embed(probs), images.shape[-2], images.shape[-1])
+            return TokenizerOutput(reconstruction=recon, logits=logits, bits=(probs > 0.5).float(), probs=probs)
         if self.training:
             tau = self.config.bernoulli_temperature if temperature is None else temperature
             probs = torch.sigmoid(logits.float() / tau)

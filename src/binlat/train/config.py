@@ -19,6 +19,12 @@ class TokenizerTraining:
     tau_end: float = 1.0
     tau_steps: int = 0
     multires_sizes: list[int] = field(default_factory=list)  # random size per batch from this list
+    # Soft start: the decoder reads the bit probabilities (a continuous latent) until the training PSNR, averaged
+    # over the last soft_window steps, reaches soft_until_psnr dB; sampled bits from then on. A fixed step would
+    # switch too early on a slow run (bits slow the escape from the all-white plateau) or too late on a fast one.
+    soft_until_psnr: float = 0.0     # 0: bits from the first step
+    soft_window: int = 20
+    soft_max_steps: int = 0          # switch at this step at the latest (0: no limit)
     freeze_encoder: bool = False     # decoder-only second stage
     init_from: str | None = None     # start from a tokenizer model directory
 

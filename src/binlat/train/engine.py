@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from ..config import config_to_dict
+from ..hardware import require_bf16
 from ..io import (WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors,
                   save_safetensors)
 from .config import TrainConfig
@@ -58,7 +60,11 @@ class IndexedData(Dataset):
     def __len__(self) -> int:  # the index space is unbounded; DataLoader only needs this for its own checks
         return 2**62
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict:
+        """The sample with its index, or for a skipped one a marker {"skipped": [messages]} (see `collate`)."""
+        reports: list[str] = []
+        if hasattr(self.source, "on_skip"):  # the readers name what they skip; this may run in a worker process
+            self.source.on_skip = reports.append
         try:
             if self.length is None:
                 sample = self.source.sample(index)
@@ -70,11 +76,51 @@ class IndexedData(Dataset):
                 sample = self.source.sample(int(self._perm[1][pos]))
         except (OSError, ValueError) as e:
             self.failed += 1
-            log.warning("skipping sample %d: %s", index, e)
-            return None
+            reports.append(f"skipping sample {index}: {e}")
+            log.warning("%s", reports[-1])
+            sample = None
         if sample is None:
-            return None
+            return {"skipped": reports or [f"skipping sample {index}"]}
         return {**sample, "index": index}
+
+
+class SkipReports(IterableDataset):
+    """Streams `source`, attaching the messages of the samples it skipped to the next sample ("skipped"), or after
+    the last one to a marker {"skipped": [...]}. It runs where the data is read, a DataLoader worker process too,
+    so the skips travel to the training loop with the batches (a worker's log records never reach it)."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __iter__(self):
+        pending: list[str] = []
+        if hasattr(self.source, "on_skip"):
+            self.source.on_skip = pending.append
+        for sample in self.source:
+            if pending:
+                sample = {**sample, "skipped": pending[:]}
+                pending.clear()
+            yield sample
+        if pending:
+            yield {"skipped": pending}
+
+
+class SkippedSamples:
+    """What the readers skipped, as it reaches the training loop: counted for the progress bar, the first `named`
+    written on the console (stderr, between the bar's updates), the rest summed up at the end; log.txt has all."""
+
+    def __init__(self, show: bool, named: int = 5):
+        self.show, self.named, self.count = show, named, 0
+
+    def add(self, messages: list[str]) -> None:
+        for message in messages:
+            self.count += 1
+            if self.show and self.count <= self.named:
+                tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.show and self.count > self.named:
+            tqdm.write(f"... and {self.count - self.named} more skipped samples (see log.txt)", file=sys.stderr)
 
 
 class StepBatches(Sampler):
@@ -96,10 +142,13 @@ class StepBatches(Sampler):
         return (self.stop - self.start) * self.accum
 
 
-def collate(samples: list[dict | None]) -> dict[str, Any]:
-    """Stack tensors, list everything else; samples that failed to load (None) are dropped."""
-    samples = [s for s in samples if s is not None]
-    out: dict[str, Any] = {"index": torch.tensor([s["index"] for s in samples], dtype=torch.long)}
+def collate(samples: list[dict]) -> dict[str, Any]:
+    """Stack tensors, list everything else; the markers of skipped samples are dropped, their messages listed
+    under "skipped"."""
+    skipped = [m for s in samples for m in s.pop("skipped", ())]
+    samples = [s for s in samples if "index" in s]
+    out: dict[str, Any] = {"index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+                           "skipped": skipped}
     for key in samples[0] if samples else ():
         if key == "index" or not all(key in s for s in samples):
             continue
@@ -155,6 +204,9 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=self._trackers(),
                                project_dir=str(self.run_dir))
+        if cfg.mixed_precision == "bf16":  # before anything is written: emulated bf16 is far slower than float32
+            require_bf16(self.acc.device, "bf16 mixed-precision training",
+                         fix='set mixed_precision to "no" (--set mixed_precision=no)')
         world = self.acc.num_processes
         if cfg.batch_size % (world * cfg.grad_accum):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
@@ -216,16 +268,21 @@ class Trainer:
     def _stream(self, source):
         """Streaming data (folders, manifests, WebDataset shards) has no random access: each process reads its own
         split in order, and indices count samples as they come (resume restarts the stream)."""
-        loader = DataLoader(source, batch_size=self.per_process, num_workers=self.cfg.num_workers,
+        loader = DataLoader(SkipReports(source), batch_size=self.per_process, num_workers=self.cfg.num_workers,
                             collate_fn=lambda s: [x for x in s if x is not None])
         first = self.step * self.cfg.batch_size + self.acc.process_index * self.per_process
         stride = self.per_process * self.acc.num_processes
+        skipped: list[str] = []
         while True:
             for n, samples in enumerate(loader):
+                skipped += [m for x in samples for m in x.pop("skipped", ())]
+                samples = [x for x in samples if x]  # a lone skip marker is empty now
                 if not samples:
                     continue
                 start = first + n * stride
-                yield collate([{**x, "index": start + i} for i, x in enumerate(samples)])
+                batch = collate([{**x, "index": start + i} for i, x in enumerate(samples)])
+                batch["skipped"], skipped = skipped, []
+                yield batch
             first += stride * (n + 1)
 
     # --- loop ---------------------------------------------------------------------------------------------
@@ -252,6 +309,7 @@ class Trainer:
         finite = True
         for micro in range(cfg.grad_accum):
             batch = next(batches)
+            self.skips.add(batch.pop("skipped", []))
             gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
             ctx = acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else _nullcontext()
             with ctx, acc.autocast():
@@ -284,6 +342,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.task.after_step(self.step, gens)
+        self.task.observe(self.step, totals)
         self.ema.update(acc.unwrap_model(self.model), self.step)
         totals["lr"] = lr
         return totals
@@ -292,6 +351,8 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         batches = iter(self._loader())
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc=cfg.kind)
+        self.skips = SkippedSamples(show=acc.is_main_process)
+        postfix: dict[str, str] = {}
         last: dict[str, float] = {}
         tick, self.images_seen = time.perf_counter(), 0
         try:
@@ -306,7 +367,9 @@ class Trainer:
                         tick, self.images_seen = time.perf_counter(), 0
                         self._log(totals)
                         shown = {k: f"{totals[k]:.4g}" for k in ("loss", "bit_accuracy", "psnr") if k in totals}
-                        bar.set_postfix(**shown, lr=f"{totals['lr']:.2e}", img_s=f"{totals['images_per_s']:.1f}")
+                        postfix.update(shown, lr=f"{totals['lr']:.2e}", img_s=f"{totals['images_per_s']:.1f}")
+                skipped = {"skipped": str(self.skips.count)} if self.skips.count else {}
+                bar.set_postfix({**postfix, **skipped}, refresh=False)
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
                     self._samples()
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
@@ -314,6 +377,7 @@ class Trainer:
                 bar.update(1)
         finally:
             bar.close()  # also on an error: its message then starts on a line of its own
+            self.skips.close()
         acc.end_training()
         return last
 
@@ -352,7 +416,8 @@ class Trainer:
                 self.task.save_extra(tmp)
                 state = {"step": self.step, "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps,
                          "kind": self.cfg.kind, "config": config_to_dict(self.cfg),
-                         "model_config": config_to_dict(self.task.model_config)}
+                         "model_config": config_to_dict(self.task.model_config), "task": self.task.state(),
+                         "numerics": numerics()}
                 (tmp / "state.json").write_text(json.dumps(state, indent=2))
             for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
                 # Renamed first, so a kill mid-delete never leaves a step-* folder with only some files.
@@ -386,9 +451,21 @@ class Trainer:
         self.ema.shadow = ema_state
         self.optimizer.load_state_dict(load_torch_state(path / "optimizer.pt"))
         self.task.load_extra(path)
+        self.task.load_state(state.get("task", {}))
+        if state.get("numerics", numerics()) != numerics():
+            # Float kernels round differently across CPUs, thread counts and torch builds: training continues
+            # correctly, but no longer bit for bit as the uninterrupted run would have.
+            log.warning("resuming on other numerics than the checkpoint was written with (%s, now %s): the run will "
+                        "not end bit for bit where an uninterrupted one would", state["numerics"], numerics())
         self.step, self.bad_steps = state["step"], state["bad_steps"]
         self.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.step)
+
+
+def numerics() -> dict[str, Any]:
+    """What decides float rounding besides the data: exact resume holds when these match."""
+    from ..hardware import cpu_info
+    return {"cpu": cpu_info().model, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def load_torch_state(path: Path) -> Any:

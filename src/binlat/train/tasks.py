@@ -23,6 +23,9 @@ def _uniform(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.
 
 class Task:
     model: torch.nn.Module
+    # Whether the shapes stream may render the held-out compositions: yes for the tokenizer, a general image codec
+    # that reads no captions; never for the generators, whose held-out score tests composition.
+    sees_held_out = False
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -33,7 +36,8 @@ class Task:
         spec = self.cfg.data.removeprefix("precomputed:")
         if (Path(spec) / INDEX).is_file():
             return self.check_precomputed(PrecomputedDataset(spec))
-        return make_dataset(self.cfg.data, size=self.cfg.image_size, seed=self.cfg.seed)
+        return make_dataset(self.cfg.data, size=self.cfg.image_size, seed=self.cfg.seed,
+                            include_held_out=self.sees_held_out)
 
     def check_precomputed(self, data):
         raise ValueError("precomputed bits only serve generator training; give the tokenizer images")
@@ -48,6 +52,16 @@ class Task:
         pass
 
     def after_step(self, step: int, gens: list[torch.Generator]) -> None:
+        pass
+
+    def observe(self, step: int, metrics: dict[str, float]) -> None:
+        """Called after each optimiser step with the process-averaged metrics (identical on every process)."""
+
+    def state(self) -> dict:
+        """What the task must carry across a resume (stored in the checkpoint's state.json)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
         pass
 
     def save_extra(self, directory: Path) -> None:
@@ -65,6 +79,7 @@ class Task:
 
 
 class TokenizerTask(Task):
+    sees_held_out = True
     def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
         opts = cfg.tokenizer
@@ -91,6 +106,31 @@ class TokenizerTask(Task):
             self.disc = PatchDiscriminator(self.model_config.in_channels)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=opts.disc_lr, betas=(0.5, 0.9))
         self._fake: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.recent_psnr: list[float] = []
+        self.bits_from: int | None = None if opts.soft_until_psnr > 0 else 0  # first step with sampled bits
+
+    def soft(self, step: int) -> bool:
+        """Whether the decoder reads probabilities instead of sampled bits at this step (see soft_until_psnr)."""
+        return self.bits_from is None or step < self.bits_from
+
+    def observe(self, step, metrics):
+        o = self.cfg.tokenizer
+        if self.bits_from is not None:
+            return
+        if "psnr" in metrics:
+            self.recent_psnr = (self.recent_psnr + [metrics["psnr"]])[-o.soft_window:]
+        ready = len(self.recent_psnr) == o.soft_window and sum(self.recent_psnr) / o.soft_window >= o.soft_until_psnr
+        if ready or (o.soft_max_steps and step + 1 >= o.soft_max_steps):
+            self.bits_from = step + 1
+            import logging
+            logging.getLogger("binlat.train").info("step %d: the decoder reads sampled bits from now on", step + 1)
+
+    def state(self):
+        return {"bits_from": self.bits_from, "recent_psnr": self.recent_psnr}
+
+    def load_state(self, state):
+        if "bits_from" in state:
+            self.bits_from, self.recent_psnr = state["bits_from"], list(state["recent_psnr"])
 
     def new_model(self) -> BinaryTokenizer:
         return BinaryTokenizer(self.model_config)
@@ -117,7 +157,8 @@ class TokenizerTask(Task):
                 images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
         cfg = self.model_config
         noise = _uniform((cfg.num_tokens, cfg.num_bits), gens, images.device)
-        out = model(images, temperature=self.temperature(step), noise=noise)
+        soft = self.soft(step)
+        out = model(images, temperature=self.temperature(step), noise=noise, soft=soft)
         recon = out.reconstruction.float()
         rec = o.l1_weight * F.smooth_l1_loss(recon, images)
         if o.l2_weight:
@@ -126,10 +167,11 @@ class TokenizerTask(Task):
             rec = rec + o.perceptual_weight * self.perceptual(recon, images)
         loss = rec + o.bit_reg_weight * bit_regularizer(out.probs)
         # The engine turns the (process-averaged) clamped MSE into PSNR.
-        metrics = {"rec_loss": rec.detach(), "mse": F.mse_loss(recon.detach().clamp(-1, 1), images)}
+        metrics = {"rec_loss": rec.detach(), "mse": F.mse_loss(recon.detach().clamp(-1, 1), images),
+                   "soft_latent": float(soft)}
         if self.disc is not None and step >= o.gan_start and model.training:
             g_loss = -self.disc(recon).mean()
-            last = self.accelerator.unwrap_model(model).decoder.to_pixels.weight
+            last = self.accelerator.unwrap_model(model).decoder.last_layer.weight
             from ..tokenizer.losses import adaptive_gan_weight
             weight = adaptive_gan_weight(rec, g_loss, last)
             loss = loss + o.gan_weight * weight * g_loss

@@ -1,0 +1,107 @@
+"""`binlat probe`: train a preset for N steps with some changes and score it, one row per probe.
+
+A probe is how a recipe change earns its place (docs/recipe.md keeps the table). A tokenizer is scored on true
+`shapes` renders of the probe prompt set (seed PROBE_SEED, not the published evaluation's seed 0): the PSNR of its
+round trip with thresholded bits and the judged accuracy of that round trip (its ceiling on the benchmark), overall,
+in the worst category and on the held-out compositions. A generator is scored by the judged accuracy of its images
+on the same prompt set. Both use the run's EMA weights, as a shipped model would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROBE_SEED = 1000
+PROBE_THRESHOLD_DB = 18.0  # fidelity milestone (a): off the all-white plateau
+
+
+def probe_images(size: int, per_category: int, seed: int = PROBE_SEED):
+    """The probe prompt set's true renders as [N, 3, size, size] in [-1, 1] (every category, held-out pairs too)."""
+    from ..data.shapes import to_tensor
+    from ..eval.shapes_eval import evaluate_shapes, ground_truth_images
+    renders: list = []
+
+    def keep(prompts, base_seed):
+        images = ground_truth_images(size)(prompts, base_seed)
+        renders.extend(images)
+        return images
+    evaluate_shapes(keep, per_category, seed)
+    return torch.stack([to_tensor(im) for im in renders])
+
+
+def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_SEED) -> dict[str, float]:
+    from ..eval.shapes_eval import evaluate_shapes, ground_truth_images
+    images = probe_images(size, per_category, seed)
+    with torch.inference_mode():
+        recon = torch.cat([tokenizer.decode(tokenizer.encode(x), size, size).clamp(-1, 1)
+                           for x in images.split(32)])
+    mse = torch.mean((recon - images) ** 2).item()
+    summary = evaluate_shapes(ground_truth_images(size, tokenizer), per_category, seed)["summary"]
+    return {"psnr": 10 * math.log10(4.0 / max(mse, 1e-10)), **_accuracy(summary)}
+
+
+def score_generator(pipe, kind: str, size: int, per_category: int, seed: int = PROBE_SEED) -> dict[str, float]:
+    from ..eval.shapes_eval import evaluate_shapes, pipeline_images
+    summary = evaluate_shapes(pipeline_images(pipe, kind, size=size), per_category, seed)["summary"]
+    return _accuracy(summary)
+
+
+def _accuracy(summary: dict[str, Any]) -> dict[str, float]:
+    return {"accuracy": summary["overall"], "worst": min(summary["accuracy"].values()),
+            "held_out": summary["held_out"]["overall"]}
+
+
+def images_to_threshold(run_dir: Path, batch_size: int, threshold: float = PROBE_THRESHOLD_DB) -> int | None:
+    """Training images seen when the run's logged held-out PSNR (eval_psnr) first reached `threshold` dB."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("eval_psnr", -1.0) >= threshold:
+            return row["step"] * batch_size
+    return None
+
+
+def run_probe(cfg, change: str, out_root: str | Path = "runs/probes", per_category: int = 16,
+              resume: str | None = "auto") -> dict[str, Any]:
+    """Train `cfg` (a TrainConfig with the probe's changes applied) into out_root/<slug>, score it, and append
+    the row to out_root/probes.jsonl."""
+    from ..hardware import cpu_info
+    from .engine import Trainer, export_run
+    out_root = Path(out_root)
+    run_dir = out_root / _slug(f"{cfg.kind}-{change}")
+    start = time.perf_counter()
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    first_step = trainer.step
+    trainer.train()
+    minutes = (time.perf_counter() - start) / 60
+    model = export_run(run_dir, run_dir / "export")
+    row: dict[str, Any] = {"change": change, "kind": cfg.kind, "steps": cfg.max_steps,
+                           "images": cfg.max_steps * cfg.batch_size,
+                           "wall_min": round(minutes, 1), "resumed_at": first_step or None,
+                           "cpu": cpu_info().model, "threads": torch.get_num_threads()}
+    if cfg.kind == "tokenizer":
+        from ..tokenizer import BinaryTokenizer
+        tokenizer = BinaryTokenizer.from_pretrained(model).eval()
+        row |= score_tokenizer(tokenizer, cfg.image_size, per_category)
+        row["images_to_18db"] = images_to_threshold(run_dir, cfg.batch_size)
+    else:
+        from ..generators import ARTransformer, DiffusionTransformer
+        from ..pipeline import Pipeline
+        net = (DiffusionTransformer if cfg.kind == "diffusion" else ARTransformer).from_pretrained(model)
+        pipe = Pipeline(trainer.task.tokenizer, trainer.task.text_encoder, **{cfg.kind: net})
+        row |= score_generator(pipe, cfg.kind, cfg.image_size, per_category)
+    row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    with open(out_root / "probes.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")[:80] or "probe"
