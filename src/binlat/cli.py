@@ -102,6 +102,9 @@ def _next_index(out: Path) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .io import atomic_write_bytes
+    if args.dtype == "bfloat16":  # refused before anything is loaded or created where it would be emulated
+        from .hardware import require_bf16
+        require_bf16("cpu", "bfloat16 generation", fix="use --dtype float32")
     prompts = _read_prompts(args)
     out = Path(args.out)
     try:
@@ -153,9 +156,21 @@ def _png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
+def _reference_scale(text: str) -> int | str:
+    """--scale: a reference size in pixels, or "none" (no position scaling)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return _positive_int("scale")(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"scale must be a positive integer (pixels) or none, got {text!r}") from None
+
+
 def cmd_convert_official(args: argparse.Namespace) -> int:
     from .official import convert_official
-    out = convert_official(args.kind, args.config, args.weights, args.out)
+    # Not given: the config decides (official.RELEASE_SCALE when it has no "scale" key).
+    scale = {} if args.scale is None else {"scale": None if args.scale == "none" else args.scale}
+    out = convert_official(args.kind, args.config, args.weights, args.out, **scale)
     print(f"wrote {args.kind} model to {out} (load with from_pretrained)")
     return 0
 
@@ -199,6 +214,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.acc.is_main_process:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "bit_accuracy", "psnr"))
         print(f"finished {args.kind} training at step {trainer.step} ({shown}); run folder {out}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    import torch
+    from .config import load_config
+    from .train.config import TrainConfig
+    from .train.probe import run_probe
+    cfg = load_config(TrainConfig, args.config, args.set or [])
+    if cfg.kind != args.kind:
+        raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
+    cfg.max_steps, cfg.trackers = args.steps, []
+    if args.sample_every is not None:
+        cfg.sample_every = args.sample_every
+    cfg.save_every = min(cfg.save_every, args.steps)
+    cfg.__post_init__()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    change = args.change or (" ".join(args.set) if args.set else "baseline")
+    row = run_probe(cfg, change, args.out, per_category=args.per_category)
+    print(" | ".join(f"{k} {v}" for k, v in row.items()))
     return 0
 
 
@@ -515,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the networks (slow first call; may flip rare bits)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="network precision; bfloat16 is faster on CPUs with bf16 matmuls but changes some bits")
+                   help="network precision; bfloat16 is faster on CPUs with native bf16 (avx512_bf16 or AMX) "
+                        "but changes some bits, and is refused on CPUs without it (it would be ~100x slower)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.set_defaults(func=cmd_generate)
 
@@ -524,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, metavar="CONFIG.json")
     c.add_argument("--weights", required=True, metavar="WEIGHTS", help=".safetensors or .pt ({'module': ...})")
     c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--scale", type=_reference_scale, metavar="N|none",
+                   help="tokenizer only: reference size in pixels for positions (the release's set_scale), or none; "
+                        "default: the config's \"scale\", or the release's inference value when the key is absent")
     c.set_defaults(func=cmd_convert_official)
 
     t = sub.add_parser("train", help="train a tokenizer, diffusion or AR model (runs under accelerate launch too)")
@@ -539,6 +579,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config entry, dotted for sections (repeatable): --set lr=1e-4 "
                         "--set generator.tokenizer=models/mine/tokenizer")
     t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("probe", help="train a preset briefly with some changes and score it (one row per probe)")
+    pr.add_argument("kind", choices=["tokenizer", "diffusion", "ar"])
+    pr.add_argument("--config", required=True, metavar="CONFIG.json")
+    pr.add_argument("--steps", type=_positive_int("steps"), required=True)
+    pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="the change to try (repeatable), as in train")
+    pr.add_argument("--change", help="the row's name (default: the --set entries)")
+    pr.add_argument("--out", default="runs/probes", metavar="DIR", help="runs go to DIR/<name>, rows to DIR/probes.jsonl")
+    pr.add_argument("--per-category", type=_positive_int("per category"), default=16)
+    pr.add_argument("--sample-every", type=int, help="steps between held-out scores logged during training")
+    pr.add_argument("--threads", type=_positive_int("threads"), help="torch intra-op threads (1 for side-by-side probes)")
+    pr.set_defaults(func=cmd_probe)
 
     pc = sub.add_parser("precompute", help="encode a dataset once into bits (and text features) for generator training")
     pc.add_argument("--tokenizer", required=True, metavar="DIR")
