@@ -20,11 +20,14 @@ from binlat.generators import DiffusionTransformer, GeneratorConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["emulated", "native"])
+def tiny_run(request, tmp_path_factory):
+    """The tiny bench as on a CPU that emulates bf16 (its bf16 rows skipped) and as on one that computes it
+    natively (BINLAT_ASSUME_BF16 decides which this machine pretends to be)."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(buffer):
+        m.setenv("BINLAT_ASSUME_BF16", "1" if request.param == "native" else "0")
         code = main(["bench", "--tiny", "--json", str(out)])
     return code, buffer.getvalue(), json.loads(out.read_text())
 
@@ -36,17 +39,29 @@ def test_tiny_bench_prints_seven_tables_and_writes_every_figure(tiny_run):
         assert f"[{i}/7]" in text
     assert "FAILED" not in text
     assert "torch.get_num_threads() = " in text and bench.cpu_model() in text
+    native = result["hardware"]["bf16_native"]
     for key in bench.REQUIRED_KEYS:
         value = result[key]
+        if key in bench.BF16_KEYS and not native:
+            assert value is None, key  # emulated bf16 is never reported as a speed
+            continue
         assert isinstance(value, (int, float)) and not isinstance(value, bool), key
         assert math.isfinite(value) and value > 0, (key, value)
     assert result["meta"]["mode"] == "tiny" and result["meta"]["failed"] == []
     assert len(result["tables"]) == 7
-    numbers = {k: v for k, v in result.items() if k not in ("meta", "tables")}
+    numbers = {k: v for k, v in result.items() if k not in ("meta", "tables", "hardware") and v is not None}
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers.values())
     # Cached and recomputed AR decoding must give the same bits; bf16 agreement is a share.
     assert all(v == 1.0 for k, v in numbers.items() if k.startswith("ar_") and k.endswith("_bits_equal_fraction"))
-    assert 0 <= result["bf16_bit_agreement"] <= 1
+    hardware = result["hardware"]
+    assert hardware["model"] in text and hardware["threads"] >= 1 and set(hardware["flags"]) <= {
+        "avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+    assert hardware["matmul_peak_fp32_gflops"] > 0 and hardware["matmul_peak_bf16_gflops"] > 0
+    if native:
+        assert 0 <= result["bf16_bit_agreement"] <= 1 and "[7/7] bfloat16 vs float32 inference\n" in text
+    else:
+        assert all(result[k] is None for k in bench.BF16_KEYS)
+        assert "[7/7] bfloat16 vs float32 inference: SKIPPED" in text and "emulated: bf16 rows are skipped" in text
     for kind in ("tokenizer", "diffusion", "ar"):
         assert result[f"train_{kind}_images_per_s"] > 0 and result[f"train_{kind}_peak_rss_mib"] > 0
 

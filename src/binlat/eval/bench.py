@@ -279,6 +279,19 @@ def matmul_peak(size: int, dtype: torch.dtype, timing: Timing, runs: int = 7) ->
     return 2 * size ** 3 / m.median, m
 
 
+def hardware_report(plan: Plan) -> dict[str, Any]:
+    """The CPU, the flags that decide its speed, threads, and its measured float32 and bfloat16 matmul peaks (the
+    bf16 one on a small product where bf16 is emulated, which would otherwise take seconds per product)."""
+    from ..hardware import bf16_native, cpu_info
+    native = bf16_native("cpu")
+    fp32, _ = matmul_peak(plan.peak_size, torch.float32, plan.timing)
+    bf16_size = plan.peak_size if native else min(plan.peak_size, 256)
+    bf16, _ = matmul_peak(bf16_size, torch.bfloat16, plan.timing)
+    return {**cpu_info().as_dict(), "torch_threads": torch.get_num_threads(), "bf16_native": native,
+            "matmul_peak_fp32_gflops": fp32 / 1e9, "matmul_peak_bf16_gflops": bf16 / 1e9,
+            "matmul_peak_sizes": {"float32": plan.peak_size, "bfloat16": bf16_size}}
+
+
 # --- formatting -------------------------------------------------------------------------------------------------
 def fmt_s(seconds: float) -> str:
     if seconds < 1e-3:
@@ -872,6 +885,11 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
     table.notes.append("step = loss + backward + grad clip 1.0 + AdamW + EMA update (as binlat.train.engine), "
                        "after 1 warm-up step; random images (tokenizer: smooth-L1 + MSE + bit regulariser, no "
                        "perceptual/GAN) or random bits + random text features (generators, i.e. precomputed data)")
+    from ..hardware import bf16_native
+    if plan.train_bf16 and not bf16_native("cpu"):
+        plan = replace(plan, train_bf16=False)
+        table.notes.append("the preset asks for bf16 autocast, which this CPU would emulate (no avx512_bf16/AMX): "
+                           "measured in float32, as binlat train would refuse bf16 here")
     table.notes.append(f"autocast bf16: {'on' if plan.train_bf16 else 'off'}, gradient checkpointing: "
                        f"{'on' if plan.train_checkpointing else 'off'} (as the preset's configs); peak RSS = the "
                        f"worker's resident high-water mark over its steps (VmHWM, reset once model, EMA copy and "
@@ -941,7 +959,21 @@ def bench_codec(plan: Plan, figures: dict[str, float]) -> Table:
 
 
 # --- 7. bfloat16 ------------------------------------------------------------------------------------------------
+BF16_KEYS = ("bf16_step_speedup", "bf16_step_sign_agreement", "bf16_speedup", "bf16_bit_agreement",
+             "bf16_generation_s", "fp32_generation_s")
+
+
 def bench_bf16(plan: Plan, figures: dict[str, float]) -> Table:
+    from ..hardware import bf16_native, cpu_info
+    if not bf16_native("cpu"):
+        # An emulated bf16 time measures PyTorch's fallback, not a speed anyone would choose: say so, report null.
+        info = cpu_info()
+        table = Table("[7/7] bfloat16 vs float32 inference: SKIPPED", ["why"])
+        table.rows.append([f"this CPU ({info.model}; flags: {', '.join(info.flags) or 'none of note'}) has no native "
+                           f"bf16 (avx512_bf16 or AMX): PyTorch emulates it, so bf16 rows would not be a speed "
+                           f"(the header's bf16 matmul peak shows the emulation); BINLAT_ASSUME_BF16=1 runs them"])
+        figures.update({k: None for k in BF16_KEYS})
+        return table
     from ..processes import BernoulliDiffusion
     from ..processes.common import make_generators
     from ..tokenizer import BinaryTokenizer, TokenizerConfig
@@ -1014,6 +1046,11 @@ def run_bench(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
     if hasattr(os, "getloadavg"):
         header.append(f"load average at start: {os.getloadavg()[0]:.2f} (other work on this machine slows what "
                       f"is measured; each table says how busy the other processes kept the CPUs)")
+    hardware = hardware_report(plan)
+    header.append(f"hardware: {hardware['model']}; flags {', '.join(hardware['flags']) or 'none of note'}; "
+                  f"{hardware['threads']} threads; matmul peak float32 {hardware['matmul_peak_fp32_gflops']:.1f} "
+                  f"GFLOP/s, bfloat16 {hardware['matmul_peak_bf16_gflops']:.1f} GFLOP/s "
+                  f"({'native' if hardware['bf16_native'] else 'emulated: bf16 rows are skipped'})")
     header += plan.notes
     out("\n".join(header))
     figures: dict[str, float] = {}
@@ -1041,6 +1078,7 @@ def run_bench(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
     wall = time.perf_counter() - started
     out(f"\ntotal wall time: {wall:.1f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     result: dict[str, Any] = dict(figures)
+    result["hardware"] = hardware
     result["meta"] = {"preset": preset, "mode": plan.mode, "cpu": cpu_model(), "threads": torch.get_num_threads(),
                       "logical_cpus": os.cpu_count(), "torch": torch.__version__, "notes": plan.notes,
                       "wall_s": wall, "failed": failed}
