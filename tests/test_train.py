@@ -25,7 +25,10 @@ from binlat.generators import ARTransformer, DiffusionTransformer
 from binlat.io import load_safetensors
 from binlat.tokenizer import BinaryTokenizer
 from binlat.train.config import TokenizerTraining, TrainConfig
-from binlat.train.engine import StepBatches, Trainer, export_run, list_checkpoints, lr_at
+from binlat.train.checkpoints import export_run, list_checkpoints
+from binlat.train.data import StepBatches
+from binlat.train.engine import Trainer
+from binlat.train.schedule import lr_at
 from binlat.train.tasks import GeneratorTask, TokenizerTask
 
 TOKENIZER_MODEL = {"patch_size": 8, "num_tokens": 16, "num_bits": 16, "encoder_layers": 1, "encoder_heads": 2,

@@ -13,7 +13,8 @@ from binlat.io import load_safetensors
 from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
 from binlat.tokenizer.losses import PerceptualLoss
 from binlat.train.config import TrainConfig
-from binlat.train.engine import Trainer, export_run
+from binlat.train.checkpoints import export_run
+from binlat.train.engine import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
 MODEL = {"patch_size": 8, "num_tokens": 16, "num_bits": 16, "encoder_layers": 1, "encoder_heads": 2,

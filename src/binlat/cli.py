@@ -248,7 +248,7 @@ def storage_dtype(name: str):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .train.engine import export_run
+    from .train.checkpoints import export_run
     out = export_run(args.run, args.out, args.checkpoint, dtype=storage_dtype(args.dtype))
     print(f"wrote EMA weights to {out}")
     return 0

@@ -760,7 +760,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from ..generators import ARTransformer, DiffusionTransformer, GeneratorConfig
     from ..processes import ARDecoding, BernoulliDiffusion
     from ..tokenizer import BinaryTokenizer, TokenizerConfig, bit_regularizer
-    from ..train.engine import EMA
+    from ..train.schedule import EMA
     torch.set_num_threads(int(spec["threads"]))
     torch.manual_seed(0)
     kind, batch = spec["kind"], int(spec["batch"])

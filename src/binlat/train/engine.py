@@ -1,197 +1,38 @@
-"""One training engine for the three trainers: accelerate, data order, EMA, checkpoints, logging.
+"""One training engine for the three trainers: the loop (accelerate, logging, samples) and its checkpoints.
 
 Every random choice of a sample (its noise, its time, its prompt dropout) is drawn from a generator seeded by
 (run seed, global sample index), and the global batch of step s is always samples [s*G, (s+1)*G). So one process
 and N processes with the same global batch take the same steps, and a resumed run continues bit for bit."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-import pickle
-import re
 import shutil
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import config_to_dict
 from ..hardware import require_bf16
-from ..io import (WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors,
-                  save_safetensors)
+from ..io import atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors, save_safetensors
+from .checkpoints import clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses
 from .config import TrainConfig
+from .data import IndexedData, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
+from .schedule import EMA, lr_at
 
 log = logging.getLogger("binlat.train")
-CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
-# What a killed process leaves behind: an atomic write's temporary (.NAME.tmp-*), a checkpoint being pruned
-# (.NAME.del-*), or one moved aside while being replaced (.NAME.old-*).
-LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|del|old)-[^/]+$")
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run stopped; its last checkpoint is intact."""
-
-
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The random stream of one sample: a function of (seed, global index) only."""
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
-
-
-class IndexedData(Dataset):
-    """Global sample index -> sample (with its index). Map-style data is read in a fresh permutation per epoch."""
-
-    def __init__(self, source: Any, seed: int):
-        self.source, self.seed = source, seed
-        # Finite sources (folders, manifests) are read in a fresh permutation per epoch; the shapes stream is endless.
-        self.length = len(source) if hasattr(source, "__len__") else None
-        self._perm: tuple[int, torch.Tensor] | None = None
-        self.failed = 0
-
-    def __len__(self) -> int:  # the index space is unbounded; DataLoader only needs this for its own checks
-        return 2**62
-
-    def __getitem__(self, index: int) -> dict:
-        """The sample with its index, or for a skipped one a marker {"skipped": [messages]} (see `collate`)."""
-        reports: list[str] = []
-        if hasattr(self.source, "on_skip"):  # the readers name what they skip; this may run in a worker process
-            self.source.on_skip = reports.append
-        try:
-            if self.length is None:
-                sample = self.source.sample(index)
-            else:
-                epoch, pos = divmod(index, self.length)
-                if self._perm is None or self._perm[0] != epoch:
-                    g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                    self._perm = (epoch, torch.randperm(self.length, generator=g))
-                sample = self.source.sample(int(self._perm[1][pos]))
-        except (OSError, ValueError) as e:
-            self.failed += 1
-            reports.append(f"skipping sample {index}: {e}")
-            log.warning("%s", reports[-1])
-            sample = None
-        if sample is None:
-            return {"skipped": reports or [f"skipping sample {index}"]}
-        return {**sample, "index": index}
-
-
-class SkipReports(IterableDataset):
-    """Streams `source`, attaching the messages of the samples it skipped to the next sample ("skipped"), or after
-    the last one to a marker {"skipped": [...]}. It runs where the data is read, a DataLoader worker process too,
-    so the skips travel to the training loop with the batches (a worker's log records never reach it)."""
-
-    def __init__(self, source: Any):
-        self.source = source
-
-    def __iter__(self):
-        pending: list[str] = []
-        if hasattr(self.source, "on_skip"):
-            self.source.on_skip = pending.append
-        for sample in self.source:
-            if pending:
-                sample = {**sample, "skipped": pending[:]}
-                pending.clear()
-            yield sample
-        if pending:
-            yield {"skipped": pending}
-
-
-class SkippedSamples:
-    """What the readers skipped, as it reaches the training loop: counted for the progress bar, the first `named`
-    written on the console (stderr, between the bar's updates), the rest summed up at the end; log.txt has all."""
-
-    def __init__(self, show: bool, named: int = 5):
-        self.show, self.named, self.count = show, named, 0
-
-    def add(self, messages: list[str]) -> None:
-        for message in messages:
-            self.count += 1
-            if self.show and self.count <= self.named:
-                tqdm.write(f"warning: {message}", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.show and self.count > self.named:
-            tqdm.write(f"... and {self.count - self.named} more skipped samples (see log.txt)", file=sys.stderr)
-
-
-class StepBatches(Sampler):
-    """This process's share of every micro-batch, from `start_step` on: process r of W, micro-step m of A,
-    per-process batch b takes indices s*G + m*b*W + r*b + [0, b)."""
-
-    def __init__(self, start_step: int, max_steps: int, per_process: int, world: int, rank: int, accum: int):
-        self.start, self.stop = start_step, max_steps
-        self.b, self.world, self.rank, self.accum = per_process, world, rank, accum
-
-    def __iter__(self):
-        g = self.b * self.world * self.accum
-        for step in range(self.start, self.stop):
-            for micro in range(self.accum):
-                first = step * g + micro * self.b * self.world + self.rank * self.b
-                yield list(range(first, first + self.b))
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.accum
-
-
-def collate(samples: list[dict]) -> dict[str, Any]:
-    """Stack tensors, list everything else; the markers of skipped samples are dropped, their messages listed
-    under "skipped"."""
-    skipped = [m for s in samples for m in s.pop("skipped", ())]
-    samples = [s for s in samples if "index" in s]
-    out: dict[str, Any] = {"index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-                           "skipped": skipped}
-    for key in samples[0] if samples else ():
-        if key == "index" or not all(key in s for s in samples):
-            continue
-        values = [s[key] for s in samples]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    out.setdefault("caption", [""] * len(samples))
-    return out
-
-
-class EMA:
-    """Float32 exponential moving average of the trainable weights, with the usual warm-up of the decay."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach().float(), 1 - decay)
-            else:
-                self.shadow[k].copy_(v)
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    floor = cfg.min_lr_ratio
-    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file()]
-    return [p for _, p in sorted(found)]
 
 
 class Trainer:
@@ -311,7 +152,7 @@ class Trainer:
             batch = next(batches)
             self.skips.add(batch.pop("skipped", []))
             gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
-            ctx = acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else _nullcontext()
+            ctx = acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
                 loss, metrics = self.task.loss(self.model, batch, self.step, gens)
                 finite &= bool(torch.isfinite(loss.detach()))
@@ -462,57 +303,6 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
 
-def numerics() -> dict[str, Any]:
-    """What decides float rounding besides the data: exact resume holds when these match."""
-    from ..hardware import cpu_info
-    return {"cpu": cpu_info().model, "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
-def load_torch_state(path: Path) -> Any:
-    """A torch.save'd state (optimiser) read with weights_only=True; anything else is a one-line WeightsError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: file not found (incomplete checkpoint?)") from None
-    except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path}: refused to load: the file holds more than plain tensors "
-                           f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001 — zip and pickle readers raise many types on damaged files
-        raise WeightsError(f"{path}: cannot read (truncated or corrupt?): {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
-
-
-def clean_leftovers(run_dir: Path) -> None:
-    """Tidy what a killed run left in `run_dir` and its checkpoints/: temporary files and folders of atomic
-    writes and half-deleted checkpoints are removed; a checkpoint moved aside whose replacement never arrived
-    is put back. Complete checkpoints are never touched."""
-    for folder in (run_dir, run_dir / "checkpoints"):
-        if not folder.is_dir():
-            continue
-        for entry in folder.iterdir():
-            m = LEFTOVER_RE.match(entry.name)
-            if not m:
-                continue
-            original = folder / m.group("name")
-            if m.group("kind") == "old" and not original.exists():
-                os.replace(entry, original)
-                log.warning("restored %s (a replacement was interrupted)", original)
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            log.info("removed %s, left by an interrupted write", entry)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -521,45 +311,3 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
     return out
-
-
-def plot_losses(run_dir: Path) -> None:
-    """loss.png: every logged loss-like scalar against the step."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = sorted({k for r in rows for k in r
-                   if "loss" in k or k in ("bit_accuracy", "psnr", "eval_psnr", "eval_shapes_accuracy")})
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
-        if pts:
-            ax.plot(*zip(*pts))
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=80)
-    plt.close(fig)
-
-
-def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest",
-               dtype: torch.dtype | None = None) -> Path:
-    """Write the EMA weights of a run's checkpoint as a model directory that from_pretrained loads
-    (`dtype`: store the weights in that precision, e.g. torch.float16 for a release half the size)."""
-    from .tasks import model_for_export
-    run_dir = Path(run_dir)
-    found = list_checkpoints(run_dir)
-    path = (found[-1] if found else run_dir / "checkpoints") if checkpoint == "latest" else Path(checkpoint)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"no checkpoint found at {path} (expected checkpoints/step-*/state.json in the run)")
-    state = json.loads((path / "state.json").read_text())
-    model = model_for_export(state["kind"], state["model_config"])
-    model.load_state_dict(load_safetensors(path / "ema.safetensors"))
-    return model.save_pretrained(out, dtype=dtype)

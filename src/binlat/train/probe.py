@@ -73,7 +73,8 @@ def run_probe(cfg, change: str, out_root: str | Path = "runs/probes", per_catego
     """Train `cfg` (a TrainConfig with the probe's changes applied) into out_root/<slug>, score it, and append
     the row to out_root/probes.jsonl."""
     from ..hardware import cpu_info
-    from .engine import Trainer, export_run
+    from .checkpoints import export_run
+    from .engine import Trainer
     out_root = Path(out_root)
     run_dir = out_root / _slug(f"{cfg.kind}-{change}")
     start = time.perf_counter()

@@ -1,0 +1,117 @@
+"""Checkpoints on disk: listing, the numerics that exact resume needs, safe loading, leftovers of killed writes,
+export of a run's EMA weights, and the loss plot beside them."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import WeightsError, load_safetensors
+
+log = logging.getLogger("binlat.train")
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+# What a killed process leaves behind: an atomic write's temporary (.NAME.tmp-*), a checkpoint being pruned
+# (.NAME.del-*), or one moved aside while being replaced (.NAME.old-*).
+LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|del|old)-[^/]+$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def numerics() -> dict[str, Any]:
+    """What decides float rounding besides the data: exact resume holds when these match."""
+    from ..hardware import cpu_info
+    return {"cpu": cpu_info().model, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def load_torch_state(path: Path) -> Any:
+    """A torch.save'd state (optimiser) read with weights_only=True; anything else is a one-line WeightsError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: file not found (incomplete checkpoint?)") from None
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path}: refused to load: the file holds more than plain tensors "
+                           f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 — zip and pickle readers raise many types on damaged files
+        raise WeightsError(f"{path}: cannot read (truncated or corrupt?): {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def clean_leftovers(run_dir: Path) -> None:
+    """Tidy what a killed run left in `run_dir` and its checkpoints/: temporary files and folders of atomic
+    writes and half-deleted checkpoints are removed; a checkpoint moved aside whose replacement never arrived
+    is put back. Complete checkpoints are never touched."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            m = LEFTOVER_RE.match(entry.name)
+            if not m:
+                continue
+            original = folder / m.group("name")
+            if m.group("kind") == "old" and not original.exists():
+                os.replace(entry, original)
+                log.warning("restored %s (a replacement was interrupted)", original)
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted write", entry)
+
+
+def plot_losses(run_dir: Path) -> None:
+    """loss.png: every logged loss-like scalar against the step."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = sorted({k for r in rows for k in r
+                   if "loss" in k or k in ("bit_accuracy", "psnr", "eval_psnr", "eval_shapes_accuracy")})
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=80)
+    plt.close(fig)
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest",
+               dtype: torch.dtype | None = None) -> Path:
+    """Write the EMA weights of a run's checkpoint as a model directory that from_pretrained loads
+    (`dtype`: store the weights in that precision, e.g. torch.float16 for a release half the size)."""
+    from .tasks import model_for_export
+    run_dir = Path(run_dir)
+    found = list_checkpoints(run_dir)
+    path = (found[-1] if found else run_dir / "checkpoints") if checkpoint == "latest" else Path(checkpoint)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"no checkpoint found at {path} (expected checkpoints/step-*/state.json in the run)")
+    state = json.loads((path / "state.json").read_text())
+    model = model_for_export(state["kind"], state["model_config"])
+    model.load_state_dict(load_safetensors(path / "ema.safetensors"))
+    return model.save_pretrained(out, dtype=dtype)

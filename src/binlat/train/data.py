@@ -1,0 +1,133 @@
+"""What the engine reads: keyed per-sample randomness, indexed data in step order, and skipped samples.
+
+Every random choice of a sample is drawn from a generator seeded by (run seed, global sample index), and the global
+batch of step s is always samples [s*G, (s+1)*G), whatever the number of processes."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler
+from tqdm.auto import tqdm
+
+log = logging.getLogger("binlat.train")
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of one sample: a function of (seed, global index) only."""
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+class IndexedData(Dataset):
+    """Global sample index -> sample (with its index). Map-style data is read in a fresh permutation per epoch."""
+
+    def __init__(self, source: Any, seed: int):
+        self.source, self.seed = source, seed
+        # Finite sources (folders, manifests) are read in a fresh permutation per epoch; the shapes stream is endless.
+        self.length = len(source) if hasattr(source, "__len__") else None
+        self._perm: tuple[int, torch.Tensor] | None = None
+        self.failed = 0
+
+    def __len__(self) -> int:  # the index space is unbounded; DataLoader only needs this for its own checks
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict:
+        """The sample with its index, or for a skipped one a marker {"skipped": [messages]} (see `collate`)."""
+        reports: list[str] = []
+        if hasattr(self.source, "on_skip"):  # the readers name what they skip; this may run in a worker process
+            self.source.on_skip = reports.append
+        try:
+            if self.length is None:
+                sample = self.source.sample(index)
+            else:
+                epoch, pos = divmod(index, self.length)
+                if self._perm is None or self._perm[0] != epoch:
+                    g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                    self._perm = (epoch, torch.randperm(self.length, generator=g))
+                sample = self.source.sample(int(self._perm[1][pos]))
+        except (OSError, ValueError) as e:
+            self.failed += 1
+            reports.append(f"skipping sample {index}: {e}")
+            log.warning("%s", reports[-1])
+            sample = None
+        if sample is None:
+            return {"skipped": reports or [f"skipping sample {index}"]}
+        return {**sample, "index": index}
+
+
+class SkipReports(IterableDataset):
+    """Streams `source`, attaching the messages of the samples it skipped to the next sample ("skipped"), or after
+    the last one to a marker {"skipped": [...]}. It runs where the data is read, a DataLoader worker process too,
+    so the skips travel to the training loop with the batches (a worker's log records never reach it)."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __iter__(self):
+        pending: list[str] = []
+        if hasattr(self.source, "on_skip"):
+            self.source.on_skip = pending.append
+        for sample in self.source:
+            if pending:
+                sample = {**sample, "skipped": pending[:]}
+                pending.clear()
+            yield sample
+        if pending:
+            yield {"skipped": pending}
+
+
+class SkippedSamples:
+    """What the readers skipped, as it reaches the training loop: counted for the progress bar, the first `named`
+    written on the console (stderr, between the bar's updates), the rest summed up at the end; log.txt has all."""
+
+    def __init__(self, show: bool, named: int = 5):
+        self.show, self.named, self.count = show, named, 0
+
+    def add(self, messages: list[str]) -> None:
+        for message in messages:
+            self.count += 1
+            if self.show and self.count <= self.named:
+                tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.show and self.count > self.named:
+            tqdm.write(f"... and {self.count - self.named} more skipped samples (see log.txt)", file=sys.stderr)
+
+
+class StepBatches(Sampler):
+    """This process's share of every micro-batch, from `start_step` on: process r of W, micro-step m of A,
+    per-process batch b takes indices s*G + m*b*W + r*b + [0, b)."""
+
+    def __init__(self, start_step: int, max_steps: int, per_process: int, world: int, rank: int, accum: int):
+        self.start, self.stop = start_step, max_steps
+        self.b, self.world, self.rank, self.accum = per_process, world, rank, accum
+
+    def __iter__(self):
+        g = self.b * self.world * self.accum
+        for step in range(self.start, self.stop):
+            for micro in range(self.accum):
+                first = step * g + micro * self.b * self.world + self.rank * self.b
+                yield list(range(first, first + self.b))
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    """Stack tensors, list everything else; the markers of skipped samples are dropped, their messages listed
+    under "skipped"."""
+    skipped = [m for s in samples for m in s.pop("skipped", ())]
+    samples = [s for s in samples if "index" in s]
+    out: dict[str, Any] = {"index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+                           "skipped": skipped}
+    for key in samples[0] if samples else ():
+        if key == "index" or not all(key in s for s in samples):
+            continue
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    out.setdefault("caption", [""] * len(samples))
+    return out
