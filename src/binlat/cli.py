@@ -5,6 +5,7 @@ non-zero exit code; a traceback is shown only with --debug."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -200,10 +201,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(TrainConfig, args.config, args.set or [])
     if cfg.kind != args.kind:
         raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
-    for name, value in (("data", args.data), ("max_steps", args.max_steps), ("batch_size", args.batch_size)):
-        if value is not None:
-            setattr(cfg, name, value)
-    cfg.__post_init__()
+    given = {"data": args.data, "max_steps": args.max_steps, "batch_size": args.batch_size}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})  # checked again
     out = Path(args.output or f"runs/{args.kind}")
     trainer = Trainer(cfg, out, resume=args.resume)
     try:
@@ -225,11 +224,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cfg = load_config(TrainConfig, args.config, args.set or [])
     if cfg.kind != args.kind:
         raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
-    cfg.max_steps, cfg.trackers = args.steps, []
+    changes = {"max_steps": args.steps, "trackers": [], "save_every": min(cfg.save_every, args.steps)}
     if args.sample_every is not None:
-        cfg.sample_every = args.sample_every
-    cfg.save_every = min(cfg.save_every, args.steps)
-    cfg.__post_init__()
+        changes["sample_every"] = args.sample_every
+    cfg = dataclasses.replace(cfg, **changes)
     if args.threads:
         torch.set_num_threads(args.threads)
     change = args.change or (" ".join(args.set) if args.set else "baseline")

@@ -66,8 +66,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype != torch.uint8 or b.dtype != torch.uint8:
         raise ValueError("psnr expects uint8 images in [0, 255] (use to_uint8 on [-1, 1] tensors)")
     mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    out = 10 * torch.log10(255.0**2 / mse)
-    return torch.where(mse == 0, torch.full_like(out, math.inf), out)
+    return torch.tensor([psnr_of_mse(float(m), 255.0) for m in mse], dtype=torch.float64)
+
+
+def psnr_of_mse(mse: float, peak_to_peak: float = 2.0) -> float:
+    """10 log10(range^2 / MSE) in dB; inf where MSE is 0. The default range is that of [-1, 1] images."""
+    return math.inf if mse <= 0 else 10 * math.log10(peak_to_peak ** 2 / mse)
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:

@@ -16,7 +16,8 @@ def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") ->
 def uniform(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device | str = "cpu"
             ) -> torch.Tensor:
     """[N, *shape] uniforms in [0, 1), row i drawn from generators[i]."""
-    return torch.stack([torch.rand(tuple(shape), generator=g, device=device) for g in generators])
+    # Drawn where each generator lives, then moved: a CPU generator serves any device with the same numbers.
+    return torch.stack([torch.rand(tuple(shape), generator=g, device=g.device) for g in generators]).to(device)
 
 
 def bernoulli(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:

@@ -17,13 +17,17 @@ from ..text import TextFeatures
 from .common import bernoulli, check_sampling_args, guide, uniform, with_guidance
 
 
+def q_probs(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """P(x_t = 1) = x_0 (1 - t) + t / 2: each bit moves toward a fair coin; t has one value per sample."""
+    return x0 * (1 - t.view(-1, 1, 1)) + t.view(-1, 1, 1) / 2
+
+
 def q_sample(x0: torch.Tensor, t: torch.Tensor, generators: Sequence[torch.Generator] | None = None
              ) -> torch.Tensor:
-    """x_t ~ Bernoulli(x_0 (1 - t) + t / 2); t has one value per sample."""
-    probs = x0 * (1 - t.view(-1, 1, 1)) + t.view(-1, 1, 1) / 2
+    """x_t ~ Bernoulli(q_probs(x_0, t))."""
     if generators is None:
-        return torch.bernoulli(probs)
-    return bernoulli(probs, generators)
+        return torch.bernoulli(q_probs(x0, t))
+    return bernoulli(q_probs(x0, t), generators)
 
 
 def x0_logits_from_flip(flip_logits: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
@@ -97,8 +101,7 @@ class BernoulliDiffusion:
             t = self.sample_t(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.rand_like(x0)
-        probs = x0 * (1 - t.view(-1, 1, 1)) + t.view(-1, 1, 1) / 2
-        x_t = (noise < probs).float()
+        x_t = (noise < q_probs(x0, t)).float()
         logits = self.x0_logits(network(x_t, t, text.layers, text.mask).float(), x_t)
         loss = F.binary_cross_entropy_with_logits(logits, x0)
         with torch.no_grad():

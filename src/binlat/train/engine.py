@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -24,6 +23,7 @@ from ..config import config_to_dict
 from ..hardware import require_bf16
 from ..io import atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors, save_safetensors
 from .checkpoints import clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses
+from ..eval.reconstruction import psnr_of_mse
 from .config import TrainConfig
 from .data import IndexedData, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
 from .schedule import EMA, lr_at
@@ -177,7 +177,7 @@ class Trainer:
         means = acc.reduce(torch.tensor([totals[k] for k in names], device=acc.device), reduction="mean")
         totals = dict(zip(names, means.tolist()))
         if "mse" in totals:
-            totals["psnr"] = 10 * math.log10(4.0 / max(totals["mse"], 1e-10))  # images span [-1, 1]
+            totals["psnr"] = psnr_of_mse(max(totals["mse"], 1e-10))
         if cfg.grad_clip > 0:
             totals["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         self.optimizer.step()

@@ -9,12 +9,13 @@ on the same prompt set. Both use the run's EMA weights, as a shipped model would
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..eval.reconstruction import psnr_of_mse
 
 PROBE_SEED = 1000
 PROBE_THRESHOLD_DB = 18.0  # fidelity milestone (a): off the all-white plateau
@@ -42,7 +43,7 @@ def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_S
                            for x in images.split(32)])
     mse = torch.mean((recon - images) ** 2).item()
     summary = evaluate_shapes(ground_truth_images(size, tokenizer), per_category, seed)["summary"]
-    return {"psnr": 10 * math.log10(4.0 / max(mse, 1e-10)), **_accuracy(summary)}
+    return {"psnr": psnr_of_mse(max(mse, 1e-10)), **_accuracy(summary)}
 
 
 def score_generator(pipe, kind: str, size: int, per_category: int, seed: int = PROBE_SEED) -> dict[str, float]:

@@ -1,7 +1,6 @@
 """The three trainers as small tasks the engine drives: what to build, what data to read, how to score a batch."""
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,10 @@ from ..config import config_from_dict
 from ..generators import ARTransformer, DiffusionTransformer, GeneratorConfig
 from ..io import load_safetensors, save_safetensors
 from ..processes import ARDecoding, BernoulliDiffusion
+from ..processes.common import uniform
 from ..tokenizer import BinaryTokenizer, TokenizerConfig, bit_regularizer
+from ..eval.reconstruction import psnr_of_mse
 from .config import TrainConfig
-
-
-def _uniform(shape: tuple[int, ...], gens: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    return torch.stack([torch.rand(shape, generator=g) for g in gens]).to(device)
 
 
 class Task:
@@ -156,7 +153,7 @@ class TokenizerTask(Task):
             if size != images.shape[-1]:
                 images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
         cfg = self.model_config
-        noise = _uniform((cfg.num_tokens, cfg.num_bits), gens, images.device)
+        noise = uniform((cfg.num_tokens, cfg.num_bits), gens, images.device)
         soft = self.soft(step)
         out = model(images, temperature=self.temperature(step), noise=noise, soft=soft)
         recon = out.reconstruction.float()
@@ -211,7 +208,7 @@ class TokenizerTask(Task):
         with torch.inference_mode():
             recon = model.decode(model.encode(images), images.shape[-2], images.shape[-1]).clamp(-1, 1)
         mse = F.mse_loss(recon, images).item()
-        return {"eval_psnr": 10 * math.log10(4.0 / max(mse, 1e-10))}
+        return {"eval_psnr": psnr_of_mse(max(mse, 1e-10))}
 
     def sample_grid(self, model, cfg):
         from ..grid import contact_sheet
@@ -288,7 +285,7 @@ class GeneratorTask(Task):
             text = self._text(batch, drop)
         if self.cfg.kind == "diffusion":
             t = self.process.sample_t(len(gens), self.device, generators=gens)
-            noise = _uniform(tuple(bits.shape[1:]), gens, self.device)
+            noise = uniform(tuple(bits.shape[1:]), gens, self.device)
             return self.process.loss(model, bits, text, t=t, noise=noise)
         return self.process.loss(model, bits, text)
 
