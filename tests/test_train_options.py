@@ -138,3 +138,15 @@ def test_generator_runs_report_judged_shapes_accuracy(tmp_path):
     scored = [r for r in rows if "eval_shapes_accuracy" in r]
     assert len(scored) == 1 and 0.0 <= scored[0]["eval_shapes_accuracy"] <= 1.0
     assert {f"eval_{c}" for c in ("single", "colors", "two", "counting", "position", "color_attr")} <= scored[0].keys()
+
+
+def test_gradient_l1_sees_edges_not_offsets():
+    from binlat.tokenizer.losses import gradient_l1
+    image = torch.zeros(1, 3, 8, 8)
+    image[..., 2:6, 2:6] = 1.0
+    assert gradient_l1(image, image) == 0
+    assert gradient_l1(image + 0.5, image) == 0  # a brightness offset has no edges
+    moved = torch.roll(image, 1, dims=-1)
+    assert gradient_l1(moved, image) > 0
+    blurred = torch.nn.functional.avg_pool2d(image, 3, 1, 1)
+    assert gradient_l1(blurred, image) > 0

@@ -15,6 +15,15 @@ _LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 _LPIPS_SCALE = (0.458, 0.448, 0.450)
 
 
+def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 between the images' horizontal and vertical finite differences: an edge-aware term that a per-pixel
+    loss, dominated by flat background, weighs too little (corners and small objects are edges)."""
+    def diffs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+    (ax, ay), (bx, by) = diffs(a), diffs(b)
+    return ((ax - bx).abs().mean() + (ay - by).abs().mean()) / 2
+
+
 class PerceptualLoss(nn.Module):
     """LPIPS-style distance on VGG16 features: unit-normalise channels, squared difference, (learned) per-channel
     weights, spatial mean, summed over five stages.

@@ -9,6 +9,7 @@ from typing import Any
 class TokenizerTraining:
     l1_weight: float = 1.0           # smooth-L1 reconstruction
     l2_weight: float = 0.0           # optional extra MSE
+    gradient_weight: float = 0.0     # L1 on image gradients (edges)
     bit_reg_weight: float = 0.01     # p(1 - p) regulariser
     perceptual_weight: float = 0.0   # needs perceptual_weights (local VGG16 safetensors); off otherwise
     perceptual_weights: str | None = None

@@ -14,6 +14,7 @@ from ..io import load_safetensors, save_safetensors
 from ..processes import ARDecoding, BernoulliDiffusion
 from ..processes.common import uniform
 from ..tokenizer import BinaryTokenizer, TokenizerConfig, bit_regularizer
+from ..tokenizer.losses import gradient_l1
 from ..eval.reconstruction import psnr_of_mse
 from .config import TrainConfig
 
@@ -160,6 +161,8 @@ class TokenizerTask(Task):
         rec = o.l1_weight * F.smooth_l1_loss(recon, images)
         if o.l2_weight:
             rec = rec + o.l2_weight * F.mse_loss(recon, images)
+        if o.gradient_weight:
+            rec = rec + o.gradient_weight * gradient_l1(recon, images)
         if self.perceptual is not None:
             rec = rec + o.perceptual_weight * self.perceptual(recon, images)
         loss = rec + o.bit_reg_weight * bit_regularizer(out.probs)
