@@ -696,3 +696,16 @@ def test_soft_latent_switches_on_psnr_or_at_the_step_limit():
     t.observe(1, {"psnr": 10.0})
     assert t.bits_from == 2 and not t.soft(2) and t.soft(1)
     assert task().bits_from == 0 and not task().soft(0)  # soft start off: bits from the first step
+
+
+def test_a_launch_that_is_not_one_world_never_trains(tmp_path, monkeypatch, capsys):
+    """A launcher that started 2 processes which accelerate sees as worlds of 1 (an FSDP config on CPUs) would
+    train two copies into one folder: each process stops with one line instead."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = tmp_path / "tok.json"
+    config.write_text(json.dumps(tokenizer_dict()))
+    run = tmp_path / "run"
+    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "launcher started 2 processes but accelerate sees a world of 1" in lines[0]
+    assert not list_checkpoints(run)

@@ -43,12 +43,26 @@ class Trainer:
         # another precision, so drop the old run's settings (the distributed set-up itself is kept).
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=self._trackers(),
-                               project_dir=str(self.run_dir))
+        try:
+            self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=self._trackers(),
+                                   project_dir=str(self.run_dir))
+        except RuntimeError as e:
+            if "no available devices" not in str(e):
+                raise
+            raise ValueError(f"accelerate found no device for this launch config ({str(e).splitlines()[0]}): FSDP "
+                             f"and DeepSpeed configs need GPUs; on CPUs use configs/accelerate/cpu-ddp-2proc.yaml"
+                             ) from None
         if cfg.mixed_precision == "bf16":  # before anything is written: emulated bf16 is far slower than float32
             require_bf16(self.acc.device, "bf16 mixed-precision training",
                          fix='set mixed_precision to "no" (--set mixed_precision=no)')
         world = self.acc.num_processes
+        launched = os.environ.get("WORLD_SIZE")
+        if launched and launched.isdigit() and int(launched) != world:
+            # e.g. an FSDP or DeepSpeed launch config that accelerate turned into single-process runs on a CPU:
+            # every process would train its own copy into the same folder.
+            raise ValueError(f"the launcher started {launched} processes but accelerate sees a world of {world} "
+                             f"({self.acc.distributed_type}); these processes do not form one run. Check the "
+                             f"launch config against this machine (on CPUs: configs/accelerate/cpu-ddp-2proc.yaml)")
         if cfg.batch_size % (world * cfg.grad_accum):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                              f"= {world} x {cfg.grad_accum}")
