@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import config_to_dict
+from ..eval.reconstruction import psnr_of_mse
 from ..hardware import require_bf16
 from ..io import atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors, save_safetensors
 from .checkpoints import clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses
-from ..eval.reconstruction import psnr_of_mse
 from .config import TrainConfig
 from .data import IndexedData, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
 from .schedule import EMA, lr_at

@@ -21,28 +21,23 @@ PROBE_SEED = 1000
 PROBE_THRESHOLD_DB = 18.0  # fidelity milestone (a): off the all-white plateau
 
 
-def probe_images(size: int, per_category: int, seed: int = PROBE_SEED):
-    """The probe prompt set's true renders as [N, 3, size, size] in [-1, 1] (every category, held-out pairs too)."""
+def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_SEED) -> dict[str, float]:
+    """One round trip of the probe prompt set's true renders: judged (the ceiling) and compared pixel by pixel."""
     from ..data.shapes import to_tensor
     from ..eval.shapes_eval import evaluate_shapes, ground_truth_images
-    renders: list = []
+    from ..pipeline import to_pil
+    renders, recons = [], []
 
-    def keep(prompts, base_seed):
-        images = ground_truth_images(size)(prompts, base_seed)
-        renders.extend(images)
-        return images
-    evaluate_shapes(keep, per_category, seed)
-    return torch.stack([to_tensor(im) for im in renders])
-
-
-def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_SEED) -> dict[str, float]:
-    from ..eval.shapes_eval import evaluate_shapes, ground_truth_images
-    images = probe_images(size, per_category, seed)
-    with torch.inference_mode():
-        recon = torch.cat([tokenizer.decode(tokenizer.encode(x), size, size).clamp(-1, 1)
-                           for x in images.split(32)])
-    mse = torch.mean((recon - images) ** 2).item()
-    summary = evaluate_shapes(ground_truth_images(size, tokenizer), per_category, seed)["summary"]
+    def round_trip(prompts: list[str], base_seed: int):
+        truth = torch.stack([to_tensor(im) for im in ground_truth_images(size)(prompts, base_seed)])
+        with torch.inference_mode():
+            recon = torch.cat([tokenizer.decode(tokenizer.encode(x), size, size).clamp(-1, 1)
+                               for x in truth.split(32)])
+        renders.append(truth)
+        recons.append(recon)
+        return to_pil(recon)
+    summary = evaluate_shapes(round_trip, per_category, seed)["summary"]
+    mse = torch.mean((torch.cat(recons) - torch.cat(renders)) ** 2).item()
     return {"psnr": psnr_of_mse(max(mse, 1e-10)), **_accuracy(summary)}
 
 

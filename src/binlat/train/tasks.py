@@ -1,6 +1,7 @@
 """The three trainers as small tasks the engine drives: what to build, what data to read, how to score a batch."""
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -9,14 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from ..config import config_from_dict
+from ..eval.reconstruction import psnr_of_mse
 from ..generators import ARTransformer, DiffusionTransformer, GeneratorConfig
 from ..io import load_safetensors, save_safetensors
 from ..processes import ARDecoding, BernoulliDiffusion
 from ..processes.common import uniform
 from ..tokenizer import BinaryTokenizer, TokenizerConfig, bit_regularizer
 from ..tokenizer.losses import gradient_l1
-from ..eval.reconstruction import psnr_of_mse
 from .config import TrainConfig
+
+log = logging.getLogger("binlat.train")
 
 
 class Task:
@@ -78,6 +81,7 @@ class Task:
 
 class TokenizerTask(Task):
     sees_held_out = True
+
     def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
         opts = cfg.tokenizer
@@ -94,8 +98,7 @@ class TokenizerTask(Task):
                 from ..tokenizer.losses import PerceptualLoss
                 self.perceptual = PerceptualLoss(opts.perceptual_weights).to(device)
             else:
-                import logging
-                logging.getLogger("binlat.train").warning(
+                log.warning(
                     "perceptual loss off: tokenizer.perceptual_weights (a local VGG16 safetensors file) not given "
                     "or not found")
         self.disc = self.disc_opt = None
@@ -120,8 +123,7 @@ class TokenizerTask(Task):
         ready = len(self.recent_psnr) == o.soft_window and sum(self.recent_psnr) / o.soft_window >= o.soft_until_psnr
         if ready or (o.soft_max_steps and step + 1 >= o.soft_max_steps):
             self.bits_from = step + 1
-            import logging
-            logging.getLogger("binlat.train").info("step %d: the decoder reads sampled bits from now on", step + 1)
+            log.info("step %d: the decoder reads sampled bits from now on", step + 1)
 
     def state(self):
         return {"bits_from": self.bits_from, "recent_psnr": self.recent_psnr}
