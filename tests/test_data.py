@@ -31,9 +31,9 @@ from binlat.data.readers import (
     ImageFolderDataset,
     ManifestDataset,
     WebDatasetShards,
-    collate,
     make_dataset,
 )
+from binlat.data.collate import collate
 from binlat.data.shapes import ShapesStream
 from binlat.data.transforms import ImageLoadError, ImageTransform, load_image, to_rgb
 

@@ -18,6 +18,7 @@ except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import binlat.data.shapes as shapes_mod
+from binlat.data.collate import collate
 from binlat.data.shapes import (
     CATEGORIES,
     HELD_OUT,
@@ -28,7 +29,6 @@ from binlat.data.shapes import (
     ShapeObject,
     ShapesStream,
     box_gap,
-    collate_samples,
     parse_caption,
     prompt_set,
     relation_holds,
@@ -121,7 +121,7 @@ def test_stream_is_deterministic_and_resumable(monkeypatch: pytest.MonkeyPatch) 
 
 def test_dataloader_with_workers() -> None:
     stream = ShapesStream(seed=6)
-    loader = torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2, collate_fn=collate_samples)
+    loader = torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2, collate_fn=collate)
     batches = [b for b, _ in zip(loader, range(2))]
     assert batches[0]["image"].shape == (3, 3, 64, 64) and len(batches[0]["scene"]) == 3
     got = batches[0]["caption"] + batches[1]["caption"]

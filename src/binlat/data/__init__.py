@@ -9,7 +9,6 @@ from binlat.data.shapes import (
     Scene,
     ShapeObject,
     ShapesStream,
-    collate_samples,
     parse_caption,
     prompt_set,
     render,
@@ -26,7 +25,6 @@ __all__ = [
     "Scene",
     "ShapeObject",
     "ShapesStream",
-    "collate_samples",
     "parse_caption",
     "prompt_set",
     "render",
@@ -34,13 +32,13 @@ __all__ = [
     "scene_for_caption",
 ]
 
-# Real-image datasets (image folders, manifests, WebDataset shards) and the data SPEC.
+# Real-image datasets (image folders, manifests, WebDataset shards), the data SPEC, and the one collate_fn.
+from binlat.data.collate import collate  # noqa: E402
 from binlat.data.readers import (  # noqa: E402
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
     ManifestDataset,
     WebDatasetShards,
-    collate,
     make_dataset,
 )
 from binlat.data.transforms import ImageLoadError, ImageTransform, load_image  # noqa: E402

@@ -70,7 +70,7 @@ def precompute(data: Any, tokenizer, out: str | Path, *, text_encoder=None, text
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from .readers import collate
+    from .collate import collate
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if max_samples is None and not hasattr(data, "__len__"):

@@ -1,133 +1,32 @@
-"""Real-image text-to-image datasets and the CLI's data SPEC.
+"""Local real-image readers (an image folder, a JSONL/CSV manifest) and the CLI's data SPEC.
 
-Every dataset yields the common sample format ``{"image": float tensor [3, S, S] in
-[-1, 1], "caption": str, "key": str}`` (an empty caption is an unconditional sample)
-and batches with :func:`collate`.
-
-The datasets are ``IterableDataset``s: one pass over the data per ``iter()``, split
-across DataLoader workers and, when ``torch.distributed`` is initialised, across ranks.
-Corrupt or unreadable samples are skipped, never stop iteration, are counted in
-``skipped`` (per process / worker) and logged as a warning on the ``binlat.data``
-logger naming the sample key and the reason; ``on_skip``, when set, also receives
-each such message in the process that read the data (the trainer uses it to carry
-skips from DataLoader workers to the console).
-
-``set_epoch(e)`` (before creating the DataLoader iterator) changes the shuffle order
-(``shuffle=True``) and the random crops/flips of a seeded :class:`ImageTransform`;
-both are functions of (seed, epoch, key) only, whatever the number of workers.
+The sample format, the split across ranks and workers, and how skipped samples are
+counted and reported are shared by every reader: see :mod:`binlat.data.base`.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
-import logging
 import os
-import random
-import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
-import torch
-from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
-from binlat.data.transforms import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLoadError, ImageTransform, load_image
+from binlat.data.base import (
+    CAPTION_KEYS,
+    IMAGE_EXTENSIONS,
+    IndexedImageDataset,
+    Transform,
+    first_of,
+    logger,
+)
+from binlat.data.shards import WebDatasetShards, expand_shards
+from binlat.data.transforms import ImageLoadError, ImageTransform, load_image
 
-logger = logging.getLogger("binlat.data")
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# WebDataset member suffixes tried for the image, in order.
-WDS_IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
-CAPTION_KEYS: tuple[str, ...] = ("caption", "text")
 PATH_KEYS: tuple[str, ...] = ("path", "image")
-
-Transform = Callable[..., torch.Tensor]
-
-
-# ---------------------------------------------------------------- sharding helpers
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _global_shard() -> tuple[int, int]:
-    """(index, count) of this reader among all ranks x DataLoader workers."""
-    rank, world = _rank_world()
-    info = get_worker_info()
-    worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-    return rank * workers + worker, world * workers
-
-
-def _epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    if shuffle:
-        random.Random(f"binlat.data.shuffle/{seed}/{epoch}").shuffle(order)
-    return order
-
-
-# ---------------------------------------------------------------- base
-
-
-class _ImageTextDataset(IterableDataset):
-    """Shared skip/count/log and transform handling."""
-
-    def __init__(
-        self,
-        transform: Transform,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        min_side: int = DEFAULT_MIN_SIDE,
-    ) -> None:
-        super().__init__()
-        if not callable(transform):
-            raise TypeError(f"transform must be callable (e.g. ImageTransform(size)), got {transform!r}")
-        self.transform = transform
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.max_pixels = max_pixels
-        self.min_side = int(min_side)
-        self.epoch = 0
-        self.skipped = 0
-        self.on_skip: Callable[[str], None] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _skip(self, key: str, reason: object) -> None:
-        self._note_skip(f"skipping sample {key}: {reason}")
-
-    def _note_skip(self, message: str) -> None:
-        """Count, log and report one skip (a sample, or the rest of a cut shard)."""
-        self.skipped += 1
-        logger.warning("%s", message)
-        if self.on_skip is not None:
-            self.on_skip(message)
-
-    def _apply_transform(self, image: Image.Image, key: str) -> torch.Tensor:
-        rng_for = getattr(self.transform, "rng_for", None)
-        if callable(rng_for):
-            return self.transform(image, rng=rng_for(key, self.epoch))
-        return self.transform(image)
-
-    def _make_sample(self, key: str, source: Any, caption: str, name: str) -> dict[str, Any] | None:
-        """Decode + transform one image; None (after counting and logging) if unusable."""
-        # JPEG draft decoding only for our own transform, whose resize it matches.
-        draft = (self.transform.size,) * 2 if isinstance(self.transform, ImageTransform) else None
-        try:
-            image = load_image(source, self.max_pixels, self.min_side, name=name, draft_size=draft)
-            tensor = self._apply_transform(image, key)
-        except (ValueError, OSError) as exc:  # ImageLoadError is a ValueError
-            self._skip(key, exc)
-            return None
-        return {"image": tensor, "caption": caption, "key": key}
 
 
 def _read_caption(path: Path) -> str:
@@ -145,13 +44,14 @@ def _read_caption(path: Path) -> str:
 # ---------------------------------------------------------------- image folder
 
 
-class ImageFolderDataset(_ImageTextDataset):
+class ImageFolderDataset(IndexedImageDataset):
     """Every image under ``root`` (recursive; .jpg .jpeg .png .webp .bmp, any case;
     hidden files and folders skipped), in sorted path order, each captioned by a
     same-named ``.txt`` beside it (stripped UTF-8; missing -> "" i.e. unconditional).
 
     Keys are the image paths relative to ``root`` (POSIX separators, with extension).
-    A caption that is not valid UTF-8 skips its sample.
+    A caption that is not valid UTF-8 skips its sample. ``options``: those of
+    :class:`~binlat.data.base.ImageTextDataset` (shuffle, seed, max_pixels, min_side).
     """
 
     def __init__(
@@ -159,13 +59,10 @@ class ImageFolderDataset(_ImageTextDataset):
         root: str | os.PathLike,
         transform: Transform,
         *,
-        shuffle: bool = False,
-        seed: int = 0,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        min_side: int = DEFAULT_MIN_SIDE,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        **options: Any,
     ) -> None:
-        super().__init__(transform, shuffle=shuffle, seed=seed, max_pixels=max_pixels, min_side=min_side)
+        super().__init__(transform, **options)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"image folder {self.root} does not exist or is not a directory")
@@ -213,25 +110,11 @@ class ImageFolderDataset(_ImageTextDataset):
             return None
         return self._make_sample(key, path, caption, str(path))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        shard, shards = _global_shard()
-        for index in _epoch_order(len(self.files), self.shuffle, self.seed, self.epoch)[shard::shards]:
-            out = self.sample(index)
-            if out is not None:
-                yield out
-
 
 # ---------------------------------------------------------------- manifest
 
 
-def _first(obj: dict[str, Any], names: Sequence[str]) -> Any:
-    for n in names:
-        if obj.get(n) is not None:
-            return obj[n]
-    return None
-
-
-class ManifestDataset(_ImageTextDataset):
+class ManifestDataset(IndexedImageDataset):
     """Images listed in a JSONL or CSV manifest.
 
     JSONL: one object per non-blank line with ``path`` (or ``image``) and ``caption``
@@ -240,19 +123,11 @@ class ManifestDataset(_ImageTextDataset):
     the sample (default: the path as written). Relative paths resolve against the
     manifest's folder. A malformed entry raises ``ValueError`` naming its line at
     construction; a missing or corrupt image is skipped (and counted) at iteration.
+    ``options``: those of :class:`~binlat.data.base.ImageTextDataset`.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        transform: Transform,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        min_side: int = DEFAULT_MIN_SIDE,
-    ) -> None:
-        super().__init__(transform, shuffle=shuffle, seed=seed, max_pixels=max_pixels, min_side=min_side)
+    def __init__(self, path: str | os.PathLike, transform: Transform, **options: Any) -> None:
+        super().__init__(transform, **options)
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"manifest {self.path} does not exist")
@@ -286,15 +161,15 @@ class ManifestDataset(_ImageTextDataset):
         return ValueError(f"manifest {self.path} line {line}: {why}")
 
     def _entry(self, line: int, obj: dict[str, Any]) -> tuple[str, str, str]:
-        rel = _first(obj, PATH_KEYS)
+        rel = first_of(obj, PATH_KEYS)
         if not isinstance(rel, str) or not rel.strip():
             raise self._bad(line, f"needs a non-empty string 'path' or 'image' field, got {obj!r}")
-        caption = _first(obj, CAPTION_KEYS)
+        caption = first_of(obj, CAPTION_KEYS)
         if caption is None:
             caption = ""
         if not isinstance(caption, str):
             raise self._bad(line, f"caption must be a string, got {caption!r}")
-        key = _first(obj, ("key", "id"))
+        key = first_of(obj, ("key", "id"))
         return (rel.strip() if key is None else str(key)), rel.strip(), caption.strip()
 
     def _parse_jsonl(self, text: str) -> list[tuple[str, str, str]]:
@@ -336,170 +211,8 @@ class ManifestDataset(_ImageTextDataset):
         key, path, caption = self.entries[index]
         return self._make_sample(key, path, caption, str(path))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        shard, shards = _global_shard()
-        for index in _epoch_order(len(self.entries), self.shuffle, self.seed, self.epoch)[shard::shards]:
-            out = self.sample(index)
-            if out is not None:
-                yield out
 
-
-# ---------------------------------------------------------------- webdataset shards
-
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")
-
-
-def _import_webdataset():
-    try:
-        import webdataset
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("WebDataset shards need the 'webdataset' package: pip install webdataset") from exc
-    return webdataset
-
-
-def _is_url(s: str) -> bool:
-    return bool(_URL_RE.match(s)) and not s.startswith("file:")
-
-
-def expand_shards(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Shard list from a path/URL, a brace pattern (``shard-{000..009}.tar``), a glob,
-    ``::``-separated lists of these, or a list of any of them. Local shards must exist."""
-    expand_urls = _import_webdataset().shardlists.expand_urls
-    items = [os.fspath(urls)] if isinstance(urls, (str, os.PathLike)) else [os.fspath(u) for u in urls]
-    out: list[str] = []
-    for item in items:
-        for url in expand_urls(item):
-            if _is_url(url):
-                out.append(url)
-                continue
-            local = url[len("file://") :] if url.startswith("file://") else url.removeprefix("file:")
-            local = os.path.expanduser(local)
-            if os.path.exists(local):
-                out.append(local)
-            elif glob.has_magic(local):
-                matches = sorted(glob.glob(local))
-                if not matches:
-                    raise ValueError(f"shard glob {url!r} matches no files")
-                out.extend(matches)
-            else:
-                raise ValueError(f"shard {url!r} does not exist")
-    if not out:
-        raise ValueError(f"no shards in {urls!r}")
-    return out
-
-
-class WebDatasetShards(_ImageTextDataset):
-    """Samples streamed from WebDataset tar shards with the ``webdataset`` library.
-
-    A sample is the members sharing a key: an image (jpg/jpeg/png/webp/bmp) and a
-    caption, ``txt`` or ``json`` with a ``caption``/``text`` field (neither -> "").
-    ``urls``: see :func:`expand_shards`; remote URLs (``pipe:``, ``http(s):``, ...) are
-    opened by ``webdataset.gopen``. Shards are split across ranks and DataLoader workers
-    with ``webdataset.split_by_node`` / ``split_by_worker`` (so use at least as many
-    shards as ranks x workers; note webdataset also honours RANK/WORLD_SIZE env vars).
-
-    A shard that cannot be opened or is cut short does not stop the stream: the read
-    error is logged and counted in ``skipped`` once per shard, and so is any incomplete
-    or undecodable sample; the other shards continue.
-    """
-
-    def __init__(
-        self,
-        urls: str | os.PathLike | Iterable[str | os.PathLike],
-        transform: Transform,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        min_side: int = DEFAULT_MIN_SIDE,
-    ) -> None:
-        super().__init__(transform, shuffle=shuffle, seed=seed, max_pixels=max_pixels, min_side=min_side)
-        self.urls = expand_shards(urls)
-
-    def __repr__(self) -> str:
-        return f"WebDatasetShards({len(self.urls)} shards, first {self.urls[0]!r}, transform={self.transform!r})"
-
-    def _my_shards(self) -> list[str]:
-        wds = _import_webdataset()
-        order = _epoch_order(len(self.urls), self.shuffle, self.seed, self.epoch)
-        # Every rank/worker sees the same (seeded) order, then takes its slice.
-        return list(wds.split_by_worker(wds.split_by_node([self.urls[i] for i in order])))
-
-    def _raw_samples(self, url: str) -> Iterator[dict[str, Any]]:
-        """The grouped members of one shard; read errors are logged, and counted once."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-
-        failed = False
-
-        def handler(exn: BaseException) -> bool:
-            nonlocal failed
-            reason = exn.args[0] if getattr(exn, "args", None) else exn
-            if failed:  # follow-up errors of the same broken stream
-                logger.debug("shard %s: further read error: %s: %s", url, type(exn).__name__, reason)
-            else:
-                failed = True
-                self._note_skip(f"shard {url}: read error, skipping the rest: {type(exn).__name__}: {reason}")
-            return True
-
-        for opened in url_opener([{"url": url}], handler=handler):
-            try:
-                yield from group_by_keys(tar_file_expander([opened], handler=handler), handler=handler)
-            finally:
-                try:
-                    opened["stream"].close()
-                except Exception as exc:  # noqa: BLE001 - e.g. a pipe: command that failed
-                    handler(exc)
-
-    def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
-        key = str(raw.get("__key__"))
-        where = f"{key} (shard {raw.get('__url__')})"
-        image_key = next((k for k in WDS_IMAGE_KEYS if k in raw), None)
-        if image_key is None:
-            image_key = next(
-                (k for k in raw if not k.startswith("__") and "." + k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None
-            )
-        if image_key is None:
-            members = sorted(k for k in raw if not k.startswith("__"))
-            self._skip(where, f"no image member (has {members})")
-            return None
-        try:
-            if "txt" in raw:
-                caption = raw["txt"].decode("utf-8-sig").strip()
-            elif "json" in raw:
-                meta = json.loads(raw["json"].decode("utf-8-sig"))
-                value = _first(meta, CAPTION_KEYS) if isinstance(meta, dict) else None
-                caption = value.strip() if isinstance(value, str) else ""
-            else:
-                caption = ""
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._skip(where, f"unreadable caption: {exc}")
-            return None
-        return self._make_sample(key, raw[image_key], caption, f"{key}.{image_key} in shard {raw.get('__url__')}")
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for url in self._my_shards():
-            for raw in self._raw_samples(url):
-                out = self._decode(raw)
-                if out is not None:
-                    yield out
-
-
-# ---------------------------------------------------------------- collate and SPEC
-
-
-def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """DataLoader ``collate_fn`` for every binlat dataset: stacks ``image``, lists
-    ``caption`` and any other field present (``key``, ``scene``)."""
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    out: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-    }
-    for name in samples[0]:
-        if name not in out and all(name in s for s in samples):
-            out[name] = [s[name] for s in samples]
-    return out
+# ---------------------------------------------------------------- SPEC
 
 
 SPEC_FORMS = (
@@ -577,6 +290,7 @@ def make_dataset(
     raise ValueError(f"unknown data spec {spec!r} (no such file or directory); expected {SPEC_FORMS}")
 
 
+# Every reader the SPEC can choose, and the image loader they all read with.
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPEC_FORMS",
@@ -584,7 +298,7 @@ __all__ = [
     "ImageLoadError",
     "ManifestDataset",
     "WebDatasetShards",
-    "collate",
     "expand_shards",
+    "load_image",
     "make_dataset",
 ]

@@ -372,7 +372,8 @@ class ShapesStream(IterableDataset):
 
     Sample ``i`` depends only on (seed, i), so setting ``start_index`` resumes a run;
     DataLoader workers take the indices congruent to their id modulo their count.
-    Batch with ``collate_fn=collate_samples``.
+    Batch with ``collate_fn=binlat.data.collate.collate`` (it lists the scenes, whose
+    object counts vary).
     """
 
     def __init__(
@@ -411,16 +412,6 @@ class ShapesStream(IterableDataset):
         while True:
             yield self.sample(index)
             index += workers
-
-
-def collate_samples(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """DataLoader ``collate_fn`` for :class:`ShapesStream`: scenes hold varying numbers
-    of objects, which torch's default collate cannot stack."""
-    return {
-        "image": torch.stack([b["image"] for b in batch]),
-        "caption": [b["caption"] for b in batch],
-        "scene": [b["scene"] for b in batch],
-    }
 
 
 def _all_contents(category: str) -> list[dict[str, Any]]:

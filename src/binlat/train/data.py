@@ -13,6 +13,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
+from ..data.collate import collate  # noqa: F401 - the engine's collate_fn, shared with every data reader
+
 log = logging.getLogger("binlat.train")
 
 
@@ -115,19 +117,3 @@ class StepBatches(Sampler):
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.accum
-
-
-def collate(samples: list[dict]) -> dict[str, Any]:
-    """Stack tensors, list everything else; the markers of skipped samples are dropped, their messages listed
-    under "skipped"."""
-    skipped = [m for s in samples for m in s.pop("skipped", ())]
-    samples = [s for s in samples if "index" in s]
-    out: dict[str, Any] = {"index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-                           "skipped": skipped}
-    for key in samples[0] if samples else ():
-        if key == "index" or not all(key in s for s in samples):
-            continue
-        values = [s[key] for s in samples]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    out.setdefault("caption", [""] * len(samples))
-    return out
