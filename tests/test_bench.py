@@ -13,8 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import binlat
 from binlat.cli import main
 from binlat.eval import bench
+from binlat.eval.bench import plan as bench_plan
+from binlat.eval.bench import training as bench_training
+from binlat.eval.bench.harness import PeakRSS, Table
+from binlat.eval.report import render_table
 from binlat.generators import DiffusionTransformer, GeneratorConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -103,21 +108,62 @@ def test_flop_counter_matches_hand_count_and_torch(n, k, l):
     assert counted == flops["total"]
 
 
-@pytest.mark.parametrize("name", sorted(bench.PRESETS))
-def test_presets_mirror_the_config_files(name):
-    preset = bench.PRESETS[name]
-    for kind, sizes in (("tokenizer", preset.tokenizer), ("diffusion", preset.generator), ("ar", preset.generator)):
-        path = CONFIGS / kind / f"{name}.json"
-        if not path.is_file():
-            pytest.skip(f"{path} not in this checkout")
-        cfg = json.loads(path.read_text())
-        want = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["model"].items()}
-        have = {k: sizes[k] for k in want}
-        assert have == want, (kind, name)
-        assert preset.image_size == cfg["image_size"]
-        assert (preset.tokenizer_batch if kind == "tokenizer" else preset.generator_batch) == cfg["batch_size"]
-        assert preset.mixed_precision == (cfg.get("mixed_precision", "no") == "bf16")
-        assert preset.grad_checkpointing == cfg.get("grad_checkpointing", False)
+@pytest.mark.parametrize("name", bench.PRESET_NAMES)
+def test_presets_are_the_packaged_configs(name):
+    """The bench's sizes come from binlat/presets, which in a checkout is configs/ itself (one copy)."""
+    root = bench.preset_root()
+    assert Path(str(root)) == Path(binlat.__file__).parent / "presets"
+    preset = bench.load_preset(name)
+    for kind in ("tokenizer", "diffusion", "ar"):
+        packaged = root.joinpath(kind, f"{name}.json")
+        assert preset.training[kind] == json.loads(packaged.read_text())
+        if (CONFIGS / kind).is_dir():  # a checkout, not an installed wheel
+            assert Path(str(packaged)).resolve() == (CONFIGS / kind / f"{name}.json").resolve()
+    tokenizer = json.loads(root.joinpath("tokenizer", f"{name}.json").read_text())
+    assert preset.tokenizer["patch_size"] == tokenizer["model"]["patch_size"]
+    assert (preset.generator["num_tokens"], preset.generator["num_bits"]) == (
+        tokenizer["model"]["num_tokens"], tokenizer["model"]["num_bits"])
+    assert preset.tokenizer_batch == tokenizer["batch_size"] and preset.image_size == tokenizer["image_size"]
+
+
+@pytest.fixture
+def preset_copy(tmp_path, monkeypatch):
+    """A copy of the packaged presets that the bench reads instead (load_preset's cache cleared around it)."""
+    for kind in ("tokenizer", "diffusion", "ar"):
+        (tmp_path / kind).mkdir()
+        for name in bench.PRESET_NAMES:
+            (tmp_path / kind / f"{name}.json").write_text(bench.preset_root().joinpath(kind, f"{name}.json")
+                                                          .read_text())
+    monkeypatch.setattr(bench_plan, "preset_root", lambda: tmp_path)
+    bench.load_preset.cache_clear()
+    yield tmp_path
+    bench.load_preset.cache_clear()
+
+
+def _edit(path: Path, **model):
+    cfg = json.loads(path.read_text())
+    cfg["model"].update(model)
+    path.write_text(json.dumps(cfg))
+
+
+def test_the_bench_reads_presets_through_the_package(preset_copy):
+    for kind in ("diffusion", "ar"):
+        _edit(preset_copy / kind / "shapes-64.json", num_layers=3)
+    plan = bench.make_plan("shapes-64", quick=True)
+    assert plan.generator["num_layers"] == 3 and plan.preset.training["ar"]["model"]["num_layers"] == 3
+
+
+def test_broken_presets_are_named(preset_copy):
+    _edit(preset_copy / "ar" / "shapes-64.json", num_layers=3)
+    with pytest.raises(ValueError, match="different sizes"):
+        bench.load_preset("shapes-64")
+    (preset_copy / "tokenizer" / "paper-512.json").unlink()
+    with pytest.raises(ValueError, match=r"presets/tokenizer/paper-512.json is missing"):
+        bench.load_preset("paper-512")
+    (preset_copy / "diffusion" / "paper-512.json").write_text('{"kind": "diffusion", "lr": "fast"}')
+    (preset_copy / "tokenizer" / "paper-512.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"diffusion/paper-512.json is not a valid training config.*fix configs/"):
+        bench.load_preset("paper-512")
 
 
 def test_plans_and_timing():
@@ -126,7 +172,7 @@ def test_plans_and_timing():
     with pytest.raises(ValueError, match="different modes"):
         bench.make_plan(quick=True, tiny=True)
     quick = bench.make_plan("shapes-64", quick=True)
-    assert quick.e2e_composed and quick.notes and quick.generator == bench.PRESETS["shapes-64"].generator
+    assert quick.e2e_composed and quick.notes and quick.generator == bench.load_preset("shapes-64").generator
     paper = bench.make_plan("paper-512", quick=True)
     assert paper.generator["num_layers"] == 2 and any("depth reduced" in n for n in paper.notes)
     calls = []
@@ -145,3 +191,29 @@ def test_cli_modes_are_exclusive():
 def test_json_folder_must_exist(tmp_path, capsys):
     assert main(["bench", "--tiny", "--json", str(tmp_path / "missing" / "out.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "diffusion"])
+def test_training_worker_times_the_trainers_own_step(kind, monkeypatch):
+    from binlat.train.engine import Trainer
+    calls = []
+    step = Trainer._step
+    monkeypatch.setattr(Trainer, "_step", lambda self, batches: calls.append(self.step) or step(self, batches))
+    spec = bench_training.train_spec(bench.make_plan(tiny=True), kind)
+    spec["threads"] = torch.get_num_threads()
+    result = bench_training.train_worker(spec)
+    assert calls == [0, 1]  # one warm-up step, then plan.train_steps (1) timed ones, all through Trainer._step
+    assert len(result["times"]) == 1 and result["times"][0] > 0
+    assert result["params"] > 0 and result["peak_rss_mib"] >= result["before_rss_mib"] > 0
+
+
+def test_peak_rss_sees_an_allocation():
+    peak = PeakRSS()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert peak.peak_mib() - peak.before_mib >= 60 and float(block[-1]) == 1.0
+
+
+def test_bench_tables_print_through_the_report_printer():
+    table = Table("[9/9] title", ["what", "n"], [["a", 1], ["bbb", 22]], notes=["how"], footer=["verdict"])
+    assert render_table(table.to_dict(), indent="  ").splitlines() == [
+        "[9/9] title", "  how", "  what   n", "  ----  --", "  a      1", "  bbb   22", "  verdict"]

@@ -51,18 +51,19 @@ def make_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
     return {"title": title, "columns": list(columns), "rows": cells}
 
 
-def render_table(table: Mapping[str, Any]) -> str:
-    """Aligned plain text: the title, a header, a rule, then the rows (first column left, others right)."""
-    columns, rows = list(table["columns"]), [list(r) for r in table["rows"]]
+def render_table(table: Mapping[str, Any], indent: str = "") -> str:
+    """Aligned plain text: the title, the table's `notes` lines if it has any, a header, a rule, the rows (first
+    column left, others right), then its `footer` lines if any; every line after the title starts with `indent`."""
+    columns, rows = list(table["columns"]), [[str(c) for c in r] for r in table["rows"]]
     widths = [max(len(str(c)), *(len(r[i]) for r in rows)) if rows else len(str(c)) for i, c in enumerate(columns)]
 
     def line(cells: Sequence[str]) -> str:
         parts = [str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i]) for i, c in enumerate(cells)]
         return "  ".join(parts).rstrip()
 
-    out = [str(table["title"]), line(columns), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
+    body = [*table.get("notes", ()), line(columns), "  ".join("-" * w for w in widths)]
+    body += [line(r) for r in rows] + list(table.get("footer", ()))
+    return "\n".join([str(table["title"])] + [indent + b for b in body])
 
 
 def print_tables(tables: Sequence[Mapping[str, Any]], file: Any = None) -> None:

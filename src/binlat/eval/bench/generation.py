@@ -1,0 +1,187 @@
+"""Tables 1-3: AR decoding with and without its KV cache, token count, and end to end against latent diffusion."""
+from __future__ import annotations
+
+import torch
+
+from .baseline import LatentDiffusionBaseline, baseline_image, pixart, require_diffusers, vae
+from .flops import counted_flops, diffusion_step_flops
+from .harness import Table, fmt_s, fmt_x, measure, target
+from .inputs import diffusion_network, gen_config, prompt_pair, seeded
+from .plan import SD_VAE, Plan
+
+
+# --- 1. AR decoding ---------------------------------------------------------------------------------------------
+def bench_ar(plan: Plan, figures: dict[str, float]) -> Table:
+    from ...generators import ARTransformer
+    from ...processes import ARDecoding
+    from ...processes.common import make_generators
+    table = Table("[1/7] AR decoding: KV cache vs full recomputation (use_cache=False, the release's algorithm)",
+                  ["tokens", "batch", "cached s/img", "per step", "n", "recompute s/img", "n", "speedup",
+                   "same bits"])
+    table.notes.append(f"ARTransformer {plan.width}, {plan.generator['num_bits']} bits/token, guidance "
+                       f"{plan.guidance:g} (cond+uncond rows), temperature 1, seeds 0..batch-1; time per image = "
+                       f"median batch time / batch")
+    table.notes.append("warm-up: cached = one full run; recompute = its last 2 steps (a prefix fixes the others)")
+    for tokens in plan.ar_tokens:
+        net = seeded(lambda: ARTransformer(gen_config(plan, num_tokens=tokens)))
+        for batch in plan.ar_batches:
+            cond, uncond = prompt_pair(plan, batch)
+
+            def run(cached: bool, prefix: torch.Tensor | None = None) -> torch.Tensor:
+                return ARDecoding(use_cache=cached).sample(net, cond, uncond, make_generators(range(batch)),
+                                                           guidance_scale=plan.guidance, prefix=prefix)
+
+            prefix = torch.zeros(batch, max(tokens - 2, 0), plan.generator["num_bits"])
+            fast = measure(lambda: run(True), plan.timing)
+            slow = measure(lambda: run(False), plan.timing, warmup=lambda: run(False, prefix))
+            ratio = slow.median / fast.median
+            differ = int((fast.result != slow.result).sum())
+            total = fast.result.numel()
+            same = "yes" if differ == 0 else f"NO ({differ}/{total} differ)"
+            table.rows.append([tokens, batch, fmt_s(fast.median / batch), fmt_s(fast.median / tokens), fast.n,
+                               fmt_s(slow.median / batch), slow.n, fmt_x(ratio), same])
+            key = f"ar_{tokens}tok_b{batch}"
+            figures[f"{key}_cached_s_per_image"] = fast.median / batch
+            figures[f"{key}_recompute_s_per_image"] = slow.median / batch
+            figures[f"{key}_speedup"] = ratio
+            figures[f"{key}_bits_equal_fraction"] = 1 - differ / total
+    top = max(plan.ar_tokens)
+    figures["ar_kv_speedup"] = figures[f"ar_{top}tok_b{plan.ar_batches[0]}_speedup"]
+    figures["ar_kv_speedup_large_batch"] = figures[f"ar_{top}tok_b{plan.ar_batches[1]}_speedup"]
+    for batch in plan.ar_batches:
+        table.footer.append(target(figures[f"ar_{top}tok_b{batch}_speedup"], 10, f"speedup at {top} tokens, "
+                                                                               f"batch {batch}"))
+    table.footer.append("per step = cached batch time / tokens: one token for the whole batch, every block")
+    return table
+
+
+# --- 2. token count ---------------------------------------------------------------------------------------------
+def bench_tokens(plan: Plan, figures: dict[str, float]) -> Table:
+    from ...processes.common import with_guidance
+    counts = plan.token_counts
+    net = diffusion_network(gen_config(plan, num_tokens=max(counts)))
+    config = net.config
+    cond, uncond = prompt_pair(plan, 1)
+    text = with_guidance(cond, uncond, plan.guidance)  # 2 rows: one guided image
+    table = Table("[2/7] Token count: one diffusion-transformer step, 128 binary tokens vs 1,024 / 4,096 tokens",
+                  ["tokens", "step", "n", "GFLOP", "slower than 128", "FLOP ratio"])
+    table.notes.append(f"one DiffusionTransformer {plan.width}, built with num_tokens={max(counts)} (pos_emb, the "
+                       f"only size-dependent parameter, is sliced); batch 2 (cond+uncond of one image), "
+                       f"{plan.text_length} text positions")
+    base = None
+    for tokens in counts:
+        gen = torch.Generator().manual_seed(tokens)
+        x = (torch.rand(2, tokens, config.num_bits, generator=gen) < 0.5).float()
+        t = torch.full((2,), 0.5)
+        m = measure(lambda: net(x, t, text.layers, text.mask), plan.timing)
+        flops = diffusion_step_flops(config, 2, plan.text_length, tokens)["total"]
+        base = base or (m.median, flops)
+        table.rows.append([tokens, fmt_s(m.median), m.n, f"{flops / 1e9:.2f}", fmt_x(m.median / base[0]),
+                           fmt_x(flops / base[1])])
+        figures[f"diffusion_step_{tokens}tok_s"] = m.median
+        figures[f"diffusion_step_{tokens}tok_flops"] = flops
+    figures["tokens_128_vs_1024_speedup"] = figures[f"diffusion_step_{counts[1]}tok_s"] / base[0]
+    figures["tokens_128_vs_4096_speedup"] = figures[f"diffusion_step_{counts[2]}tok_s"] / base[0]
+    table.footer.append(target(figures["tokens_128_vs_4096_speedup"], 25, f"{counts[0]}-token step vs "
+                                                                        f"{counts[2]}"))
+    return table
+
+
+# --- 3. end to end ----------------------------------------------------------------------------------------------
+def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
+    require_diffusers()
+    from ...processes import BernoulliDiffusion
+    from ...processes.common import make_generators
+    from ...tokenizer import BinaryTokenizer, TokenizerConfig
+    tok_cfg = TokenizerConfig(**(plan.e2e_tokenizer or plan.tokenizer))
+    gen_cfg = gen_config(plan, num_tokens=plan.paper_tokens)
+    table = Table("[3/7] End to end: binlat vs a latent-diffusion pipeline of diffusers parts (seconds per image)",
+                  ["size", "binlat s/img", "n", "latent-diff s/img", "n", "speedup", "binlat GFLOP", "LDM GFLOP",
+                   "FLOP ratio"])
+    v = plan.vae
+    table.notes.append(f"binlat: BernoulliDiffusion.sample ({plan.steps} steps, guidance {plan.guidance:g}) with "
+                       f"DiffusionTransformer {plan.width} over {plan.paper_tokens} tokens x {gen_cfg.num_bits} bits"
+                       f", then BinaryTokenizer.decode at the size ({plan.preset.name} tokenizer: patch "
+                       f"{tok_cfg.patch_size}, decoder {tok_cfg.decoder_layers}L x {tok_cfg.decoder_dim})")
+    table.notes.append(f"latent diffusion: PixArtTransformer2DModel of the same layers/heads/head_dim (+ its "
+                       f"cross-attention), patch 2, 4 channels, over the 8x-downsampled latent; {plan.steps} DDIM "
+                       f"steps with guidance (batch 2); AutoencoderKL decoder, channels "
+                       f"{tuple(v['block_out_channels'])} x {v['layers_per_block']} layers/block "
+                       f"({'SD' if v == SD_VAE else 'reduced'} config)")
+    if plan.e2e_composed:
+        table.notes.append(f"latent diffusion s/img at {', '.join(f'{z} px' for z in plan.e2e_composed)} COMPOSED: "
+                           f"{plan.steps} x median guided step (n runs) + one VAE decode (after a 64 px warm-up); "
+                           f"binlat images are complete runs")
+    if plan.small_warmup:
+        table.notes.append(f"binlat warm-up: one full image at {8 * tok_cfg.size_multiple} px (same code path), "
+                           f"then timed runs at the size")
+    table.notes.append("GFLOP: matrix products and convolutions per image (torch FlopCounterMode on the meta "
+                       "device); both sides random init, float32, same threads")
+    gen = diffusion_network(gen_cfg)
+    tokenizer = seeded(lambda: BinaryTokenizer(tok_cfg))
+    cond, uncond = prompt_pair(plan, 1)
+    process = BernoulliDiffusion(prediction=gen_cfg.prediction)
+    decoder = seeded(lambda: vae(plan), 1)
+    warm_size = 8 * tok_cfg.size_multiple if plan.small_warmup else None
+
+    def sample() -> torch.Tensor:
+        return process.sample(gen, cond, uncond, make_generators([0]), num_steps=plan.steps,
+                              guidance_scale=plan.guidance)
+
+    def binlat_image(size: int) -> torch.Tensor:
+        return tokenizer.decode(sample(), size, size)
+
+    sampling = measure(sample, plan.timing)
+    figures["e2e_binlat_sampling_s"] = sampling.median
+
+    for size in plan.e2e_sizes:
+        tokenizer.check_size(size, size)
+        baseline = LatentDiffusionBaseline(plan, size, seeded(lambda: pixart(plan, size // 8), 2), decoder)
+        ours = measure(lambda: binlat_image(size), plan.timing,
+                       warmup=(lambda: binlat_image(warm_size)) if warm_size else None)
+        if size in plan.e2e_composed:
+            latents, t = baseline.noise(), baseline.scheduler.timesteps[0]
+            step = measure(lambda: baseline.step(latents, t), plan.timing)
+            small = torch.zeros(1, 4, 8, 8)
+            decode = measure(lambda: baseline.decode(latents), plan.timing, warmup=lambda: baseline.decode(small),
+                             max_runs=1)
+            theirs_s, theirs_n = plan.steps * step.median + decode.median, f"{step.n}+{decode.n}"
+            figures[f"e2e_{size}_ldm_step_s"] = step.median
+            figures[f"e2e_{size}_ldm_decode_s"] = decode.median
+        else:
+            theirs = measure(baseline, plan.timing, max_runs=3)
+            theirs_s, theirs_n = theirs.median, theirs.n
+        ratio = theirs_s / ours.median
+        ours_flops, theirs_flops = e2e_flops(plan, gen_cfg, tok_cfg, size)
+        flop_ratio = theirs_flops / ours_flops if ours_flops and theirs_flops else None
+        gf = lambda f: "n/a" if f is None else f"{f / 1e9:.1f}"  # noqa: E731
+        table.rows.append([f"{size} px", fmt_s(ours.median), ours.n, fmt_s(theirs_s), theirs_n, fmt_x(ratio),
+                           gf(ours_flops), gf(theirs_flops), "n/a" if flop_ratio is None else fmt_x(flop_ratio)])
+        table.footer.append(f"{size} px: binlat = sampling {fmt_s(sampling.median)} (timed alone, n={sampling.n}) "
+                            f"+ decode ~{fmt_s(max(ours.median - sampling.median, 0.0))}")
+        figures[f"e2e_{size}_binlat_s_per_image"] = ours.median
+        figures[f"e2e_{size}_ldm_s_per_image"] = theirs_s
+        figures[f"e2e_{size}_speedup"] = ratio
+        if flop_ratio is not None:
+            figures[f"e2e_{size}_flop_ratio"] = flop_ratio
+    small, large = plan.e2e_sizes
+    table.footer.append(target(figures[f"e2e_{small}_speedup"], 6, f"at {small} px"))
+    table.footer.append(target(figures[f"e2e_{large}_speedup"], 20, f"at {large} px"))
+    return table
+
+
+def e2e_flops(plan: Plan, gen_cfg, tok_cfg, size: int) -> tuple[int | None, int | None]:
+    """Per-image FLOPs of both pipelines, counted on the meta device (no memory, no time)."""
+    from ...generators import DiffusionTransformer
+    from ...tokenizer import BinaryTokenizer
+    with torch.device("meta"):
+        def ours() -> None:
+            net, tok = DiffusionTransformer(gen_cfg), BinaryTokenizer(tok_cfg)
+            text = [torch.zeros(2, plan.text_length, gen_cfg.text_dim)] * gen_cfg.num_layers
+            mask = torch.ones(2, plan.text_length, dtype=torch.bool)
+            x = torch.zeros(2, gen_cfg.num_tokens, gen_cfg.num_bits)
+            for _ in range(plan.steps):
+                net(x, torch.zeros(2), text, mask)
+            tok.decode(torch.zeros(1, gen_cfg.num_tokens, gen_cfg.num_bits), size, size)
+
+        return counted_flops(ours), counted_flops(lambda: baseline_image(plan, size))

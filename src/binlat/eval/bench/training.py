@@ -1,0 +1,228 @@
+"""Table 5: one optimiser step of each trainer, taken by binlat.train's own Trainer, each in a fresh subprocess.
+
+The worker builds the Trainer from the preset's training config (model sizes and batch from the plan) and times
+`Trainer._step` on a fixed batch of random data, so the bench times exactly what `binlat train` runs per step:
+the task's loss, backward, gradient clipping, AdamW and the EMA update."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from .harness import PeakRSS, Table, fmt_s, memory_available_mib
+from .inputs import text_features
+from .plan import TRAIN_KINDS, UNCOND_REAL, Plan
+
+
+# --- the parent: one worker per trainer -------------------------------------------------------------------------
+def train_spec(plan: Plan, kind: str) -> dict[str, Any]:
+    """What a worker trains: the preset's training config for `kind` with the plan's sizes, batch and precision."""
+    model = plan.tokenizer if kind == "tokenizer" else plan.generator
+    model = {k: list(v) if isinstance(v, tuple) else v for k, v in model.items()}
+    config = dict(plan.preset.training[kind], model=model, batch_size=plan.train_batches[kind], grad_accum=1,
+                  max_steps=plan.train_steps + 1, mixed_precision="bf16" if plan.train_bf16 else "no",
+                  grad_checkpointing=plan.train_checkpointing, trackers=[], sample_every=0, num_workers=0)
+    if kind == "tokenizer":
+        config["image_size"] = model["image_size"]
+    return {"kind": kind, "config": config, "steps": plan.train_steps, "threads": torch.get_num_threads(),
+            "text_length": plan.text_length}
+
+
+def _param_count(spec: dict[str, Any]) -> int:
+    from ...train.tasks import model_for_export
+    with torch.device("meta"):
+        net = model_for_export(spec["kind"], spec["config"]["model"])
+    return sum(p.numel() for p in net.parameters())
+
+
+def _run_worker(spec: dict[str, Any]) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    return subprocess.Popen([sys.executable, "-m", "binlat.eval.bench", "--train-worker", json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _collect(proc: subprocess.Popen) -> dict[str, Any]:
+    """The worker's result, or {"error": why} (a killed or crashed worker costs its row, not the table)."""
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        last = (err.strip().splitlines() or ["no message (killed? out of memory?)"])[-1]
+        return {"error": f"worker failed (exit {proc.returncode}): {last}"}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _tokenizer_losses(config: dict[str, Any], steps: int) -> str:
+    from ...config import config_from_dict
+    from ...train.config import TrainConfig
+    o = config_from_dict(TrainConfig, config, "tokenizer config").tokenizer
+    weights = {"smooth-L1": o.l1_weight, "MSE": o.l2_weight, "image-gradient L1": o.gradient_weight,
+               "perceptual": o.perceptual_weight, "bit regulariser": o.bit_reg_weight, "GAN": o.gan_weight}
+    text = " + ".join(f"{name} x{w:g}" for name, w in weights.items() if w)
+    if o.perceptual_weight:
+        text += " (perceptual only with tokenizer.perceptual_weights on disk)"
+    if o.gan_weight and o.gan_start > steps:
+        text += f" (GAN from step {o.gan_start}: off in these steps)"
+    return text
+
+
+def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
+    table = Table("[5/7] Training: one optimiser step of each trainer (fresh subprocess each, for a clean peak)",
+                  ["trainer", "params", "batch", "step", "n", "images/s", "peak RSS", "RSS growth in steps"])
+    from ...hardware import bf16_native
+    if plan.train_bf16 and not bf16_native("cpu"):
+        plan = replace(plan, train_bf16=False)
+        table.notes.append("the preset asks for bf16 autocast, which this CPU would emulate (no avx512_bf16/AMX): "
+                           "measured in float32, as binlat train would refuse bf16 here")
+    specs = {k: train_spec(plan, k) for k in TRAIN_KINDS}
+    clip = specs["tokenizer"]["config"].get("grad_clip", 1.0)
+    table.notes.append(f"step = binlat.train's Trainer step on the preset's training configs: the task's loss, "
+                       f"backward, grad clip (tokenizer {clip:g}), AdamW, EMA update; after 1 warm-up step; random "
+                       f"images (tokenizer) or random bits + random text features given as precomputed data "
+                       f"(generators)")
+    table.notes.append(f"tokenizer loss: {_tokenizer_losses(specs['tokenizer']['config'], plan.train_steps)}")
+    table.notes.append(f"autocast bf16: {'on' if plan.train_bf16 else 'off'}, gradient checkpointing: "
+                       f"{'on' if plan.train_checkpointing else 'off'} (as the preset's configs); peak RSS = the "
+                       f"worker's resident high-water mark over its steps (VmHWM, reset once trainer, EMA copy and "
+                       f"data were built); growth = peak minus the resident size at that point (activations, "
+                       f"gradients, optimiser state)")
+    # Weights, gradients, AdamW moments and the EMA copy alone need 20 bytes per parameter: skip what cannot fit.
+    available = memory_available_mib()
+    params = {k: _param_count(s) for k, s in specs.items()}
+    skipped = {}
+    for kind in specs:
+        need = 20 * params[kind] / 2**20
+        if need > available:
+            skipped[kind] = (f"skipped: weights + gradients + AdamW + EMA alone need {need / 1024:.1f} GiB, "
+                             f"{available / 1024:.1f} GiB available")
+    run = {k: s for k, s in specs.items() if k not in skipped}
+    if plan.mode == "tiny":  # timings mean nothing here: overlap the workers' start-up
+        procs = {k: _run_worker(s) for k, s in run.items()}
+        results = {k: _collect(p) for k, p in procs.items()}
+    else:
+        results = {k: _collect(_run_worker(s)) for k, s in run.items()}
+    for kind, r in results.items():
+        if "error" in r:
+            skipped[kind] = r["error"]
+    if len(skipped) == len(TRAIN_KINDS):
+        raise RuntimeError("; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    for kind in TRAIN_KINDS:
+        batch = specs[kind]["config"]["batch_size"]
+        if kind in skipped:
+            table.rows.append([kind, f"{params[kind] / 1e6:.1f} M", batch, "-", 0, "-", "-", "-"])
+            table.footer.append(f"{kind}: {skipped[kind]}")
+            continue
+        r = results[kind]
+        med = statistics.median(r["times"])
+        if r["peak_source"] != "VmHWM":
+            table.footer.append(f"{kind}: no /proc/self/clear_refs, so peak is ru_maxrss (may include start-up)")
+        shown = f"{r['params'] / 1e6:.1f} M" if r["params"] >= 1e5 else f"{r['params'] / 1e3:.1f} K"
+        table.rows.append([kind, shown, batch, fmt_s(med), len(r["times"]), f"{batch / med:.1f}",
+                           f"{r['peak_rss_mib']:.0f} MiB", f"{r['peak_rss_mib'] - r['before_rss_mib']:.0f} MiB"])
+        figures[f"train_{kind}_images_per_s"] = batch / med
+        figures[f"train_{kind}_step_s"] = med
+        figures[f"train_{kind}_peak_rss_mib"] = r["peak_rss_mib"]
+        figures[f"train_{kind}_rss_growth_mib"] = r["peak_rss_mib"] - r["before_rss_mib"]
+    return table
+
+
+# --- the worker: python -m binlat.eval.bench --train-worker SPEC_JSON -------------------------------------------
+def _precomputed_task_class():
+    from ...config import config_from_dict
+    from ...generators import GeneratorConfig
+    from ...processes import ARDecoding, BernoulliDiffusion
+    from ...train.tasks import GeneratorTask, Task
+
+    class PrecomputedGeneratorTask(GeneratorTask):
+        """GeneratorTask as it trains on `binlat precompute` output, minus the frozen tokenizer and text encoder
+        it loads for raw images (the bench has neither, and a text encoder of the preset's width may not exist
+        here). Its loss, the part that is timed, is GeneratorTask's own."""
+
+        def __init__(self, cfg, device, text_length: int):
+            Task.__init__(self, cfg, device)
+            o = cfg.generator
+            self.model_config = config_from_dict(GeneratorConfig, {"prediction": o.prediction, **cfg.model}, "model")
+            self.model = self.new_model()
+            # As GeneratorTask builds it.
+            self.process = BernoulliDiffusion(prediction=o.prediction, time_sampling=o.time_sampling) \
+                if cfg.kind == "diffusion" else ARDecoding()
+            c = self.model_config
+            self.uncond = precomputed_text(text_features(1, c.num_layers, c.text_dim, text_length, UNCOND_REAL, 2))
+
+    return PrecomputedGeneratorTask
+
+
+def precomputed_text(features) -> dict[str, torch.Tensor]:
+    """Text features as `binlat precompute` stores them: [N, layers, L, D] float16 states and a [N, L] mask."""
+    return {"text": torch.stack(features.layers, 1).half(), "text_mask": features.mask}
+
+
+@contextlib.contextmanager
+def _trainer_task(spec: dict[str, Any]):
+    """Generators: have the Trainer build a PrecomputedGeneratorTask (it builds its task with tasks.make_task)."""
+    if spec["kind"] == "tokenizer":
+        yield
+        return
+    from unittest import mock
+
+    from ...train import tasks
+    task_class = _precomputed_task_class()
+    with mock.patch.object(tasks, "make_task", lambda cfg, device: task_class(cfg, device, spec["text_length"])):
+        yield
+
+
+def _random_batch(task, cfg, text_length: int) -> dict[str, Any]:
+    """One collated batch of random data of the task's shapes, as the Trainer's data loader gives it."""
+    n, c = cfg.batch_size, task.model_config
+    gen = torch.Generator().manual_seed(0)
+    batch: dict[str, Any] = {"index": torch.arange(n), "caption": [""] * n}
+    if cfg.kind == "tokenizer":
+        batch["image"] = torch.rand(n, c.in_channels, c.image_size, c.image_size, generator=gen) * 2 - 1
+        return batch
+    batch["bits"] = (torch.rand(n, c.num_tokens, c.num_bits, generator=gen) < 0.5).float()
+    return {**batch, **precomputed_text(text_features(n, c.num_layers, c.text_dim, text_length))}
+
+
+def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Warm-up, then `steps` timed Trainer steps; the resident peak over the timed steps."""
+    from ...config import config_from_dict
+    from ...train.config import TrainConfig
+    from ...train.data import SkippedSamples
+    from ...train.engine import Trainer
+    torch.set_num_threads(int(spec["threads"]))
+    cfg = config_from_dict(TrainConfig, spec["config"], "bench training spec")
+    with tempfile.TemporaryDirectory(prefix="binlat-bench-") as run_dir:
+        with _trainer_task(spec), warnings.catch_warnings():
+            # No trackers is what the bench wants (nothing written per step); accelerate warns about it.
+            warnings.filterwarnings("ignore", message=".*no supported trackers", category=UserWarning)
+            trainer = Trainer(cfg, run_dir)
+        try:
+            batch = _random_batch(trainer.task, cfg, int(spec["text_length"]))
+            trainer.skips, trainer.images_seen = SkippedSamples(show=False), 0  # as Trainer._train sets them up
+            batches = iter(lambda: dict(batch), None)  # endless; a fresh dict each time, as _step pops from it
+            peak = PeakRSS()  # model, data and EMA copy built; the optimiser state comes with the first step
+
+            def step() -> None:
+                trainer._step(batches)
+                trainer.step += 1
+
+            step()  # warm-up
+            times = []
+            for _ in range(int(spec["steps"])):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+            model = trainer.acc.unwrap_model(trainer.model)
+            return {"times": times, "peak_rss_mib": peak.peak_mib(), "before_rss_mib": peak.before_mib,
+                    "peak_source": peak.source, "params": sum(p.numel() for p in model.parameters()
+                                                              if p.requires_grad)}
+        finally:
+            trainer.close()
