@@ -1,0 +1,134 @@
+"""Reading request bodies: the JSON-object check every JSON body gets before it is parsed, and the image
+endpoints' bodies, which are either multipart/form-data (file field `image`) or JSON (`image_base64`)."""
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import re
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from .. import editing
+from .errors import ApiError
+from .schemas import FLOAT_FIELDS, INT_FIELDS, validate
+
+MAX_FORM_FIELDS = 32
+MAX_UPLOAD_PIXELS = 4096 * 4096  # decoded size of an uploaded image
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_json(ctype: str) -> bool:
+    # The media types FastAPI parses as JSON for a typed body (no Content-Type at all is read as JSON too).
+    return ctype in ("", "application/json") or (ctype.startswith("application/") and ctype.endswith("+json"))
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, else a 415 or 400 ApiError saying what is wrong with it."""
+    ctype = content_type(request)
+    if not is_json(ctype):
+        raise ApiError(415, f"unsupported content type {ctype!r}: send application/json")
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiError(400, "empty body: send a JSON object")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "body is not UTF-8 text; send a JSON object") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the JSON body must be an object, got {type(data).__name__}")
+    return data
+
+
+def form_value(name: str, text: str) -> Any:
+    """Form fields arrive as text: numbers for numeric fields, text otherwise (strict checks follow)."""
+    text = text.strip() if name in INT_FIELDS | FLOAT_FIELDS | {"size"} else text
+    if name in INT_FIELDS:
+        with contextlib.suppress(ValueError):
+            return int(text)
+    elif name in FLOAT_FIELDS:
+        with contextlib.suppress(ValueError):
+            return float(text)
+    return text
+
+
+async def image_request(request: Request, model: type[BaseModel]) -> tuple[Any, bytes]:
+    """(the fields as a `model`, the image file's bytes) from multipart/form-data (file field `image`) or JSON
+    (`image_base64`). The image is only decoded later, in the work queue (`decode_image`)."""
+    fields, data = await _image_fields(request)
+    return validate(model, fields), data
+
+
+async def _image_fields(request: Request) -> tuple[dict[str, Any], bytes]:
+    ctype = content_type(request)
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
+        except Exception as e:  # noqa: BLE001 — the multipart parser has several error types
+            detail = getattr(e, "detail", None) or str(e) or type(e).__name__
+            raise ApiError(400, f"malformed multipart body: {detail}") from None
+        fields: dict[str, Any] = {}
+        data = None
+        try:
+            for key, value in form.multi_items():
+                if key in fields or (key == "image" and data is not None):
+                    raise ApiError(422, f"{key}: given more than once")
+                if key == "image":
+                    if isinstance(value, str):
+                        raise ApiError(422, "image: must be an uploaded file, not a text field")
+                    data = await value.read()
+                elif not isinstance(value, str):
+                    raise ApiError(422, f"{key}: only the field 'image' may be a file")
+                elif value.strip() or key == "prompt":  # an empty optional form field means "default"
+                    fields[key] = form_value(key, value)
+        finally:
+            await form.close()  # spooled upload files
+        if data is None:
+            raise ApiError(422, "image: missing; upload the image file as the multipart field 'image'")
+        if not data:
+            raise ApiError(422, "image: the uploaded file is empty")
+        return fields, data
+    if not is_json(ctype):
+        raise ApiError(415, f"unsupported content type {ctype!r}: send multipart/form-data or application/json")
+    fields = await json_object(request)
+    encoded = fields.pop("image_base64", None)
+    if encoded is None:
+        raise ApiError(422, "image_base64: missing; send the image file base64-encoded (or upload it as "
+                            "multipart/form-data field 'image')")
+    if not isinstance(encoded, str):
+        raise ApiError(422, "image_base64: must be a base64 string")
+    encoded = re.sub(r"^data:[^,]*;base64,", "", encoded.strip())
+    try:
+        data = base64.b64decode(re.sub(r"\s+", "", encoded), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "image_base64: not valid base64") from None
+    if not data:
+        raise ApiError(422, "image_base64: the image is empty")
+    return fields, data
+
+
+def decode_image(data: bytes):
+    """Decode an upload (run inside the work queue, so decoding too is bounded by max_concurrent)."""
+    try:
+        return editing.open_image(data, "upload", max_pixels=MAX_UPLOAD_PIXELS)
+    except (ValueError, OSError) as e:
+        raise ApiError(422, f"image: {e}") from None
+
+
+def image_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI text for a body that is JSON (`model`) or multipart with the file `image`: a typed FastAPI body
+    describes one content type only, so the image endpoints read theirs by hand and describe it here."""
+    schema = model.model_json_schema()
+    props = {k: v for k, v in schema.get("properties", {}).items() if k != "image_base64"}
+    props["image"] = {"type": "string", "format": "binary", "description": "the image file"}
+    content = {"application/json": {"schema": schema},
+               "multipart/form-data": {"schema": {"type": "object", "properties": props, "required": ["image"]}}}
+    return {"requestBody": {"required": True, "content": content}}
