@@ -91,7 +91,7 @@ def _load_pipeline(model: str | None, text_encoder: str | None):
               "are noise (pass --model DIR for a trained bundle)", file=sys.stderr)
         from .text import TextEncoder
         return Pipeline.random_tiny(text_encoder=TextEncoder(text_encoder) if text_encoder else None)
-    if not Path(path).is_dir():
+    if not Path(path).is_dir() and str(path).count("/") != 1:  # "org/name" may be a Hub id
         raise CLIError(f"model directory {path} does not exist (pass --model DIR with a binlat bundle)")
     return Pipeline.from_pretrained(path, text_encoder=text_encoder)
 
@@ -168,10 +168,22 @@ def _reference_scale(text: str) -> int | str:
 
 
 def cmd_convert_official(args: argparse.Namespace) -> int:
+    single = {"--kind": args.kind, "--config": args.config, "--weights": args.weights, "--scale": args.scale}
+    if args.release:
+        from .release import convert_release
+        if extra := [o for o, v in single.items() if v is not None]:
+            raise CLIError(f"--release converts the whole download; drop {', '.join(extra)}")
+        out = convert_release(args.release, args.out, args.release_config, dtype=storage_dtype(args.dtype))
+        print(f"wrote pipeline bundle to {out} (binlat generate PROMPT --model {out})")
+        return 0
+    if missing := [o for o in ("--kind", "--config", "--weights") if single[o] is None]:
+        raise CLIError(f"give --release DIR, or --kind, --config and --weights (missing {', '.join(missing)})")
+    if args.release_config:
+        raise CLIError("--release-config goes with --release DIR")
     from .official import convert_official
     # Not given: the config decides (official.RELEASE_SCALE when it has no "scale" key).
     scale = {} if args.scale is None else {"scale": None if args.scale == "none" else args.scale}
-    out = convert_official(args.kind, args.config, args.weights, args.out, **scale)
+    out = convert_official(args.kind, args.config, args.weights, args.out, **scale, dtype=storage_dtype(args.dtype))
     print(f"wrote {args.kind} model to {out} (load with from_pretrained)")
     return 0
 
@@ -536,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images from prompts")
     g.add_argument("prompts", nargs="*", metavar="PROMPT")
     g.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="file with one prompt per line")
-    g.add_argument("--model", metavar="DIR", help="pipeline bundle directory (default: the shipped model)")
+    g.add_argument("--model", metavar="DIR", help="pipeline bundle, or the Instella-T2I release (its download "
+                   "folder, or amd/Instella-T2I once in the Hugging Face cache) (default: the shipped model)")
     g.add_argument("--text-encoder", metavar="NAME_OR_PATH",
                    help="override the bundle's text encoder (e.g. amd/AMD-OLMo-1B or a local path)")
     g.add_argument("--generator", choices=["diffusion", "ar"], default="diffusion")
@@ -554,11 +567,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("convert-official", help="convert a released Instella-T2I checkpoint to a binlat directory")
-    c.add_argument("--kind", choices=["tokenizer", "diffusion", "ar"], required=True)
-    c.add_argument("--config", required=True, metavar="CONFIG.json")
-    c.add_argument("--weights", required=True, metavar="WEIGHTS", help=".safetensors or .pt ({'module': ...})")
+    c = sub.add_parser("convert-official", help="convert the Instella-T2I release (or one checkpoint) for binlat")
+    c.add_argument("--release", metavar="DIR", help="a download of the release (huggingface-cli download "
+                   "amd/Instella-T2I --local-dir DIR): writes a complete pipeline bundle to --out")
+    c.add_argument("--release-config", metavar="JSON", help='with --release: architecture override, JSON or a '
+                   'file, {"bae": {...}, "diffusion": {...}, "ar": {...}} in the release\'s key names')
+    c.add_argument("--kind", choices=["tokenizer", "diffusion", "ar"])
+    c.add_argument("--config", metavar="CONFIG.json")
+    c.add_argument("--weights", metavar="WEIGHTS", help=".safetensors or .pt ({'module': ...})")
     c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32", help="precision the weights are stored in")
     c.add_argument("--scale", type=_reference_scale, metavar="N|none",
                    help="tokenizer only: reference size in pixels for positions (the release's set_scale), or none; "
                         "default: the config's \"scale\", or the release's inference value when the key is absent")

@@ -74,9 +74,16 @@ class ModelMixin(PyTorchModelHubMixin):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
         config = config_from_dict(cls.config_class, data, source=str(config_path))
-        model = cls(config)
+        # Built on the meta device and handed the file's tensors, which safetensors memory-maps, rather than
+        # allocating and initialising parameters only to overwrite them: a model costs its weights once, not twice.
+        with torch.device("meta"):
+            model = cls(config)
         state = load_safetensors(directory / WEIGHTS_NAME)
         check_state_dict(model, state, str(directory / WEIGHTS_NAME))
-        model.load_state_dict(state, strict=True)
-        model.to(device=device, dtype=dtype)
+        expected = model.state_dict()
+        # A tensor already in the wanted dtype stays the mapped one; float16 files are widened as before.
+        state = {k: v.to(dtype if dtype is not None and v.is_floating_point() else expected[k].dtype)
+                 for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.to(device=device)
         return model.eval()

@@ -152,7 +152,7 @@ def load_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except pickle.UnpicklingError as e:
         raise WeightsError(f"{path}: refused to load: the file holds more than plain tensors "
                            f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None
@@ -163,6 +163,17 @@ def load_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a state dict (or {{'module': state_dict}}) of tensors")
     return obj
+
+
+def _torch_load(path: Path) -> Any:
+    """weights_only always. Memory-mapped where the file's format allows (torch.save's zip format): the release's
+    generators are gigabytes, and a mapped tensor costs memory only for the pages read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise
+    except Exception:  # the legacy (non-zip) format cannot be mapped; a damaged file fails again just below
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_official_config(path: str | Path) -> dict[str, Any]:
@@ -193,9 +204,10 @@ def build_official(kind: str, config_path: str | Path, weights_path: str | Path,
 
 
 def convert_official(kind: str, config_path: str | Path, weights_path: str | Path, out_dir: str | Path,
-                     scale: int | None | str = FROM_CONFIG) -> Path:
+                     scale: int | None | str = FROM_CONFIG, dtype: torch.dtype | None = None) -> Path:
     """Write a binlat model directory (config.json + model.safetensors) from an official checkpoint.
 
     A tokenizer's `scale` (reference size in pixels, None for none) overrides the config's "scale"; by default a
-    config without the key gets the release's RELEASE_SCALE, as the release decodes with set_scale(1024)."""
-    return build_official(kind, config_path, weights_path, scale).save_pretrained(out_dir)
+    config without the key gets the release's RELEASE_SCALE, as the release decodes with set_scale(1024).
+    `dtype` (e.g. torch.float16) stores the weights in that precision."""
+    return build_official(kind, config_path, weights_path, scale).save_pretrained(out_dir, dtype=dtype)

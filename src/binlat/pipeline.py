@@ -5,10 +5,12 @@ A bundle directory holds `model_index.json` (PipelineConfig) and one model direc
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from .config import ConfigError, config_from_dict, config_to_dict
 from .generators import ARTransformer, DiffusionTransformer, GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
-from .modeling import resolve_model_dir
+from .modeling import CONFIG_NAME, resolve_model_dir
 from .processes import ARDecoding, BernoulliDiffusion
 from .processes.common import check_sampling_args, make_generators
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextFeatures, text_layer_map
@@ -95,23 +97,74 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
+class Generators(Mapping):
+    """The pipeline's generators by kind. One given as a loader is read from disk on first use, so a pipeline
+    holds in memory only the generators its calls have used (the release's two cost ~8 GB together)."""
+
+    def __init__(self, models: dict[str, torch.nn.Module], loaders: dict[str, Callable[[], torch.nn.Module]],
+                 prepare: Callable[[str, torch.nn.Module], torch.nn.Module]):
+        self._models, self._loaders, self._prepare = dict(models), dict(loaders), prepare
+        self._lock = threading.Lock()  # two server threads asking at once load it once
+
+    def __getitem__(self, kind: str) -> torch.nn.Module:
+        if kind not in self._models:
+            with self._lock:
+                if kind not in self._models:
+                    if kind not in self._loaders:
+                        raise KeyError(kind)
+                    self._models[kind] = self._prepare(kind, self._loaders[kind]())
+                    del self._loaders[kind]
+        return self._models[kind]
+
+    def __contains__(self, kind: object) -> bool:  # without loading (Mapping's default would load)
+        return kind in self._models or kind in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k for k in GENERATOR_KINDS if k in self])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def loaded(self) -> dict[str, torch.nn.Module]:
+        """The generators in memory now."""
+        return dict(self._models)
+
+
 class Pipeline:
     def __init__(self, tokenizer: BinaryTokenizer, text_encoder: TextEncoder,
                  diffusion: DiffusionTransformer | None = None, ar: ARTransformer | None = None,
-                 config: PipelineConfig | None = None):
+                 config: PipelineConfig | None = None,
+                 loaders: dict[str, tuple[GeneratorConfig, Callable[[], torch.nn.Module]]] | None = None):
+        """`loaders` maps a generator kind to its config and a function that loads it; such a generator is checked
+        against the tokenizer and text encoder now and loaded on first use."""
         self.tokenizer, self.text_encoder = tokenizer.eval(), text_encoder
-        self.generators = {k: m.eval() for k, m in (("diffusion", diffusion), ("ar", ar)) if m is not None}
-        if not self.generators:
+        models = {k: m.eval() for k, m in (("diffusion", diffusion), ("ar", ar)) if m is not None}
+        loaders = {k: v for k, v in (loaders or {}).items() if k not in models}
+        self._generator_configs = {k: m.config for k, m in models.items()} | {k: c for k, (c, _) in loaders.items()}
+        if not self._generator_configs:
             raise ValueError("a pipeline needs at least one generator (diffusion or ar)")
+        # What .to() and .compile() asked for, applied to a generator loaded later too.
+        self._placement: dict[str, Any] = {}
+        self._compiled = False
+        self.generators = Generators(models, {k: f for k, (_, f) in loaders.items()}, self._prepare)
         self.config = config or PipelineConfig(text_encoder=text_encoder.name_or_path,
                                                generators=tuple(self.generators),
                                                image_size=tokenizer.config.image_size)
-        for kind, model in self.generators.items():
-            self._check_generator(kind, model)
+        for kind, cfg in self._generator_configs.items():
+            self._check_generator(kind, cfg)
 
     # --- construction -------------------------------------------------------------------------------------
-    def _check_generator(self, kind: str, model: torch.nn.Module) -> None:
-        cfg: GeneratorConfig = model.config
+    def _prepare(self, kind: str, model: torch.nn.Module) -> torch.nn.Module:
+        if model.config != self._generator_configs[kind]:
+            raise ValueError(f"{kind} generator: the loaded config differs from the one checked at construction")
+        model.eval()
+        if self._placement:
+            model.to(**self._placement)
+        if self._compiled:
+            model.forward = torch.compile(model.forward, dynamic=True)
+        return model
+
+    def _check_generator(self, kind: str, cfg: GeneratorConfig) -> None:
         tok = self.tokenizer.config
         if (cfg.num_tokens, cfg.num_bits) != (tok.num_tokens, tok.num_bits):
             raise ValueError(f"{kind} generator makes {cfg.num_tokens}x{cfg.num_bits} bits but the tokenizer "
@@ -126,15 +179,21 @@ class Pipeline:
                              f"{self.text_encoder.num_layers}")
 
     def text_layers(self, kind: str) -> list[int]:
-        cfg = self.generators[kind].config
+        cfg = self._generator_configs[kind]
         if cfg.text_layers is not None:
             return list(cfg.text_layers)
         return text_layer_map(self.text_encoder.num_layers, cfg.num_layers)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, text_encoder: str | TextEncoder | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
-        directory = resolve_model_dir(path)
+                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        release_config: dict[str, Any] | str | Path | None = None) -> Pipeline:
+        """`path`: a bundle directory, a Hub id of one, or the Instella-T2I release (its download folder or
+        `amd/Instella-T2I`), which is converted once into a cached bundle (binlat.release); `release_config`
+        overrides the release's architecture as `convert-official --release-config` does. Generators are loaded
+        on first use."""
+        from .release import resolve_pipeline_dir
+        directory = resolve_pipeline_dir(path, release_config)
         index = directory / INDEX_NAME
         if not index.is_file():
             raise FileNotFoundError(f"{directory}: missing {INDEX_NAME}; not a binlat pipeline directory "
@@ -150,9 +209,11 @@ class Pipeline:
             text_encoder = TextEncoder(text_encoder or config.text_encoder, max_length=config.text_max_length,
                                        device=device)
         tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype)
-        parts = {k: _GENERATOR_CLASSES[k].from_pretrained(directory / k, device=device, dtype=dtype)
-                 for k in config.generators}
-        return cls(tokenizer, text_encoder, config=config, **parts)
+        loaders = {k: (_read_config(_GENERATOR_CLASSES[k], directory / k),
+                       functools.partial(_GENERATOR_CLASSES[k].from_pretrained, directory / k, device=device,
+                                         dtype=dtype))
+                   for k in config.generators}
+        return cls(tokenizer, text_encoder, config=config, loaders=loaders)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write the bundle; `dtype` (e.g. torch.float16) stores the weights in that precision."""
@@ -161,8 +222,8 @@ class Pipeline:
             config = config_to_dict(self.config) | {"generators": list(self.generators)}
             (tmp / INDEX_NAME).write_text(json.dumps(config, indent=2) + "\n")
             self.tokenizer.save_pretrained(tmp / "tokenizer", dtype=dtype)
-            for kind, model in self.generators.items():
-                model.save_pretrained(tmp / kind, dtype=dtype)
+            for kind in self.generators:  # a generator not loaded yet is loaded to be written
+                self.generators[kind].save_pretrained(tmp / kind, dtype=dtype)
         return path
 
     @classmethod
@@ -191,7 +252,8 @@ class Pipeline:
             require_bf16(device or next(self.tokenizer.parameters()).device, "bfloat16 generation",
                          fix="keep float32")
         self.tokenizer.to(device=device, dtype=dtype)
-        for model in self.generators.values():
+        self._placement |= {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for model in self.generators.loaded().values():
             model.to(device=device, dtype=dtype)
         return self
 
@@ -199,7 +261,8 @@ class Pipeline:
         """Opt in to torch.compile for the generators and the tokenizer decoder (the first call pays the compile
         time; the fused elementwise work then runs faster on CPU). Compiled kernels may round differently, so rare
         bits can differ from eager mode for the same seed."""
-        for model in self.generators.values():
+        self._compiled = True
+        for model in self.generators.loaded().values():
             model.forward = torch.compile(model.forward, dynamic=True)
         self.tokenizer.decoder.forward = torch.compile(self.tokenizer.decoder.forward, dynamic=True)
         return self
@@ -269,6 +332,19 @@ class Pipeline:
             all_bits.append(bits.to(torch.uint8).cpu())
         return PipelineOutput(images=images, seeds=seeds, prompts=prompts,
                               bits=torch.cat(all_bits) if return_bits else None)
+
+
+def _read_config(model_class: type, directory: Path) -> Any:
+    """A model directory's config alone (its weights load later), with from_pretrained's errors."""
+    directory = resolve_model_dir(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: missing {CONFIG_NAME}; is this a {model_class.__name__} directory?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return config_from_dict(model_class.config_class, data, source=str(path))
 
 
 def default_model_dir() -> Path | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,11 @@ def text_layer_map(num_text_layers: int, num_blocks: int) -> list[int]:
     return [round(i * step) for i in range(num_blocks)]
 
 
+def _check_max_length(max_length: int) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+
+
 class TextEncoder(nn.Module):
     """Frozen ``transformers`` model (decoder-only or encoder) returning all hidden layers."""
 
@@ -123,20 +129,32 @@ class TextEncoder(nn.Module):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        _check_max_length(max_length)
         self.name_or_path = name_or_path
         self.max_length = max_length
         self.dtype = dtype
-        self.tokenizer, self.model = _load(resolve_text_encoder_path(name_or_path), dtype)
-        self.model.to(device).eval().requires_grad_(False)
+        self._attach(*_load_shared(resolve_text_encoder_path(name_or_path), dtype, device))
 
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer, name_or_path: str, max_length: int = 128,
+                   dtype: torch.dtype = torch.float32) -> TextEncoder:
+        """Wrap a ``transformers`` model and tokenizer already in memory (e.g. one built from a config with random
+        weights, to measure cost without a download)."""
+        _check_max_length(max_length)
+        encoder = cls.__new__(cls)
+        nn.Module.__init__(encoder)
+        encoder.name_or_path, encoder.max_length, encoder.dtype = name_or_path, max_length, dtype
+        encoder._attach(tokenizer, model.eval().requires_grad_(False))
+        return encoder
+
+    def _attach(self, tokenizer, model: nn.Module) -> None:
+        self.tokenizer, self.model = tokenizer, model
         # Left padding keeps every prompt's last real token at position L-1.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             fallback = self.tokenizer.eos_token or self.tokenizer.unk_token
             if fallback is None:
-                raise ValueError(f"tokenizer of {name_or_path!r} has no pad, eos or unk token to pad with")
+                raise ValueError(f"tokenizer of {self.name_or_path!r} has no pad, eos or unk token to pad with")
             self.tokenizer.pad_token = fallback
 
         self._takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
@@ -219,6 +237,30 @@ class CachedTextEncoder:
 
     def __call__(self, prompts: list[str]) -> TextFeatures:
         return TextFeatures.cat([self.features_of(p) for p in prompts])
+
+
+# Language models loaded in this process, by (path, dtype, device): a second pipeline, or a bundle loaded again,
+# shares the first one's weights instead of holding another copy (AMD-OLMo-1B is ~4.7 GB in float32). Bounded, so a
+# process that walks through several encoders does not keep them all.
+_SHARED: OrderedDict[tuple[str, str, str], tuple] = OrderedDict()
+_SHARED_MAX = 2
+
+
+def _load_shared(path: str, dtype: torch.dtype, device: torch.device | str) -> tuple:
+    key = (os.path.realpath(os.path.expanduser(path)) if os.path.isdir(path) else path, str(dtype),
+           str(torch.device(device)))
+    if key not in _SHARED:
+        tokenizer, model = _load(path, dtype)
+        _SHARED[key] = (tokenizer, model.to(device).eval().requires_grad_(False))
+        while len(_SHARED) > _SHARED_MAX:
+            _SHARED.popitem(last=False)
+    _SHARED.move_to_end(key)
+    return _SHARED[key]
+
+
+def clear_shared_text_encoders() -> None:
+    """Forget the language models kept for reuse (their memory is freed once no encoder holds them)."""
+    _SHARED.clear()
 
 
 def _load(path: str, dtype: torch.dtype) -> tuple:

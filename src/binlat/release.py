@@ -1,0 +1,347 @@
+"""The Instella-T2I release as one unit: a download of `amd/Instella-T2I` -> one binlat pipeline bundle.
+
+The release's architectures are facts kept here (never read from, let alone run, its Python config files). Its
+files are recognised by their keys, so a renamed file is still found; every `.pt` is read with weights_only.
+`resolve_pipeline_dir` lets Pipeline.from_pretrained take the download folder (or the Hub id) directly: the folder
+is converted once into a bundle in the Hugging Face cache, keyed by the files' hashes, and read from there after."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .config import ConfigError, config_to_dict
+from .io import WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, save_safetensors
+from .modeling import CONFIG_NAME, WEIGHTS_NAME
+from .official import (FROM_CONFIG, MODEL_CLASSES, RELEASE_SCALE, convert_config, convert_state_dict,
+                       load_official_weights, official_name)
+
+RELEASE_REPO = "amd/Instella-T2I"
+TEXT_ENCODER = "amd/AMD-OLMo-1B"
+TEXT_MAX_LENGTH = 128
+IMAGE_SIZE = 512  # the release's scripts default to --image_size 512
+# The release's sampling defaults (its test scripts' --cfg_scale 7.5 --temp 1.0 --rho 1.0 --num_steps 20
+# --sampling_protocal protocal_1), in binlat's setting names. AR decoding has no steps, rho or protocol.
+SAMPLING = {"diffusion": {"guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0, "num_steps": 20, "protocol": 1},
+            "ar": {"guidance_scale": 7.5, "temperature": 1.0}}
+# Architectures in the release's own key names. The tokenizer is the release's bae_config.py: patch 16, 12 + 16
+# blocks, 2x2 down- and up-sampling after block 7; it decodes with set_scale(RELEASE_SCALE) (no "scale" key here,
+# so official.convert_config applies that rule). The generators are built in test_diff.py / test_ar.py with 16
+# heads x 128 and AMD-OLMo-1B's depth (16) and width (2048). Token count and bits per token (num_latent_tkns,
+# codebook_size, num_img_tkns, in_channels) are read from the weights.
+TOKENIZER = {"in_channels": 3, "encoder_layers": 12, "encoder_head_dim": 64, "encoder_num_heads": 12,
+             "patch_size": 16, "axes_dims_rope": [8, 28, 28], "downsample_idx": [7], "decoder_layers": 16,
+             "decoder_head_dim": 64, "decoder_num_heads": 16, "upsample_idx": [7]}
+GENERATOR = {"num_layers": 16, "attention_head_dim": 128, "num_attention_heads": 16, "text_cond_dim": 2048}
+ARCHITECTURE = {"bae": TOKENIZER, "diffusion": GENERATOR, "ar": GENERATOR}
+PART = {"tokenizer": "bae", "diffusion": "diffusion", "ar": "ar"}  # binlat kind -> --release-config section
+STANDARD_FILES = {"tokenizer": "bae/model.safetensors", "diffusion": "diffusion.pt", "ar": "ar.pt"}
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+DOWNLOAD = f"huggingface-cli download {RELEASE_REPO} --local-dir DIR"
+# Part of the cache key: bump it when the conversion's output changes, so older cached bundles are not reused.
+CONVERSION_VERSION = 1
+
+
+# --- the release's architecture ---------------------------------------------------------------------------------
+def read_release_config(value: str | Path | dict | None) -> dict[str, dict[str, Any]] | None:
+    """--release-config: a dict, JSON text, or a JSON file, shaped {"bae": {...}, "diffusion": {...}, "ar": {...}}
+    (any subset) in the release's key names; each section is laid over the built-in preset."""
+    if value is None or isinstance(value, dict):
+        data, source = value, "release config"
+    else:
+        text, source = str(value), "--release-config"
+        if not text.lstrip().startswith("{"):
+            source = text
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"--release-config {value}: cannot read ({e.strerror}); give a JSON file or "
+                                  f"JSON text") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{source}: expected a JSON object of objects, e.g. "
+                          f'{{"bae": {{...}}, "diffusion": {{...}}, "ar": {{...}}}}')
+    unknown = sorted(set(data) - set(ARCHITECTURE))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; sections are {sorted(ARCHITECTURE)}")
+    return data
+
+
+def architecture(release_config: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    given = release_config or {}
+    return {part: {**preset, **given.get(part, {})} for part, preset in ARCHITECTURE.items()}
+
+
+def _blocks(keys: set[str], prefix: str) -> int | None:
+    found = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(found) + 1 if found else None
+
+
+def _shape_facts(kind: str, state: dict[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
+    """Architecture values the weights' shapes fix: official key -> (value, the tensor and shape that say so)."""
+    facts: dict[str, tuple[int, str]] = {}
+
+    def put(key: str, tensor: str, dim: int, how=lambda n: n) -> None:
+        if tensor in state and state[tensor].dim() > dim:
+            facts[key] = (how(state[tensor].shape[dim]), f"{tensor} has shape {tuple(state[tensor].shape)}")
+
+    keys = set(state)
+    if kind == "tokenizer":
+        put("in_channels", "encoder.patch_embedder.weight", 1)
+        put("patch_size", "encoder.patch_embedder.weight", 2)
+        put("num_latent_tkns", "encoder.latent_tokens", 1)
+        put("codebook_size", "quantizer.proj.0.weight", 0)
+        for side, width in (("encoder", "encoder.patch_embedder.weight"), ("decoder", "decoder.input_layer.1.weight")):
+            put(f"{side}_head_dim", f"{side}.transformer_blocks.0.attn.norm_q.weight", 0)
+            if f"{side}_head_dim" in facts:
+                put(f"{side}_num_heads", width, 0, lambda n, s=side: n // facts[f"{s}_head_dim"][0])
+            if (n := _blocks(keys, f"{side}.transformer_blocks.")) is not None:
+                facts[f"{side}_layers"] = (n, f"{side}.transformer_blocks.* runs to block {n - 1}")
+        return facts
+    put("in_channels", "x_embedder.weight", 1)
+    put("num_img_tkns", "transformer_blocks.0.pos_emb", 1, lambda n: n - 1 if kind == "ar" else n)
+    put("text_cond_dim", "transformer_blocks.0.proj_cond.weight", 1)
+    put("attention_head_dim", "transformer_blocks.0.attn.norm_q.weight", 0)
+    if "attention_head_dim" in facts:
+        put("num_attention_heads", "x_embedder.weight", 0, lambda n: n // facts["attention_head_dim"][0])
+    if (n := _blocks(keys, "transformer_blocks.")) is not None:
+        facts["num_layers"] = (n, f"transformer_blocks.* runs to block {n - 1}")
+    return facts
+
+
+def _part_config(kind: str, state: dict[str, torch.Tensor], official: dict[str, Any], path: Path, source: str):
+    """The binlat config of one network: the preset's values, checked against the weights' shapes, with what
+    only the weights say (token count, bits per token) filled in from them."""
+    official = dict(official)
+    for key, (value, evidence) in _shape_facts(kind, state).items():
+        if key in official and official[key] != value:
+            raise WeightsError(f"{path}: the weights have {key}={value} ({evidence}) but {source} says "
+                               f"{key}={official[key]}; pass --release-config for another architecture")
+        official[key] = value
+    config = convert_config(kind, official, f"{source} [{PART[kind]}]", scale=FROM_CONFIG)
+    if kind != "tokenizer":  # the release feeds text-encoder layer i to block i, whatever encoder is used
+        config = dataclasses.replace(config, text_layers=tuple(range(config.num_layers)))
+    return config
+
+
+# --- finding the networks in a download -------------------------------------------------------------------------
+def weight_files(folder: Path) -> list[Path]:
+    """Weight files in the folder and its direct subfolders (hidden ones, like huggingface-cli's .cache, skipped)."""
+    found = [p for pattern in ("*", "*/*") for p in folder.glob(pattern)
+             if p.suffix in WEIGHT_SUFFIXES and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return sorted(found)
+
+
+def _keys(path: Path) -> set[str]:
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return set(f.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors has its own error types for bad headers
+            raise WeightsError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
+    return set(load_official_weights(path))
+
+
+def classify(keys: set[str]) -> str | None:
+    """Which of the release's networks a state dict is, by names only the release uses (binlat's differ)."""
+    if "split_token" in keys and "x_embedder.weight" in keys:
+        return "ar"
+    if "x_embedder.weight" in keys and any(k.endswith(".norm1.linear.weight") for k in keys):
+        return "diffusion"
+    if "encoder.latent_tokens" in keys and "quantizer.proj.0.weight" in keys:
+        return "tokenizer"
+    return None
+
+
+def looks_like_release(folder: Path) -> bool:
+    """Cheap test, before any hashing: a release file name, a .pt, or a safetensors header with release keys."""
+    for path in weight_files(folder):
+        if path.relative_to(folder).as_posix() in STANDARD_FILES.values() or path.suffix != ".safetensors":
+            return True
+        try:
+            if classify(_keys(path)):
+                return True
+        except WeightsError:
+            continue
+    return False
+
+
+def find_release_files(folder: str | Path) -> dict[str, Path]:
+    """kind -> file. Every weight file must be one of the release's networks: a damaged, foreign or unsafe one
+    is refused, naming it, rather than skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder; download the release with {DOWNLOAD}")
+    found: dict[str, list[Path]] = {}
+    for path in weight_files(folder):
+        kind = classify(_keys(path))
+        if kind is None:
+            raise WeightsError(f"{path}: not one of the Instella-T2I networks (no tokenizer, diffusion or AR "
+                               f"parameter names); remove it from {folder}")
+        found.setdefault(kind, []).append(path)
+    files = {}
+    for kind, paths in found.items():
+        standard = [p for p in paths if p.relative_to(folder).as_posix() == STANDARD_FILES[kind]]
+        if len(paths) > 1 and not standard:
+            raise WeightsError(f"{folder}: {len(paths)} {kind} checkpoints ({', '.join(p.name for p in paths)}); "
+                               f"keep one, or name it {STANDARD_FILES[kind]}")
+        files[kind] = (standard or paths)[0]
+    if "tokenizer" not in files:
+        raise WeightsError(f"{folder}: no tokenizer ({STANDARD_FILES['tokenizer']}) found; download the release "
+                           f"with {DOWNLOAD}")
+    if "diffusion" not in files and "ar" not in files:
+        raise WeightsError(f"{folder}: no generator (diffusion.pt or ar.pt) found; download the release with "
+                           f"{DOWNLOAD}")
+    return files
+
+
+# --- conversion -------------------------------------------------------------------------------------------------
+def _write_part(kind: str, path: Path, official: dict[str, Any], source: str, out: Path,
+                dtype: torch.dtype | None) -> Any:
+    state = load_official_weights(path)
+    config = _part_config(kind, state, official, path, source)
+    converted = convert_state_dict(kind, state, config)
+    with torch.device("meta"):  # only for the names and shapes: no memory, no initialisation
+        model = MODEL_CLASSES[kind](config)
+    check_state_dict(model, converted, str(path), name=lambda k: official_name(kind, k, config))
+    if dtype is not None:
+        converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
+    out.mkdir(parents=True)
+    (out / CONFIG_NAME).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    save_safetensors(converted, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    return config
+
+
+def convert_release(folder: str | Path, out: str | Path, release_config: dict | str | Path | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write a complete binlat bundle from a download of the release: the tokenizer, whichever generators the
+    download holds, and model_index.json (text encoder, its length, the release's sampling defaults). `dtype`
+    stores the weights in that precision. Nothing is written unless every part converts."""
+    from .pipeline import GENERATOR_KINDS, INDEX_NAME, PipelineConfig
+    folder, out = Path(folder), Path(out)
+    given = read_release_config(release_config)
+    source = "--release-config" if given else "the release preset"
+    arch = architecture(given)
+    files = find_release_files(folder)
+    generators = tuple(k for k in GENERATOR_KINDS if k in files)
+    with atomic_directory(out) as tmp:
+        tok = _write_part("tokenizer", files["tokenizer"], arch["bae"], source, tmp / "tokenizer", dtype)
+        for kind in generators:
+            cfg = _write_part(kind, files[kind], arch[kind], source, tmp / kind, dtype)
+            if (cfg.num_tokens, cfg.num_bits) != (tok.num_tokens, tok.num_bits):
+                raise WeightsError(f"{files[kind]}: the {kind} generator makes {cfg.num_tokens} tokens x "
+                                   f"{cfg.num_bits} bits but the tokenizer ({files['tokenizer']}) reads "
+                                   f"{tok.num_tokens} x {tok.num_bits}; they are not from one release")
+        index = PipelineConfig(text_encoder=TEXT_ENCODER, text_max_length=TEXT_MAX_LENGTH, generators=generators,
+                               image_size=IMAGE_SIZE, sampling={k: SAMPLING[k] for k in generators},
+                               description=f"Instella-T2I release, converted from {folder.resolve()}")
+        (tmp / INDEX_NAME).write_text(json.dumps(config_to_dict(index), indent=2) + "\n")
+    return out
+
+
+# --- the converted copy in the Hugging Face cache ---------------------------------------------------------------
+def _hf_home() -> Path:
+    # Read at call time (huggingface_hub reads its constants once, at import).
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser()
+
+
+def hub_cache() -> Path:
+    return Path(os.environ.get("HF_HUB_CACHE") or _hf_home() / "hub").expanduser()
+
+
+def cache_root() -> Path:
+    """Where converted downloads live: binlat's folder in the Hugging Face assets cache (HF_ASSETS_CACHE, else
+    HF_HOME/assets), the place huggingface_hub sets aside for files a library derives."""
+    assets = os.environ.get("HF_ASSETS_CACHE") or _hf_home() / "assets"
+    return Path(assets).expanduser() / "binlat" / "instella-t2i"
+
+
+def file_sha256(path: Path, memo: dict[str, str]) -> str:
+    """SHA-256 of the file; `memo` remembers it per (path, size, mtime, inode), so the gigabytes are hashed once."""
+    st = path.stat()
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if stamp not in memo:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        memo[stamp] = digest.hexdigest()
+    return memo[stamp]
+
+
+def cache_key(folder: Path, release_config: dict | None) -> str:
+    root = cache_root()
+    memo_path = root / "hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    digest = hashlib.sha256(f"binlat-release-conversion-{CONVERSION_VERSION}\n".encode())
+    digest.update(json.dumps(release_config, sort_keys=True).encode() + b"\n")
+    before = dict(memo)
+    for path in weight_files(folder):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path, memo)}\n".encode())
+    if memo != before:
+        atomic_write_bytes(memo_path, json.dumps(memo, indent=1).encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_bundle(folder: str | Path, release_config: dict | str | Path | None = None) -> Path:
+    """The bundle converted from this download: made on first use, then found by the files' hashes."""
+    folder = Path(folder)
+    given = read_release_config(release_config)
+    target = cache_root() / cache_key(folder, given)
+    if not (target / "model_index.json").is_file():
+        convert_release(folder, target, given)
+    return target
+
+
+def _hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _download(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    try:
+        return Path(snapshot_download(repo, cache_dir=hub_cache(), local_files_only=offline,
+                                      allow_patterns=["*.json", *(f"*{s}" for s in WEIGHT_SUFFIXES)]))
+    except Exception as e:  # noqa: BLE001 - offline, not found, network: all end in the same advice
+        why = "offline (HF_HUB_OFFLINE) and not in the Hugging Face cache" if offline else \
+            f"could not be fetched ({type(e).__name__})"
+        raise FileNotFoundError(f"{repo}: not a local folder, and the Hub copy {why}; download it first with "
+                                f"huggingface-cli download {repo} --local-dir DIR (hf download with "
+                                f"huggingface_hub >= 1.0) and pass DIR") from None
+
+
+def resolve_pipeline_dir(name_or_path: str | Path, release_config: dict | str | Path | None = None) -> Path:
+    """A bundle directory as is; a release download (folder or Hub id) as its cached converted bundle."""
+    from .pipeline import INDEX_NAME
+    path = Path(name_or_path)
+    if not path.is_dir():
+        if not _hub_id(str(name_or_path)):
+            raise FileNotFoundError(f"{name_or_path}: no such model directory")
+        path = _download(str(name_or_path))
+    if (path / INDEX_NAME).is_file():
+        if release_config is not None:
+            raise ValueError(f"{name_or_path} is a binlat bundle: a release config applies only to a download "
+                             f"of the release")
+        return path
+    if release_config is not None or looks_like_release(path):
+        return cached_bundle(path, release_config)
+    return path
