@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from ..pipeline import Pipeline
-from .errors import BodyLimitMiddleware, add_error_handlers
+from .errors import BodyLimitMiddleware, SameOriginMiddleware, add_error_handlers
 from .limits import Checks, ServeLimits
 from .routes import Served, add_routes
 from .workqueue import WorkQueue, serialise_text_encoder
@@ -39,6 +39,7 @@ def create_app(pipe: Pipeline, limits: ServeLimits | None = None) -> FastAPI:
                               "{\"error\": \"...\"}.", **_json_without_content_type())
     app.state.served = Served(pipe, limits, queue, Checks(pipe, limits))
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(SameOriginMiddleware)  # outermost: a refused request's body is never read
     add_error_handlers(app)
     add_routes(app.router)
     return app

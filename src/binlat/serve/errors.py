@@ -2,12 +2,14 @@
 
 `ApiError` is what the server's own checks raise; the exception handlers installed by `add_error_handlers`
 give it, FastAPI's HTTP and validation errors and anything unexpected the same JSON shape.
-`BodyLimitMiddleware` bounds request bodies before any route reads them.
+`BodyLimitMiddleware` bounds request bodies before any route reads them; `SameOriginMiddleware` refuses requests
+that a browser sends on behalf of another site's page.
 """
 from __future__ import annotations
 
 import json
 import logging
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -112,3 +114,27 @@ class BodyLimitMiddleware:
         response = error_response(413, f"request body too large: {size} sent, this server accepts at most "
                                        f"{self.max_bytes} bytes (max_body_bytes)", headers={"Connection": "close"})
         await response(scope, receive, send)
+
+
+class SameOriginMiddleware:
+    """Refuse (403) a POST that a browser makes for a page of another site. Such a page can send a "simple"
+    request (form fields, text/plain, or JSON without a Content-Type) without the user's say; the server would run
+    it. Browsers name the page's origin (`Origin`) and say whether the request is cross-site (`Sec-Fetch-Site`);
+    clients that are not browsers send neither and are unaffected."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = dict(scope.get("headers") or [])
+            site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            foreign = site == "cross-site" or (origin not in ("", "null") and urlsplit(origin).netloc.lower() != host)
+            if foreign or origin == "null":
+                response = error_response(403, f"cross-site request refused (Origin {origin or '-'}, Sec-Fetch-Site "
+                                               f"{site or '-'}): call the API from its own page or without a browser")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
