@@ -6,6 +6,9 @@
 - `interpolate`: a strip of frames whose bits switch from image A's to image B's in a fixed random order.
 - `continue_ar`: keep the first k tokens of an image and let the autoregressive generator write the rest.
 
+`edit` runs on a generator whose process can `redraw` (diffusion), `continue_ar` on one that can `continue_from`
+(AR): `edit_generator` and `continue_generator` say which registered kind that is.
+
 Every function takes a `Pipeline` and PIL images and returns a `PipelineOutput` (or a list of images).
 """
 from __future__ import annotations
@@ -20,10 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import registry
 from .pipeline import Pipeline, PipelineOutput, check_prompts, to_pil
-from .processes import ARDecoding, BernoulliDiffusion
 from .processes.common import make_generators
-from .processes.diffusion import q_sample
 
 # Decoded pixel budget for an input image (a small PNG can claim a huge canvas).
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
@@ -160,6 +162,23 @@ def _check_count(name: str, value: int, low: int) -> int:
     return value
 
 
+def _generator_for(operation: str, pipe: Pipeline | None) -> str:
+    kinds = registry.kinds_that_can(operation)
+    if not kinds:
+        raise ValueError(f"no registered generator offers {operation}")
+    return next((k for k in kinds if pipe is not None and k in pipe.generators), kinds[0])
+
+
+def edit_generator(pipe: Pipeline | None = None) -> str:
+    """The generator kind `edit` runs on: one whose process can redraw a partly noised start (the pipeline's)."""
+    return _generator_for("redraw", pipe)
+
+
+def continue_generator(pipe: Pipeline | None = None) -> str:
+    """The generator kind `continue_ar` runs on: one whose process can continue from kept tokens."""
+    return _generator_for("continue_from", pipe)
+
+
 def _check_generator(pipe: Pipeline, kind: str) -> None:
     if kind not in pipe.generators:
         raise ValueError(f"this operation needs the {kind} generator, but the model has only "
@@ -181,11 +200,16 @@ def check_strength(strength: float) -> float:
 
 # --- edit ---------------------------------------------------------------------------------------------------
 def _conditioning(pipe: Pipeline, kind: str, prompt: str, n: int):
-    """The generator of `kind`, its device, and the prompt's (repeated n times) and the empty prompt's features."""
+    """The generator of `kind`, its process, and the prompt's (repeated n times) and the empty prompt's features."""
     network = pipe.generators[kind]
     layers = pipe.text_layers(kind)
     cond, uncond = pipe.encode_prompts([prompt])
-    return network, next(network.parameters()).device, cond.index([0] * n).select(layers), uncond.select(layers)
+    process = registry.generator(kind).sampler(network.config)
+    return network, process, cond.index([0] * n).select(layers), uncond.select(layers)
+
+
+def _generators(network: torch.nn.Module, seeds: list[int]) -> list[torch.Generator]:
+    return make_generators(seeds, next(network.parameters()).device)
 
 
 def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6, num_steps: int | None = None,
@@ -201,10 +225,11 @@ def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6,
     nothing and returns the image's reconstruction bits."""
     prompt = _check_prompt(prompt)
     strength = check_strength(strength)
-    settings = pipe.sampling_settings("diffusion", num_steps=num_steps, guidance_scale=guidance_scale,
+    kind = edit_generator(pipe)
+    settings = pipe.sampling_settings(kind, num_steps=num_steps, guidance_scale=guidance_scale,
                                       temperature=temperature, rho=rho, protocol=protocol)
     _check_count("number of images", num_images, 1)
-    _check_generator(pipe, "diffusion")
+    _check_generator(pipe, kind)
     height, width = _target_size(pipe, height, width)
     base = resolve_seed(seed)
     seeds = [base + i for i in range(num_images)]
@@ -213,15 +238,9 @@ def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6,
     if strength == 0.0:
         bits = x0
     else:
-        network, device, cond, uncond = _conditioning(pipe, "diffusion", prompt, num_images)
-        gens = make_generators(seeds, device)
-        t = torch.full((num_images,), strength, device=device)
-        x_t = q_sample(x0.to(device), t, gens)
-        process = BernoulliDiffusion(prediction=network.config.prediction)
-        bits = process.sample(network, cond, uncond, gens, num_steps=settings["num_steps"],
-                              guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
-                              rho=settings["rho"], protocol=settings["protocol"], progress=progress, x_start=x_t,
-                              t_start=strength)
+        network, process, cond, uncond = _conditioning(pipe, kind, prompt, num_images)
+        bits = process.redraw(network, x0, strength, cond, uncond, _generators(network, seeds),
+                              registry.generator(kind).sampling(settings), progress=progress)
     return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
                           bits=bits.to(torch.uint8).cpu(), prompts=[prompt] * num_images)
 
@@ -280,9 +299,10 @@ def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: in
     `prompt`. keep_tokens = K returns the image's bits; keep_tokens = 0 is plain AR generation. Settings left as
     None take the bundle's AR settings (`pipe.sampling_settings`)."""
     prompt = _check_prompt(prompt)
-    settings = pipe.sampling_settings("ar", guidance_scale=guidance_scale, temperature=temperature)
+    kind = continue_generator(pipe)
+    settings = pipe.sampling_settings(kind, guidance_scale=guidance_scale, temperature=temperature)
     _check_count("number of images", num_images, 1)
-    _check_generator(pipe, "ar")
+    _check_generator(pipe, kind)
     num_tokens = pipe.tokenizer.config.num_tokens
     if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int) or not 0 <= keep_tokens <= num_tokens:
         raise ValueError(f"keep_tokens must be an integer in [0, {num_tokens}] (the image has {num_tokens} tokens), "
@@ -295,10 +315,8 @@ def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: in
     if keep_tokens == num_tokens:
         bits = x0
     else:
-        network, device, cond, uncond = _conditioning(pipe, "ar", prompt, num_images)
-        bits = ARDecoding().sample(network, cond, uncond, make_generators(seeds, device),
-                                   guidance_scale=settings["guidance_scale"],
-                                   temperature=settings["temperature"], progress=progress,
-                                   prefix=x0[:, :keep_tokens].to(device))
+        network, process, cond, uncond = _conditioning(pipe, kind, prompt, num_images)
+        bits = process.continue_from(network, x0[:, :keep_tokens], cond, uncond, _generators(network, seeds),
+                                     registry.generator(kind).sampling(settings), progress=progress)
     return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
                           bits=bits.to(torch.uint8).cpu(), prompts=[prompt] * num_images)

@@ -19,22 +19,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import registry
 from .config import ConfigError, config_from_dict, config_to_dict
-from .generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+from .generators import GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
 from .modeling import CONFIG_NAME, resolve_model_dir
-from .processes import ARDecoding, BernoulliDiffusion
 from .processes.common import check_sampling_args, make_generators
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
 
 INDEX_NAME = "model_index.json"
-GENERATOR_KINDS = ("diffusion", "ar")
-_GENERATOR_CLASSES = {"diffusion": DiffusionTransformer, "ar": ARTransformer}
 
 
-# Built-in sampling settings, used where neither the call nor the bundle's `sampling` gives one.
+# Built-in sampling settings, used where neither the call nor the bundle's `sampling` gives one. Every generator
+# accepts them all; its process's `Settings` reads the ones it uses (AR decoding has no steps, rho or protocol).
 BUILTIN_SAMPLING: dict[str, Any] = {"num_steps": 20, "guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0,
                                     "protocol": 1}
 
@@ -53,12 +52,13 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         self.generators = tuple(self.generators)
-        bad = [g for g in self.generators if g not in GENERATOR_KINDS]
+        kinds = registry.generator_kinds()
+        bad = [g for g in self.generators if g not in kinds]
         if bad or not self.generators:
-            raise ValueError(f"generators must name one or both of {GENERATOR_KINDS}, got {list(self.generators)}")
+            raise ValueError(f"generators must name one or both of {kinds}, got {list(self.generators)}")
         for kind, settings in self.sampling.items():
-            if kind not in GENERATOR_KINDS or not isinstance(settings, dict):
-                raise ValueError(f"sampling: keys are generator kinds {GENERATOR_KINDS} mapping to settings, "
+            if kind not in kinds or not isinstance(settings, dict):
+                raise ValueError(f"sampling: keys are generator kinds {kinds} mapping to settings, "
                                  f"got {kind!r}: {settings!r}")
             unknown = sorted(set(settings) - set(BUILTIN_SAMPLING))
             if unknown:
@@ -120,7 +120,7 @@ class Generators(Mapping):
         return kind in self._models or kind in self._loaders
 
     def __iter__(self) -> Iterator[str]:
-        return iter([k for k in GENERATOR_KINDS if k in self])
+        return iter([k for k in registry.generator_kinds() if k in self])
 
     def __len__(self) -> int:
         return len(list(iter(self)))
@@ -131,14 +131,17 @@ class Generators(Mapping):
 
 
 class Pipeline:
-    def __init__(self, tokenizer: BinaryTokenizer, text_encoder: TextEncoder,
-                 diffusion: DiffusionTransformer | None = None, ar: ARTransformer | None = None,
+    def __init__(self, tokenizer: BinaryTokenizer, text_encoder: TextEncoder, *,
                  config: PipelineConfig | None = None,
-                 loaders: dict[str, tuple[GeneratorConfig, Callable[[], torch.nn.Module]]] | None = None):
-        """`loaders` maps a generator kind to its config and a function that loads it; such a generator is checked
-        against the tokenizer and text encoder now and loaded on first use."""
+                 loaders: dict[str, tuple[GeneratorConfig, Callable[[], torch.nn.Module]]] | None = None,
+                 **generators: torch.nn.Module | None):
+        """Generators by kind, e.g. `Pipeline(tokenizer, text_encoder, diffusion=net, ar=other)`. `loaders` maps a
+        kind to its config and a function that loads it; such a generator is checked against the tokenizer and
+        text encoder now and loaded on first use."""
         self.tokenizer, self.text_encoder = tokenizer.eval(), text_encoder
-        models = {k: m.eval() for k, m in (("diffusion", diffusion), ("ar", ar)) if m is not None}
+        for kind in list(generators) + list(loaders or {}):
+            registry.generator(kind)  # an unknown kind is a ValueError naming the registered ones
+        models = {k: generators[k].eval() for k in registry.generator_kinds() if generators.get(k) is not None}
         loaders = {k: v for k, v in (loaders or {}).items() if k not in models}
         self._generator_configs = {k: m.config for k, m in models.items()} | {k: c for k, (c, _) in loaders.items()}
         if not self._generator_configs:
@@ -209,10 +212,10 @@ class Pipeline:
             text_encoder = TextEncoder(text_encoder or config.text_encoder, max_length=config.text_max_length,
                                        device=device)
         tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype)
-        loaders = {k: (_read_config(_GENERATOR_CLASSES[k], directory / k),
-                       functools.partial(_GENERATOR_CLASSES[k].from_pretrained, directory / k, device=device,
-                                         dtype=dtype))
-                   for k in config.generators}
+        networks = {k: registry.generator(k).network for k in config.generators}
+        loaders = {k: (_read_config(network, directory / k),
+                       functools.partial(network.from_pretrained, directory / k, device=device, dtype=dtype))
+                   for k, network in networks.items()}
         return cls(tokenizer, text_encoder, config=config, loaders=loaders)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -236,12 +239,14 @@ class Pipeline:
         gen = GeneratorConfig(num_bits=32, num_tokens=16, num_layers=2, num_heads=2, head_dim=32,
                               text_dim=text_encoder.hidden_size,
                               text_layers=tuple(text_layer_map(text_encoder.num_layers, 2)))
-        with torch.random.fork_rng():
+        kinds = registry.generator_kinds()
+        with torch.random.fork_rng():  # built in this order, so the weights depend only on the seed
             torch.manual_seed(seed)
-            parts = (BinaryTokenizer(tok), DiffusionTransformer(gen), ARTransformer(gen))
-        config = PipelineConfig(text_encoder=text_encoder.name_or_path, generators=GENERATOR_KINDS,
+            tokenizer = BinaryTokenizer(tok)
+            networks = {k: registry.generator(k).network(gen) for k in kinds}
+        config = PipelineConfig(text_encoder=text_encoder.name_or_path, generators=kinds,
                                 image_size=64, trained=False, description="randomly initialised tiny model")
-        return cls(parts[0], text_encoder, parts[1], parts[2], config=config)
+        return cls(tokenizer, text_encoder, config=config, **networks)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         """Move the tokenizer and generators (the text encoder keeps its own dtype; the networks cast its
@@ -277,8 +282,8 @@ class Pipeline:
     def sampling_settings(self, generator: str = "diffusion", **given: Any) -> dict[str, Any]:
         """The complete, checked settings a call uses: its own (non-None) arguments, else the bundle's `sampling`
         for `generator`, else the built-ins. Every entry point (Python, CLI, server, eval) resolves through here."""
-        if generator not in GENERATOR_KINDS:
-            raise ValueError(f"generator must be one of {GENERATOR_KINDS}, got {generator!r}")
+        if generator not in registry.generator_kinds():
+            raise ValueError(f"generator must be one of {registry.generator_kinds()}, got {generator!r}")
         unknown = sorted(set(given) - set(BUILTIN_SAMPLING))
         if unknown:
             raise TypeError(f"unknown sampling setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
@@ -299,8 +304,6 @@ class Pipeline:
             raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
         settings = self.sampling_settings(generator, num_steps=num_steps, guidance_scale=guidance_scale,
                                           temperature=temperature, rho=rho, protocol=protocol)
-        num_steps, guidance_scale, temperature, rho, protocol = (
-            settings[k] for k in ("num_steps", "guidance_scale", "temperature", "rho", "protocol"))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"
@@ -312,21 +315,15 @@ class Pipeline:
         cond_all, uncond = self.encode_prompts(prompts)
         layers = self.text_layers(generator)
         network = self.generators[generator]
+        kind = registry.generator(generator)
+        process, sampling = kind.sampler(network.config), kind.sampling(settings)
         device = next(network.parameters()).device
         images, all_bits = [], []
         for start in range(0, len(prompts), batch_size):
             rows = list(range(start, min(start + batch_size, len(prompts))))
             cond = cond_all.index(rows).select(layers)
             gens = make_generators([seeds[i] for i in rows], device)
-            if generator == "diffusion":
-                process = BernoulliDiffusion(prediction=network.config.prediction)
-                bits = process.sample(network, cond, uncond.select(layers), gens, num_steps=num_steps,
-                                      guidance_scale=guidance_scale, temperature=temperature, rho=rho,
-                                      protocol=protocol, progress=progress)
-            else:
-                bits = ARDecoding().sample(network, cond, uncond.select(layers), gens,
-                                           guidance_scale=guidance_scale, temperature=temperature,
-                                           progress=progress)
+            bits = process.sample(network, cond, uncond.select(layers), gens, sampling, progress=progress)
             with torch.inference_mode():
                 images += to_pil(self.tokenizer.decode(bits, height, width))
             all_bits.append(bits.to(torch.uint8).cpu())

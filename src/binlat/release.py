@@ -230,13 +230,14 @@ def convert_release(folder: str | Path, out: str | Path, release_config: dict | 
     """Write a complete binlat bundle from a download of the release: the tokenizer, whichever generators the
     download holds, and model_index.json (text encoder, its length, the release's sampling defaults). `dtype`
     stores the weights in that precision. Nothing is written unless every part converts."""
-    from .pipeline import GENERATOR_KINDS, INDEX_NAME, PipelineConfig
+    from .pipeline import INDEX_NAME, PipelineConfig
+    from .registry import generator_kinds
     folder, out = Path(folder), Path(out)
     given = read_release_config(release_config)
     source = "--release-config" if given else "the release preset"
     arch = architecture(given)
     files = find_release_files(folder)
-    generators = tuple(k for k in GENERATOR_KINDS if k in files)
+    generators = tuple(k for k in generator_kinds() if k in files)
     with atomic_directory(out) as tmp:
         tok = _write_part("tokenizer", files["tokenizer"], arch["bae"], source, tmp / "tokenizer", dtype)
         for kind in generators:

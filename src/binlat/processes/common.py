@@ -1,11 +1,28 @@
-"""Pieces shared by both processes: per-sample random streams, guidance, text batching."""
+"""Pieces shared by the processes: per-sample random streams, guidance, text batching, settings.
+
+Every process keeps one calling convention, so the pipeline, the trainer and editing never ask which one it is:
+  `Settings`                                         a frozen dataclass of its sampling settings (checked when made)
+  `sample(network, cond, uncond, generators, settings=None, *, progress=False, **settings_fields) -> bits [N, K, B]`
+  `loss(network, bits, text, generators=None) -> (loss, metrics)`, every random draw of sample i from generators[i]
+"""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from ..text import TextFeatures
+
+S = TypeVar("S")
+
+
+def settings_of(cls: type[S], settings: S | None, given: dict[str, Any]) -> S:
+    """`settings` (default: `cls()`) with the keyword arguments `given` laid over it, checked as `cls` checks."""
+    if settings is None:
+        return cls(**given)
+    return dataclasses.replace(settings, **given) if given else settings
 
 
 def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..text import TextFeatures
-from .common import bernoulli, check_sampling_args, guide, uniform, with_guidance
+from .common import bernoulli, check_sampling_args, guide, settings_of, uniform, with_guidance
 
 
 def q_probs(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,22 @@ def protocol2_prob(p: torch.Tensor, x_t: torch.Tensor, t: float, t_next: float) 
     return one / (one + zero)
 
 
+@dataclass(frozen=True)
+class DiffusionSampling:
+    num_steps: int = 20
+    guidance_scale: float = 7.5
+    temperature: float = 1.0  # 0 thresholds the guided logits
+    rho: float = 1.0          # time-step spacing exponent
+    protocol: int = 1         # 1 re-noises the x_0 estimate; 2 also weighs in the current x_t
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.num_steps, self.guidance_scale, self.temperature, self.rho, self.protocol)
+
+
 @dataclass
 class BernoulliDiffusion:
+    Settings = DiffusionSampling
+
     prediction: str = "flip"            # "flip" (epsilon) or "x0"
     time_sampling: str = "logit_normal"  # "logit_normal" (paper) or "uniform"
     logit_mean: float = 0.0
@@ -90,17 +105,18 @@ class BernoulliDiffusion:
         return x0_logits_from_flip(out, x_t) if self.prediction == "flip" else out
 
     def loss(self, network: torch.nn.Module, x0: torch.Tensor, text: TextFeatures,
-             t: torch.Tensor | None = None, noise: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             generators: Sequence[torch.Generator] | None = None, *, t: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Binary cross-entropy of the predicted x_0 against the clean bits, and the bit accuracy.
 
-        `t` [N] and `noise` [N, K, B] (uniforms deciding x_t) may be given so that the randomness of each sample
-        depends only on that sample (identical losses on 1 or many processes, exact resume)."""
+        With `generators` (one per sample) sample i's time and noise come from generators[i] alone (identical
+        losses on 1 or many processes, exact resume); `t` [N] and `noise` [N, K, B] (uniforms deciding x_t) may
+        also be given directly."""
         x0 = x0.float()
         if t is None:
-            t = self.sample_t(x0.shape[0], x0.device)
+            t = self.sample_t(x0.shape[0], x0.device, generators=generators)
         if noise is None:
-            noise = torch.rand_like(x0)
+            noise = torch.rand_like(x0) if generators is None else uniform(tuple(x0.shape[1:]), generators, x0.device)
         x_t = (noise < q_probs(x0, t)).float()
         logits = self.x0_logits(network(x_t, t, text.layers, text.mask).float(), x_t)
         loss = F.binary_cross_entropy_with_logits(logits, x0)
@@ -111,17 +127,19 @@ class BernoulliDiffusion:
     # --- sampling -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def sample(self, network: torch.nn.Module, cond: TextFeatures, uncond: TextFeatures | None,
-               generators: Sequence[torch.Generator], num_steps: int = 20, guidance_scale: float = 7.5,
-               temperature: float = 1.0, rho: float = 1.0, protocol: int = 1, progress: bool = False,
-               x_start: torch.Tensor | None = None, t_start: float = 1.0) -> torch.Tensor:
-        """Bits [N, K, B] (float 0/1). x_start/t_start start from a partly noised input instead of pure noise
-        (image editing); by default sampling starts from Bernoulli(1/2) at t = 1."""
-        check_sampling_args(num_steps, guidance_scale, temperature, rho, protocol)
+               generators: Sequence[torch.Generator], settings: DiffusionSampling | None = None, *,
+               progress: bool = False, x_start: torch.Tensor | None = None, t_start: float = 1.0,
+               **given: Any) -> torch.Tensor:
+        """Bits [N, K, B] (float 0/1). `given` overrides fields of `settings` (num_steps=20, ...). x_start/t_start
+        start from a partly noised input instead of pure noise (see `redraw`); by default sampling starts from
+        Bernoulli(1/2) at t = 1."""
+        s = settings_of(DiffusionSampling, settings, given)
+        num_steps, guidance_scale, temperature = s.num_steps, s.guidance_scale, s.temperature
         cfg = network.config
         n = cond.mask.shape[0]
         device = next(network.parameters()).device
         text = with_guidance(cond, uncond, guidance_scale).to(device)
-        ts = timesteps(num_steps, rho) * t_start
+        ts = timesteps(num_steps, s.rho) * t_start
         if x_start is None:
             x = (uniform((cfg.num_tokens, cfg.num_bits), generators, device) < 0.5).float()
         else:
@@ -139,8 +157,18 @@ class BernoulliDiffusion:
             p = x0_prob_from_flip(q, x) if self.prediction == "flip" else q
             if i == num_steps - 1:
                 x = (p > 0.5).float()
-            elif protocol == 1:
+            elif s.protocol == 1:
                 x = step_protocol1(p, t_next, generators)
             else:
                 x = bernoulli(protocol2_prob(p, x, t, t_next), generators)
         return x
+
+    def redraw(self, network: torch.nn.Module, x0: torch.Tensor, strength: float, cond: TextFeatures,
+               uncond: TextFeatures | None, generators: Sequence[torch.Generator],
+               settings: DiffusionSampling | None = None, *, progress: bool = False) -> torch.Tensor:
+        """Re-draw clean bits x0 [N, K, B]: noise them to t = strength with the forward process, then sample from
+        there down to 0 (SDEdit in bit space). Sample i's noise and steps both come from generators[i]."""
+        device = next(network.parameters()).device
+        x_t = q_sample(x0.to(device), torch.full((x0.shape[0],), strength, device=device), generators)
+        return self.sample(network, cond, uncond, generators, settings, progress=progress, x_start=x_t,
+                           t_start=strength)
