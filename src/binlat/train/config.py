@@ -1,8 +1,12 @@
 """Training configuration: one JSON file per run (presets live in configs/{tokenizer,diffusion,ar}/)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from .. import registry
+from ..config import config_from_dict
 
 
 @dataclass
@@ -44,8 +48,11 @@ class GeneratorTraining:
 
 @dataclass
 class TrainConfig:
-    kind: str = "tokenizer"          # tokenizer | diffusion | ar
-    model: dict[str, Any] = field(default_factory=dict)  # TokenizerConfig / GeneratorConfig fields
+    kind: str = "tokenizer"          # tokenizer | a registered generator kind (binlat.registry): diffusion, ar
+    # Fields of the model's own config class (TokenizerConfig / GeneratorConfig), checked as such when the config
+    # is read. A generator may leave out what its tokenizer and text encoder fix (num_tokens, num_bits, text_dim,
+    # text_layers): `model_config` fills those in when the task is built.
+    model: dict[str, Any] = field(default_factory=dict)
     data: str = "shapes"
     image_size: int = 64
     batch_size: int = 32             # global batch per optimiser step (all processes, all accumulation steps)
@@ -75,8 +82,9 @@ class TrainConfig:
     generator: GeneratorTraining = field(default_factory=GeneratorTraining)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("tokenizer", "diffusion", "ar"):
-            raise ValueError(f"kind must be tokenizer, diffusion or ar, got {self.kind!r}")
+        kinds = registry.model_kinds()
+        if self.kind not in kinds:
+            raise ValueError(f"kind must be {', '.join(kinds[:-1])} or {kinds[-1]}, got {self.kind!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "save_every", "keep_last", "log_every", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -86,3 +94,12 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if not 0 <= self.generator.prompt_dropout <= 1:
             raise ValueError("generator.prompt_dropout must lie in [0, 1]")
+        self.model_config(image_size=self.image_size)  # a wrong key or value fails here, not at build time
+
+    def model_config(self, **resolved: Any) -> Any:
+        """The model's config (its kind's config class): `model` laid over `resolved`, the values the run fixes
+        elsewhere (a tokenizer's image size; a generator's token grid and text width). Resolved values for fields
+        the class lacks are left out; fields given nowhere take the class defaults."""
+        cls = registry.model_class(self.kind).config_class
+        names = {f.name for f in dataclasses.fields(cls)}
+        return config_from_dict(cls, {**{k: v for k, v in resolved.items() if k in names}, **self.model}, "model")

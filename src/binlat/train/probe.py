@@ -89,9 +89,9 @@ def run_probe(cfg, change: str, out_root: str | Path = "runs/probes", per_catego
         row |= score_tokenizer(tokenizer, cfg.image_size, per_category)
         row["images_to_18db"] = images_to_threshold(run_dir, cfg.batch_size)
     else:
-        from ..generators import ARTransformer, DiffusionTransformer
         from ..pipeline import Pipeline
-        net = (DiffusionTransformer if cfg.kind == "diffusion" else ARTransformer).from_pretrained(model)
+        from ..registry import model_class
+        net = model_class(cfg.kind).from_pretrained(model)
         pipe = Pipeline(trainer.task.tokenizer, trainer.task.text_encoder, **{cfg.kind: net})
         row |= score_generator(pipe, cfg.kind, cfg.image_size, per_category)
     row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}

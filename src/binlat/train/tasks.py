@@ -9,13 +9,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import registry
 from ..config import config_from_dict
 from ..eval.reconstruction import psnr_of_mse
-from ..generators import ARTransformer, DiffusionTransformer, GeneratorConfig
 from ..io import load_safetensors, save_safetensors
-from ..processes import ARDecoding, BernoulliDiffusion
 from ..processes.common import uniform
-from ..tokenizer import BinaryTokenizer, TokenizerConfig, bit_regularizer
+from ..tokenizer import BinaryTokenizer, bit_regularizer
 from ..tokenizer.losses import gradient_l1
 from .config import TrainConfig
 
@@ -85,7 +84,7 @@ class TokenizerTask(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
         opts = cfg.tokenizer
-        self.model_config = config_from_dict(TokenizerConfig, {"image_size": cfg.image_size, **cfg.model}, "model")
+        self.model_config = cfg.model_config(image_size=cfg.image_size)
         self.model = self.new_model()
         if opts.init_from:
             self.model.load_state_dict(BinaryTokenizer.from_pretrained(opts.init_from).state_dict())
@@ -228,7 +227,11 @@ class TokenizerTask(Task):
 
 
 class GeneratorTask(Task):
-    """Diffusion or AR training on bits from a frozen tokenizer and states from a frozen text encoder."""
+    """Training of any registered generator kind (its network and its process's loss) on bits from a frozen
+    tokenizer and states from a frozen text encoder."""
+
+    # What the tokenizer and the text encoder decide; a run's `model` may repeat them, not change them.
+    FIXED = ("num_bits", "num_tokens", "text_dim")
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
@@ -240,22 +243,23 @@ class GeneratorTask(Task):
         self.tokenizer = BinaryTokenizer.from_pretrained(o.tokenizer, device=device).requires_grad_(False)
         self.text_encoder = TextEncoder(o.text_encoder, max_length=o.text_max_length, device=device)
         tok = self.tokenizer.config
-        layers = cfg.model.get("num_layers", GeneratorConfig.num_layers)
-        defaults = {"num_bits": tok.num_bits, "num_tokens": tok.num_tokens, "text_dim": self.text_encoder.hidden_size,
-                    "text_layers": text_layer_map(self.text_encoder.num_layers, layers),
-                    "prediction": o.prediction}
-        self.model_config = config_from_dict(GeneratorConfig, {**defaults, **cfg.model}, "model")
-        for name in ("num_bits", "num_tokens", "text_dim"):
-            if getattr(self.model_config, name) != defaults[name]:
-                raise ValueError(f"model.{name} = {getattr(self.model_config, name)} but the tokenizer/text encoder "
-                                 f"give {defaults[name]}; fix the config or drop the key to take theirs")
-        self.model = self.new_model()
+        layers = cfg.model_config().num_layers
+        self.build(num_bits=tok.num_bits, num_tokens=tok.num_tokens, text_dim=self.text_encoder.hidden_size,
+                   text_layers=text_layer_map(self.text_encoder.num_layers, layers), prediction=o.prediction)
         self.cached_text = CachedTextEncoder(self.text_encoder, list(self.model_config.text_layers))
-        self.process = BernoulliDiffusion(prediction=o.prediction, time_sampling=o.time_sampling) \
-            if cfg.kind == "diffusion" else ARDecoding()
+
+    def build(self, **resolved) -> None:
+        """The network and its process: the run's `model` over `resolved` (see TrainConfig.model_config)."""
+        self.model_config = self.cfg.model_config(**resolved)
+        for name in self.FIXED:
+            if name in resolved and getattr(self.model_config, name) != resolved[name]:
+                raise ValueError(f"model.{name} = {getattr(self.model_config, name)} but the tokenizer/text encoder "
+                                 f"give {resolved[name]}; fix the config or drop the key to take theirs")
+        self.model = self.new_model()
+        self.process = registry.generator(self.cfg.kind).trainer(self.cfg.generator)
 
     def new_model(self):
-        return (DiffusionTransformer if self.cfg.kind == "diffusion" else ARTransformer)(self.model_config)
+        return registry.model_class(self.cfg.kind)(self.model_config)
 
     def check_precomputed(self, data):
         tok, idx = self.tokenizer.config, data.index
@@ -288,11 +292,7 @@ class GeneratorTask(Task):
             else:
                 bits = self.tokenizer.encode(batch["image"].to(self.device)).float()
             text = self._text(batch, drop)
-        if self.cfg.kind == "diffusion":
-            t = self.process.sample_t(len(gens), self.device, generators=gens)
-            noise = uniform(tuple(bits.shape[1:]), gens, self.device)
-            return self.process.loss(model, bits, text, t=t, noise=noise)
-        return self.process.loss(model, bits, text)
+        return self.process.loss(model, bits, text, gens)
 
     def evaluate(self, model) -> dict[str, float]:
         """On shapes data: the judged accuracy of the EMA model on 4 prompts per category (fixed seeds), a cheap
@@ -324,7 +324,5 @@ def make_task(cfg: TrainConfig, device: torch.device) -> Task:
 
 def model_for_export(kind: str, model_config: dict) -> torch.nn.Module:
     """An empty model of a run's resolved architecture (stored in every checkpoint's state.json)."""
-    if kind == "tokenizer":
-        return BinaryTokenizer(config_from_dict(TokenizerConfig, model_config, "model_config"))
-    config = config_from_dict(GeneratorConfig, model_config, "model_config")
-    return (DiffusionTransformer if kind == "diffusion" else ARTransformer)(config)
+    model_class = registry.model_class(kind)
+    return model_class(config_from_dict(model_class.config_class, model_config, "model_config"))

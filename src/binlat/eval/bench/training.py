@@ -136,9 +136,6 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
 
 # --- the worker: python -m binlat.eval.bench --train-worker SPEC_JSON -------------------------------------------
 def _precomputed_task_class():
-    from ...config import config_from_dict
-    from ...generators import GeneratorConfig
-    from ...processes import ARDecoding, BernoulliDiffusion
     from ...train.tasks import GeneratorTask, Task
 
     class PrecomputedGeneratorTask(GeneratorTask):
@@ -148,12 +145,7 @@ def _precomputed_task_class():
 
         def __init__(self, cfg, device, text_length: int):
             Task.__init__(self, cfg, device)
-            o = cfg.generator
-            self.model_config = config_from_dict(GeneratorConfig, {"prediction": o.prediction, **cfg.model}, "model")
-            self.model = self.new_model()
-            # As GeneratorTask builds it.
-            self.process = BernoulliDiffusion(prediction=o.prediction, time_sampling=o.time_sampling) \
-                if cfg.kind == "diffusion" else ARDecoding()
+            self.build(prediction=cfg.generator.prediction)  # the plan gives the token grid and the text width
             c = self.model_config
             self.uncond = precomputed_text(text_features(1, c.num_layers, c.text_dim, text_length, UNCOND_REAL, 2))
 
