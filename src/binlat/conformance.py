@@ -9,16 +9,11 @@ from pathlib import Path
 
 import torch
 
+from . import registry
 from .io import load_safetensors
-from .official import MODEL_CLASSES, convert_official
+from .official import convert_official
 
 TOLERANCE = 1e-4
-_INPUTS = {
-    "tokenizer": ("images", "random_bits"),
-    "diffusion": ("x_t", "text_mask", "timestep"),
-    "ar": ("prefix_bits", "text_mask"),
-}
-_KIND_BY_PREFIX = {"tok_": "tokenizer", "diff_": "diffusion", "ar_": "ar"}
 
 
 @dataclass
@@ -33,28 +28,17 @@ class Comparison:
 
 
 def case_kind(case_dir: Path) -> str:
-    for prefix, kind in _KIND_BY_PREFIX.items():
+    """A case's network, from its folder's name: each release format has its prefix (tok_, diff_, ar_)."""
+    prefixes = {registry.release_format(kind).case_prefix: kind for kind in registry.release_kinds()}
+    for prefix, kind in prefixes.items():
         if case_dir.name.startswith(prefix):
             return kind
     raise ValueError(f"{case_dir}: cannot tell the network from the name; case folders start with "
-                     f"{', '.join(_KIND_BY_PREFIX)}")
+                     f"{', '.join(prefixes)}")
 
 
 def _compute(kind: str, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if kind == "tokenizer":
-        images = inputs["images"]
-        h, w = images.shape[-2:]
-        encoder_out = model.encoder(images, model.scale)
-        logits = model.quantizer.to_logits(encoder_out)
-        bits = (torch.sigmoid(logits) > 0.5).float()
-        return {"encoder_out": encoder_out, "logits": logits, "bits": bits,
-                "decoded": model.decode(bits, h, w), "decoded_random": model.decode(inputs["random_bits"], h, w),
-                "reconstruction": model(images).reconstruction}
-    text = [inputs[f"llm_features.{i}"] for i in range(len(model.blocks))]
-    mask = inputs["text_mask"] > 0.5
-    if kind == "diffusion":
-        return {"out": model(inputs["x_t"], inputs["timestep"], text, mask)}
-    return {"out_first": model(None, text, mask), "out_prefix": model(inputs["prefix_bits"], text, mask)}
+    return registry.release_format(kind).outputs(model, inputs)
 
 
 def run_case(case_dir: str | Path) -> list[Comparison]:
@@ -64,14 +48,14 @@ def run_case(case_dir: str | Path) -> list[Comparison]:
         if not (case_dir / name).is_file():
             raise FileNotFoundError(f"{case_dir}: missing {name}")
     io = load_safetensors(case_dir / "io.safetensors")
-    input_names = set(_INPUTS[kind]) | {k for k in io if k.startswith("llm_features.")}
+    input_names = set(registry.release_format(kind).case_inputs) | {k for k in io if k.startswith("llm_features.")}
     inputs = {k: io[k] for k in input_names if k in io}
     expected = {k: v for k, v in io.items() if k not in input_names}
     with tempfile.TemporaryDirectory() as tmp:
         # Through the same path a user takes: official files -> binlat directory -> from_pretrained.
         model_dir = convert_official(kind, case_dir / "config.json", case_dir / "weights.safetensors",
                                      Path(tmp) / "model")
-        model = MODEL_CLASSES[kind].from_pretrained(model_dir)
+        model = registry.model_class(kind).from_pretrained(model_dir)
     with torch.inference_mode():
         outputs = _compute(kind, model, inputs)
     comparisons = []

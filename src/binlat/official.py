@@ -9,41 +9,24 @@ from typing import Any
 
 import torch
 
+from . import registry
 from .config import ConfigError
-from .generators import ARTransformer, DiffusionTransformer, GeneratorConfig
 from .io import WeightsError, check_state_dict, load_safetensors
-from .tokenizer import BinaryTokenizer, TokenizerConfig
+from .registry import MODEL_CLASSES, TOKENIZER  # noqa: F401 (MODEL_CLASSES, kind -> model class, is public here)
+from .tokenizer import TokenizerConfig
 
-KINDS = ("tokenizer", "diffusion", "ar")
-MODEL_CLASSES = {"tokenizer": BinaryTokenizer, "diffusion": DiffusionTransformer, "ar": ARTransformer}
-
-# Shared by every network: attention and tokenizer-style blocks.
+# Shared by every network: attention and tokenizer-style blocks. Each network's own renames (and the parameters
+# it drops) are in its registry.ReleaseFormat.
 _BLOCK_RULES = [
     (r"\.attn\.q_proj\.", ".attn.to_q."), (r"\.attn\.k_proj\.", ".attn.to_k."),
     (r"\.attn\.v_proj\.", ".attn.to_v."), (r"\.attn\.o_proj\.", ".attn.to_out."),
     (r"^transformer_blocks\.", "blocks."), (r"\.transformer_blocks\.", ".blocks."),
 ]
-_PRENORM_RULES = [(r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2.")]
-_RULES = {
-    "tokenizer": _PRENORM_RULES + [
-        (r"\.mlp\.gate_proj\.", ".mlp.gate."), (r"\.mlp\.up_proj\.", ".mlp.up."), (r"\.mlp\.down_proj\.", ".mlp.down."),
-        (r"^encoder\.patch_embedder\.", "encoder.patch_embed."),
-        (r"^quantizer\.proj\.0\.", "quantizer.to_logits."), (r"^quantizer\.embed$", "quantizer.codebook"),
-        (r"^decoder\.input_layer\.0\.", "decoder.norm_in."), (r"^decoder\.input_layer\.1\.", "decoder.proj_in."),
-        (r"^decoder\.mask_tokens$", "decoder.mask_token"), (r"^to_pixel\.", "decoder.to_pixels."),
-    ],
-    "diffusion": [
-        (r"^x_embedder\.", "x_embed."), (r"^time_embed\.linear_1\.", "t_embed.fc1."),
-        (r"^time_embed\.linear_2\.", "t_embed.fc2."), (r"\.norm1\.linear\.", ".adaln.linear."),
-        (r"\.proj_cond\.", ".text_proj."), (r"\.ff\.net\.0\.proj\.", ".mlp.fc1."), (r"\.ff\.net\.2\.", ".mlp.fc2."),
-    ],
-    "ar": _PRENORM_RULES + [
-        (r"^split_token$", "start_token"), (r"^x_embedder\.", "x_embed."), (r"\.proj_cond\.", ".text_proj."),
-        (r"\.mlp\.net\.0\.proj\.", ".mlp.fc1."), (r"\.mlp\.net\.2\.", ".mlp.fc2."),
-    ],
-}
-# Parameters the release keeps but never uses at inference (the AR model's timestep embedding; REPA heads).
-_DROPPED = {"tokenizer": r"(^|\.)repa", "diffusion": None, "ar": r"^time_embed\."}
+
+
+def _rules(kind: str) -> list[tuple[str, str]]:
+    return _BLOCK_RULES + list(registry.release_format(kind).renames)
+
 
 _TOKENIZER_KEYS = {
     "in_channels": "in_channels", "encoder_layers": "encoder_layers", "encoder_head_dim": "encoder_head_dim",
@@ -76,7 +59,7 @@ def _translate(official: dict[str, Any], names: dict[str, str], ignored: set[str
 def _check_scale(kind: str, scale: Any) -> None:
     if scale == FROM_CONFIG:
         return
-    if kind != "tokenizer":
+    if kind != TOKENIZER:
         raise ValueError(f"a scale applies only to a tokenizer, not to kind {kind!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
         raise ValueError(f"scale must be a positive integer (pixels) or None (no scaling), got {scale!r}")
@@ -88,7 +71,8 @@ def convert_config(kind: str, official: dict[str, Any], source: str = "config", 
     scaling; FROM_CONFIG reads the config's "scale" and falls back to RELEASE_SCALE when the key is absent."""
     from .config import config_from_dict
     _check_scale(kind, scale)
-    if kind == "tokenizer":
+    registry.release_format(kind)  # an unknown kind is a ValueError naming the known ones
+    if kind == TOKENIZER:
         official = dict(official)
         official["scale"] = official.get("scale", RELEASE_SCALE) if scale == FROM_CONFIG else scale
         data = _translate(official, _TOKENIZER_KEYS, _TOKENIZER_IGNORED, source)
@@ -96,22 +80,20 @@ def convert_config(kind: str, official: dict[str, Any], source: str = "config", 
         for key in ("downsample_after", "upsample_after"):
             data[key] = sorted(data.get(key, []))
         return config_from_dict(TokenizerConfig, data, source)
-    if kind in ("diffusion", "ar"):
-        data = _translate(official, _GENERATOR_KEYS, _GENERATOR_IGNORED, source)
-        return config_from_dict(GeneratorConfig, data, source)
-    raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    data = _translate(official, _GENERATOR_KEYS, _GENERATOR_IGNORED, source)
+    return config_from_dict(registry.model_class(kind).config_class, data, source)
 
 
 def convert_state_dict(kind: str, state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     """Rename the release's parameters to binlat's; resampling layers are keyed by the block they follow."""
-    rules = _BLOCK_RULES + _RULES[kind]
+    rules, dropped = _rules(kind), registry.release_format(kind).dropped
     converted = {}
     for key, value in state.items():
-        if _DROPPED[kind] and re.search(_DROPPED[kind], key):
+        if dropped and re.search(dropped, key):
             continue
         new = key
         m = re.match(r"^(encoder\.down_layers|decoder\.up_layers)\.(\d+)\.(.*)$", key)
-        if m and kind == "tokenizer":
+        if m and kind == TOKENIZER:
             stage, j, rest = m.group(1), int(m.group(2)), m.group(3)
             after = config.downsample_after if stage.startswith("encoder") else config.upsample_after
             if j >= len(after):
@@ -131,11 +113,11 @@ def _unescape(pattern: str) -> tuple[str, bool, bool]:
 def official_name(kind: str, key: str, config: Any) -> str:
     """The release's name for binlat parameter `key` (the rename rules run backwards), for error messages."""
     name = key
-    for pattern, repl in reversed(_BLOCK_RULES + _RULES[kind]):
+    for pattern, repl in reversed(_rules(kind)):
         literal, start, end = _unescape(pattern)
         name = re.sub(("^" if start else "") + re.escape(repl) + ("$" if end else ""), literal, name)
     m = re.match(r"^(encoder|decoder)\.resample\.(\d+)\.(.*)$", name)
-    if m and kind == "tokenizer":
+    if m and kind == TOKENIZER:
         after = list(config.downsample_after if m.group(1) == "encoder" else config.upsample_after)
         stage = "encoder.down_layers" if m.group(1) == "encoder" else "decoder.up_layers"
         if int(m.group(2)) in after:
@@ -192,11 +174,10 @@ def read_official_config(path: str | Path) -> dict[str, Any]:
 def build_official(kind: str, config_path: str | Path, weights_path: str | Path,
                    scale: int | None | str = FROM_CONFIG) -> torch.nn.Module:
     """Official config + weights -> a binlat model with those weights (eval mode); `scale` as in convert_config."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    registry.release_format(kind)  # an unknown kind is a ValueError naming the known ones
     _check_scale(kind, scale)  # before reading any file
     config = convert_config(kind, read_official_config(config_path), str(config_path), scale)
-    model = MODEL_CLASSES[kind](config)
+    model = registry.model_class(kind)(config)
     state = convert_state_dict(kind, load_official_weights(weights_path), config)
     check_state_dict(model, state, str(weights_path), name=lambda k: official_name(kind, k, config))
     model.load_state_dict(state, strict=True)

@@ -20,13 +20,30 @@ TOKENIZER = "tokenizer"  # the one model kind that is not a generator
 
 
 @dataclass(frozen=True)
+class ReleaseFormat:
+    """How the Instella-T2I release stores one network: binlat.official converts it, binlat.release finds it in a
+    download, binlat.conformance runs its golden cases."""
+
+    part: str                              # its section of --release-config (the release's name for it)
+    file: str                              # its file in a download of the release
+    renames: tuple[tuple[str, str], ...]   # release parameter names -> binlat's (regex, replacement), in order
+    dropped: str | None                    # parameters the release keeps but never uses at inference (regex)
+    recognise: Callable[[set[str]], bool]  # whether a state dict's key names are this network's
+    case_prefix: str                       # its conformance case folders start with this
+    case_inputs: tuple[str, ...]           # a case's inputs besides the text features (llm_features.<i>)
+    outputs: Callable[[Any, dict], dict]   # (model, inputs) -> the outputs a case compares
+    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)  # the release's sampling defaults
+    start_rows: int = 0                    # pos_emb rows before the first image token (AR: the start token)
+
+
+@dataclass(frozen=True)
 class GeneratorKind:
     name: str
     network: type  # an nn.Module taking one config (`network.config_class`), with from_pretrained/save_pretrained
     process: type  # its `Settings` dataclass, sample(...), loss(...); optional operations such as `redraw`
     sampler: Callable[[Any], Any]  # the network's config -> the process that samples it
     trainer: Callable[[Any], Any]  # a run's generator options (train.config.GeneratorTraining) -> its process
-    release: Any = None            # how the Instella-T2I release stores it (release_formats.ReleaseFormat), if it does
+    release: ReleaseFormat | None = None  # how the Instella-T2I release stores it, if it has one
 
     @property
     def config(self) -> type:
@@ -84,6 +101,17 @@ def kinds_that_can(operation: str) -> list[str]:
     return [k for k, spec in _KINDS.items() if spec.can(operation)]
 
 
+def release_kinds() -> tuple[str, ...]:
+    """The model kinds the release has (binlat.official converts them)."""
+    return tuple(k for k in model_kinds() if k == TOKENIZER or _KINDS[k].release is not None)
+
+
+def release_format(kind: str) -> ReleaseFormat:
+    if kind not in release_kinds():
+        raise ValueError(f"unknown kind {kind!r}; choose one of {release_kinds()}")
+    return TOKENIZER_RELEASE if kind == TOKENIZER else _KINDS[kind].release
+
+
 def model_class(kind: str) -> type:
     return BinaryTokenizer if kind == TOKENIZER else generator(kind).network
 
@@ -106,9 +134,68 @@ class _ModelClasses(Mapping):
 MODEL_CLASSES: Mapping[str, type] = _ModelClasses()
 
 
+# --- the release's networks --------------------------------------------------------------------------------------
+PRENORM_RENAMES = ((r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2."))
+
+
+def _text(model: Any, inputs: dict) -> tuple[list, Any]:
+    return [inputs[f"llm_features.{i}"] for i in range(len(model.blocks))], inputs["text_mask"] > 0.5
+
+
+def _tokenizer_outputs(model: Any, inputs: dict) -> dict:
+    images = inputs["images"]
+    h, w = images.shape[-2:]
+    encoder_out = model.encoder(images, model.scale)
+    logits = model.quantizer.to_logits(encoder_out)
+    bits = (logits.sigmoid() > 0.5).float()
+    return {"encoder_out": encoder_out, "logits": logits, "bits": bits, "decoded": model.decode(bits, h, w),
+            "decoded_random": model.decode(inputs["random_bits"], h, w),
+            "reconstruction": model(images).reconstruction}
+
+
+TOKENIZER_RELEASE = ReleaseFormat(
+    part="bae", file="bae/model.safetensors",
+    renames=PRENORM_RENAMES + (
+        (r"\.mlp\.gate_proj\.", ".mlp.gate."), (r"\.mlp\.up_proj\.", ".mlp.up."), (r"\.mlp\.down_proj\.", ".mlp.down."),
+        (r"^encoder\.patch_embedder\.", "encoder.patch_embed."),
+        (r"^quantizer\.proj\.0\.", "quantizer.to_logits."), (r"^quantizer\.embed$", "quantizer.codebook"),
+        (r"^decoder\.input_layer\.0\.", "decoder.norm_in."), (r"^decoder\.input_layer\.1\.", "decoder.proj_in."),
+        (r"^decoder\.mask_tokens$", "decoder.mask_token"), (r"^to_pixel\.", "decoder.to_pixels.")),
+    dropped=r"(^|\.)repa",  # REPA projection heads, used only in training
+    recognise=lambda keys: "encoder.latent_tokens" in keys and "quantizer.proj.0.weight" in keys,
+    case_prefix="tok_", case_inputs=("images", "random_bits"), outputs=_tokenizer_outputs)
+
+DIFFUSION_RELEASE = ReleaseFormat(
+    part="diffusion", file="diffusion.pt",
+    renames=((r"^x_embedder\.", "x_embed."), (r"^time_embed\.linear_1\.", "t_embed.fc1."),
+             (r"^time_embed\.linear_2\.", "t_embed.fc2."), (r"\.norm1\.linear\.", ".adaln.linear."),
+             (r"\.proj_cond\.", ".text_proj."), (r"\.ff\.net\.0\.proj\.", ".mlp.fc1."),
+             (r"\.ff\.net\.2\.", ".mlp.fc2.")),
+    dropped=None,
+    recognise=lambda keys: "x_embedder.weight" in keys and any(k.endswith(".norm1.linear.weight") for k in keys),
+    case_prefix="diff_", case_inputs=("x_t", "text_mask", "timestep"),
+    outputs=lambda model, inputs: {"out": model(inputs["x_t"], inputs["timestep"], *_text(model, inputs))},
+    # its test script's --cfg_scale 7.5 --temp 1.0 --rho 1.0 --num_steps 20 --sampling_protocal protocal_1
+    sampling={"guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0, "num_steps": 20, "protocol": 1})
+
+AR_RELEASE = ReleaseFormat(
+    part="ar", file="ar.pt",
+    renames=PRENORM_RENAMES + (
+        (r"^split_token$", "start_token"), (r"^x_embedder\.", "x_embed."), (r"\.proj_cond\.", ".text_proj."),
+        (r"\.mlp\.net\.0\.proj\.", ".mlp.fc1."), (r"\.mlp\.net\.2\.", ".mlp.fc2.")),
+    dropped=r"^time_embed\.",  # a timestep embedding the AR model never uses
+    recognise=lambda keys: "split_token" in keys and "x_embedder.weight" in keys,
+    case_prefix="ar_", case_inputs=("prefix_bits", "text_mask"),
+    outputs=lambda model, inputs: {"out_first": model(None, *_text(model, inputs)),
+                                   "out_prefix": model(inputs["prefix_bits"], *_text(model, inputs))},
+    sampling={"guidance_scale": 7.5, "temperature": 1.0}, start_rows=1)
+
+
+# --- the generators ---------------------------------------------------------------------------------------------
 register(GeneratorKind(
     "diffusion", DiffusionTransformer, BernoulliDiffusion,
     sampler=lambda config: BernoulliDiffusion(prediction=config.prediction),
-    trainer=lambda options: BernoulliDiffusion(prediction=options.prediction, time_sampling=options.time_sampling)))
+    trainer=lambda options: BernoulliDiffusion(prediction=options.prediction, time_sampling=options.time_sampling),
+    release=DIFFUSION_RELEASE))
 register(GeneratorKind("ar", ARTransformer, ARDecoding, sampler=lambda config: ARDecoding(),
-                       trainer=lambda options: ARDecoding()))
+                       trainer=lambda options: ARDecoding(), release=AR_RELEASE))

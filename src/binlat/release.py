@@ -17,20 +17,23 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from . import registry
 from .config import ConfigError, config_to_dict
 from .io import WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, save_safetensors
 from .modeling import CONFIG_NAME, WEIGHTS_NAME
-from .official import (FROM_CONFIG, MODEL_CLASSES, RELEASE_SCALE, convert_config, convert_state_dict,
-                       load_official_weights, official_name)
+from .official import (FROM_CONFIG, RELEASE_SCALE, convert_config, convert_state_dict, load_official_weights,
+                       official_name)
+from .registry import TOKENIZER as TOKENIZER_KIND
 
 RELEASE_REPO = "amd/Instella-T2I"
 TEXT_ENCODER = "amd/AMD-OLMo-1B"
 TEXT_MAX_LENGTH = 128
 IMAGE_SIZE = 512  # the release's scripts default to --image_size 512
-# The release's sampling defaults (its test scripts' --cfg_scale 7.5 --temp 1.0 --rho 1.0 --num_steps 20
-# --sampling_protocal protocal_1), in binlat's setting names. AR decoding has no steps, rho or protocol.
-SAMPLING = {"diffusion": {"guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0, "num_steps": 20, "protocol": 1},
-            "ar": {"guidance_scale": 7.5, "temperature": 1.0}}
+# The release's networks, binlat kind -> registry.ReleaseFormat (part name, file, renames, sampling defaults).
+FORMATS = {kind: registry.release_format(kind) for kind in registry.release_kinds()}
+GENERATOR_KINDS = tuple(k for k in FORMATS if k != TOKENIZER_KIND)
+# The release's sampling defaults (its test scripts'), in binlat's setting names, per generator kind.
+SAMPLING = {kind: FORMATS[kind].sampling for kind in GENERATOR_KINDS}
 # Architectures in the release's own key names. The tokenizer is the release's bae_config.py: patch 16, 12 + 16
 # blocks, 2x2 down- and up-sampling after block 7; it decodes with set_scale(RELEASE_SCALE) (no "scale" key here,
 # so official.convert_config applies that rule). The generators are built in test_diff.py / test_ar.py with 16
@@ -40,9 +43,9 @@ TOKENIZER = {"in_channels": 3, "encoder_layers": 12, "encoder_head_dim": 64, "en
              "patch_size": 16, "axes_dims_rope": [8, 28, 28], "downsample_idx": [7], "decoder_layers": 16,
              "decoder_head_dim": 64, "decoder_num_heads": 16, "upsample_idx": [7]}
 GENERATOR = {"num_layers": 16, "attention_head_dim": 128, "num_attention_heads": 16, "text_cond_dim": 2048}
-ARCHITECTURE = {"bae": TOKENIZER, "diffusion": GENERATOR, "ar": GENERATOR}
-PART = {"tokenizer": "bae", "diffusion": "diffusion", "ar": "ar"}  # binlat kind -> --release-config section
-STANDARD_FILES = {"tokenizer": "bae/model.safetensors", "diffusion": "diffusion.pt", "ar": "ar.pt"}
+PART = {kind: f.part for kind, f in FORMATS.items()}  # binlat kind -> --release-config section
+ARCHITECTURE = {f.part: TOKENIZER if kind == TOKENIZER_KIND else GENERATOR for kind, f in FORMATS.items()}
+STANDARD_FILES = {kind: f.file for kind, f in FORMATS.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 DOWNLOAD = f"huggingface-cli download {RELEASE_REPO} --local-dir DIR"
 # Part of the cache key: bump it when the conversion's output changes, so older cached bundles are not reused.
@@ -98,7 +101,7 @@ def _shape_facts(kind: str, state: dict[str, torch.Tensor]) -> dict[str, tuple[i
             facts[key] = (how(state[tensor].shape[dim]), f"{tensor} has shape {tuple(state[tensor].shape)}")
 
     keys = set(state)
-    if kind == "tokenizer":
+    if kind == TOKENIZER_KIND:
         put("in_channels", "encoder.patch_embedder.weight", 1)
         put("patch_size", "encoder.patch_embedder.weight", 2)
         put("num_latent_tkns", "encoder.latent_tokens", 1)
@@ -111,7 +114,7 @@ def _shape_facts(kind: str, state: dict[str, torch.Tensor]) -> dict[str, tuple[i
                 facts[f"{side}_layers"] = (n, f"{side}.transformer_blocks.* runs to block {n - 1}")
         return facts
     put("in_channels", "x_embedder.weight", 1)
-    put("num_img_tkns", "transformer_blocks.0.pos_emb", 1, lambda n: n - 1 if kind == "ar" else n)
+    put("num_img_tkns", "transformer_blocks.0.pos_emb", 1, lambda n: n - FORMATS[kind].start_rows)
     put("text_cond_dim", "transformer_blocks.0.proj_cond.weight", 1)
     put("attention_head_dim", "transformer_blocks.0.attn.norm_q.weight", 0)
     if "attention_head_dim" in facts:
@@ -131,7 +134,7 @@ def _part_config(kind: str, state: dict[str, torch.Tensor], official: dict[str, 
                                f"{key}={official[key]}; pass --release-config for another architecture")
         official[key] = value
     config = convert_config(kind, official, f"{source} [{PART[kind]}]", scale=FROM_CONFIG)
-    if kind != "tokenizer":  # the release feeds text-encoder layer i to block i, whatever encoder is used
+    if kind != TOKENIZER_KIND:  # the release feeds text-encoder layer i to block i, whatever encoder is used
         config = dataclasses.replace(config, text_layers=tuple(range(config.num_layers)))
     return config
 
@@ -157,13 +160,7 @@ def _keys(path: Path) -> set[str]:
 
 def classify(keys: set[str]) -> str | None:
     """Which of the release's networks a state dict is, by names only the release uses (binlat's differ)."""
-    if "split_token" in keys and "x_embedder.weight" in keys:
-        return "ar"
-    if "x_embedder.weight" in keys and any(k.endswith(".norm1.linear.weight") for k in keys):
-        return "diffusion"
-    if "encoder.latent_tokens" in keys and "quantizer.proj.0.weight" in keys:
-        return "tokenizer"
-    return None
+    return next((kind for kind, f in FORMATS.items() if f.recognise(keys)), None)
 
 
 def looks_like_release(folder: Path) -> bool:
@@ -199,12 +196,12 @@ def find_release_files(folder: str | Path) -> dict[str, Path]:
             raise WeightsError(f"{folder}: {len(paths)} {kind} checkpoints ({', '.join(p.name for p in paths)}); "
                                f"keep one, or name it {STANDARD_FILES[kind]}")
         files[kind] = (standard or paths)[0]
-    if "tokenizer" not in files:
-        raise WeightsError(f"{folder}: no tokenizer ({STANDARD_FILES['tokenizer']}) found; download the release "
+    if TOKENIZER_KIND not in files:
+        raise WeightsError(f"{folder}: no tokenizer ({STANDARD_FILES[TOKENIZER_KIND]}) found; download the release "
                            f"with {DOWNLOAD}")
-    if "diffusion" not in files and "ar" not in files:
-        raise WeightsError(f"{folder}: no generator (diffusion.pt or ar.pt) found; download the release with "
-                           f"{DOWNLOAD}")
+    if not any(k in files for k in GENERATOR_KINDS):
+        raise WeightsError(f"{folder}: no generator ({' or '.join(STANDARD_FILES[k] for k in GENERATOR_KINDS)}) "
+                           f"found; download the release with {DOWNLOAD}")
     return files
 
 
@@ -215,7 +212,7 @@ def _write_part(kind: str, path: Path, official: dict[str, Any], source: str, ou
     config = _part_config(kind, state, official, path, source)
     converted = convert_state_dict(kind, state, config)
     with torch.device("meta"):  # only for the names and shapes: no memory, no initialisation
-        model = MODEL_CLASSES[kind](config)
+        model = registry.model_class(kind)(config)
     check_state_dict(model, converted, str(path), name=lambda k: official_name(kind, k, config))
     if dtype is not None:
         converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
@@ -231,20 +228,20 @@ def convert_release(folder: str | Path, out: str | Path, release_config: dict | 
     download holds, and model_index.json (text encoder, its length, the release's sampling defaults). `dtype`
     stores the weights in that precision. Nothing is written unless every part converts."""
     from .pipeline import INDEX_NAME, PipelineConfig
-    from .registry import generator_kinds
     folder, out = Path(folder), Path(out)
     given = read_release_config(release_config)
     source = "--release-config" if given else "the release preset"
     arch = architecture(given)
     files = find_release_files(folder)
-    generators = tuple(k for k in generator_kinds() if k in files)
+    generators = tuple(k for k in GENERATOR_KINDS if k in files)
     with atomic_directory(out) as tmp:
-        tok = _write_part("tokenizer", files["tokenizer"], arch["bae"], source, tmp / "tokenizer", dtype)
+        tok = _write_part(TOKENIZER_KIND, files[TOKENIZER_KIND], arch[PART[TOKENIZER_KIND]], source,
+                          tmp / TOKENIZER_KIND, dtype)
         for kind in generators:
-            cfg = _write_part(kind, files[kind], arch[kind], source, tmp / kind, dtype)
+            cfg = _write_part(kind, files[kind], arch[PART[kind]], source, tmp / kind, dtype)
             if (cfg.num_tokens, cfg.num_bits) != (tok.num_tokens, tok.num_bits):
                 raise WeightsError(f"{files[kind]}: the {kind} generator makes {cfg.num_tokens} tokens x "
-                                   f"{cfg.num_bits} bits but the tokenizer ({files['tokenizer']}) reads "
+                                   f"{cfg.num_bits} bits but the tokenizer ({files[TOKENIZER_KIND]}) reads "
                                    f"{tok.num_tokens} x {tok.num_bits}; they are not from one release")
         index = PipelineConfig(text_encoder=TEXT_ENCODER, text_max_length=TEXT_MAX_LENGTH, generators=generators,
                                image_size=IMAGE_SIZE, sampling={k: SAMPLING[k] for k in generators},
