@@ -1,23 +1,21 @@
 """The `binlat` command: a thin layer that parses arguments, calls the public API and prints results.
 
 Every expected failure (bad argument, unreadable file, mismatched weights) ends with a one-line message and a
-non-zero exit code; a traceback is shown only with --debug."""
+non-zero exit code; a traceback is shown only with --debug. This module is the parser; the commands are in
+binlat.commands (one module per idea)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
-import os
 import re
 import sys
-from pathlib import Path
 
-EXIT_USAGE, EXIT_FAILED = 2, 1
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line."""
+from .commands.common import EXIT_FAILED, EXIT_USAGE, SAMPLING_SETTINGS, STORAGE_DTYPES, CLIError
+from .commands.evaluation import cmd_bench, cmd_eval
+from .commands.images import cmd_continue, cmd_edit, cmd_generate, cmd_interpolate, cmd_serve
+from .commands.models import cmd_bundle, cmd_conformance, cmd_convert_official
+from .commands.training import cmd_export, cmd_params, cmd_precompute, cmd_probe, cmd_train
+from .registry import generator_kinds, model_kinds, release_kinds
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,97 +64,6 @@ def _size(text: str) -> tuple[int, int]:
     return h, int(m.group(2) or h)
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompts)
-    if args.prompts_file:
-        try:
-            raw = Path(args.prompts_file).read_bytes()
-        except OSError as e:
-            raise CLIError(f"cannot read prompts file {args.prompts_file}: {e.strerror}") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CLIError(f"prompts file {args.prompts_file} is not valid UTF-8 (byte {e.start})") from None
-        prompts += [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise CLIError("no prompts: give PROMPT arguments or --prompts FILE with one prompt per line")
-    return prompts
-
-
-def _load_pipeline(model: str | None, text_encoder: str | None):
-    from .pipeline import Pipeline, default_model_dir
-    path = model or default_model_dir()
-    if path is None:
-        print("note: no trained model is installed yet; using a randomly initialised tiny model, so the images "
-              "are noise (pass --model DIR for a trained bundle)", file=sys.stderr)
-        from .text import TextEncoder
-        return Pipeline.random_tiny(text_encoder=TextEncoder(text_encoder) if text_encoder else None)
-    if not Path(path).is_dir() and str(path).count("/") != 1:  # "org/name" may be a Hub id
-        raise CLIError(f"model directory {path} does not exist (pass --model DIR with a binlat bundle)")
-    return Pipeline.from_pretrained(path, text_encoder=text_encoder)
-
-
-def _next_index(out: Path) -> int:
-    taken = [int(m.group(1)) for f in out.glob("*.png") if (m := re.fullmatch(r"(\d{5,})\.png", f.name))]
-    return max(taken, default=-1) + 1
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .io import atomic_write_bytes
-    if args.dtype == "bfloat16":  # refused before anything is loaded or created where it would be emulated
-        from .hardware import require_bf16
-        require_bf16("cpu", "bfloat16 generation", fix="use --dtype float32")
-    prompts = _read_prompts(args)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CLIError(f"cannot write to output directory {out}: {e.strerror}") from None
-    pipe = _load_pipeline(args.model, args.text_encoder)
-    _resolve_sampling(pipe, args.generator, args)
-    if args.dtype != "float32":
-        import torch
-        pipe.to(dtype=getattr(torch, args.dtype))
-    if args.compile:
-        pipe.compile()
-    height, width = args.size if args.size else (None, None)
-    result = pipe(prompts, generator=args.generator, num_steps=args.steps, guidance_scale=args.cfg,
-                  temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
-                  height=height, width=width, batch_size=args.batch_size, progress=not args.no_progress)
-    first = _next_index(out)
-    records = []
-    for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
-        # File names come from a counter, never from prompt text: nothing can escape --out or collide.
-        name = f"{first + i:05d}.png"
-        atomic_write_bytes(out / name, _png_bytes(image))
-        records.append({"file": name, "prompt": prompt, "seed": seed, "generator": args.generator,
-                        "steps": args.steps if args.generator == "diffusion" else None, "cfg": args.cfg,
-                        "temperature": args.temperature, "rho": args.rho, "protocol": args.protocol,
-                        "height": image.height, "width": image.width, "dtype": args.dtype,
-                        "model": str(args.model or "default"), "trained": pipe.config.trained})
-    with open(out / "metadata.jsonl", "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    if args.grid:
-        from .grid import contact_sheet
-        name = f"grid-{first:05d}.png"
-        atomic_write_bytes(out / name, _png_bytes(contact_sheet(result.images, result.prompts, result.seeds)))
-        print(f"wrote {out / name}")
-    print(f"wrote {len(records)} image(s) to {out} ({records[0]['file']} .. {records[-1]['file']}), "
-          f"metadata in {out / 'metadata.jsonl'}")
-    return 0
-
-
-def _png_bytes(image) -> bytes:
-    import io
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _reference_scale(text: str) -> int | str:
     """--scale: a reference size in pixels, or "none" (no position scaling)."""
     if text.strip().lower() == "none":
@@ -165,168 +72,6 @@ def _reference_scale(text: str) -> int | str:
         return _positive_int("scale")(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"scale must be a positive integer (pixels) or none, got {text!r}") from None
-
-
-def cmd_convert_official(args: argparse.Namespace) -> int:
-    single = {"--kind": args.kind, "--config": args.config, "--weights": args.weights, "--scale": args.scale}
-    if args.release:
-        from .release import convert_release
-        if extra := [o for o, v in single.items() if v is not None]:
-            raise CLIError(f"--release converts the whole download; drop {', '.join(extra)}")
-        out = convert_release(args.release, args.out, args.release_config, dtype=storage_dtype(args.dtype))
-        print(f"wrote pipeline bundle to {out} (binlat generate PROMPT --model {out})")
-        return 0
-    if missing := [o for o in ("--kind", "--config", "--weights") if single[o] is None]:
-        raise CLIError(f"give --release DIR, or --kind, --config and --weights (missing {', '.join(missing)})")
-    if args.release_config:
-        raise CLIError("--release-config goes with --release DIR")
-    from .official import convert_official
-    # Not given: the config decides (official.RELEASE_SCALE when it has no "scale" key).
-    scale = {} if args.scale is None else {"scale": None if args.scale == "none" else args.scale}
-    out = convert_official(args.kind, args.config, args.weights, args.out, **scale, dtype=storage_dtype(args.dtype))
-    print(f"wrote {args.kind} model to {out} (load with from_pretrained)")
-    return 0
-
-
-def cmd_conformance(args: argparse.Namespace) -> int:
-    from .conformance import run_case
-    failed = 0
-    cases = []
-    for path in map(Path, args.cases):
-        # A folder of cases runs every case inside it.
-        inner = sorted(d for d in path.iterdir() if (d / "config.json").is_file()) if path.is_dir() else []
-        cases += inner if inner and not (path / "config.json").is_file() else [path]
-    for case in cases:
-        for c in run_case(case):
-            status = "ok" if c.ok else "FAIL"
-            tol = "exact" if c.tolerance == 0 else f"tol {c.tolerance:g}"
-            print(f"{Path(case).name:16s} {c.name:16s} max abs err {c.max_abs_error:.3e}  ({tol})  {status}")
-            failed += not c.ok
-    print("all outputs within tolerance" if not failed else f"{failed} output(s) out of tolerance")
-    return 0 if not failed else EXIT_FAILED
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train.config import TrainConfig
-    from .train.engine import NonFiniteLossError, Trainer
-    cfg = load_config(TrainConfig, args.config, args.set or [])
-    if cfg.kind != args.kind:
-        raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
-    given = {"data": args.data, "max_steps": args.max_steps, "batch_size": args.batch_size}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})  # checked again
-    out = Path(args.output or f"runs/{args.kind}")
-    trainer = Trainer(cfg, out, resume=args.resume)
-    try:
-        last = trainer.train()
-    except NonFiniteLossError as e:  # an expected way for a run to end: one line, exit 1
-        print(f"binlat: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    if trainer.acc.is_main_process:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "bit_accuracy", "psnr"))
-        print(f"finished {args.kind} training at step {trainer.step} ({shown}); run folder {out}")
-    return 0
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    import torch
-    from .config import load_config
-    from .train.config import TrainConfig
-    from .train.probe import run_probe
-    cfg = load_config(TrainConfig, args.config, args.set or [])
-    if cfg.kind != args.kind:
-        raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
-    changes = {"max_steps": args.steps, "trackers": [], "save_every": min(cfg.save_every, args.steps)}
-    if args.sample_every is not None:
-        changes["sample_every"] = args.sample_every
-    cfg = dataclasses.replace(cfg, **changes)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    change = args.change or (" ".join(args.set) if args.set else "baseline")
-    row = run_probe(cfg, change, args.out, per_category=args.per_category)
-    print(" | ".join(f"{k} {v}" for k, v in row.items()))
-    return 0
-
-
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def storage_dtype(name: str):
-    """None keeps the weights' own float32; otherwise the torch dtype to store them in."""
-    import torch
-    return None if name == "float32" else getattr(torch, name)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .train.checkpoints import export_run
-    out = export_run(args.run, args.out, args.checkpoint, dtype=storage_dtype(args.dtype))
-    print(f"wrote EMA weights to {out}")
-    return 0
-
-
-def cmd_bundle(args: argparse.Namespace) -> int:
-    from .generators import ARTransformer, DiffusionTransformer
-    from .pipeline import Pipeline, PipelineConfig
-    from .text import TextEncoder
-    from .tokenizer import BinaryTokenizer
-    if not (args.diffusion or args.ar):
-        raise CLIError("give --diffusion DIR and/or --ar DIR")
-    try:  # checked before any model is loaded
-        sampling = json.loads(args.sampling) if args.sampling else {}
-    except json.JSONDecodeError as e:
-        raise CLIError(f"--sampling: not valid JSON ({e.msg}); "
-                       f"e.g. '{{\"diffusion\": {{\"guidance_scale\": 3}}}}'") from None
-    tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
-    parts = {k: cls.from_pretrained(p) for k, cls, p in (("diffusion", DiffusionTransformer, args.diffusion),
-                                                          ("ar", ARTransformer, args.ar)) if p}
-    encoder = TextEncoder(args.text_encoder)
-    try:
-        config = PipelineConfig(text_encoder=args.text_encoder, generators=tuple(parts),
-                                image_size=tokenizer.config.image_size, description=args.description,
-                                sampling=sampling)
-    except (ValueError, TypeError) as e:
-        raise CLIError(f"--sampling: {e}") from None
-    Pipeline(tokenizer, encoder, config=config, **parts).save_pretrained(args.out, dtype=storage_dtype(args.dtype))
-    print(f"wrote pipeline bundle to {args.out}")
-    return 0
-
-
-def cmd_precompute(args: argparse.Namespace) -> int:
-    from .data.precomputed import precompute
-    from .data.readers import make_dataset
-    from .text import TextEncoder, text_layer_map
-    from .tokenizer import BinaryTokenizer
-    tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
-    size = args.size or tokenizer.config.image_size
-    data = make_dataset(args.data, size=size, seed=args.seed, random_crop=False)
-    encoder, layers = None, None
-    if args.text_layers or args.generator_layers:
-        encoder = TextEncoder(args.text_encoder, max_length=args.text_max_length)
-        layers = ([int(x) for x in args.text_layers.split(",")] if args.text_layers
-                  else text_layer_map(encoder.num_layers, args.generator_layers))
-    n = precompute(data, tokenizer, args.out, text_encoder=encoder, text_layers=layers, shard_size=args.shard_size,
-                   batch_size=args.batch_size, max_samples=args.max_samples, tokenizer_ref=str(args.tokenizer),
-                   progress=not args.no_progress)
-    print(f"wrote {n} samples to {args.out}" + (f" with text layers {layers}" if layers else " (bits + captions)"))
-    return 0
-
-
-def cmd_params(args: argparse.Namespace) -> int:
-    """Parameter counts of training presets, built on the meta device (no memory, no weights)."""
-    import torch
-
-    from .config import load_config
-    from .train.config import TrainConfig
-    from .train.tasks import model_for_export
-    for path in args.configs:
-        cfg = load_config(TrainConfig, path)
-        model = dict(cfg.model)
-        if cfg.kind == "tokenizer":
-            model.setdefault("image_size", cfg.image_size)
-        with torch.device("meta"):
-            n = sum(p.numel() for p in model_for_export(cfg.kind, model).parameters())
-        print(f"{path}: {cfg.kind}, {n / 1e6:.1f} M parameters")
-    return 0
 
 
 def _unit_interval(name: str):
@@ -350,44 +95,12 @@ def _at_least(name: str, low: int):
     return parse
 
 
-def _output_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CLIError(f"cannot write to output directory {out}: {e.strerror}") from None
-    return out
-
-
-def _input_image(path: str):
-    """The image at `path`; a missing file is an OSError (exit 1), a file that is no image a ValueError (exit 2),
-    each one line naming the file."""
-    from .editing import open_image
-    return open_image(path)
-
-
-def _write_results(out: Path, images, records: list[dict]) -> list[str]:
-    """Write images under counter names (never from prompt text) and append their metadata lines."""
-    from .io import atomic_write_bytes
-    first = _next_index(out)
-    names = [f"{first + i:05d}.png" for i in range(len(records))]
-    for name, image in zip(names, images):
-        atomic_write_bytes(out / name, _png_bytes(image))
-    with open(out / "metadata.jsonl", "a", encoding="utf-8") as f:
-        for name, record in zip(names, records):
-            f.write(json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
-    return names
-
-
-SAMPLING_OPTIONS = {  # option -> (Pipeline setting, argparse type, help)
-    "steps": ("num_steps", _positive_int("steps"), "diffusion steps"),
-    "cfg": ("guidance_scale", _number("guidance scale", 0.0), "guidance scale w"),
-    "temperature": ("temperature", _number("temperature", 0.0), "sampling temperature; 0 thresholds"),
-    "rho": ("rho", _number("rho", 0.0, inclusive=False), "time-step spacing exponent"),
-    "protocol": ("protocol", _protocol, "diffusion step protocol, 1 or 2"),
+SAMPLING_OPTIONS = {  # option -> (argparse type, help); the Pipeline setting each gives is SAMPLING_SETTINGS's
+    "steps": (_positive_int("steps"), "diffusion steps"),
+    "cfg": (_number("guidance scale", 0.0), "guidance scale w"),
+    "temperature": (_number("temperature", 0.0), "sampling temperature; 0 thresholds"),
+    "rho": (_number("rho", 0.0, inclusive=False), "time-step spacing exponent"),
+    "protocol": (_protocol, "diffusion step protocol, 1 or 2"),
 }
 
 
@@ -395,139 +108,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_
     """Sampling options default to None: the model bundle's tuned settings apply, else the built-in ones."""
     from .pipeline import BUILTIN_SAMPLING
     for name in names:
-        setting, kind, text = SAMPLING_OPTIONS[name]
+        kind, text = SAMPLING_OPTIONS[name]
+        default = BUILTIN_SAMPLING[SAMPLING_SETTINGS[name]]
         parser.add_argument(f"--{name}", type=kind, default=None,
-                            help=f"{text} (default: the model's setting, else {BUILTIN_SAMPLING[setting]})")
-
-
-def _resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
-    """Fill the sampling options the user left out with the pipeline's settings (recorded in metadata as used)."""
-    given = {SAMPLING_OPTIONS[n][0]: getattr(args, n) for n in SAMPLING_OPTIONS if hasattr(args, n)}
-    settings = pipe.sampling_settings(generator, **given)
-    for name in SAMPLING_OPTIONS:
-        if hasattr(args, name):
-            setattr(args, name, settings[SAMPLING_OPTIONS[name][0]])
-
-
-def cmd_edit(args: argparse.Namespace) -> int:
-    from .editing import edit
-    out = _output_dir(args.out)
-    image = _input_image(args.image)
-    pipe = _load_pipeline(args.model, args.text_encoder)
-    _resolve_sampling(pipe, "diffusion", args)
-    height, width = args.size if args.size else (None, None)
-    result = edit(pipe, image, args.prompt, strength=args.strength, num_steps=args.steps, guidance_scale=args.cfg,
-                  temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
-                  height=height, width=width, progress=not args.no_progress)
-    records = _records(result, pipe, args, kind="edit", source=str(args.image), strength=args.strength,
-                       generator="diffusion", steps=args.steps, cfg=args.cfg, temperature=args.temperature,
-                       rho=args.rho, protocol=args.protocol)
-    names = _write_results(out, result.images, records)
-    print(f"wrote {out / names[0]} (edit of {args.image} at strength {args.strength:g}, seed {result.seeds[0]}), "
-          f"metadata in {out / 'metadata.jsonl'}")
-    return 0
-
-
-def _records(result, pipe, args: argparse.Namespace, **fields) -> list[dict]:
-    """metadata.jsonl lines for an edit-style result: the given fields plus each image's prompt, seed and size."""
-    return [{**fields, "prompt": prompt, "seed": seed, "height": im.height, "width": im.width,
-             "model": str(args.model or "default"), "trained": pipe.config.trained}
-            for im, prompt, seed in zip(result.images, result.prompts, result.seeds)]
-
-
-def cmd_interpolate(args: argparse.Namespace) -> int:
-    from .editing import interpolate, strip
-    from .io import atomic_write_bytes
-    out = _output_dir(args.out)
-    image_a, image_b = _input_image(args.image_a), _input_image(args.image_b)
-    pipe = _load_pipeline(args.model, args.text_encoder)
-    height, width = args.size if args.size else (None, None)
-    frames = interpolate(pipe, image_a, image_b, steps=args.steps, seed=args.seed, height=height, width=width)
-    records = [{"kind": "interpolate", "a": str(args.image_a), "b": str(args.image_b), "frame": k,
-                "fraction": k / (args.steps - 1), "seed": args.seed, "height": im.height, "width": im.width,
-                "model": str(args.model or "default"), "trained": pipe.config.trained}
-               for k, im in enumerate(frames)]
-    names = _write_results(out, frames, records)
-    strip_name = f"strip-{names[0][:-4]}.png"
-    atomic_write_bytes(out / strip_name, _png_bytes(strip(frames)))
-    print(f"wrote {out / strip_name} and {len(names)} frames ({names[0]} .. {names[-1]}), "
-          f"metadata in {out / 'metadata.jsonl'}")
-    return 0
-
-
-def cmd_continue(args: argparse.Namespace) -> int:
-    from .editing import continue_ar
-    out = _output_dir(args.out)
-    image = _input_image(args.image)
-    pipe = _load_pipeline(args.model, args.text_encoder)
-    _resolve_sampling(pipe, "ar", args)
-    height, width = args.size if args.size else (None, None)
-    result = continue_ar(pipe, image, args.prompt, args.keep_tokens, guidance_scale=args.cfg,
-                         temperature=args.temperature, seed=args.seed, height=height, width=width,
-                         progress=not args.no_progress)
-    records = _records(result, pipe, args, kind="continue", source=str(args.image), keep_tokens=args.keep_tokens,
-                       generator="ar", cfg=args.cfg, temperature=args.temperature)
-    names = _write_results(out, result.images, records)
-    print(f"wrote {out / names[0]} (first {args.keep_tokens} tokens of {args.image} kept, seed {result.seeds[0]}), "
-          f"metadata in {out / 'metadata.jsonl'}")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeLimits, bind_socket, create_app, serve
-    limits = ServeLimits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
-                         max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_steps=args.max_steps,
-                         max_prompt_chars=args.max_prompt_chars, max_size=args.max_size)
-    sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
-    try:
-        pipe = _load_pipeline(args.model, args.text_encoder)
-        serve(create_app(pipe, limits), args.host, args.port, log_level=args.log_level, sock=sock)
-    except KeyboardInterrupt:  # uvicorn has shut down gracefully and passes Ctrl+C on
-        print("binlat: server stopped", file=sys.stderr)
-    finally:
-        sock.close()
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Speed, efficiency and memory comparisons on random networks (see binlat.eval.bench)."""
-    from .eval.bench import run_bench
-    result = run_bench(preset=args.preset, quick=args.quick, tiny=args.tiny, json_path=args.json)
-    if args.json:
-        print(f"wrote {args.json}")
-    return EXIT_FAILED if result["meta"]["failed"] else 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    """`binlat eval KIND`: each evaluation writes a JSON report and prints its table(s) (binlat.eval.report)."""
-    from .eval.report import print_tables
-    kind, out = args.eval_kind, args.out
-    if kind == "reconstruction":
-        from .eval.reconstruction import run_reconstruction
-        report = run_reconstruction(args.model, args.data, num_images=args.num_images, size=args.size,
-                                    batch_size=args.batch_size, lpips_weights=args.lpips_weights, out=out,
-                                    json_path=args.json, device=args.device, progress=not args.no_progress)
-        if not report["summary"]["lpips"]["available"]:
-            print(f"note: LPIPS not available: {report['summary']['lpips']['reason']}", file=sys.stderr)
-    elif kind == "shapes":
-        from .eval.shapes_eval import run_shapes
-        report = run_shapes(args.model, generator=args.generator, per_category=args.per_category, steps=args.steps,
-                            cfg=args.cfg, temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-                            out=out, json_path=args.json, ground_truth=args.ground_truth,
-                            no_tokenizer=args.no_tokenizer, size=args.size, held_out=not args.no_held_out,
-                            text_encoder=args.text_encoder, device=args.device, progress=not args.no_progress)
-    elif kind == "clip-score":
-        from .eval.features import run_clip_score
-        report = run_clip_score(args.images, args.prompts, args.clip_model, batch_size=args.batch_size, out=out,
-                                json_path=args.json, device=args.device)
-    else:
-        from .eval.features import run_fid
-        report = run_fid(args.real, args.fake, args.inception_weights, batch_size=args.batch_size, out=out,
-                         json_path=args.json, device=args.device)
-    print_tables(report["tables"])
-    extra = [report["summary"].get(k) for k in ("examples_sheet", "failures_sheet")]
-    print(f"wrote {report['path']}" + "".join(f" and {p}" for p in extra if p))
-    return 0
+                            help=f"{text} (default: the model's setting, else {default})")
 
 
 def _add_image_job_options(p: argparse.ArgumentParser, progress: bool = True) -> None:
@@ -552,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder, or amd/Instella-T2I once in the Hugging Face cache) (default: the shipped model)")
     g.add_argument("--text-encoder", metavar="NAME_OR_PATH",
                    help="override the bundle's text encoder (e.g. amd/AMD-OLMo-1B or a local path)")
-    g.add_argument("--generator", choices=["diffusion", "ar"], default="diffusion")
+    g.add_argument("--generator", choices=generator_kinds(), default="diffusion")
     _add_sampling_options(g)
     g.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed + i")
     g.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="image size in pixels")
@@ -572,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "amd/Instella-T2I --local-dir DIR): writes a complete pipeline bundle to --out")
     c.add_argument("--release-config", metavar="JSON", help='with --release: architecture override, JSON or a '
                    'file, {"bae": {...}, "diffusion": {...}, "ar": {...}} in the release\'s key names')
-    c.add_argument("--kind", choices=["tokenizer", "diffusion", "ar"])
+    c.add_argument("--kind", choices=release_kinds())
     c.add_argument("--config", metavar="CONFIG.json")
     c.add_argument("--weights", metavar="WEIGHTS", help=".safetensors or .pt ({'module': ...})")
     c.add_argument("--out", required=True, metavar="DIR")
@@ -583,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert_official)
 
     t = sub.add_parser("train", help="train a tokenizer, diffusion or AR model (runs under accelerate launch too)")
-    t.add_argument("kind", choices=["tokenizer", "diffusion", "ar"])
+    t.add_argument("kind", choices=model_kinds())
     t.add_argument("--config", required=True, metavar="FILE.json", help="e.g. configs/tokenizer/shapes-64.json")
     t.add_argument("--data", metavar="SPEC", help="shapes | a folder | a .jsonl/.csv manifest | tar shards (URLs/globs)")
     t.add_argument("--max-steps", type=_positive_int("max steps"))
@@ -597,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("probe", help="train a preset briefly with some changes and score it (one row per probe)")
-    pr.add_argument("kind", choices=["tokenizer", "diffusion", "ar"])
+    pr.add_argument("kind", choices=model_kinds())
     pr.add_argument("--config", required=True, metavar="CONFIG.json")
     pr.add_argument("--steps", type=_positive_int("steps"), required=True)
     pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="the change to try (repeatable), as in train")
@@ -639,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bundle", help="assemble a pipeline directory from trained model directories")
     b.add_argument("--tokenizer", required=True, metavar="DIR")
-    b.add_argument("--diffusion", metavar="DIR")
-    b.add_argument("--ar", metavar="DIR")
+    for kind in generator_kinds():
+        b.add_argument(f"--{kind}", metavar="DIR")
     b.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME_OR_PATH")
     b.add_argument("--description", default="")
     b.add_argument("--out", required=True, metavar="DIR")
@@ -728,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     es = evs.add_parser("shapes", help="the compositional shapes benchmark, judged as shapes-spec says")
     es.add_argument("--model", metavar="DIR", help="pipeline bundle (or tokenizer directory with --ground-truth)")
-    es.add_argument("--generator", choices=["diffusion", "ar"], default="diffusion")
+    es.add_argument("--generator", choices=generator_kinds(), default="diffusion")
     es.add_argument("--per-category", type=_positive_int("per category"), default=64)
     _add_sampling_options(es, ("steps", "cfg", "temperature"))
     es.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i (default 0)")

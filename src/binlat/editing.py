@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -162,21 +162,23 @@ def _check_count(name: str, value: int, low: int) -> int:
     return value
 
 
-def _generator_for(operation: str, pipe: Pipeline | None) -> str:
+def _generator_for(operation: str, available: Iterable[str]) -> str:
     kinds = registry.kinds_that_can(operation)
     if not kinds:
         raise ValueError(f"no registered generator offers {operation}")
-    return next((k for k in kinds if pipe is not None and k in pipe.generators), kinds[0])
+    have = set(available)
+    return next((k for k in kinds if k in have), kinds[0])
 
 
-def edit_generator(pipe: Pipeline | None = None) -> str:
-    """The generator kind `edit` runs on: one whose process can redraw a partly noised start (the pipeline's)."""
-    return _generator_for("redraw", pipe)
+def edit_generator(available: Iterable[str] = ()) -> str:
+    """The generator kind `edit` runs on: one whose process can redraw a partly noised start, one of `available`
+    (a pipeline's generators) when it has one."""
+    return _generator_for("redraw", available)
 
 
-def continue_generator(pipe: Pipeline | None = None) -> str:
+def continue_generator(available: Iterable[str] = ()) -> str:
     """The generator kind `continue_ar` runs on: one whose process can continue from kept tokens."""
-    return _generator_for("continue_from", pipe)
+    return _generator_for("continue_from", available)
 
 
 def _check_generator(pipe: Pipeline, kind: str) -> None:
@@ -225,7 +227,7 @@ def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6,
     nothing and returns the image's reconstruction bits."""
     prompt = _check_prompt(prompt)
     strength = check_strength(strength)
-    kind = edit_generator(pipe)
+    kind = edit_generator(pipe.generators)
     settings = pipe.sampling_settings(kind, num_steps=num_steps, guidance_scale=guidance_scale,
                                       temperature=temperature, rho=rho, protocol=protocol)
     _check_count("number of images", num_images, 1)
@@ -299,7 +301,7 @@ def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: in
     `prompt`. keep_tokens = K returns the image's bits; keep_tokens = 0 is plain AR generation. Settings left as
     None take the bundle's AR settings (`pipe.sampling_settings`)."""
     prompt = _check_prompt(prompt)
-    kind = continue_generator(pipe)
+    kind = continue_generator(pipe.generators)
     settings = pipe.sampling_settings(kind, guidance_scale=guidance_scale, temperature=temperature)
     _check_count("number of images", num_images, 1)
     _check_generator(pipe, kind)

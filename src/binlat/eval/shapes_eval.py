@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from binlat import registry
 from binlat.data.shapes import CATEGORIES, render, scene_for_caption, to_tensor
 
 from .shapes_judge import judge
@@ -175,6 +176,7 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
     from .report import make_report, report_path, write_report
     if no_tokenizer and not ground_truth:
         raise ValueError("--no-tokenizer only applies with --ground-truth")
+    steps_used = None  # recorded only for a generator that takes steps
     if ground_truth:
         tokenizer = None
         if not no_tokenizer:
@@ -201,6 +203,7 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
         mode = f"{generator} generator"
         settings = pipeline.sampling_settings(generator, num_steps=steps, guidance_scale=cfg, temperature=temperature)
         steps, cfg, temperature = settings["num_steps"], settings["guidance_scale"], settings["temperature"]
+        steps_used = steps if registry.generator(generator).uses("num_steps") else None
         images_fn = pipeline_images(pipeline, generator, steps, cfg, temperature, batch_size, size, progress)
     if size < 64:
         print(f"note: judging is meant for images of 64 px and more (shapes-spec); these are {size} px",
@@ -220,7 +223,7 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
         summary["failures_sheet"], summary["failures_shown"] = str(path), sheet[1]
     generating = not ground_truth
     arguments = {"model": None if model is None else str(model), "generator": generator if generating else None,
-                 "per_category": per_category, "steps": steps if generating and generator == "diffusion" else None,
+                 "per_category": per_category, "steps": steps_used,
                  "cfg": None if ground_truth else cfg, "temperature": None if ground_truth else temperature,
                  "seed": seed, "batch_size": batch_size, "ground_truth": ground_truth, "no_tokenizer": no_tokenizer,
                  "size": size, "held_out": held_out, "text_encoder": text_encoder, "device": str(device)}

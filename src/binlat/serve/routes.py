@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import editing
+from .. import editing, registry
 from ..pipeline import Pipeline
 from .bodies import decode_image, image_body_doc, image_request, json_object
 from .errors import ApiError, internal_error
@@ -147,7 +147,8 @@ async def generate(req: GenerateRequest, served: ServedDep) -> JSONResponse:
         out = pipe(expanded, generator=req.generator, num_steps=steps, guidance_scale=settings["guidance_scale"],
                    temperature=settings["temperature"], rho=settings["rho"], protocol=settings["protocol"],
                    seed=seed, height=height, width=width, progress=False)
-        meta = {"generator": req.generator, "steps": steps if req.generator == "diffusion" else None,
+        uses_steps = registry.generator(req.generator).uses("num_steps")
+        meta = {"generator": req.generator, "steps": steps if uses_steps else None,
                 "guidance_scale": settings["guidance_scale"], "temperature": settings["temperature"],
                 "rho": settings["rho"], "protocol": settings["protocol"]}
         return [_image_record(im, s, p, **meta) for im, s, p in zip(out.images, out.seeds, out.prompts)]
@@ -176,8 +177,9 @@ async def edit(request: Request, served: ServedDep) -> JSONResponse:
     req, data = await image_request(request, EditRequest)
     pipe, checks = served.pipe, served.checks
     prompt = checks.prompt(req.prompt)
-    checks.generator("diffusion")
-    settings = _sampling(pipe, req, "diffusion")
+    kind = editing.edit_generator(pipe.generators)
+    checks.generator(kind)
+    settings = _sampling(pipe, req, kind)
     steps = checks.steps(req.steps, settings["num_steps"])
     checks.count(req.n, f"n={req.n}")
     height, width = checks.size(req.size)
@@ -188,7 +190,7 @@ async def edit(request: Request, served: ServedDep) -> JSONResponse:
                            guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
                            rho=settings["rho"], protocol=settings["protocol"], seed=seed, height=height,
                            width=width, num_images=req.n)
-        meta = {"generator": "diffusion", "strength": req.strength, "steps": steps,
+        meta = {"generator": kind, "strength": req.strength, "steps": steps,
                 "guidance_scale": settings["guidance_scale"], "temperature": settings["temperature"],
                 "rho": settings["rho"], "protocol": settings["protocol"]}
         return [_image_record(im, s, prompt, **meta) for im, s in zip(out.images, out.seeds)]

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from ...registry import TOKENIZER, model_kinds
+
 PAPER_TOKENS = 128          # the paper's token count at 512 px (comparisons 2-4 use it with the preset's width)
 TEXT_LENGTH = 32            # the fixed text: 32 positions, left-padded
 TEXT_REAL, UNCOND_REAL = 12, 2  # real (unmasked) tokens of the prompt and of the empty prompt
-TRAIN_KINDS = ("tokenizer", "diffusion", "ar")
 # The families whose sizes make_plan knows how to fit to a CPU; each is a name under configs/<kind>/.
 PRESET_NAMES = ("shapes-64", "paper-512")
 
@@ -40,6 +41,15 @@ def preset_root():
     return resources.files("binlat").joinpath("presets")
 
 
+# The trainers the bench times: every model kind with packaged presets (configs/<kind>/), the tokenizer first.
+TRAIN_KINDS = tuple(k for k in model_kinds() if preset_root().joinpath(k).is_dir())
+GENERATOR_KINDS = tuple(k for k in TRAIN_KINDS if k != TOKENIZER)
+
+
+def train_batches(tokenizer: int, generator: int) -> dict[str, int]:
+    return {k: tokenizer if k == TOKENIZER else generator for k in TRAIN_KINDS}
+
+
 def _tuples(model: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
 
@@ -64,7 +74,7 @@ def load_preset(name: str) -> Preset:
         except (json.JSONDecodeError, ConfigError) as e:
             raise ValueError(f"preset {name}: presets/{kind}/{name}.json is not a valid training config ({e}); "
                              f"fix configs/{kind}/{name}.json") from None
-    tok = configs["tokenizer"]
+    tok = configs[TOKENIZER]
     image_size = tok.get("image_size", TrainConfig.image_size)
     tokenizer = _tuples({**tok.get("model", {}), "image_size": image_size})
     # A generator config may leave its token grid to the tokenizer it trains on (as binlat train does).
@@ -74,14 +84,13 @@ def load_preset(name: str) -> Preset:
         raise ValueError(f"preset {name}: presets/tokenizer/{name}.json: {e}; fix configs/tokenizer/{name}.json"
                          ) from None
     grid = {"num_tokens": tok_cfg.num_tokens, "num_bits": tok_cfg.num_bits}
-    generators = {k: _tuples({**grid, **configs[k].get("model", {})}) for k in ("diffusion", "ar")}
-    if generators["diffusion"] != generators["ar"]:
-        raise ValueError(f"preset {name}: configs/diffusion/{name}.json and configs/ar/{name}.json give the "
-                         f"generators different sizes; the bench times one generator width, so make them agree")
-    diffusion = configs["diffusion"]
-    return Preset(name=name, tokenizer=tokenizer, generator=generators["diffusion"], image_size=image_size,
+    generators = [_tuples({**grid, **configs[k].get("model", {})}) for k in GENERATOR_KINDS]
+    if any(g != generators[0] for g in generators):
+        raise ValueError(f"preset {name}: {' and '.join(f'configs/{k}/{name}.json' for k in GENERATOR_KINDS)} give "
+                         f"the generators different sizes; the bench times one generator width, so make them agree")
+    return Preset(name=name, tokenizer=tokenizer, generator=generators[0], image_size=image_size,
                   tokenizer_batch=tok.get("batch_size", TrainConfig.batch_size),
-                  generator_batch=diffusion.get("batch_size", TrainConfig.batch_size),
+                  generator_batch=configs[GENERATOR_KINDS[0]].get("batch_size", TrainConfig.batch_size),
                   mixed_precision=any(c.get("mixed_precision", "no") == "bf16" for c in configs.values()),
                   grad_checkpointing=any(c.get("grad_checkpointing", False) for c in configs.values()),
                   training=configs)
@@ -154,7 +163,7 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
                     vae=dict(SD_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
                     efficiency_batch=4, peak_size=256,
                     wide_check=dict(num_layers=1, num_heads=4, head_dim=16, batch=2),
-                    train_batches={"tokenizer": 2, "diffusion": 4, "ar": 4},
+                    train_batches=train_batches(tokenizer=2, generator=4),
                     train_steps=1, codec_batch=2, bf16_batch=2,
                     notes=["TINY mode: tiny widths (generator 2L x 2H x 16, tokenizer 1+1 blocks of 16, VAE 8 "
                            "channels), 2 diffusion steps, 1 run each; exercises every code path, figures mean "
@@ -163,8 +172,7 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
                 timing=Timing(1, 1, 3, 3.0) if quick else Timing(1, 3, 10, 30.0),
                 tokenizer=dict(p.tokenizer), generator=dict(p.generator), vae=dict(SD_VAE),
                 efficiency_batch=min(p.generator_batch, 64),
-                train_batches={"tokenizer": p.tokenizer_batch, "diffusion": p.generator_batch,
-                               "ar": p.generator_batch},
+                train_batches=train_batches(p.tokenizer_batch, p.generator_batch),
                 train_bf16=p.mixed_precision, train_checkpointing=p.grad_checkpointing,
                 codec_batch=min(p.tokenizer_batch, 32), e2e_composed=(512, 1024) if quick else (),
                 small_warmup=quick,
@@ -181,7 +189,7 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
                           "20 x (median guided step) + one VAE decode")
     if preset == "paper-512":
         # The paper's sizes do not fit this machine's memory for training, nor its time budget for generation.
-        plan.train_batches = {"tokenizer": 4, "diffusion": 16, "ar": 16}
+        plan.train_batches = train_batches(tokenizer=4, generator=16)
         plan.notes.append("paper-512: training runs micro-batches (tokenizer 4, generators 16 of the preset's "
                           f"{p.tokenizer_batch} / {p.generator_batch}); images/s is per micro-batch step")
         plan.efficiency_batch, plan.codec_batch, plan.bf16_batch = 16, 4, 2

@@ -1,0 +1,109 @@
+"""What the subcommands share: the one-line error, exit codes, the pipeline they load, and writing images."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+# Sampling option -> the Pipeline setting it gives (binlat.cli adds the options, typed and with help).
+SAMPLING_SETTINGS = {"steps": "num_steps", "cfg": "guidance_scale", "temperature": "temperature", "rho": "rho",
+                     "protocol": "protocol"}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def storage_dtype(name: str):
+    """None keeps the weights' own float32; otherwise the torch dtype to store them in."""
+    import torch
+    return None if name == "float32" else getattr(torch, name)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        try:
+            raw = Path(args.prompts_file).read_bytes()
+        except OSError as e:
+            raise CLIError(f"cannot read prompts file {args.prompts_file}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CLIError(f"prompts file {args.prompts_file} is not valid UTF-8 (byte {e.start})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CLIError("no prompts: give PROMPT arguments or --prompts FILE with one prompt per line")
+    return prompts
+
+
+def load_pipeline(model: str | None, text_encoder: str | None):
+    from ..pipeline import Pipeline, default_model_dir
+    path = model or default_model_dir()
+    if path is None:
+        print("note: no trained model is installed yet; using a randomly initialised tiny model, so the images "
+              "are noise (pass --model DIR for a trained bundle)", file=sys.stderr)
+        from ..text import TextEncoder
+        return Pipeline.random_tiny(text_encoder=TextEncoder(text_encoder) if text_encoder else None)
+    if not Path(path).is_dir() and str(path).count("/") != 1:  # "org/name" may be a Hub id
+        raise CLIError(f"model directory {path} does not exist (pass --model DIR with a binlat bundle)")
+    return Pipeline.from_pretrained(path, text_encoder=text_encoder)
+
+
+def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
+    """Fill the sampling options the user left out with the pipeline's settings (recorded in metadata as used)."""
+    given = {setting: getattr(args, name) for name, setting in SAMPLING_SETTINGS.items() if hasattr(args, name)}
+    settings = pipe.sampling_settings(generator, **given)
+    for name, setting in SAMPLING_SETTINGS.items():
+        if hasattr(args, name):
+            setattr(args, name, settings[setting])
+
+
+def output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"cannot write to output directory {out}: {e.strerror}") from None
+    return out
+
+
+def input_image(path: str):
+    """The image at `path`; a missing file is an OSError (exit 1), a file that is no image a ValueError (exit 2),
+    each one line naming the file."""
+    from ..editing import open_image
+    return open_image(path)
+
+
+def png_bytes(image) -> bytes:
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _next_index(out: Path) -> int:
+    taken = [int(m.group(1)) for f in out.glob("*.png") if (m := re.fullmatch(r"(\d{5,})\.png", f.name))]
+    return max(taken, default=-1) + 1
+
+
+def write_results(out: Path, images, records: list[dict]) -> list[str]:
+    """Write images under counter names (never from prompt text, so nothing can escape the folder or collide)
+    and append their metadata lines."""
+    from ..io import atomic_write_bytes
+    first = _next_index(out)
+    names = [f"{first + i:05d}.png" for i in range(len(records))]
+    for name, image in zip(names, images):
+        atomic_write_bytes(out / name, png_bytes(image))
+    with open(out / "metadata.jsonl", "a", encoding="utf-8") as f:
+        for name, record in zip(names, records):
+            f.write(json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
+    return names

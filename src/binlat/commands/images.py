@@ -1,0 +1,125 @@
+"""Commands that load a pipeline and make images: generate, edit, interpolate, continue, and serve."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import registry
+from .common import input_image, load_pipeline, output_dir, png_bytes, read_prompts, resolve_sampling, write_results
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.dtype == "bfloat16":  # refused before anything is loaded or created where it would be emulated
+        from ..hardware import require_bf16
+        require_bf16("cpu", "bfloat16 generation", fix="use --dtype float32")
+    prompts = read_prompts(args)
+    out = output_dir(args.out)
+    pipe = load_pipeline(args.model, args.text_encoder)
+    resolve_sampling(pipe, args.generator, args)
+    if args.dtype != "float32":
+        import torch
+        pipe.to(dtype=getattr(torch, args.dtype))
+    if args.compile:
+        pipe.compile()
+    height, width = args.size if args.size else (None, None)
+    result = pipe(prompts, generator=args.generator, num_steps=args.steps, guidance_scale=args.cfg,
+                  temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
+                  height=height, width=width, batch_size=args.batch_size, progress=not args.no_progress)
+    steps = args.steps if registry.generator(args.generator).uses("num_steps") else None
+    records = [{"prompt": prompt, "seed": seed, "generator": args.generator, "steps": steps, "cfg": args.cfg,
+                "temperature": args.temperature, "rho": args.rho, "protocol": args.protocol,
+                "height": image.height, "width": image.width, "dtype": args.dtype,
+                "model": str(args.model or "default"), "trained": pipe.config.trained}
+               for image, prompt, seed in zip(result.images, result.prompts, result.seeds)]
+    names = write_results(out, result.images, records)
+    if args.grid:
+        from ..grid import contact_sheet
+        from ..io import atomic_write_bytes
+        name = f"grid-{names[0][:-4]}.png"
+        atomic_write_bytes(out / name, png_bytes(contact_sheet(result.images, result.prompts, result.seeds)))
+        print(f"wrote {out / name}")
+    print(f"wrote {len(records)} image(s) to {out} ({names[0]} .. {names[-1]}), "
+          f"metadata in {out / 'metadata.jsonl'}")
+    return 0
+
+
+def _records(result, pipe, args: argparse.Namespace, **fields) -> list[dict]:
+    """metadata.jsonl lines for an edit-style result: the given fields plus each image's prompt, seed and size."""
+    return [{**fields, "prompt": prompt, "seed": seed, "height": im.height, "width": im.width,
+             "model": str(args.model or "default"), "trained": pipe.config.trained}
+            for im, prompt, seed in zip(result.images, result.prompts, result.seeds)]
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from ..editing import edit, edit_generator
+    out = output_dir(args.out)
+    image = input_image(args.image)
+    pipe = load_pipeline(args.model, args.text_encoder)
+    kind = edit_generator(pipe.generators)
+    resolve_sampling(pipe, kind, args)
+    height, width = args.size if args.size else (None, None)
+    result = edit(pipe, image, args.prompt, strength=args.strength, num_steps=args.steps, guidance_scale=args.cfg,
+                  temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
+                  height=height, width=width, progress=not args.no_progress)
+    records = _records(result, pipe, args, kind="edit", source=str(args.image), strength=args.strength,
+                       generator=kind, steps=args.steps, cfg=args.cfg, temperature=args.temperature,
+                       rho=args.rho, protocol=args.protocol)
+    names = write_results(out, result.images, records)
+    print(f"wrote {out / names[0]} (edit of {args.image} at strength {args.strength:g}, seed {result.seeds[0]}), "
+          f"metadata in {out / 'metadata.jsonl'}")
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from ..editing import interpolate, strip
+    from ..io import atomic_write_bytes
+    out = output_dir(args.out)
+    image_a, image_b = input_image(args.image_a), input_image(args.image_b)
+    pipe = load_pipeline(args.model, args.text_encoder)
+    height, width = args.size if args.size else (None, None)
+    frames = interpolate(pipe, image_a, image_b, steps=args.steps, seed=args.seed, height=height, width=width)
+    records = [{"kind": "interpolate", "a": str(args.image_a), "b": str(args.image_b), "frame": k,
+                "fraction": k / (args.steps - 1), "seed": args.seed, "height": im.height, "width": im.width,
+                "model": str(args.model or "default"), "trained": pipe.config.trained}
+               for k, im in enumerate(frames)]
+    names = write_results(out, frames, records)
+    strip_name = f"strip-{names[0][:-4]}.png"
+    atomic_write_bytes(out / strip_name, png_bytes(strip(frames)))
+    print(f"wrote {out / strip_name} and {len(names)} frames ({names[0]} .. {names[-1]}), "
+          f"metadata in {out / 'metadata.jsonl'}")
+    return 0
+
+
+def cmd_continue(args: argparse.Namespace) -> int:
+    from ..editing import continue_ar, continue_generator
+    out = output_dir(args.out)
+    image = input_image(args.image)
+    pipe = load_pipeline(args.model, args.text_encoder)
+    kind = continue_generator(pipe.generators)
+    resolve_sampling(pipe, kind, args)
+    height, width = args.size if args.size else (None, None)
+    result = continue_ar(pipe, image, args.prompt, args.keep_tokens, guidance_scale=args.cfg,
+                         temperature=args.temperature, seed=args.seed, height=height, width=width,
+                         progress=not args.no_progress)
+    records = _records(result, pipe, args, kind="continue", source=str(args.image), keep_tokens=args.keep_tokens,
+                       generator=kind, cfg=args.cfg, temperature=args.temperature)
+    names = write_results(out, result.images, records)
+    print(f"wrote {out / names[0]} (first {args.keep_tokens} tokens of {args.image} kept, seed {result.seeds[0]}), "
+          f"metadata in {out / 'metadata.jsonl'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..serve import ServeLimits, bind_socket, create_app, serve
+    limits = ServeLimits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                         max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_steps=args.max_steps,
+                         max_prompt_chars=args.max_prompt_chars, max_size=args.max_size)
+    sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
+    try:
+        pipe = load_pipeline(args.model, args.text_encoder)
+        serve(create_app(pipe, limits), args.host, args.port, log_level=args.log_level, sock=sock)
+    except KeyboardInterrupt:  # uvicorn has shut down gracefully and passes Ctrl+C on
+        print("binlat: server stopped", file=sys.stderr)
+    finally:
+        sock.close()
+    return 0

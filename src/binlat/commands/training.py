@@ -1,0 +1,97 @@
+"""Commands around training: train, probe, precompute, params and export."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .common import EXIT_FAILED, CLIError, storage_dtype
+
+
+def _train_config(args: argparse.Namespace):
+    """The --config file with the --set overrides, which must be a config of the command's kind."""
+    from ..config import load_config
+    from ..train.config import TrainConfig
+    cfg = load_config(TrainConfig, args.config, args.set or [])
+    if cfg.kind != args.kind:
+        raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..train.engine import NonFiniteLossError, Trainer
+    cfg = _train_config(args)
+    given = {"data": args.data, "max_steps": args.max_steps, "batch_size": args.batch_size}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})  # checked again
+    out = Path(args.output or f"runs/{args.kind}")
+    trainer = Trainer(cfg, out, resume=args.resume)
+    try:
+        last = trainer.train()
+    except NonFiniteLossError as e:  # an expected way for a run to end: one line, exit 1
+        print(f"binlat: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if trainer.acc.is_main_process:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "bit_accuracy", "psnr"))
+        print(f"finished {args.kind} training at step {trainer.step} ({shown}); run folder {out}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..train.probe import run_probe
+    cfg = _train_config(args)
+    changes = {"max_steps": args.steps, "trackers": [], "save_every": min(cfg.save_every, args.steps)}
+    if args.sample_every is not None:
+        changes["sample_every"] = args.sample_every
+    cfg = dataclasses.replace(cfg, **changes)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    change = args.change or (" ".join(args.set) if args.set else "baseline")
+    row = run_probe(cfg, change, args.out, per_category=args.per_category)
+    print(" | ".join(f"{k} {v}" for k, v in row.items()))
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    """Parameter counts of training presets, built on the meta device (no memory, no weights)."""
+    import torch
+
+    from ..config import load_config
+    from ..registry import model_class
+    from ..train.config import TrainConfig
+    for path in args.configs:
+        cfg = load_config(TrainConfig, path)
+        with torch.device("meta"):
+            model = model_class(cfg.kind)(cfg.model_config(image_size=cfg.image_size))
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{path}: {cfg.kind}, {n / 1e6:.1f} M parameters")
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from ..data.precomputed import precompute
+    from ..data.readers import make_dataset
+    from ..text import TextEncoder, text_layer_map
+    from ..tokenizer import BinaryTokenizer
+    tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
+    size = args.size or tokenizer.config.image_size
+    data = make_dataset(args.data, size=size, seed=args.seed, random_crop=False)
+    encoder, layers = None, None
+    if args.text_layers or args.generator_layers:
+        encoder = TextEncoder(args.text_encoder, max_length=args.text_max_length)
+        layers = ([int(x) for x in args.text_layers.split(",")] if args.text_layers
+                  else text_layer_map(encoder.num_layers, args.generator_layers))
+    n = precompute(data, tokenizer, args.out, text_encoder=encoder, text_layers=layers, shard_size=args.shard_size,
+                   batch_size=args.batch_size, max_samples=args.max_samples, tokenizer_ref=str(args.tokenizer),
+                   progress=not args.no_progress)
+    print(f"wrote {n} samples to {args.out}" + (f" with text layers {layers}" if layers else " (bits + captions)"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..train.checkpoints import export_run
+    out = export_run(args.run, args.out, args.checkpoint, dtype=storage_dtype(args.dtype))
+    print(f"wrote EMA weights to {out}")
+    return 0
