@@ -307,7 +307,7 @@ async function loadModel() {
     $("steps").max = info.limits.max_steps;
     $("n").max = info.limits.max_n;
     $("prompt").maxLength = info.limits.max_prompt_chars;
-    $("edit").disabled = !info.generators.includes("diffusion");
+    $("edit").disabled = !info.can_edit;
     samplingDefaults = info.sampling || {};
     showSamplingDefaults();
   } catch (e) {

@@ -121,7 +121,8 @@ async def models(served: ServedDep) -> dict[str, Any]:
             "size_multiple": tok.size_multiple, "num_tokens": tok.num_tokens, "num_bits": tok.num_bits,
             "trained": pipe.config.trained, "description": pipe.config.description,
             "text_encoder": pipe.config.text_encoder, "limits": asdict(served.limits),
-            "sampling": {g: pipe.sampling_settings(g) for g in sorted(pipe.generators)}}
+            "sampling": {g: pipe.sampling_settings(g) for g in sorted(pipe.generators)},
+            "can_edit": editing.edit_generator(pipe.generators) in pipe.generators}
 
 
 async def generate(req: GenerateRequest, served: ServedDep) -> JSONResponse:

@@ -1,0 +1,160 @@
+"""A third generator kind, registered by this file alone, works everywhere a generator does.
+
+The toy is a masked-bit generator: every bit starts masked (0.5), and each of `num_steps` rounds reveals a share of
+the bits, drawn from the network's guided logits. Nothing outside binlat.registry is told about it: the pipeline
+generates with it, saves and reloads it, the CLI offers it, and the trainer trains and exports it."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from binlat import registry
+from binlat.cli import main
+from binlat.config import config_from_dict
+from binlat.generators import GeneratorConfig
+from binlat.modeling import ModelMixin
+from binlat.pipeline import Pipeline
+from binlat.processes.common import bernoulli, check_sampling_args, guide, settings_of, uniform, with_guidance
+from binlat.train.config import TrainConfig
+from binlat.train.engine import Trainer
+
+MASKED = 0.5
+
+
+class MaskedBitNet(nn.Module, ModelMixin):
+    """Bits (0, 1 or MASKED) and the mean of each text layer's states -> one logit per bit."""
+
+    config_class = GeneratorConfig
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.config = config
+        self.x_embed = nn.Linear(config.num_bits, config.dim)
+        self.pos_emb = nn.Parameter(torch.randn(1, config.num_tokens, config.dim) * 0.02)
+        self.text_proj = nn.ModuleList(nn.Linear(config.text_dim, config.dim) for _ in range(config.num_layers))
+        self.proj_out = nn.Linear(config.dim, config.num_bits)
+
+    def forward(self, x: torch.Tensor, text: list[torch.Tensor], text_mask: torch.Tensor) -> torch.Tensor:
+        weights = text_mask.float()[..., None] / text_mask.float().sum(1).clamp(min=1)[:, None, None]
+        context = sum(proj((states * weights).sum(1)) for proj, states in zip(self.text_proj, text))
+        return self.proj_out(torch.tanh(self.x_embed(x) + self.pos_emb + context[:, None]))
+
+
+@dataclass(frozen=True)
+class MaskedSampling:
+    num_steps: int = 4
+    guidance_scale: float = 7.5
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.num_steps, self.guidance_scale, self.temperature)
+
+
+class MaskedBits:
+    Settings = MaskedSampling
+
+    def loss(self, network, bits, text, generators=None):
+        """Mask a per-sample share of the bits; cross-entropy on the masked ones."""
+        bits = bits.float()
+        share = uniform((1, 1), generators, bits.device)
+        masked = uniform(tuple(bits.shape[1:]), generators, bits.device) < share
+        logits = network(torch.where(masked, torch.full_like(bits, MASKED), bits), text.layers, text.mask).float()
+        loss = F.binary_cross_entropy_with_logits(logits[masked], bits[masked]) if masked.any() else logits.sum() * 0
+        with torch.no_grad():
+            accuracy = ((logits > 0).float() == bits).float().mean()
+        return loss, {"bit_accuracy": accuracy}
+
+    @torch.inference_mode()
+    def sample(self, network, cond, uncond, generators, settings=None, *, progress=False, **given):
+        s = settings_of(MaskedSampling, settings, given)
+        cfg, n = network.config, cond.mask.shape[0]
+        device = next(network.parameters()).device
+        text = with_guidance(cond, uncond, s.guidance_scale).to(device)
+        order = uniform((cfg.num_tokens, cfg.num_bits), generators, device)  # when each bit is revealed
+        x = torch.full((n, cfg.num_tokens, cfg.num_bits), MASKED, device=device)
+        for step in range(s.num_steps):
+            batch = x if text.mask.shape[0] == n else torch.cat((x, x))
+            logits = guide(network(batch, text.layers, text.mask).float(), s.guidance_scale, n)
+            drawn = (logits > 0).float() if s.temperature == 0 else bernoulli(torch.sigmoid(logits / s.temperature),
+                                                                              generators)
+            reveal = (order < (step + 1) / s.num_steps) & (x == MASKED)
+            x = torch.where(reveal, drawn, x)
+        return x
+
+
+@pytest.fixture(scope="module")
+def masked_kind():
+    kind = registry.register(registry.GeneratorKind("masked", MaskedBitNet, MaskedBits,
+                                                    sampler=lambda config: MaskedBits(),
+                                                    trainer=lambda options: MaskedBits()))
+    yield kind
+    registry.unregister("masked")
+
+
+@pytest.fixture(scope="module")
+def pipe(masked_kind) -> Pipeline:
+    return Pipeline.random_tiny(seed=1)
+
+
+def test_registered_kind_is_listed(masked_kind) -> None:
+    assert registry.generator_kinds() == ("diffusion", "ar", "masked")
+    assert registry.model_kinds()[-1] == "masked" and registry.model_class("masked") is MaskedBitNet
+    assert "masked" not in registry.release_kinds()  # the release has no such network
+    assert masked_kind.uses("num_steps") and not masked_kind.uses("rho")
+    assert registry.kinds_that_can("redraw") == ["diffusion"]
+
+
+def test_pipeline_generates_with_the_new_kind(pipe) -> None:
+    assert "masked" in pipe.generators and pipe.config.generators == ("diffusion", "ar", "masked")
+    out = pipe(["a red circle", "two squares"], generator="masked", num_steps=3, seed=4, return_bits=True,
+               progress=False)
+    assert out.bits.shape == (2, 16, 32) and set(out.bits.unique().tolist()) <= {0, 1}
+    assert len(out.images) == 2 and out.images[0].size == (64, 64)
+    again = pipe(["a red circle", "two squares"], generator="masked", num_steps=3, seed=4, return_bits=True,
+                 progress=False)
+    alone = pipe(["two squares"], generator="masked", num_steps=3, seed=5, return_bits=True, progress=False)
+    assert torch.equal(out.bits, again.bits) and torch.equal(out.bits[1:], alone.bits)
+    with pytest.raises(ValueError, match="steps"):
+        pipe(["a cat"], generator="masked", num_steps=0)
+
+
+def test_bundle_with_the_new_kind_saves_loads_and_generates(pipe, tmp_path) -> None:
+    bundle = pipe.save_pretrained(tmp_path / "bundle")
+    assert (bundle / "masked" / "config.json").is_file()
+    loaded = Pipeline.from_pretrained(bundle, text_encoder=pipe.text_encoder)
+    a = pipe(["a blue square"], generator="masked", num_steps=2, seed=0, return_bits=True, progress=False)
+    b = loaded(["a blue square"], generator="masked", num_steps=2, seed=0, return_bits=True, progress=False)
+    assert torch.equal(a.bits, b.bits)
+    out = tmp_path / "out"
+    assert main(["generate", "a blue square", "--model", str(bundle), "--generator", "masked", "--steps", "2",
+                 "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+    assert (record["generator"], record["steps"]) == ("masked", 2)
+
+
+def test_trainer_trains_and_exports_the_new_kind(pipe, tmp_path) -> None:
+    pipe.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    cfg = config_from_dict(TrainConfig, {
+        "kind": "masked", "model": {"num_layers": 2, "num_heads": 2, "head_dim": 16}, "image_size": 64,
+        "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "save_every": 2, "log_every": 1, "trackers": [],
+        "generator": {"tokenizer": str(tmp_path / "tokenizer")}})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no supported trackers")
+        trainer = Trainer(cfg, tmp_path / "run")
+        last = trainer.train()
+    assert trainer.step == 2 and torch.isfinite(torch.tensor(last["loss"]))
+    assert 0 <= last["bit_accuracy"] <= 1
+    from binlat.train.checkpoints import export_run
+    net = MaskedBitNet.from_pretrained(export_run(tmp_path / "run", tmp_path / "export"))
+    assert (net.config.num_tokens, net.config.num_bits) == (16, 32) and len(net.config.text_layers) == 2
+    with pytest.raises(ValueError, match="unknown key"):
+        config_from_dict(TrainConfig, {"kind": "masked", "model": {"colour": "red"}})
