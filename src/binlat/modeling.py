@@ -1,4 +1,8 @@
-"""Config-driven save/load for every binlat network (Hugging Face Hub layout: config.json + model.safetensors)."""
+"""Config-driven save/load for every binlat network (Hugging Face Hub layout: config.json + model.safetensors).
+
+Written out rather than taken from huggingface_hub's PyTorchModelHubMixin: both of the methods it would give are
+stricter here (see ModelMixin), and nothing uses the rest of it (push_to_hub, model cards); the Hub is still
+read through huggingface_hub (`resolve_model_dir`)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +10,6 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 
 from .config import ConfigError, config_from_dict, config_to_dict
 from .io import atomic_directory, check_state_dict, load_safetensors, save_safetensors
@@ -32,11 +35,11 @@ def resolve_model_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
                                 f"({type(e).__name__}); pass a local model directory") from None
 
 
-class ModelMixin(PyTorchModelHubMixin):
+class ModelMixin:
     """Adds strict `save_pretrained` / `from_pretrained` to an nn.Module whose __init__ takes a dataclass config.
 
-    Differences from the plain hub mixin, on purpose: unknown config keys and missing/unexpected/mis-shaped
-    weights are errors (never silently ignored), loading never unpickles, and saving is atomic."""
+    Unlike huggingface_hub's mixin, on purpose: unknown config keys and missing/unexpected/mis-shaped weights are
+    errors (never silently ignored), loading never unpickles, and saving is atomic."""
 
     config_class: ClassVar[type]
     config: Any
@@ -48,12 +51,11 @@ class ModelMixin(PyTorchModelHubMixin):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = enabled
 
-    def save_pretrained(self, save_directory: str | Path, *, dtype: torch.dtype | None = None,  # type: ignore[override]
-                        **_: Any) -> Path:
+    def save_pretrained(self, save_directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
         """`dtype` (e.g. torch.float16) stores floating-point weights in that precision to halve the files;
         `from_pretrained` loads them back into the model's float32 parameters."""
         save_directory = Path(save_directory)
-        state = self.state_dict()
+        state = self.state_dict()  # type: ignore[attr-defined]
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         with atomic_directory(save_directory) as tmp:
@@ -62,7 +64,7 @@ class ModelMixin(PyTorchModelHubMixin):
         return save_directory
 
     @classmethod
-    def from_pretrained(cls: type[M], pretrained_model_name_or_path: str | Path, *,  # type: ignore[override]
+    def from_pretrained(cls: type[M], pretrained_model_name_or_path: str | Path, *,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         **hub_kwargs: Any) -> M:
         directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
