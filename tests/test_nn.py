@@ -459,3 +459,24 @@ def test_blocks_float32_and_bfloat16(name):
     assert out.shape == ref.shape
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=0.1 * max(1.0, ref.abs().max().item()), rtol=0.05)
+
+
+@pytest.mark.parametrize("dim", [8, 7])
+def test_sincos_positions_table(dim):
+    from binlat.nn import sincos_positions
+    table = sincos_positions(5, dim)
+    assert table.shape == (1, 5, dim)
+    assert torch.equal(table[0, 0, 0::2], torch.zeros((dim + 1) // 2))  # sin(0)
+    assert torch.equal(table[0, 0, 1::2], torch.ones(dim // 2))          # cos(0)
+    assert torch.allclose(table[0, 3, 0], torch.sin(torch.tensor(3.0)))  # channel 0 has frequency 1
+    # Every position is told apart from every other: the point of starting from it rather than from zeros.
+    distances = torch.cdist(table[0], table[0])
+    assert (distances + torch.eye(5)).min() > 0.1
+
+
+def test_fresh_generators_start_with_distinct_positions():
+    from binlat.generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+    cfg = GeneratorConfig(num_bits=4, num_tokens=6, num_layers=1, num_heads=2, head_dim=8, text_dim=8)
+    for model in (DiffusionTransformer(cfg), ARTransformer(cfg)):
+        pos = model.blocks[0].pos_emb[0]
+        assert (torch.cdist(pos, pos) + torch.eye(pos.shape[0])).min() > 0.1

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..modeling import ModelMixin
-from ..nn import Attention, GeluMLP, KVCache, RMSNorm, run_block
+from ..nn import Attention, GeluMLP, KVCache, RMSNorm, run_block, sincos_positions
 from .config import GeneratorConfig
 
 
@@ -18,7 +18,7 @@ class ARBlock(nn.Module):
         super().__init__()
         dim = cfg.dim
         self.norm1 = RMSNorm(dim)
-        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.num_tokens + 1, dim))
+        self.pos_emb = nn.Parameter(sincos_positions(cfg.num_tokens + 1, dim))
         self.text_proj = nn.Linear(cfg.text_dim, dim)
         self.attn = Attention(dim, cfg.num_heads, cfg.head_dim)
         self.norm2 = RMSNorm(dim)
