@@ -21,7 +21,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe.to(dtype=getattr(torch, args.dtype))
     if args.compile:
         pipe.compile()
-    height, width = args.size if args.size else (None, None)
+    height, width = args.size or (None, None)
     result = pipe(prompts, generator=args.generator, num_steps=args.steps, guidance_scale=args.cfg,
                   temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
                   height=height, width=width, batch_size=args.batch_size, progress=not args.no_progress)
@@ -50,14 +50,20 @@ def _records(result, pipe, args: argparse.Namespace, **fields) -> list[dict]:
             for im, prompt, seed in zip(result.images, result.prompts, result.seeds)]
 
 
-def cmd_edit(args: argparse.Namespace) -> int:
-    from ..editing import edit, edit_generator
+def _image_job(args: argparse.Namespace, generator_for):
+    """The output folder, the input image and the pipeline, checked in that order; the generator kind the job runs
+    on (`generator_for(pipe.generators)`), with the sampling options left out taken from the pipeline for it."""
     out = output_dir(args.out)
     image = input_image(args.image)
     pipe = load_pipeline(args.model, args.text_encoder)
-    kind = edit_generator(pipe.generators)
+    kind = generator_for(pipe.generators)
     resolve_sampling(pipe, kind, args)
-    height, width = args.size if args.size else (None, None)
+    return out, image, pipe, kind, args.size or (None, None)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from ..editing import edit, edit_generator
+    out, image, pipe, kind, (height, width) = _image_job(args, edit_generator)
     result = edit(pipe, image, args.prompt, strength=args.strength, num_steps=args.steps, guidance_scale=args.cfg,
                   temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
                   height=height, width=width, progress=not args.no_progress)
@@ -76,7 +82,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     out = output_dir(args.out)
     image_a, image_b = input_image(args.image_a), input_image(args.image_b)
     pipe = load_pipeline(args.model, args.text_encoder)
-    height, width = args.size if args.size else (None, None)
+    height, width = args.size or (None, None)
     frames = interpolate(pipe, image_a, image_b, steps=args.steps, seed=args.seed, height=height, width=width)
     records = [{"kind": "interpolate", "a": str(args.image_a), "b": str(args.image_b), "frame": k,
                 "fraction": k / (args.steps - 1), "seed": args.seed, "height": im.height, "width": im.width,
@@ -92,12 +98,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 def cmd_continue(args: argparse.Namespace) -> int:
     from ..editing import continue_ar, continue_generator
-    out = output_dir(args.out)
-    image = input_image(args.image)
-    pipe = load_pipeline(args.model, args.text_encoder)
-    kind = continue_generator(pipe.generators)
-    resolve_sampling(pipe, kind, args)
-    height, width = args.size if args.size else (None, None)
+    out, image, pipe, kind, (height, width) = _image_job(args, continue_generator)
     result = continue_ar(pipe, image, args.prompt, args.keep_tokens, guidance_scale=args.cfg,
                          temperature=args.temperature, seed=args.seed, height=height, width=width,
                          progress=not args.no_progress)
