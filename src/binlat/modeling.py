@@ -64,10 +64,12 @@ class ModelMixin:
         return save_directory
 
     @classmethod
-    def from_pretrained(cls: type[M], pretrained_model_name_or_path: str | Path, *,
-                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        **hub_kwargs: Any) -> M:
-        directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
+    def read_config(cls, pretrained_model_name_or_path: str | Path, **hub_kwargs: Any) -> Any:
+        """A model directory's config alone (no weights read), with from_pretrained's errors."""
+        return cls._config_in(resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs))
+
+    @classmethod
+    def _config_in(cls, directory: Path) -> Any:
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory}: missing {CONFIG_NAME}; is this a {cls.__name__} directory?")
@@ -75,7 +77,14 @@ class ModelMixin:
             data = json.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
-        config = config_from_dict(cls.config_class, data, source=str(config_path))
+        return config_from_dict(cls.config_class, data, source=str(config_path))
+
+    @classmethod
+    def from_pretrained(cls: type[M], pretrained_model_name_or_path: str | Path, *,
+                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        **hub_kwargs: Any) -> M:
+        directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
+        config = cls._config_in(directory)
         # Built on the meta device and handed the file's tensors, which safetensors memory-maps, rather than
         # allocating and initialising parameters only to overwrite them: a model costs its weights once, not twice.
         with torch.device("meta"):

@@ -24,7 +24,6 @@ from .config import ConfigError, config_from_dict, config_to_dict
 from .generators import GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
-from .modeling import CONFIG_NAME, resolve_model_dir
 from .processes.common import check_sampling_args, make_generators
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
@@ -213,7 +212,7 @@ class Pipeline:
                                        device=device)
         tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype)
         networks = {k: registry.generator(k).network for k in config.generators}
-        loaders = {k: (_read_config(network, directory / k),
+        loaders = {k: (network.read_config(directory / k),
                        functools.partial(network.from_pretrained, directory / k, device=device, dtype=dtype))
                    for k, network in networks.items()}
         return cls(tokenizer, text_encoder, config=config, loaders=loaders)
@@ -329,19 +328,6 @@ class Pipeline:
             all_bits.append(bits.to(torch.uint8).cpu())
         return PipelineOutput(images=images, seeds=seeds, prompts=prompts,
                               bits=torch.cat(all_bits) if return_bits else None)
-
-
-def _read_config(model_class: type, directory: Path) -> Any:
-    """A model directory's config alone (its weights load later), with from_pretrained's errors."""
-    directory = resolve_model_dir(directory)
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: missing {CONFIG_NAME}; is this a {model_class.__name__} directory?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(model_class.config_class, data, source=str(path))
 
 
 def default_model_dir() -> Path | None:
