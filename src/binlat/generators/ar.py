@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..modeling import ModelMixin
-from ..nn import Attention, GeluMLP, KVCache, RMSNorm, run_block, sincos_positions
+from ..nn import Attention, GeluMLP, KVCache, RMSNorm, StaticKVCache, run_block, sincos_positions
 from .config import GeneratorConfig
 
 
@@ -36,9 +36,33 @@ class ARBlock(nn.Module):
 class ARCache:
     """Per-block key/value caches plus how many image rows they hold. Text keys enter on the first call."""
 
-    def __init__(self, num_layers: int):
-        self.layers = [KVCache() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, layers: list | None = None):
+        self.layers = [KVCache() for _ in range(num_layers)] if layers is None else layers
         self.length = 0  # image rows (start token included) already in the cache
+
+
+class StaticARCache(ARCache):
+    """ARCache over preallocated StaticKVCache buffers sized for text + start + every token: nothing grows.
+
+    `positions` [capacity] (0, 1, ...) and `index` (the key row of the next step, a 1-element tensor) serve the
+    fixed-shape step (ARTransformer.static_step)."""
+
+    def __init__(self, model: ARTransformer, batch: int, text_length: int):
+        c = model.config
+        weight = model.x_embed.weight
+        capacity = text_length + c.num_tokens + 1
+        super().__init__(c.num_layers, [StaticKVCache(batch, c.num_heads, capacity, c.head_dim, dtype=weight.dtype,
+                                                      device=weight.device) for _ in range(c.num_layers)])
+        self.text_length = text_length
+        self.positions = torch.arange(capacity, device=weight.device)
+        self.index = torch.zeros(1, dtype=torch.long, device=weight.device)
+
+
+class _Buffers:
+    """The two buffers Attention.step writes, as static_step hands them over (tensors only, for the tracer)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k_buffer, self.v_buffer = k, v
 
 
 class ARTransformer(nn.Module, ModelMixin):
@@ -53,8 +77,44 @@ class ARTransformer(nn.Module, ModelMixin):
         self.norm_out = RMSNorm(config.dim)
         self.proj_out = nn.Linear(config.dim, config.num_bits)
 
-    def new_cache(self) -> ARCache:
-        return ARCache(len(self.blocks))
+    def new_cache(self, batch: int | None = None, text_length: int | None = None) -> ARCache:
+        """A growing cache, or with batch and text length a StaticARCache (what decode_step and static_step use)."""
+        if batch is None:
+            return ARCache(len(self.blocks))
+        return StaticARCache(self, batch, text_length)
+
+    def decode_step(self, bits: torch.Tensor, cache: StaticARCache) -> torch.Tensor:
+        """Logits [N, B] of the token after `bits` [N, 1, B], the newest token, over a StaticARCache that a
+        forward(..., cache) call filled with the text, start token and any prefix. The operations of
+        forward(bits, ..., cache) on a KVCache, on the same numbers, minus what does not change between steps
+        (the text, the mask: built once per step, not per block) and the cache's reallocations: the same logits
+        bit for bit."""
+        dtype = self.x_embed.weight.dtype
+        offset, index = cache.length, cache.layers[0].length
+        if offset + 1 > self.config.num_tokens + 1:
+            raise ValueError(f"sequence longer than the model's {self.config.num_tokens} tokens")
+        x = self.x_embed(bits.to(dtype))
+        mask = cache.layers[0].valid_buffer[:, None, None, : index + 1]
+        for block, layer in zip(self.blocks, cache.layers):
+            h = block.norm1(x) + block.pos_emb[:, offset: offset + 1]
+            x = x + block.attn.step(h, layer, mask, index)
+            x = x + block.mlp(block.norm2(x))
+            layer.length = index + 1
+        cache.length += 1
+        return self.proj_out(self.norm_out(x))[:, -1]
+
+    def static_step(self, bits: torch.Tensor, offset: torch.Tensor, index: torch.Tensor, positions: torch.Tensor,
+                    keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """decode_step with every shape fixed, for torch.compile: row `offset` (1-element tensor) at key `index`,
+        attention over the whole buffers (`keys`/`values` per block, written in place) with keys past `index`
+        masked. Equal to decode_step to float tolerance, not bit for bit (longer reductions, fused kernels)."""
+        x = self.x_embed(bits.to(self.x_embed.weight.dtype))
+        mask = (valid & (positions <= index))[:, None, None, :]
+        for block, k, v in zip(self.blocks, keys, values):
+            h = block.norm1(x) + block.pos_emb.index_select(1, offset)
+            x = x + block.attn.step(h, _Buffers(k, v), mask, index)
+            x = x + block.mlp(block.norm2(x))
+        return self.proj_out(self.norm_out(x))[:, -1]
 
     def forward(self, bits: torch.Tensor | None, text: Sequence[torch.Tensor], text_mask: torch.Tensor,
                 cache: ARCache | None = None) -> torch.Tensor:

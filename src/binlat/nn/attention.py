@@ -80,6 +80,53 @@ class KVCache:
                 setattr(self, name, t.repeat_interleave(n, dim=0))
 
 
+class StaticKVCache:
+    """Keys and values of one attention layer in fixed-size buffers [B, H, capacity, Dh], written in place.
+
+    Allocated once (zeros, so unwritten rows are finite numbers that a mask can hide), never grown: a decoding step
+    writes one row at `length` and moves the counter. `valid` [B, capacity] is False only at masked (padded) keys.
+    `update` has KVCache's contract (views of the rows written so far), so a prefill runs through
+    Attention.forward unchanged; `Attention.step` is the one-row decoding step over it."""
+
+    def __init__(self, batch: int, num_heads: int, capacity: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.k_buffer = torch.zeros(batch, num_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v_buffer = torch.zeros_like(self.k_buffer)
+        self.valid_buffer = torch.ones(batch, capacity, dtype=torch.bool, device=device)
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def capacity(self) -> int:
+        return self.k_buffer.shape[2]
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.k_buffer[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.v_buffer[:, :, : self.length]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.valid_buffer[:, : self.length]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"static KV cache holds {self.capacity} keys; {end} asked for")
+        self.k_buffer[:, :, self.length: end] = k
+        self.v_buffer[:, :, self.length: end] = v
+        if valid is not None:
+            self.valid_buffer[:, self.length: end] = valid
+        self.length = end
+        return self.k, self.v, self.valid
+
+
 def _all_valid(k: torch.Tensor) -> torch.Tensor:
     return torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
 
@@ -151,3 +198,27 @@ class Attention(nn.Module):
         mask = attention_mask(valid, num_queries, k.shape[2], causal, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(out.transpose(1, 2).reshape(b, num_queries, -1))
+
+    def step(self, x: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor, index: int | torch.Tensor
+             ) -> torch.Tensor:
+        """One decoding row x [B, 1, dim] at key position `index` of a StaticKVCache (causal self-attention over
+        the cache, whose earlier rows hold the context): its key and value are written in place.
+
+        index an int: attention over the `index + 1` keys written so far (mask [B, 1, 1, index + 1]), the same
+        products as Attention.forward with a KVCache, so the same bits. index a 1-element long tensor: attention
+        over the whole buffer (mask [B, 1, 1, capacity] hides what is not written yet): every shape is fixed, which
+        is what torch.compile needs to trace the step once."""
+        b = x.shape[0]
+        q = self.norm_q(self._heads(self.to_q(x)))
+        k = self.norm_k(self._heads(self.to_k(x)))
+        v = self._heads(self.to_v(x))
+        if isinstance(index, int):
+            cache.k_buffer[:, :, index: index + 1] = k
+            cache.v_buffer[:, :, index: index + 1] = v
+            keys, values = cache.k_buffer[:, :, : index + 1], cache.v_buffer[:, :, : index + 1]
+        else:
+            cache.k_buffer.index_copy_(2, index, k)
+            cache.v_buffer.index_copy_(2, index, v)
+            keys, values = cache.k_buffer, cache.v_buffer
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.to_out(out.transpose(1, 2).reshape(b, 1, -1))

@@ -1,7 +1,13 @@
 """Autoregressive decoding: K steps, each predicting all B bits of the next token at once.
 
-Two modes give the same logits: "cached" (text keys/values computed once per block, image keys/values appended
-each step) and "reference" (the released sampler's algorithm: recompute the whole sequence at every step).
+Modes (ARDecoding's `use_cache` and `decode`):
+- "static" (the default): text keys/values computed once per block into preallocated buffers, then one
+  ARTransformer.decode_step per token (one row, written in place; no growth, no per-block mask or concatenation);
+- "appending": the same through forward(..., cache) on a KVCache that grows (the cache as it was first built);
+- "compiled" (opt in): torch.compile of ARTransformer.static_step, every shape fixed; fused kernels and
+  whole-buffer attention round differently, so it equals the others to float tolerance, not bit for bit;
+- reference (use_cache=False): the released sampler's algorithm, the whole sequence recomputed at every step.
+"static", "appending" and reference give the same logits bit for bit (tests/test_processes.py checks it).
 """
 from __future__ import annotations
 
@@ -26,11 +32,19 @@ class ARSampling:
         check_sampling_args(None, self.guidance_scale, self.temperature)
 
 
+DECODE_MODES = ("static", "appending", "compiled")
+
+
 @dataclass
 class ARDecoding:
     Settings = ARSampling
 
     use_cache: bool = True
+    decode: str = "static"  # with the cache: "static" | "appending" | "compiled" (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
 
     def loss(self, network: torch.nn.Module, bits: torch.Tensor, text: TextFeatures,
              generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -58,28 +72,27 @@ class ARDecoding:
         device = next(network.parameters()).device
         text = with_guidance(cond, uncond, guidance_scale).to(device)
         doubled = text.mask.shape[0] != n
-        tokens = torch.zeros(n, 0, cfg.num_bits, device=device) if prefix is None else prefix.float().to(device)
-        if tokens.shape[1] > cfg.num_tokens:
-            raise ValueError(f"prefix has {tokens.shape[1]} tokens; the model makes {cfg.num_tokens}")
-        cache = network.new_cache() if self.use_cache else None
-        new = tokens if tokens.shape[1] else None  # rows the network has not seen yet
+        k0 = 0 if prefix is None else prefix.shape[1]
+        if k0 > cfg.num_tokens:
+            raise ValueError(f"prefix has {k0} tokens; the model makes {cfg.num_tokens}")
+        tokens = torch.zeros(n, cfg.num_tokens, cfg.num_bits, device=device)
+        if k0:
+            tokens[:, :k0] = prefix.float().to(device)
+        rows = text.mask.shape[0]
+        if not self.use_cache:
+            step = _Recompute(network, text, doubled)
+        elif self.decode == "appending":
+            step = _Appending(network, text, doubled)
+        else:
+            step = _Static(network, text, rows, compiled=self.decode == "compiled")
         all_logits = []
-        for _ in tqdm(range(tokens.shape[1], cfg.num_tokens), disable=not progress, desc="ar", leave=False):
-            if cache is None:
-                seen = tokens if tokens.shape[1] else None
-                seen = seen if seen is None or not doubled else torch.cat((seen, seen))
-                out = network(seen, text.layers, text.mask)[:, -1]
-            else:
-                new = new if new is None or not doubled else torch.cat((new, new))
-                out = network(new, text.layers, text.mask, cache)[:, -1]
-            logits = guide(out.float(), guidance_scale, n)
+        for i in tqdm(range(k0, cfg.num_tokens), disable=not progress, desc="ar", leave=False):
+            logits = guide(step(tokens, i).float(), guidance_scale, n)
             all_logits.append(logits)
             if temperature == 0:
-                step = (logits > 0).float()
+                tokens[:, i] = (logits > 0).float()
             else:
-                step = bernoulli(torch.sigmoid(logits / temperature), generators)
-            new = step[:, None]
-            tokens = torch.cat((tokens, new), dim=1)
+                tokens[:, i] = bernoulli(torch.sigmoid(logits / temperature), generators)
         return (tokens, all_logits) if return_logits else tokens
 
     def continue_from(self, network: torch.nn.Module, prefix: torch.Tensor, cond: TextFeatures,
@@ -88,3 +101,75 @@ class ARDecoding:
         """Keep the tokens of `prefix` [N, k, B] and write the rest."""
         device = next(network.parameters()).device
         return self.sample(network, cond, uncond, generators, settings, progress=progress, prefix=prefix.to(device))
+
+
+# --- the decoding steps: step(tokens [N, K, B], i) -> network output [N or 2N, B] for token i -------------------
+def _rows(bits: torch.Tensor, doubled: bool) -> torch.Tensor:
+    return torch.cat((bits, bits)) if doubled else bits
+
+
+class _Recompute:
+    """The release's algorithm: the whole sequence [start ; tokens < i] at every step."""
+
+    def __init__(self, network: torch.nn.Module, text: TextFeatures, doubled: bool):
+        self.network, self.text, self.doubled = network, text, doubled
+
+    def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        seen = _rows(tokens[:, :i], self.doubled) if i else None
+        return self.network(seen, self.text.layers, self.text.mask)[:, -1]
+
+
+class _Appending:
+    """forward(new rows, ..., cache) on the growing KVCache: the prefix (or nothing) first, then one token a step."""
+
+    def __init__(self, network: torch.nn.Module, text: TextFeatures, doubled: bool):
+        self.network, self.text, self.doubled = network, text, doubled
+        self.cache, self.seen = network.new_cache(), None
+
+    def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        start = 0 if self.seen is None else self.seen
+        new = _rows(tokens[:, start:i], self.doubled) if i > start else None
+        self.seen = i
+        return self.network(new, self.text.layers, self.text.mask, self.cache)[:, -1]
+
+
+class _Static:
+    """The prefill (text, start token, any prefix) through forward into a StaticARCache, then one decode_step (or
+    the compiled static_step) per token; the rows of the newest token live in one preallocated buffer."""
+
+    def __init__(self, network: torch.nn.Module, text: TextFeatures, rows: int, compiled: bool):
+        self.network, self.text, self.rows = network, text, rows
+        self.cache = network.new_cache(rows, text.mask.shape[1])
+        self.row = torch.zeros(rows, 1, network.config.num_bits, device=text.mask.device)
+        self.compiled = _compiled_step(network) if compiled else None
+        self.started = False
+
+    def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        n = tokens.shape[0]
+        if not self.started:
+            self.started = True
+            new = _rows(tokens[:, :i], self.rows != n) if i else None
+            return self.network(new, self.text.layers, self.text.mask, self.cache)[:, -1]
+        self.row[:n] = tokens[:, i - 1: i]
+        if self.rows != n:
+            self.row[n:] = tokens[:, i - 1: i]
+        if self.compiled is None:
+            return self.network.decode_step(self.row, self.cache)
+        c = self.cache
+        c.index.fill_(c.layers[0].length)
+        offset = c.index - c.text_length
+        out = self.compiled(self.row, offset, c.index, c.positions, [layer.k_buffer for layer in c.layers],
+                            [layer.v_buffer for layer in c.layers], c.layers[0].valid_buffer)
+        c.length += 1
+        for layer in c.layers:
+            layer.length += 1
+        return out
+
+
+def _compiled_step(network: torch.nn.Module):
+    """torch.compile of network.static_step, made once per network (shapes are fixed: one trace per batch size)."""
+    compiled = getattr(network, "_binlat_compiled_step", None)
+    if compiled is None:
+        compiled = torch.compile(network.static_step, dynamic=False)
+        network._binlat_compiled_step = compiled
+    return compiled
