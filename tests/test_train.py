@@ -672,6 +672,8 @@ def test_probe_trains_scores_and_appends_one_row(kind, tmp_path, tokenizer_dir, 
     assert 0 <= row["accuracy"] <= 1 and 0 <= row["worst"] <= row["accuracy"] and 0 <= row["held_out"] <= 1
     if kind == "tokenizer":
         assert math.isfinite(row["psnr"]) and row["images_to_18db"] is None  # two steps stay on the plateau
+    else:
+        assert row["val_loss"] > 0 and math.isfinite(row["val_loss"])
     out = capsys.readouterr().out
     assert "change my change" in out and "accuracy" in out
     run = tmp_path / "probes" / f"{kind}-my-change"
@@ -709,3 +711,17 @@ def test_a_launch_that_is_not_one_world_never_trains(tmp_path, monkeypatch, caps
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "launcher started 2 processes but accelerate sees a world of 1" in lines[0]
     assert not list_checkpoints(run)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_validation_loss_is_a_function_of_the_weights(kind, tokenizer_dir):
+    """The probes' early score: the same weights give the same number (randomness seeded per sample), other
+    weights another, and a network that fits the held-out bits better scores lower."""
+    from binlat.train.probe import validation_loss
+    task = GeneratorTask(cfg_for(kind, tokenizer_dir), torch.device("cpu"))
+    net = task.model
+    first = validation_loss(task, net, count=8)
+    assert first == validation_loss(task, net, count=8) and math.isfinite(first)
+    with torch.no_grad():
+        net.proj_out.bias.add_(3.0)  # every bit pushed toward 1: a worse fit than the untrained network
+    assert validation_loss(task, net, count=8) > first

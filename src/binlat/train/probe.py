@@ -47,6 +47,25 @@ def score_generator(pipe, kind: str, size: int, per_category: int, seed: int = P
     return _accuracy(summary)
 
 
+@torch.inference_mode()
+def validation_loss(task, network, count: int = 256, seed: int = PROBE_SEED) -> float:
+    """The generator's training loss on `count` held-out `shapes` samples (seed `seed`, held-out pairs excluded,
+    captions never dropped), with each sample's randomness (t, noise) drawn from its own seeded generator: the same
+    number for the same weights. It moves long before judged accuracy leaves 0, so it ranks short probes."""
+    from ..data.shapes import ShapesStream
+    from ..processes.common import make_generators
+    stream = ShapesStream(size=task.cfg.image_size, seed=seed)
+    total = 0.0
+    for start in range(0, count, 64):
+        samples = [stream.sample(i) for i in range(start, min(start + 64, count))]
+        bits = task.tokenizer.encode(torch.stack([s["image"] for s in samples]).to(task.device)).float()
+        text = task.cached_text([s["caption"] for s in samples]).to(task.device)
+        gens = make_generators(list(range(start, start + len(samples))), task.device)
+        loss, _ = task.process.loss(network.eval(), bits, text, gens)
+        total += float(loss) * len(samples)
+    return total / count
+
+
 def _accuracy(summary: dict[str, Any]) -> dict[str, float]:
     return {"accuracy": summary["overall"], "worst": min(summary["accuracy"].values()),
             "held_out": summary["held_out"]["overall"]}
@@ -93,6 +112,7 @@ def run_probe(cfg, change: str, out_root: str | Path = "runs/probes", per_catego
         from ..registry import model_class
         net = model_class(cfg.kind).from_pretrained(model)
         pipe = Pipeline(trainer.task.tokenizer, trainer.task.text_encoder, **{cfg.kind: net})
+        row["val_loss"] = validation_loss(trainer.task, net)
         row |= score_generator(pipe, cfg.kind, cfg.image_size, per_category)
     row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
     with open(out_root / "probes.jsonl", "a") as f:
