@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -25,6 +26,7 @@ from ..hardware import require_bf16
 from ..io import atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors, save_safetensors
 from .checkpoints import clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses
 from .config import TrainConfig
+from .sharding import full_model_state, full_optimizer_state, load_optimizer_state
 from .data import IndexedData, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
 from .schedule import EMA, lr_at
 
@@ -76,6 +78,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
+        self._optimizer_state: dict | None = None  # a resumed run's, loaded once the model is prepared
         self._log_handler: logging.Handler | None = None
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +97,9 @@ class Trainer:
                 self.close()
                 raise
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if self._optimizer_state is not None:  # after prepare: a sharded model takes its optimizer state sharded
+            load_optimizer_state(self.acc.unwrap_model(self.model), self.optimizer, self._optimizer_state)
+            self._optimizer_state = None
         self.task.prepare(self.acc)
         if self.acc.is_main_process:
             atomic_write_bytes(self.run_dir / "config.json", (json.dumps(config_to_dict(cfg), indent=2) + "\n").encode())
@@ -193,7 +199,8 @@ class Trainer:
         if "mse" in totals:
             totals["psnr"] = psnr_of_mse(max(totals["mse"], 1e-10))
         if cfg.grad_clip > 0:
-            totals["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            totals["grad_norm"] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.task.after_step(self.step, gens)
@@ -225,8 +232,10 @@ class Trainer:
                         postfix.update(shown, lr=f"{totals['lr']:.2e}", img_s=f"{totals['images_per_s']:.1f}")
                 skipped = {"skipped": str(self.skips.count)} if self.skips.count else {}
                 bar.set_postfix({**postfix, **skipped}, refresh=False)
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
-                    self._samples()
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    shadow = self.ema.full()  # every rank: under FSDP this gathers the shards
+                    if acc.is_main_process:
+                        self._samples(shadow)
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                     self.save()
                 bar.update(1)
@@ -242,8 +251,8 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
 
-    def _samples(self) -> None:
-        model = self.ema_model()
+    def _samples(self, shadow: dict[str, torch.Tensor] | None = None) -> None:
+        model = self.ema_model(shadow)
         scores = self.task.evaluate(model)
         if scores:
             log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
@@ -253,9 +262,10 @@ class Trainer:
             (self.run_dir / "samples").mkdir(exist_ok=True)
             image.save(self.run_dir / "samples" / f"step-{self.step:08d}.png")
 
-    def ema_model(self) -> torch.nn.Module:
+    def ema_model(self, shadow: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        """A fresh model with the EMA weights (`shadow`: those already gathered; else gathered now)."""
         model = self.task.new_model()
-        model.load_state_dict(self.ema.shadow)
+        model.load_state_dict(self.ema.full() if shadow is None else shadow)
         return model.eval()
 
     # --- checkpoints --------------------------------------------------------------------------------------
@@ -263,11 +273,15 @@ class Trainer:
         acc = self.acc
         target = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         acc.wait_for_everyone()
+        # Full state dicts: under FSDP every rank takes part in gathering the shards, and rank 0 writes them.
+        model = acc.unwrap_model(self.model)
+        model_state, ema_state = full_model_state(model), self.ema.full()
+        optimizer_state = full_optimizer_state(model, self.optimizer)
         if acc.is_main_process:
             with atomic_directory(target) as tmp:
-                save_safetensors(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors")
-                save_safetensors(self.ema.shadow, tmp / "ema.safetensors")
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                save_safetensors(model_state, tmp / "model.safetensors")
+                save_safetensors(ema_state, tmp / "ema.safetensors")
+                torch.save(optimizer_state, tmp / "optimizer.pt")
                 self.task.save_extra(tmp)
                 state = {"step": self.step, "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps,
                          "kind": self.cfg.kind, "config": config_to_dict(self.cfg),
@@ -304,7 +318,7 @@ class Trainer:
         check_state_dict(self.model, ema_state, str(path / "ema.safetensors"))
         self.model.load_state_dict(model_state)
         self.ema.shadow = ema_state
-        self.optimizer.load_state_dict(load_torch_state(path / "optimizer.pt"))
+        self._optimizer_state = load_torch_state(path / "optimizer.pt")
         self.task.load_extra(path)
         self.task.load_state(state.get("task", {}))
         if state.get("numerics", numerics()) != numerics():

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from .sharding import full_tensors, like
+
 from .config import TrainConfig
 
 
@@ -19,10 +21,15 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
+            shadow = self.shadow[k] = like(self.shadow[k], v)  # sharded as the model is (FSDP), once
             if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach().float(), 1 - decay)
+                shadow.lerp_(v.detach().float(), 1 - decay)
             else:
-                self.shadow[k].copy_(v)
+                shadow.copy_(v)
+
+    def full(self) -> dict[str, torch.Tensor]:
+        """The average as full tensors (gathered from the shards under FSDP: every rank calls it)."""
+        return full_tensors(self.shadow)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
