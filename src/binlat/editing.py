@@ -206,7 +206,7 @@ def _conditioning(pipe: Pipeline, kind: str, prompt: str, n: int):
     network = pipe.generators[kind]
     layers = pipe.text_layers(kind)
     cond, uncond = pipe.encode_prompts([prompt])
-    process = registry.generator(kind).sampler(network.config)
+    process = pipe.process(kind)
     return network, process, cond.index([0] * n).select(layers), uncond.select(layers)
 
 

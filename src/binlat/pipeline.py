@@ -11,7 +11,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +271,14 @@ class Pipeline:
         self.tokenizer.decoder.forward = torch.compile(self.tokenizer.decoder.forward, dynamic=True)
         return self
 
+    def process(self, kind: str):
+        """The sampling process of generator `kind`; after .compile(), its compiled decoding where it has one (the
+        AR step: decode="compiled", since its default static step does not go through the compiled forward)."""
+        process = registry.generator(kind).sampler(self.generators[kind].config)
+        if self._compiled and getattr(process, "decode", None) == "static":
+            process = replace(process, decode="compiled")
+        return process
+
     # --- generation ---------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> tuple[TextFeatures, TextFeatures]:
         """Features of the prompts and of the empty prompt (for guidance), each prompt encoded once."""
@@ -315,7 +323,7 @@ class Pipeline:
         layers = self.text_layers(generator)
         network = self.generators[generator]
         kind = registry.generator(generator)
-        process, sampling = kind.sampler(network.config), kind.sampling(settings)
+        process, sampling = self.process(generator), kind.sampling(settings)
         device = next(network.parameters()).device
         images, all_bits = [], []
         for start in range(0, len(prompts), batch_size):
