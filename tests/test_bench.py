@@ -37,11 +37,11 @@ def tiny_run(request, tmp_path_factory):
     return code, buffer.getvalue(), json.loads(out.read_text())
 
 
-def test_tiny_bench_prints_seven_tables_and_writes_every_figure(tiny_run):
+def test_tiny_bench_prints_eight_tables_and_writes_every_figure(tiny_run):
     code, text, result = tiny_run
     assert code == 0, text
-    for i in range(1, 8):
-        assert f"[{i}/7]" in text
+    for i in range(1, 9):
+        assert f"[{i}/8]" in text
     assert "FAILED" not in text
     assert "torch.get_num_threads() = " in text and bench.cpu_model() in text
     native = result["hardware"]["bf16_native"]
@@ -53,7 +53,7 @@ def test_tiny_bench_prints_seven_tables_and_writes_every_figure(tiny_run):
         assert isinstance(value, (int, float)) and not isinstance(value, bool), key
         assert math.isfinite(value) and value > 0, (key, value)
     assert result["meta"]["mode"] == "tiny" and result["meta"]["failed"] == []
-    assert len(result["tables"]) == 7
+    assert len(result["tables"]) == 8
     numbers = {k: v for k, v in result.items() if k not in ("meta", "tables", "hardware") and v is not None}
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers.values())
     # Cached and recomputed AR decoding must give the same bits; bf16 agreement is a share.
@@ -63,12 +63,20 @@ def test_tiny_bench_prints_seven_tables_and_writes_every_figure(tiny_run):
         "avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
     assert hardware["matmul_peak_fp32_gflops"] > 0 and hardware["matmul_peak_bf16_gflops"] > 0
     if native:
-        assert 0 <= result["bf16_bit_agreement"] <= 1 and "[7/7] bfloat16 vs float32 inference\n" in text
+        assert 0 <= result["bf16_bit_agreement"] <= 1 and "[7/8] bfloat16 vs float32 inference\n" in text
     else:
         assert all(result[k] is None for k in bench.BF16_KEYS)
-        assert "[7/7] bfloat16 vs float32 inference: SKIPPED" in text and "emulated: bf16 rows are skipped" in text
+        assert "[7/8] bfloat16 vs float32 inference: SKIPPED" in text and "emulated: bf16 rows are skipped" in text
     for kind in ("tokenizer", "diffusion", "ar"):
         assert result[f"train_{kind}_images_per_s"] > 0 and result[f"train_{kind}_peak_rss_mib"] > 0
+        assert 0 < result[f"train_{kind}_peak_fraction"] < 1  # a share of the measured peak
+    # table 8: generation at the shipped sizes beside its FLOP bound, the text encoder apart
+    for kind in ("diffusion", "ar"):
+        assert 0 < result[f"sample_bound_fraction_{kind}"] < 1 and result[f"sample_images_per_s_{kind}"] > 0
+    assert result["sample_text_encoder_flops_per_prompt"] > 0 and "text encoder apart" in text
+    # table 1 explains a missed batch-1 target by its measured cause; table 3 names its tokenizer
+    assert "why batch 1 misses" in text and "operator calls" in text
+    assert "tokenizer: tiny" in text and "SCALED" in text and result["meta"]["e2e_tokenizer"] == "preset"
 
 
 def _hand_count(c: GeneratorConfig, n: int, k: int, l: int) -> int:
@@ -134,6 +142,10 @@ def preset_copy(tmp_path, monkeypatch):
         for name in bench.PRESET_NAMES:
             (tmp_path / kind / f"{name}.json").write_text(bench.preset_root().joinpath(kind, f"{name}.json")
                                                           .read_text())
+    for extra in ("release", "shapes-64-stage1"):  # table 3's tokenizer, the shipped recipe's stage 1
+        source = bench.preset_root().joinpath("tokenizer", f"{extra}.json")
+        if source.is_file():
+            (tmp_path / "tokenizer" / f"{extra}.json").write_text(source.read_text())
     monkeypatch.setattr(bench_plan, "preset_root", lambda: tmp_path)
     bench.load_preset.cache_clear()
     yield tmp_path
@@ -172,7 +184,11 @@ def test_plans_and_timing():
     with pytest.raises(ValueError, match="different modes"):
         bench.make_plan(quick=True, tiny=True)
     quick = bench.make_plan("shapes-64", quick=True)
-    assert quick.e2e_composed and quick.notes and quick.generator == bench.load_preset("shapes-64").generator
+    assert quick.notes and quick.generator == bench.load_preset("shapes-64").generator
+    assert quick.e2e_scaled == (512, 1024) and quick.e2e_base == 256 and quick.throughput_steps < quick.steps
+    assert not quick.ar_compiled and not quick.efficiency_compiled
+    full = bench.make_plan("shapes-64")
+    assert full.ar_compiled and full.efficiency_compiled and not full.e2e_scaled and full.throughput_steps is None
     paper = bench.make_plan("paper-512", quick=True)
     assert paper.generator["num_layers"] == 2 and any("depth reduced" in n for n in paper.notes)
     calls = []
@@ -217,3 +233,29 @@ def test_bench_tables_print_through_the_report_printer():
     table = Table("[9/9] title", ["what", "n"], [["a", 1], ["bbb", 22]], notes=["how"], footer=["verdict"])
     assert render_table(table.to_dict(), indent="  ").splitlines() == [
         "[9/9] title", "  how", "  what   n", "  ----  --", "  a      1", "  bbb   22", "  verdict"]
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_end_to_end_uses_the_release_tokenizer(quick):
+    """Table 3 decodes with the release's own tokenizer (patch 16, 2x2 stage after block 7, reference 1024)."""
+    plan = bench.make_plan("shapes-64", quick=quick)
+    release = json.loads(bench.preset_root().joinpath("tokenizer", "release.json").read_text())["model"]
+    assert plan.e2e_tokenizer_name == "release"
+    assert plan.e2e_tokenizer["patch_size"] == release["patch_size"] == 16
+    assert tuple(plan.e2e_tokenizer["upsample_after"]) == (7,) and plan.e2e_tokenizer["rope_reference_size"] == 1024
+
+
+def test_shipped_recipe_sizes():
+    """Table 8 and table 5 time the shipped recipe: the stage-1 tokenizer config and the generators on its grid."""
+    plan = bench.make_plan("shapes-64", quick=True)
+    stage1 = bench.preset_root().joinpath("tokenizer", "shapes-64-stage1.json")
+    assert plan.throughput_batch == 64
+    if not stage1.is_file():
+        assert plan.shipped_tokenizer == plan.tokenizer
+        return
+    model = json.loads(stage1.read_text())["model"]
+    assert plan.shipped_tokenizer["num_tokens"] == model["num_tokens"] == plan.shipped_generator["num_tokens"]
+    assert plan.shipped_generator["num_bits"] == model["num_bits"]
+    assert bench_training.train_spec(plan, "tokenizer")["config"]["model"]["patch_size"] == model["patch_size"]
+    g, p = plan.shipped_generator, plan.generator
+    assert (g["num_layers"], g["num_heads"], g["head_dim"]) == (p["num_layers"], p["num_heads"], p["head_dim"])

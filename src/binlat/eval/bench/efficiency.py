@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 
@@ -25,7 +26,7 @@ def bench_efficiency(plan: Plan, figures: dict[str, float]) -> Table:
     flops = diffusion_step_flops(config, batch, plan.text_length)
     achieved = flops["total"] / m.median
     fraction = achieved / peak
-    table = Table("[4/7] Hardware efficiency: achieved FLOP/s of a batched diffusion step vs measured matmul peak",
+    table = Table("[4/8] Hardware efficiency: achieved FLOP/s of a batched diffusion step vs measured matmul peak",
                   ["item", "value"])
     table.notes.append(f"DiffusionTransformer {plan.width}, batch {batch} x {config.num_tokens} tokens, "
                        f"{plan.text_length} text positions, float32; peak = median of a {plan.peak_size}x"
@@ -57,8 +58,31 @@ def bench_efficiency(plan: Plan, figures: dict[str, float]) -> Table:
                            f"{wide_cfg.text_dim}, batch {wide_batch})", f"{100 * wide:.1f} % of peak "
                            f"({fmt_s(wm.median)}, n={wm.n}; not the headline figure)"])
         figures["matmul_peak_fraction_wide"] = wide
+    if plan.efficiency_compiled:
+        compiled = torch.compile(net, dynamic=False)
+        t0 = time.perf_counter()
+        compiled(*inputs)  # traces and compiles
+        figures["efficiency_compile_s"] = time.perf_counter() - t0
+        cm = measure(lambda: compiled(*inputs), plan.timing)
+        c_fraction = flops["total"] / cm.median / peak
+        diff = float((cm.result - m.result).abs().max())
+        same = "the same logits bit for bit" if diff == 0 else f"logits differ from eager by up to {diff:.2e}"
+        table.rows.append(["torch.compile'd step (opt in)", f"{100 * c_fraction:.1f} % of peak ({fmt_s(cm.median)}, "
+                           f"n={cm.n}; {same})"])
+        figures.update(matmul_peak_fraction_compiled=c_fraction, efficiency_compiled_max_abs_diff=diff)
+        if diff:
+            table.footer.append("the compiled step rounds differently, so eager stays the default for batched "
+                                "generation (Pipeline.compile() / binlat generate --compile opt in)")
+    else:
+        table.footer.append("compiled step not timed in this mode (its first call compiles for tens of seconds)")
     ok = fraction >= 0.7
     table.footer.append(f"target share of peak >= 70 %: {'met' if ok else 'NOT met'} ({100 * fraction:.1f} %)")
+    if not ok and split is not None:
+        inside, total = split
+        table.footer.append(f"why: at width {config.dim} the matrix products take {100 * inside / total:.0f} % of "
+                            f"the profiled step and run at {100 * flops['total'] / inside / peak:.0f} % of peak; the "
+                            f"other {fmt_s(total - inside)} is elementwise work (norms, modulation, GELU, residuals) "
+                            f"that moves memory and does no matmul FLOPs")
     figures.update(matmul_peak_fraction=fraction, matmul_peak_gflops=peak / 1e9,
                    efficiency_step_s=m.median, efficiency_step_flops=flops["total"],
                    efficiency_achieved_gflops=achieved / 1e9)
@@ -76,7 +100,7 @@ def bench_codec(plan: Plan, figures: dict[str, float]) -> Table:
     bits = tok.encode(images)
     enc = measure(lambda: tok.encode(images), plan.timing)
     dec = measure(lambda: tok.decode(bits, size, size), plan.timing)
-    table = Table("[6/7] Tokenizer throughput", ["direction", "batch", "time", "n", "images/s"])
+    table = Table("[6/8] Tokenizer throughput", ["direction", "batch", "time", "n", "images/s"])
     table.notes.append(f"BinaryTokenizer ({plan.preset.name if plan.mode != 'tiny' else 'tiny'}: patch "
                        f"{cfg.patch_size}, encoder {cfg.encoder_layers}L x {cfg.encoder_dim}, decoder "
                        f"{cfg.decoder_layers}L x {cfg.decoder_dim}, {cfg.num_tokens} x {cfg.num_bits} bits) at "
@@ -97,7 +121,7 @@ def bench_bf16(plan: Plan, figures: dict[str, float]) -> Table:
     if not bf16_native("cpu"):
         # An emulated bf16 time measures PyTorch's fallback, not a speed anyone would choose: say so, report null.
         info = cpu_info()
-        table = Table("[7/7] bfloat16 vs float32 inference: SKIPPED", ["why"])
+        table = Table("[7/8] bfloat16 vs float32 inference: SKIPPED", ["why"])
         table.rows.append([f"this CPU ({info.model}; flags: {', '.join(info.flags) or 'none of note'}) has no native "
                            f"bf16 (avx512_bf16 or AMX): PyTorch emulates it, so bf16 rows would not be a speed "
                            f"(the header's bf16 matmul peak shows the emulation); BINLAT_ASSUME_BF16=1 runs them"])
@@ -106,7 +130,7 @@ def bench_bf16(plan: Plan, figures: dict[str, float]) -> Table:
     from ...processes import BernoulliDiffusion
     from ...processes.common import make_generators
     from ...tokenizer import BinaryTokenizer, TokenizerConfig
-    table = Table("[7/7] bfloat16 vs float32 inference", ["what", "float32", "n", "bfloat16", "n", "speedup",
+    table = Table("[7/8] bfloat16 vs float32 inference", ["what", "float32", "n", "bfloat16", "n", "speedup",
                                                           "agreement"])
     # The batched step of table 4 (paper token count, preset width).
     batch = plan.efficiency_batch

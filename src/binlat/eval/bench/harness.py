@@ -96,6 +96,18 @@ def matmul_time_split(fn: Callable[[], Any]) -> tuple[float, float] | None:
         return None
 
 
+def operator_calls(fn: Callable[[], Any]) -> int | None:
+    """How many top-level aten operators one call of fn runs (after one unprofiled warm-up call)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        fn()
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+    except Exception:  # noqa: BLE001 — a diagnostic, not a figure anyone depends on
+        return None
+
+
 # --- the machine ------------------------------------------------------------------------------------------------
 def cpu_model() -> str:
     from ...hardware import cpu_info

@@ -9,6 +9,7 @@ from typing import Any
 
 from ...registry import TOKENIZER, model_kinds
 
+QUICK_THROUGHPUT_STEPS = 4  # --quick: table 8 times this many diffusion steps of the 20
 PAPER_TOKENS = 128          # the paper's token count at 512 px (comparisons 2-4 use it with the preset's width)
 TEXT_LENGTH = 32            # the fixed text: 32 positions, left-padded
 TEXT_REAL, UNCOND_REAL = 12, 2  # real (unmasked) tokens of the prompt and of the empty prompt
@@ -96,6 +97,37 @@ def load_preset(name: str) -> Preset:
                   training=configs)
 
 
+# The shipped model's recipe: stage 1 of its tokenizer, then both generators of the preset on that token grid.
+SHIPPED_TOKENIZER = {"shapes-64": "shapes-64-stage1"}
+
+
+def shipped_recipe(p: Preset) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """(description, tokenizer fields, generator fields, training configs by kind) of the preset's shipped recipe:
+    for shapes-64 the stage-1 tokenizer config and the generators on its token grid (what models/default is being
+    trained from); for other presets the preset itself."""
+    configs = dict(p.training)
+    name = SHIPPED_TOKENIZER.get(p.name)
+    path = preset_root().joinpath(TOKENIZER, f"{name}.json") if name else None
+    if path is None or not path.is_file():
+        return f"the {p.name} preset", dict(p.tokenizer), dict(p.generator), configs
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer = _tuples({**tok["model"], "image_size": tok.get("image_size", p.image_size)})
+    generator = dict(p.generator, num_tokens=tokenizer["num_tokens"], num_bits=tokenizer["num_bits"])
+    configs[TOKENIZER] = tok
+    return (f"the shipped recipe (presets/tokenizer/{name}.json, then the {p.name} generators on its "
+            f"{tokenizer['num_tokens']} x {tokenizer['num_bits']} bits)", tokenizer, generator, configs)
+
+
+def release_tokenizer() -> dict[str, Any]:
+    """TokenizerConfig fields of the Instella-T2I release's tokenizer (presets/tokenizer/release.json)."""
+    path = preset_root().joinpath(TOKENIZER, "release.json")
+    if not path.is_file():
+        raise ValueError("presets/tokenizer/release.json is missing from the installed binlat package; reinstall "
+                         "binlat")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    return _tuples({**cfg["model"], "image_size": cfg.get("image_size", 1024)})
+
+
 # --tiny: widths small enough that every code path runs in seconds (the test suite's mode).
 _TINY_TOKENIZER = dict(patch_size=8, num_tokens=16, num_bits=8, encoder_layers=1, encoder_heads=1,
                        encoder_head_dim=16, decoder_layers=1, decoder_heads=1, decoder_head_dim=16,
@@ -124,18 +156,23 @@ class Plan:
     tokenizer: dict[str, Any]
     generator: dict[str, Any]       # preset's token count
     e2e_tokenizer: dict[str, Any] | None = None  # the decoder of table 3, when it differs from `tokenizer`
+    e2e_tokenizer_name: str = "preset"  # which one it is, as the output names it
     text_length: int = TEXT_LENGTH
     paper_tokens: int = PAPER_TOKENS
     ar_tokens: tuple[int, ...] = (PAPER_TOKENS,)
     ar_batches: tuple[int, int] = (1, 8)
+    ar_compiled: bool = False       # also time ARDecoding(decode="compiled") at the first batch (compiles once)
     token_counts: tuple[int, int, int] = (128, 1024, 4096)
     e2e_sizes: tuple[int, int] = (512, 1024)
     steps: int = 20
     guidance: float = 7.5
     e2e_composed: tuple[int, ...] = ()  # sizes whose baseline image = steps x median step + one decode
+    e2e_scaled: tuple[int, ...] = ()    # sizes whose decode times (both sides) = the base size's x FLOP ratio
+    e2e_base: int | None = None         # the size those are measured at (else the first size measured)
     small_warmup: bool = False      # expensive single runs warm up on a smaller input of the same code path
     vae: dict[str, Any] = field(default_factory=dict)
     efficiency_batch: int = 64
+    efficiency_compiled: bool = False  # also time the torch.compile'd step (compiles once)
     wide_check: dict[str, int] | None = None  # the step again at another width (generator overrides + batch)
     peak_size: int = 2048
     train_batches: dict[str, int] = field(default_factory=dict)
@@ -143,6 +180,13 @@ class Plan:
     train_bf16: bool = False
     train_checkpointing: bool = False
     codec_batch: int = 32
+    # Table 8 and the training stages of table 5: the shipped recipe's sizes (see shipped_recipe).
+    shipped_name: str = ""
+    shipped_tokenizer: dict[str, Any] = field(default_factory=dict)
+    shipped_generator: dict[str, Any] = field(default_factory=dict)
+    train_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> training config (JSON)
+    throughput_batch: int = 64
+    throughput_steps: int | None = None  # diffusion steps timed in table 8 (the rest scaled); None: all
     bf16_batch: int = 8
     notes: list[str] = field(default_factory=list)
 
@@ -159,12 +203,14 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
     if tiny:
         return Plan(preset=p, mode="tiny", timing=Timing(1, 1, 1, 0.0), tokenizer=dict(_TINY_TOKENIZER),
                     generator=dict(_TINY_GENERATOR), ar_tokens=(16,), ar_batches=(1, 2), steps=2,
-                    e2e_composed=(1024,), small_warmup=True,
+                    e2e_composed=(512,), e2e_scaled=(1024,), e2e_base=64, small_warmup=True,
                     vae=dict(SD_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
                     efficiency_batch=4, peak_size=256,
                     wide_check=dict(num_layers=1, num_heads=4, head_dim=16, batch=2),
                     train_batches=train_batches(tokenizer=2, generator=4),
-                    train_steps=1, codec_batch=2, bf16_batch=2,
+                    train_steps=1, codec_batch=2, bf16_batch=2, shipped_name="tiny sizes",
+                    shipped_tokenizer=dict(_TINY_TOKENIZER), shipped_generator=dict(_TINY_GENERATOR),
+                    train_configs=dict(p.training), throughput_batch=4,
                     notes=["TINY mode: tiny widths (generator 2L x 2H x 16, tokenizer 1+1 blocks of 16, VAE 8 "
                            "channels), 2 diffusion steps, 1 run each; exercises every code path, figures mean "
                            "nothing"])
@@ -175,8 +221,15 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
                 train_batches=train_batches(p.tokenizer_batch, p.generator_batch),
                 train_bf16=p.mixed_precision, train_checkpointing=p.grad_checkpointing,
                 codec_batch=min(p.tokenizer_batch, 32), e2e_composed=(512, 1024) if quick else (),
-                small_warmup=quick,
+                small_warmup=quick, ar_compiled=not quick, efficiency_compiled=not quick,
                 train_steps=2 if quick else 5)
+    plan.shipped_name, plan.shipped_tokenizer, plan.shipped_generator, plan.train_configs = shipped_recipe(p)
+    plan.train_batches = {k: plan.train_configs[k].get("batch_size", v) for k, v in plan.train_batches.items()}
+    # Table 3 decodes with the release's own tokenizer at every size (patch 16, 2x2 stage after block 7).
+    plan.e2e_tokenizer, plan.e2e_tokenizer_name = release_tokenizer(), "release"
+    if quick:  # the decoders at 512 and 1024 px take minutes on a 2-core CPU: measure them at 256 px and scale
+        plan.e2e_scaled, plan.e2e_base, plan.e2e_composed = plan.e2e_sizes, 256, ()
+        plan.throughput_steps = QUICK_THROUGHPUT_STEPS
     paper_width = load_preset("paper-512").generator
     if p.generator["num_heads"] * p.generator["head_dim"] != paper_width["num_heads"] * paper_width["head_dim"]:
         plan.wide_check = dict(num_layers=1, num_heads=paper_width["num_heads"], head_dim=paper_width["head_dim"],
@@ -184,21 +237,25 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
     if p.generator["num_tokens"] != PAPER_TOKENS and not quick:
         plan.ar_tokens = (p.generator["num_tokens"], PAPER_TOKENS)
     if quick:
-        plan.notes.append("QUICK mode: up to 3 timed runs per figure (1 for runs over 3 s); expensive single runs "
-                          "warm up on a smaller input; the latent-diffusion baseline image is composed as "
-                          "20 x (median guided step) + one VAE decode")
+        plan.notes.append(f"QUICK mode: up to 3 timed runs per figure (1 for runs over 3 s); expensive single runs "
+                          f"warm up on a smaller input; the latent-diffusion baseline image is composed as "
+                          f"20 x (median guided step) + one VAE decode; at {plan.e2e_sizes[0]} and "
+                          f"{plan.e2e_sizes[1]} px both decoders' times are their 256 px times x their FLOP ratio; diffusion throughput "
+                          f"times {QUICK_THROUGHPUT_STEPS} of its {plan.steps} steps and scales; compiled AR decoding "
+                          f"and the compiled step are not timed")
     if preset == "paper-512":
         # The paper's sizes do not fit this machine's memory for training, nor its time budget for generation.
         plan.train_batches = train_batches(tokenizer=4, generator=16)
         plan.notes.append("paper-512: training runs micro-batches (tokenizer 4, generators 16 of the preset's "
                           f"{p.tokenizer_batch} / {p.generator_batch}); images/s is per micro-batch step")
         plan.efficiency_batch, plan.codec_batch, plan.bf16_batch = 16, 4, 2
+        plan.throughput_batch = 4
         if quick:
-            plan.e2e_tokenizer = dict(plan.tokenizer)
             plan.generator.update(num_layers=2)
             plan.tokenizer.update(encoder_layers=2, decoder_layers=2, downsample_after=(0,), upsample_after=(0,))
             plan.notes.append("paper-512 QUICK: depth reduced to 2 of 16 blocks for the generators (and the PixArt "
                               "baseline), to 2+2 of 12+16 blocks for the tokenizer in tables 5-7 (widths as in the "
-                              "paper); table 3 decodes with the full 16-block tokenizer decoder, against the full "
-                              "SD VAE")
+                              "paper); table 3 decodes with the full release tokenizer, against the full SD VAE")
+    if preset == "paper-512":
+        plan.shipped_tokenizer, plan.shipped_generator = dict(plan.tokenizer), dict(plan.generator)
     return plan

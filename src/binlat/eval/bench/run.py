@@ -15,11 +15,12 @@ from .efficiency import bench_bf16, bench_codec, bench_efficiency
 from .generation import bench_ar, bench_e2e, bench_tokens
 from .harness import CpuLoad, Table, cpu_model, hardware_report
 from .plan import Plan, make_plan
+from .throughput import bench_throughput
 from .training import bench_training
 
 COMPARISONS: tuple[tuple[str, Callable[[Plan, dict[str, float]], Table]], ...] = (
     ("ar", bench_ar), ("tokens", bench_tokens), ("e2e", bench_e2e), ("efficiency", bench_efficiency),
-    ("training", bench_training), ("tokenizer", bench_codec), ("bf16", bench_bf16))
+    ("training", bench_training), ("tokenizer", bench_codec), ("bf16", bench_bf16), ("throughput", bench_throughput))
 
 
 def run_bench(preset: str = "shapes-64", quick: bool = False, tiny: bool = False, json_path: str | None = None,
@@ -58,7 +59,8 @@ def run_bench(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
                 table = fn(plan, figures)
         except Exception as e:  # noqa: BLE001 — one broken comparison must not hide the others
             failed.append(name)
-            table = Table(f"[{[n for n, _ in COMPARISONS].index(name) + 1}/7] {name}: FAILED", ["error"],
+            number = [n for n, _ in COMPARISONS].index(name) + 1
+            table = Table(f"[{number}/{len(COMPARISONS)}] {name}: FAILED", ["error"],
                           [[f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"]])
         other = load.other_cores()
         busy = "" if other is None else f"; meanwhile other processes kept {other:.2f} of {os.cpu_count()} CPUs busy"
@@ -74,7 +76,9 @@ def run_bench(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
     result["hardware"] = hardware
     result["meta"] = {"preset": preset, "mode": plan.mode, "cpu": cpu_model(), "threads": torch.get_num_threads(),
                       "logical_cpus": os.cpu_count(), "torch": torch.__version__, "notes": plan.notes,
-                      "wall_s": wall, "failed": failed}
+                      "wall_s": wall, "failed": failed,
+                      "e2e_tokenizer": plan.e2e_tokenizer_name if plan.e2e_tokenizer else "preset",
+                      "shipped": plan.shipped_name}
     result["tables"] = tables
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

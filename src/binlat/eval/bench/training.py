@@ -22,14 +22,15 @@ import torch
 from .harness import PeakRSS, Table, fmt_s, memory_available_mib
 from .inputs import text_features
 from .plan import TRAIN_KINDS, UNCOND_REAL, Plan
+from .throughput import peak_flops, training_step_flops
 
 
 # --- the parent: one worker per trainer -------------------------------------------------------------------------
 def train_spec(plan: Plan, kind: str) -> dict[str, Any]:
     """What a worker trains: the preset's training config for `kind` with the plan's sizes, batch and precision."""
-    model = plan.tokenizer if kind == "tokenizer" else plan.generator
+    model = plan.shipped_tokenizer if kind == "tokenizer" else plan.shipped_generator
     model = {k: list(v) if isinstance(v, tuple) else v for k, v in model.items()}
-    config = dict(plan.preset.training[kind], model=model, batch_size=plan.train_batches[kind], grad_accum=1,
+    config = dict(plan.train_configs[kind], model=model, batch_size=plan.train_batches[kind], grad_accum=1,
                   max_steps=plan.train_steps + 1, mixed_precision="bf16" if plan.train_bf16 else "no",
                   grad_checkpointing=plan.train_checkpointing, trackers=[], sample_every=0, num_workers=0)
     if kind == "tokenizer":
@@ -75,8 +76,9 @@ def _tokenizer_losses(config: dict[str, Any], steps: int) -> str:
 
 
 def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
-    table = Table("[5/7] Training: one optimiser step of each trainer (fresh subprocess each, for a clean peak)",
-                  ["trainer", "params", "batch", "step", "n", "images/s", "peak RSS", "RSS growth in steps"])
+    table = Table("[5/8] Training: one optimiser step of each trainer (fresh subprocess each, for a clean peak)",
+                  ["trainer", "params", "batch", "step", "n", "images/s", "share of peak", "peak RSS",
+                   "RSS growth in steps"])
     from ...hardware import bf16_native
     if plan.train_bf16 and not bf16_native("cpu"):
         plan = replace(plan, train_bf16=False)
@@ -88,6 +90,8 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
                        f"backward, grad clip (tokenizer {clip:g}), AdamW, EMA update; after 1 warm-up step; random "
                        f"images (tokenizer) or random bits + random text features given as precomputed data "
                        f"(generators)")
+    table.notes.append(f"sizes and configs: {plan.shipped_name}; share of peak = 3 x forward FLOPs (backward as 2 x "
+                       f"forward, counted on the meta device) / step time / float32 matmul peak")
     table.notes.append(f"tokenizer loss: {_tokenizer_losses(specs['tokenizer']['config'], plan.train_steps)}")
     table.notes.append(f"autocast bf16: {'on' if plan.train_bf16 else 'off'}, gradient checkpointing: "
                        f"{'on' if plan.train_checkpointing else 'off'} (as the preset's configs); peak RSS = the "
@@ -117,7 +121,7 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
     for kind in TRAIN_KINDS:
         batch = specs[kind]["config"]["batch_size"]
         if kind in skipped:
-            table.rows.append([kind, f"{params[kind] / 1e6:.1f} M", batch, "-", 0, "-", "-", "-"])
+            table.rows.append([kind, f"{params[kind] / 1e6:.1f} M", batch, "-", 0, "-", "-", "-", "-"])
             table.footer.append(f"{kind}: {skipped[kind]}")
             continue
         r = results[kind]
@@ -125,8 +129,13 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
         if r["peak_source"] != "VmHWM":
             table.footer.append(f"{kind}: no /proc/self/clear_refs, so peak is ru_maxrss (may include start-up)")
         shown = f"{r['params'] / 1e6:.1f} M" if r["params"] >= 1e5 else f"{r['params'] / 1e3:.1f} K"
+        flops = training_step_flops(kind, specs[kind]["config"]["model"], batch, plan.text_length)
+        share = None if flops is None else flops / med / peak_flops(plan, figures)
         table.rows.append([kind, shown, batch, fmt_s(med), len(r["times"]), f"{batch / med:.1f}",
+                           "n/a" if share is None else f"{100 * share:.1f} %",
                            f"{r['peak_rss_mib']:.0f} MiB", f"{r['peak_rss_mib'] - r['before_rss_mib']:.0f} MiB"])
+        if share is not None:
+            figures[f"train_{kind}_peak_fraction"] = share
         figures[f"train_{kind}_images_per_s"] = batch / med
         figures[f"train_{kind}_step_s"] = med
         figures[f"train_{kind}_peak_rss_mib"] = r["peak_rss_mib"]
