@@ -77,6 +77,15 @@ def test_pipeline_compile_gives_the_bits_and_pixels_of_eager_mode(pipe, compiled
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_ar_decoding_gives_the_eager_bits(pipe, compiled):
+    """After compile() the AR generator decodes with the compiled fixed-shape step (decode="compiled", opt in: it
+    agrees with the default static step to float tolerance); on this model it gives the same bits."""
+    assert compiled.process("ar").decode == "compiled" and pipe.process("ar").decode == "static"
+    eager = pipe(PROMPTS, generator="ar", seed=5, return_bits=True, progress=False)
+    fast = compiled(PROMPTS, generator="ar", seed=5, return_bits=True, progress=False)
+    assert (fast.bits != eager.bits).sum().item() <= 1
+
+
 def test_cli_generate_compile_writes_the_eager_images(pipe, tmp_path, monkeypatch, capsys):
     bundle = pipe.save_pretrained(tmp_path / "bundle")
 
