@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory and seconds per image of the Instella-T2I release's architecture on this CPU, with random weights
 of the real sizes (nothing is downloaded): the tokenizer and a generator as binlat.release's presets describe them
-(128 tokens x 128 bits), and a text encoder of AMD-OLMo-1B's configuration (transformers' OLMo: 16 layers, width
+(128 tokens x 64 bits), and a text encoder of AMD-OLMo-1B's configuration (transformers' OLMo: 16 layers, width
 2048, vocabulary 50304), also random.
 
     python scripts/release-memory.py                       # 512 and 1024 px at the real sizes (~12 GB of RAM)
@@ -70,7 +70,7 @@ def write_bundle(out: Path, tiny: bool, generator: str) -> None:
     from binlat.pipeline import INDEX_NAME, PipelineConfig
     from binlat.release import GENERATOR, SAMPLING, TOKENIZER
 
-    tokens, bits = (16, 16) if tiny else (128, 128)
+    tokens, bits = (16, 16) if tiny else (128, 64)  # the release: num_latent_tkns=128, codebook_size=64
     tok_cfg = convert_config("tokenizer", {**(TINY_TOKENIZER if tiny else TOKENIZER), "num_latent_tkns": tokens,
                                            "codebook_size": bits})
     gen_cfg = convert_config(generator, {**(TINY_GENERATOR if tiny else GENERATOR), "num_img_tkns": tokens,
