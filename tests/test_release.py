@@ -162,7 +162,7 @@ def test_decoder_scale_is_the_releases(release_dir, tmp_path):
 def test_release_preset_is_the_release_architecture():
     """configs/tokenizer/release.json, the conversion's preset and the issue's facts agree."""
     preset = json.loads((ROOT / "configs" / "tokenizer" / "release.json").read_text())["model"]
-    converted = convert_config("tokenizer", {**release.TOKENIZER, "num_latent_tkns": 128, "codebook_size": 128})
+    converted = convert_config("tokenizer", {**release.TOKENIZER, "num_latent_tkns": 128, "codebook_size": 64})
     assert {k: converted.__dict__[k] for k in preset} == {k: tuple(v) if isinstance(v, list) else v
                                                           for k, v in preset.items()}
     assert (converted.patch_size, converted.encoder_layers, converted.decoder_layers) == (16, 12, 16)
