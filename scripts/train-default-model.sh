@@ -9,6 +9,8 @@
 # interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./dev setup                      # the same .venv as the demo and the tests
+export PATH="$PWD/.venv/bin:$PATH"
 RUNS=${RUNS:-runs/default}
 OUT=${OUT:-models/default}
 export OMP_NUM_THREADS=1
@@ -27,26 +29,33 @@ binlat bundle --tokenizer "$RUNS/export-tokenizer" --diffusion "$RUNS/export-dif
     --description "shapes-64 demo model: 64x16-bit tokenizer, diffusion and AR generators, all-MiniLM-L6-v2 text" \
     --dtype float16 --out "$RUNS/bundle-untuned"
 
-# Guidance: judge 8 prompts per category at each scale on prompt seed 1000 and keep the best per generator.
-best() {  # best GENERATOR SCALES...: prints the scale with the highest overall accuracy (the first on ties)
-    local gen=$1 w top=-1 pick=
+# Sampling: judge 8 prompts per category at each guidance scale W and temperature T on prompt seed 1000 (not the
+# published evaluation's seed 0) and keep the best pair per generator.
+best() {  # best GENERATOR W:T...: prints "W T" of the highest overall accuracy (the first on ties)
+    local gen=$1 pair top=-1 pick=
     shift
-    for w in "$@"; do
+    for pair in "$@"; do
+        local w=${pair%%:*} t=${pair##*:}
         binlat eval shapes --model "$RUNS/bundle-untuned" --generator "$gen" --per-category 8 --seed 1000 \
-            --cfg "$w" --no-held-out --out "$RUNS/guidance/$gen-$w" >/dev/null
+            --cfg "$w" --temperature "$t" --no-held-out --no-progress --out "$RUNS/sampling/$gen-w$w-t$t" >/dev/null
         acc=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['summary']['overall'])" \
-            "$RUNS/guidance/$gen-$w/report-shapes.json")
+            "$RUNS/sampling/$gen-w$w-t$t/report-shapes.json")
+        echo "sampling: $gen w=$w temperature=$t accuracy $acc" >&2
         if python3 -c "import sys; sys.exit(not float(sys.argv[1]) > float(sys.argv[2]))" "$acc" "$top"; then
-            top=$acc pick=$w
+            top=$acc pick="$w $t"
         fi
     done
     echo "$pick"
 }
-W_DIFFUSION=$(best diffusion 1.5 3 5 8)
-W_AR=$(best ar 1.5 3 5 8)
-echo "guidance: diffusion $W_DIFFUSION, AR $W_AR"
+mkdir -p "$RUNS/sampling"
+best diffusion 1:1 1.5:1 2:1 3:1 5:1 > "$RUNS/sampling/pick-diffusion" &   # the two sweeps side by side
+best ar 1:1 1.5:1 2:1 3:1 1.5:0.7 2:0.7 3:0.7 > "$RUNS/sampling/pick-ar" &
+wait
+read -r W_DIFFUSION T_DIFFUSION < "$RUNS/sampling/pick-diffusion"
+read -r W_AR T_AR < "$RUNS/sampling/pick-ar"
+echo "sampling: diffusion w=$W_DIFFUSION temperature=$T_DIFFUSION, AR w=$W_AR temperature=$T_AR"
 
 binlat bundle --tokenizer "$RUNS/export-tokenizer" --diffusion "$RUNS/export-diffusion" --ar "$RUNS/export-ar" \
     --description "shapes-64 demo model: 64x16-bit tokenizer, diffusion and AR generators, all-MiniLM-L6-v2 text" \
-    --sampling "{\"diffusion\": {\"guidance_scale\": $W_DIFFUSION, \"num_steps\": 20}, \"ar\": {\"guidance_scale\": $W_AR}}" \
+    --sampling "{\"diffusion\": {\"guidance_scale\": $W_DIFFUSION, \"temperature\": $T_DIFFUSION, \"num_steps\": 20}, \"ar\": {\"guidance_scale\": $W_AR, \"temperature\": $T_AR}}" \
     --dtype float16 --out "$OUT"

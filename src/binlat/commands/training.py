@@ -33,7 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if trainer.acc.is_main_process:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "bit_accuracy", "psnr"))
-        print(f"finished {args.kind} training at step {trainer.step} ({shown}); run folder {out}")
+        shown = f" ({shown})" if shown else " (already finished; nothing to train)"  # a resumed, finished run
+        print(f"finished {args.kind} training at step {trainer.step}{shown}; run folder {out}")
     return 0
 
 
