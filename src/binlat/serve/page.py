@@ -65,8 +65,7 @@ PAGE = r"""<!doctype html>
         <textarea id="prompt" name="prompt" placeholder="a red circle above a blue square" required></textarea>
         <div class="row">
           <div><label for="generator">Generator</label>
-            <select id="generator" name="generator"><option value="diffusion">diffusion</option>
-              <option value="ar">autoregressive</option></select></div>
+            <select id="generator" name="generator"><option value="diffusion">diffusion</option></select></div>
           <div><label for="protocol">Protocol (diffusion)</label>
             <select id="protocol" name="protocol"><option value="1">1</option>
               <option value="2">2</option></select></div>
@@ -297,8 +296,7 @@ async function loadModel() {
       "randomly initialised model: its images are noise";
     el.textContent = `${kind} · ${info.image_size}px · ${info.num_tokens} tokens × ${info.num_bits} bits`;
     el.className = info.trained ? "" : "untrained";
-    for (const option of $("generator").options) option.disabled = !info.generators.includes(option.value);
-    if (!info.generators.includes($("generator").value)) $("generator").value = info.generators[0];
+    $("generator").replaceChildren(...info.generators.map(k => new Option(k, k)));  // the model's kinds
     const size = $("size");
     size.step = info.size_multiple;
     size.min = info.size_multiple;

@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..pipeline import BUILTIN_SAMPLING
+from ..registry import generator_kinds
 from .errors import ApiError
 
 
@@ -41,7 +42,14 @@ class Sampling(_Strict):
 class GenerateRequest(Sampling):
     prompt: str | None = Field(None, description="one prompt (or give `prompts`)")
     prompts: list[str] | None = Field(None, description="several prompts (or give `prompt`)")
-    generator: Literal["diffusion", "ar"] = "diffusion"
+    generator: str = Field("diffusion", description="a generator kind the model holds (see /v1/models)")
+
+    @field_validator("generator")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:  # the registry's kinds, so a new kind needs no edit here
+        if kind not in generator_kinds():
+            raise ValueError(f"must be one of {', '.join(generator_kinds())}, got {kind!r}")
+        return kind
 
 
 class EditRequest(Sampling):

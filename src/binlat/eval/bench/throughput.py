@@ -8,7 +8,7 @@ import torch
 
 from .flops import counted_flops
 from .harness import Table, fmt_s, matmul_peak, measure
-from .inputs import diffusion_network, prompt_pair, seeded
+from .inputs import prompt_pair, seeded
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -34,40 +34,21 @@ def peak_flops(plan: Plan, figures: dict[str, Any]) -> float:
     return peak
 
 
-def generation_flops(kind: str, gen_cfg, tok_cfg, steps: int, text_length: int) -> dict[str, int | None]:
-    """FLOPs per guided image (2 rows: cond + uncond), counted on the meta device: the generator's work and one
-    tokenizer decode at the tokenizer's size."""
-    from ...generators import ARTransformer, DiffusionTransformer
+def generation_flops(sample_one, tok_cfg) -> dict[str, int | None]:
+    """FLOPs per guided image: `sample_one()` generates one image (cond + uncond rows) and is counted as it runs,
+    whatever the generator kind does; one tokenizer decode at the tokenizer's size is counted on the meta device."""
     from ...tokenizer import BinaryTokenizer
     with torch.device("meta"):
-        text = [torch.zeros(2, text_length, gen_cfg.text_dim)] * gen_cfg.num_layers
-        mask = torch.ones(2, text_length, dtype=torch.bool)
-        if kind == "diffusion":
-            net = DiffusionTransformer(gen_cfg)
-            x = torch.zeros(2, gen_cfg.num_tokens, gen_cfg.num_bits)
-
-            def generator() -> None:
-                for _ in range(steps):
-                    net(x, torch.zeros(2), text, mask)
-        else:
-            net = ARTransformer(gen_cfg)
-            row = torch.zeros(2, 1, gen_cfg.num_bits)
-
-            def generator() -> None:  # the default decoding: prefill, then one decode_step per token
-                cache = net.new_cache(2, text_length)
-                net(None, text, mask, cache)
-                for _ in range(gen_cfg.num_tokens - 1):
-                    net.decode_step(row, cache)
         tok = BinaryTokenizer(tok_cfg)
         size = tok_cfg.image_size
         decode = counted_flops(lambda: tok.decode(torch.zeros(1, tok_cfg.num_tokens, tok_cfg.num_bits), size, size))
-        return {"generator": counted_flops(generator), "decode": decode}
+    return {"generator": counted_flops(sample_one), "decode": decode}
 
 
 def bench_throughput(plan: Plan, figures: dict[str, Any]) -> Table:
-    from ...generators import ARTransformer, GeneratorConfig
-    from ...processes import ARDecoding, BernoulliDiffusion
+    from ...generators import GeneratorConfig
     from ...processes.common import make_generators
+    from ...registry import generator, generator_kinds
     from ...tokenizer import BinaryTokenizer, TokenizerConfig
     tok_cfg = TokenizerConfig(**plan.shipped_tokenizer)
     gen_cfg = GeneratorConfig(**plan.shipped_generator)
@@ -86,11 +67,15 @@ def bench_throughput(plan: Plan, figures: dict[str, Any]) -> Table:
     tok = seeded(lambda: BinaryTokenizer(tok_cfg), 1)
     cond, uncond = prompt_pair(plan, batch)
     small_cond, _ = prompt_pair(plan, 2)
-    nets = {"diffusion": (diffusion_network(gen_cfg), BernoulliDiffusion(prediction=gen_cfg.prediction)),
-            "ar": (seeded(lambda: ARTransformer(gen_cfg)), ARDecoding())}
+    nets = {}
+    for kind in generator_kinds():
+        spec = generator(kind)
+        net = seeded(lambda spec=spec: spec.network(spec.config(**plan.shipped_generator)))
+        nets[kind] = (net, spec.sampler(net.config), spec.uses("num_steps"))
     steps = plan.throughput_steps or plan.steps
-    for kind, (net, process) in nets.items():
-        timed = steps if kind == "diffusion" else None
+    one_cond, _ = prompt_pair(plan, 1)
+    for kind, (net, process, stepped) in nets.items():
+        timed = steps if stepped else None  # a stepped process is timed on `steps` of plan.steps and scaled
 
         def sample(c=cond, net=net, process=process, timed=timed) -> torch.Tensor:
             extra = {} if timed is None else {"num_steps": timed}
@@ -106,7 +91,9 @@ def bench_throughput(plan: Plan, figures: dict[str, Any]) -> Table:
         if scale != 1.0:
             table.footer.append(f"{kind}: {timed} of {plan.steps} steps timed ({fmt_s(m.median)}), scaled x"
                                 f"{scale:g}; decode {fmt_s(d.median)} timed")
-        flops = generation_flops(kind, gen_cfg, tok_cfg, plan.steps, plan.text_length)
+        every_step = {"num_steps": plan.steps} if stepped else {}
+        flops = generation_flops(lambda: process.sample(net, one_cond, uncond, make_generators([0]),
+                                                        guidance_scale=plan.guidance, **every_step), tok_cfg)
         per_image = (flops["generator"] or 0) + (flops["decode"] or 0)
         rate = batch / batch_s
         bound = peak / per_image if per_image else None
@@ -136,21 +123,20 @@ def bench_throughput(plan: Plan, figures: dict[str, Any]) -> Table:
 def training_step_flops(kind: str, model: dict[str, Any], batch: int, text_length: int) -> int | None:
     """FLOPs of one training step: 3 x the forward pass (the backward pass counted as 2 x forward), on the meta
     device; the tokenizer's forward is encode + decode at its image size."""
-    from ...registry import model_class
+    from ...registry import TOKENIZER, generator, model_class
+    from ...text.encoder import TextFeatures
     from .plan import _tuples
     cls = model_class(kind)
     with torch.device("meta"):
         net = cls(cls.config_class(**_tuples(model)))
         c = net.config
-        if kind == "tokenizer":
+        if kind == TOKENIZER:
             images = torch.zeros(batch, c.in_channels, c.image_size, c.image_size)
             forward = counted_flops(lambda: net(images))
-        else:
-            text = [torch.zeros(batch, text_length, c.text_dim)] * c.num_layers
-            mask = torch.ones(batch, text_length, dtype=torch.bool)
+        else:  # the kind's own training loss: the forward pass the trainer runs, whatever the kind
+            text = TextFeatures([torch.zeros(batch, text_length, c.text_dim)] * c.num_layers,
+                                torch.ones(batch, text_length, dtype=torch.bool))
             bits = torch.zeros(batch, c.num_tokens, c.num_bits)
-            if kind == "ar":
-                forward = counted_flops(lambda: net(bits[:, :-1], text, mask))
-            else:
-                forward = counted_flops(lambda: net(bits, torch.zeros(batch), text, mask))
+            process = generator(kind).sampler(c)
+            forward = counted_flops(lambda: process.loss(net, bits, text))
     return None if forward is None else 3 * forward
