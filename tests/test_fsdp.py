@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,9 @@ def run_config(max_steps: int) -> dict:
     return {"kind": "tokenizer", "model": dict(TOKENIZER), "image_size": 32, "batch_size": 4,
             "max_steps": max_steps, "warmup_steps": 1, "save_every": 2, "log_every": 1, "trackers": [],
             "sample_every": 0, "num_workers": 0}
+
+
+HANG_S = 240
 
 
 def _free_port() -> int:
@@ -94,7 +98,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     out = root / "info"
     out.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(root / "fsdp"), [2, 4], str(out)), nprocs=2, join=True)
+    ctx = mp.spawn(_worker, args=(_free_port(), str(root / "fsdp"), [2, 4], str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + HANG_S  # a run takes ~12 s; a stuck collective must fail the test, not hang CI
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the two FSDP processes did not finish within {HANG_S} s (a gloo collective hung)")
     from binlat.train.engine import Trainer
     single = Trainer(config_from_dict(TrainConfig, run_config(4)), root / "single")
     try:
