@@ -242,7 +242,8 @@ class Trainer:
         finally:
             bar.close()  # also on an error: its message then starts on a line of its own
             self.skips.close()
-        acc.end_training()
+        for tracker in acc.trackers:  # not acc.end_training(): that also destroys the process group, which
+            tracker.finish()          # accelerate's per-process state never re-creates for a later run here
         return last
 
     def _log(self, metrics: dict[str, float]) -> None:
