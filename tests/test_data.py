@@ -7,6 +7,7 @@ All fixtures are written into tmp_path at test time.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
@@ -14,6 +15,7 @@ import struct
 import sys
 import tarfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ from binlat.data.readers import (
     make_dataset,
 )
 from binlat.data.collate import collate
-from binlat.data.shapes import ShapesStream
+from binlat.data.shapes import CATEGORIES, ShapesStream
 from binlat.data.transforms import ImageLoadError, ImageTransform, load_image, to_rgb
 
 S = 16
@@ -457,6 +459,14 @@ def test_make_dataset_dispatch(folder: Path, shards, tmp_path: Path, caplog: pyt
     assert any("hflip ignored" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="shapes:seed=N"):
         make_dataset("shapes:colour=red", 32)
+    weighted = make_dataset("shapes:seed=4,color_attr=3,single=0", 32)
+    assert weighted.seed == 4 and weighted.category_weights["color_attr"] == 3
+    counts = Counter(s["scene"]["category"] for s in itertools.islice(iter(weighted), 400))
+    assert counts["single"] == 0 and counts["color_attr"] > 2 * counts["colors"] > 0  # 3:1 in expectation
+    for bad, message in (("shapes:position=x", "position must be a number"), ("shapes:two=-1", "non-negative"),
+                         ("shapes:" + ",".join(f"{c}=0" for c in CATEGORIES), "some positive")):
+        with pytest.raises(ValueError, match=message):
+            make_dataset(bad, 32)
 
     ds = make_dataset(str(folder), S, seed=1, random_crop=False, hflip=True)
     assert isinstance(ds, ImageFolderDataset)

@@ -216,27 +216,41 @@ class ManifestDataset(IndexedImageDataset):
 
 
 SPEC_FORMS = (
-    "'shapes' or 'shapes:seed=N' (procedural shapes), an existing image folder (images + same-named .txt "
+    "'shapes' or 'shapes:seed=N,color_attr=2,...' (procedural shapes; category weights relative to 1), an existing image folder (images + same-named .txt "
     "captions), a .jsonl/.csv manifest, or WebDataset .tar shards (path, brace pattern "
     "'shard-{000..009}.tar', glob, or URL such as pipe:/http:)"
 )
 
 
-def _shapes_seed(spec: str, seed: int) -> int | None:
-    """The seed of a shapes spec, or None if ``spec`` is not one."""
+def _shapes_options(spec: str, seed: int) -> tuple[int, dict[str, float] | None] | None:
+    """(seed, category weights or None) of a shapes spec, or None if ``spec`` is not one.
+
+    ``shapes:seed=3,color_attr=2,position=2`` reseeds the stream and weights its categories; a category left out
+    keeps weight 1, so the weights are relative to the uniform mix."""
     if spec == "shapes":
-        return seed
+        return seed, None
     if not spec.startswith("shapes:"):
         return None
+    from binlat.data.shapes import CATEGORIES
+    weights: dict[str, float] = {}
     for part in spec[len("shapes:") :].split(","):
-        name, eq, value = part.partition("=")
-        if name.strip() != "seed" or not eq:
-            raise ValueError(f"bad shapes spec {spec!r}: only 'shapes:seed=N' is accepted")
+        name, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or (name != "seed" and name not in CATEGORIES):
+            raise ValueError(f"bad shapes spec {spec!r}: expected 'shapes:seed=N' and/or category weights "
+                             f"such as 'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)})")
         try:
-            seed = int(value)
+            if name == "seed":
+                seed = int(value)
+            else:
+                weights[name] = float(value)
         except ValueError as exc:
-            raise ValueError(f"bad shapes spec {spec!r}: seed must be an integer") from exc
-    return seed
+            kind = "an integer" if name == "seed" else "a number"
+            raise ValueError(f"bad shapes spec {spec!r}: {name} must be {kind}") from exc
+    if not weights:
+        return seed, None
+    if any(w < 0 for w in weights.values()) or not any(weights.get(c, 1.0) > 0 for c in CATEGORIES):
+        raise ValueError(f"bad shapes spec {spec!r}: category weights must be non-negative, some positive")
+    return seed, {c: weights.get(c, 1.0) for c in CATEGORIES}
 
 
 def _is_tar_spec(spec: str) -> bool:
@@ -263,13 +277,14 @@ def make_dataset(
     Unknown or nonexistent specs raise ``ValueError``.
     """
     spec = str(spec).strip()
-    shapes_seed = _shapes_seed(spec, seed)
-    if shapes_seed is not None:
+    shapes = _shapes_options(spec, seed)
+    if shapes is not None:
         from binlat.data.shapes import ShapesStream
 
         if hflip:
             logger.warning("hflip ignored for the shapes data: it would contradict left/right captions")
-        return ShapesStream(size=size, seed=shapes_seed, exclude_held_out=not include_held_out)
+        return ShapesStream(size=size, seed=shapes[0], category_weights=shapes[1],
+                            exclude_held_out=not include_held_out)
     if not spec:
         raise ValueError(f"empty data spec; expected {SPEC_FORMS}")
     transform = ImageTransform(size, random_crop=random_crop, hflip=hflip, seed=seed)
