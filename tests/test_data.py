@@ -464,7 +464,7 @@ def test_make_dataset_dispatch(folder: Path, shards, tmp_path: Path, caplog: pyt
     counts = Counter(s["scene"]["category"] for s in itertools.islice(iter(weighted), 400))
     assert counts["single"] == 0 and counts["color_attr"] > 2 * counts["colors"] > 0  # 3:1 in expectation
     for bad, message in (("shapes:position=x", "position must be a number"), ("shapes:two=-1", "non-negative"),
-                         ("shapes:" + ",".join(f"{c}=0" for c in CATEGORIES), "some positive")):
+                         ("shapes:" + ",".join(f"{c}=0" for c in CATEGORIES), "positive sum")):
         with pytest.raises(ValueError, match=message):
             make_dataset(bad, 32)
 

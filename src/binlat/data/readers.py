@@ -216,8 +216,8 @@ class ManifestDataset(IndexedImageDataset):
 
 
 SPEC_FORMS = (
-    "'shapes' or 'shapes:seed=N,color_attr=2,...' (procedural shapes; category weights relative to 1), an existing image folder (images + same-named .txt "
-    "captions), a .jsonl/.csv manifest, or WebDataset .tar shards (path, brace pattern "
+    "'shapes' or 'shapes:seed=N,color_attr=2,...' (procedural shapes; category weights relative to 1), an "
+    "existing image folder (images + same-named .txt captions), a .jsonl/.csv manifest, or WebDataset .tar shards (path, brace pattern "
     "'shard-{000..009}.tar', glob, or URL such as pipe:/http:)"
 )
 
@@ -246,11 +246,7 @@ def _shapes_options(spec: str, seed: int) -> tuple[int, dict[str, float] | None]
         except ValueError as exc:
             kind = "an integer" if name == "seed" else "a number"
             raise ValueError(f"bad shapes spec {spec!r}: {name} must be {kind}") from exc
-    if not weights:
-        return seed, None
-    if any(w < 0 for w in weights.values()) or not any(weights.get(c, 1.0) > 0 for c in CATEGORIES):
-        raise ValueError(f"bad shapes spec {spec!r}: category weights must be non-negative, some positive")
-    return seed, {c: weights.get(c, 1.0) for c in CATEGORIES}
+    return seed, ({c: weights.get(c, 1.0) for c in CATEGORIES} if weights else None)  # ShapesStream checks them
 
 
 def _is_tar_spec(spec: str) -> bool:
@@ -283,8 +279,11 @@ def make_dataset(
 
         if hflip:
             logger.warning("hflip ignored for the shapes data: it would contradict left/right captions")
-        return ShapesStream(size=size, seed=shapes[0], category_weights=shapes[1],
-                            exclude_held_out=not include_held_out)
+        try:
+            return ShapesStream(size=size, seed=shapes[0], category_weights=shapes[1],
+                                exclude_held_out=not include_held_out)
+        except ValueError as exc:
+            raise ValueError(f"bad shapes spec {spec!r}: {exc}") from exc
     if not spec:
         raise ValueError(f"empty data spec; expected {SPEC_FORMS}")
     transform = ImageTransform(size, random_crop=random_crop, hflip=hflip, seed=seed)
