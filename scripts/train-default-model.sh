@@ -3,7 +3,7 @@
 #   1. the tokenizer, end to end, on one thread           (configs/tokenizer/shapes-64-stage1.json)
 #   2. the diffusion and AR generators on the frozen tokenizer's bits, side by side, one thread each
 #                                                          (configs/diffusion/shapes-64.json, configs/ar/shapes-64.json);
-#      diffusion then continues 3,000 steps on a category-weighted data mix (configs/diffusion/shapes-64-mix.json)
+#      diffusion then continues 3,000 steps on a category-weighted data mix (--data shapes:single=0.5,...)
 # then picks each generator's guidance scale on a probe prompt set (seed 1000, not the published evaluation's
 # seed 0), and bundles the EMA weights in float16. Wall times measured on an AMD EPYC (AVX2) are in the README,
 # "The shipped model". Every stage resumes where it stopped (--resume auto): run the script again after an
@@ -22,10 +22,12 @@ binlat export "$RUNS/tokenizer" --out "$RUNS/export-tokenizer"
 diffusion() {  # 3,000 steps on the uniform stream, then 3,000 more on the category-weighted mix from its last checkpoint
     binlat train diffusion --config configs/diffusion/shapes-64.json --output "$RUNS/diffusion" \
         --set generator.tokenizer="$RUNS/export-tokenizer" --resume auto
-    local from=auto
-    compgen -G "$RUNS/diffusion-mix/checkpoints/step-*" >/dev/null || from="$RUNS/diffusion/checkpoints/step-00003000"
-    binlat train diffusion --config configs/diffusion/shapes-64-mix.json --output "$RUNS/diffusion-mix" \
-        --set generator.tokenizer="$RUNS/export-tokenizer" --resume "$from"
+    local from=auto  # the mix run's own last checkpoint, else the uniform run's last (step 3,000)
+    compgen -G "$RUNS/diffusion-mix/checkpoints/step-*" >/dev/null ||
+        from=$(ls -d "$RUNS/diffusion/checkpoints"/step-* | tail -n 1)
+    binlat train diffusion --config configs/diffusion/shapes-64.json --output "$RUNS/diffusion-mix" \
+        --set generator.tokenizer="$RUNS/export-tokenizer" --resume "$from" --max-steps 6000 \
+        --data shapes:single=0.5,colors=0.5,counting=1.5,position=2,color_attr=2
 }
 diffusion &
 diffusion_job=$!
