@@ -3,7 +3,7 @@
 #   1. the tokenizer, end to end, on one thread           (configs/tokenizer/shapes-64-stage1.json)
 #   2. the diffusion and AR generators on the frozen tokenizer's bits, side by side, one thread each
 #                                                          (configs/diffusion/shapes-64.json, configs/ar/shapes-64.json);
-#      diffusion then continues 3,000 steps on a category-weighted data mix (--data shapes:single=0.5,...)
+#      diffusion then continues twice 3,000 steps on a category-weighted data mix (--data shapes:single=0.5,...)
 # then picks each generator's guidance scale on a probe prompt set (seed 1000, not the published evaluation's
 # seed 0), and bundles the EMA weights in float16. Wall times measured on an AMD EPYC (AVX2) are in the README,
 # "The shipped model". Every stage resumes where it stopped (--resume auto): run the script again after an
@@ -19,7 +19,7 @@ export OMP_NUM_THREADS=1
 binlat train tokenizer --config configs/tokenizer/shapes-64-stage1.json --output "$RUNS/tokenizer" --resume auto
 binlat export "$RUNS/tokenizer" --out "$RUNS/export-tokenizer"
 
-diffusion() {  # 3,000 steps on the uniform stream, then 3,000 more on the category-weighted mix from its last checkpoint
+diffusion() {  # 3,000 steps on the uniform stream, then twice 3,000 more on the category-weighted mix
     binlat train diffusion --config configs/diffusion/shapes-64.json --output "$RUNS/diffusion" \
         --set generator.tokenizer="$RUNS/export-tokenizer" --resume auto
     local from=auto  # the mix run's own last checkpoint, else the uniform run's last (step 3,000)
@@ -27,6 +27,12 @@ diffusion() {  # 3,000 steps on the uniform stream, then 3,000 more on the categ
         from=$(ls -d "$RUNS/diffusion/checkpoints"/step-* | tail -n 1)
     binlat train diffusion --config configs/diffusion/shapes-64.json --output "$RUNS/diffusion-mix" \
         --set generator.tokenizer="$RUNS/export-tokenizer" --resume "$from" --max-steps 6000 \
+        --data shapes:single=0.5,colors=0.5,counting=1.5,position=2,color_attr=2
+    from=auto  # then 3,000 more on the same mix, its cosine restarted over 9,000 steps (docs/recipe.md, row GI)
+    compgen -G "$RUNS/diffusion-mix2/checkpoints/step-*" >/dev/null ||
+        from=$(ls -d "$RUNS/diffusion-mix/checkpoints"/step-* | tail -n 1)
+    binlat train diffusion --config configs/diffusion/shapes-64.json --output "$RUNS/diffusion-mix2" \
+        --set generator.tokenizer="$RUNS/export-tokenizer" --resume "$from" --max-steps 9000 \
         --data shapes:single=0.5,colors=0.5,counting=1.5,position=2,color_attr=2
 }
 diffusion &
@@ -36,7 +42,7 @@ binlat train ar --config configs/ar/shapes-64.json --output "$RUNS/ar" \
 ar_job=$!
 wait "$diffusion_job"   # a plain `wait` would not stop the script (set -e) when one of them fails
 wait "$ar_job"
-binlat export "$RUNS/diffusion-mix" --out "$RUNS/export-diffusion"
+binlat export "$RUNS/diffusion-mix2" --out "$RUNS/export-diffusion"
 binlat export "$RUNS/ar" --out "$RUNS/export-ar"
 
 binlat bundle --tokenizer "$RUNS/export-tokenizer" --diffusion "$RUNS/export-diffusion" --ar "$RUNS/export-ar" \
