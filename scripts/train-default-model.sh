@@ -19,21 +19,18 @@ export OMP_NUM_THREADS=1
 binlat train tokenizer --config configs/tokenizer/shapes-64-stage1.json --output "$RUNS/tokenizer" --resume auto
 binlat export "$RUNS/tokenizer" --out "$RUNS/export-tokenizer"
 
-diffusion() {  # 3,000 steps on the uniform stream, then twice 3,000 more on the category-weighted mix
+MIX=shapes:single=0.5,colors=0.5,counting=1.5,position=2,color_attr=2  # the category-weighted data mix
+continue_on_mix() {  # FROM_RUN RUN MAX_STEPS: continue FROM_RUN's last checkpoint on the mix, cosine over MAX_STEPS
+    local from=auto  # RUN's own last checkpoint when it has one (--resume auto), else FROM_RUN's last
+    compgen -G "$RUNS/$2/checkpoints/step-*" >/dev/null || from=$(ls -d "$RUNS/$1/checkpoints"/step-* | tail -n 1)
+    binlat train diffusion --config configs/diffusion/shapes-64.json --output "$RUNS/$2" \
+        --set generator.tokenizer="$RUNS/export-tokenizer" --resume "$from" --max-steps "$3" --data "$MIX"
+}
+diffusion() {  # 3,000 steps on the uniform stream, then twice 3,000 more on the mix (docs/recipe.md, rows GG and GI)
     binlat train diffusion --config configs/diffusion/shapes-64.json --output "$RUNS/diffusion" \
         --set generator.tokenizer="$RUNS/export-tokenizer" --resume auto
-    local from=auto  # the mix run's own last checkpoint, else the uniform run's last (step 3,000)
-    compgen -G "$RUNS/diffusion-mix/checkpoints/step-*" >/dev/null ||
-        from=$(ls -d "$RUNS/diffusion/checkpoints"/step-* | tail -n 1)
-    binlat train diffusion --config configs/diffusion/shapes-64.json --output "$RUNS/diffusion-mix" \
-        --set generator.tokenizer="$RUNS/export-tokenizer" --resume "$from" --max-steps 6000 \
-        --data shapes:single=0.5,colors=0.5,counting=1.5,position=2,color_attr=2
-    from=auto  # then 3,000 more on the same mix, its cosine restarted over 9,000 steps (docs/recipe.md, row GI)
-    compgen -G "$RUNS/diffusion-mix2/checkpoints/step-*" >/dev/null ||
-        from=$(ls -d "$RUNS/diffusion-mix/checkpoints"/step-* | tail -n 1)
-    binlat train diffusion --config configs/diffusion/shapes-64.json --output "$RUNS/diffusion-mix2" \
-        --set generator.tokenizer="$RUNS/export-tokenizer" --resume "$from" --max-steps 9000 \
-        --data shapes:single=0.5,colors=0.5,counting=1.5,position=2,color_attr=2
+    continue_on_mix diffusion diffusion-mix 6000
+    continue_on_mix diffusion-mix diffusion-mix2 9000
 }
 diffusion &
 diffusion_job=$!
