@@ -524,6 +524,27 @@ def test_export_generator_run(kind, cls, tmp_path, tokenizer_dir, capsys):
     assert model.config.num_layers == 2
 
 
+@pytest.mark.parametrize("kind,cls", [("diffusion", DiffusionTransformer), ("ar", ARTransformer)])
+def test_generator_init_from_starts_at_the_models_weights(kind, cls, tmp_path, tokenizer_dir):
+    first = tmp_path / "first"
+    Trainer(cfg_for(kind, tokenizer_dir, max_steps=2, save_every=2), first).train()
+    export_run(first, tmp_path / "model")
+    start = cls.from_pretrained(tmp_path / "model").state_dict()
+    over = generator_dict(kind, tokenizer_dir, max_steps=1, save_every=1, lr=1e-2)
+    over["generator"]["init_from"] = str(tmp_path / "model")
+    trainer = Trainer(make_cfg(over), tmp_path / "tuned")
+    # before any step, the live weights and the EMA are the model's; after one, they have moved from there
+    assert_same_tensors(trainer.acc.unwrap_model(trainer.model).state_dict(), start)
+    trainer.train()
+    tuned = trainer.acc.unwrap_model(trainer.model).state_dict()
+    assert any(not torch.equal(tuned[k], start[k]) for k in start if start[k].is_floating_point())
+    assert state_of(tmp_path / "tuned", 1)["step"] == 1  # a fresh run: its own steps and schedule
+    wider = generator_dict(kind, tokenizer_dir, model={**GENERATOR_MODEL, "num_layers": 3})
+    wider["generator"]["init_from"] = str(tmp_path / "model")
+    with pytest.raises(ValueError, match="num_layers 2 \\(run: 3\\)"):
+        Trainer(make_cfg(wider), tmp_path / "wider")
+
+
 def test_cli_train_wrong_kind_is_one_line_error(tmp_path, capsys):
     config = tmp_path / "tok.json"
     config.write_text(json.dumps(tokenizer_dict()))

@@ -44,6 +44,7 @@ class GeneratorTraining:
     time_sampling: str = "logit_normal"
     sample_steps: int = 20
     sample_guidance: float = 3.0
+    init_from: str | None = None     # start from a generator model directory of this kind (fine-tuning)
 
 
 @dataclass

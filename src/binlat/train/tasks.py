@@ -1,6 +1,7 @@
 """The three trainers as small tasks the engine drives: what to build, what data to read, how to score a batch."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from pathlib import Path
@@ -45,6 +46,17 @@ class Task:
     def new_model(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def init_from(self, directory: str) -> None:
+        """Start from a model directory's weights (fine-tuning: the optimiser and the schedule start fresh). The
+        directory's architecture must be this run's; a difference is named rather than left to a shape error."""
+        start = type(self.model).from_pretrained(directory)
+        ours, theirs = dataclasses.asdict(self.model.config), dataclasses.asdict(start.config)
+        differ = [f"{k} {theirs.get(k)} (run: {v})" for k, v in ours.items() if theirs.get(k) != v]
+        if differ:
+            raise ValueError(f"init_from {directory}: its model differs from this run's in " + ", ".join(differ)
+                             + "; set the run's model to match, or start from scratch")
+        self.model.load_state_dict(start.state_dict())
+
     def loss(self, model, batch, step: int, gens: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
@@ -87,7 +99,7 @@ class TokenizerTask(Task):
         self.model_config = cfg.model_config(image_size=cfg.image_size)
         self.model = self.new_model()
         if opts.init_from:
-            self.model.load_state_dict(BinaryTokenizer.from_pretrained(opts.init_from).state_dict())
+            self.init_from(opts.init_from)
         if opts.freeze_encoder:
             self.model.encoder.requires_grad_(False)
             self.model.quantizer.to_logits.requires_grad_(False)
@@ -246,6 +258,8 @@ class GeneratorTask(Task):
         layers = cfg.model_config().num_layers
         self.build(num_bits=tok.num_bits, num_tokens=tok.num_tokens, text_dim=self.text_encoder.hidden_size,
                    text_layers=text_layer_map(self.text_encoder.num_layers, layers), prediction=o.prediction)
+        if o.init_from:
+            self.init_from(o.init_from)
         self.cached_text = CachedTextEncoder(self.text_encoder, list(self.model_config.text_layers))
 
     def build(self, **resolved) -> None:
