@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import registry
-from .pipeline import Pipeline, PipelineOutput, check_prompts, to_pil
+from .pipeline import Pipeline, PipelineOutput, check_prompts
 from .processes.common import make_generators
 
 # Decoded pixel budget for an input image (a small PNG can claim a huge canvas).
@@ -115,11 +115,12 @@ def image_bits(pipe: Pipeline, image: Image.Image, height: int | None = None, wi
     return pipe.tokenizer.encode(load_image_for(pipe, image, height, width)).float()
 
 
-@torch.inference_mode()
 def decode_bits(pipe: Pipeline, bits: torch.Tensor, height: int | None = None, width: int | None = None
                 ) -> list[Image.Image]:
+    """Images of bits [N, K, B], each decoded alone (`Pipeline.decode`), so a frame or an edited image is the
+    same picture whatever else was decoded with it."""
     height, width = _target_size(pipe, height, width)
-    return to_pil(pipe.tokenizer.decode(bits.to(_device(pipe)), height, width))
+    return pipe.decode(bits, height, width)
 
 
 def reconstruct(pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None

@@ -299,6 +299,15 @@ class Pipeline:
         check_sampling_args(**settings)
         return settings
 
+    @torch.inference_mode()
+    def decode(self, bits: torch.Tensor, height: int, width: int) -> list[Image.Image]:
+        """Bits [N, K, B] -> N PIL images of height x width, each decoded alone: on some CPUs a batch's shape
+        changes float rounding, and a pixel near a rounding edge would then differ from the same bits decoded
+        alone (or in another batch). Per-image decoding costs little (64 images at 64 px: no slower than one
+        batch of 64 on an AMD EPYC)."""
+        device = next(self.tokenizer.parameters()).device
+        return [to_pil(self.tokenizer.decode(b[None].to(device), height, width))[0] for b in bits]
+
     def __call__(self, prompts: str | Sequence[str], generator: str = "diffusion", num_steps: int | None = None,
                  guidance_scale: float | None = None, temperature: float | None = None, rho: float | None = None,
                  protocol: int | None = None, seed: int | None = None, height: int | None = None,
@@ -331,11 +340,7 @@ class Pipeline:
             cond = cond_all.index(rows).select(layers)
             gens = make_generators([seeds[i] for i in rows], device)
             bits = process.sample(network, cond, uncond.select(layers), gens, sampling, progress=progress)
-            with torch.inference_mode():
-                # One image at a time: on some CPUs a batch's shape changes float rounding, and a pixel near a
-                # rounding edge would then differ from the same bits decoded alone. Per-image decoding costs
-                # little (64 images at 64 px: no slower than one batch of 64 on an AMD EPYC).
-                images += [to_pil(self.tokenizer.decode(b[None], height, width))[0] for b in bits]
+            images += self.decode(bits, height, width)
             all_bits.append(bits.to(torch.uint8).cpu())
         return PipelineOutput(images=images, seeds=seeds, prompts=prompts,
                               bits=torch.cat(all_bits) if return_bits else None)
