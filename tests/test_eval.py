@@ -200,7 +200,8 @@ def test_cli_shapes_rejects_blank_generator(bundle, tmp_path, monkeypatch, capsy
 
     def white(self, prompts, generator="diffusion", seed=None, height=None, **kw):
         prompts = check_prompts(prompts)
-        calls.append((generator, seed, kw.get("num_steps"), kw.get("guidance_scale")))
+        calls.append((generator, seed, kw.get("num_steps"), kw.get("guidance_scale"), kw.get("rho"),
+                      kw.get("protocol")))
         size = height or self.config.image_size
         return PipelineOutput(images=[Image.new("RGB", (size, size), "white") for _ in prompts],
                               seeds=[seed + i for i in range(len(prompts))], prompts=prompts)
@@ -208,14 +209,17 @@ def test_cli_shapes_rejects_blank_generator(bundle, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(Pipeline, "__call__", white)
     out = tmp_path / "ev"
     code, stdout, err = run_cli(capsys, "eval", "shapes", "--model", bundle, "--per-category", 3, "--steps", 5,
-                                "--cfg", 2.5, "--seed", 7, "--out", out, "--no-progress")
+                                "--cfg", 2.5, "--rho", 1.5, "--protocol", 2, "--seed", 7, "--out", out,
+                                "--no-progress")
     assert code == 0, err
     report = json.loads((out / "report-shapes.json").read_text())
     assert tuple(report) == REPORT_KEYS
     s = report["summary"]
     assert s["overall"] == 0 and all(v == 0 for v in s["accuracy"].values()) and s["held_out"]["overall"] == 0
-    assert calls and all(c == ("diffusion", 7, 5, 2.5) for c in calls)
-    assert report["arguments"]["per_category"] == 3 and report["arguments"]["cfg"] == 2.5
+    assert calls and all(c == ("diffusion", 7, 5, 2.5, 1.5, 2) for c in calls)
+    arguments = report["arguments"]
+    assert arguments["per_category"] == 3 and arguments["cfg"] == 2.5
+    assert arguments["rho"] == 1.5 and arguments["protocol"] == 2
     assert report["model"] == str(bundle)
     assert all(it["reason"].startswith("expected") and not it["correct"] for it in report["items"])
     # the failure sheet holds every failure (24 < the cap)

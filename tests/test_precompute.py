@@ -65,3 +65,33 @@ def test_endless_data_needs_a_limit_and_missing_folder_is_explained(tokenizer, t
         precompute(ShapesStream(size=64), tokenizer, tmp_path, progress=False)
     with pytest.raises(ValueError, match="binlat precompute"):
         PrecomputedDataset(tmp_path / "nothing")
+
+
+def test_generator_trains_on_precomputed_bits_of_its_own_tokenizer_only(tokenizer, tmp_path):
+    from binlat.config import config_from_dict
+    from binlat.data.readers import make_dataset
+    from binlat.train.config import TrainConfig
+    from binlat.train.engine import Trainer
+    tokenizer.save_pretrained(tmp_path / "tok")
+    own = BinaryTokenizer.from_pretrained(tmp_path / "tok")
+    precompute(make_dataset("shapes", size=64, seed=0), own, tmp_path / "bits", shard_size=8, max_samples=16,
+               tokenizer_ref=str(tmp_path / "tok"), data_spec="shapes", progress=False)
+    index = json.loads((tmp_path / "bits" / "index.json").read_text())
+    assert index["data"] == "shapes" and len(index["tokenizer_sha256"]) == 64
+
+    def run(tok_dir, name):
+        d = {"kind": "diffusion", "model": {"num_layers": 1, "num_heads": 2, "head_dim": 16}, "batch_size": 4,
+             "max_steps": 2, "warmup_steps": 1, "save_every": 2, "log_every": 1, "sample_every": 2, "trackers": [],
+             "data": f"precomputed:{tmp_path / 'bits'}",
+             "generator": {"tokenizer": str(tok_dir), "sample_steps": 2, "prediction": "x0"}}
+        Trainer(config_from_dict(TrainConfig, d), tmp_path / name).train()
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    rows = run(tmp_path / "tok", "run")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    # made from shapes: the run keeps its running benchmark score, as on the live stream
+    assert [r["step"] for r in rows if "eval_shapes_accuracy" in r] == [2]
+    torch.manual_seed(1)
+    BinaryTokenizer(tokenizer.config).save_pretrained(tmp_path / "other")  # same shape, other weights
+    with pytest.raises(ValueError, match="bits of another tokenizer.*precompute again"):
+        run(tmp_path / "other", "wrong")

@@ -360,6 +360,27 @@ def test_ar_loss_teacher_forcing_matches_manual(ar_net) -> None:
     assert loss.item() == pytest.approx(manual.item(), abs=1e-5)
 
 
+def test_ar_context_flip_noises_the_context_not_the_targets() -> None:
+    g = torch.Generator().manual_seed(5)
+    bits = (torch.rand(8, 40, 16, generator=g) < 0.5).float()
+    out = torch.randn(8, 40, 16, generator=g)
+    clean_net = ConstantARNet(out)
+    clean, _ = ARDecoding().loss(clean_net, bits, text([2] * 8, 0, 1), make_generators(range(8)))
+    net = ConstantARNet(out)
+    noisy, _ = ARDecoding(context_flip=0.2).loss(net, bits, text([2] * 8, 0, 1), make_generators(range(8)))
+    assert torch.equal(clean_net.inputs[0], bits[:, :-1])
+    flipped = net.inputs[0] != bits[:, :-1]
+    assert 0.17 < flipped.float().mean().item() < 0.23 and is_binary(net.inputs[0])
+    assert torch.equal(noisy, clean)  # the same outputs scored against the same clean targets
+    ARDecoding(context_flip=0.2).loss(net, bits, text([2] * 8, 0, 1), make_generators(range(8)))
+    assert torch.equal(net.inputs[1], net.inputs[0])  # drawn from the samples' own generators
+    alone = ConstantARNet(out[3:4])
+    ARDecoding(context_flip=0.2).loss(alone, bits[3:4], text([2], 0, 1), make_generators([3]))
+    assert torch.equal(alone.inputs[0], net.inputs[0][3:4])  # sample 3's flips do not depend on its batch
+    with pytest.raises(ValueError, match="context_flip"):
+        ARDecoding(context_flip=0.5)
+
+
 # --- diffusion sampling ----------------------------------------------------------------------------------------
 def test_diffusion_sample_shape_and_values(diff_net) -> None:
     cond, uncond = text([3, 5], 0), text([1], 9)
@@ -573,3 +594,100 @@ def test_bad_process_settings() -> None:
 def test_one_generator_per_sample_required() -> None:
     with pytest.raises(ValueError, match="generator"):
         step_protocol1(torch.full((2, 1, 1), 0.5), 0.5, make_generators([0]))
+
+
+# --- self-conditioning ------------------------------------------------------------------------------------------
+SC_CFG = GeneratorConfig(num_bits=8, num_tokens=6, num_layers=2, num_heads=2, head_dim=8, text_dim=TEXT_DIM,
+                         prediction="x0", self_condition=True)
+
+
+class EstimateSpyNet(nn.Module):
+    """Fake self-conditioned network: x0 logits from a fixed rule of (x_t, t), recording each estimate it reads."""
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.config = config
+        self.estimates: list[torch.Tensor | None] = []
+
+    def forward(self, x_t, t, layers, mask, estimate=None):
+        self.estimates.append(None if estimate is None else estimate.clone())
+        return 3.0 * (2 * x_t - 1) * (1 - t.view(-1, 1, 1)) + 0.5
+
+
+def test_self_conditioning_network_starts_blind_to_the_estimate_and_then_reads_it() -> None:
+    torch.manual_seed(0)
+    net = DiffusionTransformer(SC_CFG).eval()
+    x_t = (torch.rand(2, 6, 8) < 0.5).float()
+    t, feats = torch.tensor([0.3, 0.8]), text([3, 5], 0)
+    estimate = torch.rand(2, 6, 8)
+    with torch.no_grad():
+        # zero-initialised: no estimate, an estimate of 1/2 and any estimate give the same logits at first
+        blind = net(x_t, t, feats.layers, feats.mask)
+        assert torch.equal(blind, net(x_t, t, feats.layers, feats.mask, torch.full_like(x_t, 0.5)))
+        assert torch.allclose(blind, net(x_t, t, feats.layers, feats.mask, estimate), atol=1e-6)
+    randomise(net, 3)
+    with torch.no_grad():
+        assert not torch.allclose(net(x_t, t, feats.layers, feats.mask),
+                                  net(x_t, t, feats.layers, feats.mask, estimate))
+        # "no estimate" is the estimate 1/2 (the centred input is 0)
+        assert torch.allclose(net(x_t, t, feats.layers, feats.mask),
+                              net(x_t, t, feats.layers, feats.mask, torch.full_like(x_t, 0.5)), atol=1e-6)
+    plain = DiffusionTransformer(CFG)
+    with pytest.raises(ValueError, match="self_condition"):
+        plain(x_t, t, text([3, 5], 0).layers, feats.mask, estimate)
+    with pytest.raises(ValueError, match="diffusion"):
+        ARTransformer(SC_CFG)
+
+
+def test_self_conditioned_sampling_hands_each_step_the_last_estimate() -> None:
+    net = EstimateSpyNet(SC_CFG)
+    proc = BernoulliDiffusion(prediction="x0", self_condition=True)
+    cond, uncond = text([3, 5], 0), text([1], 1)
+    seen = []
+    real = diffusion_mod.step_protocol1
+
+    def spy(p, t_next, generators):
+        seen.append(p.clone())
+        return real(p, t_next, generators)
+
+    diffusion_mod.step_protocol1 = spy
+    try:
+        proc.sample(net, cond, uncond, make_generators([4, 5]), num_steps=4, guidance_scale=2.0, temperature=1.0)
+    finally:
+        diffusion_mod.step_protocol1 = real
+    assert net.estimates[0] is None and len(net.estimates) == 4
+    for i in range(1, 4):  # step i reads step i-1's estimate p, for the conditional and the unconditional rows
+        assert torch.equal(net.estimates[i], torch.cat((seen[i - 1], seen[i - 1])))
+    # without self-conditioning the network is never handed an estimate
+    net = EstimateSpyNet(CFG)
+    BernoulliDiffusion(prediction="x0").sample(net, cond, uncond, make_generators([4, 5]), num_steps=3)
+    assert net.estimates == [None, None, None]
+
+
+def test_self_conditioned_loss_gives_half_the_samples_their_own_estimate() -> None:
+    torch.manual_seed(0)
+    net = randomise(DiffusionTransformer(SC_CFG), 4)
+    proc = BernoulliDiffusion(prediction="x0", self_condition=True)
+    x0 = (torch.rand(16, 6, 8, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    feats = text([3] * 16, 2)
+    calls = []
+    real_forward = net.forward
+
+    def spy(x_t, t, layers, mask, estimate=None):
+        out = real_forward(x_t, t, layers, mask, estimate)
+        calls.append((x_t.shape[0], None if estimate is None else estimate.clone(), out.detach()))
+        return out
+
+    net.forward = spy
+    seeds = list(range(16))
+    loss, metrics = proc.loss(net, x0, feats, make_generators(seeds))
+    (rows, first_estimate, first_out), (n, estimate, _) = calls
+    assert first_estimate is None and n == 16 and 0 < rows < 16  # the estimate pass runs on the chosen rows only
+    estimated = (estimate != 0.5).any(dim=(1, 2))
+    assert int(estimated.sum()) == rows
+    assert torch.allclose(estimate[estimated], torch.sigmoid(first_out))  # the network's own x0 probability
+    assert bool((estimate[~estimated] == 0.5).all())
+    loss.backward()  # the estimate carries no gradient; the second pass does
+    again, _ = proc.loss(net, x0, feats, make_generators(seeds))
+    assert torch.equal(loss.detach(), again.detach())  # every draw comes from the samples' own generators

@@ -95,7 +95,7 @@ class MaskedBits:
 def masked_kind():
     kind = registry.register(registry.GeneratorKind("masked", MaskedBitNet, MaskedBits,
                                                     sampler=lambda config: MaskedBits(),
-                                                    trainer=lambda options: MaskedBits()))
+                                                    trainer=lambda options, config: MaskedBits()))
     yield kind
     registry.unregister("masked")
 

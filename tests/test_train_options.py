@@ -150,3 +150,32 @@ def test_gradient_l1_sees_edges_not_offsets():
     assert gradient_l1(moved, image) > 0
     blurred = torch.nn.functional.avg_pool2d(image, 3, 1, 1)
     assert gradient_l1(blurred, image) > 0
+
+
+def test_self_conditioned_diffusion_and_context_flip_ar_train_export_and_generate(tmp_path):
+    from binlat.generators import ARTransformer, DiffusionTransformer
+    from binlat.pipeline import Pipeline
+    from binlat.text import TextEncoder
+    run(tmp_path, "tok", steps=1)
+    export_run(tmp_path / "tok", tmp_path / "tokenizer")
+    base = {"image_size": 64, "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "save_every": 2, "log_every": 1,
+            "trackers": [], "lr": 1e-2}
+    generator = {"tokenizer": str(tmp_path / "tokenizer"), "prediction": "x0"}
+    small = {"num_layers": 1, "num_heads": 2, "head_dim": 16}
+    diff = {**base, "kind": "diffusion", "model": {**small, "self_condition": True}, "generator": generator}
+    Trainer(config_from_dict(TrainConfig, diff), tmp_path / "diff").train()
+    ar = {**base, "kind": "ar", "model": small, "generator": {**generator, "context_flip": 0.1}}
+    Trainer(config_from_dict(TrainConfig, ar), tmp_path / "ar").train()
+    net = DiffusionTransformer.from_pretrained(export_run(tmp_path / "diff", tmp_path / "diff-export"))
+    assert net.config.self_condition and net.estimate_embed.weight.abs().sum() > 0  # trained away from zero
+    pipe = Pipeline(BinaryTokenizer.from_pretrained(tmp_path / "tokenizer"), TextEncoder("all-MiniLM-L6-v2"),
+                    diffusion=net, ar=ARTransformer.from_pretrained(export_run(tmp_path / "ar", tmp_path / "ar-x")))
+    out = pipe(["a red circle"], num_steps=3, guidance_scale=1.0, seed=0, progress=False, return_bits=True)
+    assert out.bits.shape == (1, 16, 16)
+    assert pipe(["two squares"], generator="ar", seed=0, progress=False, return_bits=True).bits.shape == (1, 16, 16)
+    for bad, message in (({"generator": {**generator, "context_flip": 0.5}, "kind": "ar", "model": small},
+                          "context_flip"),
+                         ({"generator": generator, "kind": "ar", "model": {**small, "self_condition": True}},
+                          "self_condition")):
+        with pytest.raises(ValueError, match=message):
+            Trainer(config_from_dict(TrainConfig, {**base, **bad}), tmp_path / "bad").train()

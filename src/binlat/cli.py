@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--model", metavar="DIR", help="pipeline bundle (or tokenizer directory with --ground-truth)")
     es.add_argument("--generator", choices=generator_kinds(), default="diffusion")
     es.add_argument("--per-category", type=_positive_int("per category"), default=64)
-    _add_sampling_options(es, ("steps", "cfg", "temperature"))
+    _add_sampling_options(es)
     es.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i (default 0)")
     es.add_argument("--size", type=_positive_int("size"), help="image side (default: the model's; 64 for renders)")
     es.add_argument("--ground-truth", action="store_true",

@@ -42,7 +42,8 @@ class GeneratorKind:
     network: type  # an nn.Module taking one config (`network.config_class`), with from_pretrained/save_pretrained
     process: type  # its `Settings` dataclass, sample(...), loss(...); optional operations such as `redraw`
     sampler: Callable[[Any], Any]  # the network's config -> the process that samples it
-    trainer: Callable[[Any], Any]  # a run's generator options (train.config.GeneratorTraining) -> its process
+    # A run's generator options (train.config.GeneratorTraining) and the network's config -> its process
+    trainer: Callable[[Any, Any], Any]
     release: ReleaseFormat | None = None  # how the Instella-T2I release stores it, if it has one
 
     @property
@@ -194,8 +195,11 @@ AR_RELEASE = ReleaseFormat(
 # --- the generators ---------------------------------------------------------------------------------------------
 register(GeneratorKind(
     "diffusion", DiffusionTransformer, BernoulliDiffusion,
-    sampler=lambda config: BernoulliDiffusion(prediction=config.prediction),
-    trainer=lambda options: BernoulliDiffusion(prediction=options.prediction, time_sampling=options.time_sampling),
+    sampler=lambda config: BernoulliDiffusion(prediction=config.prediction, self_condition=config.self_condition),
+    trainer=lambda options, config: BernoulliDiffusion(prediction=config.prediction,
+                                                       time_sampling=options.time_sampling,
+                                                       self_condition=config.self_condition),
     release=DIFFUSION_RELEASE))
 register(GeneratorKind("ar", ARTransformer, ARDecoding, sampler=lambda config: ARDecoding(),
-                       trainer=lambda options: ARDecoding(), release=AR_RELEASE))
+                       trainer=lambda options, config: ARDecoding(context_flip=options.context_flip),
+                       release=AR_RELEASE))

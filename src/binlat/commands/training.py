@@ -88,7 +88,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
                   else text_layer_map(encoder.num_layers, args.generator_layers))
     n = precompute(data, tokenizer, args.out, text_encoder=encoder, text_layers=layers, shard_size=args.shard_size,
                    batch_size=args.batch_size, max_samples=args.max_samples, tokenizer_ref=str(args.tokenizer),
-                   progress=not args.no_progress)
+                   data_spec=args.data, progress=not args.no_progress)
     print(f"wrote {n} samples to {args.out}" + (f" with text layers {layers}" if layers else " (bits + captions)"))
     return 0
 

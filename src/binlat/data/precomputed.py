@@ -7,6 +7,7 @@ layers) and shards `shard-00000.safetensors` with `bits` uint8 [n, K, B], option
 the empty prompt's features for prompt dropout."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,23 @@ class PrecomputedDataset:
         return out
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a network's weights (names, dtypes, shapes, values): which tokenizer made a set of bits."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 @torch.inference_mode()
 def precompute(data: Any, tokenizer, out: str | Path, *, text_encoder=None, text_layers: list[int] | None = None,
                shard_size: int = 1024, batch_size: int = 32, max_samples: int | None = None,
-               tokenizer_ref: str = "", progress: bool = True) -> int:
-    """Encode `data` (a binlat dataset) into a precomputed folder; returns the number of samples written."""
+               tokenizer_ref: str = "", data_spec: str = "", progress: bool = True) -> int:
+    """Encode `data` (a binlat dataset; `data_spec` names it in the index) into a precomputed folder; returns the
+    number of samples written. The index records the tokenizer's weights fingerprint, so a run whose tokenizer
+    differs is refused instead of training on another tokenizer's bits."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -122,7 +135,8 @@ def precompute(data: Any, tokenizer, out: str | Path, *, text_encoder=None, text
     if with_text:
         layers, mask = text_of([""])
         save_safetensors({"text": layers, "text_mask": mask}, out / "uncond.safetensors")
-    index = {"count": written, "shard_size": shard_size, "tokenizer": tokenizer_ref,
+    index = {"count": written, "shard_size": shard_size, "data": data_spec, "tokenizer": tokenizer_ref,
+             "tokenizer_sha256": weights_fingerprint(tokenizer),
              "num_tokens": tokenizer.config.num_tokens, "num_bits": tokenizer.config.num_bits,
              "text_encoder": text_encoder.name_or_path if with_text else None,
              "text_layers": list(text_layers) if with_text else None,

@@ -56,12 +56,13 @@ def ground_truth_images(size: int = 64, tokenizer=None, batch_size: int = 16) ->
 
 def pipeline_images(pipe, generator: str = "diffusion", num_steps: int | None = None,
                     guidance_scale: float | None = None, temperature: float | None = None, batch_size: int = 8,
-                    size: int | None = None, progress: bool = False) -> ImagesFn:
+                    size: int | None = None, progress: bool = False, rho: float | None = None,
+                    protocol: int | None = None) -> ImagesFn:
     """Images from a Pipeline (image i of a call uses seed + i; settings left None take the bundle's)."""
     def make(prompts: list[str], seed: int) -> list[Image.Image]:
         result = pipe(prompts, generator=generator, num_steps=num_steps, guidance_scale=guidance_scale,
-                      temperature=temperature, seed=seed, height=size, width=size, batch_size=batch_size,
-                      progress=progress)
+                      temperature=temperature, rho=rho, protocol=protocol, seed=seed, height=size, width=size,
+                      batch_size=batch_size, progress=progress)
         return list(result.images)
     return make
 
@@ -164,7 +165,7 @@ def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]
 
 def run_shapes(model: str | Path | None, generator: str = "diffusion", per_category: int = 64,
                steps: int | None = None, cfg: float | None = None, temperature: float | None = None,
-               seed: int = 0, batch_size: int = 8,
+               rho: float | None = None, protocol: int | None = None, seed: int = 0, batch_size: int = 8,
                out: str | Path = "out/eval", json_path: str | Path | None = None, ground_truth: bool = False,
                no_tokenizer: bool = False, size: int | None = None, held_out: bool = True,
                text_encoder: str | None = None, device: str = "cpu", progress: bool = False,
@@ -201,10 +202,15 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
             pipeline = Pipeline.from_pretrained(model, text_encoder=text_encoder, device=device)
         size = size or pipeline.config.image_size
         mode = f"{generator} generator"
-        settings = pipeline.sampling_settings(generator, num_steps=steps, guidance_scale=cfg, temperature=temperature)
+        settings = pipeline.sampling_settings(generator, num_steps=steps, guidance_scale=cfg, temperature=temperature,
+                                              rho=rho, protocol=protocol)
         steps, cfg, temperature = settings["num_steps"], settings["guidance_scale"], settings["temperature"]
-        steps_used = steps if registry.generator(generator).uses("num_steps") else None
-        images_fn = pipeline_images(pipeline, generator, steps, cfg, temperature, batch_size, size, progress)
+        kind = registry.generator(generator)
+        steps_used = steps if kind.uses("num_steps") else None
+        rho = settings["rho"] if kind.uses("rho") else None
+        protocol = settings["protocol"] if kind.uses("protocol") else None
+        images_fn = pipeline_images(pipeline, generator, steps, cfg, temperature, batch_size, size, progress,
+                                    rho, protocol)
     if size < 64:
         print(f"note: judging is meant for images of 64 px and more (shapes-spec); these are {size} px",
               file=sys.stderr)
@@ -225,6 +231,7 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
     arguments = {"model": None if model is None else str(model), "generator": generator if generating else None,
                  "per_category": per_category, "steps": steps_used,
                  "cfg": None if ground_truth else cfg, "temperature": None if ground_truth else temperature,
+                 "rho": None if ground_truth else rho, "protocol": None if ground_truth else protocol,
                  "seed": seed, "batch_size": batch_size, "ground_truth": ground_truth, "no_tokenizer": no_tokenizer,
                  "size": size, "held_out": held_out, "text_encoder": text_encoder, "device": str(device)}
     report = make_report("shapes", None if model is None else str(model), arguments, summary, result["items"],

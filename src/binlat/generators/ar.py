@@ -70,6 +70,8 @@ class ARTransformer(nn.Module, ModelMixin):
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
+        if config.self_condition:
+            raise ValueError("self_condition is a diffusion generator option; the AR generator has no x_0 estimate")
         self.config = config
         self.start_token = nn.Parameter(torch.randn(1, 1, config.dim) * 0.02)
         self.x_embed = nn.Linear(config.num_bits, config.dim)

@@ -22,6 +22,9 @@ class GeneratorConfig:
     text_layers: tuple[int, ...] | None = None
     # Diffusion only: what the network's logits mean ("flip": a bit of x_t is flipped, "x0": x_0 itself).
     prediction: str = "flip"
+    # Diffusion only: the network also reads its own previous estimate of x_0 (self-conditioning, as in Analog
+    # Bits); off in the release.
+    self_condition: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_bits", "num_tokens", "num_layers", "num_heads", "head_dim", "text_dim", "mlp_ratio"):

@@ -41,19 +41,33 @@ class DiffusionTransformer(nn.Module, ModelMixin):
         super().__init__()
         self.config = config
         self.x_embed = nn.Linear(config.num_bits, config.dim)
+        # Self-conditioning: the previous x_0 estimate enters beside x_t. Zero-initialised, so the network starts
+        # as if it read no estimate.
+        self.estimate_embed = nn.Linear(config.num_bits, config.dim) if config.self_condition else None
+        if self.estimate_embed is not None:
+            nn.init.zeros_(self.estimate_embed.weight)
+            nn.init.zeros_(self.estimate_embed.bias)
         self.t_embed = TimestepEmbedding(config.dim)
         self.blocks = nn.ModuleList(DiffusionBlock(config) for _ in range(config.num_layers))
         self.norm_out = AdaLNContinuous(config.dim)
         self.proj_out = nn.Linear(config.dim, config.num_bits)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: Sequence[torch.Tensor], text_mask: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: Sequence[torch.Tensor], text_mask: torch.Tensor,
+                estimate: torch.Tensor | None = None) -> torch.Tensor:
         """x_t [N, K, B] bits (0/1, any dtype); t [N] in [0, 1]; text: one [N, L, text_dim] per block;
-        text_mask [N, L] (True/1 = real token). Returns logits [N, K, B]."""
+        text_mask [N, L] (True/1 = real token); with `config.self_condition`, `estimate` [N, K, B] is a previous
+        estimate of P(x_0 = 1) (None: no estimate yet, read as 1/2 everywhere). Returns logits [N, K, B]."""
         if len(text) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} text layers (one per block), got {len(text)}")
         dtype = self.x_embed.weight.dtype
         x = self.x_embed(x_t.to(dtype))
+        if self.estimate_embed is not None:
+            if estimate is not None:  # centred: 1/2, "no idea", reads as the zero input of "no estimate"
+                x = x + self.estimate_embed(2 * estimate.to(dtype) - 1)
+            else:
+                x = x + self.estimate_embed.bias
+        elif estimate is not None:
+            raise ValueError("this network was built without self_condition; it reads no x_0 estimate")
         temb = self.t_embed(t.to(dtype))
         mask = text_mask.to(torch.bool)
         for block, states in zip(self.blocks, text):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..text import TextFeatures
-from .common import bernoulli, check_sampling_args, guide, settings_of, with_guidance
+from .common import bernoulli, check_sampling_args, guide, settings_of, uniform, with_guidance
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,28 @@ class ARDecoding:
 
     use_cache: bool = True
     decode: str = "static"  # with the cache: "static" | "appending" | "compiled" (see the module docstring)
+    context_flip: float = 0.0  # training: share of the teacher-forced context's bits flipped (targets stay clean)
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+        if not 0 <= self.context_flip < 0.5:
+            raise ValueError(f"context_flip must lie in [0, 0.5), got {self.context_flip!r}")
 
     def loss(self, network: torch.nn.Module, bits: torch.Tensor, text: TextFeatures,
              generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher forcing: row i (start token + tokens < i) predicts every bit of token i; BCE on all bits.
-        Nothing is drawn at random, so `generators` go unused."""
+        With `context_flip` each context bit is flipped with that probability (drawn from the sample's generator)
+        while the targets stay the clean bits: the network learns to carry on correctly after a wrong bit, as it
+        must when it reads its own samples. Without it nothing is drawn at random."""
         bits = bits.float()
-        logits = network(bits[:, :-1], text.layers, text.mask).float()
+        context = bits[:, :-1]
+        if self.context_flip > 0:
+            shape = tuple(context.shape[1:])
+            u = torch.rand(context.shape, device=bits.device) if generators is None else uniform(
+                shape, generators, bits.device)
+            context = torch.where(u < self.context_flip, 1 - context, context)
+        logits = network(context, text.layers, text.mask).float()
         loss = F.binary_cross_entropy_with_logits(logits, bits)
         with torch.no_grad():
             accuracy = ((logits > 0).float() == bits).float().mean()

@@ -80,6 +80,9 @@ class BernoulliDiffusion:
     time_sampling: str = "logit_normal"  # "logit_normal" (paper) or "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # The network reads its previous x_0 estimate (GeneratorConfig.self_condition): sampling hands each step the
+    # last step's estimate; training gives half the samples the network's own estimate of the same x_t.
+    self_condition: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction not in ("flip", "x0"):
@@ -118,11 +121,30 @@ class BernoulliDiffusion:
         if noise is None:
             noise = torch.rand_like(x0) if generators is None else uniform(tuple(x0.shape[1:]), generators, x0.device)
         x_t = (noise < q_probs(x0, t)).float()
-        logits = self.x0_logits(network(x_t, t, text.layers, text.mask).float(), x_t)
+        if self.self_condition:
+            estimate = self._training_estimate(network, x_t, t, text, generators)
+            logits = self.x0_logits(network(x_t, t, text.layers, text.mask, estimate).float(), x_t)
+        else:
+            logits = self.x0_logits(network(x_t, t, text.layers, text.mask).float(), x_t)
         loss = F.binary_cross_entropy_with_logits(logits, x0)
         with torch.no_grad():
             accuracy = ((logits > 0).float() == x0).float().mean()
         return loss, {"bit_accuracy": accuracy}
+
+    def _training_estimate(self, network: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: TextFeatures,
+                           generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+        """Self-conditioning's input in training: for a random half of the samples (a coin from each sample's
+        generator) the network's own estimate of P(x_0 = 1) from x_t with no estimate, without gradient; 1/2
+        (no estimate) for the rest, so the network learns both the first sampling step and the later ones."""
+        n = x_t.shape[0]
+        coins = torch.rand(n) if generators is None else torch.stack([torch.rand((), generator=g) for g in generators])
+        rows = (coins < 0.5).nonzero().flatten().to(x_t.device)
+        estimate = torch.full_like(x_t, 0.5)
+        if len(rows):
+            with torch.no_grad():
+                first = network(x_t[rows], t[rows], [layer[rows] for layer in text.layers], text.mask[rows]).float()
+                estimate[rows] = torch.sigmoid(self.x0_logits(first, x_t[rows]))
+        return estimate
 
     # --- sampling -----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -144,17 +166,24 @@ class BernoulliDiffusion:
             x = (uniform((cfg.num_tokens, cfg.num_bits), generators, device) < 0.5).float()
         else:
             x = x_start.float().to(device)
+        estimate = None  # self-conditioning: the last step's estimate of P(x_0 = 1)
         for i in tqdm(range(num_steps), disable=not progress, desc="diffusion", leave=False):
             t, t_next = float(ts[i]), float(ts[i + 1])
-            batch_x = x if text.mask.shape[0] == n else torch.cat((x, x))
+            doubled = text.mask.shape[0] != n
+            batch_x = torch.cat((x, x)) if doubled else x
             t_vec = torch.full((batch_x.shape[0],), t, device=device)
-            out = network(batch_x, t_vec, text.layers, text.mask).float()
+            if self.self_condition:
+                given = None if estimate is None else torch.cat((estimate, estimate)) if doubled else estimate
+                out = network(batch_x, t_vec, text.layers, text.mask, given).float()
+            else:
+                out = network(batch_x, t_vec, text.layers, text.mask).float()
             logits = guide(out, guidance_scale, n)
             if temperature == 0:
                 q = (logits > 0).float()
             else:
                 q = torch.sigmoid(logits / temperature)
             p = x0_prob_from_flip(q, x) if self.prediction == "flip" else q
+            estimate = p
             if i == num_steps - 1:
                 x = (p > 0.5).float()
             elif s.protocol == 1:

@@ -42,6 +42,9 @@ class GeneratorTraining:
     prompt_dropout: float = 0.1      # share of captions replaced by "" (classifier-free guidance)
     prediction: str = "flip"         # diffusion: "flip" (epsilon) or "x0"
     time_sampling: str = "logit_normal"
+    # AR: each bit of the teacher-forced context is flipped with this probability while the targets stay clean
+    # (bitwise self-correction, as in Infinity), so the network learns to recover from its own sampling errors.
+    context_flip: float = 0.0
     sample_steps: int = 20
     sample_guidance: float = 3.0
     init_from: str | None = None     # start from a generator model directory of this kind (fine-tuning)
@@ -95,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if not 0 <= self.generator.prompt_dropout <= 1:
             raise ValueError("generator.prompt_dropout must lie in [0, 1]")
+        if not 0 <= self.generator.context_flip < 0.5:
+            raise ValueError(f"generator.context_flip must lie in [0, 0.5), got {self.generator.context_flip}")
         self.model_config(image_size=self.image_size)  # a wrong key or value fails here, not at build time
 
     def model_config(self, **resolved: Any) -> Any:

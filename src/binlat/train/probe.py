@@ -41,10 +41,12 @@ def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_S
     return {"psnr": psnr_of_mse(max(mse, 1e-10)), **_accuracy(summary)}
 
 
-def score_generator(pipe, kind: str, size: int, per_category: int, seed: int = PROBE_SEED) -> dict[str, float]:
+def score_generator(pipe, kind: str, size: int, per_category: int, seed: int = PROBE_SEED,
+                    num_steps: int | None = None, guidance_scale: float | None = None) -> dict[str, float]:
+    """Judged accuracy of the pipeline's images; settings left None take the pipeline's (else the built-ins)."""
     from ..eval.shapes_eval import evaluate_shapes, pipeline_images
-    summary = evaluate_shapes(pipeline_images(pipe, kind, size=size), per_category, seed)["summary"]
-    return _accuracy(summary)
+    images = pipeline_images(pipe, kind, num_steps=num_steps, guidance_scale=guidance_scale, size=size)
+    return _accuracy(evaluate_shapes(images, per_category, seed)["summary"])
 
 
 @torch.inference_mode()
@@ -113,7 +115,11 @@ def run_probe(cfg, change: str, out_root: str | Path = "runs/probes", per_catego
         net = model_class(cfg.kind).from_pretrained(model)
         pipe = Pipeline(trainer.task.tokenizer, trainer.task.text_encoder, **{cfg.kind: net})
         row["val_loss"] = validation_loss(trainer.task, net)
-        row |= score_generator(pipe, cfg.kind, cfg.image_size, per_category)
+        # Sampled as the run's own running score samples (generator.sample_steps, .sample_guidance), not with the
+        # built-in guidance 7.5, which mostly amplifies a short run's errors.
+        row |= {"guidance": cfg.generator.sample_guidance}
+        row |= score_generator(pipe, cfg.kind, cfg.image_size, per_category, num_steps=cfg.generator.sample_steps,
+                               guidance_scale=cfg.generator.sample_guidance)
     row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
     with open(out_root / "probes.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -261,6 +261,7 @@ class GeneratorTask(Task):
         if o.init_from:
             self.init_from(o.init_from)
         self.cached_text = CachedTextEncoder(self.text_encoder, list(self.model_config.text_layers))
+        self.data_spec = ""  # what a precomputed folder was made from (its index's "data")
 
     def build(self, **resolved) -> None:
         """The network and its process: the run's `model` over `resolved` (see TrainConfig.model_config)."""
@@ -270,16 +271,23 @@ class GeneratorTask(Task):
                 raise ValueError(f"model.{name} = {getattr(self.model_config, name)} but the tokenizer/text encoder "
                                  f"give {resolved[name]}; fix the config or drop the key to take theirs")
         self.model = self.new_model()
-        self.process = registry.generator(self.cfg.kind).trainer(self.cfg.generator)
+        self.process = registry.generator(self.cfg.kind).trainer(self.cfg.generator, self.model_config)
 
     def new_model(self):
         return registry.model_class(self.cfg.kind)(self.model_config)
 
     def check_precomputed(self, data):
+        from ..data.precomputed import weights_fingerprint
         tok, idx = self.tokenizer.config, data.index
         if (idx["num_tokens"], idx["num_bits"]) != (tok.num_tokens, tok.num_bits):
             raise ValueError(f"{data.root} holds {idx['num_tokens']}x{idx['num_bits']} bits; the tokenizer makes "
                              f"{tok.num_tokens}x{tok.num_bits}")
+        made_by = idx.get("tokenizer_sha256")
+        if made_by and made_by != weights_fingerprint(self.tokenizer):
+            raise ValueError(f"{data.root} holds the bits of another tokenizer ({idx.get('tokenizer')}) than "
+                             f"generator.tokenizer {self.cfg.generator.tokenizer}; precompute again with "
+                             f"--tokenizer {self.cfg.generator.tokenizer}")
+        self.data_spec = idx.get("data") or ""
         if data.has_text:
             if list(idx["text_layers"]) != list(self.model_config.text_layers):
                 raise ValueError(f"{data.root} stores text layers {idx['text_layers']}, the model reads "
@@ -309,9 +317,9 @@ class GeneratorTask(Task):
         return self.process.loss(model, bits, text, gens)
 
     def evaluate(self, model) -> dict[str, float]:
-        """On shapes data: the judged accuracy of the EMA model on 4 prompts per category (fixed seeds), a cheap
-        running version of `binlat eval shapes`."""
-        if not self.cfg.data.startswith("shapes"):
+        """On shapes data (also precomputed from shapes): the judged accuracy of the EMA model on 4 prompts per
+        category (fixed seeds), a cheap running version of `binlat eval shapes`."""
+        if not (self.cfg.data.startswith("shapes") or self.data_spec.startswith("shapes")):
             return {}
         from ..eval.shapes_eval import evaluate_shapes, pipeline_images
         from ..pipeline import Pipeline
