@@ -691,3 +691,26 @@ def test_self_conditioned_loss_gives_half_the_samples_their_own_estimate() -> No
     loss.backward()  # the estimate carries no gradient; the second pass does
     again, _ = proc.loss(net, x0, feats, make_generators(seeds))
     assert torch.equal(loss.detach(), again.detach())  # every draw comes from the samples' own generators
+
+
+def test_pooled_text_modulates_every_block_and_ignores_padding() -> None:
+    cfg = GeneratorConfig(num_bits=8, num_tokens=6, num_layers=2, num_heads=2, head_dim=8, text_dim=TEXT_DIM,
+                          prediction="x0", pooled_text=True)
+    torch.manual_seed(0)
+    net = randomise(DiffusionTransformer(cfg), 6)
+    x_t, t = (torch.rand(2, 6, 8) < 0.5).float(), torch.tensor([0.4, 0.7])
+    feats = text([3, 5], 0)
+    with torch.no_grad():
+        out = net(x_t, t, feats.layers, feats.mask)
+        # padding holds garbage in `text`: other garbage gives the same logits
+        noisy = [layer.masked_fill(~feats.mask[..., None], 7.0) for layer in feats.layers]
+        assert torch.allclose(out, net(x_t, t, noisy, feats.mask), atol=1e-5)
+        # the pooled path alone carries the last layer's text: without attention to text the output still moves
+        for block in net.blocks:
+            block.text_proj.weight.zero_()
+            block.text_proj.bias.fill_(0.0)
+        other = text([3, 5], 1)
+        blind = net(x_t, t, [feats.layers[0], other.layers[1]], feats.mask)
+        assert not torch.allclose(net(x_t, t, feats.layers, feats.mask), blind)
+    with pytest.raises(ValueError, match="pooled_text"):
+        ARTransformer(cfg)

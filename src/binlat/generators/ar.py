@@ -70,8 +70,9 @@ class ARTransformer(nn.Module, ModelMixin):
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
-        if config.self_condition:
-            raise ValueError("self_condition is a diffusion generator option; the AR generator has no x_0 estimate")
+        for option in ("self_condition", "pooled_text"):
+            if getattr(config, option):
+                raise ValueError(f"{option} is a diffusion generator option; the AR generator does not take it")
         self.config = config
         self.start_token = nn.Parameter(torch.randn(1, 1, config.dim) * 0.02)
         self.x_embed = nn.Linear(config.num_bits, config.dim)

@@ -25,6 +25,9 @@ class GeneratorConfig:
     # Diffusion only: the network also reads its own previous estimate of x_0 (self-conditioning, as in Analog
     # Bits); off in the release.
     self_condition: bool = False
+    # Diffusion only: the masked mean of the last block's text states also modulates every block (through the
+    # time embedding); off in the release, whose text enters by attention alone.
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_bits", "num_tokens", "num_layers", "num_heads", "head_dim", "text_dim", "mlp_ratio"):

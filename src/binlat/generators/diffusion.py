@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..modeling import ModelMixin
-from ..nn import (run_block, AdaLNContinuous, AdaLNZero, Attention, GeluMLP, TimestepEmbedding, layer_norm, modulate,
-                  sincos_positions)
+from ..nn import (run_block, AdaLNContinuous, AdaLNZero, Attention, GeluMLP, PooledTextEmbedding, TimestepEmbedding,
+                  layer_norm, modulate, sincos_positions)
 from .config import GeneratorConfig
 
 
@@ -48,6 +48,7 @@ class DiffusionTransformer(nn.Module, ModelMixin):
             nn.init.zeros_(self.estimate_embed.weight)
             nn.init.zeros_(self.estimate_embed.bias)
         self.t_embed = TimestepEmbedding(config.dim)
+        self.pooled_text = PooledTextEmbedding(config.text_dim, config.dim) if config.pooled_text else None
         self.blocks = nn.ModuleList(DiffusionBlock(config) for _ in range(config.num_layers))
         self.norm_out = AdaLNContinuous(config.dim)
         self.proj_out = nn.Linear(config.dim, config.num_bits)
@@ -70,6 +71,8 @@ class DiffusionTransformer(nn.Module, ModelMixin):
             raise ValueError("this network was built without self_condition; it reads no x_0 estimate")
         temb = self.t_embed(t.to(dtype))
         mask = text_mask.to(torch.bool)
+        if self.pooled_text is not None:
+            temb = temb + self.pooled_text(text[-1].to(dtype), mask)
         for block, states in zip(self.blocks, text):
             x = run_block(block, x, temb, states.to(dtype), mask, checkpointing=self.gradient_checkpointing)
         return self.proj_out(self.norm_out(x, temb))

@@ -1,12 +1,12 @@
 """Transformer building blocks shared by the tokenizer and both generators."""
 from .checkpointing import run_block
 from .attention import Attention, KVCache, StaticKVCache, attention_mask
-from .mlp import GeluMLP, SwiGLU, TimestepEmbedding
+from .mlp import GeluMLP, PooledTextEmbedding, SwiGLU, TimestepEmbedding
 from .norms import AdaLNContinuous, AdaLNZero, RMSNorm, layer_norm, modulate
 from .positions import sincos_positions
 from .rotary import apply_rotary, rotary_tables
 
-__all__ = ["run_block", "Attention", "KVCache", "StaticKVCache", "attention_mask", "GeluMLP", "SwiGLU",
-           "TimestepEmbedding",
+__all__ = ["run_block", "Attention", "KVCache", "StaticKVCache", "attention_mask", "GeluMLP", "PooledTextEmbedding",
+           "SwiGLU", "TimestepEmbedding",
            "AdaLNContinuous", "AdaLNZero", "RMSNorm", "layer_norm", "modulate", "apply_rotary", "rotary_tables",
            "sincos_positions"]

@@ -43,3 +43,18 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1, 1).to(self.fc1.weight.dtype)
         return self.fc2(F.silu(self.fc1(t)))
+
+
+class PooledTextEmbedding(nn.Module):
+    """The masked mean of a prompt's token states through Linear, SiLU, Linear: one vector per prompt, added to
+    the time embedding so that every adaLN modulation sees the whole caption (DiT's class conditioning)."""
+
+    def __init__(self, text_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(text_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = mask.to(states.dtype).unsqueeze(-1)
+        mean = (states * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return self.fc2(F.silu(self.fc1(mean)))
