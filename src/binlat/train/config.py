@@ -72,6 +72,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     mixed_precision: str = "no"      # no | bf16
     grad_checkpointing: bool = False
+    # torch.compile of the training forward (dynamic shapes: caption lengths vary). About 1.2x faster steps on
+    # a CPU after a compile of a few minutes; fused kernels round differently, so it is off by default.
+    compile: bool = False
     seed: int = 0
     num_workers: int = 0
     save_every: int = 500

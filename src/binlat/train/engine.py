@@ -97,6 +97,9 @@ class Trainer:
                 self.close()
                 raise
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if cfg.compile:  # the training forward only; checkpoints, EMA and samples use the plain module
+            network = self.acc.unwrap_model(self.model)
+            network.forward = torch.compile(network.forward, dynamic=True)
         if self._optimizer_state is not None:  # after prepare: a sharded model takes its optimizer state sharded
             load_optimizer_state(self.acc.unwrap_model(self.model), self.optimizer, self._optimizer_state)
             self._optimizer_state = None
