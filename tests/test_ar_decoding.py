@@ -6,6 +6,8 @@ default "static" mode must equal it bit for bit, for both kinds of guidance, sev
 prefix path editing uses."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,7 +100,10 @@ def test_editing_continuation_and_generation_keep_their_bits(monkeypatch):
         return edited.bits, made.bits
 
     ours = run()
-    monkeypatch.setattr(ARDecoding.__init__, "__defaults__", (True, "appending"))
+    names = [f.name for f in dataclasses.fields(ARDecoding)]
+    defaults = dict(zip(names[-len(ARDecoding.__init__.__defaults__):], ARDecoding.__init__.__defaults__))
+    defaults["decode"] = "appending"
+    monkeypatch.setattr(ARDecoding.__init__, "__defaults__", tuple(defaults.values()))
     assert ARDecoding().decode == "appending"
     theirs = run()
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
