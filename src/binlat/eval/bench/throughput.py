@@ -103,6 +103,12 @@ def bench_throughput(plan: Plan, figures: dict[str, Any]) -> Table:
                            "n/a" if bound is None else f"{bound:.0f}",
                            "n/a" if share is None else f"{100 * share:.1f} %"])
         figures[f"sample_images_per_s_{kind}"] = rate
+        if share is not None and share < 0.5:  # the measured cause: which part runs far from peak
+            parts = [("sampling", m.median * scale, flops["generator"] or 0),
+                     ("one-image decodes", d.median, flops["decode"] or 0)]
+            table.footer.append(f"why {kind} misses: " + "; ".join(
+                f"{name} {fmt_s(t)} of the batch's {fmt_s(batch_s)}, at {100 * f * batch / t / peak:.0f} % of peak"
+                for name, t, f in parts))
         figures[f"sample_flops_per_image_{kind}"] = per_image
         if share is not None:
             figures[f"sample_bound_fraction_{kind}"] = share
