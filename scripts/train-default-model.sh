@@ -14,11 +14,11 @@
 # Wall times measured on an AMD EPYC (AVX2) are in the README, "The shipped model". Every stage resumes where it
 # stopped (--resume auto; a pool is made again unless it was finished): run the script again after an interruption.
 set -euo pipefail
+RECIPE=${RECIPE:-shipped}
+case "$RECIPE" in shipped|2h) ;; *) echo "RECIPE must be 'shipped' or '2h', got '$RECIPE'" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 ./dev setup                      # the same .venv as the demo and the tests
 export PATH="$PWD/.venv/bin:$PATH"
-RECIPE=${RECIPE:-shipped}
-case "$RECIPE" in shipped|2h) ;; *) echo "RECIPE must be 'shipped' or '2h', got '$RECIPE'" >&2; exit 2 ;; esac
 RUNS=${RUNS:-runs/default}
 OUT=${OUT:-models/default}
 MIX=shapes:single=0.5,colors=0.5,counting=1.5,position=2,color_attr=2  # the category-weighted data mix
