@@ -179,6 +179,7 @@ class Plan:
     train_steps: int = 3
     train_bf16: bool = False
     train_checkpointing: bool = False
+    train_compiled: bool = False    # the training configs' compiled forward as they set it (else eager)
     codec_batch: int = 32
     # Table 8 and the training stages of table 5: the shipped recipe's sizes (see shipped_recipe).
     shipped_name: str = ""
@@ -222,7 +223,7 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
                 train_bf16=p.mixed_precision, train_checkpointing=p.grad_checkpointing,
                 codec_batch=min(p.tokenizer_batch, 32), e2e_composed=(512, 1024) if quick else (),
                 small_warmup=quick, ar_compiled=not quick, efficiency_compiled=not quick,
-                train_steps=2 if quick else 5)
+                train_compiled=not quick, train_steps=2 if quick else 5)
     plan.shipped_name, plan.shipped_tokenizer, plan.shipped_generator, plan.train_configs = shipped_recipe(p)
     plan.train_batches = {k: plan.train_configs[k].get("batch_size", v) for k, v in plan.train_batches.items()}
     # Table 3 decodes with the release's own tokenizer at every size (patch 16, 2x2 stage after block 7).

@@ -33,7 +33,7 @@ def train_spec(plan: Plan, kind: str) -> dict[str, Any]:
     config = dict(plan.train_configs[kind], model=model, batch_size=plan.train_batches[kind], grad_accum=1,
                   max_steps=plan.train_steps + 1, mixed_precision="bf16" if plan.train_bf16 else "no",
                   grad_checkpointing=plan.train_checkpointing, trackers=[], sample_every=0, num_workers=0)
-    if plan.mode != "full":  # a compiled forward costs minutes of compiling before its first step
+    if not plan.train_compiled:  # a compiled forward costs minutes of compiling before its first step
         config["compile"] = False
     if kind == "tokenizer":
         config["image_size"] = model["image_size"]
@@ -98,8 +98,8 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
     compiled = {k: specs[k]["config"].get("compile", False) for k in TRAIN_KINDS}
     table.notes.append("compiled training forward: " + ", ".join(f"{k} {'on' if on else 'off'}"
                                                                   for k, on in compiled.items())
-                       + (" (as the preset's configs)" if plan.mode == "full" else
-                          " (--quick times the eager forward; the recipe compiles the generators' forward, about "
+                       + (" (as the preset's configs)" if plan.train_compiled else
+                          " (eager here: --quick and --tiny leave compiling out; the recipe compiles the generators' forward, about "
                           "1.2x faster steps after a few minutes of compiling: docs/recipe.md)"))
     table.notes.append(f"autocast bf16: {'on' if plan.train_bf16 else 'off'}, gradient checkpointing: "
                        f"{'on' if plan.train_checkpointing else 'off'} (as the preset's configs); peak RSS = the "
