@@ -75,6 +75,8 @@ def test_tiny_bench_prints_eight_tables_and_writes_every_figure(tiny_run):
         assert 0 < result[f"sample_bound_fraction_{kind}"] < 1 and result[f"sample_images_per_s_{kind}"] > 0
         if result[f"sample_bound_fraction_{kind}"] < 0.5:  # a missed goal names where the batch's time goes
             assert f"why {kind} misses: sampling" in text and "one-image decodes" in text
+        else:
+            assert f"why {kind} misses" not in text
     assert result["sample_text_encoder_flops_per_prompt"] > 0 and "text encoder apart" in text
     # table 1 explains a missed batch-1 target by its measured cause; table 3 names its tokenizer
     assert "why batch 1 misses" in text and "operator calls" in text

@@ -95,12 +95,11 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
     table.notes.append(f"sizes and configs: {plan.shipped_name}; share of peak = 3 x forward FLOPs (backward as 2 x "
                        f"forward, counted on the meta device) / step time / float32 matmul peak")
     table.notes.append(f"tokenizer loss: {_tokenizer_losses(specs['tokenizer']['config'], plan.train_steps)}")
-    compiled = {k: specs[k]["config"].get("compile", False) for k in TRAIN_KINDS}
-    table.notes.append("compiled training forward: " + ", ".join(f"{k} {'on' if on else 'off'}"
-                                                                  for k, on in compiled.items())
-                       + (" (as the preset's configs)" if plan.train_compiled else
-                          " (eager here: --quick and --tiny leave compiling out; the recipe compiles the generators' forward, about "
-                          "1.2x faster steps after a few minutes of compiling: docs/recipe.md)"))
+    compiled = ", ".join(f"{k} {'on' if specs[k]['config'].get('compile', False) else 'off'}" for k in TRAIN_KINDS)
+    why = ("as the preset's configs" if plan.train_compiled else
+           "eager here: --quick and --tiny leave compiling out; the recipe compiles the generators' forward, about "
+           "1.2x faster steps after a few minutes of compiling: docs/recipe.md")
+    table.notes.append(f"compiled training forward: {compiled} ({why})")
     table.notes.append(f"autocast bf16: {'on' if plan.train_bf16 else 'off'}, gradient checkpointing: "
                        f"{'on' if plan.train_checkpointing else 'off'} (as the preset's configs); peak RSS = the "
                        f"worker's resident high-water mark over its steps (VmHWM, reset once trainer, EMA copy and "
