@@ -87,9 +87,7 @@ def _worker(rank: int, port: int, run_dir: str, steps: list[int], out: str) -> N
             finally:
                 trainer.close()
             Path(out, f"rank{rank}-run{i}.json").write_text(json.dumps(info))
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    trainer.end_distributed()  # as `binlat train` ends a process
 
 
 @pytest.fixture(scope="module")

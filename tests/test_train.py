@@ -238,6 +238,19 @@ def test_resume_keeps_the_soft_latent_switch(tmp_path, monkeypatch):
     assert [r["soft_latent"] for r in metrics(runs[0]) if "soft_latent" in r] == [1, 1, 1, 0, 0, 0]
 
 
+def test_end_distributed_frees_the_model_before_the_process_ends(tmp_path):
+    """`binlat train`'s last call frees the model even inside a reference cycle (as DDP and FSDP hooks make them),
+    so nothing holding a process group is left for interpreter shutdown; then the trainer is spent."""
+    import weakref
+    trainer = Trainer(make_cfg(tokenizer_dict(max_steps=1, save_every=1)), tmp_path / "run")
+    trainer.train()
+    model = weakref.ref(trainer.model)
+    trainer.model.cycle = [trainer.model]  # only the garbage collector frees this
+    trainer.end_distributed()
+    assert model() is None and trainer.model is None and trainer.optimizer is None
+    assert not torch.distributed.is_initialized()
+
+
 def test_resume_on_other_numerics_warns(tmp_path, caplog):
     run = tmp_path / "run"
     Trainer(make_cfg(tokenizer_dict(max_steps=2, save_every=2)), run).train()

@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"binlat: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        trainer.acc.state.destroy_process_group()  # the process ends here; a library caller's group stays up
+        trainer.end_distributed()  # the process ends here; a library caller's group stays up
     if trainer.acc.is_main_process:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "bit_accuracy", "psnr"))
         shown = f" ({shown})" if shown else " (already finished; nothing to train)"  # a resumed, finished run

@@ -6,6 +6,7 @@ and N processes with the same global batch take the same steps, and a resumed ru
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -162,6 +163,20 @@ class Trainer:
             logging.getLogger("binlat").removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+
+    def end_distributed(self) -> None:
+        """A training process's last call: free this run's model, optimizer and data, then destroy the process
+        groups (nothing to destroy in a one-process run). The trainer cannot train after it.
+
+        The order matters. Under DDP and FSDP the model holds the process groups, inside reference cycles that only
+        the garbage collector frees; left to interpreter shutdown, a gloo worker thread can need the GIL while
+        Python finalises, and the process aborts after a finished run ("terminate called without an active
+        exception")."""
+        self.close()
+        self.model = self.optimizer = self.ema = self.task = self.data = None
+        self.acc.free_memory()
+        gc.collect()
+        self.acc.state.destroy_process_group()
 
     def _step(self, batches) -> dict[str, float] | None:
         """One optimiser step over grad_accum micro-batches; None when a non-finite loss made it a skipped step."""
