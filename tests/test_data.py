@@ -432,14 +432,15 @@ def test_webdataset_url_forms_and_workers(shards) -> None:
     by_list = WebDatasetShards([root / "shard-000.tar", str(root / "shard-001.tar"), root / "shard-002.tar"], t)
     assert by_glob.urls == by_list.urls
     assert _keys(by_glob) == _keys(by_list)
-    piped = WebDatasetShards(f"pipe:cat {root / 'shard-000.tar'}", t)
+    piped = WebDatasetShards(f"pipe:cat {root / 'shard-000.tar'}", t, allow_commands=True)
     assert sorted(_keys(piped)) == sorted(k for k in good if k.startswith("s0_"))
     with pytest.raises(ValueError, match="does not exist"):
         WebDatasetShards(str(root / "other-{0..1}.tar"), t)
     with pytest.raises(ValueError, match="matches no files"):
         WebDatasetShards(str(root / "nothing-*.tar"), t)
     # A missing shard behind a URL is an error of the stream, not a crash.
-    remote_missing = WebDatasetShards([f"pipe:cat {root / 'gone.tar'} 2>/dev/null", str(root / "shard-000.tar")], t)
+    remote_missing = WebDatasetShards([f"pipe:cat {root / 'gone.tar'} 2>/dev/null", str(root / "shard-000.tar")], t,
+                                      allow_commands=True)
     assert len(_keys(remote_missing)) == 4 and remote_missing.skipped >= 1
     # Shards split across DataLoader workers: every good sample exactly once.
     loader = DataLoader(by_glob, batch_size=3, num_workers=2, collate_fn=collate)

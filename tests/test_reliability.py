@@ -685,6 +685,50 @@ def _(env: Env) -> None:
     assert not out.exists()
 
 
+def command_shard(env: Env, scheme: str = "pipe") -> tuple[str, Path]:
+    """A shard URL that would leave a marker file if its command ran (a .tar name, so it is read as shards)."""
+    marker = env.tmp / "command-ran"
+    if scheme == "pipe":
+        return f"pipe:touch {marker}; cat {env.tmp / 'x.tar'}", marker
+    return f"{scheme}://127.0.0.1:9/$(touch {marker})/x.tar", marker
+
+
+@case("cli-train-config-data-url-never-runs", "binlat train")
+def _(env: Env) -> None:
+    url, marker = command_shard(env)
+    for flags in ([], ["--allow-data-commands"]):  # the flag covers a typed --data only, never the config's
+        env.cli_fails(["train", "tokenizer", "--config", env.train_config(data=url), "--output", env.tmp / "run",
+                       *flags], "--allow-data-commands", code=2)
+        assert not marker.exists()
+
+
+@case("cli-train-set-data-url-never-runs", "binlat train")
+def _(env: Env) -> None:
+    url, marker = command_shard(env)
+    env.cli_fails(["train", "tokenizer", "--config", env.train_config(), "--set", f"data={url}",
+                   "--output", env.tmp / "run"], "runs it as a shell command", "--allow-data-commands", code=2)
+    assert not marker.exists()
+
+
+@case("cli-precompute-typed-url-needs-the-flag", "binlat precompute")
+def _(env: Env) -> None:
+    for scheme in ("pipe", "http", "gs"):
+        url, marker = command_shard(env, scheme)
+        out = env.tmp / "bits"
+        env.cli_fails(["precompute", "--tokenizer", env.bundle / "tokenizer", "--data", url, "--out", out,
+                       "--max-samples", 1, "--no-progress"], repr(url.split(";")[0])[:-1], "--allow-data-commands",
+                      code=2)
+        assert not marker.exists() and not out.exists()
+
+
+@case("cli-eval-reconstruction-typed-url-needs-the-flag", "binlat eval reconstruction")
+def _(env: Env) -> None:
+    url, marker = command_shard(env)
+    env.cli_fails(["eval", "reconstruction", "--model", env.bundle, "--data", url, "--out", env.tmp / "eval",
+                   "--no-progress"], "--allow-data-commands", code=2)
+    assert not marker.exists()
+
+
 @case("cli-probe-config-of-another-kind", "binlat probe")
 def _(env: Env) -> None:
     out = env.tmp / "probes"
@@ -1239,6 +1283,22 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     with pytest.raises(ValueError, match=r"unknown data spec .*no such file or directory"):
         make_dataset(str(env.tmp / "nowhere"), 32)
+
+
+@case("data-shard-list-url-never-runs", "expand_shards")
+def _(env: Env) -> None:
+    """A shard list ('::' list, Python list, brace pattern) cannot smuggle a URL in beside local shards."""
+    url, marker = command_shard(env)
+    tar = env.tmp / "x.tar"
+    with tarfile.open(tar, "w"):
+        pass
+    for urls in (f"{tar}::{url}", [str(tar), url], f"pipe:{{touch {marker},true}}; cat x.tar"):
+        with pytest.raises(ValueError, match="--allow-data-commands"):
+            expand_shards(urls)
+        with pytest.raises(ValueError, match="--allow-data-commands"):
+            make_dataset(urls if isinstance(urls, str) else "::".join(urls), 64)
+    assert not marker.exists()
+    assert expand_shards(str(tar)) == [str(tar.resolve())]  # local shards come back absolute: never a scheme
 
 
 @case("data-shard-glob-matches-nothing", "expand_shards")

@@ -166,10 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the config's \"scale\", or the release's inference value when the key is absent")
     c.set_defaults(func=cmd_convert_official)
 
+    ALLOW = ("let --data name shard URLs, which webdataset opens by running a program (pipe: runs a shell command; "
+             "http(s):, gs:, hf: run curl or gsutil); applies to the --data typed here, never to a config file")
     t = sub.add_parser("train", help="train a tokenizer, diffusion or AR model (runs under accelerate launch too)")
     t.add_argument("kind", choices=model_kinds())
     t.add_argument("--config", required=True, metavar="FILE.json", help="e.g. configs/tokenizer/shapes-64.json")
-    t.add_argument("--data", metavar="SPEC", help="shapes | a folder | a .jsonl/.csv manifest | tar shards (URLs/globs)")
+    t.add_argument("--data", metavar="SPEC", help="shapes | a folder | a .jsonl/.csv manifest | tar shards (paths/globs)")
+    t.add_argument("--allow-data-commands", action="store_true", help=ALLOW)
     t.add_argument("--max-steps", type=_positive_int("max steps"))
     t.add_argument("--batch-size", type=_positive_int("batch size"), help="global batch per optimiser step")
     t.add_argument("--output", metavar="DIR", help="run folder (default runs/KIND)")
@@ -195,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc = sub.add_parser("precompute", help="encode a dataset once into bits (and text features) for generator training")
     pc.add_argument("--tokenizer", required=True, metavar="DIR")
     pc.add_argument("--data", required=True, metavar="SPEC")
+    pc.add_argument("--allow-data-commands", action="store_true", help=ALLOW)
     pc.add_argument("--out", required=True, metavar="DIR")
     pc.add_argument("--size", type=_positive_int("size"), help="image size (default: the tokenizer's)")
     pc.add_argument("--max-samples", type=_positive_int("max samples"), help="required for endless data (shapes)")
@@ -304,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--model", required=True, metavar="DIR", help="pipeline bundle or tokenizer directory")
     er.add_argument("--data", default="shapes", metavar="SPEC",
                     help="shapes (evaluation seed, unseen in training) | shapes:seed=N | folder | manifest | shards")
+    er.add_argument("--allow-data-commands", action="store_true", help=ALLOW)
     er.add_argument("--num-images", type=_positive_int("num images"), default=64)
     er.add_argument("--size", type=_positive_int("size"), help="image side (default: the tokenizer's)")
     er.add_argument("--lpips-weights", metavar="FILE", help="local VGG16(/LPIPS) safetensors; LPIPS is skipped without")

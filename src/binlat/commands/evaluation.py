@@ -24,7 +24,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from ..eval.reconstruction import run_reconstruction
         report = run_reconstruction(args.model, args.data, num_images=args.num_images, size=args.size,
                                     batch_size=args.batch_size, lpips_weights=args.lpips_weights, out=out,
-                                    json_path=args.json, device=args.device, progress=not args.no_progress)
+                                    json_path=args.json, device=args.device, progress=not args.no_progress,
+                                    allow_data_commands=args.allow_data_commands)
         if not report["summary"]["lpips"]["available"]:
             print(f"note: LPIPS not available: {report['summary']['lpips']['reason']}", file=sys.stderr)
     elif kind == "shapes":

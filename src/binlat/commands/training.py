@@ -24,8 +24,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     given = {"data": args.data, "max_steps": args.max_steps, "batch_size": args.batch_size}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})  # checked again
+    if args.allow_data_commands and args.data is None:
+        raise CLIError("--allow-data-commands applies to a --data typed on the command line, and none was given; "
+                       "a config file's \"data\" never runs a program: pass the URL with --data")
     out = Path(args.output or f"runs/{args.kind}")
-    trainer = Trainer(cfg, out, resume=args.resume)
+    trainer = Trainer(cfg, out, resume=args.resume, allow_data_commands=args.allow_data_commands)
     try:
         last = trainer.train()
     except NonFiniteLossError as e:  # an expected way for a run to end: one line, exit 1
@@ -80,7 +83,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from ..tokenizer import BinaryTokenizer
     tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
     size = args.size or tokenizer.config.image_size
-    data = make_dataset(args.data, size=size, seed=args.seed, random_crop=False)
+    data = make_dataset(args.data, size=size, seed=args.seed, random_crop=False,
+                        allow_commands=args.allow_data_commands)
     encoder, layers = None, None
     if args.text_layers or args.generator_layers:
         encoder = TextEncoder(args.text_encoder, max_length=args.text_max_length)

@@ -218,7 +218,8 @@ class ManifestDataset(IndexedImageDataset):
 SPEC_FORMS = (
     "'shapes' or 'shapes:seed=N,color_attr=2,...' (procedural shapes; category weights relative to 1), an "
     "existing image folder (images + same-named .txt captions), a .jsonl/.csv manifest, or WebDataset .tar shards (path, brace pattern "
-    "'shard-{000..009}.tar', glob, or URL such as pipe:/http:)"
+    "'shard-{000..009}.tar', glob, or, typed on the command line with --allow-data-commands, a URL such as "
+    "pipe:/http:)"
 )
 
 
@@ -263,6 +264,7 @@ def make_dataset(
     *,
     shuffle: bool = False,
     include_held_out: bool = False,
+    allow_commands: bool = False,
 ) -> IterableDataset:
     """The dataset for the CLI's data SPEC (see ``SPEC_FORMS``) at ``size`` px.
 
@@ -270,6 +272,8 @@ def make_dataset(
     of real images. Shapes ignore ``random_crop`` and ``hflip`` (a flip would contradict
     left/right captions). ``include_held_out`` lets the shapes stream render the held-out
     compositions (the tokenizer's stream: a codec reads no captions); generators never see them.
+    ``allow_commands`` lets tar shards name URLs, which webdataset opens by running a program (``pipe:`` runs a
+    shell command): only for a spec the user typed on the command line, never one read from a file.
     Unknown or nonexistent specs raise ``ValueError``.
     """
     spec = str(spec).strip()
@@ -296,7 +300,7 @@ def make_dataset(
         return ManifestDataset(expanded, transform, shuffle=shuffle, seed=seed)
     if _is_tar_spec(spec):
         try:
-            return WebDatasetShards(spec, transform, shuffle=shuffle, seed=seed)
+            return WebDatasetShards(spec, transform, shuffle=shuffle, seed=seed, allow_commands=allow_commands)
         except ValueError as exc:
             raise ValueError(f"data spec {spec!r}: {exc}; expected {SPEC_FORMS}") from exc
     if os.path.exists(expanded):

@@ -36,26 +36,48 @@ def _is_url(s: str) -> bool:
     return bool(_URL_RE.match(s)) and not s.startswith("file:")
 
 
-def expand_shards(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+ALLOW_COMMANDS_FLAG = "--allow-data-commands"
+
+
+def refuse_command_url(url: str) -> ValueError:
+    """The error for a shard URL that would run a program, naming the one way to allow it."""
+    scheme = url.split(":", 1)[0]
+    what = "runs it as a shell command" if scheme == "pipe" else "opens it by running a program (curl, gsutil, ...)"
+    return ValueError(
+        f"shard {url!r}: webdataset {what}, and a data name never runs a program unless typed on the command line "
+        f"with {ALLOW_COMMANDS_FLAG} (e.g. --data '{url}' {ALLOW_COMMANDS_FLAG}); configs, bundles, manifests and "
+        f"shard lists cannot ask for it. Download the shards and name the local files instead")
+
+
+def expand_shards(
+    urls: str | os.PathLike | Iterable[str | os.PathLike], *, allow_commands: bool = False
+) -> list[str]:
     """Shard list from a path/URL, a brace pattern (``shard-{000..009}.tar``), a glob,
-    ``::``-separated lists of these, or a list of any of them. Local shards must exist."""
+    ``::``-separated lists of these, or a list of any of them. Local shards must exist and come back absolute, so
+    that webdataset never reads a scheme into a file name.
+
+    Every URL scheme webdataset opens runs a program (``pipe:`` a shell command; ``http:``, ``gs:``, ``hf:``, ...
+    curl, gsutil and friends), so a URL is refused unless ``allow_commands`` says the user typed it (the CLI's
+    ``--allow-data-commands``, which applies to ``--data`` alone)."""
     wds = _import_webdataset()
     items = [os.fspath(urls)] if isinstance(urls, (str, os.PathLike)) else [os.fspath(u) for u in urls]
     out: list[str] = []
     for item in items:
         for url in wds.SimpleShardList(item).urls:  # webdataset's own expansion of '::' lists and braces
             if _is_url(url):
+                if not allow_commands:
+                    raise refuse_command_url(url)
                 out.append(url)
                 continue
             local = url[len("file://") :] if url.startswith("file://") else url.removeprefix("file:")
-            local = os.path.expanduser(local)
+            local = os.path.abspath(os.path.expanduser(local))
             if os.path.exists(local):
                 out.append(local)
             elif glob.has_magic(local):
                 matches = sorted(glob.glob(local))
                 if not matches:
                     raise ValueError(f"shard glob {url!r} matches no files")
-                out.extend(matches)
+                out.extend(os.path.abspath(m) for m in matches)
             else:
                 raise ValueError(f"shard {url!r} does not exist")
     if not out:
@@ -68,8 +90,8 @@ class WebDatasetShards(ImageTextDataset):
 
     A sample is the members sharing a key: an image (jpg/jpeg/png/webp/bmp) and a
     caption, ``txt`` or ``json`` with a ``caption``/``text`` field (neither -> "").
-    ``urls``: see :func:`expand_shards`; remote URLs (``pipe:``, ``http(s):``, ...) are
-    opened by ``webdataset.gopen``. Shards are split across ranks and DataLoader workers
+    ``urls``: see :func:`expand_shards`; remote URLs (``pipe:``, ``http(s):``, ...) are refused unless
+    ``allow_commands`` (they run programs), and then opened by ``webdataset.gopen``. Shards are split across ranks and DataLoader workers
     with ``webdataset.split_by_node`` / ``split_by_worker`` (so use at least as many
     shards as ranks x workers; note webdataset also honours RANK/WORLD_SIZE env vars).
 
@@ -80,10 +102,16 @@ class WebDatasetShards(ImageTextDataset):
     """
 
     def __init__(
-        self, urls: str | os.PathLike | Iterable[str | os.PathLike], transform: Transform, **options: Any
+        self,
+        urls: str | os.PathLike | Iterable[str | os.PathLike],
+        transform: Transform,
+        *,
+        allow_commands: bool = False,
+        **options: Any,
     ) -> None:
         super().__init__(transform, **options)
-        self.urls = expand_shards(urls)
+        self.allow_commands = allow_commands
+        self.urls = expand_shards(urls, allow_commands=allow_commands)
 
     def __repr__(self) -> str:
         return f"WebDatasetShards({len(self.urls)} shards, first {self.urls[0]!r}, transform={self.transform!r})"
@@ -91,6 +119,10 @@ class WebDatasetShards(ImageTextDataset):
     def _raw_samples(self) -> Iterator[dict[str, Any]]:
         """The grouped members of this rank/worker's shards; read errors are logged, and counted once per shard."""
         wds = _import_webdataset()
+        if not self.allow_commands:  # checked again here: urls is a public attribute
+            for url in self.urls:
+                if _is_url(url) or not os.path.isabs(url):
+                    raise refuse_command_url(url) if _is_url(url) else ValueError(f"shard {url!r} is not absolute")
         shard: dict[str, Any] = {"url": None, "failed": False}
 
         def note_shard(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -152,4 +184,4 @@ class WebDatasetShards(ImageTextDataset):
                 yield out
 
 
-__all__ = ["WDS_IMAGE_KEYS", "WebDatasetShards", "expand_shards"]
+__all__ = ["ALLOW_COMMANDS_FLAG", "WDS_IMAGE_KEYS", "WebDatasetShards", "expand_shards", "refuse_command_url"]

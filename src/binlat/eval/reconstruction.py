@@ -231,10 +231,12 @@ def load_lpips(weights: str | Path | None) -> tuple[torch.nn.Module | None, dict
     return PerceptualLoss(path), {"available": True, "reason": None, "weights": str(path)}
 
 
-def eval_dataset(spec: str, size: int):
-    """The data SPEC as evaluation images: ``shapes`` -> the evaluation-seed stream, else centre crops."""
+def eval_dataset(spec: str, size: int, allow_commands: bool = False):
+    """The data SPEC as evaluation images: ``shapes`` -> the evaluation-seed stream, else centre crops.
+    ``allow_commands``: see :func:`binlat.data.readers.make_dataset` (only for a spec the user typed)."""
     from binlat.data.readers import make_dataset
-    return make_dataset(spec, size=size, seed=EVAL_SHAPES_SEED, random_crop=False, hflip=False)
+    return make_dataset(spec, size=size, seed=EVAL_SHAPES_SEED, random_crop=False, hflip=False,
+                        allow_commands=allow_commands)
 
 
 def _batches(samples: Iterable[dict[str, Any]], n: int, batch_size: int) -> Iterable[list[dict[str, Any]]]:
@@ -346,7 +348,7 @@ def reconstruction_tables(summary: dict[str, Any], codecs: Sequence[str] = CODEC
 def run_reconstruction(model: str | Path, data: str, num_images: int = 64, size: int | None = None,
                        batch_size: int = 16, lpips_weights: str | Path | None = None, out: str | Path = "out/eval",
                        json_path: str | Path | None = None, device: str = "cpu",
-                       progress: bool = False) -> dict[str, Any]:
+                       progress: bool = False, allow_data_commands: bool = False) -> dict[str, Any]:
     """The whole `binlat eval reconstruction`: evaluate, write the report and a comparison sheet; return the report
     (its "tables" are what the CLI prints)."""
     from binlat.grid import contact_sheet
@@ -361,7 +363,7 @@ def run_reconstruction(model: str | Path, data: str, num_images: int = 64, size:
         lpips = lpips.to(device)
     size = size or tokenizer.config.image_size
     tokenizer.check_size(size, size)
-    result = evaluate_reconstruction(tokenizer, eval_dataset(data, size), num_images, size, batch_size, lpips,
+    result = evaluate_reconstruction(tokenizer, eval_dataset(data, size, allow_data_commands), num_images, size, batch_size, lpips,
                                      progress=progress)
     summary = result["summary"] | {"lpips": lpips_status}
     out = Path(out)

@@ -39,7 +39,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None,
+                 allow_data_commands: bool = False):
+        """``allow_data_commands``: cfg.data may name shard URLs, which webdataset opens by running a program
+        (``pipe:`` a shell command). Only for a data spec the caller typed, never one read from a config file."""
         from .tasks import make_task
         self.cfg, self.run_dir = cfg, Path(run_dir)
         # accelerate keeps one process-wide state; a new run in the same process (a notebook, the tests) may ask for
@@ -71,7 +74,7 @@ class Trainer:
                              f"= {world} x {cfg.grad_accum}")
         self.per_process = cfg.batch_size // (world * cfg.grad_accum)
         torch.manual_seed(cfg.seed)  # model initialisation: identical on every process
-        self.task = make_task(cfg, self.acc.device)
+        self.task = make_task(cfg, self.acc.device, allow_data_commands)
         self.model = self.task.model
         if cfg.grad_checkpointing:
             self.model.enable_gradient_checkpointing()

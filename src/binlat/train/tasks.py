@@ -28,8 +28,10 @@ class Task:
     # that reads no captions; never for the generators, whose held-out score tests composition.
     sees_held_out = False
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device, allow_data_commands: bool = False):
         self.cfg, self.device = cfg, device
+        # Whether cfg.data may name URLs that run programs: only a --data the user typed with the opt-in flag.
+        self.allow_data_commands = allow_data_commands
 
     def dataset(self) -> Any:
         from ..data.precomputed import INDEX, PrecomputedDataset
@@ -38,7 +40,7 @@ class Task:
         if (Path(spec) / INDEX).is_file():
             return self.check_precomputed(PrecomputedDataset(spec))
         return make_dataset(self.cfg.data, size=self.cfg.image_size, seed=self.cfg.seed,
-                            include_held_out=self.sees_held_out)
+                            include_held_out=self.sees_held_out, allow_commands=self.allow_data_commands)
 
     def check_precomputed(self, data):
         raise ValueError("precomputed bits only serve generator training; give the tokenizer images")
@@ -93,8 +95,8 @@ class Task:
 class TokenizerTask(Task):
     sees_held_out = True
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        super().__init__(cfg, device)
+    def __init__(self, cfg: TrainConfig, device: torch.device, allow_data_commands: bool = False):
+        super().__init__(cfg, device, allow_data_commands)
         opts = cfg.tokenizer
         self.model_config = cfg.model_config(image_size=cfg.image_size)
         self.model = self.new_model()
@@ -245,8 +247,8 @@ class GeneratorTask(Task):
     # What the tokenizer and the text encoder decide; a run's `model` may repeat them, not change them.
     FIXED = ("num_bits", "num_tokens", "text_dim")
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        super().__init__(cfg, device)
+    def __init__(self, cfg: TrainConfig, device: torch.device, allow_data_commands: bool = False):
+        super().__init__(cfg, device, allow_data_commands)
         from ..text import TextEncoder, text_layer_map
         from ..text.encoder import CachedTextEncoder
         o = cfg.generator
@@ -340,8 +342,9 @@ class GeneratorTask(Task):
         return contact_sheet(out.images, out.prompts, out.seeds, cell=128)
 
 
-def make_task(cfg: TrainConfig, device: torch.device) -> Task:
-    return TokenizerTask(cfg, device) if cfg.kind == "tokenizer" else GeneratorTask(cfg, device)
+def make_task(cfg: TrainConfig, device: torch.device, allow_data_commands: bool = False) -> Task:
+    task = TokenizerTask if cfg.kind == "tokenizer" else GeneratorTask
+    return task(cfg, device, allow_data_commands)
 
 
 def model_for_export(kind: str, model_config: dict) -> torch.nn.Module:

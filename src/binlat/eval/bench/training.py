@@ -183,7 +183,7 @@ def _trainer_task(spec: dict[str, Any]):
 
     from ...train import tasks
     task_class = _precomputed_task_class()
-    with mock.patch.object(tasks, "make_task", lambda cfg, device: task_class(cfg, device, spec["text_length"])):
+    with mock.patch.object(tasks, "make_task", lambda cfg, device, *_: task_class(cfg, device, spec["text_length"])):
         yield
 
 
