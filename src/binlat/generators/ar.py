@@ -10,7 +10,7 @@ from torch import nn
 
 from ..modeling import ModelMixin
 from ..nn import Attention, GeluMLP, KVCache, RMSNorm, StaticKVCache, run_block, sincos_positions
-from .config import GeneratorConfig
+from .config import GeneratorConfig, make_text_refiner
 
 
 class ARBlock(nn.Module):
@@ -25,9 +25,11 @@ class ARBlock(nn.Module):
         self.mlp = GeluMLP(dim, cfg.mlp_ratio * dim)
 
     def forward(self, x: torch.Tensor, offset: int, text: torch.Tensor | None, text_mask: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, refined: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(x) + self.pos_emb[:, offset: offset + x.shape[1]]
         context = None if text is None else self.text_proj(text)
+        if refined is not None and context is not None:
+            context = context + refined
         x = x + self.attn(h, context=context, context_mask=text_mask if text is not None else None,
                           causal=True, cache=cache)
         return x + self.mlp(self.norm2(x))
@@ -76,6 +78,7 @@ class ARTransformer(nn.Module, ModelMixin):
         self.config = config
         self.start_token = nn.Parameter(torch.randn(1, 1, config.dim) * 0.02)
         self.x_embed = nn.Linear(config.num_bits, config.dim)
+        self.text_refiner = make_text_refiner(config)
         self.blocks = nn.ModuleList(ARBlock(config) for _ in range(config.num_layers))
         self.norm_out = RMSNorm(config.dim)
         self.proj_out = nn.Linear(config.dim, config.num_bits)
@@ -140,10 +143,13 @@ class ARTransformer(nn.Module, ModelMixin):
         if offset + x.shape[1] > self.config.num_tokens + 1:
             raise ValueError(f"sequence longer than the model's {self.config.num_tokens} tokens")
         mask = text_mask.to(torch.bool)
+        refined = None
+        if first and self.text_refiner is not None:
+            refined = self.text_refiner(text[-1].to(dtype), mask)
         for i, block in enumerate(self.blocks):
             states = text[i].to(dtype) if first else None
             layer_cache = None if cache is None else cache.layers[i]
-            x = run_block(block, x, offset, states, mask if first else None, layer_cache,
+            x = run_block(block, x, offset, states, mask if first else None, layer_cache, refined,
                           checkpointing=self.gradient_checkpointing and cache is None)
         if cache is not None:
             cache.length += x.shape[1]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..nn import TextRefiner
+
 
 @dataclass
 class GeneratorConfig:
@@ -28,11 +30,16 @@ class GeneratorConfig:
     # Diffusion only: the masked mean of the last block's text states also modulates every block (through the
     # time embedding); off in the release, whose text enters by attention alone.
     pooled_text: bool = False
+    # Blocks of a trainable text refiner (binlat.nn.TextRefiner) over the last text layer, whose output every block
+    # adds to its projected text: word order through RoPE, for binding roles ("A above B"). 0 (the release): none.
+    text_refiner_layers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_bits", "num_tokens", "num_layers", "num_heads", "head_dim", "text_dim", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_refiner_layers < 0:
+            raise ValueError(f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}")
         if self.text_layers is not None:
             self.text_layers = tuple(self.text_layers)
             if len(self.text_layers) != self.num_layers or any(i < 0 for i in self.text_layers):
@@ -44,3 +51,12 @@ class GeneratorConfig:
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+
+def make_text_refiner(config: GeneratorConfig) -> TextRefiner | None:
+    """The optional text refiner of either generator kind (config.text_refiner_layers blocks at the generator's
+    width), or None."""
+    if not config.text_refiner_layers:
+        return None
+    return TextRefiner(config.text_dim, config.dim, config.text_refiner_layers, config.num_heads, config.head_dim,
+                       config.mlp_ratio)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..modeling import ModelMixin
-from ..nn import (run_block, AdaLNContinuous, AdaLNZero, Attention, GeluMLP, PooledTextEmbedding, TimestepEmbedding,
-                  layer_norm, modulate, sincos_positions)
-from .config import GeneratorConfig
+from ..nn import (run_block, AdaLNContinuous, AdaLNZero, Attention, GeluMLP, PooledTextEmbedding,
+                  TimestepEmbedding, layer_norm, modulate, sincos_positions)
+from .config import GeneratorConfig, make_text_refiner
 
 
 class DiffusionBlock(nn.Module):
@@ -26,11 +26,12 @@ class DiffusionBlock(nn.Module):
         self.attn = Attention(dim, cfg.num_heads, cfg.head_dim)
         self.mlp = GeluMLP(dim, cfg.mlp_ratio * dim)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                refined: torch.Tensor | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(temb)
         h = modulate(layer_norm(x), shift1, scale1) + self.pos_emb[:, : x.shape[1]]
-        x = x + gate1.unsqueeze(1) * self.attn(h, context=self.text_proj(text), context_mask=text_mask)
+        context = self.text_proj(text) if refined is None else self.text_proj(text) + refined
+        x = x + gate1.unsqueeze(1) * self.attn(h, context=context, context_mask=text_mask)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(layer_norm(x), shift2, scale2))
 
 
@@ -49,6 +50,7 @@ class DiffusionTransformer(nn.Module, ModelMixin):
             nn.init.zeros_(self.estimate_embed.bias)
         self.t_embed = TimestepEmbedding(config.dim)
         self.pooled_text = PooledTextEmbedding(config.text_dim, config.dim) if config.pooled_text else None
+        self.text_refiner = make_text_refiner(config)
         self.blocks = nn.ModuleList(DiffusionBlock(config) for _ in range(config.num_layers))
         self.norm_out = AdaLNContinuous(config.dim)
         self.proj_out = nn.Linear(config.dim, config.num_bits)
@@ -73,6 +75,7 @@ class DiffusionTransformer(nn.Module, ModelMixin):
         mask = text_mask.to(torch.bool)
         if self.pooled_text is not None:
             temb = temb + self.pooled_text(text[-1].to(dtype), mask)
+        refined = None if self.text_refiner is None else self.text_refiner(text[-1].to(dtype), mask)
         for block, states in zip(self.blocks, text):
-            x = run_block(block, x, temb, states.to(dtype), mask, checkpointing=self.gradient_checkpointing)
+            x = run_block(block, x, temb, states.to(dtype), mask, refined, checkpointing=self.gradient_checkpointing)
         return self.proj_out(self.norm_out(x, temb))

@@ -174,7 +174,7 @@ class Attention(nn.Module):
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x [B, Lq, dim]; context [B, Lc, dim] key rows placed before x; context_mask [B, Lc] bool
-        (True = real token); rotary (cos, sin) [L, Dh] for the rows of x (self-attention only);
+        (True = real token; without context, [B, Lq] over x's own rows); rotary (cos, sin) [L, Dh] for the rows of x (self-attention only);
         cache: keys/values of earlier calls, extended in place."""
         b, num_queries, _ = x.shape
         source = x if context is None else torch.cat((context, x), dim=1)
@@ -187,9 +187,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
 
         valid = None
-        if context_mask is not None:
-            if context is None:
-                raise ValueError("context_mask given without context")
+        if context_mask is not None and context is None:  # plain self-attention: the mask covers x's own rows
+            valid = context_mask.to(torch.bool)
+        elif context_mask is not None:
             image_rows = torch.ones(b, num_queries, dtype=torch.bool, device=x.device)
             valid = torch.cat((context_mask.to(torch.bool), image_rows), dim=1)
         if cache is not None:

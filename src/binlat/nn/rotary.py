@@ -32,3 +32,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     first, second = h.chunk(2, dim=-1)
     rotated = torch.cat((-second, first), dim=-1)
     return (h * cos + rotated * sin).to(x.dtype)
+
+
+def rope_1d(length: int, head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [length, head_dim] of plain 1D RoPE in the half-split layout that apply_rotary rotates (dimension
+    d pairs with d + head_dim/2 at one frequency): a true rotation, so attention scores depend on relative position
+    only. For new modules; the tokenizer keeps the release's tables (rotary_tables)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * freqs[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
