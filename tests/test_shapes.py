@@ -241,8 +241,12 @@ def test_judge_rejects_mismatches() -> None:
     assert judge(pair, "a square to the left of a triangle")["correct"]
     assert judge(pair, "a triangle to the right of a square")["correct"]
     swapped = judge(pair, "a square to the right of a triangle")
-    assert not swapped["correct"] and "relation" in swapped["reason"]
-    assert not judge(pair, "a square above a triangle")["correct"]
+    assert not swapped["correct"] and "relation" in swapped["reason"] and swapped["failure"] == "reversed"
+    off_axis = judge(pair, "a square above a triangle")
+    assert not off_axis["correct"] and off_axis["failure"] == "axis"
+    assert judge(pair, "a square to the left of a triangle")["failure"] is None
+    assert judge(pair, "a square")["failure"] == "count"
+    assert judge(pair, "a circle and a square")["failure"] == "attributes"
     assert judge(pair, "a triangle and a square")["correct"]
     assert judge(pair, "a blue triangle and a green square")["correct"]
     assert not judge(pair, "a green triangle and a blue square")["correct"]

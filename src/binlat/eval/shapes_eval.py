@@ -96,7 +96,7 @@ def evaluate_shapes(images_fn: ImagesFn, per_category: int = 64, seed: int = 0, 
             if verdict["category"] != category:  # prompt_set and parse_caption disagree: a bug, not a miss
                 raise RuntimeError(f"prompt {prompt!r} of {category} parses as {verdict['category']}")
             item = {"set": kind, "category": category, "index": i, "prompt": prompt, "seed": seed + i,
-                    "correct": bool(verdict["correct"]), "reason": verdict["reason"],
+                    "correct": bool(verdict["correct"]), "reason": verdict["reason"], "failure": verdict["failure"],
                     "objects": _compact(verdict["objects"])}
             items.append(item)
             correct += item["correct"]
@@ -124,7 +124,17 @@ def summarise(items: Sequence[dict[str, Any]], categories: Sequence[str] = CATEG
     held = block("held_out", [c for c in HELD_OUT_CATEGORIES if c in categories])
     return {"accuracy": {c: v["accuracy"] for c, v in main["categories"].items()}, "overall": main["overall"],
             "categories": main["categories"], "correct": main["correct"], "count": main["count"],
-            "held_out": held}
+            "held_out": held, "relations": relation_outcomes(items)}
+
+
+def relation_outcomes(items: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Of the main set's position images whose two objects came out right: how many hold the relation, how many
+    draw its exact opposite (a role reversal: the binding failure) and how many miss the axis."""
+    rows = [it for it in items if it["set"] == "main" and it["category"] == "position"
+            and (it["correct"] or it.get("failure") in ("reversed", "axis"))]
+    return {"holds": sum(it["correct"] for it in rows),
+            "reversed": sum(it.get("failure") == "reversed" for it in rows),
+            "axis": sum(it.get("failure") == "axis" for it in rows)}
 
 
 def shapes_tables(summary: dict[str, Any], mode: str) -> list[dict[str, Any]]:
@@ -141,7 +151,17 @@ def shapes_tables(summary: dict[str, Any], mode: str) -> list[dict[str, Any]]:
                      held["count"]])
         tables.append(make_table("held-out compositions (yellow triangle, purple circle; not in the overall score)",
                                  ["category", "accuracy", "correct", "images"], rows))
+    relations = summary.get("relations")
+    if relations and sum(relations.values()):
+        rows = [[k, v] for k, v in relations.items()]
+        tables.append(make_table("position images with the right two objects: relation holds / reversed (roles "
+                                 "swapped) / wrong axis", ["outcome", "images"], rows))
     return tables
+
+
+# How a failure sheet names the judge's reason under each image.
+FAILURE_LABELS = {"count": "wrong count", "attributes": "wrong shape/colour", "reversed": "relation reversed",
+                  "axis": "relation on the wrong axis"}
 
 
 def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]]],
@@ -158,7 +178,9 @@ def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]
         for q in queues:
             if q and len(chosen) < limit:
                 chosen.append(q.pop(0))
-    labels = [("[held-out] " if f[3]["set"] == "held_out" else "") + f[1] for f in chosen]
+    labels = [("[held-out] " if f[3]["set"] == "held_out" else "") + f[1]
+              + (f" [{FAILURE_LABELS[f[3]['failure']]}]" if f[3].get("failure") in FAILURE_LABELS else "")
+              for f in chosen]
     sheet = contact_sheet([f[0] for f in chosen], labels, [f[2] for f in chosen], cell=160)
     return sheet, len(chosen)
 

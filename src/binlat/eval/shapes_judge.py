@@ -116,18 +116,27 @@ def _describe(objects: list[dict[str, Any]]) -> str:
     return ", ".join(f"{o['color']} {o['shape']} at ({o['cx']:.1f}, {o['cy']:.1f})" for o in objects) or "nothing"
 
 
+# Each relation's opposite: "A above B" drawn as "A below B" is a reversal (the roles swapped), not a layout error.
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+            "below": "above"}
+
+
 def judge(image: Image.Image | np.ndarray, caption: str) -> dict[str, Any]:
     """Step 5: whether the detected objects match the caption's scene exactly.
 
-    Returns ``{"correct", "reason", "category", "objects"}``.
+    Returns ``{"correct", "reason", "failure", "category", "objects"}``; ``failure`` names why an image failed, in
+    the order the judge checks: "count" (wrong number of objects), "attributes" (shapes or colours), "reversed"
+    (the objects are right and the opposite relation holds: "A above B" drawn as B above A) or "axis" (right objects,
+    neither the relation nor its opposite); None when correct.
     """
     want = parse_caption(caption)
     objects = detect_objects(image)
     need, relation = want["objects"], want["relation"]
     result = {"correct": False, "category": want["category"], "objects": objects}
     if len(objects) != len(need):
-        return result | {"reason": f"expected {len(need)} objects, found {len(objects)}: {_describe(objects)}"}
-    attributes_matched = False
+        return result | {"reason": f"expected {len(need)} objects, found {len(objects)}: {_describe(objects)}",
+                         "failure": "count"}
+    attributes_matched, opposite_holds = False, False
     # At most 4 objects, so trying every assignment is cheap and handles any order.
     for perm in itertools.permutations(objects):
         if not all(
@@ -135,10 +144,14 @@ def judge(image: Image.Image | np.ndarray, caption: str) -> dict[str, Any]:
         ):
             continue
         attributes_matched = True
-        if relation is None or relation_holds(
-            relation, (perm[0]["cx"], perm[0]["cy"]), (perm[1]["cx"], perm[1]["cy"])
-        ):
-            return result | {"correct": True, "reason": "ok"}
+        if relation is None:
+            return result | {"correct": True, "reason": "ok", "failure": None}
+        a, b = (perm[0]["cx"], perm[0]["cy"]), (perm[1]["cx"], perm[1]["cy"])
+        if relation_holds(relation, a, b):
+            return result | {"correct": True, "reason": "ok", "failure": None}
+        opposite_holds = opposite_holds or relation_holds(OPPOSITE[relation], a, b)
     if attributes_matched:
-        return result | {"reason": f"relation '{relation}' does not hold: {_describe(objects)}"}
-    return result | {"reason": f"shapes/colours do not match: {_describe(objects)}"}
+        how = "reversed" if opposite_holds else "wrong axis"
+        return result | {"reason": f"relation '{relation}' does not hold ({how}): {_describe(objects)}",
+                         "failure": "reversed" if opposite_holds else "axis"}
+    return result | {"reason": f"shapes/colours do not match: {_describe(objects)}", "failure": "attributes"}

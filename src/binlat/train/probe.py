@@ -68,9 +68,13 @@ def validation_loss(task, network, count: int = 256, seed: int = PROBE_SEED) -> 
     return total / count
 
 
-def _accuracy(summary: dict[str, Any]) -> dict[str, float]:
+def _accuracy(summary: dict[str, Any]) -> dict[str, Any]:
+    """The row's scores: overall, worst category, held-out, position, and of the position images with the right
+    two objects how many held the relation / reversed it / missed the axis (the binding failure, issue 26)."""
+    relations = summary.get("relations") or {}
     return {"accuracy": summary["overall"], "worst": min(summary["accuracy"].values()),
-            "held_out": summary["held_out"]["overall"]}
+            "held_out": summary["held_out"]["overall"], "position": summary["accuracy"].get("position"),
+            "relation_holds_reversed_axis": [relations.get(k, 0) for k in ("holds", "reversed", "axis")]}
 
 
 def images_to_threshold(run_dir: Path, batch_size: int, threshold: float = PROBE_THRESHOLD_DB) -> int | None:
