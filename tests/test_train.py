@@ -759,3 +759,29 @@ def test_validation_loss_is_a_function_of_the_weights(kind, tokenizer_dir):
     with torch.no_grad():
         net.proj_out.bias.add_(3.0)  # every bit pushed toward 1: a worse fit than the untrained network
     assert validation_loss(task, net, count=8) > first
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_a_sharded_launch_without_an_accelerator_stops_before_prepare(kind, tmp_path, monkeypatch, capsys):
+    """The condition, not a message: a launch that asks for FSDP or DeepSpeed (as accelerate's launcher says it, in
+    ACCELERATE_USE_*) on a machine with no accelerator stops with one line naming the CPU DDP config, before any
+    model is built or any file written; the same check reads an Accelerator's own distributed type and device."""
+    from accelerate.utils import DistributedType
+
+    from binlat.train import engine
+    monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
+    monkeypatch.setattr(engine.torch.accelerator, "is_available", lambda: False)
+    built = []
+    monkeypatch.setattr(engine.Accelerator, "prepare", lambda *a, **k: built.append(a))
+    config = tmp_path / "tok.json"
+    config.write_text(json.dumps(tokenizer_dict()))
+    run = tmp_path / "run"
+    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "needs GPUs" in lines[0] and "configs/accelerate/cpu-ddp-2proc.yaml" in lines[0]
+    assert not built and not run.exists()
+    monkeypatch.delenv(f"ACCELERATE_USE_{kind}")
+    with pytest.raises(ValueError, match="cpu-ddp-2proc"):
+        engine.check_sharding_has_an_accelerator(getattr(DistributedType, kind), torch.device("cpu"))
+    engine.check_sharding_has_an_accelerator(DistributedType.MULTI_CPU, torch.device("cpu"))  # DDP on CPUs is fine
+    engine.check_sharding_has_an_accelerator(getattr(DistributedType, kind), torch.device("meta"))  # stands for a GPU

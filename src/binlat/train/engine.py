@@ -38,6 +38,28 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run stopped; its last checkpoint is intact."""
 
 
+SHARDED_TYPES = ("FSDP", "DEEPSPEED")
+CPU_LAUNCH_CONFIG = "configs/accelerate/cpu-ddp-2proc.yaml"
+
+
+def check_sharding_has_an_accelerator(distributed_type: Any = None, device: torch.device | None = None) -> None:
+    """An FSDP or DeepSpeed launch on a machine without an accelerator stops here, before `prepare` (where
+    accelerate's own CPU errors differ by version and CPU: "sync_module_states=True is not supported on cpu", "no
+    available devices", ...). Decided by the condition, not by a message: the launch asks for sharding (the
+    launcher's ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED, or the Accelerator's distributed type) and there is
+    no accelerator (torch sees none, or the Accelerator's device is a CPU)."""
+    asked = {kind for kind in SHARDED_TYPES
+             if os.environ.get(f"ACCELERATE_USE_{kind}", "").strip().lower() in ("1", "true", "yes")}
+    if distributed_type is not None:
+        asked.add(str(getattr(distributed_type, "value", distributed_type)).upper())
+    sharded = sorted(asked & set(SHARDED_TYPES))
+    no_accelerator = not torch.accelerator.is_available() if device is None else device.type == "cpu"
+    if sharded and no_accelerator:
+        name = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}[sharded[0]]
+        raise ValueError(f"this launch asks for {name} sharding, which needs GPUs, and this machine has none; on CPUs "
+                         f"launch with {CPU_LAUNCH_CONFIG} (DDP over processes) or run without accelerate launch")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None,
                  allow_data_commands: bool = False):
@@ -49,15 +71,10 @@ class Trainer:
         # another precision, so drop the old run's settings (the distributed set-up itself is kept).
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=False)
-        try:
-            self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=self._trackers(),
-                                   project_dir=str(self.run_dir))
-        except RuntimeError as e:
-            if "no available devices" not in str(e):
-                raise
-            raise ValueError(f"accelerate found no device for this launch config ({str(e).splitlines()[0]}): FSDP "
-                             f"and DeepSpeed configs need GPUs; on CPUs use configs/accelerate/cpu-ddp-2proc.yaml"
-                             ) from None
+        check_sharding_has_an_accelerator()  # before accelerate sets up FSDP/DeepSpeed on a CPU
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=self._trackers(),
+                               project_dir=str(self.run_dir))
+        check_sharding_has_an_accelerator(self.acc.distributed_type, self.acc.device)
         if cfg.mixed_precision == "bf16":  # before anything is written: emulated bf16 is far slower than float32
             require_bf16(self.acc.device, "bf16 mixed-precision training",
                          fix='set mixed_precision to "no" (--set mixed_precision=no)')
