@@ -14,7 +14,10 @@ Also reported: the NLL by token position (quarters of the sequence), and how sha
 probabilities are on true contexts (the share of bits it is sure of, p < 0.05 or > 0.95): the AR head samples a
 token's 16 bits independently, so an unsure bit pattern gets mixed (a token of mixed colour).
 
-    python scripts/ar-diagnosis.py [--model models/default] [--per-category 16] [--seed 1000] [--json OUT]
+With --rerank N: N samples per prompt (seeds seed + 7919 j), and the accuracy of keeping the one with the lowest
+conditional NLL, or the best likelihood ratio to the empty caption, against one sample and an oracle pick.
+
+    python scripts/ar-diagnosis.py [--model models/default] [--per-category 16] [--seed 1000] [--rerank N] [--json OUT]
 """
 from __future__ import annotations
 
@@ -71,6 +74,25 @@ def alternative(prompt: str, category: str) -> str | None:
     return " ".join(words)
 
 
+def rerank(pipe, network, layers, prompts, seed: int, n: int) -> dict:
+    from binlat.eval.shapes_judge import judge
+    cond, uncond = pipe.encode_prompts(prompts)
+    cond, empty = cond.select(layers), uncond.select(layers).index([0] * len(prompts))
+    correct, nll_cond, ratio = [], [], []
+    for j in range(n):
+        out = pipe(prompts, generator="ar", seed=seed + 7919 * j, return_bits=True, progress=False)
+        correct.append(torch.tensor([judge(im, q)["correct"] for im, q in zip(out.images, prompts)]).float())
+        c = token_nll_bits(network, out.bits.float(), cond)[0].sum(1)
+        nll_cond.append(c)
+        ratio.append(c - token_nll_bits(network, out.bits.float(), empty)[0].sum(1))
+    correct, nll_cond, ratio = torch.stack(correct), torch.stack(nll_cond), torch.stack(ratio)
+    rows = torch.arange(len(prompts))
+    return {"samples_per_prompt": n, "one_sample": round(correct.mean().item(), 3),
+            "lowest_conditional_nll": round(correct[nll_cond.argmin(0), rows].mean().item(), 3),
+            "best_ratio_to_empty_caption": round(correct[ratio.argmin(0), rows].mean().item(), 3),
+            "oracle": round(correct.max(0).values.mean().item(), 3)}
+
+
 def main() -> None:
     from binlat.data.shapes import CATEGORIES, RELATIONS, prompt_set, render, scene_for_caption, to_tensor
     from binlat.eval.shapes_judge import judge
@@ -81,6 +103,7 @@ def main() -> None:
     p.add_argument("--model", default="models/default")
     p.add_argument("--per-category", type=int, default=16)
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--rerank", type=int, default=0)
     p.add_argument("--json")
     args = p.parse_args()
     pipe = Pipeline.from_pretrained(args.model)
@@ -126,6 +149,8 @@ def main() -> None:
               "wrong_where_truth_preferred": int((true_nll.sum(1) < own_nll.sum(1))[~own_ok].sum()),
               # the caption: a true render is likelier under its own caption than under the altered one
               "caption_reading": reading}
+    if args.rerank:
+        report["rerank"] = rerank(pipe, network, layers, prompts, args.seed, args.rerank)
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as f:
