@@ -59,7 +59,10 @@ def bundle(tmp_path_factory) -> Path:
 def test_psnr_ssim_identical_images() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (2, 3, 24, 20), generator=g, dtype=torch.uint8)
-    assert torch.isinf(rec.psnr(a, a.clone())).all()
+    assert (rec.psnr(a, a.clone()) == rec.PSNR_CAP_DB).all()  # capped, so a mean over images stays finite
+    one_off = a.clone()
+    one_off[0, 0, 0, 0] ^= 1  # one grey level in one channel of one pixel: the largest finite PSNR, under the cap
+    assert math.isfinite(rec.psnr(a, one_off)[0]) and rec.psnr(a, one_off)[0] < rec.PSNR_CAP_DB
     assert torch.allclose(rec.ssim(a, a.clone()), torch.ones(2, dtype=torch.float64), atol=1e-12)
 
 
@@ -289,7 +292,8 @@ def test_cli_reconstruction_random_tiny(bundle, tmp_path, capsys) -> None:
 
 
 def test_reconstruction_identical_images_and_lpips(tmp_path, random_vgg16) -> None:
-    """A tokenizer stand-in that returns its input exactly: PSNR inf, SSIM 1, LPIPS 0 (random VGG weights)."""
+    """A tokenizer stand-in that returns its input exactly: PSNR at its cap (counted as exact), SSIM 1, LPIPS 0
+    (random VGG weights)."""
     lpips, status = rec.load_lpips(random_vgg16)
     assert status["available"] and lpips is not None
 
@@ -313,7 +317,7 @@ def test_reconstruction_identical_images_and_lpips(tmp_path, random_vgg16) -> No
             for i in range(2)]
     result = rec.evaluate_reconstruction(Identity(), data, 2, 64, lpips=lpips)
     t = result["summary"]["tokenizer"]
-    assert math.isinf(t["psnr"]) and t["ssim"] == pytest.approx(1.0) and t["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert t["psnr"] == rec.PSNR_CAP_DB and t["exact"] == 2 and t["ssim"] == pytest.approx(1.0) and t["lpips"] == pytest.approx(0.0, abs=1e-6)
     assert result["summary"]["budget_bytes"] == 8 and result["items"][0]["jpeg"]["lpips"] > 0
     with pytest.raises(FileNotFoundError, match="--lpips-weights"):
         rec.load_lpips(tmp_path / "missing.safetensors")
@@ -466,3 +470,20 @@ def test_clip_score_math_with_tiny_clip(tmp_path, capsys) -> None:
     assert got == pytest.approx(want, abs=1e-3)
     assert len(set(round(g, 4) for g in got)) == 3
     assert report["summary"]["clip_score"] == pytest.approx(max(float(np.mean(want)), 0.0), abs=1e-3)
+
+
+def test_contact_sheet_labels_wrap_at_words() -> None:
+    """Grid labels are never cut mid-word (issue 27): long prompts wrap, and only past the line limit does the last
+    line end in an ellipsis."""
+    from binlat.grid import MAX_LABEL_LINES, contact_sheet, label_lines
+    prompt = "a photo of a purple triangle to the left of a yellow square on a white background"
+    lines = label_lines(prompt, 24)
+    assert " ".join(lines) == prompt and all(len(x) <= 24 for x in lines)
+    words = set(prompt.split())
+    assert all(w in words for x in lines for w in x.split())  # every piece is a whole word
+    long = label_lines(" ".join(["circle"] * 60), 24)
+    assert len(long) == MAX_LABEL_LINES and long[-1].endswith("…")
+    from PIL import Image
+    short = contact_sheet([Image.new("RGB", (8, 8))] * 2, ["a", "b"], cell=144)
+    tall = contact_sheet([Image.new("RGB", (8, 8))] * 2, [prompt, "b"], cell=144)
+    assert tall.height > short.height  # the label rows grow with the wrapped text
