@@ -330,3 +330,35 @@ def test_subprocess_errors_are_one_line(tmp_path, args, needle) -> None:
     assert proc.returncode != 0
     assert_one_line_error(proc.stderr, needle)
     assert proc.stdout == ""
+
+
+def test_presets_and_the_shipped_model_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
+    """Issue 27: `--config diffusion/shapes-64` (or the README's configs/... path, or a unique bare name) finds the
+    packaged preset from a folder outside the repository, and "default[/part]" names the shipped model."""
+    from binlat.config import ConfigError, preset_names, resolve_config
+    from binlat.modeling import default_model_dir, named_model_dir
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BINLAT_MODEL", raising=False)
+    assert "tokenizer/shapes-64" in preset_names() and "diffusion/shapes-64" in preset_names()
+    for name in ("diffusion/shapes-64", "configs/diffusion/shapes-64.json", "diffusion/shapes-64.json"):
+        assert resolve_config(name).name == "shapes-64.json" and resolve_config(name).parent.name == "diffusion"
+    assert resolve_config("shapes-64", kind="ar").parent.name == "ar"
+    assert resolve_config("shapes-64-stage1").parent.name == "tokenizer"  # unique without a kind
+    with pytest.raises(ConfigError, match="more than one preset"):
+        resolve_config("shapes-64")
+    with pytest.raises(ConfigError, match="no preset of that name.*diffusion/shapes-64"):
+        resolve_config("shapes-65", kind="diffusion")
+    local = tmp_path / "mine.json"
+    local.write_text("{}")
+    assert resolve_config("mine.json") == Path("mine.json")  # a file wins
+    for preset in ("diffusion/shapes-64", "ar/shapes-64"):  # presets never name a repo path
+        assert json.loads(resolve_config(preset).read_text())["generator"]["tokenizer"] == "default/tokenizer"
+    if default_model_dir() is None:
+        pytest.skip("no shipped model in this installation")
+    assert named_model_dir("default") == default_model_dir()
+    assert named_model_dir("default/tokenizer") == default_model_dir() / "tokenizer"
+    assert named_model_dir("other/tokenizer") is None
+    from binlat.tokenizer import BinaryTokenizer
+    assert BinaryTokenizer.from_pretrained("default/tokenizer").config.num_bits > 0
+    from binlat.release import resolve_pipeline_dir
+    assert resolve_pipeline_dir("default") == default_model_dir()

@@ -114,8 +114,39 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
     return data
 
 
-def load_config(cls: type[C], path: str | Path, overrides: list[str] = ()) -> C:
-    path = Path(path)
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    """The packaged training presets as names: "tokenizer/shapes-64", "diffusion/shapes-64", ..."""
+    return sorted(f"{p.parent.name}/{p.stem}" for p in PRESETS.glob("*/*.json"))
+
+
+def resolve_config(name: str | Path, kind: str | None = None) -> Path:
+    """A config file's path: an existing file as is, else a packaged preset by name, from any folder:
+    "diffusion/shapes-64", "configs/diffusion/shapes-64.json" (as the README writes it), or a bare "shapes-64"
+    (in `kind`'s presets when given, else wherever the name is unique)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    text = str(name).strip().removeprefix("./").removeprefix("configs/").removesuffix(".json")
+    names = preset_names()
+    if text in names:
+        return PRESETS / f"{text}.json"
+    if "/" not in text:
+        matches = [n for n in names if n.split("/")[1] == text and (kind is None or n.startswith(kind + "/"))]
+        if len(matches) == 1:
+            return PRESETS / f"{matches[0]}.json"
+        if len(matches) > 1:
+            raise ConfigError(f"{name}: more than one preset has that name ({', '.join(matches)}); name one of them")
+    near = [n for n in names if kind is None or n.startswith(kind + "/")]
+    raise ConfigError(f"{name}: no such file, and no preset of that name; presets: {', '.join(near)} "
+                      f"(`binlat config show NAME` prints one)")
+
+
+def load_config(cls: type[C], path: str | Path, overrides: list[str] = (), kind: str | None = None) -> C:
+    """`path`: a JSON file or a packaged preset's name (see resolve_config); `overrides` are --set KEY=VALUE."""
+    path = resolve_config(path, kind)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -6,6 +6,7 @@ read through huggingface_hub (`resolve_model_dir`)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -20,11 +21,43 @@ WEIGHTS_NAME = "model.safetensors"
 M = TypeVar("M", bound="ModelMixin")
 
 
+DEFAULT_MODEL = "default"
+
+
+def default_model_dir() -> Path | None:
+    """$BINLAT_MODEL, else the bundle shipped in the repository (models/default), else None."""
+    env = os.environ.get("BINLAT_MODEL")
+    if env:
+        return Path(env)
+    shipped = Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL
+    return shipped if (shipped / "model_index.json").is_file() else None
+
+
+def named_model_dir(name_or_path: str | Path) -> Path | None:
+    """The shipped model by name: "default" is its bundle and "default/tokenizer" (diffusion, ar) one of its models,
+    wherever binlat runs from. None for any other name, or where a local directory has that name (it wins)."""
+    text = str(name_or_path).strip().rstrip("/")
+    if not (text == DEFAULT_MODEL or text.startswith(DEFAULT_MODEL + "/")) or Path(text).is_dir():
+        return None
+    root = default_model_dir()
+    if root is None:
+        raise FileNotFoundError(f"{text}: the shipped model '{DEFAULT_MODEL}' is not in this installation (it lives "
+                                f"in a clone's models/default); set BINLAT_MODEL=DIR to a bundle, or pass a model "
+                                f"directory")
+    return root / text[len(DEFAULT_MODEL):].lstrip("/")
+
+
 def resolve_model_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
-    """A local directory as is; anything else is treated as a Hub repo id and fetched (or read from cache)."""
+    """A local directory as is; "default[/part]" as the shipped model; anything else is treated as a Hub repo id
+    and fetched (or read from cache)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    named = named_model_dir(name_or_path)
+    if named is not None:
+        if not named.is_dir():
+            raise FileNotFoundError(f"{name_or_path}: the shipped model {named.parent} has no {named.name}")
+        return named
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         raise FileNotFoundError(f"{name_or_path}: no such model directory")
     from huggingface_hub import snapshot_download

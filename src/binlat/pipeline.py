@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import registry
+from . import modeling, registry
 from .config import ConfigError, config_from_dict, config_to_dict
 from .generators import GeneratorConfig
 from .hardware import require_bf16
@@ -347,9 +347,5 @@ class Pipeline:
 
 
 def default_model_dir() -> Path | None:
-    """$BINLAT_MODEL, else the bundle shipped in the repository (models/default), else None."""
-    env = os.environ.get("BINLAT_MODEL")
-    if env:
-        return Path(env)
-    shipped = Path(__file__).resolve().parents[2] / "models" / "default"
-    return shipped if (shipped / INDEX_NAME).is_file() else None
+    """$BINLAT_MODEL, else the bundle shipped in the repository (models/default), else None (binlat.modeling's)."""
+    return modeling.default_model_dir()

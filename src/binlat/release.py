@@ -20,7 +20,7 @@ from safetensors import safe_open
 from . import registry
 from .config import ConfigError, config_to_dict
 from .io import WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, save_safetensors
-from .modeling import CONFIG_NAME, WEIGHTS_NAME
+from .modeling import CONFIG_NAME, WEIGHTS_NAME, named_model_dir
 from .official import (FROM_CONFIG, RELEASE_SCALE, convert_config, convert_state_dict, load_official_weights,
                        official_name)
 from .registry import TOKENIZER as TOKENIZER_KIND
@@ -331,6 +331,8 @@ def resolve_pipeline_dir(name_or_path: str | Path, release_config: dict | str | 
     """A bundle directory as is; a release download (folder or Hub id) as its cached converted bundle."""
     from .pipeline import INDEX_NAME
     path = Path(name_or_path)
+    if not path.is_dir():
+        path = named_model_dir(name_or_path) or path  # "default": the shipped bundle
     if not path.is_dir():
         if not _hub_id(str(name_or_path)):
             raise FileNotFoundError(f"{name_or_path}: no such model directory")

@@ -13,7 +13,7 @@ def _train_config(args: argparse.Namespace):
     """The --config file with the --set overrides, which must be a config of the command's kind."""
     from ..config import load_config
     from ..train.config import TrainConfig
-    cfg = load_config(TrainConfig, args.config, args.set or [])
+    cfg = load_config(TrainConfig, args.config, args.set or [], kind=args.kind)
     if cfg.kind != args.kind:
         raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
     return cfg
