@@ -785,3 +785,31 @@ def test_a_sharded_launch_without_an_accelerator_stops_before_prepare(kind, tmp_
         engine.check_sharding_has_an_accelerator(getattr(DistributedType, kind), torch.device("cpu"))
     engine.check_sharding_has_an_accelerator(DistributedType.MULTI_CPU, torch.device("cpu"))  # DDP on CPUs is fine
     engine.check_sharding_has_an_accelerator(getattr(DistributedType, kind), torch.device("meta"))  # stands for a GPU
+
+
+def test_the_discriminator_sees_every_micro_batch(tmp_path):
+    """With grad_accum 2 the discriminator's update reads both micro-batches' reconstructions (each image once),
+    not only the last one's (issue 28)."""
+    cfg = config_from_dict(TrainConfig, tokenizer_dict(
+        batch_size=8, grad_accum=2, max_steps=1, save_every=1,
+        tokenizer={"gan_weight": 0.1, "gan_start": 0}))
+    trainer = Trainer(cfg, tmp_path / "run")
+    seen: list[torch.Tensor] = []
+    disc = trainer.task.disc
+    forward = disc.forward
+
+    def spy(x):
+        seen.append(x.detach().clone())
+        return forward(x)
+    disc.forward = spy
+    original_after_step = trainer.task.after_step
+    reads: list[int] = []
+
+    def after_step(step, gens):
+        start = len(seen)
+        original_after_step(step, gens)
+        reads.append(sum(len(x) for x in seen[start:]))
+    trainer.task.after_step = after_step
+    trainer.train()
+    assert reads == [2 * 8]  # real and fake images of both 4-image micro-batches
+    assert trainer.task.fakes == []

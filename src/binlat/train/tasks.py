@@ -119,7 +119,10 @@ class TokenizerTask(Task):
             from ..tokenizer.losses import PatchDiscriminator
             self.disc = PatchDiscriminator(self.model_config.in_channels)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=opts.disc_lr, betas=(0.5, 0.9))
-        self._fake: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (real, reconstruction) of every micro-batch of the current step, for the discriminator's update in
+        # after_step: with grad_accum > 1 it must see them all, not only the last.
+        self.fakes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.fakes_step: int | None = None
         self.recent_psnr: list[float] = []
         self.bits_from: int | None = None if opts.soft_until_psnr > 0 else 0  # first step with sampled bits
 
@@ -191,18 +194,22 @@ class TokenizerTask(Task):
             weight = adaptive_gan_weight(rec, g_loss, last)
             loss = loss + o.gan_weight * weight * g_loss
             metrics["gan_g_loss"] = g_loss.detach()
-            self._fake = (images.detach(), recon.detach())
+            if self.fakes_step != step:  # a skipped step's micro-batches never reached after_step: drop them
+                self.fakes, self.fakes_step = [], step
+            self.fakes.append((images.detach(), recon.detach()))
         return loss, metrics
 
     def after_step(self, step, gens):
-        if self._fake is None:
+        """The discriminator's step, over every micro-batch of this optimiser step (its gradients averaged, as the
+        generator's are)."""
+        fakes = self.fakes if self.fakes_step == step else []
+        self.fakes, self.fakes_step = [], None
+        if not fakes:
             return
         from ..tokenizer.losses import hinge_d_loss
-        real, fake = self._fake
-        self._fake = None
-        d_loss = hinge_d_loss(self.disc(real), self.disc(fake))
         self.disc_opt.zero_grad(set_to_none=True)
-        self.accelerator.backward(d_loss)
+        for real, fake in fakes:
+            self.accelerator.backward(hinge_d_loss(self.disc(real), self.disc(fake)) / len(fakes))
         self.disc_opt.step()
 
     def save_extra(self, directory):
