@@ -424,9 +424,10 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
                         text_refiner_layers=2)
     torch.manual_seed(0)
     diffusion, ar = DiffusionTransformer(c).eval(), ARTransformer(c).eval()
+    assert not diffusion.text_refiner.gate.any()  # a new refiner starts silent: the network starts as one without
     plain = DiffusionTransformer(GeneratorConfig(**{**c.__dict__, "text_refiner_layers": 0})).eval()
     assert plain.text_refiner is None
-    for p in [*diffusion.parameters(), *plain.parameters()]:  # off the zero-gated start, so text reaches the output
+    for p in [*diffusion.parameters(), *plain.parameters(), *ar.parameters()]:  # off the zero-gated start
         torch.nn.init.normal_(p, std=0.2)
     words = torch.randn(2, 5, 24)
     text, mask = [words, words], torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -434,7 +435,9 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
     with torch.no_grad():
         out = diffusion(x, t, text, mask)
         swapped = words[:, [1, 0, 2, 3, 4]]  # the same tokens, two of them in the other order
-        assert (diffusion(x, t, [swapped, swapped], mask) - out).abs().max() > 5e-5
+        refined = diffusion.text_refiner(words, mask)
+        assert (diffusion.text_refiner(swapped, mask)[:, 2:4] - refined[:, 2:4]).abs().max() > 1e-2  # not the swapped
+        assert (diffusion(x, t, [swapped, swapped], mask) - out).abs().max() > 1e-5
         torch.testing.assert_close(plain(x, t, [swapped, swapped], mask), plain(x, t, text, mask), atol=1e-6, rtol=0)
         padded = [torch.cat((w, torch.randn(2, 3, 24)), 1) for w in text]
         longer = torch.cat((mask, torch.zeros(2, 3, dtype=torch.bool)), 1)

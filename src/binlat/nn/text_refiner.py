@@ -29,7 +29,11 @@ class RefinerBlock(nn.Module):
 
 class TextRefiner(nn.Module):
     """Text states [N, L, text_dim] and their mask [N, L] -> refined states [N, L, dim], which every generator block
-    adds to its own projection of its text layer."""
+    adds to its own projection of its text layer.
+
+    The output passes a per-channel gate that starts at zero, so a new network starts as one without a refiner:
+    an ungated refiner's unit-scale output swamped the projected text at first and slowed every category
+    (docs/recipe.md, probe R1)."""
 
     def __init__(self, text_dim: int, dim: int, num_layers: int, num_heads: int, head_dim: int, mlp_ratio: int):
         super().__init__()
@@ -37,10 +41,11 @@ class TextRefiner(nn.Module):
         self.proj_in = nn.Linear(text_dim, dim)
         self.blocks = nn.ModuleList(RefinerBlock(dim, num_heads, head_dim, mlp_ratio) for _ in range(num_layers))
         self.norm_out = RMSNorm(dim)
+        self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(text)
         rotary = rope_1d(text.shape[1], self.head_dim, device=text.device)
         for block in self.blocks:
             x = block(x, mask, rotary)
-        return self.norm_out(x)
+        return self.norm_out(x) * self.gate
