@@ -427,8 +427,12 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
     assert not diffusion.text_refiner.gate.any()  # a new refiner starts silent: the network starts as one without
     plain = DiffusionTransformer(GeneratorConfig(**{**c.__dict__, "text_refiner_layers": 0})).eval()
     assert plain.text_refiner is None
-    for p in [*diffusion.parameters(), *plain.parameters(), *ar.parameters()]:  # off the zero-gated start
-        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():  # off the zero-initialised gates, so the text reaches the output
+        for p in [*diffusion.parameters(), *plain.parameters(), *ar.parameters()]:
+            if not p.any():
+                p.normal_(0, 0.5)
+        diffusion.text_refiner.gate.fill_(1.0)
+        ar.text_refiner.gate.fill_(1.0)
     words = torch.randn(2, 5, 24)
     text, mask = [words, words], torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     x, t = (torch.rand(2, 8, 16) < 0.5).float(), torch.full((2,), 0.5)
@@ -436,8 +440,8 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
         out = diffusion(x, t, text, mask)
         swapped = words[:, [1, 0, 2, 3, 4]]  # the same tokens, two of them in the other order
         refined = diffusion.text_refiner(words, mask)
-        assert (diffusion.text_refiner(swapped, mask)[:, 2:4] - refined[:, 2:4]).abs().max() > 1e-2  # not the swapped
-        assert (diffusion(x, t, [swapped, swapped], mask) - out).abs().max() > 1e-5
+        assert (diffusion.text_refiner(swapped, mask)[:, 2:4] - refined[:, 2:4]).abs().max() > 1e-1  # not the swapped
+        assert (diffusion(x, t, [swapped, swapped], mask) - out).abs().max() > 1e-3
         torch.testing.assert_close(plain(x, t, [swapped, swapped], mask), plain(x, t, text, mask), atol=1e-6, rtol=0)
         padded = [torch.cat((w, torch.randn(2, 3, 24)), 1) for w in text]
         longer = torch.cat((mask, torch.zeros(2, 3, dtype=torch.bool)), 1)
