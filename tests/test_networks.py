@@ -450,3 +450,21 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
         cache = ar.new_cache()
         steps = [ar(None, text, mask, cache)] + [ar(x[:, i: i + 1], text, mask, cache) for i in range(8)]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def test_position_grid_starts_the_generators_positions_from_a_2d_table(tmp_path) -> None:
+    """model.position_grid: token k sits at (k // cols, k % cols); tokens of one row share the row half of the table,
+    tokens of one column the column half; the AR start row is zero; a grid that is not the token count is refused;
+    the option survives save/load."""
+    c = GeneratorConfig(num_bits=16, num_tokens=12, num_layers=1, num_heads=2, head_dim=8, text_dim=8,
+                        position_grid=[3, 4])
+    table = DiffusionTransformer(c).blocks[0].pos_emb.detach()[0]
+    half = c.dim // 2
+    assert torch.equal(table[4, :half], table[7, :half]) and not torch.equal(table[4, half:], table[7, half:])
+    assert torch.equal(table[1, half:], table[9, half:]) and not torch.equal(table[1, :half], table[9, :half])
+    ar_table = ARTransformer(c).blocks[0].pos_emb.detach()[0]
+    assert not ar_table[0].any() and torch.equal(ar_table[1:], table)
+    with pytest.raises(ValueError, match="rows x cols = num_tokens"):
+        GeneratorConfig(num_tokens=12, position_grid=[3, 3])
+    DiffusionTransformer(c).save_pretrained(tmp_path / "d")
+    assert DiffusionTransformer.from_pretrained(tmp_path / "d").config.position_grid == (3, 4)

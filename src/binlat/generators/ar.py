@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..modeling import ModelMixin
-from ..nn import Attention, GeluMLP, KVCache, RMSNorm, StaticKVCache, run_block, sincos_positions
-from .config import GeneratorConfig, make_text_refiner
+from ..nn import Attention, GeluMLP, KVCache, RMSNorm, StaticKVCache, run_block
+from .config import GeneratorConfig, initial_positions, make_text_refiner
 
 
 class ARBlock(nn.Module):
@@ -18,7 +18,7 @@ class ARBlock(nn.Module):
         super().__init__()
         dim = cfg.dim
         self.norm1 = RMSNorm(dim)
-        self.pos_emb = nn.Parameter(sincos_positions(cfg.num_tokens + 1, dim))
+        self.pos_emb = nn.Parameter(initial_positions(cfg, leading=1))
         self.text_proj = nn.Linear(cfg.text_dim, dim)
         self.attn = Attention(dim, cfg.num_heads, cfg.head_dim)
         self.norm2 = RMSNorm(dim)

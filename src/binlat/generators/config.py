@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..nn import TextRefiner
+from ..nn import TextRefiner, sincos_grid_positions, sincos_positions
 
 
 @dataclass
@@ -33,6 +33,9 @@ class GeneratorConfig:
     # Blocks of a trainable text refiner (binlat.nn.TextRefiner) over the last text layer, whose output every block
     # adds to its projected text: word order through RoPE, for binding roles ("A above B"). 0 (the release): none.
     text_refiner_layers: int = 0
+    # The token grid (rows, cols) the learned position embeddings start from as a 2D sin/cos table, for tokenizers
+    # whose token k is region k of the image (region_shortcut); None (the release): a 1D table.
+    position_grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_bits", "num_tokens", "num_layers", "num_heads", "head_dim", "text_dim", "mlp_ratio"):
@@ -40,6 +43,11 @@ class GeneratorConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.text_refiner_layers < 0:
             raise ValueError(f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}")
+        if self.position_grid is not None:
+            self.position_grid = tuple(self.position_grid)
+            if len(self.position_grid) != 2 or self.position_grid[0] * self.position_grid[1] != self.num_tokens:
+                raise ValueError(f"position_grid must be [rows, cols] with rows x cols = num_tokens "
+                                 f"({self.num_tokens}), got {list(self.position_grid)}")
         if self.text_layers is not None:
             self.text_layers = tuple(self.text_layers)
             if len(self.text_layers) != self.num_layers or any(i < 0 for i in self.text_layers):
@@ -60,3 +68,11 @@ def make_text_refiner(config: GeneratorConfig) -> TextRefiner | None:
         return None
     return TextRefiner(config.text_dim, config.dim, config.text_refiner_layers, config.num_heads, config.head_dim,
                        config.mlp_ratio)
+
+
+def initial_positions(config: GeneratorConfig, leading: int = 0):
+    """The generators' learned position embeddings' starting table: 1D sin/cos, or 2D over config.position_grid;
+    `leading` rows come first (the AR start token)."""
+    if config.position_grid is None:
+        return sincos_positions(config.num_tokens + leading, config.dim)
+    return sincos_grid_positions(*config.position_grid, config.dim, leading=leading)

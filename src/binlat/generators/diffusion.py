@@ -10,8 +10,8 @@ from torch import nn
 
 from ..modeling import ModelMixin
 from ..nn import (run_block, AdaLNContinuous, AdaLNZero, Attention, GeluMLP, PooledTextEmbedding,
-                  TimestepEmbedding, layer_norm, modulate, sincos_positions)
-from .config import GeneratorConfig, make_text_refiner
+                  TimestepEmbedding, layer_norm, modulate)
+from .config import GeneratorConfig, initial_positions, make_text_refiner
 
 
 class DiffusionBlock(nn.Module):
@@ -21,7 +21,7 @@ class DiffusionBlock(nn.Module):
         super().__init__()
         dim = cfg.dim
         self.adaln = AdaLNZero(dim)
-        self.pos_emb = nn.Parameter(sincos_positions(cfg.num_tokens, dim))
+        self.pos_emb = nn.Parameter(initial_positions(cfg))
         self.text_proj = nn.Linear(cfg.text_dim, dim)
         self.attn = Attention(dim, cfg.num_heads, cfg.head_dim)
         self.mlp = GeluMLP(dim, cfg.mlp_ratio * dim)

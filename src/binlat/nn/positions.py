@@ -18,3 +18,15 @@ def sincos_positions(length: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency)[:, : dim // 2]
     return table[None]
+
+
+def sincos_grid_positions(rows: int, cols: int, dim: int, leading: int = 0) -> torch.Tensor:
+    """[1, leading + rows * cols, dim]: a 2D sin/cos table over a rows x cols grid in row-major order, half the
+    channels for the row and half for the column (as ViTs lay out 2D positions), after `leading` zero rows (the AR
+    generator's start token). For generators over a region tokenizer (region_shortcut), whose token k is region k
+    of the image grid: "above" is then a row difference, which a 1D table hides among neighbours."""
+    half = dim // 2
+    row = sincos_positions(rows, half)[0]
+    col = sincos_positions(cols, dim - half)[0]
+    table = torch.cat((row[:, None, :].expand(rows, cols, half), col[None, :, :].expand(rows, cols, dim - half)), -1)
+    return torch.cat((torch.zeros(leading, dim), table.reshape(rows * cols, dim)))[None]
