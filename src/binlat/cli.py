@@ -114,10 +114,14 @@ def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_
                             help=f"{text} (default: the model's setting, else {default})")
 
 
+NONFINITE_HELP = "load weights holding NaN or infinite values (refused by default, naming the tensor)"
+
+
 def _add_image_job_options(p: argparse.ArgumentParser, progress: bool = True) -> None:
     """Options shared by the commands that load a pipeline and write images (edit, interpolate, continue)."""
     p.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="work size (default: the model's)")
     p.add_argument("--model", metavar="DIR", help="pipeline bundle directory (default: the shipped model)")
+    p.add_argument("--allow-nonfinite-weights", action="store_true", help=NONFINITE_HELP)
     p.add_argument("--text-encoder", metavar="NAME_OR_PATH", help="override the bundle's text encoder")
     p.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
     if progress:
@@ -136,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder, or amd/Instella-T2I once in the Hugging Face cache) (default: the shipped model)")
     g.add_argument("--text-encoder", metavar="NAME_OR_PATH",
                    help="override the bundle's text encoder (e.g. amd/AMD-OLMo-1B or a local path)")
+    g.add_argument("--allow-nonfinite-weights", action="store_true", help=NONFINITE_HELP)
     g.add_argument("--generator", choices=generator_kinds(), default="diffusion")
     _add_sampling_options(g)
     g.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed + i")
@@ -161,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", metavar="WEIGHTS", help=".safetensors or .pt ({'module': ...})")
     c.add_argument("--out", required=True, metavar="DIR")
     c.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32", help="precision the weights are stored in")
+    c.add_argument("--allow-nonfinite-weights", action="store_true", help=NONFINITE_HELP)
     c.add_argument("--scale", type=_reference_scale, metavar="N|none",
                    help="tokenizer only: reference size in pixels for positions (the release's set_scale), or none; "
                         "default: the config's \"scale\", or the release's inference value when the key is absent")

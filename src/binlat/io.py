@@ -1,4 +1,5 @@
-"""Safe file handling: atomic writes, strict safetensors loading with errors that name the problem."""
+"""Safe file handling: atomic writes, strict safetensors loading with errors that name the problem, and weights
+checked for their values."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+
+# What weights may be stored as: fp8 (and other sub-16-bit formats), integers and booleans are refused, not cast.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class WeightsError(ValueError):
@@ -97,9 +102,40 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                     name: Callable[[str], str] = str) -> None:
+                     name: Callable[[str], str] = str, allow_nonfinite: bool = False) -> None:
     """Raise WeightsError naming every missing, unexpected or wrongly shaped key (shown through `name`, e.g. as
-    the key the user's file calls it)."""
+    the key the user's file calls it), then the first tensor whose values cannot be loaded (`check_values`)."""
+    _check_keys(model, state, source, name)
+    check_values(state, source, name, allow_nonfinite)
+
+
+def check_values(state: Mapping[str, torch.Tensor], source: str, name: Callable[[str], str] = str,
+                 allow_nonfinite: bool = False) -> None:
+    """Raise WeightsError naming the first tensor (in key order) that is not stored as float32, float16, bfloat16
+    or float64 (an integer, boolean or fp8 tensor would be cast silently), or, unless `allow_nonfinite`, that holds
+    NaN or infinite values (which give black or noise images with no error)."""
+    for key in sorted(state):
+        tensor = state[key]
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise WeightsError(f"{source}: tensor {name(key)} is stored as {str(tensor.dtype).removeprefix('torch.')}"
+                               f"; weights must be float32, float16 or bfloat16 (nothing is cast from integers, "
+                               f"booleans or fp8)")
+        if not allow_nonfinite and not _all_finite(tensor):
+            flat = tensor.reshape(-1)
+            nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
+            raise WeightsError(f"{source}: tensor {name(key)} holds {nan} NaN and {inf} infinite value(s) of "
+                               f"{flat.numel()}; refusing non-finite weights (allow_nonfinite=True, or "
+                               f"--allow-nonfinite-weights, loads them anyway)")
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """In slices, so a memory-mapped gigabyte tensor costs a small temporary, not one byte per element at once."""
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                name: Callable[[str], str]) -> None:
     expected = model.state_dict()
     missing = sorted(name(k) for k in set(expected) - set(state))
     unexpected = sorted(name(k) for k in set(state) - set(expected))
@@ -120,3 +156,4 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
 def _short(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return f"[{shown}{f', … (+{len(items) - limit} more)' if len(items) > limit else ''}]"
+

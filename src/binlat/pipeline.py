@@ -189,11 +189,13 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, text_encoder: str | TextEncoder | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        release_config: dict[str, Any] | str | Path | None = None) -> Pipeline:
+                        release_config: dict[str, Any] | str | Path | None = None,
+                        allow_nonfinite: bool = False) -> Pipeline:
         """`path`: a bundle directory, a Hub id of one, or the Instella-T2I release (its download folder or
         `amd/Instella-T2I`), which is converted once into a cached bundle (binlat.release); `release_config`
         overrides the release's architecture as `convert-official --release-config` does. Generators are loaded
-        on first use."""
+        on first use. Non-float or non-finite weights are refused (WeightsError naming the tensor) when each part
+        loads; `allow_nonfinite=True` loads NaN and infinite values anyway."""
         from .release import resolve_pipeline_dir
         directory = resolve_pipeline_dir(path, release_config)
         index = directory / INDEX_NAME
@@ -210,10 +212,12 @@ class Pipeline:
         if not isinstance(text_encoder, TextEncoder):
             text_encoder = TextEncoder(text_encoder or config.text_encoder, max_length=config.text_max_length,
                                        device=device)
-        tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype)
+        tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype,
+                                                    allow_nonfinite=allow_nonfinite)
         networks = {k: registry.generator(k).network for k in config.generators}
         loaders = {k: (network.read_config(directory / k),
-                       functools.partial(network.from_pretrained, directory / k, device=device, dtype=dtype))
+                       functools.partial(network.from_pretrained, directory / k, device=device, dtype=dtype,
+                                         allow_nonfinite=allow_nonfinite))
                    for k, network in networks.items()}
         return cls(tokenizer, text_encoder, config=config, loaders=loaders)
 

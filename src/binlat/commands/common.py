@@ -42,7 +42,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def load_pipeline(model: str | None, text_encoder: str | None):
+def load_pipeline(model: str | None, text_encoder: str | None, allow_nonfinite: bool = False):
     from ..pipeline import Pipeline, default_model_dir
     path = model or default_model_dir()
     if path is None:
@@ -52,7 +52,7 @@ def load_pipeline(model: str | None, text_encoder: str | None):
         return Pipeline.random_tiny(text_encoder=TextEncoder(text_encoder) if text_encoder else None)
     if not Path(path).is_dir() and str(path).count("/") != 1:  # "org/name" may be a Hub id
         raise CLIError(f"model directory {path} does not exist (pass --model DIR with a binlat bundle)")
-    return Pipeline.from_pretrained(path, text_encoder=text_encoder)
+    return Pipeline.from_pretrained(path, text_encoder=text_encoder, allow_nonfinite=allow_nonfinite)
 
 
 def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:

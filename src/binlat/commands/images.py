@@ -14,7 +14,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         require_bf16("cpu", "bfloat16 generation", fix="use --dtype float32")
     prompts = read_prompts(args)
     out = output_dir(args.out)
-    pipe = load_pipeline(args.model, args.text_encoder)
+    pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     resolve_sampling(pipe, args.generator, args)
     if args.dtype != "float32":
         import torch
@@ -55,7 +55,7 @@ def _image_job(args: argparse.Namespace, generator_for):
     on (`generator_for(pipe.generators)`), with the sampling options left out taken from the pipeline for it."""
     out = output_dir(args.out)
     image = input_image(args.image)
-    pipe = load_pipeline(args.model, args.text_encoder)
+    pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     kind = generator_for(pipe.generators)
     resolve_sampling(pipe, kind, args)
     return out, image, pipe, kind, args.size or (None, None)
@@ -81,7 +81,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     from ..io import atomic_write_bytes
     out = output_dir(args.out)
     image_a, image_b = input_image(args.image_a), input_image(args.image_b)
-    pipe = load_pipeline(args.model, args.text_encoder)
+    pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     height, width = args.size or (None, None)
     frames = interpolate(pipe, image_a, image_b, steps=args.steps, seed=args.seed, height=height, width=width)
     records = [{"kind": "interpolate", "a": str(args.image_a), "b": str(args.image_b), "frame": k,
