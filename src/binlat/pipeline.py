@@ -24,7 +24,7 @@ from .config import ConfigError, config_from_dict, config_to_dict
 from .generators import GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
-from .processes.common import check_sampling_args, make_generators
+from .processes.common import check_sampling_args, check_seed, make_generators
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
 
@@ -55,6 +55,9 @@ class PipelineConfig:
         bad = [g for g in self.generators if g not in kinds]
         if bad or not self.generators:
             raise ValueError(f"generators must name one or both of {kinds}, got {list(self.generators)}")
+        if not isinstance(self.sampling, dict):
+            raise ValueError(f"sampling must be an object of generator kinds {kinds} mapping to settings, "
+                             f"got {self.sampling!r:.80}")
         for kind, settings in self.sampling.items():
             if kind not in kinds or not isinstance(settings, dict):
                 raise ValueError(f"sampling: keys are generator kinds {kinds} mapping to settings, "
@@ -329,7 +332,7 @@ class Pipeline:
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"
         width = height if width is None else width
         self.tokenizer.check_size(height, width)
-        base = secrets.randbelow(2**31) if seed is None else int(seed)
+        base = secrets.randbelow(2**31) if seed is None else check_seed(seed, len(prompts))
         seeds = [base + i for i in range(len(prompts))]
 
         cond_all, uncond = self.encode_prompts(prompts)

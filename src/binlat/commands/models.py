@@ -63,6 +63,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as e:
         raise CLIError(f"--sampling: not valid JSON ({e.msg}); "
                        f"e.g. '{{\"diffusion\": {{\"guidance_scale\": 3}}}}'") from None
+    if not isinstance(sampling, dict):
+        raise CLIError(f"--sampling: expected a JSON object of generator kinds, e.g. "
+                       f"'{{\"diffusion\": {{\"guidance_scale\": 3}}}}', got {type(sampling).__name__} {args.sampling}")
     tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
     parts = {k: generator(k).network.from_pretrained(path) for k, path in given.items()}
     encoder = TextEncoder(args.text_encoder)
