@@ -1,19 +1,24 @@
-"""Safe file handling: atomic writes, strict safetensors loading with errors that name the problem, and weights
-checked for their values."""
+"""Safe file handling: atomic writes, strict safetensors loading with errors that name the problem, weights checked
+for their values, and append-only JSONL logs that a killed writer cannot break."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 
+log = logging.getLogger("binlat.io")
 # What weights may be stored as: fp8 (and other sub-16-bit formats), integers and booleans are refused, not cast.
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -157,3 +162,56 @@ def _short(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return f"[{shown}{f', … (+{len(items) - limit} more)' if len(items) > limit else ''}]"
 
+
+# --- append-only JSONL logs (metrics.jsonl, metadata.jsonl, probes.jsonl) ---------------------------------------
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append one line per row under an exclusive lock, in one write, and fsync: concurrent writers (two generate
+    runs into one folder) never interleave. A torn last line, left by a writer killed mid-write, is cut off first
+    (with a warning naming the file), so it never becomes a bad line in the middle of the log."""
+    path = Path(path)
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            keep = _complete_length(fd, size)
+            os.ftruncate(fd, keep)
+            log.warning("%s: cut off a torn last line (%d bytes, left by an interrupted write)", path, size - keep)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _complete_length(fd: int, size: int, block: int = 1 << 16) -> int:
+    """Bytes up to and including the file's last newline (0 when it has none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        at = os.pread(fd, end - start, start).rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return 0
+
+
+def read_jsonl(path: str | Path, numbered: bool = False) -> list[Any]:
+    """Every row of an append-only JSONL log (blank lines skipped), with `numbered` as (line number, row) pairs.
+    An unparseable last line is what a writer killed mid-write leaves: it is skipped with a warning naming the file.
+    An unparseable line before it is damage: a ValueError naming the file and the line."""
+    path = Path(path)
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as editors may add
+    lines = [(n, raw) for n, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line.decode("utf-8"))
+            rows.append((n, row) if numbered else row)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8 at byte {e.start}"
+            if i < len(lines) - 1:
+                raise ValueError(f"{path} line {n}: not valid JSON ({why}); only a torn last line is skipped"
+                                 ) from None
+            log.warning("%s line %d: skipped a torn last line (an interrupted write): %.60r", path, n, line)
+    return rows

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..io import WeightsError, load_safetensors
+from ..io import WeightsError, load_safetensors, read_jsonl
 
 log = logging.getLogger("binlat.train")
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -80,7 +80,7 @@ def plot_losses(run_dir: Path) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in read_jsonl(path) if isinstance(r, dict) and "step" in r]
     if not rows:
         return
     import matplotlib

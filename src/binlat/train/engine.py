@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..config import config_to_dict
 from ..eval.reconstruction import psnr_of_mse
 from ..hardware import require_bf16
-from ..io import atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors, save_safetensors
+from ..io import append_jsonl, atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors, save_safetensors
 from .checkpoints import clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses
 from .config import TrainConfig
 from .sharding import full_model_state, full_optimizer_state, load_optimizer_state
@@ -287,8 +287,7 @@ class Trainer:
     def _log(self, metrics: dict[str, float]) -> None:
         self.acc.log(metrics, step=self.step)
         if self.acc.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+            append_jsonl(self.run_dir / "metrics.jsonl", [{"step": self.step, **metrics}])
 
     def _samples(self, shadow: dict[str, torch.Tensor] | None = None) -> None:
         model = self.ema_model(shadow)
