@@ -322,6 +322,20 @@ class Pipeline:
                  progress: bool = True) -> PipelineOutput:
         """Generate one image per prompt. Image i uses seed `seed + i`, so it can be regenerated alone.
         Sampling settings left as None take the bundle's tuned ones (`config.sampling`), else the built-ins."""
+        parts = list(self.batches(prompts, generator, num_steps=num_steps, guidance_scale=guidance_scale,
+                                  temperature=temperature, rho=rho, protocol=protocol, seed=seed, height=height,
+                                  width=width, batch_size=batch_size, return_bits=return_bits, progress=progress))
+        return PipelineOutput(images=[im for p in parts for im in p.images], seeds=[s for p in parts for s in p.seeds],
+                              prompts=[t for p in parts for t in p.prompts],
+                              bits=torch.cat([p.bits for p in parts]) if return_bits else None)
+
+    def batches(self, prompts: str | Sequence[str], generator: str = "diffusion", *, num_steps: int | None = None,
+                guidance_scale: float | None = None, temperature: float | None = None, rho: float | None = None,
+                protocol: int | None = None, seed: int | None = None, height: int | None = None,
+                width: int | None = None, batch_size: int = 8, return_bits: bool = False,
+                progress: bool = True) -> Iterator[PipelineOutput]:
+        """What __call__ makes, one PipelineOutput per batch of `batch_size` prompts as soon as it is decoded (for
+        writing images as they come). Every argument is checked here, before the first batch is asked for."""
         prompts = check_prompts(prompts)
         if generator not in self.generators:
             raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
@@ -333,24 +347,25 @@ class Pipeline:
         width = height if width is None else width
         self.tokenizer.check_size(height, width)
         base = secrets.randbelow(2**31) if seed is None else check_seed(seed, len(prompts))
-        seeds = [base + i for i in range(len(prompts))]
+        return self._batches(prompts, generator, settings, base, height, width, batch_size, return_bits, progress)
 
+    def _batches(self, prompts: list[str], generator: str, settings: dict[str, Any], base: int, height: int,
+                 width: int, batch_size: int, return_bits: bool, progress: bool) -> Iterator[PipelineOutput]:
+        seeds = [base + i for i in range(len(prompts))]
         cond_all, uncond = self.encode_prompts(prompts)
         layers = self.text_layers(generator)
         network = self.generators[generator]
         kind = registry.generator(generator)
         process, sampling = self.process(generator), kind.sampling(settings)
         device = next(network.parameters()).device
-        images, all_bits = [], []
         for start in range(0, len(prompts), batch_size):
             rows = list(range(start, min(start + batch_size, len(prompts))))
             cond = cond_all.index(rows).select(layers)
             gens = make_generators([seeds[i] for i in rows], device)
             bits = process.sample(network, cond, uncond.select(layers), gens, sampling, progress=progress)
-            images += self.decode(bits, height, width)
-            all_bits.append(bits.to(torch.uint8).cpu())
-        return PipelineOutput(images=images, seeds=seeds, prompts=prompts,
-                              bits=torch.cat(all_bits) if return_bits else None)
+            yield PipelineOutput(images=self.decode(bits, height, width), seeds=[seeds[i] for i in rows],
+                                 prompts=[prompts[i] for i in rows],
+                                 bits=bits.to(torch.uint8).cpu() if return_bits else None)
 
 
 def default_model_dir() -> Path | None:
