@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from tqdm.auto import tqdm
 from ..config import config_to_dict
 from ..eval.reconstruction import psnr_of_mse
 from ..hardware import require_bf16
-from ..io import append_jsonl, atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors, save_safetensors
-from .checkpoints import clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses
+from ..io import (WeightsError, append_jsonl, atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors,
+                  save_safetensors)
+from .checkpoints import (CheckpointError, clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses,
+                          read_state)
 from .config import TrainConfig
 from .sharding import full_model_state, full_optimizer_state, load_optimizer_state
 from .data import IndexedData, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
@@ -109,11 +112,9 @@ class Trainer:
             root = logging.getLogger("binlat")
             root.setLevel(logging.INFO)
             root.addHandler(self._log_handler)
-        if resume == "auto":  # continue when the run folder has a checkpoint, else start fresh
-            resume = "latest" if list_checkpoints(self.run_dir) else None
         if resume:
             try:
-                self._load(self._resolve_resume(resume))
+                self._resume(resume)
             except BaseException:
                 self.close()
                 raise
@@ -335,29 +336,57 @@ class Trainer:
         acc.wait_for_everyone()
         return target
 
-    def _resolve_resume(self, resume: str) -> Path:
-        if resume == "latest":
-            found = list_checkpoints(self.run_dir)
-            if not found:
-                raise FileNotFoundError(f"--resume latest: no checkpoint under {self.run_dir / 'checkpoints'}")
-            return found[-1]
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no state.json)")
-        return path
+    def _resume(self, resume: str) -> None:
+        """`resume`: a checkpoint folder, "latest" (the run's newest intact checkpoint) or "auto" (the same, or a
+        fresh start when the run has no checkpoint). A damaged newer checkpoint (a missing or corrupt file, a bad
+        state.json) is passed over for the one before it, with a warning naming it and why."""
+        if resume not in ("latest", "auto"):
+            path = Path(resume)
+            if not (path / "state.json").is_file():
+                raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no state.json)")
+            self._load(path)
+            return
+        found = list_checkpoints(self.run_dir)
+        if not found:
+            if resume == "auto":  # a fresh run
+                return
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {self.run_dir / 'checkpoints'}")
+        damaged = []
+        for path in reversed(found):
+            try:
+                self._load(path)
+            except (CheckpointError, WeightsError) as e:
+                damaged.append(path.name)
+                self._warn(f"--resume {resume}: skipping damaged checkpoint {path.name} ({e})")
+                continue
+            if damaged:
+                self._warn(f"--resume {resume}: resumed from {path.name}, the newest intact checkpoint")
+            return
+        raise CheckpointError(f"--resume {resume}: no intact checkpoint under {self.run_dir / 'checkpoints'}: "
+                              f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged (the warnings "
+                              f"above and log.txt say why)")
+
+    def _warn(self, message: str) -> None:
+        """A warning the user should see now: log.txt, and one line on stderr from the main process."""
+        log.warning("%s", message)
+        if self.acc.is_main_process:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def _load(self, path: Path) -> None:
-        state = json.loads((path / "state.json").read_text())
-        if state.get("kind") != self.cfg.kind:
-            raise ValueError(f"{path} is a {state.get('kind')} checkpoint, not {self.cfg.kind}")
+        """Every file is read and checked before anything is changed, so a damaged checkpoint leaves the fresh
+        model as it was (the caller may go on to an older one)."""
+        state = read_state(path)
+        if state["kind"] != self.cfg.kind:
+            raise ValueError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
         model_state = load_safetensors(path / "model.safetensors")
         ema_state = load_safetensors(path / "ema.safetensors")
         check_state_dict(self.model, model_state, str(path / "model.safetensors"))
         check_state_dict(self.model, ema_state, str(path / "ema.safetensors"))
+        optimizer_state = load_torch_state(path / "optimizer.pt")
+        self.task.load_extra(path)
         self.model.load_state_dict(model_state)
         self.ema.shadow = ema_state
-        self._optimizer_state = load_torch_state(path / "optimizer.pt")
-        self.task.load_extra(path)
+        self._optimizer_state = optimizer_state
         self.task.load_state(state.get("task", {}))
         if state.get("numerics", numerics()) != numerics():
             # Float kernels round differently across CPUs, thread counts and torch builds: training continues
