@@ -87,6 +87,9 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two squares",
                                                                 "a blue triangle to the left of a green circle"])
     max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
+    # Samples skipped in a row (unreadable, corrupt) before the run stops naming the data: data that is all bad
+    # would otherwise loop for ever.
+    max_consecutive_skips: int = 1000
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # add "wandb" if installed
     tokenizer: TokenizerTraining = field(default_factory=TokenizerTraining)
     generator: GeneratorTraining = field(default_factory=GeneratorTraining)
@@ -96,7 +99,7 @@ class TrainConfig:
         if self.kind not in kinds:
             raise ValueError(f"kind must be {', '.join(kinds[:-1])} or {kinds[-1]}, got {self.kind!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "save_every", "keep_last", "log_every", "image_size",
-                     "max_bad_steps"):
+                     "max_bad_steps", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self._check_numbers()

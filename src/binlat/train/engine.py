@@ -31,7 +31,7 @@ from .checkpoints import (CheckpointError, clean_leftovers, list_checkpoints, lo
                           read_state)
 from .config import TrainConfig
 from .sharding import full_model_state, full_optimizer_state, load_optimizer_state
-from .data import IndexedData, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
+from .data import IndexedData, SkipGuard, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
 from .schedule import EMA, lr_at
 
 log = logging.getLogger("binlat.train")
@@ -149,27 +149,48 @@ class Trainer:
         sampler = StepBatches(self.step, self.cfg.max_steps, self.per_process, self.acc.num_processes,
                               self.acc.process_index, self.cfg.grad_accum)
         self.data = data
-        return DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
+        return self._guarded(loader, SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips, data.length))
+
+    @staticmethod
+    def _guarded(loader, guard: SkipGuard):
+        for batch in loader:
+            if len(batch["index"]):
+                guard.read()
+            else:
+                guard.skipped(batch.get("skipped", []))
+            yield batch
 
     def _stream(self, source):
         """Streaming data (folders, manifests, WebDataset shards) has no random access: each process reads its own
-        split in order, and indices count samples as they come (resume restarts the stream)."""
+        split in order, and indices count samples as they come (resume restarts the stream). It ends only with
+        the run, or with an UnreadableDataError when samples are skipped too long in a row or a whole pass has
+        none."""
         loader = DataLoader(SkipReports(source), batch_size=self.per_process, num_workers=self.cfg.num_workers,
                             collate_fn=lambda s: [x for x in s if x is not None])
         first = self.step * self.cfg.batch_size + self.acc.process_index * self.per_process
         stride = self.per_process * self.acc.num_processes
+        guard = SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips)
         skipped: list[str] = []
         while True:
-            for n, samples in enumerate(loader):
-                skipped += [m for x in samples for m in x.pop("skipped", ())]
-                samples = [x for x in samples if x]  # a lone skip marker is empty now
+            batches = good = skips = 0
+            for batches, samples in enumerate(loader, start=1):  # every loader batch takes its share of indices
+                for x in samples:  # in stream order: a sample's skips came before it
+                    news = x.pop("skipped", [])
+                    guard.skipped(news)
+                    skipped += news
+                    skips += len(news)
+                    if x:  # a lone skip marker is empty now
+                        guard.read()
+                samples = [x for x in samples if x]
                 if not samples:
                     continue
-                start = first + n * stride
+                start, good = first + (batches - 1) * stride, good + len(samples)
                 batch = collate([{**x, "index": start + i} for i, x in enumerate(samples)])
                 batch["skipped"], skipped = skipped, []
                 yield batch
-            first += stride * (n + 1)
+            guard.end_of_pass(good, skips)
+            first += stride * batches
 
     # --- loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -210,6 +231,16 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             self.skips.add(batch.pop("skipped", []))
+            if self._no_samples(batch):
+                # Indexed data whose every sample here was skipped: no process trains on this step (under DDP all
+                # must run the same backward passes). Its other micro-batches are drawn all the same, so every
+                # later step keeps its samples.
+                for _ in range(micro + 1, cfg.grad_accum):
+                    self.skips.add(next(batches).pop("skipped", []))
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                log.warning("step %d: no readable sample in a micro-batch, step skipped", self.step)
+                return None
             gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
             ctx = acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
@@ -247,6 +278,11 @@ class Trainer:
         self.ema.update(acc.unwrap_model(self.model), self.step)
         totals["lr"] = lr
         return totals
+
+    def _no_samples(self, batch: dict) -> bool:
+        """Whether any process's micro-batch is empty (all processes take part, and agree)."""
+        empty = torch.tensor(float(len(batch["index"]) == 0), device=self.acc.device)
+        return bool(self.acc.reduce(empty, reduction="sum") > 0)
 
     def _train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
