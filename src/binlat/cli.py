@@ -15,7 +15,10 @@ from .commands.evaluation import cmd_bench, cmd_eval
 from .commands.images import cmd_continue, cmd_edit, cmd_generate, cmd_interpolate, cmd_serve
 from .commands.models import cmd_bundle, cmd_conformance, cmd_convert_official
 from .commands.training import cmd_export, cmd_params, cmd_precompute, cmd_probe, cmd_train
+from .processes.common import MAX_STEPS, SEED_LIMIT
 from .registry import generator_kinds, model_kinds, release_kinds
+
+MAX_FRAMES = 1000  # interpolate --steps
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,16 +28,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
-    return parse
+def _positive_int(name: str, high: int | None = None):
+    return _at_least(name, 1, high)
+
+
+def _seed(text: str) -> int:
+    """--seed: image i uses seed + i, and torch takes seeds in [0, 2**64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seed must be an integer in [0, 2**64 - 1], got {text}")
+    return value
 
 
 def _number(name: str, low: float, inclusive: bool = True):
@@ -83,7 +89,7 @@ def _unit_interval(name: str):
     return parse
 
 
-def _at_least(name: str, low: int):
+def _at_least(name: str, low: int, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -91,12 +97,14 @@ def _at_least(name: str, low: int):
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{name} must be at most {high}, got {value}")
         return value
     return parse
 
 
 SAMPLING_OPTIONS = {  # option -> (argparse type, help); the Pipeline setting each gives is SAMPLING_SETTINGS's
-    "steps": (_positive_int("steps"), "diffusion steps"),
+    "steps": (_positive_int("steps", MAX_STEPS), "diffusion steps"),
     "cfg": (_number("guidance scale", 0.0), "guidance scale w"),
     "temperature": (_number("temperature", 0.0), "sampling temperature; 0 thresholds"),
     "rho": (_number("rho", 0.0, inclusive=False), "time-step spacing exponent"),
@@ -114,10 +122,14 @@ def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_
                             help=f"{text} (default: the model's setting, else {default})")
 
 
+NONFINITE_HELP = "load weights holding NaN or infinite values (refused by default, naming the tensor)"
+
+
 def _add_image_job_options(p: argparse.ArgumentParser, progress: bool = True) -> None:
     """Options shared by the commands that load a pipeline and write images (edit, interpolate, continue)."""
     p.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="work size (default: the model's)")
     p.add_argument("--model", metavar="DIR", help="pipeline bundle directory (default: the shipped model)")
+    p.add_argument("--allow-nonfinite-weights", action="store_true", help=NONFINITE_HELP)
     p.add_argument("--text-encoder", metavar="NAME_OR_PATH", help="override the bundle's text encoder")
     p.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
     if progress:
@@ -136,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder, or amd/Instella-T2I once in the Hugging Face cache) (default: the shipped model)")
     g.add_argument("--text-encoder", metavar="NAME_OR_PATH",
                    help="override the bundle's text encoder (e.g. amd/AMD-OLMo-1B or a local path)")
+    g.add_argument("--allow-nonfinite-weights", action="store_true", help=NONFINITE_HELP)
     g.add_argument("--generator", choices=generator_kinds(), default="diffusion")
     _add_sampling_options(g)
-    g.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed + i")
+    g.add_argument("--seed", type=_seed, default=None, help="base seed; image i uses seed + i")
     g.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="image size in pixels")
     g.add_argument("--batch-size", type=_positive_int("batch size"), default=8)
     g.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
@@ -161,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", metavar="WEIGHTS", help=".safetensors or .pt ({'module': ...})")
     c.add_argument("--out", required=True, metavar="DIR")
     c.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32", help="precision the weights are stored in")
+    c.add_argument("--allow-nonfinite-weights", action="store_true", help=NONFINITE_HELP)
     c.add_argument("--scale", type=_reference_scale, metavar="N|none",
                    help="tokenizer only: reference size in pixels for positions (the release's set_scale), or none; "
                         "default: the config's \"scale\", or the release's inference value when the key is absent")
@@ -204,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--max-samples", type=_positive_int("max samples"), help="required for endless data (shapes)")
     pc.add_argument("--shard-size", type=_positive_int("shard size"), default=1024)
     pc.add_argument("--batch-size", type=_positive_int("batch size"), default=32)
-    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--seed", type=_seed, default=0)
     pc.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME_OR_PATH")
     pc.add_argument("--text-max-length", type=_positive_int("text max length"), default=128)
     pc.add_argument("--text-layers", metavar="I,J,...", help="also store these text-encoder layers")
@@ -245,15 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--strength", type=_unit_interval("strength"), default=0.6,
                     help="how far to noise the image's bits: 0 keeps it, 1 ignores it (default 0.6)")
     _add_sampling_options(ed)
-    ed.add_argument("--seed", type=int, default=None)
+    ed.add_argument("--seed", type=_seed, default=None)
     _add_image_job_options(ed)
     ed.set_defaults(func=cmd_edit)
 
     ip = sub.add_parser("interpolate", help="a strip of images switching bit by bit from image A to image B")
     ip.add_argument("image_a", metavar="A")
     ip.add_argument("image_b", metavar="B")
-    ip.add_argument("--steps", type=_at_least("steps", 2), default=8, help="frames, A and B included (default 8)")
-    ip.add_argument("--seed", type=int, default=0, help="order in which bits switch (default 0)")
+    ip.add_argument("--steps", type=_at_least("steps", 2, MAX_FRAMES), default=8,
+                    help=f"frames, A and B included (default 8, at most {MAX_FRAMES})")
+    ip.add_argument("--seed", type=_seed, default=0, help="order in which bits switch (default 0)")
     _add_image_job_options(ip, progress=False)
     ip.set_defaults(func=cmd_interpolate)
 
@@ -263,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--keep-tokens", type=_at_least("keep tokens", 0), required=True, metavar="K",
                     help="tokens of the image to keep (0 .. the model's token count)")
     _add_sampling_options(co, ("cfg", "temperature"))
-    co.add_argument("--seed", type=int, default=None)
+    co.add_argument("--seed", type=_seed, default=None)
     _add_image_job_options(co)
     co.set_defaults(func=cmd_continue)
 
@@ -320,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--generator", choices=generator_kinds(), default="diffusion")
     es.add_argument("--per-category", type=_positive_int("per category"), default=64)
     _add_sampling_options(es)
-    es.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i (default 0)")
+    es.add_argument("--seed", type=_seed, default=0, help="prompt-set seed; image i uses seed + i (default 0)")
     es.add_argument("--size", type=_positive_int("size"), help="image side (default: the model's; 64 for renders)")
     es.add_argument("--ground-truth", action="store_true",
                     help="judge renders of each prompt through the tokenizer instead of generating (its ceiling)")

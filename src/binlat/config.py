@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -13,6 +14,25 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config file or dict that does not describe a valid config."""
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """Raise ValueError naming `name` unless `value` is a finite number (an integer with `integer`) in the range:
+    `low`/`high` inclusive unless `low_open`/`high_open`; None leaves that side open."""
+    kind = "an integer" if integer else "a finite number"
+    def show(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+    bounds = [f"{'>' if low_open else '>='} {show(low)}" if low is not None else "",
+              f"{'<' if high_open else '<='} {show(high)}" if high is not None else ""]
+    want = f"{name} must be {kind}" + (f" {' and '.join(b for b in bounds if b)}" if any(bounds) else "")
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ValueError(f"{want}, got {value!r}")
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{want}, got {value}")
+    if (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high)):
+        raise ValueError(f"{want}, got {value}")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -58,7 +78,13 @@ def _check(value: Any, hint: Any, name: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{name}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past the float range
+            raise ConfigError(f"'{name}' must be a finite number, got {value!r:.40}") from None
+        if not math.isfinite(value):  # JSON's NaN / Infinity, which Python's json reads
+            raise ConfigError(f"'{name}' must be a finite number, got {value}")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"'{name}' must be a string, got {value!r}")

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import registry
 from .pipeline import Pipeline, PipelineOutput, check_prompts
-from .processes.common import make_generators
+from .processes.common import check_seed, make_generators
 
 # Decoded pixel budget for an input image (a small PNG can claim a huge canvas).
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
@@ -148,13 +148,11 @@ def unpack_bits_hex(text: str, num_tokens: int, num_bits: int) -> torch.Tensor:
 
 
 # --- argument checks ----------------------------------------------------------------------------------------
-def resolve_seed(seed: int | None) -> int:
-    """The given seed, or a fresh random one when None."""
+def resolve_seed(seed: int | None, count: int = 1) -> int:
+    """The given seed (checked as the first of `count` consecutive ones), or a fresh random one when None."""
     if seed is None:
         return secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    return seed
+    return check_seed(seed, count)
 
 
 def _check_count(name: str, value: int, low: int) -> int:
@@ -234,7 +232,7 @@ def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6,
     _check_count("number of images", num_images, 1)
     _check_generator(pipe, kind)
     height, width = _target_size(pipe, height, width)
-    base = resolve_seed(seed)
+    base = resolve_seed(seed, num_images)
     seeds = [base + i for i in range(num_images)]
 
     x0 = image_bits(pipe, image, height, width).expand(num_images, -1, -1).contiguous()
@@ -311,7 +309,7 @@ def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: in
         raise ValueError(f"keep_tokens must be an integer in [0, {num_tokens}] (the image has {num_tokens} tokens), "
                          f"got {keep_tokens!r}")
     height, width = _target_size(pipe, height, width)
-    base = resolve_seed(seed)
+    base = resolve_seed(seed, num_images)
     seeds = [base + i for i in range(num_images)]
 
     x0 = image_bits(pipe, image, height, width).expand(num_images, -1, -1).contiguous()

@@ -115,7 +115,9 @@ class ModelMixin:
     @classmethod
     def from_pretrained(cls: type[M], pretrained_model_name_or_path: str | Path, *,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        **hub_kwargs: Any) -> M:
+                        allow_nonfinite: bool = False, **hub_kwargs: Any) -> M:
+        """Weights stored as anything but float32/float16/bfloat16, or holding NaN or infinite values, are a
+        WeightsError naming the tensor; `allow_nonfinite=True` loads non-finite values anyway."""
         directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
         config = cls._config_in(directory)
         # Built on the meta device and handed the file's tensors, which safetensors memory-maps, rather than
@@ -123,7 +125,7 @@ class ModelMixin:
         with torch.device("meta"):
             model = cls(config)
         state = load_safetensors(directory / WEIGHTS_NAME)
-        check_state_dict(model, state, str(directory / WEIGHTS_NAME))
+        check_state_dict(model, state, str(directory / WEIGHTS_NAME), allow_nonfinite=allow_nonfinite)
         expected = model.state_dict()
         # A tensor already in the wanted dtype stays the mapped one; float16 files are widened as before.
         state = {k: v.to(dtype if dtype is not None and v.is_floating_point() else expected[k].dtype)

@@ -172,23 +172,27 @@ def read_official_config(path: str | Path) -> dict[str, Any]:
 
 
 def build_official(kind: str, config_path: str | Path, weights_path: str | Path,
-                   scale: int | None | str = FROM_CONFIG) -> torch.nn.Module:
-    """Official config + weights -> a binlat model with those weights (eval mode); `scale` as in convert_config."""
+                   scale: int | None | str = FROM_CONFIG, allow_nonfinite: bool = False) -> torch.nn.Module:
+    """Official config + weights -> a binlat model with those weights (eval mode); `scale` as in convert_config.
+    Non-float or non-finite weights are a WeightsError naming the tensor (`allow_nonfinite`: NaN/inf load)."""
     registry.release_format(kind)  # an unknown kind is a ValueError naming the known ones
     _check_scale(kind, scale)  # before reading any file
     config = convert_config(kind, read_official_config(config_path), str(config_path), scale)
     model = registry.model_class(kind)(config)
     state = convert_state_dict(kind, load_official_weights(weights_path), config)
-    check_state_dict(model, state, str(weights_path), name=lambda k: official_name(kind, k, config))
+    check_state_dict(model, state, str(weights_path), name=lambda k: official_name(kind, k, config),
+                     allow_nonfinite=allow_nonfinite)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
 def convert_official(kind: str, config_path: str | Path, weights_path: str | Path, out_dir: str | Path,
-                     scale: int | None | str = FROM_CONFIG, dtype: torch.dtype | None = None) -> Path:
+                     scale: int | None | str = FROM_CONFIG, dtype: torch.dtype | None = None,
+                     allow_nonfinite: bool = False) -> Path:
     """Write a binlat model directory (config.json + model.safetensors) from an official checkpoint.
 
     A tokenizer's `scale` (reference size in pixels, None for none) overrides the config's "scale"; by default a
     config without the key gets the release's RELEASE_SCALE, as the release decodes with set_scale(1024).
     `dtype` (e.g. torch.float16) stores the weights in that precision."""
-    return build_official(kind, config_path, weights_path, scale).save_pretrained(out_dir, dtype=dtype)
+    model = build_official(kind, config_path, weights_path, scale, allow_nonfinite=allow_nonfinite)
+    return model.save_pretrained(out_dir, dtype=dtype)

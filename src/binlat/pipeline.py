@@ -24,7 +24,7 @@ from .config import ConfigError, config_from_dict, config_to_dict
 from .generators import GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
-from .processes.common import check_sampling_args, make_generators
+from .processes.common import check_sampling_args, check_seed, make_generators
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
 
@@ -55,6 +55,9 @@ class PipelineConfig:
         bad = [g for g in self.generators if g not in kinds]
         if bad or not self.generators:
             raise ValueError(f"generators must name one or both of {kinds}, got {list(self.generators)}")
+        if not isinstance(self.sampling, dict):
+            raise ValueError(f"sampling must be an object of generator kinds {kinds} mapping to settings, "
+                             f"got {self.sampling!r:.80}")
         for kind, settings in self.sampling.items():
             if kind not in kinds or not isinstance(settings, dict):
                 raise ValueError(f"sampling: keys are generator kinds {kinds} mapping to settings, "
@@ -189,11 +192,13 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, text_encoder: str | TextEncoder | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        release_config: dict[str, Any] | str | Path | None = None) -> Pipeline:
+                        release_config: dict[str, Any] | str | Path | None = None,
+                        allow_nonfinite: bool = False) -> Pipeline:
         """`path`: a bundle directory, a Hub id of one, or the Instella-T2I release (its download folder or
         `amd/Instella-T2I`), which is converted once into a cached bundle (binlat.release); `release_config`
         overrides the release's architecture as `convert-official --release-config` does. Generators are loaded
-        on first use."""
+        on first use. Non-float or non-finite weights are refused (WeightsError naming the tensor) when each part
+        loads; `allow_nonfinite=True` loads NaN and infinite values anyway."""
         from .release import resolve_pipeline_dir
         directory = resolve_pipeline_dir(path, release_config)
         index = directory / INDEX_NAME
@@ -210,10 +215,12 @@ class Pipeline:
         if not isinstance(text_encoder, TextEncoder):
             text_encoder = TextEncoder(text_encoder or config.text_encoder, max_length=config.text_max_length,
                                        device=device)
-        tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype)
+        tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype,
+                                                    allow_nonfinite=allow_nonfinite)
         networks = {k: registry.generator(k).network for k in config.generators}
         loaders = {k: (network.read_config(directory / k),
-                       functools.partial(network.from_pretrained, directory / k, device=device, dtype=dtype))
+                       functools.partial(network.from_pretrained, directory / k, device=device, dtype=dtype,
+                                         allow_nonfinite=allow_nonfinite))
                    for k, network in networks.items()}
         return cls(tokenizer, text_encoder, config=config, loaders=loaders)
 
@@ -315,6 +322,20 @@ class Pipeline:
                  progress: bool = True) -> PipelineOutput:
         """Generate one image per prompt. Image i uses seed `seed + i`, so it can be regenerated alone.
         Sampling settings left as None take the bundle's tuned ones (`config.sampling`), else the built-ins."""
+        parts = list(self.batches(prompts, generator, num_steps=num_steps, guidance_scale=guidance_scale,
+                                  temperature=temperature, rho=rho, protocol=protocol, seed=seed, height=height,
+                                  width=width, batch_size=batch_size, return_bits=return_bits, progress=progress))
+        return PipelineOutput(images=[im for p in parts for im in p.images], seeds=[s for p in parts for s in p.seeds],
+                              prompts=[t for p in parts for t in p.prompts],
+                              bits=torch.cat([p.bits for p in parts]) if return_bits else None)
+
+    def batches(self, prompts: str | Sequence[str], generator: str = "diffusion", *, num_steps: int | None = None,
+                guidance_scale: float | None = None, temperature: float | None = None, rho: float | None = None,
+                protocol: int | None = None, seed: int | None = None, height: int | None = None,
+                width: int | None = None, batch_size: int = 8, return_bits: bool = False,
+                progress: bool = True) -> Iterator[PipelineOutput]:
+        """What __call__ makes, one PipelineOutput per batch of `batch_size` prompts as soon as it is decoded (for
+        writing images as they come). Every argument is checked here, before the first batch is asked for."""
         prompts = check_prompts(prompts)
         if generator not in self.generators:
             raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
@@ -325,25 +346,26 @@ class Pipeline:
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"
         width = height if width is None else width
         self.tokenizer.check_size(height, width)
-        base = secrets.randbelow(2**31) if seed is None else int(seed)
-        seeds = [base + i for i in range(len(prompts))]
+        base = secrets.randbelow(2**31) if seed is None else check_seed(seed, len(prompts))
+        return self._batches(prompts, generator, settings, base, height, width, batch_size, return_bits, progress)
 
+    def _batches(self, prompts: list[str], generator: str, settings: dict[str, Any], base: int, height: int,
+                 width: int, batch_size: int, return_bits: bool, progress: bool) -> Iterator[PipelineOutput]:
+        seeds = [base + i for i in range(len(prompts))]
         cond_all, uncond = self.encode_prompts(prompts)
         layers = self.text_layers(generator)
         network = self.generators[generator]
         kind = registry.generator(generator)
         process, sampling = self.process(generator), kind.sampling(settings)
         device = next(network.parameters()).device
-        images, all_bits = [], []
         for start in range(0, len(prompts), batch_size):
             rows = list(range(start, min(start + batch_size, len(prompts))))
             cond = cond_all.index(rows).select(layers)
             gens = make_generators([seeds[i] for i in rows], device)
             bits = process.sample(network, cond, uncond.select(layers), gens, sampling, progress=progress)
-            images += self.decode(bits, height, width)
-            all_bits.append(bits.to(torch.uint8).cpu())
-        return PipelineOutput(images=images, seeds=seeds, prompts=prompts,
-                              bits=torch.cat(all_bits) if return_bits else None)
+            yield PipelineOutput(images=self.decode(bits, height, width), seeds=[seeds[i] for i in rows],
+                                 prompts=[prompts[i] for i in rows],
+                                 bits=bits.to(torch.uint8).cpu() if return_bits else None)
 
 
 def default_model_dir() -> Path | None:

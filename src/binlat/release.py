@@ -207,13 +207,14 @@ def find_release_files(folder: str | Path) -> dict[str, Path]:
 
 # --- conversion -------------------------------------------------------------------------------------------------
 def _write_part(kind: str, path: Path, official: dict[str, Any], source: str, out: Path,
-                dtype: torch.dtype | None) -> Any:
+                dtype: torch.dtype | None, allow_nonfinite: bool = False) -> Any:
     state = load_official_weights(path)
     config = _part_config(kind, state, official, path, source)
     converted = convert_state_dict(kind, state, config)
     with torch.device("meta"):  # only for the names and shapes: no memory, no initialisation
         model = registry.model_class(kind)(config)
-    check_state_dict(model, converted, str(path), name=lambda k: official_name(kind, k, config))
+    check_state_dict(model, converted, str(path), name=lambda k: official_name(kind, k, config),
+                     allow_nonfinite=allow_nonfinite)
     if dtype is not None:
         converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
     out.mkdir(parents=True)
@@ -223,10 +224,11 @@ def _write_part(kind: str, path: Path, official: dict[str, Any], source: str, ou
 
 
 def convert_release(folder: str | Path, out: str | Path, release_config: dict | str | Path | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, allow_nonfinite: bool = False) -> Path:
     """Write a complete binlat bundle from a download of the release: the tokenizer, whichever generators the
     download holds, and model_index.json (text encoder, its length, the release's sampling defaults). `dtype`
-    stores the weights in that precision. Nothing is written unless every part converts."""
+    stores the weights in that precision. Nothing is written unless every part converts; non-float or non-finite
+    weights are refused naming the tensor (`allow_nonfinite`: NaN/inf are converted as they are)."""
     from .pipeline import INDEX_NAME, PipelineConfig
     folder, out = Path(folder), Path(out)
     given = read_release_config(release_config)
@@ -236,9 +238,9 @@ def convert_release(folder: str | Path, out: str | Path, release_config: dict | 
     generators = tuple(k for k in GENERATOR_KINDS if k in files)
     with atomic_directory(out) as tmp:
         tok = _write_part(TOKENIZER_KIND, files[TOKENIZER_KIND], arch[PART[TOKENIZER_KIND]], source,
-                          tmp / TOKENIZER_KIND, dtype)
+                          tmp / TOKENIZER_KIND, dtype, allow_nonfinite)
         for kind in generators:
-            cfg = _write_part(kind, files[kind], arch[PART[kind]], source, tmp / kind, dtype)
+            cfg = _write_part(kind, files[kind], arch[PART[kind]], source, tmp / kind, dtype, allow_nonfinite)
             if (cfg.num_tokens, cfg.num_bits) != (tok.num_tokens, tok.num_bits):
                 raise WeightsError(f"{files[kind]}: the {kind} generator makes {cfg.num_tokens} tokens x "
                                    f"{cfg.num_bits} bits but the tokenizer ({files[TOKENIZER_KIND]}) reads "

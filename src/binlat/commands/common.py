@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -42,7 +41,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def load_pipeline(model: str | None, text_encoder: str | None):
+def load_pipeline(model: str | None, text_encoder: str | None, allow_nonfinite: bool = False):
     from ..pipeline import Pipeline, default_model_dir
     path = model or default_model_dir()
     if path is None:
@@ -52,7 +51,7 @@ def load_pipeline(model: str | None, text_encoder: str | None):
         return Pipeline.random_tiny(text_encoder=TextEncoder(text_encoder) if text_encoder else None)
     if not Path(path).is_dir() and str(path).count("/") != 1:  # "org/name" may be a Hub id
         raise CLIError(f"model directory {path} does not exist (pass --model DIR with a binlat bundle)")
-    return Pipeline.from_pretrained(path, text_encoder=text_encoder)
+    return Pipeline.from_pretrained(path, text_encoder=text_encoder, allow_nonfinite=allow_nonfinite)
 
 
 def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
@@ -90,20 +89,48 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def _next_index(out: Path) -> int:
-    taken = [int(m.group(1)) for f in out.glob("*.png") if (m := re.fullmatch(r"(\d{5,})\.png", f.name))]
-    return max(taken, default=-1) + 1
+class ImageWriter:
+    """Writes images into `out` under counter names (never from prompt text, so nothing can escape the folder),
+    each with its metadata.jsonl line, as soon as they are made.
+
+    A number is claimed by an exclusive create of a reservation file (.NNNNN.png.claim): of two runs writing into
+    one folder at once, only one gets each number, so neither overwrites the other's image and every metadata line
+    names the file its own run wrote. The PNG is then written atomically and the reservation removed."""
+
+    NAME = re.compile(r"\.?(\d{5,})\.png(?:\.claim)?")
+
+    def __init__(self, out: Path):
+        self.out = out
+        taken = [int(m.group(1)) for name in os.listdir(out) if (m := self.NAME.fullmatch(name))]
+        self.next = max(taken, default=-1) + 1
+
+    def write(self, images, records: list[dict]) -> list[str]:
+        """Write the images, then append their metadata lines in one locked write; returns the file names."""
+        from ..io import append_jsonl
+        names = [self._write_one(image) for image in images]
+        append_jsonl(self.out / "metadata.jsonl", [{"file": n, **r} for n, r in zip(names, records)])
+        return names
+
+    def _write_one(self, image) -> str:
+        from ..io import atomic_write_bytes
+        data = png_bytes(image)
+        while True:
+            n, self.next = self.next, self.next + 1
+            name = f"{n:05d}.png"
+            claim = self.out / f".{name}.claim"
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            except FileExistsError:  # another run holds this number right now
+                continue
+            try:
+                if (self.out / name).exists():  # another run wrote it and let go of its claim
+                    continue
+                atomic_write_bytes(self.out / name, data)
+                return name
+            finally:
+                claim.unlink(missing_ok=True)
 
 
 def write_results(out: Path, images, records: list[dict]) -> list[str]:
-    """Write images under counter names (never from prompt text, so nothing can escape the folder or collide)
-    and append their metadata lines."""
-    from ..io import atomic_write_bytes
-    first = _next_index(out)
-    names = [f"{first + i:05d}.png" for i in range(len(records))]
-    for name, image in zip(names, images):
-        atomic_write_bytes(out / name, png_bytes(image))
-    with open(out / "metadata.jsonl", "a", encoding="utf-8") as f:
-        for name, record in zip(names, records):
-            f.write(json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
-    return names
+    """Write images under newly claimed counter names and append their metadata lines (see ImageWriter)."""
+    return ImageWriter(out).write(images, records)

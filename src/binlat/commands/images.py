@@ -5,7 +5,8 @@ import argparse
 import sys
 
 from .. import registry
-from .common import input_image, load_pipeline, output_dir, png_bytes, read_prompts, resolve_sampling, write_results
+from .common import (ImageWriter, input_image, load_pipeline, output_dir, png_bytes, read_prompts, resolve_sampling,
+                     write_results)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -14,7 +15,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         require_bf16("cpu", "bfloat16 generation", fix="use --dtype float32")
     prompts = read_prompts(args)
     out = output_dir(args.out)
-    pipe = load_pipeline(args.model, args.text_encoder)
+    pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     resolve_sampling(pipe, args.generator, args)
     if args.dtype != "float32":
         import torch
@@ -22,23 +23,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compile:
         pipe.compile()
     height, width = args.size or (None, None)
-    result = pipe(prompts, generator=args.generator, num_steps=args.steps, guidance_scale=args.cfg,
-                  temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
-                  height=height, width=width, batch_size=args.batch_size, progress=not args.no_progress)
     steps = args.steps if registry.generator(args.generator).uses("num_steps") else None
-    records = [{"prompt": prompt, "seed": seed, "generator": args.generator, "steps": steps, "cfg": args.cfg,
-                "temperature": args.temperature, "rho": args.rho, "protocol": args.protocol,
-                "height": image.height, "width": image.width, "dtype": args.dtype,
-                "model": str(args.model or "default"), "trained": pipe.config.trained}
-               for image, prompt, seed in zip(result.images, result.prompts, result.seeds)]
-    names = write_results(out, result.images, records)
+    fixed = {"generator": args.generator, "steps": steps, "cfg": args.cfg, "temperature": args.temperature,
+             "rho": args.rho, "protocol": args.protocol}
+    writer, names, shown = ImageWriter(out), [], ([], [], [])
+    # Each batch's images and metadata lines are written as soon as it is decoded: a run stopped part way keeps
+    # what it made.
+    for part in pipe.batches(prompts, args.generator, num_steps=args.steps, guidance_scale=args.cfg,
+                             temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
+                             height=height, width=width, batch_size=args.batch_size,
+                             progress=not args.no_progress):
+        records = [{"prompt": prompt, "seed": seed, **fixed, "height": image.height, "width": image.width,
+                    "dtype": args.dtype, "model": str(args.model or "default"), "trained": pipe.config.trained}
+                   for image, prompt, seed in zip(part.images, part.prompts, part.seeds)]
+        names += writer.write(part.images, records)
+        if args.grid:
+            for kept, new in zip(shown, (part.images, part.prompts, part.seeds)):
+                kept += new
     if args.grid:
         from ..grid import contact_sheet
         from ..io import atomic_write_bytes
         name = f"grid-{names[0][:-4]}.png"
-        atomic_write_bytes(out / name, png_bytes(contact_sheet(result.images, result.prompts, result.seeds)))
+        atomic_write_bytes(out / name, png_bytes(contact_sheet(*shown)))
         print(f"wrote {out / name}")
-    print(f"wrote {len(records)} image(s) to {out} ({names[0]} .. {names[-1]}), "
+    print(f"wrote {len(names)} image(s) to {out} ({names[0]} .. {names[-1]}), "
           f"metadata in {out / 'metadata.jsonl'}")
     return 0
 
@@ -55,7 +63,7 @@ def _image_job(args: argparse.Namespace, generator_for):
     on (`generator_for(pipe.generators)`), with the sampling options left out taken from the pipeline for it."""
     out = output_dir(args.out)
     image = input_image(args.image)
-    pipe = load_pipeline(args.model, args.text_encoder)
+    pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     kind = generator_for(pipe.generators)
     resolve_sampling(pipe, kind, args)
     return out, image, pipe, kind, args.size or (None, None)
@@ -81,7 +89,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     from ..io import atomic_write_bytes
     out = output_dir(args.out)
     image_a, image_b = input_image(args.image_a), input_image(args.image_b)
-    pipe = load_pipeline(args.model, args.text_encoder)
+    pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     height, width = args.size or (None, None)
     frames = interpolate(pipe, image_a, image_b, steps=args.steps, seed=args.seed, height=height, width=width)
     records = [{"kind": "interpolate", "a": str(args.image_a), "b": str(args.image_b), "frame": k,

@@ -14,7 +14,8 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
         from ..release import convert_release
         if extra := [o for o, v in single.items() if v is not None]:
             raise CLIError(f"--release converts the whole download; drop {', '.join(extra)}")
-        out = convert_release(args.release, args.out, args.release_config, dtype=storage_dtype(args.dtype))
+        out = convert_release(args.release, args.out, args.release_config, dtype=storage_dtype(args.dtype),
+                              allow_nonfinite=args.allow_nonfinite_weights)
         print(f"wrote pipeline bundle to {out} (binlat generate PROMPT --model {out})")
         return 0
     if missing := [o for o in ("--kind", "--config", "--weights") if single[o] is None]:
@@ -24,7 +25,8 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     from ..official import convert_official
     # Not given: the config decides (official.RELEASE_SCALE when it has no "scale" key).
     scale = {} if args.scale is None else {"scale": None if args.scale == "none" else args.scale}
-    out = convert_official(args.kind, args.config, args.weights, args.out, **scale, dtype=storage_dtype(args.dtype))
+    out = convert_official(args.kind, args.config, args.weights, args.out, **scale, dtype=storage_dtype(args.dtype),
+                           allow_nonfinite=args.allow_nonfinite_weights)
     print(f"wrote {args.kind} model to {out} (load with from_pretrained)")
     return 0
 
@@ -61,6 +63,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as e:
         raise CLIError(f"--sampling: not valid JSON ({e.msg}); "
                        f"e.g. '{{\"diffusion\": {{\"guidance_scale\": 3}}}}'") from None
+    if not isinstance(sampling, dict):
+        raise CLIError(f"--sampling: expected a JSON object of generator kinds, e.g. "
+                       f"'{{\"diffusion\": {{\"guidance_scale\": 3}}}}', got {type(sampling).__name__} {args.sampling}")
     tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
     parts = {k: generator(k).network.from_pretrained(path) for k, path in given.items()}
     encoder = TextEncoder(args.text_encoder)

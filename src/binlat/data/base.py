@@ -35,6 +35,22 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_KEYS: tuple[str, ...] = ("caption", "text")
 
 Transform = Callable[..., torch.Tensor]
+SKIPS_NAMED = 20  # per reader: the first skips are logged one by one, then one line at each power of ten
+
+
+def skip_logged(count: int) -> bool:
+    """Whether the `count`-th skip of a reader is logged: the first SKIPS_NAMED, then the 100th, 1,000th, ... so
+    data that is mostly bad cannot fill the disk with log lines."""
+    if count <= SKIPS_NAMED:
+        return True
+    while count % 10 == 0:
+        count //= 10
+    return count == 1
+
+
+def skip_log_line(count: int, message: str) -> str:
+    return message if count <= SKIPS_NAMED else f"{message} ({count} samples skipped so far by this reader; " \
+                                                 f"after the first {SKIPS_NAMED} only every power of ten is logged)"
 
 
 def first_of(obj: dict[str, Any], names: Sequence[str]) -> Any:
@@ -106,7 +122,8 @@ class ImageTextDataset(IterableDataset):
     def _note_skip(self, message: str) -> None:
         """Count, log and report one skip (a sample, or the rest of a cut shard)."""
         self.skipped += 1
-        logger.warning("%s", message)
+        if skip_logged(self.skipped):
+            logger.warning("%s", skip_log_line(self.skipped, message))
         if self.on_skip is not None:
             self.on_skip(message)
 

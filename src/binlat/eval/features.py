@@ -10,7 +10,6 @@ one clear line saying what to supply, before anything heavy is loaded. ``frechet
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from ..io import read_jsonl
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception weights
@@ -79,20 +80,17 @@ def read_prompts(images: str | Path, prompts: str | Path | None) -> list[tuple[P
                              f"--prompts metadata.jsonl; {prompts} does not exist")
     prompts = Path(prompts)
     try:
-        text = prompts.read_text(encoding="utf-8-sig")
+        if prompts.suffix.lower() == ".jsonl":  # an append-only log: a torn last line is skipped with a warning
+            rows, text = read_jsonl(prompts, numbered=True), ""
+        else:
+            rows, text = [], prompts.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise OSError(f"cannot read prompts file {prompts}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"prompts file {prompts} is not valid UTF-8 (byte {e.start})") from None
     pairs: list[tuple[Path, str]] = []
     if prompts.suffix.lower() == ".jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{prompts} line {n}: invalid JSON ({e.msg})") from None
+        for n, row in rows:
             if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not isinstance(row.get("prompt"),
                                                                                                   str):
                 raise ValueError(f"{prompts} line {n}: expected an object with string 'file' and 'prompt'")

@@ -8,6 +8,7 @@ Every process keeps one calling convention, so the pipeline, the trainer and edi
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -23,6 +24,22 @@ def settings_of(cls: type[S], settings: S | None, given: dict[str, Any]) -> S:
     if settings is None:
         return cls(**given)
     return dataclasses.replace(settings, **given) if given else settings
+
+
+MAX_STEPS = 10_000  # sampling steps: far past any useful count, well before sizes overflow
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
+
+
+def check_seed(seed: Any, count: int = 1) -> int:
+    """`seed` as the first of `count` consecutive seeds: an integer with seed, ..., seed + count - 1 all in
+    [0, 2**64), or a ValueError saying so."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed <= SEED_LIMIT - max(count, 1):
+        most = f"2**64 - {count}" if count > 1 else "2**64 - 1"
+        raise ValueError(f"seed must be an integer in [0, {most}] (image i uses seed + i), got {seed}")
+    return seed
 
 
 def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -66,6 +83,8 @@ def check_sampling_args(num_steps: int | None = None, guidance_scale: float = 0.
     import math
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"steps must be an integer >= 1, got {num_steps!r}")
+    if num_steps is not None and num_steps > MAX_STEPS:
+        raise ValueError(f"steps must be at most {MAX_STEPS}, got {num_steps}")
     for name, value, low in (("guidance scale", guidance_scale, 0.0), ("temperature", temperature, 0.0)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
             raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")

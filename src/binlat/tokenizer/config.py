@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import check_number
+
 
 @dataclass
 class TokenizerConfig:
@@ -70,8 +72,8 @@ class TokenizerConfig:
                 raise ValueError(f"{name} must list distinct block indices in [0, {layers}), got {list(idx)}")
         if self.pixel_head_channels < 0:
             raise ValueError(f"pixel_head_channels must be >= 0 (0: linear head), got {self.pixel_head_channels}")
-        if self.bernoulli_temperature <= 0:
-            raise ValueError("bernoulli_temperature must be > 0")
+        check_number("bernoulli_temperature", self.bernoulli_temperature, 0, low_open=True)
+        check_number("rope_theta", self.rope_theta, 0, low_open=True)
         if self.rope_reference_size is not None and self.rope_reference_size < self.patch_size:
             raise ValueError("rope_reference_size must be at least one patch")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..io import load_safetensors
+from ..io import check_values, load_safetensors
 
 # VGG16 feature stack; LPIPS reads the ReLU after the last conv of each stage.
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -35,6 +35,7 @@ class PerceptualLoss(nn.Module):
     def __init__(self, weights_path: str | Path):
         super().__init__()
         state = load_safetensors(weights_path)
+        check_values(state, str(weights_path))
         layers, taps, channels, in_ch = [], [], [], 3
         for spec in _VGG16:
             if spec == "M":

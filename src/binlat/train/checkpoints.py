@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..io import WeightsError, load_safetensors
+from ..io import WeightsError, check_state_dict, load_safetensors, read_jsonl
+from .config import MAX_STEP  # a step count in state.json beyond this is damage, not a run
 
 log = logging.getLogger("binlat.train")
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -23,13 +24,52 @@ CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|del|old)-[^/]+$")
 
 
+STATE_KEYS = {"kind": str, "config": dict, "model_config": dict, "task": dict, "numerics": dict}
+
+
+class CheckpointError(WeightsError):
+    """A damaged checkpoint: its state.json is missing, unreadable or holds impossible values."""
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first: step-* folders with a state.json (a folder without one is a save that
+    never completed, not a checkpoint)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file()]
     return [p for _, p in sorted(found)]
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """Checkpoint `path`'s state.json, checked; a CheckpointError naming the file when it is missing, not JSON, or
+    holds values no run writes (a step that is no count, or one past MAX_STEP; a folder step-N whose step is not
+    N; a field of the wrong type)."""
+    file = path / "state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found (incomplete checkpoint?)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}); the checkpoint is damaged"
+                              ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
+    for key in ("step", "bad_steps", "skipped_steps"):
+        value = state.get(key, 0 if key == "skipped_steps" else None)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEP:
+            raise CheckpointError(f"{file}: {key} must be an integer in [0, {MAX_STEP}], got {value!r}")
+    for key, kind in STATE_KEYS.items():
+        if (key in state or key in ("kind", "model_config")) and not isinstance(state.get(key), kind):
+            raise CheckpointError(f"{file}: {key} must be a JSON {'string' if kind is str else 'object'}, "
+                                  f"got {state.get(key)!r:.60}")
+    m = CHECKPOINT_RE.match(path.name)
+    if m and int(m.group(1)) != state["step"]:
+        raise CheckpointError(f"{file}: step {state['step']} in the folder of step {int(m.group(1))}")
+    return state
 
 
 def numerics() -> dict[str, Any]:
@@ -80,7 +120,7 @@ def plot_losses(run_dir: Path) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in read_jsonl(path) if isinstance(r, dict) and "step" in r]
     if not rows:
         return
     import matplotlib
@@ -111,7 +151,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest",
     path = (found[-1] if found else run_dir / "checkpoints") if checkpoint == "latest" else Path(checkpoint)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"no checkpoint found at {path} (expected checkpoints/step-*/state.json in the run)")
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     model = model_for_export(state["kind"], state["model_config"])
-    model.load_state_dict(load_safetensors(path / "ema.safetensors"))
+    state = load_safetensors(path / "ema.safetensors")
+    check_state_dict(model, state, str(path / "ema.safetensors"))  # keys, shapes, and finite float values
+    model.load_state_dict(state)
     return model.save_pretrained(out, dtype=dtype)

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import registry
-from ..config import config_from_dict
+from ..config import check_number, config_from_dict
+from ..processes.common import MAX_STEPS
+
+MAX_STEP = 10**9  # training steps (and checkpoint steps): far past any run, well inside every counter
 
 
 @dataclass
@@ -84,6 +87,9 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two squares",
                                                                 "a blue triangle to the left of a green circle"])
     max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
+    # Samples skipped in a row (unreadable, corrupt) before the run stops naming the data: data that is all bad
+    # would otherwise loop for ever.
+    max_consecutive_skips: int = 1000
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # add "wandb" if installed
     tokenizer: TokenizerTraining = field(default_factory=TokenizerTraining)
     generator: GeneratorTraining = field(default_factory=GeneratorTraining)
@@ -92,9 +98,11 @@ class TrainConfig:
         kinds = registry.model_kinds()
         if self.kind not in kinds:
             raise ValueError(f"kind must be {', '.join(kinds[:-1])} or {kinds[-1]}, got {self.kind!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "save_every", "keep_last", "log_every", "image_size"):
+        for name in ("batch_size", "grad_accum", "max_steps", "save_every", "keep_last", "log_every", "image_size",
+                     "max_bad_steps", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_numbers()
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.mixed_precision not in ("no", "bf16"):
@@ -104,6 +112,39 @@ class TrainConfig:
         if not 0 <= self.generator.context_flip < 0.5:
             raise ValueError(f"generator.context_flip must lie in [0, 0.5), got {self.generator.context_flip}")
         self.model_config(image_size=self.image_size)  # a wrong key or value fails here, not at build time
+
+    def _check_numbers(self) -> None:
+        """Every number in range and finite (an lr of Infinity would "train" to non-finite weights and save them);
+        errors name the key as --set spells it."""
+        integers = {"max_steps": (1, MAX_STEP), "warmup_steps": (0, MAX_STEP), "save_every": (1, MAX_STEP),
+                    "log_every": (1, MAX_STEP), "sample_every": (0, MAX_STEP), "num_workers": (0, 1024),
+                    "seed": (0, 2**32 - 1), "tokenizer.gan_start": (0, MAX_STEP), "tokenizer.tau_steps": (0, MAX_STEP),
+                    "tokenizer.soft_window": (1, MAX_STEP), "tokenizer.soft_max_steps": (0, MAX_STEP),
+                    "generator.text_max_length": (1, 1 << 20), "generator.sample_steps": (1, MAX_STEPS)}
+        for name, (low, high) in integers.items():
+            check_number(name, self._get(name), low, high, integer=True)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("tokenizer.disc_lr", self.tokenizer.disc_lr, 0, low_open=True)
+        for name in ("weight_decay", "grad_clip", "tokenizer.l1_weight", "tokenizer.l2_weight",
+                     "tokenizer.gradient_weight", "tokenizer.bit_reg_weight", "tokenizer.perceptual_weight",
+                     "tokenizer.gan_weight", "tokenizer.soft_until_psnr", "generator.sample_guidance"):
+            check_number(name, self._get(name), 0)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)
+        for name in ("tokenizer.tau_start", "tokenizer.tau_end"):
+            check_number(name, self._get(name), 0, low_open=True)
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {list(self.betas)}")
+        for i, beta in enumerate(self.betas):
+            check_number(f"betas[{i}]", beta, 0, 1, high_open=True)
+        for i, size in enumerate(self.tokenizer.multires_sizes):
+            check_number(f"tokenizer.multires_sizes[{i}]", size, 1, 1 << 16, integer=True)
+
+    def _get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
 
     def model_config(self, **resolved: Any) -> Any:
         """The model's config (its kind's config class): `model` laid over `resolved`, the values the run fixes

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
+from ..data.base import skip_log_line, skip_logged
 from ..data.collate import collate  # noqa: F401 - the engine's collate_fn, shared with every data reader
 
 log = logging.getLogger("binlat.train")
@@ -54,7 +55,8 @@ class IndexedData(Dataset):
         except (OSError, ValueError) as e:
             self.failed += 1
             reports.append(f"skipping sample {index}: {e}")
-            log.warning("%s", reports[-1])
+            if skip_logged(self.failed):
+                log.warning("%s", skip_log_line(self.failed, reports[-1]))
             sample = None
         if sample is None:
             return {"skipped": reports or [f"skipping sample {index}"]}
@@ -62,24 +64,80 @@ class IndexedData(Dataset):
 
 
 class SkipReports(IterableDataset):
-    """Streams `source`, attaching the messages of the samples it skipped to the next sample ("skipped"), or after
-    the last one to a marker {"skipped": [...]}. It runs where the data is read, a DataLoader worker process too,
-    so the skips travel to the training loop with the batches (a worker's log records never reach it)."""
+    """Streams `source`, attaching the messages of the samples it skipped to the next sample ("skipped"), or to a
+    marker {"skipped": [...]} after the last one and whenever `flush_every` have piled up (so a long bad stretch
+    reaches the training loop, and its bound on skips in a row, while it lasts). It runs where the data is read, a
+    DataLoader worker process too, so the skips travel to the training loop with the batches (a worker's log
+    records never reach it)."""
 
-    def __init__(self, source: Any):
-        self.source = source
+    def __init__(self, source: Any, flush_every: int = 64):
+        self.source, self.flush_every = source, flush_every
 
     def __iter__(self):
         pending: list[str] = []
+        marker: list[dict] = []
+
+        def note(message: str) -> None:
+            pending.append(message)
+            if len(pending) >= self.flush_every:
+                marker.append({"skipped": pending[:]})
+                pending.clear()
+
         if hasattr(self.source, "on_skip"):
-            self.source.on_skip = pending.append
+            self.source.on_skip = note
         for sample in self.source:
+            yield from marker
+            marker.clear()
             if pending:
                 sample = {**sample, "skipped": pending[:]}
                 pending.clear()
             yield sample
+        yield from marker
         if pending:
             yield {"skipped": pending}
+
+
+class UnreadableDataError(OSError):
+    """The data gave no usable sample for too long (max_consecutive_skips in a row, every sample of the data, or a
+    whole pass with nothing in it): the run stopped, naming the data. Its last checkpoint is intact."""
+
+
+class SkipGuard:
+    """Bounds the samples skipped in a row. Past `limit`, or for data of `total` samples past twice that many (which
+    must include every one of them), it raises UnreadableDataError naming `source`: data that is all bad would
+    otherwise be read again and again for ever. Streaming data reports in order; indexed data per batch, a batch
+    with any good sample ending the bad stretch."""
+
+    def __init__(self, source: str, limit: int, total: int | None = None):
+        self.source, self.limit, self.total = source, limit, total
+        self.run, self.last = 0, ""
+
+    def read(self) -> None:
+        """A good sample: the bad stretch is over."""
+        self.run = 0
+
+    def skipped(self, messages: list[str]) -> None:
+        if not messages:
+            return
+        self.run += len(messages)
+        self.last = messages[-1]
+        if self.total and self.run >= min(self.limit, 2 * self.total):
+            raise UnreadableDataError(f"none of the {self.total} samples of {self.source} could be read "
+                                      f"({self.run} skipped in a row; the last: {self.last}); stopping")
+        if self.run >= self.limit:
+            raise UnreadableDataError(f"{self.run} samples in a row could not be read from {self.source} "
+                                      f"(max_consecutive_skips={self.limit}; the last: {self.last}); stopping: "
+                                      f"check the data")
+
+    def end_of_pass(self, good: int, skipped: int) -> None:
+        """A whole pass over streaming data is over: stop if it held no usable sample at all."""
+        if good:
+            return
+        if not skipped:
+            raise UnreadableDataError(f"{self.source} gave no samples in a whole pass (empty, or nothing in this "
+                                      f"process's share of it); stopping")
+        raise UnreadableDataError(f"every sample of {self.source} in a whole pass was skipped ({skipped}; the "
+                                  f"last: {self.last}); stopping")
 
 
 class SkippedSamples:

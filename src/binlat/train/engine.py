@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,13 @@ from tqdm.auto import tqdm
 from ..config import config_to_dict
 from ..eval.reconstruction import psnr_of_mse
 from ..hardware import require_bf16
-from ..io import atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors, save_safetensors
-from .checkpoints import clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses
+from ..io import (WeightsError, append_jsonl, atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors,
+                  save_safetensors)
+from .checkpoints import (CheckpointError, clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses,
+                          read_state)
 from .config import TrainConfig
 from .sharding import full_model_state, full_optimizer_state, load_optimizer_state
-from .data import IndexedData, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
+from .data import IndexedData, SkipGuard, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
 from .schedule import EMA, lr_at
 
 log = logging.getLogger("binlat.train")
@@ -109,11 +112,9 @@ class Trainer:
             root = logging.getLogger("binlat")
             root.setLevel(logging.INFO)
             root.addHandler(self._log_handler)
-        if resume == "auto":  # continue when the run folder has a checkpoint, else start fresh
-            resume = "latest" if list_checkpoints(self.run_dir) else None
         if resume:
             try:
-                self._load(self._resolve_resume(resume))
+                self._resume(resume)
             except BaseException:
                 self.close()
                 raise
@@ -148,27 +149,48 @@ class Trainer:
         sampler = StepBatches(self.step, self.cfg.max_steps, self.per_process, self.acc.num_processes,
                               self.acc.process_index, self.cfg.grad_accum)
         self.data = data
-        return DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
+        return self._guarded(loader, SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips, data.length))
+
+    @staticmethod
+    def _guarded(loader, guard: SkipGuard):
+        for batch in loader:
+            if len(batch["index"]):
+                guard.read()
+            else:
+                guard.skipped(batch.get("skipped", []))
+            yield batch
 
     def _stream(self, source):
         """Streaming data (folders, manifests, WebDataset shards) has no random access: each process reads its own
-        split in order, and indices count samples as they come (resume restarts the stream)."""
+        split in order, and indices count samples as they come (resume restarts the stream). It ends only with
+        the run, or with an UnreadableDataError when samples are skipped too long in a row or a whole pass has
+        none."""
         loader = DataLoader(SkipReports(source), batch_size=self.per_process, num_workers=self.cfg.num_workers,
                             collate_fn=lambda s: [x for x in s if x is not None])
         first = self.step * self.cfg.batch_size + self.acc.process_index * self.per_process
         stride = self.per_process * self.acc.num_processes
+        guard = SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips)
         skipped: list[str] = []
         while True:
-            for n, samples in enumerate(loader):
-                skipped += [m for x in samples for m in x.pop("skipped", ())]
-                samples = [x for x in samples if x]  # a lone skip marker is empty now
+            batches = good = skips = 0
+            for batches, samples in enumerate(loader, start=1):  # every loader batch takes its share of indices
+                for x in samples:  # in stream order: a sample's skips came before it
+                    news = x.pop("skipped", [])
+                    guard.skipped(news)
+                    skipped += news
+                    skips += len(news)
+                    if x:  # a lone skip marker is empty now
+                        guard.read()
+                samples = [x for x in samples if x]
                 if not samples:
                     continue
-                start = first + n * stride
+                start, good = first + (batches - 1) * stride, good + len(samples)
                 batch = collate([{**x, "index": start + i} for i, x in enumerate(samples)])
                 batch["skipped"], skipped = skipped, []
                 yield batch
-            first += stride * (n + 1)
+            guard.end_of_pass(good, skips)
+            first += stride * batches
 
     # --- loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -209,6 +231,16 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             self.skips.add(batch.pop("skipped", []))
+            if self._no_samples(batch):
+                # Indexed data whose every sample here was skipped: no process trains on this step (under DDP all
+                # must run the same backward passes). Its other micro-batches are drawn all the same, so every
+                # later step keeps its samples.
+                for _ in range(micro + 1, cfg.grad_accum):
+                    self.skips.add(next(batches).pop("skipped", []))
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                log.warning("step %d: no readable sample in a micro-batch, step skipped", self.step)
+                return None
             gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
             ctx = acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with ctx, acc.autocast():
@@ -246,6 +278,11 @@ class Trainer:
         self.ema.update(acc.unwrap_model(self.model), self.step)
         totals["lr"] = lr
         return totals
+
+    def _no_samples(self, batch: dict) -> bool:
+        """Whether any process's micro-batch is empty (all processes take part, and agree)."""
+        empty = torch.tensor(float(len(batch["index"]) == 0), device=self.acc.device)
+        return bool(self.acc.reduce(empty, reduction="sum") > 0)
 
     def _train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
@@ -287,8 +324,7 @@ class Trainer:
     def _log(self, metrics: dict[str, float]) -> None:
         self.acc.log(metrics, step=self.step)
         if self.acc.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+            append_jsonl(self.run_dir / "metrics.jsonl", [{"step": self.step, **metrics}])
 
     def _samples(self, shadow: dict[str, torch.Tensor] | None = None) -> None:
         model = self.ema_model(shadow)
@@ -336,29 +372,57 @@ class Trainer:
         acc.wait_for_everyone()
         return target
 
-    def _resolve_resume(self, resume: str) -> Path:
-        if resume == "latest":
-            found = list_checkpoints(self.run_dir)
-            if not found:
-                raise FileNotFoundError(f"--resume latest: no checkpoint under {self.run_dir / 'checkpoints'}")
-            return found[-1]
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no state.json)")
-        return path
+    def _resume(self, resume: str) -> None:
+        """`resume`: a checkpoint folder, "latest" (the run's newest intact checkpoint) or "auto" (the same, or a
+        fresh start when the run has no checkpoint). A damaged newer checkpoint (a missing or corrupt file, a bad
+        state.json) is passed over for the one before it, with a warning naming it and why."""
+        if resume not in ("latest", "auto"):
+            path = Path(resume)
+            if not (path / "state.json").is_file():
+                raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no state.json)")
+            self._load(path)
+            return
+        found = list_checkpoints(self.run_dir)
+        if not found:
+            if resume == "auto":  # a fresh run
+                return
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {self.run_dir / 'checkpoints'}")
+        damaged = []
+        for path in reversed(found):
+            try:
+                self._load(path)
+            except (CheckpointError, WeightsError) as e:
+                damaged.append(path.name)
+                self._warn(f"--resume {resume}: skipping damaged checkpoint {path.name} ({e})")
+                continue
+            if damaged:
+                self._warn(f"--resume {resume}: resumed from {path.name}, the newest intact checkpoint")
+            return
+        raise CheckpointError(f"--resume {resume}: no intact checkpoint under {self.run_dir / 'checkpoints'}: "
+                              f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged (the warnings "
+                              f"above and log.txt say why)")
+
+    def _warn(self, message: str) -> None:
+        """A warning the user should see now: log.txt, and one line on stderr from the main process."""
+        log.warning("%s", message)
+        if self.acc.is_main_process:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def _load(self, path: Path) -> None:
-        state = json.loads((path / "state.json").read_text())
-        if state.get("kind") != self.cfg.kind:
-            raise ValueError(f"{path} is a {state.get('kind')} checkpoint, not {self.cfg.kind}")
+        """Every file is read and checked before anything is changed, so a damaged checkpoint leaves the fresh
+        model as it was (the caller may go on to an older one)."""
+        state = read_state(path)
+        if state["kind"] != self.cfg.kind:
+            raise ValueError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
         model_state = load_safetensors(path / "model.safetensors")
         ema_state = load_safetensors(path / "ema.safetensors")
         check_state_dict(self.model, model_state, str(path / "model.safetensors"))
         check_state_dict(self.model, ema_state, str(path / "ema.safetensors"))
+        optimizer_state = load_torch_state(path / "optimizer.pt")
+        self.task.load_extra(path)
         self.model.load_state_dict(model_state)
         self.ema.shadow = ema_state
-        self._optimizer_state = load_torch_state(path / "optimizer.pt")
-        self.task.load_extra(path)
+        self._optimizer_state = optimizer_state
         self.task.load_state(state.get("task", {}))
         if state.get("numerics", numerics()) != numerics():
             # Float kernels round differently across CPUs, thread counts and torch builds: training continues

@@ -8,7 +8,6 @@ on the same prompt set. Both use the run's EMA weights, as a shipped model would
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from ..eval.reconstruction import psnr_of_mse
+from ..io import append_jsonl, read_jsonl
 
 PROBE_SEED = 1000
 PROBE_THRESHOLD_DB = 18.0  # fidelity milestone (a): off the all-white plateau
@@ -82,9 +82,8 @@ def images_to_threshold(run_dir: Path, batch_size: int, threshold: float = PROBE
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    for line in path.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if row.get("eval_psnr", -1.0) >= threshold:
+    for row in read_jsonl(path):
+        if isinstance(row, dict) and row.get("eval_psnr", -1.0) >= threshold:
             return row["step"] * batch_size
     return None
 
@@ -125,8 +124,7 @@ def run_probe(cfg, change: str, out_root: str | Path = "runs/probes", per_catego
         row |= score_generator(pipe, cfg.kind, cfg.image_size, per_category, num_steps=cfg.generator.sample_steps,
                                guidance_scale=cfg.generator.sample_guidance)
     row = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-    with open(out_root / "probes.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(out_root / "probes.jsonl", [row])
     return row
 
 

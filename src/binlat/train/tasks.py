@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .. import registry
 from ..config import config_from_dict
 from ..eval.reconstruction import psnr_of_mse
-from ..io import load_safetensors, save_safetensors
+from ..io import check_state_dict, load_safetensors, save_safetensors
 from ..processes.common import uniform
 from ..tokenizer import BinaryTokenizer, bit_regularizer
 from ..tokenizer.losses import gradient_l1
@@ -219,8 +219,12 @@ class TokenizerTask(Task):
 
     def load_extra(self, directory):
         if self.disc is not None and (directory / "disc.safetensors").is_file():
-            self.disc.load_state_dict(load_safetensors(directory / "disc.safetensors"))
-            self.disc_opt.load_state_dict(torch.load(directory / "disc_optimizer.pt", weights_only=True))
+            from .checkpoints import load_torch_state
+            state = load_safetensors(directory / "disc.safetensors")
+            check_state_dict(self.disc, state, str(directory / "disc.safetensors"))
+            optimizer_state = load_torch_state(directory / "disc_optimizer.pt")  # both read before either is used
+            self.disc.load_state_dict(state)
+            self.disc_opt.load_state_dict(optimizer_state)
 
     def evaluate(self, model) -> dict[str, float]:
         """The tokenizer's ceiling: PSNR of EMA round trips with thresholded bits on 64 shapes images from a seed
