@@ -72,6 +72,7 @@ from binlat.train.engine import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
 
+LOCAL = "http://localhost"  # the server answers only to loopback Host names (TestClient's own is "testserver")
 LIMITS = ServeLimits(max_concurrent=1, max_queue=4, max_body_bytes=1_000_000, max_n=4, max_steps=8,
                      max_prompt_chars=1000, max_size=128)
 LONG_PROMPT = ("a red circle above a blue square " * 3200)[:100_000]
@@ -105,7 +106,7 @@ def bundle(pipe, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(pipe):
-    with TestClient(create_app(pipe, LIMITS)) as c:
+    with TestClient(create_app(pipe, LIMITS), base_url=LOCAL) as c:
         yield c
 
 

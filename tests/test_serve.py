@@ -24,6 +24,7 @@ from binlat import editing
 from binlat.pipeline import Pipeline
 from binlat.serve import ServeLimits, bind_socket, create_app, is_loopback
 
+LOCAL = "http://localhost"  # the server answers only to loopback Host names (TestClient's own is "testserver")
 LIMITS = ServeLimits(max_concurrent=1, max_queue=4, max_body_bytes=100_000, max_n=4, max_steps=8,
                      max_prompt_chars=64, max_size=128)
 
@@ -35,7 +36,7 @@ def pipe() -> Pipeline:
 
 @pytest.fixture(scope="module")
 def client(pipe):
-    with TestClient(create_app(pipe, LIMITS)) as c:
+    with TestClient(create_app(pipe, LIMITS), base_url=LOCAL) as c:
         yield c
 
 
@@ -261,7 +262,7 @@ class BrokenPipe:
 
 
 def test_unexpected_exception_is_a_500_json_and_the_server_lives(pipe) -> None:
-    with TestClient(create_app(BrokenPipe(pipe), LIMITS)) as c:
+    with TestClient(create_app(BrokenPipe(pipe), LIMITS), base_url=LOCAL) as c:
         assert_error(c.post("/v1/generate", json={"prompt": "x", "steps": 1}), 500, "internal error")
         health = c.get("/healthz").json()
         assert health["status"] == "ok" and health["admitted"] == 0
@@ -388,7 +389,7 @@ def test_serve_command_errors_are_one_line(capsys) -> None:
 def test_several_workers_share_one_pipeline(pipe) -> None:
     """With max_concurrent > 1, simultaneous requests run side by side (text encoding is serialised)."""
     limits = ServeLimits(max_concurrent=2, max_queue=6, max_steps=4)
-    with TestClient(create_app(pipe, limits)) as c:
+    with TestClient(create_app(pipe, limits), base_url=LOCAL) as c:
         codes: list[int] = []
 
         def fire(i: int) -> None:
@@ -410,7 +411,7 @@ def test_model_sampling_defaults_fill_what_a_request_leaves_out(pipe) -> None:
     import dataclasses
     tuned = Pipeline(pipe.tokenizer, pipe.text_encoder, config=dataclasses.replace(
         pipe.config, sampling={"diffusion": {"guidance_scale": 2.5, "num_steps": 3}}), **pipe.generators)
-    with TestClient(create_app(tuned, LIMITS)) as c:
+    with TestClient(create_app(tuned, LIMITS), base_url=LOCAL) as c:
         info = c.get("/v1/models").json()
         assert info["sampling"]["diffusion"]["guidance_scale"] == 2.5
         assert info["sampling"]["ar"]["guidance_scale"] == 7.5  # built-in where the model sets nothing
@@ -444,7 +445,7 @@ def test_a_browser_request_from_another_site_is_refused(client, headers, body) -
 
 def test_same_origin_and_non_browser_requests_are_served(client) -> None:
     request = {"prompt": "a red circle", "steps": 1, "seed": 0}
-    for headers in ({}, {"origin": "http://testserver", "sec-fetch-site": "same-origin"},
+    for headers in ({}, {"origin": LOCAL, "sec-fetch-site": "same-origin"},
                     {"sec-fetch-site": "none"}):
         response = client.post("/v1/generate", json=request, headers=headers)
         assert response.status_code == 200, (headers, response.text)

@@ -297,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-steps", type=_positive_int("max steps"), default=100)
     sv.add_argument("--max-prompt-chars", type=_positive_int("max prompt chars"), default=1000)
     sv.add_argument("--max-size", type=_positive_int("max size"), default=1024, help="pixels per side (default 1024)")
+    sv.add_argument("--max-connections", type=_positive_int("max connections"), default=64,
+                    help="open connections served; a request beyond gets 503 (default 64)")
+    sv.add_argument("--header-timeout", type=_positive_int("header timeout"), default=10, metavar="SECONDS",
+                    help="a connection must send a request's headers within this (default 10)")
+    sv.add_argument("--body-timeout", type=_positive_int("body timeout"), default=30, metavar="SECONDS",
+                    help="a request body must arrive within this, else 408 (default 30)")
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="also answer requests for this Host name (repeatable; '*.example.org' for subdomains); "
+                         "loopback names and --host are always allowed, any other is refused (DNS rebinding)")
     sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     sv.set_defaults(func=cmd_serve)
 

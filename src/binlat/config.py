@@ -9,6 +9,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import jsondepth
+
 C = TypeVar("C")
 
 
@@ -127,7 +129,9 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
         if not sep or not key:
             raise ConfigError(f"{source} {item!r}: expected KEY=VALUE, e.g. lr=1e-4 or generator.tokenizer=DIR")
         try:
-            value = json.loads(raw)
+            value = jsondepth.loads(raw)
+        except jsondepth.JSONNestingError as e:
+            raise ConfigError(f"{source} {key}: {e}") from None
         except json.JSONDecodeError:
             value = raw
         *parents, leaf = key.split(".")
@@ -180,9 +184,11 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] = (), kind:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     try:
-        data = json.loads(text)
+        data = jsondepth.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except jsondepth.JSONNestingError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if overrides:
         data = apply_overrides(data, list(overrides))
     return config_from_dict(cls, data, source=str(path))

@@ -32,10 +32,11 @@ MAX_INPUT_PIXELS = 64 * 1024 * 1024
 
 
 # --- images in ----------------------------------------------------------------------------------------------
-def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_INPUT_PIXELS
-               ) -> Image.Image:
+def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_INPUT_PIXELS,
+               formats: Sequence[str] | None = None) -> Image.Image:
     """Read an image file (path or bytes) fully; anything unreadable is a ValueError (or OSError for a missing
-    file) with a one-line message naming it."""
+    file) with a one-line message naming it. `formats` (Pillow's names, e.g. ("PNG", "JPEG", "WEBP")) limits the
+    decoders tried: a file of any other format is refused before any of it is decoded."""
     label = name or (str(source) if not isinstance(source, bytes) else "uploaded data")
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
@@ -43,10 +44,11 @@ def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
         raise OSError(f"cannot read image {label}: {e.strerror or e}") from None
     with handle:
         try:
-            image = Image.open(handle)
+            image = Image.open(handle, formats=formats)
             width, height = image.size
         except Exception as e:  # noqa: BLE001 — decoders raise many types on malformed headers
-            raise ValueError(f"cannot read image {label}: {_why(e)}") from None
+            accepted = f" (accepted: {', '.join(formats)})" if formats and isinstance(e, UnidentifiedImageError) else ""
+            raise ValueError(f"cannot read image {label}: {_why(e)}{accepted}") from None
         if width * height > max_pixels:
             raise ValueError(f"image {label} is {width}x{height} pixels; at most {max_pixels} pixels are accepted")
         try:

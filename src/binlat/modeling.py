@@ -12,6 +12,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from . import jsondepth
 from .config import ConfigError, config_from_dict, config_to_dict
 from .io import atomic_directory, check_state_dict, load_safetensors, save_safetensors
 
@@ -107,9 +108,11 @@ class ModelMixin:
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory}: missing {CONFIG_NAME}; is this a {cls.__name__} directory?")
         try:
-            data = json.loads(config_path.read_text(encoding="utf-8"))
+            data = jsondepth.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+        except jsondepth.JSONNestingError as e:
+            raise ConfigError(f"{config_path}: {e}") from None
         return config_from_dict(cls.config_class, data, source=str(config_path))
 
     @classmethod

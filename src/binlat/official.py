@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import registry
+from . import jsondepth, registry
 from .config import ConfigError
 from .io import WeightsError, check_state_dict, load_safetensors
 from .registry import MODEL_CLASSES, TOKENIZER  # noqa: F401 (MODEL_CLASSES, kind -> model class, is public here)
@@ -161,11 +161,13 @@ def _torch_load(path: Path) -> Any:
 def read_official_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = jsondepth.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except jsondepth.JSONNestingError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data

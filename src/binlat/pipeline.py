@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import modeling, registry
+from . import jsondepth, modeling, registry
 from .config import ConfigError, config_from_dict, config_to_dict
 from .generators import GeneratorConfig
 from .hardware import require_bf16
@@ -206,9 +206,11 @@ class Pipeline:
             raise FileNotFoundError(f"{directory}: missing {INDEX_NAME}; not a binlat pipeline directory "
                                     f"(a single model directory loads with its model class instead)")
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
+            data = jsondepth.loads(index.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{index}: not valid JSON ({e})") from None
+        except jsondepth.JSONNestingError as e:
+            raise ConfigError(f"{index}: {e}") from None
         config = config_from_dict(PipelineConfig, data, str(index))
         if dtype == torch.bfloat16:
             require_bf16(device, "bfloat16 generation", fix="load in float32 (dtype=None)")

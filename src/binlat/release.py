@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from . import registry
+from . import jsondepth, registry
 from .config import ConfigError, config_to_dict
 from .io import WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, save_safetensors
 from .modeling import CONFIG_NAME, WEIGHTS_NAME, named_model_dir
@@ -68,9 +68,11 @@ def read_release_config(value: str | Path | dict | None) -> dict[str, dict[str, 
                 raise ConfigError(f"--release-config {value}: cannot read ({e.strerror}); give a JSON file or "
                                   f"JSON text") from None
         try:
-            data = json.loads(text)
+            data = jsondepth.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except jsondepth.JSONNestingError as e:
+            raise ConfigError(f"{source}: {e}") from None
     if data is None:
         return None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):

@@ -119,14 +119,17 @@ def cmd_continue(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..serve import ServeLimits, bind_socket, create_app, serve
+    from ..serve import ServeLimits, allowed_hosts_for, bind_socket, create_app, serve
     limits = ServeLimits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                          max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_steps=args.max_steps,
-                         max_prompt_chars=args.max_prompt_chars, max_size=args.max_size)
+                         max_prompt_chars=args.max_prompt_chars, max_size=args.max_size,
+                         max_connections=args.max_connections, header_timeout=args.header_timeout,
+                         body_timeout=args.body_timeout)
     sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
     try:
+        allowed = allowed_hosts_for(args.host, args.allowed_host)
         pipe = load_pipeline(args.model, args.text_encoder)
-        serve(create_app(pipe, limits), args.host, args.port, log_level=args.log_level, sock=sock)
+        serve(create_app(pipe, limits, allowed), args.host, args.port, log_level=args.log_level, sock=sock)
     except KeyboardInterrupt:  # uvicorn has shut down gracefully and passes Ctrl+C on
         print("binlat: server stopped", file=sys.stderr)
     finally:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import IterableDataset
 
+from binlat import jsondepth
 from binlat.data.base import (
     CAPTION_KEYS,
     IMAGE_EXTENSIONS,
@@ -178,9 +179,11 @@ class ManifestDataset(IndexedImageDataset):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = jsondepth.loads(line)
             except json.JSONDecodeError as exc:
                 raise self._bad(lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            except jsondepth.JSONNestingError as exc:
+                raise self._bad(lineno, str(exc)) from None
             if not isinstance(obj, dict):
                 raise self._bad(lineno, f"expected a JSON object, got {type(obj).__name__}")
             out.append(self._entry(lineno, obj))

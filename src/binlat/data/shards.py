@@ -8,6 +8,7 @@ import os
 import re
 from typing import Any, Iterable, Iterator
 
+from binlat import jsondepth
 from binlat.data.base import (
     CAPTION_KEYS,
     IMAGE_EXTENSIONS,
@@ -167,12 +168,12 @@ class WebDatasetShards(ImageTextDataset):
             if "txt" in raw:
                 caption = raw["txt"].decode("utf-8-sig").strip()
             elif "json" in raw:
-                meta = json.loads(raw["json"].decode("utf-8-sig"))
+                meta = jsondepth.loads(raw["json"].decode("utf-8-sig"))
                 value = first_of(meta, CAPTION_KEYS) if isinstance(meta, dict) else None
                 caption = value.strip() if isinstance(value, str) else ""
             else:
                 caption = ""
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, jsondepth.JSONNestingError) as exc:
             self._skip(where, f"unreadable caption: {exc}")
             return None
         return self._make_sample(key, raw[image_key], caption, f"{key}.{image_key} in shard {raw.get('__url__')}")

@@ -1,23 +1,28 @@
-"""Reading request bodies: the JSON-object check every JSON body gets before it is parsed, and the image
-endpoints' bodies, which are either multipart/form-data (file field `image`) or JSON (`image_base64`)."""
+"""Reading request bodies: the JSON-object check every JSON body gets before it is parsed (nesting at most
+MAX_JSON_DEPTH deep), and the image endpoints' bodies, which are either multipart/form-data (file field `image`) or
+JSON (`image_base64`) and must hold a PNG, JPEG or WebP file."""
 from __future__ import annotations
 
 import base64
 import binascii
 import contextlib
+import io
 import json
 import re
 from typing import Any
 
 from fastapi import Request
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
-from .. import editing
+from .. import editing, jsondepth
 from .errors import ApiError
 from .schemas import FLOAT_FIELDS, INT_FIELDS, validate
 
 MAX_FORM_FIELDS = 32
 MAX_UPLOAD_PIXELS = 4096 * 4096  # decoded size of an uploaded image
+MAX_JSON_DEPTH = 32  # nested arrays and objects in a JSON body; the API's own bodies need 2
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # Pillow's names; no other decoder (EPS runs Ghostscript) is ever tried
 
 
 def content_type(request: Request) -> str:
@@ -38,11 +43,13 @@ async def json_object(request: Request) -> dict[str, Any]:
     if not raw.strip():
         raise ApiError(400, "empty body: send a JSON object")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = jsondepth.loads(raw.decode("utf-8"), MAX_JSON_DEPTH)
     except UnicodeDecodeError:
         raise ApiError(400, "body is not UTF-8 text; send a JSON object") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except jsondepth.JSONNestingError as e:
+        raise ApiError(400, f"body: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the JSON body must be an object, got {type(data).__name__}")
     return data
@@ -62,9 +69,23 @@ def form_value(name: str, text: str) -> Any:
 
 async def image_request(request: Request, model: type[BaseModel]) -> tuple[Any, bytes]:
     """(the fields as a `model`, the image file's bytes) from multipart/form-data (file field `image`) or JSON
-    (`image_base64`). The image is only decoded later, in the work queue (`decode_image`)."""
+    (`image_base64`). The file's format is checked here, from its header; the image is only decoded later, in the
+    work queue (`decode_image`)."""
     fields, data = await _image_fields(request)
+    check_upload_format(data)
     return validate(model, fields), data
+
+
+def check_upload_format(data: bytes) -> None:
+    """A 422 ApiError unless Pillow identifies `data` as PNG, JPEG or WebP (it reads the header only)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS):
+            pass
+    except UnidentifiedImageError:
+        raise ApiError(422, "image: not a recognised image format; this server accepts PNG, JPEG and WebP "
+                            "files") from None
+    except Exception:  # noqa: BLE001 — a damaged header of an accepted format: decode_image says what is wrong
+        pass
 
 
 async def _image_fields(request: Request) -> tuple[dict[str, Any], bytes]:
@@ -118,7 +139,7 @@ async def _image_fields(request: Request) -> tuple[dict[str, Any], bytes]:
 def decode_image(data: bytes):
     """Decode an upload (run inside the work queue, so decoding too is bounded by max_concurrent)."""
     try:
-        return editing.open_image(data, "upload", max_pixels=MAX_UPLOAD_PIXELS)
+        return editing.open_image(data, "upload", max_pixels=MAX_UPLOAD_PIXELS, formats=UPLOAD_FORMATS)
     except (ValueError, OSError) as e:
         raise ApiError(422, f"image: {e}") from None
 

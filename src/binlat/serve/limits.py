@@ -13,12 +13,19 @@ class ServeLimits:
     """What one request may ask for and how much work the server takes on at once."""
 
     max_concurrent: int = 1          # generations running at the same time (worker threads)
-    max_queue: int = 8               # requests admitted at once, running + waiting; more get 429
+    max_queue: int = 8               # requests admitted at once (reading a body, waiting or running); more: 429
     max_body_bytes: int = 16 * 2**20  # request body size; more gets 413
     max_n: int = 8                   # images per request (prompts x n)
     max_steps: int = 100             # diffusion steps
     max_prompt_chars: int = 1000     # characters per prompt
     max_size: int = 1024             # pixels per side
+    # Connections (uvicorn; see runner.py). A hostile client must not hold the server with idle or slow sockets.
+    max_connections: int = 64        # open connections served; a request beyond gets 503, and a connection
+    #                                  opened while twice as many are open is closed at once
+    header_timeout: int = 10         # seconds for a request's line and headers, from connecting or the last response
+    body_timeout: int = 30           # seconds for the whole body, from when the server starts reading it; else 408
+    keep_alive_timeout: int = 5      # seconds an idle kept-alive connection stays open
+    max_header_bytes: int = 16 * 1024  # an unfinished request line + headers held; more is a 400
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -1,7 +1,9 @@
 """The routes: the page, health, model info, and generate / reconstruct / edit (`add_routes` lists them).
 
 Each request is checked completely (bodies, then `Checks` against the model and the limits) before its work
-goes to the `WorkQueue`. The routes find the loaded pipeline and the rest through `app.state.served`.
+goes to the `WorkQueue`, under the ticket guards.AdmissionMiddleware took for it; the networks a job calls are made
+`cancellable`, so a client that disconnects stops its generation at the next step. The routes find the loaded
+pipeline and the rest through `app.state.served`.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ from .. import editing, registry
 from ..pipeline import Pipeline
 from .bodies import decode_image, image_body_doc, image_request, json_object
 from .errors import ApiError, internal_error
+from .guards import TICKET
 from .limits import Checks, ServeLimits
 from .page import PAGE
 from .schemas import (EditRequest, ErrorResponse, GenerateRequest, ImagesResponse, ReconstructRequest,
                       ReconstructResponse, Sampling, validation_message)
-from .workqueue import WorkQueue
+from .workqueue import Ticket, WorkQueue, cancellable
 
 
 def _body_model(endpoint: Callable[..., Any]) -> type[BaseModel] | None:
@@ -82,7 +85,14 @@ async def _served(request: Request) -> Served:
 
 ServedDep = Annotated[Served, Depends(_served)]
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 429, 500)}
+
+async def _ticket(request: Request) -> Ticket | None:
+    return request.scope.get(TICKET)
+
+
+TicketDep = Annotated[Ticket | None, Depends(_ticket)]
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 408, 413, 415, 422, 429, 500)}
 
 
 def _sampling(pipe: Pipeline, req: Sampling, generator: str) -> dict[str, Any]:
@@ -125,7 +135,7 @@ async def models(served: ServedDep) -> dict[str, Any]:
             "can_edit": editing.edit_generator(pipe.generators) in pipe.generators}
 
 
-async def generate(req: GenerateRequest, served: ServedDep) -> JSONResponse:
+async def generate(req: GenerateRequest, served: ServedDep, ticket: TicketDep) -> JSONResponse:
     pipe, checks = served.pipe, served.checks
     if (req.prompt is None) == (req.prompts is None):
         raise ApiError(422, "prompt: give either `prompt` (one text) or `prompts` (a list of texts)"
@@ -145,6 +155,7 @@ async def generate(req: GenerateRequest, served: ServedDep) -> JSONResponse:
     seed = editing.resolve_seed(req.seed)
 
     def work() -> list[dict[str, Any]]:
+        cancellable(pipe.generators[req.generator])
         out = pipe(expanded, generator=req.generator, num_steps=steps, guidance_scale=settings["guidance_scale"],
                    temperature=settings["temperature"], rho=settings["rho"], protocol=settings["protocol"],
                    seed=seed, height=height, width=width, progress=False)
@@ -154,12 +165,12 @@ async def generate(req: GenerateRequest, served: ServedDep) -> JSONResponse:
                 "rho": settings["rho"], "protocol": settings["protocol"]}
         return [_image_record(im, s, p, **meta) for im, s, p in zip(out.images, out.seeds, out.prompts)]
 
-    images, waited, worked = await served.queue.run(work)
+    images, waited, worked = await served.queue.run(work, ticket)
     return JSONResponse({"images": images, "timing_s": round(worked, 4), "queue_s": round(waited, 4),
                          "trained": pipe.config.trained})
 
 
-async def reconstruct(request: Request, served: ServedDep) -> JSONResponse:
+async def reconstruct(request: Request, served: ServedDep, ticket: TicketDep) -> JSONResponse:
     req, data = await image_request(request, ReconstructRequest)
     pipe, tok = served.pipe, served.pipe.tokenizer.config
     height, width = served.checks.size(req.size)
@@ -170,11 +181,11 @@ async def reconstruct(request: Request, served: ServedDep) -> JSONResponse:
                 "num_bits": tok.num_bits, "png_base64": _png_base64(out.images[0]), "width": width,
                 "height": height}
 
-    result, waited, worked = await served.queue.run(work)
+    result, waited, worked = await served.queue.run(work, ticket)
     return JSONResponse(result | {"timing_s": round(worked, 4), "queue_s": round(waited, 4)})
 
 
-async def edit(request: Request, served: ServedDep) -> JSONResponse:
+async def edit(request: Request, served: ServedDep, ticket: TicketDep) -> JSONResponse:
     req, data = await image_request(request, EditRequest)
     pipe, checks = served.pipe, served.checks
     prompt = checks.prompt(req.prompt)
@@ -187,6 +198,7 @@ async def edit(request: Request, served: ServedDep) -> JSONResponse:
     seed = editing.resolve_seed(req.seed)
 
     def work() -> list[dict[str, Any]]:
+        cancellable(pipe.generators[kind])
         out = editing.edit(pipe, decode_image(data), prompt, strength=req.strength, num_steps=steps,
                            guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
                            rho=settings["rho"], protocol=settings["protocol"], seed=seed, height=height,
@@ -196,7 +208,7 @@ async def edit(request: Request, served: ServedDep) -> JSONResponse:
                 "rho": settings["rho"], "protocol": settings["protocol"]}
         return [_image_record(im, s, prompt, **meta) for im, s in zip(out.images, out.seeds)]
 
-    images, waited, worked = await served.queue.run(work)
+    images, waited, worked = await served.queue.run(work, ticket)
     return JSONResponse({"images": images, "timing_s": round(worked, 4), "queue_s": round(waited, 4),
                          "trained": pipe.config.trained})
 
