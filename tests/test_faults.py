@@ -418,7 +418,12 @@ def test_server_burst_with_disconnecting_clients_stays_healthy(server):
         assert (len(body["images"]) == 1) if code == 200 else ("busy" in body["error"] and "max_queue" in body["error"])
     assert [c for c, _ in answers["oversize"]] == [413] * 4
     assert all("max_body_bytes" in b["error"] for _, b in answers["oversize"])
-    assert [c for c, _ in answers["invalid"]] == [422] * 3 and all("steps" in b["error"] for _, b in answers["invalid"])
+    # A request with a body takes its queue place before its body is read (issue 29: memory stays bounded), so in
+    # the burst an invalid one is turned away busy (429) or, once admitted, refused for its steps (422); test_serve
+    # checks the 422 deterministically.
+    assert len(answers["invalid"]) == 3
+    for code, body in answers["invalid"]:
+        assert ("steps" in body["error"]) if code == 422 else (code == 429 and "busy" in body["error"]), (code, body)
     assert answers["health"] and answers["health"][0][0] == 200  # answered during the burst
 
     # Back to idle: nothing admitted or running, no extra threads, memory back near its baseline.
