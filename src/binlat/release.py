@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from . import jsondepth, registry
 from .config import ConfigError, config_to_dict
-from .io import WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, save_safetensors
+from .io import WeightsError, atomic_directory, read_bounded, atomic_write_bytes, check_state_dict, save_safetensors
 from .modeling import CONFIG_NAME, WEIGHTS_NAME, named_model_dir
 from .official import (FROM_CONFIG, RELEASE_SCALE, convert_config, convert_state_dict, load_official_weights,
                        official_name)
@@ -63,7 +63,7 @@ def read_release_config(value: str | Path | dict | None) -> dict[str, dict[str, 
         if not text.lstrip().startswith("{"):
             source = text
             try:
-                text = Path(text).read_text(encoding="utf-8")
+                text = read_bounded(text, what="release config").decode("utf-8")
             except OSError as e:
                 raise ConfigError(f"--release-config {value}: cannot read ({e.strerror}); give a JSON file or "
                                   f"JSON text") from None
