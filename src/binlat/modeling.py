@@ -14,7 +14,7 @@ import torch
 
 from . import jsondepth
 from .config import ConfigError, config_from_dict, config_to_dict
-from .io import atomic_directory, check_state_dict, load_safetensors, save_safetensors
+from .io import read_bounded, atomic_directory, check_state_dict, load_safetensors, save_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -108,7 +108,7 @@ class ModelMixin:
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory}: missing {CONFIG_NAME}; is this a {cls.__name__} directory?")
         try:
-            data = jsondepth.loads(config_path.read_text(encoding="utf-8"))
+            data = jsondepth.loads(read_bounded(config_path, what="config").decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
         except jsondepth.JSONNestingError as e:
@@ -123,6 +123,8 @@ class ModelMixin:
         WeightsError naming the tensor; `allow_nonfinite=True` loads non-finite values anyway."""
         directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
         config = cls._config_in(directory)
+        from .budget import check_network
+        check_network(cls, config, str(directory), dtype)  # a config of a million blocks is refused, not built
         # Built on the meta device and handed the file's tensors, which safetensors memory-maps, rather than
         # allocating and initialising parameters only to overwrite them: a model costs its weights once, not twice.
         with torch.device("meta"):
