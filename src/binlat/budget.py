@@ -113,7 +113,8 @@ def parameter_count(model_class: type, config: Any) -> int:
     if not deep:
         return _meta_count(model_class, config)
     try:
-        shallow = dataclasses.replace(config, **{f: EXACT_LAYERS for f in deep})
+        indices = {"text_layers": None} if getattr(config, "text_layers", None) is not None else {}  # no weights
+        shallow = dataclasses.replace(config, **{f: EXACT_LAYERS for f in deep}, **indices)
         base = _meta_count(model_class, shallow)
         total = base
         for field, layers in deep.items():

@@ -204,7 +204,7 @@ class Pipeline:
         from .release import resolve_pipeline_dir
         directory = resolve_pipeline_dir(path, release_config)
         index = directory / INDEX_NAME
-        if not index.is_file():
+        if not index.exists():  # one that is not a regular file is refused by read_bounded, naming what it is
             raise FileNotFoundError(f"{directory}: missing {INDEX_NAME}; not a binlat pipeline directory "
                                     f"(a single model directory loads with its model class instead)")
         try:

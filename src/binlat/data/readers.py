@@ -131,7 +131,7 @@ class ManifestDataset(IndexedImageDataset):
     def __init__(self, path: str | os.PathLike, transform: Transform, **options: Any) -> None:
         super().__init__(transform, **options)
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():  # a device, FIFO or directory is refused by read_bounded, naming what it is
             raise ValueError(f"manifest {self.path} does not exist")
         suffix = self.path.suffix.lower()
         try:
