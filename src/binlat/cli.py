@@ -10,6 +10,7 @@ import math
 import re
 import sys
 
+from .budget import limited
 from .commands.common import EXIT_FAILED, EXIT_USAGE, SAMPLING_SETTINGS, STORAGE_DTYPES, CLIError
 from .commands.evaluation import cmd_bench, cmd_eval
 from .commands.images import cmd_continue, cmd_edit, cmd_generate, cmd_interpolate, cmd_serve
@@ -122,6 +123,20 @@ def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_
                             help=f"{text} (default: the model's setting, else {default})")
 
 
+def _memory(text: str) -> int:
+    from .budget import parse_memory
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"max memory: {e}") from None
+
+
+def _add_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", type=_memory, metavar="SIZE",
+                   help="refuse work estimated to need more than this, e.g. 8G (default: the memory available; "
+                        "also $BINLAT_MAX_MEMORY)")
+
+
 NONFINITE_HELP = "load weights holding NaN or infinite values (refused by default, naming the tensor)"
 
 
@@ -134,6 +149,7 @@ def _add_image_job_options(p: argparse.ArgumentParser, progress: bool = True) ->
     p.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
     if progress:
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_memory_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network precision; bfloat16 is faster on CPUs with native bf16 (avx512_bf16 or AMX) "
                         "but changes some bits, and is refused on CPUs without it (it would be ~100x slower)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_memory_option(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert-official", help="convert the Instella-T2I release (or one checkpoint) for binlat")
@@ -178,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scale", type=_reference_scale, metavar="N|none",
                    help="tokenizer only: reference size in pixels for positions (the release's set_scale), or none; "
                         "default: the config's \"scale\", or the release's inference value when the key is absent")
+    _add_memory_option(c)
     c.set_defaults(func=cmd_convert_official)
 
     ALLOW = ("let --data name shard URLs, which webdataset opens by running a program (pipe: runs a shell command; "
@@ -307,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also answer requests for this Host name (repeatable; '*.example.org' for subdomains); "
                          "loopback names and --host are always allowed, any other is refused (DNS rebinding)")
     sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    _add_memory_option(sv)
     sv.set_defaults(func=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmark binlat against recomputation, more tokens and latent diffusion")
@@ -380,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with limited(getattr(args, "max_memory", None)):
+            return args.func(args)
     except KeyboardInterrupt:
         print("binlat: interrupted", file=sys.stderr)
         return 130

@@ -178,7 +178,8 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] = (), kind:
     """`path`: a JSON file or a packaged preset's name (see resolve_config); `overrides` are --set KEY=VALUE."""
     path = resolve_config(path, kind)
     try:
-        text = path.read_text(encoding="utf-8")
+        from .io import read_bounded  # a regular file of bounded size, checked before reading
+        text = read_bounded(path, what="config").decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -82,6 +82,7 @@ def _target_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
     pipe.tokenizer.check_size(height, width)
+    pipe.check_work(None, 1, height, width)
     return height, width
 
 

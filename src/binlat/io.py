@@ -27,6 +27,40 @@ class WeightsError(ValueError):
     """Weights that cannot be loaded: missing, corrupt, or not matching the model."""
 
 
+# Bounds on the files a user names, checked before they are read (issue 29: /dev/zero as a manifest's image reached
+# 7 GB): images up to 256 MiB, text (configs, manifests, prompt lists, captions) up to 64 MiB.
+MAX_IMAGE_BYTES = 256 * 2**20
+MAX_TEXT_BYTES = 64 * 2**20
+
+
+class FileRefused(OSError):
+    """A path that is not a regular file (a device, a FIFO, a directory), or one larger than its bound."""
+
+
+def read_bounded(path: str | Path, limit: int = MAX_TEXT_BYTES, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, checked before reading: a device (/dev/zero), a FIFO
+    (opened without blocking), a socket or a directory is a FileRefused naming it, as is a file above the limit (or
+    one that grows past it while read). Errors opening it (missing, no permission) are raised as they are."""
+    import stat
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
+            raise FileRefused(f"{what} {path} is {kind}, not a regular file: refused before reading")
+        if st.st_size > limit:
+            raise FileRefused(f"{what} {path} is {st.st_size} bytes, over the {limit // 2**20} MiB limit for a "
+                              f"{what}: refused before reading")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise FileRefused(f"{what} {path} grew past the {limit // 2**20} MiB limit for a {what} while read")
+        return data
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success it replaces `target` in one rename,

@@ -14,7 +14,7 @@ import torch
 
 from . import jsondepth
 from .config import ConfigError, config_from_dict, config_to_dict
-from .io import atomic_directory, check_state_dict, load_safetensors, save_safetensors
+from .io import read_bounded, atomic_directory, check_state_dict, load_safetensors, save_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -48,6 +48,60 @@ def named_model_dir(name_or_path: str | Path) -> Path | None:
     return root / text[len(DEFAULT_MODEL):].lstrip("/")
 
 
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_REACHABLE: dict[str, tuple[float, str | None]] = {}  # host:port -> (when checked, why unreachable or None)
+
+
+def hub_offline_reason(timeout: float = 2.0) -> str | None:
+    """Why the Hub cannot be asked now, or None: HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set, or no TCP connection to
+    the Hub's host within `timeout` seconds (remembered for a minute). huggingface_hub itself would retry a dead
+    network for most of a minute before giving up; this answers at once."""
+    for var in OFFLINE_ENV:
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var} is set"
+    import socket
+    import time
+    from urllib.parse import urlsplit
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    key = f"{host}:{port}"
+    when, why = _REACHABLE.get(key, (0.0, None))
+    if time.monotonic() - when > 60:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            why = None
+        except OSError as e:
+            why = f"{host} is unreachable ({e.strerror or type(e).__name__})"
+        _REACHABLE[key] = (time.monotonic(), why)
+    return why
+
+
+def hub_download_advice(repo: str) -> str:
+    return (f"download it with huggingface-cli download {repo} --local-dir DIR (hf download with huggingface_hub "
+            f">= 1.0), then pass DIR")
+
+
+def hub_snapshot(repo: str, allow_patterns: list[str], **hub_kwargs: Any) -> Path:
+    """The local snapshot of Hub repo `repo`: from the cache when it is there; otherwise fetched once, unless the
+    Hub cannot be asked (offline, no network): then a one-line FileNotFoundError at once, naming the command that
+    fixes it."""
+    from huggingface_hub import snapshot_download
+    kwargs = {k: v for k, v in hub_kwargs.items() if k != "local_files_only"}
+    try:
+        return Path(snapshot_download(repo, allow_patterns=allow_patterns, local_files_only=True, **kwargs))
+    except Exception:  # noqa: BLE001 - not cached (or cached only in part): ask the Hub, if it can be asked
+        pass
+    why = "offline" if hub_kwargs.get("local_files_only") else hub_offline_reason()
+    if why is not None:
+        raise FileNotFoundError(f"{repo}: not a local directory, and not in the Hugging Face cache while the Hub "
+                                f"cannot be reached ({why}): {hub_download_advice(repo)}")
+    try:
+        return Path(snapshot_download(repo, allow_patterns=allow_patterns, **kwargs))
+    except Exception as e:  # noqa: BLE001 - not found, refused, network: all end in the same advice
+        raise FileNotFoundError(f"{repo}: not a local directory, and the Hub copy could not be fetched "
+                                f"({type(e).__name__}): {hub_download_advice(repo)}") from None
+
+
 def resolve_model_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
     """A local directory as is; "default[/part]" as the shipped model; anything else is treated as a Hub repo id
     and fetched (or read from cache)."""
@@ -61,12 +115,7 @@ def resolve_model_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
         return named
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         raise FileNotFoundError(f"{name_or_path}: no such model directory")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"], **hub_kwargs))
-    except Exception as e:
-        raise FileNotFoundError(f"{name_or_path}: not a local directory, and the Hub copy could not be fetched "
-                                f"({type(e).__name__}); pass a local model directory") from None
+    return hub_snapshot(str(name_or_path), ["*.json", "*.safetensors"], **hub_kwargs)
 
 
 class ModelMixin:
@@ -108,7 +157,7 @@ class ModelMixin:
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory}: missing {CONFIG_NAME}; is this a {cls.__name__} directory?")
         try:
-            data = jsondepth.loads(config_path.read_text(encoding="utf-8"))
+            data = jsondepth.loads(read_bounded(config_path, what="config").decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
         except jsondepth.JSONNestingError as e:
@@ -123,6 +172,8 @@ class ModelMixin:
         WeightsError naming the tensor; `allow_nonfinite=True` loads non-finite values anyway."""
         directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
         config = cls._config_in(directory)
+        from .budget import check_network
+        check_network(cls, config, str(directory), dtype)  # a config of a million blocks is refused, not built
         # Built on the meta device and handed the file's tensors, which safetensors memory-maps, rather than
         # allocating and initialising parameters only to overwrite them: a model costs its weights once, not twice.
         with torch.device("meta"):

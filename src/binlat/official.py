@@ -11,7 +11,7 @@ import torch
 
 from . import jsondepth, registry
 from .config import ConfigError
-from .io import WeightsError, check_state_dict, load_safetensors
+from .io import FileRefused, WeightsError, check_state_dict, load_safetensors, read_bounded
 from .registry import MODEL_CLASSES, TOKENIZER  # noqa: F401 (MODEL_CLASSES, kind -> model class, is public here)
 from .tokenizer import TokenizerConfig
 
@@ -161,9 +161,11 @@ def _torch_load(path: Path) -> Any:
 def read_official_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = jsondepth.loads(path.read_text(encoding="utf-8"))
+        data = jsondepth.loads(read_bounded(path, what="config").decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except FileRefused as e:
+        raise ConfigError(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     except jsondepth.JSONNestingError as e:
@@ -180,11 +182,15 @@ def build_official(kind: str, config_path: str | Path, weights_path: str | Path,
     registry.release_format(kind)  # an unknown kind is a ValueError naming the known ones
     _check_scale(kind, scale)  # before reading any file
     config = convert_config(kind, read_official_config(config_path), str(config_path), scale)
-    model = registry.model_class(kind)(config)
+    from .budget import check_network
+    check_network(registry.model_class(kind), config, str(config_path))  # before any weight is read
+    with torch.device("meta"):  # names and shapes only; the file's tensors become the parameters
+        model = registry.model_class(kind)(config)
     state = convert_state_dict(kind, load_official_weights(weights_path), config)
     check_state_dict(model, state, str(weights_path), name=lambda k: official_name(kind, k, config),
                      allow_nonfinite=allow_nonfinite)
-    model.load_state_dict(state, strict=True)
+    expected = model.state_dict()
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import jsondepth, modeling, registry
+from . import budget, jsondepth, modeling, registry
 from .config import ConfigError, config_from_dict, config_to_dict
 from .generators import GeneratorConfig
 from .hardware import require_bf16
-from .io import atomic_directory
+from .io import atomic_directory, read_bounded
 from .processes.common import check_sampling_args, check_seed, make_generators
 from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
@@ -151,6 +152,7 @@ class Pipeline:
         # What .to() and .compile() asked for, applied to a generator loaded later too.
         self._placement: dict[str, Any] = {}
         self._compiled = False
+        self._size_warned: set[tuple[int, int]] = set()
         self.generators = Generators(models, {k: f for k, (_, f) in loaders.items()}, self._prepare)
         self.config = config or PipelineConfig(text_encoder=text_encoder.name_or_path,
                                                generators=tuple(self.generators),
@@ -202,11 +204,11 @@ class Pipeline:
         from .release import resolve_pipeline_dir
         directory = resolve_pipeline_dir(path, release_config)
         index = directory / INDEX_NAME
-        if not index.is_file():
+        if not index.exists():  # one that is not a regular file is refused by read_bounded, naming what it is
             raise FileNotFoundError(f"{directory}: missing {INDEX_NAME}; not a binlat pipeline directory "
                                     f"(a single model directory loads with its model class instead)")
         try:
-            data = jsondepth.loads(index.read_text(encoding="utf-8"))
+            data = jsondepth.loads(read_bounded(index, what="bundle index").decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{index}: not valid JSON ({e})") from None
         except jsondepth.JSONNestingError as e:
@@ -214,13 +216,24 @@ class Pipeline:
         config = config_from_dict(PipelineConfig, data, str(index))
         if dtype == torch.bfloat16:
             require_bf16(device, "bfloat16 generation", fix="load in float32 (dtype=None)")
+        networks = {k: registry.generator(k).network for k in config.generators}
+        configs = {k: network.read_config(directory / k) for k, network in networks.items()}
+        # The whole bundle, and a generation at its own image_size, measured before any part is built.
+        tok_config = BinaryTokenizer.read_config(directory / "tokenizer")
+        total = sum(budget.check_network(cls, c, str(directory / part), dtype)
+                    for part, cls, c in [("tokenizer", BinaryTokenizer, tok_config)]
+                    + [(k, networks[k], configs[k]) for k in configs])
+        work = max(budget.generation_bytes(tok_config, c, batch=1, height=config.image_size, width=config.image_size,
+                                           text_len=config.text_max_length, text_layers=c.num_layers, kept_images=1)
+                   for c in configs.values())
+        budget.check(total + work, f"{directory}: this bundle (its networks, and one image at its image_size "
+                     f"{config.image_size})", "check its configs and model_index.json's image_size")
         if not isinstance(text_encoder, TextEncoder):
             text_encoder = TextEncoder(text_encoder or config.text_encoder, max_length=config.text_max_length,
                                        device=device)
         tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype,
                                                     allow_nonfinite=allow_nonfinite)
-        networks = {k: registry.generator(k).network for k in config.generators}
-        loaders = {k: (network.read_config(directory / k),
+        loaders = {k: (configs[k],
                        functools.partial(network.from_pretrained, directory / k, device=device, dtype=dtype,
                                          allow_nonfinite=allow_nonfinite))
                    for k, network in networks.items()}
@@ -295,6 +308,23 @@ class Pipeline:
         n = len(prompts)
         return features.index(list(range(n))), features.index([n])
 
+    def check_work(self, generator: str | None, batch: int, height: int, width: int, kept_images: int = 1) -> None:
+        """Refuse (budget.MemoryBudgetError, one line) a request whose estimated memory exceeds the limit: one batch
+        through `generator` (None: the costliest of the pipeline's), one image through the tokenizer decoder, and
+        the images kept. Warns once per size when a side is beyond the size the tokenizer was trained at."""
+        tok = self.tokenizer.config
+        kinds = [generator] if generator is not None else list(self._generator_configs)
+        estimate = max(budget.generation_bytes(
+            tok, self._generator_configs[k], batch=batch, height=height, width=width,
+            text_len=self.text_encoder.max_length, text_layers=len(self.text_layers(k)), kept_images=kept_images)
+            for k in kinds)
+        budget.check(estimate, f"{kept_images} image(s) of {height}x{width} in batches of {batch}",
+                     "ask for a smaller --size or --batch-size (fewer images per request)")
+        if max(height, width) > tok.image_size and (height, width) not in self._size_warned:
+            self._size_warned.add((height, width))
+            warnings.warn(f"{height}x{width} is beyond the {tok.image_size} px the tokenizer was trained at: "
+                          f"expect poorer images", UserWarning, stacklevel=3)
+
     def sampling_settings(self, generator: str = "diffusion", **given: Any) -> dict[str, Any]:
         """The complete, checked settings a call uses: its own (non-None) arguments, else the bundle's `sampling`
         for `generator`, else the built-ins. Every entry point (Python, CLI, server, eval) resolves through here."""
@@ -324,9 +354,8 @@ class Pipeline:
                  progress: bool = True) -> PipelineOutput:
         """Generate one image per prompt. Image i uses seed `seed + i`, so it can be regenerated alone.
         Sampling settings left as None take the bundle's tuned ones (`config.sampling`), else the built-ins."""
-        parts = list(self.batches(prompts, generator, num_steps=num_steps, guidance_scale=guidance_scale,
-                                  temperature=temperature, rho=rho, protocol=protocol, seed=seed, height=height,
-                                  width=width, batch_size=batch_size, return_bits=return_bits, progress=progress))
+        parts = list(self._start(prompts, generator, num_steps, guidance_scale, temperature, rho, protocol, seed,
+                                 height, width, batch_size, return_bits, progress, keep_all=True))
         return PipelineOutput(images=[im for p in parts for im in p.images], seeds=[s for p in parts for s in p.seeds],
                               prompts=[t for p in parts for t in p.prompts],
                               bits=torch.cat([p.bits for p in parts]) if return_bits else None)
@@ -337,7 +366,14 @@ class Pipeline:
                 width: int | None = None, batch_size: int = 8, return_bits: bool = False,
                 progress: bool = True) -> Iterator[PipelineOutput]:
         """What __call__ makes, one PipelineOutput per batch of `batch_size` prompts as soon as it is decoded (for
-        writing images as they come). Every argument is checked here, before the first batch is asked for."""
+        writing images as they come). Every argument is checked here, before the first batch is asked for, and the
+        memory a batch needs is estimated (binlat.budget): a request that would not fit is a MemoryBudgetError.
+        Prompts are encoded batch by batch, so their number costs time, not memory."""
+        return self._start(prompts, generator, num_steps, guidance_scale, temperature, rho, protocol, seed, height,
+                           width, batch_size, return_bits, progress, keep_all=False)
+
+    def _start(self, prompts, generator, num_steps, guidance_scale, temperature, rho, protocol, seed, height, width,
+               batch_size, return_bits, progress, keep_all: bool) -> Iterator[PipelineOutput]:
         prompts = check_prompts(prompts)
         if generator not in self.generators:
             raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
@@ -348,13 +384,17 @@ class Pipeline:
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"
         width = height if width is None else width
         self.tokenizer.check_size(height, width)
+        batch = min(batch_size, len(prompts))
+        self.check_work(generator, batch, height, width, kept_images=len(prompts) if keep_all else batch)
         base = secrets.randbelow(2**31) if seed is None else check_seed(seed, len(prompts))
         return self._batches(prompts, generator, settings, base, height, width, batch_size, return_bits, progress)
 
     def _batches(self, prompts: list[str], generator: str, settings: dict[str, Any], base: int, height: int,
                  width: int, batch_size: int, return_bits: bool, progress: bool) -> Iterator[PipelineOutput]:
         seeds = [base + i for i in range(len(prompts))]
-        cond_all, uncond = self.encode_prompts(prompts)
+        # Text is encoded batch by batch (20,000 prompts at once once took 8 GB); the empty prompt and the previous
+        # batch's prompts are remembered, so a prompt repeated across neighbouring batches is encoded once.
+        known: dict[str, TextFeatures] = {}
         layers = self.text_layers(generator)
         network = self.generators[generator]
         kind = registry.generator(generator)
@@ -362,9 +402,17 @@ class Pipeline:
         device = next(network.parameters()).device
         for start in range(0, len(prompts), batch_size):
             rows = list(range(start, min(start + batch_size, len(prompts))))
-            cond = cond_all.index(rows).select(layers)
+            batch = [prompts[i] for i in rows]
+            new = [p for p in dict.fromkeys(batch + [""]) if p not in known]
+            if new:
+                features = self.text_encoder(new)
+                known = {p: known[p] for p in batch + [""] if p in known}
+                known |= {p: features.index([j]) for j, p in enumerate(new)}
+            joint = TextFeatures.cat([known[p] for p in batch + [""]]).select(layers)  # one length for both
+            cond, uncond = joint.index(list(range(len(batch)))), joint.index([len(batch)])
+            known = {p: known[p] for p in batch + [""]}
             gens = make_generators([seeds[i] for i in rows], device)
-            bits = process.sample(network, cond, uncond.select(layers), gens, sampling, progress=progress)
+            bits = process.sample(network, cond, uncond, gens, sampling, progress=progress)
             yield PipelineOutput(images=self.decode(bits, height, width), seeds=[seeds[i] for i in rows],
                                  prompts=[prompts[i] for i in rows],
                                  bits=bits.to(torch.uint8).cpu() if return_bits else None)

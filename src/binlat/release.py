@@ -19,8 +19,8 @@ from safetensors import safe_open
 
 from . import jsondepth, registry
 from .config import ConfigError, config_to_dict
-from .io import WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, save_safetensors
-from .modeling import CONFIG_NAME, WEIGHTS_NAME, named_model_dir
+from .io import WeightsError, atomic_directory, read_bounded, atomic_write_bytes, check_state_dict, save_safetensors
+from .modeling import CONFIG_NAME, WEIGHTS_NAME, hub_snapshot, named_model_dir
 from .official import (FROM_CONFIG, RELEASE_SCALE, convert_config, convert_state_dict, load_official_weights,
                        official_name)
 from .registry import TOKENIZER as TOKENIZER_KIND
@@ -63,7 +63,7 @@ def read_release_config(value: str | Path | dict | None) -> dict[str, dict[str, 
         if not text.lstrip().startswith("{"):
             source = text
             try:
-                text = Path(text).read_text(encoding="utf-8")
+                text = read_bounded(text, what="release config").decode("utf-8")
             except OSError as e:
                 raise ConfigError(f"--release-config {value}: cannot read ({e.strerror}); give a JSON file or "
                                   f"JSON text") from None
@@ -317,18 +317,8 @@ def _hub_id(name: str) -> bool:
 
 
 def _download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    try:
-        return Path(snapshot_download(repo, cache_dir=hub_cache(), local_files_only=offline,
-                                      allow_patterns=["*.json", *(f"*{s}" for s in WEIGHT_SUFFIXES)]))
-    except Exception as e:  # noqa: BLE001 - offline, not found, network: all end in the same advice
-        why = "offline (HF_HUB_OFFLINE) and not in the Hugging Face cache" if offline else \
-            f"could not be fetched ({type(e).__name__})"
-        raise FileNotFoundError(f"{repo}: not a local folder, and the Hub copy {why}; download it first with "
-                                f"huggingface-cli download {repo} --local-dir DIR (hf download with "
-                                f"huggingface_hub >= 1.0) and pass DIR") from None
+    """The cached snapshot; offline or without a network, a copy not in the cache fails at once (no retries)."""
+    return hub_snapshot(repo, ["*.json", *(f"*{s}" for s in WEIGHT_SUFFIXES)], cache_dir=hub_cache())
 
 
 def resolve_pipeline_dir(name_or_path: str | Path, release_config: dict | str | Path | None = None) -> Path:

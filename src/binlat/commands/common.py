@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+from ..io import FileRefused, read_bounded
+
 EXIT_USAGE, EXIT_FAILED = 2, 1
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 # Sampling option -> the Pipeline setting it gives (binlat.cli adds the options, typed and with help).
@@ -28,7 +30,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file:
         try:
-            raw = Path(args.prompts_file).read_bytes()
+            raw = read_bounded(args.prompts_file, what="prompts file")
+        except FileRefused as e:
+            raise CLIError(str(e)) from None
         except OSError as e:
             raise CLIError(f"cannot read prompts file {args.prompts_file}: {e.strerror}") from None
         try:

@@ -25,6 +25,7 @@ from binlat.data.base import (
     logger,
 )
 from binlat.data.shards import WebDatasetShards, expand_shards
+from binlat.io import FileRefused, read_bounded
 from binlat.data.transforms import ImageLoadError, ImageTransform, load_image
 
 PATH_KEYS: tuple[str, ...] = ("path", "image")
@@ -36,7 +37,7 @@ def _read_caption(path: Path) -> str:
     Raises ``UnicodeDecodeError`` / ``OSError`` for unreadable captions.
     """
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, what="caption")
     except FileNotFoundError:
         return ""
     return data.decode("utf-8-sig").strip()
@@ -130,11 +131,13 @@ class ManifestDataset(IndexedImageDataset):
     def __init__(self, path: str | os.PathLike, transform: Transform, **options: Any) -> None:
         super().__init__(transform, **options)
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():  # a device, FIFO or directory is refused by read_bounded, naming what it is
             raise ValueError(f"manifest {self.path} does not exist")
         suffix = self.path.suffix.lower()
         try:
-            text = self.path.read_text(encoding="utf-8-sig")
+            text = read_bounded(self.path, what="manifest").decode("utf-8-sig")
+        except FileRefused as exc:
+            raise ValueError(str(exc)) from None
         except UnicodeDecodeError as exc:
             raise ValueError(f"manifest {self.path} is not valid UTF-8: {exc}") from exc
         if suffix == ".jsonl":

