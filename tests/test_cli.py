@@ -362,3 +362,34 @@ def test_presets_and_the_shipped_model_resolve_by_name_from_any_folder(tmp_path,
     assert BinaryTokenizer.from_pretrained("default/tokenizer").config.num_bits > 0
     from binlat.release import resolve_pipeline_dir
     assert resolve_pipeline_dir("default") == default_model_dir()
+
+
+def test_threads_on_every_computing_command_and_diffusers_names_for_sampling(monkeypatch):
+    """Issue 27: --threads N is on generate, train, precompute, every eval, bench and serve (and applied before the
+    command runs); --guidance-scale and --num-steps are the same options as --cfg and --steps."""
+    from binlat.cli import build_parser
+    parser = build_parser()
+    for argv in (["generate", "x"], ["train", "diffusion", "--config", "c"], ["precompute", "--tokenizer", "t",
+                 "--data", "d", "--out", "o"], ["eval", "shapes"], ["eval", "fid", "--real", "a", "--fake", "b"], ["bench"], ["serve"]):
+        assert parser.parse_args([*argv, "--threads", "3"]).threads == 3, argv
+    a = parser.parse_args(["generate", "x", "--guidance-scale", "2.5", "--num-steps", "7"])
+    b = parser.parse_args(["generate", "x", "--cfg", "2.5", "--steps", "7"])
+    assert (a.cfg, a.steps) == (b.cfg, b.steps) == (2.5, 7)
+    import binlat.cli as cli_mod
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    monkeypatch.setattr(cli_mod, "build_parser", lambda: _stub_parser(build_parser()))
+    assert cli_mod.main(["params", "diffusion/shapes-64"]) == 0 and seen == []  # params computes nothing
+    assert cli_mod.main(["eval", "shapes", "--threads", "2"]) == 0 and seen == [2]
+
+
+def _stub_parser(parser):
+    """The real parser, with every command's function replaced by one that returns 0."""
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _stub_parser(command)
+                if command.get_default("func"):
+                    command.set_defaults(func=lambda args: 0)
+    return parser

@@ -113,13 +113,18 @@ SAMPLING_OPTIONS = {  # option -> (argparse type, help); the Pipeline setting ea
 }
 
 
+# The names Python and HTTP use (diffusers'), accepted beside the short CLI ones.
+SAMPLING_ALIASES = {"cfg": ("guidance-scale",), "steps": ("num-steps",)}
+
+
 def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_OPTIONS)) -> None:
     """Sampling options default to None: the model bundle's tuned settings apply, else the built-in ones."""
     from .pipeline import BUILTIN_SAMPLING
     for name in names:
         kind, text = SAMPLING_OPTIONS[name]
         default = BUILTIN_SAMPLING[SAMPLING_SETTINGS[name]]
-        parser.add_argument(f"--{name}", type=kind, default=None,
+        aliases = [f"--{alias}" for alias in SAMPLING_ALIASES.get(name, ())]
+        parser.add_argument(f"--{name}", *aliases, dest=name, type=kind, default=None,
                             help=f"{text} (default: the model's setting, else {default})")
 
 
@@ -392,12 +397,31 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("conformance", help="check binlat against golden outputs of the reference implementation")
     k.add_argument("cases", nargs="+", metavar="CASE_DIR")
     k.set_defaults(func=cmd_conformance)
+    _add_threads_everywhere(sub)
     return parser
+
+
+# Commands that compute nothing worth threads.
+_NO_THREADS = {"params", "export", "bundle", "conformance"}
+
+
+def _add_threads_everywhere(sub) -> None:
+    """--threads N on every command that computes (nested ones such as `eval shapes` too), unless it has one."""
+    for name, command in sub.choices.items():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _add_threads_everywhere(nested[0])
+        elif name not in _NO_THREADS and not any("--threads" in a.option_strings for a in command._actions):
+            command.add_argument("--threads", type=_positive_int("threads"),
+                                 help="torch intra-op threads (default: torch's, usually one per core)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         with limited(getattr(args, "max_memory", None)):
             return args.func(args)
