@@ -465,6 +465,8 @@ def test_position_grid_starts_the_generators_positions_from_a_2d_table(tmp_path)
     ar_table = ARTransformer(c).blocks[0].pos_emb.detach()[0]
     assert not ar_table[0].any() and torch.equal(ar_table[1:], table)
     with pytest.raises(ValueError, match="rows x cols = num_tokens"):
-        GeneratorConfig(num_tokens=12, position_grid=[3, 3])
+        DiffusionTransformer(GeneratorConfig(num_tokens=12, num_layers=1, position_grid=[3, 3]))
+    with pytest.raises(ValueError, match="positive integers"):
+        GeneratorConfig(num_tokens=12, position_grid=[12])
     DiffusionTransformer(c).save_pretrained(tmp_path / "d")
     assert DiffusionTransformer.from_pretrained(tmp_path / "d").config.position_grid == (3, 4)

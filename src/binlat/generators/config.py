@@ -45,9 +45,9 @@ class GeneratorConfig:
             raise ValueError(f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}")
         if self.position_grid is not None:
             self.position_grid = tuple(self.position_grid)
-            if len(self.position_grid) != 2 or self.position_grid[0] * self.position_grid[1] != self.num_tokens:
-                raise ValueError(f"position_grid must be [rows, cols] with rows x cols = num_tokens "
-                                 f"({self.num_tokens}), got {list(self.position_grid)}")
+            if len(self.position_grid) != 2 or min(self.position_grid) < 1:
+                raise ValueError(f"position_grid must be [rows, cols] of positive integers, got "
+                                 f"{list(self.position_grid)}")
         if self.text_layers is not None:
             self.text_layers = tuple(self.text_layers)
             if len(self.text_layers) != self.num_layers or any(i < 0 for i in self.text_layers):
@@ -75,4 +75,8 @@ def initial_positions(config: GeneratorConfig, leading: int = 0):
     `leading` rows come first (the AR start token)."""
     if config.position_grid is None:
         return sincos_positions(config.num_tokens + leading, config.dim)
+    rows, cols = config.position_grid
+    if rows * cols != config.num_tokens:  # checked here: a training config learns num_tokens from its tokenizer
+        raise ValueError(f"position_grid must be [rows, cols] with rows x cols = num_tokens ({config.num_tokens}), "
+                         f"got {[rows, cols]}")
     return sincos_grid_positions(*config.position_grid, config.dim, leading=leading)
