@@ -48,20 +48,11 @@ from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
 from binlat.train.probe import images_to_threshold
 from test_reliability import (TOKENIZER_MODEL, TRAIN_CONFIG, Env, api_entry_points, bundle, checkpoint,  # noqa: F401
-                              cli_entry_points, data_entry_points, encoder, env, leftovers, noise_png,
-                              official_tokenizer, pipe, seed_output, snapshot)
+                              cli_entry_points, data_entry_points, encoder, env, leftovers, new_catalogue,
+                              noise_png, official_tokenizer, pipe, seed_output, snapshot)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
-CASES: dict[str, Callable[[Env], None]] = {}
-ENTRY_OF: dict[str, str] = {}
-
-
-def case(name: str, entry: str):
-    def register(fn: Callable[[Env], None]) -> Callable[[Env], None]:
-        assert name not in CASES, f"duplicate case {name}"
-        CASES[name], ENTRY_OF[name] = fn, entry
-        return fn
-    return register
+CASES, ENTRY_OF, case = new_catalogue()
 
 
 class RunDidNotEnd(BaseException):

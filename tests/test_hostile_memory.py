@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,21 +30,12 @@ from binlat.data.transforms import ImageLoadError, ImageTransform, load_image
 from binlat.generators import DiffusionTransformer, GeneratorConfig
 from binlat.pipeline import Pipeline
 from binlat.tokenizer import BinaryTokenizer
-from test_reliability import (Env, api_entry_points, bundle, cli_entry_points, data_entry_points, encoder,  # noqa: F401
-                              env, noise_png, official_tokenizer, pipe)
+from test_reliability import (Env, api_entry_points, bundle, cli_entry_points, data_entry_points,  # noqa: F401
+                              encoder, env, new_catalogue, noise_png, official_tokenizer, pipe)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CAP = 3 * 2**30  # RLIMIT_AS of the subprocess cases: a regressed guard dies (or fails) instead of eating the machine
-CASES: dict[str, Callable[[Env], None]] = {}
-ENTRY_OF: dict[str, str] = {}
-
-
-def case(name: str, entry: str):
-    def register(fn: Callable[[Env], None]) -> Callable[[Env], None]:
-        assert name not in CASES, f"duplicate case {name}"
-        CASES[name], ENTRY_OF[name] = fn, entry
-        return fn
-    return register
+CASES, ENTRY_OF, case = new_catalogue()
 
 
 CAPPED = f"""

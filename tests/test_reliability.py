@@ -267,16 +267,22 @@ class Env:
         return path
 
 
-CASES: dict[str, Callable[[Env], None]] = {}
-ENTRY_OF: dict[str, str] = {}  # case name -> the entry point it feeds
+def new_catalogue():
+    """(cases, entry_of, case): one catalogue's registry — case name -> its function, case name -> the entry point
+    it feeds, and the `@case(name, entry)` decorator. Every catalogue file keeps its own."""
+    cases: dict[str, Callable[[Env], None]] = {}
+    entry_of: dict[str, str] = {}
+
+    def case(name: str, entry: str):
+        def register(fn: Callable[[Env], None]) -> Callable[[Env], None]:
+            assert name not in cases, f"duplicate case {name}"
+            cases[name], entry_of[name] = fn, entry
+            return fn
+        return register
+    return cases, entry_of, case
 
 
-def case(name: str, entry: str):
-    def register(fn: Callable[[Env], None]) -> Callable[[Env], None]:
-        assert name not in CASES, f"duplicate case {name}"
-        CASES[name], ENTRY_OF[name] = fn, entry
-        return fn
-    return register
+CASES, ENTRY_OF, case = new_catalogue()
 
 
 # ============================================================================================================
