@@ -813,3 +813,36 @@ def test_the_discriminator_sees_every_micro_batch(tmp_path):
     trainer.train()
     assert reads == [2 * 8]  # real and fake images of both 4-image micro-batches
     assert trainer.task.fakes == []
+
+
+def test_a_run_names_its_data_and_warns_when_a_generator_has_no_captions(tokenizer_dir, tmp_path, capsys):
+    """Issue 27: before step 1 one line names the data (count, captions, their source, size); a folder of images
+    without captions warns that the generator learns unconditional generation, unless --unconditional; sample grids
+    are drawn from the run's own captions; a short --max-steps run fits the preset's intervals and says so."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    stream = ShapesStream(size=64, seed=0)
+    for i in range(8):
+        sample = stream.sample(i)
+        Image.fromarray(((sample["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(
+            folder / f"{i}.png")
+    config = tmp_path / "diffusion.json"
+    config.write_text(json.dumps(generator_dict("diffusion", tokenizer_dir, warmup_steps=50, log_every=50,
+                                                sample_every=500, max_steps=500)))
+    argv = ["train", "diffusion", "--config", str(config), "--data", str(folder), "--max-steps", "2"]
+    assert cli.main([*argv, "--output", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert f"data {folder}: 8 samples, 0 with captions; captions from same-named .txt files; images at 64 x 64 px" in out
+    assert "has a caption: the generator will learn unconditional generation only" in err and "--unconditional" in err
+    assert "--max-steps 2 is shorter than the preset's intervals: warmup_steps 50 -> 1, log_every 50 -> 1, " \
+           "sample_every 500 -> 2" in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["warmup_steps"] == 1
+    assert not (tmp_path / "run" / "samples").exists()  # no captions to prompt a sample grid with
+    assert cli.main([*argv, "--unconditional", "--output", str(tmp_path / "run2"), "--set", "warmup_steps=50"]) == 0
+    out, err = capsys.readouterr()
+    assert "has a caption" not in err and "warmup_steps" not in err  # silenced; a --set interval stays
+    (folder / "3.txt").write_text("a green square")
+    (folder / "5.txt").write_text("two circles")
+    task = GeneratorTask(make_cfg(generator_dict("diffusion", tokenizer_dir, data=str(folder))), torch.device("cpu"))
+    assert task.own_prompts() == ["a green square", "two circles"]
+    assert GeneratorTask(cfg_for("diffusion", tokenizer_dir), torch.device("cpu")).own_prompts()[0] == "a red circle"

@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, metavar="FILE.json", help="e.g. configs/tokenizer/shapes-64.json")
     t.add_argument("--data", metavar="SPEC", help="shapes | a folder | a .jsonl/.csv manifest | tar shards (paths/globs)")
     t.add_argument("--allow-data-commands", action="store_true", help=ALLOW)
+    t.add_argument("--unconditional", action="store_true",
+                   help="generators: the data is meant to have no captions (silences the warning that says so)")
     t.add_argument("--max-steps", type=_positive_int("max steps"))
     t.add_argument("--batch-size", type=_positive_int("batch size"), help="global batch per optimiser step")
     t.add_argument("--output", metavar="DIR", help="run folder (default runs/KIND)")

@@ -19,11 +19,32 @@ def _train_config(args: argparse.Namespace):
     return cfg
 
 
+def fit_to_max_steps(cfg, given: set[str]):
+    """A --max-steps run shorter than the preset's warm-up, log or sample interval would end still warming up,
+    log nothing and sample nothing: those intervals shrink to fit (a tenth of the run; samples at its end), and a
+    note says so. An interval given with --set is the user's and stays."""
+    n = cfg.max_steps
+    fitted = {"warmup_steps": max(1, n // 10) if cfg.warmup_steps >= n else None,
+              "log_every": max(1, n // 10) if cfg.log_every > n else None,
+              "sample_every": n if cfg.sample_every > n else None}
+    fitted = {k: v for k, v in fitted.items() if v is not None and k not in given}
+    if fitted:
+        told = ", ".join(f"{k} {getattr(cfg, k)} -> {v}" for k, v in fitted.items())
+        print(f"note: --max-steps {n} is shorter than the preset's intervals: {told} (--set KEY=VALUE keeps yours)",
+              file=sys.stderr)
+        cfg = dataclasses.replace(cfg, **fitted)
+    return cfg
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train.engine import NonFiniteLossError, Trainer
     cfg = _train_config(args)
     given = {"data": args.data, "max_steps": args.max_steps, "batch_size": args.batch_size}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})  # checked again
+    if args.unconditional:
+        cfg = dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, unconditional=True))
+    if args.max_steps is not None:
+        cfg = fit_to_max_steps(cfg, {entry.partition("=")[0].strip() for entry in args.set or []})
     if args.allow_data_commands and args.data is None:
         raise CLIError("--allow-data-commands applies to a --data typed on the command line, and none was given; "
                        "a config file's \"data\" never runs a program: pass the URL with --data")

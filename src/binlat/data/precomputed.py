@@ -30,6 +30,12 @@ class PrecomputedDataset:
         self.count, self.shard_size = int(self.index["count"]), int(self.index["shard_size"])
         self._shard: tuple[int, dict[str, torch.Tensor], list[str]] | None = None
 
+    def describe(self) -> dict[str, Any]:
+        """What a run reads: the folder's sample count and the data it was made from (captions are read lazily,
+        shard by shard, so they are not counted here)."""
+        return {"samples": self.count, "captioned": None,
+                "captions": f"precomputed from {self.index.get('data') or 'unknown data'}"}
+
     def __len__(self) -> int:
         return self.count
 

@@ -98,6 +98,11 @@ class ImageFolderDataset(IndexedImageDataset):
     def key_of(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
+    def describe(self) -> dict[str, Any]:
+        """What a run reads: sample count, how many have a caption file, and where captions come from."""
+        captioned = sum(p.with_suffix(".txt").is_file() for p in self.files)
+        return {"samples": len(self.files), "captioned": captioned, "captions": "same-named .txt files"}
+
     def sample(self, index: int) -> dict[str, Any] | None:
         """Sample ``index`` of the sorted file list, or None if it is skipped."""
         path = self.files[index]
@@ -160,6 +165,11 @@ class ManifestDataset(IndexedImageDataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def describe(self) -> dict[str, Any]:
+        """What a run reads: sample count, how many have a caption, and where captions come from."""
+        return {"samples": len(self.entries), "captioned": sum(bool(c) for _, _, c in self.entries),
+                "captions": f"the manifest's caption column ({self.path.name})"}
 
     def _bad(self, line: int, why: str) -> ValueError:
         return ValueError(f"manifest {self.path} line {line}: {why}")

@@ -394,6 +394,10 @@ class ShapesStream(IterableDataset):
         self.prefix_suffix_prob = prefix_suffix_prob
         self.start_index = 0
 
+    def describe(self) -> dict[str, Any]:
+        """What a run reads: an endless stream, every sample captioned by its scene."""
+        return {"samples": None, "captioned": None, "captions": "the procedural scenes' own captions (endless)"}
+
     def sample(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, index])
         scene = sample_scene(

@@ -114,6 +114,11 @@ class WebDatasetShards(ImageTextDataset):
         self.allow_commands = allow_commands
         self.urls = expand_shards(urls, allow_commands=allow_commands)
 
+    def describe(self) -> dict[str, Any]:
+        """What a run reads (streamed: the count is unknown until read)."""
+        return {"samples": None, "captioned": None, "shards": len(self.urls),
+                "captions": "each sample's txt member (or json caption/text)"}
+
     def __repr__(self) -> str:
         return f"WebDatasetShards({len(self.urls)} shards, first {self.urls[0]!r}, transform={self.transform!r})"
 

@@ -51,6 +51,12 @@ class GeneratorTraining:
     sample_steps: int = 20
     sample_guidance: float = 3.0
     init_from: str | None = None     # start from a generator model directory of this kind (fine-tuning)
+    # The run is meant to learn from images without captions: silences the warning that data without captions
+    # trains an unconditional generator.
+    unconditional: bool = False
+
+
+SHAPES_SAMPLE_PROMPTS = ["a red circle", "two squares", "a blue triangle to the left of a green circle"]
 
 
 @dataclass
@@ -84,8 +90,9 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     sample_every: int = 0            # 0: no sample grids
-    sample_prompts: list[str] = field(default_factory=lambda: ["a red circle", "two squares",
-                                                                "a blue triangle to the left of a green circle"])
+    # Prompts of the sample grids; empty: the run's own captions (the first three distinct ones of its data; for the
+    # shapes data, SHAPES_SAMPLE_PROMPTS).
+    sample_prompts: list[str] = field(default_factory=list)
     max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
     # Samples skipped in a row (unreadable, corrupt) before the run stops naming the data: data that is all bad
     # would otherwise loop for ever.

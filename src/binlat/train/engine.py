@@ -143,6 +143,8 @@ class Trainer:
     # --- data ---------------------------------------------------------------------------------------------
     def _loader(self):
         source = self.task.dataset()
+        if self.acc.is_main_process:
+            self._describe_data(source)
         if not hasattr(source, "sample"):
             return self._stream(source)
         data = IndexedData(source, self.cfg.seed)
@@ -160,6 +162,24 @@ class Trainer:
             else:
                 guard.skipped(batch.get("skipped", []))
             yield batch
+
+    def _describe_data(self, source) -> None:
+        """One line before step 1 naming the data (count, captions, their source, resolution); a warning when a
+        generator's data has no captions at all (it would learn unconditional generation without a word)."""
+        about = source.describe() if hasattr(source, "describe") else {}
+        samples, captioned = about.get("samples"), about.get("captioned")
+        count = "a stream of samples" if samples is None else f"{samples} samples"
+        with_captions = "" if captioned is None or samples is None else f", {captioned} with captions"
+        where = f"; captions from {about['captions']}" if about.get("captions") else ""
+        size = self.cfg.image_size
+        message = f"data {self.cfg.data}: {count}{with_captions}{where}; images at {size} x {size} px"
+        log.info(message)
+        if self.acc.is_local_main_process:
+            tqdm.write(message)
+        if self.cfg.kind != "tokenizer" and captioned == 0 and not self.cfg.generator.unconditional:
+            self._warn(f"no sample of {self.cfg.data} has a caption: the generator will learn unconditional "
+                       f"generation only. Put a same-named .txt beside each image (or a caption column in the "
+                       f"manifest), or pass --unconditional if that is what you want")
 
     def _stream(self, source):
         """Streaming data (folders, manifests, WebDataset shards) has no random access: each process reads its own

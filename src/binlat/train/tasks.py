@@ -275,6 +275,7 @@ class GeneratorTask(Task):
             self.init_from(o.init_from)
         self.cached_text = CachedTextEncoder(self.text_encoder, list(self.model_config.text_layers))
         self.data_spec = ""  # what a precomputed folder was made from (its index's "data")
+        self.sample_prompts: list[str] | None = None  # own_prompts' pick, once read
 
     def build(self, **resolved) -> None:
         """The network and its process: the run's `model` over `resolved` (see TrainConfig.model_config)."""
@@ -343,12 +344,33 @@ class GeneratorTask(Task):
         return {"eval_shapes_accuracy": summary["overall"],
                 **{f"eval_{c}": a for c, a in summary["accuracy"].items()}}
 
+    def own_prompts(self, count: int = 3, look: int = 64) -> list[str]:
+        """Sample-grid prompts from the run's own data: the first `count` distinct captions among its first `look`
+        samples (the shapes data: SHAPES_SAMPLE_PROMPTS); none where the data has no captions (then no grid)."""
+        from .config import SHAPES_SAMPLE_PROMPTS
+        if self.cfg.data.startswith("shapes") or self.data_spec.startswith("shapes"):
+            return list(SHAPES_SAMPLE_PROMPTS)
+        if self.sample_prompts is None:
+            data, found = self.dataset(), []
+            reader = (data.sample(i) for i in range(min(look, len(data)))) if hasattr(data, "sample") else iter(data)
+            for _, sample in zip(range(look), reader):
+                caption = (sample or {}).get("caption", "")
+                if caption and caption not in found:
+                    found.append(caption)
+                if len(found) == count:
+                    break
+            self.sample_prompts = found
+        return self.sample_prompts
+
     def sample_grid(self, model, cfg):
         from ..grid import contact_sheet
         from ..pipeline import Pipeline
+        prompts = cfg.sample_prompts or self.own_prompts()
+        if not prompts:  # data without captions: nothing to prompt with (the pipeline refuses empty prompts)
+            return None
         kwargs = {cfg.kind: model}
         pipe = Pipeline(self.tokenizer, self.text_encoder, **kwargs)
-        out = pipe(cfg.sample_prompts, generator=cfg.kind, num_steps=cfg.generator.sample_steps,
+        out = pipe(prompts, generator=cfg.kind, num_steps=cfg.generator.sample_steps,
                    guidance_scale=cfg.generator.sample_guidance, seed=0, height=cfg.image_size, progress=False)
         return contact_sheet(out.images, out.prompts, out.seeds, cell=128)
 
