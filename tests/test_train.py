@@ -846,3 +846,37 @@ def test_a_run_names_its_data_and_warns_when_a_generator_has_no_captions(tokeniz
     task = GeneratorTask(make_cfg(generator_dict("diffusion", tokenizer_dir, data=str(folder))), torch.device("cpu"))
     assert task.own_prompts() == ["a green square", "two circles"]
     assert GeneratorTask(cfg_for("diffusion", tokenizer_dir), torch.device("cpu")).own_prompts()[0] == "a red circle"
+
+
+def test_precomputed_bits_bring_their_tokenizer_and_a_failed_start_leaves_no_run_folder(tokenizer_dir, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """Issue 27: after `precompute --tokenizer T`, `train diffusion --data BITS` trains on T whatever the preset
+    names (run from another folder too); naming another tokenizer with --set is an error that names both fixes, and
+    that failed start leaves no run folder."""
+    bits = tmp_path / "bits"
+    assert cli.main(["precompute", "--tokenizer", str(tokenizer_dir), "--data", "shapes", "--max-samples", "16",
+                     "--out", str(bits), "--no-progress"]) == 0
+    config = tmp_path / "diffusion.json"
+    config.write_text(json.dumps(generator_dict("diffusion", Path("default/tokenizer"))))
+    monkeypatch.chdir(tmp_path)  # the index's tokenizer path must not depend on where precompute ran
+    run = tmp_path / "run"
+    assert cli.main(["train", "diffusion", "--config", str(config), "--data", str(bits), "--max-steps", "1",
+                     "--output", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["generator"]["tokenizer"] == str(tokenizer_dir.resolve())
+    assert "the tokenizer" in capsys.readouterr().err
+    other = tmp_path / "other-tokenizer"
+    BinaryTokenizer(BinaryTokenizer.from_pretrained(tokenizer_dir).config).save_pretrained(other)
+    failed = tmp_path / "failed"
+    assert cli.main(["train", "diffusion", "--config", str(config), "--data", str(bits), "--max-steps", "1",
+                     "--set", f"generator.tokenizer={other}", "--output", str(failed)]) == 2
+    err = capsys.readouterr().err
+    assert "drop that --set" in err and f"precompute again with --tokenizer {other}" in err
+    assert not failed.exists()
+    config.write_text(json.dumps(generator_dict("diffusion", other)))  # the preset names it: the bits' own wins
+    assert cli.main(["train", "diffusion", "--config", str(config), "--data", str(bits), "--max-steps", "1",
+                     "--output", str(tmp_path / "run2")]) == 0
+    api_run = tmp_path / "api-run"  # the same mismatch reached in the Trainer (Python API): the folder goes again
+    trainer = Trainer(make_cfg(generator_dict("diffusion", other, data=str(bits))), api_run)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        trainer.train()
+    assert not api_run.exists()

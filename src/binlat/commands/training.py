@@ -36,6 +36,35 @@ def fit_to_max_steps(cfg, given: set[str]):
     return cfg
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references name one directory (paths compared resolved)."""
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
+
+
+def tokenizer_of_precomputed(cfg, chosen: bool):
+    """Generator training on a precomputed folder takes the tokenizer its bits were made with (recorded in its
+    index), unless generator.tokenizer was set on the command line; then a mismatch names both fixes."""
+    import json
+
+    from ..data.precomputed import INDEX
+    index = Path(cfg.data.removeprefix("precomputed:")) / INDEX
+    if not index.is_file():
+        return cfg
+    try:
+        made_with = str(json.loads(index.read_text(encoding="utf-8")).get("tokenizer") or "")
+    except (OSError, ValueError, AttributeError):
+        return cfg  # a damaged index is the dataset's to report
+    if not made_with or same_model(made_with, cfg.generator.tokenizer):
+        return cfg
+    if chosen:
+        raise CLIError(f"{index.parent} holds bits of tokenizer {made_with}, but --set generator.tokenizer names "
+                       f"{cfg.generator.tokenizer}: drop that --set to train on the bits' own tokenizer, or precompute "
+                       f"again with --tokenizer {cfg.generator.tokenizer}")
+    print(f"note: generator.tokenizer is {made_with}, the tokenizer {index.parent}'s bits were made with "
+          f"(the preset named {cfg.generator.tokenizer})", file=sys.stderr)
+    return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, tokenizer=made_with))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train.engine import NonFiniteLossError, Trainer
     cfg = _train_config(args)
@@ -43,8 +72,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})  # checked again
     if args.unconditional:
         cfg = dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, unconditional=True))
+    given_keys = {entry.partition("=")[0].strip() for entry in args.set or []}
     if args.max_steps is not None:
-        cfg = fit_to_max_steps(cfg, {entry.partition("=")[0].strip() for entry in args.set or []})
+        cfg = fit_to_max_steps(cfg, given_keys)
+    if cfg.kind != "tokenizer":
+        cfg = tokenizer_of_precomputed(cfg, "generator.tokenizer" in given_keys)
     if args.allow_data_commands and args.data is None:
         raise CLIError("--allow-data-commands applies to a --data typed on the command line, and none was given; "
                        "a config file's \"data\" never runs a program: pass the URL with --data")
@@ -112,10 +144,18 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         layers = ([int(x) for x in args.text_layers.split(",")] if args.text_layers
                   else text_layer_map(encoder.num_layers, args.generator_layers))
     n = precompute(data, tokenizer, args.out, text_encoder=encoder, text_layers=layers, shard_size=args.shard_size,
-                   batch_size=args.batch_size, max_samples=args.max_samples, tokenizer_ref=str(args.tokenizer),
+                   batch_size=args.batch_size, max_samples=args.max_samples,
+                   tokenizer_ref=model_ref(args.tokenizer),
                    data_spec=args.data, progress=not args.no_progress)
     print(f"wrote {n} samples to {args.out}" + (f" with text layers {layers}" if layers else " (bits + captions)"))
     return 0
+
+
+def model_ref(name: str) -> str:
+    """How an index records a model: a local directory as its absolute path (so a run from another folder finds
+    it), a name ("default/tokenizer", a Hub id) as given."""
+    path = Path(name)
+    return str(path.resolve()) if path.is_dir() and not str(name).startswith("default") else str(name)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

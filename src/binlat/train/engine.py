@@ -104,6 +104,10 @@ class Trainer:
         self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
         self._optimizer_state: dict | None = None  # a resumed run's, loaded once the model is prepared
         self._log_handler: logging.Handler | None = None
+        # A run folder this run made, removed again if the run fails before its loop starts (nothing to keep; a
+        # failure inside the loop keeps log.txt, which names the samples it skipped).
+        self._made_run_dir = self.acc.is_main_process and not self.run_dir.exists()
+        self._looping = False
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clean_leftovers(self.run_dir)
@@ -117,6 +121,7 @@ class Trainer:
                 self._resume(resume)
             except BaseException:
                 self.close()
+                self._drop_unused_run_dir()
                 raise
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if cfg.compile:  # the training forward only; checkpoints, EMA and samples use the plain module
@@ -216,8 +221,19 @@ class Trainer:
     def train(self) -> dict[str, float]:
         try:
             return self._train()
+        except BaseException:
+            self.close()
+            self._drop_unused_run_dir()
+            raise
         finally:
             self.close()
+
+    def _drop_unused_run_dir(self) -> None:
+        """Remove the run folder this run made when it failed before its training loop began (a bad data spec, a
+        mismatched tokenizer): a failed start leaves nothing behind. A folder that existed, or holds a checkpoint,
+        stays."""
+        if self._made_run_dir and not self._looping and not list_checkpoints(self.run_dir):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def close(self) -> None:
         """Detach this run's log file from the shared logger (several runs may share one process)."""
@@ -307,6 +323,7 @@ class Trainer:
     def _train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
         batches = iter(self._loader())
+        self._looping = True
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc=cfg.kind)
         self.skips = SkippedSamples(show=acc.is_main_process)
         postfix: dict[str, str] = {}
