@@ -37,7 +37,7 @@ train() {  # KIND RUN ARGS...: a generator on the frozen tokenizer
     local kind=$1 run=$2
     shift 2
     binlat train "$kind" --config "configs/$kind/shapes-64.json" --output "$RUNS/$run" \
-        --set generator.tokenizer="$RUNS/export-tokenizer" "$@"
+        --set generator.tokenizer="$RUNS/export-tokenizer" --set compile=true "$@"
 }
 continue_on_mix() {  # FROM_RUN RUN MAX_STEPS: continue FROM_RUN's last checkpoint on the mix, cosine over MAX_STEPS
     local from=auto  # RUN's own last checkpoint when it has one (--resume auto), else FROM_RUN's last

@@ -3,6 +3,7 @@ nothing points outside it (../shared is not part of a clone), and docs/shapes.md
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -88,3 +89,35 @@ def test_shapes_doc_states_the_codes_constants():
     assert f"at least {shapes_judge.TRIANGLE_LOWER_SHARE:.0%} of its pixels" in text.replace(" %", "%")
     for category in shapes.CATEGORIES:
         assert f"| `{category}` |" in text
+
+
+def own_data_block() -> list[list[str]]:
+    """The README's own-data commands (between <!-- own-data --> markers), each as argv without `binlat`."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- own-data -->", 1)[1].split("<!-- /own-data -->", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("binlat ")]
+    return [shlex.split(line.split("#", 1)[0])[1:] for line in lines]
+
+
+def test_the_readme_own_data_block_runs_verbatim_in_an_empty_folder(tmp_path, monkeypatch):
+    """Issue 27: a user in an empty folder outside the repository follows the README's own-data block, with
+    nothing but their images, to a generated image: the commands exactly as written, trainings cut to 2 steps."""
+    from binlat import cli
+    from binlat.data.shapes import ShapesStream
+    from binlat.pipeline import to_pil
+    commands = own_data_block()
+    assert [c[0] for c in commands] == ["train", "export", "precompute", "train", "export", "bundle", "generate"]
+    images = tmp_path / "my_images"
+    images.mkdir()
+    stream = ShapesStream(size=64, seed=0)
+    for i in range(8):
+        sample = stream.sample(i)
+        to_pil(sample["image"][None])[0].save(images / f"shape{i}.png")
+        (images / f"shape{i}.txt").write_text(sample["caption"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BINLAT_MODEL", raising=False)
+    for argv in commands:
+        scaled = argv + (["--max-steps", "2"] if argv[0] == "train" else [])
+        assert cli.main(scaled) == 0, argv
+    assert (tmp_path / "out" / "00000.png").is_file() and (tmp_path / "out" / "metadata.jsonl").is_file()
+    assert not any(str(ROOT) in arg for argv in commands for arg in argv)  # no repository path in the block

@@ -125,6 +125,9 @@ class Trainer:
                 raise
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if cfg.compile:  # the training forward only; checkpoints, EMA and samples use the plain module
+            if self.acc.is_local_main_process:
+                tqdm.write("compiling the training forward (compile: true): the first steps take a few minutes "
+                           "(about 2 on a 2-core CPU); the progress bar's rate and ETA start after the first step")
             network = self.acc.unwrap_model(self.model)
             network.forward = torch.compile(network.forward, dynamic=True)
         if self._optimizer_state is not None:  # after prepare: a sharded model takes its optimizer state sharded
@@ -324,6 +327,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         batches = iter(self._loader())
         self._looping = True
+        first_step = self.step
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc=cfg.kind)
         self.skips = SkippedSamples(show=acc.is_main_process)
         postfix: dict[str, str] = {}
@@ -333,6 +337,9 @@ class Trainer:
             while self.step < cfg.max_steps:
                 totals = self._step(batches)
                 self.step += 1
+                if cfg.compile and self.step == first_step + 1:  # the compile is paid: time the rate from here
+                    bar.reset(total=cfg.max_steps)
+                    bar.update(self.step - 1)
                 if totals is not None:
                     last = totals
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
