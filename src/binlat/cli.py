@@ -15,7 +15,7 @@ from .commands.common import EXIT_FAILED, EXIT_USAGE, SAMPLING_SETTINGS, STORAGE
 from .commands.evaluation import cmd_bench, cmd_eval
 from .commands.images import cmd_continue, cmd_edit, cmd_generate, cmd_interpolate, cmd_serve
 from .commands.models import cmd_bundle, cmd_conformance, cmd_convert_official
-from .commands.training import cmd_export, cmd_params, cmd_precompute, cmd_probe, cmd_train
+from .commands.training import cmd_config_show, cmd_export, cmd_params, cmd_precompute, cmd_probe, cmd_train
 from .processes.common import MAX_STEPS, SEED_LIMIT
 from .registry import generator_kinds, model_kinds, release_kinds
 
@@ -251,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also store text layers for a generator with this many blocks (evenly spaced map)")
     pc.add_argument("--no-progress", action="store_true")
     pc.set_defaults(func=cmd_precompute)
+
+    cs = sub.add_parser("config", help="training presets: `config show PRESET [--set KEY=VALUE ...]` prints every "
+                                       "key with its value, type, default and help")
+    css = cs.add_subparsers(dest="config_command", required=True)
+    show = css.add_parser("show", help="every key of a preset (by name, e.g. diffusion/shapes-64) or config file")
+    show.add_argument("preset", metavar="PRESET")
+    show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key first, as in train")
+    show.set_defaults(func=cmd_config_show)
 
     pa = sub.add_parser("params", help="parameter counts of training presets")
     pa.add_argument("configs", nargs="+", metavar="CONFIG.json")

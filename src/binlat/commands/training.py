@@ -113,6 +113,23 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Every key of a training preset (or config file) after the --set overrides: value, type, default, help."""
+    from ..config import load_config
+    from ..config_help import describe
+    from ..train.config import TrainConfig
+    cfg = load_config(TrainConfig, args.preset, args.set or [])
+    model = cfg.model_config()  # the model keys at their class defaults where the preset leaves them out
+    rows = describe(cfg, extra={"model": model})
+    print(f"# {args.preset}: every key, its value here, [type; default] and help. --set KEY=VALUE takes these keys. "
+          f"model keys that the tokenizer and text encoder fix (num_bits, num_tokens, text_dim, text_layers) show "
+          f"their class defaults: a run takes them from its tokenizer and text encoder.")
+    width = max(len(r[0]) + len(r[1]) for r in rows) + 3
+    for key, value, kind, default, text in rows:
+        print(f"{key} = {value}".ljust(width) + f"  [{kind}; default {default}]" + (f"  {text}" if text else ""))
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     """Parameter counts of training presets, built on the meta device (no memory, no weights)."""
     import torch
