@@ -299,7 +299,8 @@ def _(env: Env) -> None:
     # a Hub endpoint nobody listens on stands for a dead network
     start = time.monotonic()
     capped_cli(env.tmp, "generate", "a cat", "--model", "someorg/not-cached", "--out", env.tmp / "out", code=1,
-               env={"HF_HOME": str(env.tmp / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+               env={"HF_HOME": str(env.tmp / "hf"), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+                    "HF_ENDPOINT": "http://127.0.0.1:9"},
                needles=("127.0.0.1 is unreachable", "huggingface-cli download someorg/not-cached"))
     assert time.monotonic() - start < 5
 

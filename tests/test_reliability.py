@@ -744,6 +744,12 @@ def _(env: Env) -> None:
     assert not out.exists()
 
 
+@case("cli-config-show-unknown-preset", "binlat config show")
+def _(env: Env) -> None:
+    env.cli_fails(["config", "show", "diffusion/shapes-65"], "no preset of that name", "diffusion/shapes-64", code=2)
+    env.cli_fails(["config", "show", "diffusion/shapes-64", "--set", "lr=Infinity"], "lr", code=2)
+
+
 @case("cli-params-config-unknown-key", "binlat params")
 def _(env: Env) -> None:
     env.cli_fails(["params", env.train_config(modle={})], "unknown key(s) ['modle']", "train.json", code=2)
