@@ -5,6 +5,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from ..io import FileRefused, read_bounded
@@ -71,9 +72,9 @@ def output_dir(path: str) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A unique probe file: two runs into one folder (threads of one process too) never share one.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as e:
         raise CLIError(f"cannot write to output directory {out}: {e.strerror}") from None
     return out
