@@ -90,7 +90,8 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860, log_level: st
         print(f"binlat: warning: listening on {host}, which is not a loopback address: anyone who can reach "
               f"this machine can use the model (the API has no authentication); requests are served for the "
               f"Host names {names} (--allowed-host adds one)", file=sys.stderr, flush=True)
-    print(f"binlat: serving on {url_of(sock)} (page at /, API docs at /docs)", flush=True)
+    # /docs (Swagger) loads its scripts from a CDN and stays blank offline: point at what works without a network.
+    print(f"binlat: serving on {url_of(sock)} (page at /, API schema at /openapi.json)", flush=True)
     bound_host, bound_port = sock.getsockname()[:2]
     config = uvicorn_config(app, limits, log_level=log_level, host=bound_host, port=bound_port)
 
