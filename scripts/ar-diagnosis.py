@@ -38,11 +38,9 @@ def token_nll_bits(network, bits: torch.Tensor, text) -> torch.Tensor:
     return nll / math.log(2), sure
 
 
-PREFIX, SUFFIX = "a photo of ", " on a white background"
-
-
 def swap_roles(prompt: str, relations) -> str:
     """'a red circle above a square' -> 'a square above a red circle' (prefix and suffix kept)."""
+    from binlat.data.shapes import PREFIX, SUFFIX
     head = PREFIX if prompt.startswith(PREFIX) else ""
     tail = SUFFIX if prompt.endswith(SUFFIX) else ""
     core = prompt[len(head): len(prompt) - len(tail)]

@@ -97,16 +97,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    import torch
-
     from ..train.probe import run_probe
     cfg = _train_config(args)
     changes = {"max_steps": args.steps, "trackers": [], "save_every": min(cfg.save_every, args.steps)}
     if args.sample_every is not None:
         changes["sample_every"] = args.sample_every
-    cfg = dataclasses.replace(cfg, **changes)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cfg = dataclasses.replace(cfg, **changes)  # --threads is applied by cli.main, as for every command
     change = args.change or (" ".join(args.set) if args.set else "baseline")
     row = run_probe(cfg, change, args.out, per_category=args.per_category)
     print(" | ".join(f"{k} {v}" for k, v in row.items()))

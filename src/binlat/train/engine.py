@@ -120,7 +120,6 @@ class Trainer:
             try:
                 self._resume(resume)
             except BaseException:
-                self.close()
                 self._drop_unused_run_dir()
                 raise
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
@@ -225,7 +224,6 @@ class Trainer:
         try:
             return self._train()
         except BaseException:
-            self.close()
             self._drop_unused_run_dir()
             raise
         finally:
@@ -234,7 +232,8 @@ class Trainer:
     def _drop_unused_run_dir(self) -> None:
         """Remove the run folder this run made when it failed before its training loop began (a bad data spec, a
         mismatched tokenizer): a failed start leaves nothing behind. A folder that existed, or holds a checkpoint,
-        stays."""
+        stays. Detaches the run's log file first (it lives in that folder)."""
+        self.close()
         if self._made_run_dir and not self._looping and not list_checkpoints(self.run_dir):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
