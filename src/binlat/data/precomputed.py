@@ -34,7 +34,7 @@ class PrecomputedDataset:
         """What a run reads: the folder's sample count and the data it was made from (captions are read lazily,
         shard by shard, so they are not counted here)."""
         return {"samples": self.count, "captioned": None,
-                "captions": f"precomputed from {self.index.get('data') or 'unknown data'}"}
+                "captions": f"the ones stored at precompute time (from {self.index.get('data') or 'unknown data'})"}
 
     def __len__(self) -> int:
         return self.count
