@@ -424,15 +424,22 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
                         text_refiner_layers=2)
     torch.manual_seed(0)
     diffusion, ar = DiffusionTransformer(c).eval(), ARTransformer(c).eval()
-    assert not diffusion.text_refiner.gate.any()  # a new refiner starts silent: the network starts as one without
+    assert not diffusion.text_refiner.proj_out.weight.any()  # a new refiner starts silent, as a network without one
     plain = DiffusionTransformer(GeneratorConfig(**{**c.__dict__, "text_refiner_layers": 0})).eval()
     assert plain.text_refiner is None
     with torch.no_grad():  # off the zero-initialised gates, so the text reaches the output
         for p in [*diffusion.parameters(), *plain.parameters(), *ar.parameters()]:
             if not p.any():
                 p.normal_(0, 0.5)
-        diffusion.text_refiner.gate.fill_(1.0)
-        ar.text_refiner.gate.fill_(1.0)
+        diffusion.text_refiner.proj_out.weight.zero_()
+    # a silent refiner opens on its first step once the network reads text: the zero projection's gradient is a
+    # full-rank outer product (a per-channel gate's was one number per channel, and stayed shut in probe A1)
+    diffusion(torch.rand(3, 8, 16).round(), torch.rand(3), [torch.randn(3, 5, 24)] * 2,
+              torch.ones(3, 5, dtype=torch.bool)).square().sum().backward()
+    assert torch.linalg.matrix_rank(diffusion.text_refiner.proj_out.weight.grad) > 1
+    with torch.no_grad():
+        torch.nn.init.eye_(diffusion.text_refiner.proj_out.weight)
+        torch.nn.init.eye_(ar.text_refiner.proj_out.weight)
     words = torch.randn(2, 5, 24)
     text, mask = [words, words], torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     x, t = (torch.rand(2, 8, 16) < 0.5).float(), torch.full((2,), 0.5)

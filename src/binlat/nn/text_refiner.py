@@ -31,9 +31,11 @@ class TextRefiner(nn.Module):
     """Text states [N, L, text_dim] and their mask [N, L] -> refined states [N, L, dim], which every generator block
     adds to its own projection of its text layer.
 
-    The output passes a per-channel gate that starts at zero, so a new network starts as one without a refiner:
+    The output passes a linear projection that starts at zero, so a new network starts as one without a refiner:
     an ungated refiner's unit-scale output swamped the projected text at first and slowed every category
-    (docs/recipe.md, probe R1)."""
+    (docs/recipe.md, probe R1). A zero matrix, not a per-channel gate: a gate's channel c opens only as far as
+    refined channel c happens to match channel c's gradient, and stayed near zero (probe A1, mean |g| 0.014);
+    a matrix's first gradient is the full outer product, so any refined feature that helps can open it."""
 
     def __init__(self, text_dim: int, dim: int, num_layers: int, num_heads: int, head_dim: int, mlp_ratio: int):
         super().__init__()
@@ -41,11 +43,13 @@ class TextRefiner(nn.Module):
         self.proj_in = nn.Linear(text_dim, dim)
         self.blocks = nn.ModuleList(RefinerBlock(dim, num_heads, head_dim, mlp_ratio) for _ in range(num_layers))
         self.norm_out = RMSNorm(dim)
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.proj_out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(text)
         rotary = rope_1d(text.shape[1], self.head_dim, device=text.device)
         for block in self.blocks:
             x = block(x, mask, rotary)
-        return self.norm_out(x) * self.gate
+        return self.proj_out(self.norm_out(x))
