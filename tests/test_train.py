@@ -199,10 +199,12 @@ def test_trainer_runs_and_writes_run_folder(kind, tmp_path, tokenizer_dir):
 # 2. each trainer can over-fit one batch
 
 
-@pytest.mark.parametrize("kind,steps,lr", [("tokenizer", 15, 3e-3), ("diffusion", 15, 1e-2), ("ar", 15, 1e-2)])
-def test_overfits_one_batch(kind, steps, lr, tmp_path, tokenizer_dir, monkeypatch):
+@pytest.mark.parametrize("kind,steps,lr,optimizer", [("tokenizer", 15, 3e-3, "adamw"), ("diffusion", 15, 1e-2, "adamw"),
+                                                      ("ar", 15, 1e-2, "adamw"), ("diffusion", 15, 1e-2, "muon")])
+def test_overfits_one_batch(kind, steps, lr, optimizer, tmp_path, tokenizer_dir, monkeypatch):
     monkeypatch.setattr(task_class(kind), "dataset", lambda self: EightSamples(self.cfg.image_size))
-    cfg = cfg_for(kind, tokenizer_dir, max_steps=steps, lr=lr, warmup_steps=1, save_every=steps, log_every=1)
+    cfg = cfg_for(kind, tokenizer_dir, max_steps=steps, lr=lr, warmup_steps=1, save_every=steps, log_every=1,
+                  optimizer=optimizer)
     Trainer(cfg, tmp_path / "run").train()
     losses = [r["loss"] for r in metrics(tmp_path / "run")]
     assert len(losses) == steps and all(map(math.isfinite, losses))
@@ -222,9 +224,9 @@ def interrupt(loss, step):
     raise Interrupted(step)
 
 
-@pytest.mark.parametrize("kind", ["tokenizer", "diffusion"])
-def test_interrupt_and_resume_is_bitwise_identical(kind, tmp_path, tokenizer_dir, monkeypatch):
-    over = dict(max_steps=6, save_every=3, log_every=1, warmup_steps=2, lr_schedule="cosine")
+@pytest.mark.parametrize("kind,optimizer", [("tokenizer", "adamw"), ("diffusion", "adamw"), ("ar", "muon")])
+def test_interrupt_and_resume_is_bitwise_identical(kind, optimizer, tmp_path, tokenizer_dir, monkeypatch):
+    over = dict(max_steps=6, save_every=3, log_every=1, warmup_steps=2, lr_schedule="cosine", optimizer=optimizer)
     check_exact_resume(cfg_for(kind, tokenizer_dir, **over), kind, tmp_path, monkeypatch)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from .. import registry
 from ..config import check_number, config_from_dict
 from ..processes.common import MAX_STEPS
+from .optimizers import OPTIMIZERS
 
 MAX_STEP = 10**9  # training steps (and checkpoint steps): far past any run, well inside every counter
 
@@ -71,7 +72,9 @@ class TrainConfig:
     batch_size: int = 32             # global batch per optimiser step (all processes, all accumulation steps)
     grad_accum: int = 1              # micro-batches per optimiser step (batch_size is split among them)
     max_steps: int = 1000            # optimiser steps of the run (--max-steps)
-    lr: float = 3e-4                 # peak AdamW learning rate (after warm-up)
+    lr: float = 3e-4                 # peak learning rate (after warm-up)
+    # adamw | muon (Muon for the weight matrices inside the blocks, AdamW for the rest, one lr: train/optimizers.py)
+    optimizer: str = "adamw"
     weight_decay: float = 0.0        # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99]) # AdamW betas
     warmup_steps: int = 100          # linear learning-rate warm-up from 0 (a short --max-steps run shrinks it)
@@ -112,6 +115,8 @@ class TrainConfig:
         self._check_numbers()
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if not 0 <= self.generator.prompt_dropout <= 1:

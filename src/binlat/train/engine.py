@@ -32,6 +32,7 @@ from .checkpoints import (CheckpointError, clean_leftovers, list_checkpoints, lo
 from .config import TrainConfig
 from .sharding import full_model_state, full_optimizer_state, load_optimizer_state
 from .data import IndexedData, SkipGuard, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
+from .optimizers import make_optimizer
 from .schedule import EMA, lr_at
 
 log = logging.getLogger("binlat.train")
@@ -98,8 +99,11 @@ class Trainer:
         self.model = self.task.model
         if cfg.grad_checkpointing:
             self.model.enable_gradient_checkpointing()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "muon" and str(getattr(self.acc.distributed_type, "value", "")).upper() in SHARDED_TYPES:
+            raise ValueError("optimizer muon orthogonalises whole weight matrices and cannot step sharded ones "
+                             "(FSDP/DeepSpeed); use --set optimizer=adamw, or a DDP launch config")
+        self.optimizer = make_optimizer(self.model, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas),
+                                        weight_decay=cfg.weight_decay)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
         self._optimizer_state: dict | None = None  # a resumed run's, loaded once the model is prepared
