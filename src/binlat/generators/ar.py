@@ -1,6 +1,10 @@
 """Autoregressive transformer: [start ; bits of tokens so far] -> logits of all bits of the next token.
 
-A pure network; the decoding loop (guidance, sampling, cache handling) is binlat.processes.ar."""
+With config.bit_groups = g > 1 the head is factorised: the token's bits are g consecutive groups, group j a
+categorical over its 2^(B/g) values given the values of groups < j (GroupedTokenHead). Every output of the trunk
+is then the final normed hidden state, and `group_logits` turns it into one group's logits; the process draws a
+group, then asks for the next. A pure network; the decoding loop (guidance, sampling, cache handling) is
+binlat.processes.ar."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,7 +14,7 @@ from torch import nn
 
 from ..modeling import ModelMixin
 from ..nn import Attention, GeluMLP, KVCache, RMSNorm, StaticKVCache, run_block
-from .config import GeneratorConfig, initial_positions, make_text_refiner
+from .config import GeneratorConfig, group_bits, initial_positions, make_text_refiner
 
 
 class ARBlock(nn.Module):
@@ -33,6 +37,39 @@ class ARBlock(nn.Module):
         x = x + self.attn(h, context=context, context_mask=text_mask if text is not None else None,
                           causal=True, cache=cache)
         return x + self.mlp(self.norm2(x))
+
+
+class GroupedTokenHead(nn.Module):
+    """Logits of group j of a token from the trunk's normed hidden state h and the values of groups < j.
+
+    Group 0 reads h alone (a linear to 2^b logits). Group j > 0 reads z = h + sum over i < j of a learned
+    embedding of group i's value, through one residual GELU MLP, so the earlier values interact with h rather than
+    only shifting the logits; then its own linear to 2^b logits. Values are integers in [0, 2^b); how bits map to
+    a value is the process's convention (binlat.processes.ar.bits_to_values)."""
+
+    def __init__(self, dim: int, groups: int, width: int, mlp_ratio: int):
+        super().__init__()
+        values = 1 << width
+        self.embed = nn.ModuleList(nn.Embedding(values, dim) for _ in range(groups - 1))  # group i, read by > i
+        for embed in self.embed:  # small, as the start token: h (RMS about 1) dominates at first
+            nn.init.normal_(embed.weight, std=0.02)
+        self.norm = nn.ModuleList(RMSNorm(dim) for _ in range(groups - 1))
+        self.mlp = nn.ModuleList(GeluMLP(dim, mlp_ratio * dim) for _ in range(groups - 1))
+        self.out = nn.ModuleList(nn.Linear(dim, values) for _ in range(groups))
+
+    def forward(self, hidden: torch.Tensor, earlier: torch.Tensor, j: int) -> torch.Tensor:
+        if not 0 <= j < len(self.out):
+            raise ValueError(f"group index {j} outside the head's {len(self.out)} groups")
+        if earlier.shape[-1] != j or earlier.shape[:-1] != hidden.shape[:-1]:
+            raise ValueError(f"group {j} reads the values of the {j} groups before it, one row per hidden row: "
+                             f"expected [{', '.join(map(str, hidden.shape[:-1]))}, {j}], got {list(earlier.shape)}")
+        if j == 0:
+            return self.out[0](hidden)
+        z = hidden
+        for i in range(j):
+            z = z + self.embed[i](earlier[..., i])
+        z = z + self.mlp[j - 1](self.norm[j - 1](z))
+        return self.out[j](z)
 
 
 class ARCache:
@@ -81,7 +118,24 @@ class ARTransformer(nn.Module, ModelMixin):
         self.text_refiner = make_text_refiner(config)
         self.blocks = nn.ModuleList(ARBlock(config) for _ in range(config.num_layers))
         self.norm_out = RMSNorm(config.dim)
-        self.proj_out = nn.Linear(config.dim, config.num_bits)
+        if config.bit_groups == 1:  # the release: one independent logit per bit
+            self.proj_out, self.head = nn.Linear(config.dim, config.num_bits), None
+        else:
+            self.proj_out = None
+            self.head = GroupedTokenHead(config.dim, config.bit_groups, group_bits(config), config.mlp_ratio)
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        """Bit logits (the release's head), or with a grouped head the normed hidden state group_logits reads."""
+        h = self.norm_out(x)
+        return h if self.head is not None else self.proj_out(h)
+
+    def group_logits(self, hidden: torch.Tensor, earlier: torch.Tensor, j: int) -> torch.Tensor:
+        """Logits [..., 2^b] of group j given `hidden` [..., dim] (what forward, decode_step or static_step
+        returned for the token's row) and `earlier` [..., j], the integer values of groups 0..j-1 of the same
+        token. Only for bit_groups > 1."""
+        if self.head is None:
+            raise ValueError("group_logits needs a grouped head (bit_groups > 1); this network predicts bit logits")
+        return self.head(hidden, earlier, j)
 
     def new_cache(self, batch: int | None = None, text_length: int | None = None) -> ARCache:
         """A growing cache, or with batch and text length a StaticARCache (what decode_step and static_step use)."""
@@ -90,7 +144,7 @@ class ARTransformer(nn.Module, ModelMixin):
         return StaticARCache(self, batch, text_length)
 
     def decode_step(self, bits: torch.Tensor, cache: StaticARCache) -> torch.Tensor:
-        """Logits [N, B] of the token after `bits` [N, 1, B], the newest token, over a StaticARCache that a
+        """Logits [N, B] (grouped head: hidden states [N, dim]) of the token after `bits` [N, 1, B], the newest token, over a StaticARCache that a
         forward(..., cache) call filled with the text, start token and any prefix. The operations of
         forward(bits, ..., cache) on a KVCache, on the same numbers, minus what does not change between steps
         (the text, the mask: built once per step, not per block) and the cache's reallocations: the same logits
@@ -107,7 +161,7 @@ class ARTransformer(nn.Module, ModelMixin):
             x = x + block.mlp(block.norm2(x))
             layer.length = index + 1
         cache.length += 1
-        return self.proj_out(self.norm_out(x))[:, -1]
+        return self._output(x)[:, -1]
 
     def static_step(self, bits: torch.Tensor, offset: torch.Tensor, index: torch.Tensor, positions: torch.Tensor,
                     keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
@@ -120,13 +174,20 @@ class ARTransformer(nn.Module, ModelMixin):
             h = block.norm1(x) + block.pos_emb.index_select(1, offset)
             x = x + block.attn.step(h, _Buffers(k, v), mask, index)
             x = x + block.mlp(block.norm2(x))
-        return self.proj_out(self.norm_out(x))[:, -1]
+        return self._output(x)[:, -1]
 
     def forward(self, bits: torch.Tensor | None, text: Sequence[torch.Tensor], text_mask: torch.Tensor,
-                cache: ARCache | None = None) -> torch.Tensor:
+                cache: ARCache | None = None, group_values: torch.Tensor | None = None) -> torch.Tensor:
         """Without a cache: rows [start ; embed(bits)] (bits [N, T, B] or None) -> logits [N, T+1, B]; row i
         predicts token i. With a cache: only the new tokens' bits are given (None on the first call, which
-        also feeds the text) and logits for those rows come back."""
+        also feeds the text) and logits for those rows come back.
+
+        A grouped head (bit_groups = g > 1) returns the normed hidden states [N, rows, dim] instead, or, given
+        `group_values` [N, rows, g] (row i: the true values of token i's groups), every group's logits under
+        teacher forcing, [N, rows, g, 2^b]: group j given the true groups < j. Training goes through this call
+        alone, so a wrapped module (DDP, FSDP, torch.compile) sees every parameter it uses."""
+        if group_values is not None and self.head is None:
+            raise ValueError("group_values is for a grouped head (bit_groups > 1); this network predicts bit logits")
         if len(text) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} text layers (one per block), got {len(text)}")
         dtype = self.x_embed.weight.dtype
@@ -153,4 +214,11 @@ class ARTransformer(nn.Module, ModelMixin):
                           checkpointing=self.gradient_checkpointing and cache is None)
         if cache is not None:
             cache.length += x.shape[1]
-        return self.proj_out(self.norm_out(x))
+        out = self._output(x)
+        if group_values is None:
+            return out
+        if group_values.shape != (*out.shape[:-1], self.config.bit_groups):
+            raise ValueError(f"group_values must be [{', '.join(map(str, out.shape[:-1]))}, "
+                             f"{self.config.bit_groups}] (one value per group of each row), got "
+                             f"{list(group_values.shape)}")
+        return torch.stack([self.head(out, group_values[..., :j], j) for j in range(self.config.bit_groups)], -2)

@@ -36,11 +36,17 @@ class GeneratorConfig:
     # The token grid (rows, cols) the learned position embeddings start from as a 2D sin/cos table, for tokenizers
     # whose token k is region k of the image (region_shortcut); None (the release): a 1D table.
     position_grid: tuple[int, int] | None = None
+    # AR only: the head predicts each token as this many consecutive groups of num_bits / bit_groups bits, group j a
+    # categorical over its 2^(bits) values given the drawn groups < j (a token's bits are drawn jointly, not one
+    # coin each). 1 (the release): one independent Bernoulli logit per bit.
+    bit_groups: int = 1
 
     def __post_init__(self) -> None:
         for name in ("num_bits", "num_tokens", "num_layers", "num_heads", "head_dim", "text_dim", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.bit_groups, bool) or not isinstance(self.bit_groups, int) or self.bit_groups < 1:
+            raise ValueError(f"bit_groups must be an integer >= 1, got {self.bit_groups!r}")
         if self.text_refiner_layers < 0:
             raise ValueError(f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}")
         if self.position_grid is not None:
@@ -59,6 +65,23 @@ class GeneratorConfig:
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
+
+
+MAX_GROUP_BITS = 12  # a group's categorical has at most 2^12 = 4096 values
+
+
+def group_bits(config: GeneratorConfig) -> int:
+    """Bits per group of the AR generator's grouped head (config.bit_groups > 1), checked against num_bits here,
+    when a network is built: a training config learns num_bits from its tokenizer."""
+    groups, bits = config.bit_groups, config.num_bits
+    if bits % groups:
+        raise ValueError(f"bit_groups ({groups}) must divide num_bits ({bits}): a token's bits split into equal "
+                         f"groups")
+    if bits // groups > MAX_GROUP_BITS:
+        fewest = next(d for d in range(groups, bits + 1) if bits % d == 0 and bits // d <= MAX_GROUP_BITS)
+        raise ValueError(f"bit_groups ({groups}) leaves {bits // groups} bits per group of a {bits}-bit token; at "
+                         f"most {MAX_GROUP_BITS} (2^{MAX_GROUP_BITS} values): the fewest groups that fit is {fewest}")
+    return bits // groups
 
 
 def make_text_refiner(config: GeneratorConfig) -> TextRefiner | None:

@@ -40,6 +40,9 @@ class DiffusionTransformer(nn.Module, ModelMixin):
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
+        if config.bit_groups != 1:
+            raise ValueError("bit_groups is an AR generator option; the diffusion generator does not take it "
+                             "(it predicts one logit per bit)")
         self.config = config
         self.x_embed = nn.Linear(config.num_bits, config.dim)
         # Self-conditioning: the previous x_0 estimate enters beside x_t. Zero-initialised, so the network starts
