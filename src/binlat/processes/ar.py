@@ -8,6 +8,11 @@ Modes (ARDecoding's `use_cache` and `decode`):
   whole-buffer attention round differently, so it equals the others to float tolerance, not bit for bit;
 - reference (use_cache=False): the released sampler's algorithm, the whole sequence recomputed at every step.
 "static", "appending" and reference give the same logits bit for bit (tests/test_processes.py checks it).
+
+A network with a grouped head (config.bit_groups = g > 1; the step then yields hidden states) has each token
+drawn group by group: group j's logits given the groups already drawn (cond and uncond rows given the same
+values), guided as bit logits are, then one categorical draw from the sample's own generator. A group's value is
+its bits read as a binary number, first bit most significant (bits_to_values / values_to_bits).
 """
 from __future__ import annotations
 
@@ -20,7 +25,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..text import TextFeatures
-from .common import bernoulli, check_sampling_args, guide, settings_of, uniform, with_guidance
+from .common import bernoulli, categorical, check_sampling_args, guide, settings_of, uniform, with_guidance
+
+
+def bit_groups(network: torch.nn.Module) -> int:
+    """The network's config.bit_groups (1, bit logits, for a network without a config)."""
+    return getattr(getattr(network, "config", None), "bit_groups", 1)
+
+
+def bits_to_values(bits: torch.Tensor, groups: int) -> torch.Tensor:
+    """Bits [..., B] (0/1, any dtype) -> the integer values [..., groups] of its consecutive groups of B / groups
+    bits, the group's first bit most significant."""
+    width = bits.shape[-1] // groups
+    weights = 1 << torch.arange(width - 1, -1, -1, device=bits.device)
+    return (bits.reshape(*bits.shape[:-1], groups, width).long() * weights).sum(-1)
+
+
+def values_to_bits(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Integer values [..., groups] of `width` bits each -> float 0/1 bits [..., groups * width] (inverse of
+    bits_to_values)."""
+    shifts = torch.arange(width - 1, -1, -1, device=values.device)
+    return ((values[..., None] >> shifts) & 1).flatten(-2).float()
 
 
 @dataclass(frozen=True)
@@ -62,10 +87,29 @@ class ARDecoding:
             u = torch.rand(context.shape, device=bits.device) if generators is None else uniform(
                 shape, generators, bits.device)
             context = torch.where(u < self.context_flip, 1 - context, context)
+        groups = bit_groups(network)
+        if groups > 1:
+            return self._group_loss(network, context, bits, text, groups)
         logits = network(context, text.layers, text.mask).float()
         loss = F.binary_cross_entropy_with_logits(logits, bits)
         with torch.no_grad():
             accuracy = ((logits > 0).float() == bits).float().mean()
+        return loss, {"bit_accuracy": accuracy}
+
+    @staticmethod
+    def _group_loss(network: torch.nn.Module, context: torch.Tensor, bits: torch.Tensor, text: TextFeatures,
+                    groups: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Grouped head: cross-entropy of each group's true value given the true groups before it. Summed over a
+        token's groups that is its NLL in nats; divided by its B bits it reads like the bit head's mean BCE (both
+        are a token's NLL per bit). bit_accuracy: the bits of each group's most likely value (given the true
+        earlier groups) against the true bits."""
+        values = bits_to_values(bits, groups)
+        logits = network(context, text.layers, text.mask, group_values=values).float()  # [N, K, g, 2^b]
+        nll = F.cross_entropy(logits.flatten(0, 2), values.flatten(), reduction="sum")
+        loss = nll / bits.numel()
+        with torch.no_grad():
+            guess = values_to_bits(logits.argmax(-1), bits.shape[-1] // groups)
+            accuracy = (guess == bits).float().mean()
         return loss, {"bit_accuracy": accuracy}
 
     @torch.inference_mode()
@@ -75,7 +119,9 @@ class ARDecoding:
                **given: Any) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Bits [N, K, B] (float 0/1); `given` overrides fields of `settings`. temperature 0 thresholds the guided
         logits; otherwise bits are drawn from Bernoulli(sigmoid(logits / temperature)). `prefix` [N, k, B] fixes
-        the first k tokens (see `continue_from`)."""
+        the first k tokens (see `continue_from`). A grouped head draws each group from softmax(logits /
+        temperature) (temperature 0: the most likely value) given the groups drawn before it. `return_logits`
+        also returns each step's guided logits: [N, B], or for a grouped head [N, g, 2^b]."""
         s = settings_of(ARSampling, settings, given)
         guidance_scale, temperature = s.guidance_scale, s.temperature
         cfg = network.config
@@ -96,8 +142,13 @@ class ARDecoding:
             step = _Appending(network, text, doubled)
         else:
             step = _Static(network, text, rows, compiled=self.decode == "compiled")
+        groups = bit_groups(network)
         all_logits = []
         for i in tqdm(range(k0, cfg.num_tokens), disable=not progress, desc="ar", leave=False):
+            if groups > 1:
+                tokens[:, i], logits = _draw_groups(network, step(tokens, i), n, groups, s, generators)
+                all_logits.append(logits)
+                continue
             logits = guide(step(tokens, i).float(), guidance_scale, n)
             all_logits.append(logits)
             if temperature == 0:
@@ -114,7 +165,47 @@ class ARDecoding:
         return self.sample(network, cond, uncond, generators, settings, progress=progress, prefix=prefix.to(device))
 
 
+def _draw_groups(network: torch.nn.Module, hidden: torch.Tensor, n: int, groups: int, s: ARSampling,
+                 generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of a grouped head from the step's hidden rows [N or 2N, dim]: for j = 0..g-1, group j's logits
+    given the values drawn so far (the unconditional rows read the same values as their conditional twins), guided,
+    then the most likely value (temperature 0) or one categorical draw per sample. Returns the token's bits [N, B]
+    and the guided logits [N, g, 2^b]."""
+    values = torch.zeros(n, groups, dtype=torch.long, device=hidden.device)
+    all_logits = []
+    for j in range(groups):
+        earlier = _rows(values[:, :j], hidden.shape[0] != n)
+        logits = guide(network.group_logits(hidden, earlier, j).float(), s.guidance_scale, n)
+        all_logits.append(logits)
+        if s.temperature == 0:
+            values[:, j] = logits.argmax(-1)
+        else:
+            values[:, j] = categorical(torch.softmax(logits / s.temperature, -1), generators)
+    width = network.config.num_bits // groups
+    return values_to_bits(values, width), torch.stack(all_logits, 1)
+
+
+def teacher_forced(network: torch.nn.Module, bits: torch.Tensor, text: TextFeatures
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How the network scores `bits` [N, K, B] under `text` (conditional, no guidance), each token given the true
+    tokens before it: per unit of the head (a bit, or a group of a grouped head, given the true groups before it)
+    the log-probability of its true value and the probability of its most likely value, both [N, K, units].
+    A token's log-likelihood is the sum over its units, with either head."""
+    groups = bit_groups(network)
+    bits = bits.float()
+    with torch.inference_mode():
+        if groups == 1:
+            logits = network(bits[:, :-1], text.layers, text.mask).float()
+            log_p = -F.binary_cross_entropy_with_logits(logits, bits, reduction="none")
+            return log_p, torch.sigmoid(logits.abs())
+        values = bits_to_values(bits, groups)
+        logits = network(bits[:, :-1], text.layers, text.mask, group_values=values).float()
+        log_probs = torch.log_softmax(logits, -1)
+        return log_probs.gather(-1, values[..., None])[..., 0], log_probs.exp().amax(-1)
+
+
 # --- the decoding steps: step(tokens [N, K, B], i) -> network output [N or 2N, B] for token i -------------------
+# (with a grouped head the output is the hidden state [N or 2N, dim] that group_logits reads)
 def _rows(bits: torch.Tensor, doubled: bool) -> torch.Tensor:
     return torch.cat((bits, bits)) if doubled else bits
 

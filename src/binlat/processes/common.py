@@ -61,6 +61,17 @@ def bernoulli(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> tor
     return (uniform(probs.shape[1:], generators, probs.device) < probs).to(probs.dtype)
 
 
+def categorical(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Long [N] draws of Categorical(probs[i]) (probs [N, V], rows summing to about 1), row i from generators[i]:
+    one uniform u per sample, and the first value whose cumulative probability passes u times the row's total
+    (the inverse CDF; a value of probability 0 is never drawn)."""
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"need one generator per sample: {len(generators)} for {probs.shape[0]} samples")
+    cdf = probs.double().cumsum(-1)  # float64: rounding of a long sum never skips or repeats a value
+    u = uniform((1,), generators, probs.device).double() * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
 def with_guidance(cond: TextFeatures, uncond: TextFeatures | None, guidance_scale: float) -> TextFeatures:
     """Conditional rows first, then unconditional rows, so both run in one forward pass."""
     if guidance_scale == 0 or uncond is None:
