@@ -199,12 +199,15 @@ def test_trainer_runs_and_writes_run_folder(kind, tmp_path, tokenizer_dir):
 # 2. each trainer can over-fit one batch
 
 
-@pytest.mark.parametrize("kind,steps,lr,optimizer", [("tokenizer", 15, 3e-3, "adamw"), ("diffusion", 15, 1e-2, "adamw"),
-                                                      ("ar", 15, 1e-2, "adamw"), ("diffusion", 15, 1e-2, "muon")])
-def test_overfits_one_batch(kind, steps, lr, optimizer, tmp_path, tokenizer_dir, monkeypatch):
+@pytest.mark.parametrize("kind,steps,lr,optimizer,model", [
+    ("tokenizer", 15, 3e-3, "adamw", {}), ("diffusion", 15, 1e-2, "adamw", {}), ("ar", 15, 1e-2, "adamw", {}),
+    ("diffusion", 15, 1e-2, "muon", {}), ("ar", 15, 1e-2, "adamw", {"bit_groups": 2})],
+    ids=["tokenizer", "diffusion", "ar", "diffusion-muon", "ar-bit_groups-2"])
+def test_overfits_one_batch(kind, steps, lr, optimizer, model, tmp_path, tokenizer_dir, monkeypatch):
     monkeypatch.setattr(task_class(kind), "dataset", lambda self: EightSamples(self.cfg.image_size))
+    over = {"model": {**GENERATOR_MODEL, **model}} if model else {}
     cfg = cfg_for(kind, tokenizer_dir, max_steps=steps, lr=lr, warmup_steps=1, save_every=steps, log_every=1,
-                  optimizer=optimizer)
+                  optimizer=optimizer, **over)
     Trainer(cfg, tmp_path / "run").train()
     losses = [r["loss"] for r in metrics(tmp_path / "run")]
     assert len(losses) == steps and all(map(math.isfinite, losses))
@@ -716,6 +719,34 @@ def test_probe_trains_scores_and_appends_one_row(kind, tmp_path, tokenizer_dir, 
     assert (run / "export" / "model.safetensors").is_file() and json.loads((run / "config.json").read_text())["lr"] == 1e-3
     assert cli.main(args[:2] + ["--config", str(config), "--steps", "2"] + (
         ["--set", "kind=ar"] if kind == "diffusion" else ["--set", "kind=diffusion"])) == 2
+
+
+def test_probe_and_train_take_an_ar_grouped_head_from_set(tmp_path, tokenizer_dir, capsys):
+    """`--set model.bit_groups=2` (issue 26 lever 5): a probe trains, samples and scores an AR generator whose
+    head draws a token's 16 bits as two 8-bit groups, and exports it as such; `binlat train` takes the key too, and
+    refuses a grouping the tokenizer's bits do not allow (16 bits in 3 groups) with one line."""
+    config = tmp_path / "preset.json"
+    config.write_text(json.dumps(generator_dict("ar", tokenizer_dir)))
+    args = ["probe", "ar", "--config", str(config), "--steps", "2", "--per-category", "1", "--out",
+            str(tmp_path / "probes"), "--set", "model.bit_groups=2", "--change", "grouped head"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    row = json.loads((tmp_path / "probes" / "probes.jsonl").read_text().splitlines()[0])
+    assert 0 <= row["accuracy"] <= 1 and row["val_loss"] > 0 and math.isfinite(row["val_loss"])
+    net = ARTransformer.from_pretrained(tmp_path / "probes" / "ar-grouped-head" / "export")
+    assert net.config.bit_groups == 2 and net.head is not None and net.proj_out is None
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert cli.main(["train", "ar", "--config", str(config), "--output", str(run), "--max-steps", "1",
+                     "--set", "model.bit_groups=2"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["model"]["bit_groups"] == 2
+    assert math.isfinite(metrics(run)[-1]["loss"])
+    capsys.readouterr()
+    assert cli.main(["train", "ar", "--config", str(config), "--output", str(tmp_path / "bad"), "--max-steps", "1",
+                     "--set", "model.bit_groups=3"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after a note on the short run's intervals
+    assert last.startswith("binlat: error:") and "bit_groups (3) must divide num_bits (16)" in last
+    assert "Traceback" not in err and not list_checkpoints(tmp_path / "bad")
 
 
 def test_soft_latent_switches_on_psnr_or_at_the_step_limit():
