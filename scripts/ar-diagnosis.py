@@ -10,9 +10,11 @@ lower NLL under its own caption than under a caption that differs in one thing: 
 ("a circle above a square" against "a square above a circle"); color_attr, the two colours swapped; counting,
 another count; colors, another colour. 50 % is a model that cannot tell the two captions apart.
 
-Also reported: the NLL by token position (quarters of the sequence), and how sharp the model's per-bit
-probabilities are on true contexts (the share of bits it is sure of, p < 0.05 or > 0.95): the AR head samples a
-token's 16 bits independently, so an unsure bit pattern gets mixed (a token of mixed colour).
+Also reported: the NLL by token position (quarters of the sequence), and how sharp the model's probabilities are on
+true contexts (the share of the head's units it is sure of, its most likely value at p > 0.95; a unit is a bit, or
+with a grouped head, model.bit_groups > 1, a group of bits): the release's head samples a token's 16 bits
+independently, so an unsure bit pattern gets mixed (a token of mixed colour). Either head's token NLL is the sum of
+its units' (binlat.processes.ar.teacher_forced).
 
 With --rerank N: N samples per prompt (seeds seed + 7919 j), and the accuracy of keeping the one with the lowest
 conditional NLL, or the best likelihood ratio to the empty caption, against one sample and an oracle pick.
@@ -26,16 +28,14 @@ import json
 import math
 
 import torch
-import torch.nn.functional as F
 
 
-def token_nll_bits(network, bits: torch.Tensor, text) -> torch.Tensor:
-    """[N, K] bits of NLL of each token's bits under the network, teacher forced on `bits` itself."""
-    with torch.inference_mode():
-        logits = network(bits[:, :-1].float(), text.layers, text.mask).float()
-        nll = F.binary_cross_entropy_with_logits(logits, bits.float(), reduction="none").sum(-1)
-        sure = ((torch.sigmoid(logits) < 0.05) | (torch.sigmoid(logits) > 0.95)).float().mean(-1)
-    return nll / math.log(2), sure
+def token_nll_bits(network, bits: torch.Tensor, text) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] bits of NLL of each token under the network, teacher forced on `bits` itself, and [N, K] the share
+    of each token's units (bits, or groups of a grouped head) whose most likely value has p > 0.95."""
+    from binlat.processes.ar import teacher_forced
+    log_p, top = teacher_forced(network, bits, text)
+    return -log_p.sum(-1) / math.log(2), (top > 0.95).float().mean(-1)
 
 
 def swap_roles(prompt: str, relations) -> str:
