@@ -205,6 +205,18 @@ def test_group_loss_hand_computed() -> None:
     assert metrics["bit_accuracy"].item() == pytest.approx(5 / 8)
 
 
+def test_group_loss_context_flip_noises_the_context_not_the_targets() -> None:
+    cfg = GeneratorConfig(num_bits=16, num_tokens=30, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM,
+                          bit_groups=2)
+    bits = random_bits(8, 30, 16, 12)
+    net = ConstantGroupNet(torch.zeros(8, 30, 2, 256), cfg)
+    loss, _ = ARDecoding(context_flip=0.2).loss(net, bits, text([2] * 8, 0), make_generators(range(8)))
+    context, values = net.calls[0]
+    assert 0.15 < (context != bits[:, :-1]).float().mean().item() < 0.25
+    assert torch.equal(values, bits_to_values(bits, 2))  # the targets are the clean tokens
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_group_loss_is_comparable_to_the_bit_loss(net) -> None:
     """A head that knows nothing (all logits 0) scores ln 2 per bit with either head; the real network's loss is the
     teacher-forced NLL summed over tokens' groups, per bit, and teacher_forced gives the same figures."""

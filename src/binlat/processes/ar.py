@@ -76,7 +76,8 @@ class ARDecoding:
 
     def loss(self, network: torch.nn.Module, bits: torch.Tensor, text: TextFeatures,
              generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Teacher forcing: row i (start token + tokens < i) predicts every bit of token i; BCE on all bits.
+        """Teacher forcing: row i (start token + tokens < i) predicts every bit of token i; BCE on all bits (a
+        grouped head: each group's cross-entropy, per bit, see _group_loss).
         With `context_flip` each context bit is flipped with that probability (drawn from the sample's generator)
         while the targets stay the clean bits: the network learns to carry on correctly after a wrong bit, as it
         must when it reads its own samples. Without it nothing is drawn at random."""
