@@ -144,8 +144,9 @@ class ARTransformer(nn.Module, ModelMixin):
         return StaticARCache(self, batch, text_length)
 
     def decode_step(self, bits: torch.Tensor, cache: StaticARCache) -> torch.Tensor:
-        """Logits [N, B] (grouped head: hidden states [N, dim]) of the token after `bits` [N, 1, B], the newest token, over a StaticARCache that a
-        forward(..., cache) call filled with the text, start token and any prefix. The operations of
+        """Logits [N, B] (grouped head: hidden states [N, dim]) of the token after `bits` [N, 1, B], the newest
+        token, over a StaticARCache that a forward(..., cache) call filled with the text, start token and any
+        prefix. The operations of
         forward(bits, ..., cache) on a KVCache, on the same numbers, minus what does not change between steps
         (the text, the mask: built once per step, not per block) and the cache's reallocations: the same logits
         bit for bit."""
