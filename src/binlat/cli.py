@@ -106,15 +106,15 @@ def _at_least(name: str, low: int, high: int | None = None):
 
 SAMPLING_OPTIONS = {  # option -> (argparse type, help); the Pipeline setting each gives is SAMPLING_SETTINGS's
     "steps": (_positive_int("steps", MAX_STEPS), "diffusion steps"),
-    "cfg": (_number("guidance scale", 0.0), "guidance scale w"),
+    "guidance_scale": (_number("guidance scale", 0.0), "guidance scale w"),
     "temperature": (_number("temperature", 0.0), "sampling temperature; 0 thresholds"),
     "rho": (_number("rho", 0.0, inclusive=False), "time-step spacing exponent"),
     "protocol": (_protocol, "diffusion step protocol, 1 or 2"),
 }
 
 
-# The names Python and HTTP use (diffusers'), accepted beside the short CLI ones.
-SAMPLING_ALIASES = {"cfg": ("guidance-scale",), "steps": ("num-steps",)}
+# Other spellings accepted for an option: the short --cfg, and --num-steps, the name Python uses (diffusers').
+SAMPLING_ALIASES = {"guidance_scale": ("cfg",), "steps": ("num-steps",)}
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_OPTIONS)) -> None:
@@ -124,7 +124,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_
         kind, text = SAMPLING_OPTIONS[name]
         default = BUILTIN_SAMPLING[SAMPLING_SETTINGS[name]]
         aliases = [f"--{alias}" for alias in SAMPLING_ALIASES.get(name, ())]
-        parser.add_argument(f"--{name}", *aliases, dest=name, type=kind, default=None,
+        parser.add_argument(f"--{name.replace('_', '-')}", *aliases, dest=name, type=kind, default=None,
                             help=f"{text} (default: the model's setting, else {default})")
 
 
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--prompt", required=True)
     co.add_argument("--keep-tokens", type=_at_least("keep tokens", 0), required=True, metavar="K",
                     help="tokens of the image to keep (0 .. the model's token count)")
-    _add_sampling_options(co, ("cfg", "temperature"))
+    _add_sampling_options(co, ("guidance_scale", "temperature"))
     co.add_argument("--seed", type=_seed, default=None)
     _add_image_job_options(co)
     co.set_defaults(func=cmd_continue)

@@ -5,6 +5,7 @@ A bundle directory holds `model_index.json` (PipelineConfig) and one model direc
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -36,6 +37,19 @@ INDEX_NAME = "model_index.json"
 # accepts them all; its process's `Settings` reads the ones it uses (AR decoding has no steps, rho or protocol).
 BUILTIN_SAMPLING: dict[str, Any] = {"num_steps": 20, "guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0,
                                     "protocol": 1}
+
+
+# The name a record (a metadata.jsonl line, an HTTP image's metadata) gives each setting: the CLI's and HTTP's
+# "steps" for num_steps, the settings' own names for the rest.
+RECORD_NAMES: dict[str, str] = {"num_steps": "steps"}
+
+
+def settings_record(generator: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings `generator`'s process reads (the fields of its Settings, binlat.registry), taken from a complete
+    settings dict (Pipeline.sampling_settings) under their record names: what a metadata line records. AR decoding
+    reads no steps, rho or protocol, so its records leave them out instead of listing values it ignored."""
+    fields = dataclasses.fields(registry.generator(generator).settings)
+    return {RECORD_NAMES.get(f.name, f.name): settings[f.name] for f in fields}
 
 
 @dataclass

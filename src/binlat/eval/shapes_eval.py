@@ -186,7 +186,7 @@ def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]
 
 
 def run_shapes(model: str | Path | None, generator: str = "diffusion", per_category: int = 64,
-               steps: int | None = None, cfg: float | None = None, temperature: float | None = None,
+               steps: int | None = None, guidance_scale: float | None = None, temperature: float | None = None,
                rho: float | None = None, protocol: int | None = None, seed: int = 0, batch_size: int = 8,
                out: str | Path = "out/eval", json_path: str | Path | None = None, ground_truth: bool = False,
                no_tokenizer: bool = False, size: int | None = None, held_out: bool = True,
@@ -224,14 +224,14 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
             pipeline = Pipeline.from_pretrained(model, text_encoder=text_encoder, device=device)
         size = size or pipeline.config.image_size
         mode = f"{generator} generator"
-        settings = pipeline.sampling_settings(generator, num_steps=steps, guidance_scale=cfg, temperature=temperature,
-                                              rho=rho, protocol=protocol)
-        steps, cfg, temperature = settings["num_steps"], settings["guidance_scale"], settings["temperature"]
+        settings = pipeline.sampling_settings(generator, num_steps=steps, guidance_scale=guidance_scale,
+                                              temperature=temperature, rho=rho, protocol=protocol)
+        steps, guidance_scale, temperature = settings["num_steps"], settings["guidance_scale"], settings["temperature"]
         kind = registry.generator(generator)
         steps_used = steps if kind.uses("num_steps") else None
         rho = settings["rho"] if kind.uses("rho") else None
         protocol = settings["protocol"] if kind.uses("protocol") else None
-        images_fn = pipeline_images(pipeline, generator, steps, cfg, temperature, batch_size, size, progress,
+        images_fn = pipeline_images(pipeline, generator, steps, guidance_scale, temperature, batch_size, size, progress,
                                     rho, protocol)
     if size < 64:
         print(f"note: judging is meant for images of 64 px and more (shapes-spec); these are {size} px",
@@ -252,7 +252,8 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
     generating = not ground_truth
     arguments = {"model": None if model is None else str(model), "generator": generator if generating else None,
                  "per_category": per_category, "steps": steps_used,
-                 "cfg": None if ground_truth else cfg, "temperature": None if ground_truth else temperature,
+                 "guidance_scale": None if ground_truth else guidance_scale,
+                 "temperature": None if ground_truth else temperature,
                  "rho": None if ground_truth else rho, "protocol": None if ground_truth else protocol,
                  "seed": seed, "batch_size": batch_size, "ground_truth": ground_truth, "no_tokenizer": no_tokenizer,
                  "size": size, "held_out": held_out, "text_encoder": text_encoder, "device": str(device)}
