@@ -159,14 +159,41 @@ def shapes_tables(summary: dict[str, Any], mode: str) -> list[dict[str, Any]]:
     return tables
 
 
-# How a failure sheet names the judge's reason under each image.
-FAILURE_LABELS = {"count": "wrong count", "attributes": "wrong shape/colour", "reversed": "relation reversed",
-                  "axis": "relation on the wrong axis"}
+def failure_label(item: dict[str, Any]) -> str | None:
+    """The judge's reason for a failed item in a few words, for its place under the image on a failure sheet:
+    "wrong count" (counting prompts), "extra object" / "missing object" (other prompts), "wrong colour",
+    "colours swapped" (the right shapes and colours, bound wrongly), "wrong shape", "wrong shape and colour",
+    "relation reversed" (A above B drawn as B above A) or "wrong relation"
+    (right objects, neither the relation nor its opposite), with the object counts where they are wrong ("extra
+    object (2 for 1)"); None for a correct item. The judge's `failure` says
+    which check failed; the caption and the objects it found say how."""
+    from binlat.data.shapes import parse_caption
+    failure, found = item.get("failure"), item.get("objects") or []
+    if failure is None:
+        return None
+    if failure == "reversed":
+        return "relation reversed"
+    if failure == "axis":
+        return "wrong relation"
+    want = parse_caption(item["prompt"])["objects"]
+    if failure == "count":
+        counts = f"({len(found)} for {len(want)})"
+        if item.get("category") == "counting":
+            return f"wrong count {counts}"
+        return f"{'extra' if len(found) > len(want) else 'missing'} object {counts}"
+    # Same number of objects, but no assignment matches: the shapes alone, or the named colours alone, may.
+    shapes_match = sorted(o["shape"] for o in found) == sorted(w["shape"] for w in want)
+    named = [w["color"] for w in want if w["color"]]
+    colours_match = all(named.count(c) <= [o["color"] for o in found].count(c) for c in set(named))
+    if shapes_match:  # every named colour drawn, on the wrong objects: the binding failed
+        return "colours swapped" if colours_match else "wrong colour"
+    return "wrong shape" if colours_match else "wrong shape and colour"
 
 
 def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]]],
                   limit: int = MAX_SHEET_FAILURES) -> tuple[Image.Image, int] | None:
-    """A contact sheet of up to `limit` failures, taken round-robin over (set, category) so each is seen."""
+    """A contact sheet of up to `limit` failures, taken round-robin over (set, category) so each is seen, each
+    labelled with its prompt and the judge's reason (failure_label)."""
     if not failures:
         return None
     from binlat.grid import contact_sheet
@@ -178,9 +205,9 @@ def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]
         for q in queues:
             if q and len(chosen) < limit:
                 chosen.append(q.pop(0))
+    # Each label: the prompt, then on a line of its own the judge's reason.
     labels = [("[held-out] " if f[3]["set"] == "held_out" else "") + f[1]
-              + (f" [{FAILURE_LABELS[f[3]['failure']]}]" if f[3].get("failure") in FAILURE_LABELS else "")
-              for f in chosen]
+              + (f"\nwhy: {reason}" if (reason := failure_label(f[3])) else "") for f in chosen]
     sheet = contact_sheet([f[0] for f in chosen], labels, [f[2] for f in chosen], cell=160)
     return sheet, len(chosen)
 
