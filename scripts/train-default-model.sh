@@ -105,3 +105,5 @@ binlat bundle --tokenizer "$RUNS/export-tokenizer" --diffusion "$RUNS/export-dif
     --description "$DESCRIPTION" \
     --sampling "{\"diffusion\": {\"guidance_scale\": $W_DIFFUSION, \"temperature\": $T_DIFFUSION, \"num_steps\": 20}, \"ar\": {\"guidance_scale\": $W_AR, \"temperature\": $T_AR}}" \
     --dtype float16 --out "$OUT"
+# The bundle's model card (README.md) comes from the exports' provenance.json; after the published evaluation
+# (README, "The shipped model") add its scores with: binlat card "$OUT" --eval docs/eval

@@ -121,6 +121,16 @@ def test_the_readme_own_data_block_runs_verbatim_in_an_empty_folder(tmp_path, mo
         assert cli.main(scaled) == 0, argv
     assert (tmp_path / "out" / "00000.png").is_file() and (tmp_path / "out" / "metadata.jsonl").is_file()
     assert not any(str(ROOT) in arg for argv in commands for arg in argv)  # no repository path in the block
+    # The bundle's model card knows what its generator read: the bits, made from the user's folder, whose
+    # captions' words are the vocabulary generation checks prompts against.
+    import json
+
+    from binlat.data.vocabulary import words
+    card = (tmp_path / "models" / "mine" / "README.md").read_text(encoding="utf-8")
+    assert "| diffusion | `data/bits` (made from `my_images/`) | 2 | 64 px |" in card
+    captions = [(images / f"shape{i}.txt").read_text() for i in range(8)]
+    vocabulary = json.loads((tmp_path / "models" / "mine" / "model_index.json").read_text())["vocabulary"]
+    assert vocabulary["diffusion"]["words"] == sorted({w for c in captions for w in words(c)})
 
 
 # --- the README's preset figures, held to `binlat params` (issue 27: they had drifted apart) -------------------

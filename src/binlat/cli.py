@@ -14,7 +14,7 @@ from .budget import limited
 from .commands.common import EXIT_FAILED, EXIT_USAGE, SAMPLING_SETTINGS, STORAGE_DTYPES, CLIError
 from .commands.evaluation import cmd_bench, cmd_eval
 from .commands.images import cmd_continue, cmd_edit, cmd_generate, cmd_interpolate, cmd_serve
-from .commands.models import cmd_bundle, cmd_conformance, cmd_convert_official
+from .commands.models import cmd_bundle, cmd_card, cmd_conformance, cmd_convert_official
 from .commands.training import cmd_config_show, cmd_export, cmd_params, cmd_precompute, cmd_probe, cmd_train
 from .processes.common import MAX_STEPS, SEED_LIMIT
 from .registry import generator_kinds, model_kinds, release_kinds
@@ -284,7 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sampling", metavar="JSON",
                    help='the settings the model was tuned for, used when a call gives none, e.g. '
                         '\'{"diffusion": {"guidance_scale": 3, "num_steps": 20}, "ar": {"guidance_scale": 2}}\'')
+    b.add_argument("--eval", action="append", metavar="REPORT|DIR",
+                   help="evaluation report(s) of these weights for the model card's scores (repeatable; a folder "
+                        "gives its report-*.json files that measured this bundle)")
     b.set_defaults(func=cmd_bundle)
+
+    cd = sub.add_parser("card", help="write a bundle's model card (README.md) and vocabulary again, e.g. after an "
+                                     "evaluation: from its parts' provenance.json and --eval reports")
+    cd.add_argument("bundle", metavar="DIR")
+    cd.add_argument("--eval", action="append", metavar="REPORT|DIR",
+                    help="evaluation report(s) for the scores (repeatable; a folder gives its report-*.json files "
+                         "that measured DIR)")
+    cd.set_defaults(func=cmd_card)
 
     ed = sub.add_parser("edit", help="re-draw an image under a new prompt (diffusion from a partly noised start)")
     ed.add_argument("image", metavar="IMAGE")
@@ -412,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that compute nothing worth threads.
-_NO_THREADS = {"params", "export", "bundle", "conformance"}
+_NO_THREADS = {"params", "export", "bundle", "card", "conformance"}
 
 
 def _add_threads_everywhere(sub) -> None:

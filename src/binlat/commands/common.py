@@ -60,6 +60,14 @@ def load_pipeline(model: str | None, text_encoder: str | None, allow_nonfinite: 
     return Pipeline.from_pretrained(path, text_encoder=text_encoder, allow_nonfinite=allow_nonfinite)
 
 
+def warn_vocabulary(pipe, prompts, generator: str) -> None:
+    """One stderr line naming the prompts' words that lie outside the generator's training vocabulary, if any (the
+    pipeline then stays quiet about them for the rest of the run)."""
+    from ..pipeline import check_prompts
+    prompts = check_prompts(prompts)  # a bad prompt is its one-line error, not a warning first
+    pipe.warn_vocabulary(prompts, generator, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+
+
 def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
     """Fill the sampling options the user left out with the pipeline's settings (recorded in metadata as used)."""
     given = {setting: getattr(args, name) for name, setting in SAMPLING_SETTINGS.items() if hasattr(args, name)}

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .common import (ImageWriter, input_image, load_pipeline, output_dir, png_bytes, read_prompts, resolve_sampling,
-                     sampling_record, write_results)
+                     sampling_record, warn_vocabulary, write_results)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -16,6 +16,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = output_dir(args.out)
     pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     resolve_sampling(pipe, args.generator, args)
+    warn_vocabulary(pipe, prompts, args.generator)
     if args.dtype != "float32":
         import torch
         pipe.to(dtype=getattr(torch, args.dtype))
@@ -63,6 +64,7 @@ def _image_job(args: argparse.Namespace, generator_for):
     pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     kind = generator_for(pipe.generators)
     resolve_sampling(pipe, kind, args)
+    warn_vocabulary(pipe, [args.prompt], kind)
     return out, image, pipe, kind, args.size or (None, None)
 
 
