@@ -117,7 +117,8 @@ def find_reports(paths: Iterable[str | Path], bundle: str | Path) -> tuple[list[
             try:
                 _score_row(str(file), report)  # a report the card cannot read is refused now, naming it
             except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise ValueError(f"--eval {file}: not a binlat eval report (no {e})") from None
+                why = f"no {e}" if isinstance(e, KeyError) else str(e)
+                raise ValueError(f"--eval {file}: not a binlat eval report ({why})") from None
             ours = not given.is_dir() or _measured(report.get("model"), Path(bundle))
             (found if ours else other).append((str(file), report))
     return sorted(found, key=lambda r: r[0]), [path for path, _ in other]
