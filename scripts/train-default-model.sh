@@ -83,7 +83,7 @@ best() {  # best GENERATOR W:T...: prints "W T" of the highest overall accuracy 
     for pair in "$@"; do
         local w=${pair%%:*} t=${pair##*:}
         binlat eval shapes --model "$RUNS/bundle-untuned" --generator "$gen" --per-category 16 --seed 1000 \
-            --cfg "$w" --temperature "$t" --no-held-out --no-progress --out "$RUNS/sampling/$gen-w$w-t$t" >/dev/null
+            --guidance-scale "$w" --temperature "$t" --no-held-out --no-progress --out "$RUNS/sampling/$gen-w$w-t$t" >/dev/null
         acc=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['summary']['overall'])" \
             "$RUNS/sampling/$gen-w$w-t$t/report-shapes.json")
         echo "sampling: $gen w=$w temperature=$t accuracy $acc" >&2
@@ -105,3 +105,5 @@ binlat bundle --tokenizer "$RUNS/export-tokenizer" --diffusion "$RUNS/export-dif
     --description "$DESCRIPTION" \
     --sampling "{\"diffusion\": {\"guidance_scale\": $W_DIFFUSION, \"temperature\": $T_DIFFUSION, \"num_steps\": 20}, \"ar\": {\"guidance_scale\": $W_AR, \"temperature\": $T_AR}}" \
     --dtype float16 --out "$OUT"
+# The bundle's model card (README.md) comes from the exports' provenance.json; after the published evaluation
+# (README, "The shipped model") add its scores with: binlat card "$OUT" --eval docs/eval

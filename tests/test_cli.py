@@ -24,7 +24,7 @@ from binlat.cli import main
 from binlat.text import TextEncoder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
-META_KEYS = {"file", "prompt", "seed", "generator", "steps", "cfg", "temperature", "rho", "protocol"}
+META_KEYS = {"file", "prompt", "seed", "generator", "steps", "guidance_scale", "temperature", "rho", "protocol"}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def test_generate_writes_image_metadata_and_grid(cli, capsys, tmp_path) -> None:
     assert META_KEYS <= set(meta[0])
     assert meta[0]["file"] == "00000.png" and meta[0]["prompt"] == "a red circle" and meta[0]["seed"] == 1
     assert meta[0]["generator"] == "diffusion" and meta[0]["steps"] == 3
-    assert meta[0]["cfg"] == 7.5 and meta[0]["temperature"] == 1.0 and meta[0]["rho"] == 1.0
+    assert meta[0]["guidance_scale"] == 7.5 and meta[0]["temperature"] == 1.0 and meta[0]["rho"] == 1.0
+    assert "cfg" not in meta[0]  # one name for one idea: the one Python and HTTP use
     assert meta[0]["protocol"] == 1
     grids = sorted(p.name for p in out.glob("grid*.png"))
     assert len(grids) == 1
@@ -112,8 +113,22 @@ def test_generate_options_recorded(cli, capsys, tmp_path) -> None:
     assert cli("generate", "x", "--out", out, "--seed", 0, "--steps", 2, "--cfg", 0, "--temperature", 0.5,
                "--rho", 2, "--protocol", 2, "--size", "64x128", "--batch-size", 1, "--no-progress") == 0
     m = read_meta(out)[0]
-    assert (m["cfg"], m["temperature"], m["rho"], m["protocol"], m["steps"]) == (0.0, 0.5, 2.0, 2, 2)
+    assert (m["guidance_scale"], m["temperature"], m["rho"], m["protocol"], m["steps"]) == (0.0, 0.5, 2.0, 2, 2)
     assert Image.open(out / "00000.png").size == (128, 64)
+    # --guidance-scale is the option's name, --cfg its alias: both set the same setting
+    assert cli("generate", "x", "--out", out, "--seed", 0, "--steps", 2, "--guidance-scale", 1.25,
+               "--no-progress") == 0
+    assert read_meta(out)[1]["guidance_scale"] == 1.25
+
+
+def test_ar_metadata_records_only_what_ar_decoding_uses(cli, capsys, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert cli("generate", "a red circle", "--generator", "ar", "--out", out, "--seed", 0, "--guidance-scale", 2,
+               "--temperature", 0.5, "--rho", 3, "--protocol", 2, "--steps", 9, "--no-progress") == 0
+    m = read_meta(out)[0]
+    assert m["generator"] == "ar" and (m["guidance_scale"], m["temperature"]) == (2.0, 0.5)
+    # diffusion-only settings were given but AR never reads them: the line must not claim they shaped the image
+    assert not {"rho", "protocol", "steps", "num_steps", "cfg"} & set(m), m
 
 
 def test_prompts_file_skips_blank_lines(cli, capsys, tmp_path) -> None:
@@ -366,7 +381,7 @@ def test_presets_and_the_shipped_model_resolve_by_name_from_any_folder(tmp_path,
 
 def test_threads_on_every_computing_command_and_diffusers_names_for_sampling(monkeypatch):
     """Issue 27: --threads N is on generate, train, precompute, every eval, bench and serve (and applied before the
-    command runs); --guidance-scale and --num-steps are the same options as --cfg and --steps."""
+    command runs); --cfg and --num-steps are the same options as --guidance-scale and --steps."""
     from binlat.cli import build_parser
     parser = build_parser()
     for argv in (["generate", "x"], ["train", "diffusion", "--config", "c"], ["precompute", "--tokenizer", "t",
@@ -374,7 +389,7 @@ def test_threads_on_every_computing_command_and_diffusers_names_for_sampling(mon
         assert parser.parse_args([*argv, "--threads", "3"]).threads == 3, argv
     a = parser.parse_args(["generate", "x", "--guidance-scale", "2.5", "--num-steps", "7"])
     b = parser.parse_args(["generate", "x", "--cfg", "2.5", "--steps", "7"])
-    assert (a.cfg, a.steps) == (b.cfg, b.steps) == (2.5, 7)
+    assert (a.guidance_scale, a.steps) == (b.guidance_scale, b.steps) == (2.5, 7)
     import binlat.cli as cli_mod
     seen = []
     monkeypatch.setattr(torch, "set_num_threads", seen.append)

@@ -121,3 +121,72 @@ def test_the_readme_own_data_block_runs_verbatim_in_an_empty_folder(tmp_path, mo
         assert cli.main(scaled) == 0, argv
     assert (tmp_path / "out" / "00000.png").is_file() and (tmp_path / "out" / "metadata.jsonl").is_file()
     assert not any(str(ROOT) in arg for argv in commands for arg in argv)  # no repository path in the block
+    # The bundle's model card knows what its generator read: the bits, made from the user's folder, whose
+    # captions' words are the vocabulary generation checks prompts against.
+    import json
+
+    from binlat.data.vocabulary import words
+    card = (tmp_path / "models" / "mine" / "README.md").read_text(encoding="utf-8")
+    assert "| diffusion | `data/bits` (made from `my_images/`) | 2 | 64 px |" in card
+    captions = [(images / f"shape{i}.txt").read_text() for i in range(8)]
+    vocabulary = json.loads((tmp_path / "models" / "mine" / "model_index.json").read_text())["vocabulary"]
+    assert vocabulary["diffusion"]["words"] == sorted({w for c in captions for w in words(c)})
+
+
+# --- the README's preset figures, held to `binlat params` (issue 27: they had drifted apart) -------------------
+def _preset_rows() -> dict[str, list[str]]:
+    """The README's preset table between its markers: preset name -> its other cells."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- presets -->", 1)[1].split("<!-- /presets -->", 1)[0]
+    rows = {}
+    for line in block.strip().splitlines()[2:]:  # after the header and its rule
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def test_the_readme_preset_table_is_what_binlat_params_says():
+    from binlat.config import preset_names
+    from binlat.train.presets import preset_facts
+    rows = _preset_rows()
+    assert sorted(rows) == preset_names()  # every packaged preset has its row, and no row names another
+    for name, cells in rows.items():
+        f = preset_facts(name)
+        kind, grid, size, parameters, arch = cells[:5]
+        assert (kind, grid.rstrip(" ¹"), size, parameters, arch) == (
+            f.kind, f.grid, f"{f.image_size} px", f.millions, f.architecture), name
+        # the footnote marks exactly the rows whose grid comes from their tokenizer, not from the preset
+        assert grid.endswith("¹") == (f.grid_from != "the preset"), name
+
+
+def _count(kind: str, directory: Path) -> int:
+    import torch
+
+    from binlat.registry import model_class
+    cls = model_class(kind)
+    with torch.device("meta"):
+        return sum(p.numel() for p in cls(cls.read_config(directory)).parameters())
+
+
+def test_the_readmes_other_preset_figures_are_what_binlat_params_says():
+    """The prose figures outside the table: the shipped model's sizes (its bundle and its recipe's presets must
+    agree), the paper's token grid, and the release's sizes quoted beside the memory table."""
+    from binlat.train.presets import preset_facts
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    m = re.search(r"a ([\d.]+) M-parameter tokenizer \((\d+) tokens × (\d+) bits = (\d+) bytes per (\d+) px image\), "
+                  r"a ([\d.]+) M diffusion generator and a ([\d.]+) M AR generator", text)
+    assert m, "the shipped model's sentence moved or changed form; update this test with it"
+    tok, diffusion, ar = (preset_facts(p) for p in ("tokenizer/shapes-64-stage1", "diffusion/shapes-64",
+                                                     "ar/shapes-64"))
+    bundle = ROOT / "models" / "default"
+    for said, preset, part in ((m[1], tok, "tokenizer"), (m[6], diffusion, "diffusion"), (m[7], ar, "ar")):
+        assert f"{said} M" == preset.millions == f"{_count(part, bundle / part) / 1e6:.1f} M", part
+    assert (int(m[2]), int(m[3]), int(m[5])) == (tok.num_tokens, tok.num_bits, tok.image_size)
+    assert int(m[4]) == tok.num_tokens * tok.num_bits // 8
+    paper = preset_facts("tokenizer/paper-512")
+    assert f"({paper.num_tokens} tokens × {paper.num_bits} bits at {paper.image_size} px in the paper)" in text
+    release, generator = preset_facts("tokenizer/release"), preset_facts("diffusion/paper-512")
+    assert (f"a {release.parameters / 1e6:,.0f} M-parameter tokenizer, the {generator.parameters / 1e6:,.0f} "
+            f"M-parameter diffusion generator") in text
+    assert (f"tokenizer {release.parameters / 1e9:.2f} B, generator {generator.parameters / 1e9:.2f} B") in text
+    assert f"Both sizes decode the same {release.grid} bits" in text

@@ -275,10 +275,11 @@ def test_cli_edit_and_continue_use_the_bundle_settings(cli, images, tmp_path, tu
     generated, edited, continued = read_meta(out)
     tuned = TUNED_SAMPLING["diffusion"]
     for row in (generated, edited):  # the settings used are recorded, and they are the bundle's
-        assert (row["steps"], row["cfg"], row["temperature"], row["rho"], row["protocol"]) == (
+        assert (row["steps"], row["guidance_scale"], row["temperature"], row["rho"], row["protocol"]) == (
             tuned["num_steps"], tuned["guidance_scale"], tuned["temperature"], tuned["rho"], tuned["protocol"])
-    assert (continued["cfg"], continued["temperature"]) == (TUNED_SAMPLING["ar"]["guidance_scale"],
-                                                            TUNED_SAMPLING["ar"]["temperature"])
+    assert (continued["guidance_scale"], continued["temperature"]) == (TUNED_SAMPLING["ar"]["guidance_scale"],
+                                                                       TUNED_SAMPLING["ar"]["temperature"])
+    assert not {"steps", "rho", "protocol"} & set(continued)  # AR continuation reads none of them
     assert same_images([Image.open(out / generated["file"]).convert("RGB")],
                        [Image.open(out / edited["file"]).convert("RGB")])
 

@@ -221,7 +221,7 @@ def test_cli_shapes_rejects_blank_generator(bundle, tmp_path, monkeypatch, capsy
     assert s["overall"] == 0 and all(v == 0 for v in s["accuracy"].values()) and s["held_out"]["overall"] == 0
     assert calls and all(c == ("diffusion", 7, 5, 2.5, 1.5, 2) for c in calls)
     arguments = report["arguments"]
-    assert arguments["per_category"] == 3 and arguments["cfg"] == 2.5
+    assert arguments["per_category"] == 3 and arguments["guidance_scale"] == 2.5 and "cfg" not in arguments
     assert arguments["rho"] == 1.5 and arguments["protocol"] == 2
     assert report["model"] == str(bundle)
     assert all(it["reason"].startswith("expected") and not it["correct"] for it in report["items"])
@@ -487,3 +487,4 @@ def test_contact_sheet_labels_wrap_at_words() -> None:
     short = contact_sheet([Image.new("RGB", (8, 8))] * 2, ["a", "b"], cell=144)
     tall = contact_sheet([Image.new("RGB", (8, 8))] * 2, [prompt, "b"], cell=144)
     assert tall.height > short.height  # the label rows grow with the wrapped text
+

@@ -61,7 +61,9 @@ def test_conformance_case(case_dir):
 def test_convert_official_loads_with_from_pretrained(case_dir, tmp_path):
     kind = case_kind(case_dir)
     out = convert_official(kind, case_dir / "config.json", case_dir / "weights.safetensors", tmp_path / "model")
-    assert sorted(p.name for p in Path(out).iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in Path(out).iterdir()) == ["config.json", "model.safetensors", "provenance.json"]
+    origin = json.loads((Path(out) / "provenance.json").read_text())  # the license travels with the weights
+    assert origin["converted_from"] == "amd/Instella-T2I" and origin["license"]["id"] == "other"
     model = MODEL_CLASSES[kind].from_pretrained(out)
     direct = build_official(kind, case_dir / "config.json", case_dir / "weights.safetensors")
     assert model.config == direct.config

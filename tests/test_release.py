@@ -125,6 +125,25 @@ def test_cli_writes_a_bundle_that_generates(release_dir, text_dir, tmp_path, cap
     assert (images / "00000.png").is_file()
 
 
+def test_the_bundle_card_names_the_release_and_keeps_its_license(bundle, text_dir, tmp_path, capsys):
+    """Issue 27: a converted bundle's README.md says what the weights were trained on and under which license they
+    came; its parts keep that (provenance.json), so a bundle made from them by `binlat bundle` says it too."""
+    import yaml
+
+    from binlat.official import RELEASE_LICENSE
+    for folder in (bundle, tmp_path / "rebundled"):
+        if folder != bundle:
+            assert cli("bundle", "--tokenizer", bundle / "tokenizer", "--ar", bundle / "ar", "--text-encoder",
+                       text_dir, "--out", folder) == 0, capsys.readouterr().err
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert (meta["license"], meta["license_link"], meta["base_model"]) == ("other", RELEASE_LICENSE["link"],
+                                                                             "amd/Instella-T2I")
+        assert meta["library_name"] == "binlat" and meta["pipeline_tag"] == "text-to-image"
+        assert RELEASE_LICENSE["title"] in card and "LAION-COCO" in card
+        assert json.loads((folder / "model_index.json").read_text())["vocabulary"] == {}  # open-domain: unchecked
+
+
 @pytest.mark.parametrize("kind", ["tokenizer", "diffusion", "ar"])
 def test_converted_networks_reproduce_the_fixtures(bundle, kind):
     model = MODEL_CLASSES[kind].from_pretrained(bundle / kind)

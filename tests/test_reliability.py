@@ -771,6 +771,15 @@ def _(env: Env) -> None:
     assert not out.exists()
 
 
+@case("cli-card-report-that-is-no-report", "binlat card")
+def _(env: Env) -> None:
+    report = env.tmp / "report-shapes.json"
+    report.write_text('{"kind": "shapes", "summary": {"overall": "high"}}')
+    before = snapshot(env.bundle)
+    env.cli_fails(["card", env.bundle, "--eval", report], "--eval", "not a binlat eval report", code=2)
+    assert snapshot(env.bundle) == before  # refused before the card or the index was touched
+
+
 @case("cli-serve-port-in-use", "binlat serve")
 def _(env: Env) -> None:
     import socket

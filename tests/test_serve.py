@@ -111,6 +111,9 @@ def test_generate_returns_seeded_pngs_with_metadata(client) -> None:
     assert decode_png(first["png_base64"]).size == (64, 64)
     again = client.post("/v1/generate", json=body | {"n": 1, "seed": 8}).json()
     assert again["images"][0]["png_base64"] == data["images"][1]["png_base64"]  # image i uses seed + i
+    ar = client.post("/v1/generate", json=body | {"generator": "ar", "rho": 2.0, "protocol": 2}).json()["images"][0]
+    assert (ar["generator"], ar["guidance_scale"], ar["temperature"]) == ("ar", 2.0, 0.9)
+    assert not {"steps", "rho", "protocol"} & set(ar)  # AR decoding reads none of them: not recorded as used
 
 
 def test_generate_prompt_list_ar_and_sizes(client) -> None:
@@ -118,7 +121,7 @@ def test_generate_prompt_list_ar_and_sizes(client) -> None:
                                           "size": [32, 48]})
     assert r.status_code == 200, r.text
     images = r.json()["images"]
-    assert [im["prompt"] for im in images] == ["a cat", "a dog"] and images[0]["steps"] is None
+    assert [im["prompt"] for im in images] == ["a cat", "a dog"] and "steps" not in images[0]
     assert decode_png(images[1]["png_base64"]).size == (48, 32)
     r = client.post("/v1/generate", json={"prompt": "x", "steps": 2, "size": "32x64", "protocol": 2})
     assert r.status_code == 200 and r.json()["images"][0]["width"] == 64

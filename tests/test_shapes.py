@@ -327,3 +327,41 @@ def test_canvas_sizes() -> None:
         assert render(sc).size == (size, size)
     with pytest.raises(ValueError):
         sample_scene(np.random.default_rng(1), 16)
+
+
+def test_failure_sheet_names_the_judges_reason_under_each_image(monkeypatch) -> None:
+    """Issue 27: each image on a failure sheet carries why the judge failed it. Real renders of one caption are
+    judged against another, so each reason comes from the judge's own verdict, not from a label set by hand."""
+    import binlat.grid
+    from binlat.data.shapes import render, scene_for_caption
+    from binlat.eval.shapes_eval import failure_label, failure_sheet
+    from binlat.eval.shapes_judge import judge
+    cases = [  # (caption rendered, caption judged, the reason a reader should see)
+        ("a red circle", "a blue circle", "wrong colour"),
+        ("a circle and a square", "a circle", "extra object (2 for 1)"),
+        ("a circle", "a circle and a square", "missing object (1 for 2)"),
+        ("three squares", "two squares", "wrong count (3 for 2)"),
+        ("a square", "a triangle", "wrong shape"),
+        ("a blue circle and a red square", "a red circle and a blue square", "colours swapped"),
+        ("a square above a circle", "a circle above a square", "relation reversed"),
+        ("a circle above a square", "a circle to the left of a square", "wrong relation"),
+    ]
+    failures = []
+    for i, (drawn, asked, reason) in enumerate(cases):
+        image = render(scene_for_caption(drawn, np.random.default_rng(i), size=64))
+        verdict = judge(image, asked)
+        assert not verdict["correct"], (drawn, asked)
+        item = {"set": "main", "category": verdict["category"], "prompt": asked, "failure": verdict["failure"],
+                "objects": verdict["objects"]}
+        assert failure_label(item) == reason, (asked, verdict["reason"])
+        failures.append((image, asked, i, item))
+    assert failure_label({"prompt": "a circle", "failure": None, "objects": []}) is None  # a pass has no reason
+    shown = []
+    real = binlat.grid.contact_sheet
+    monkeypatch.setattr(binlat.grid, "contact_sheet", lambda images, labels, *a, **k: shown.append(labels)
+                        or real(images, labels, *a, **k))
+    sheet, count = failure_sheet(failures)
+    assert count == len(cases) and sheet.width > 0
+    assert sorted(shown[0]) == sorted(f"{asked}\nwhy: {reason}" for _, asked, reason in cases)
+    from binlat.grid import label_lines
+    assert label_lines(f"a circle\nwhy: relation reversed", 26) == ["a circle", "why: relation reversed"]

@@ -102,3 +102,21 @@ def test_generators_reproduce_the_published_verdicts(shipped, generator) -> None
         verdict = judge(image, it["prompt"])
         agree += bool(verdict["correct"]) == it["correct"] and len(verdict["objects"]) == len(it["objects"])
     assert agree >= 0.9 * len(items), f"{agree}/{len(items)} verdicts reproduced"
+
+
+def test_its_model_card_is_what_binlat_card_writes(monkeypatch) -> None:
+    """models/default/README.md is the card `binlat card models/default --eval docs/eval` writes (run from the
+    repository's root) from its parts' provenance and the published reports; its index keeps the shapes words."""
+    from binlat.card import CARD, find_reports, model_card, read_provenance
+    from binlat.data.shapes import vocabulary
+    monkeypatch.chdir(ROOT)  # the reports name the model as the commands did: models/default
+    index = json.loads((MODEL / "model_index.json").read_text())
+    tokenizer = json.loads((MODEL / "tokenizer" / "config.json").read_text())
+    parts = {kind: read_provenance(MODEL / kind) for kind in ("tokenizer", *index["generators"])}
+    assert all(parts.values()), "every shipped part records where it came from"
+    reports, _ = find_reports(["docs/eval"], "models/default")
+    assert sorted(Path(p).parent.name for p, _ in reports) == ["ar", "ceiling", "diffusion", "reconstruction"]
+    want = model_card(index, tokenizer, parts, reports)
+    assert (MODEL / CARD).read_text(encoding="utf-8") == want, (
+        "models/default/README.md is stale: run `binlat card models/default --eval docs/eval` from the repository root")
+    assert index["vocabulary"] == {k: {"source": "shapes", "words": list(vocabulary())} for k in ("diffusion", "ar")}

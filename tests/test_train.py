@@ -540,6 +540,14 @@ def test_export_generator_run(kind, cls, tmp_path, tokenizer_dir, capsys):
     tok = BinaryTokenizer.from_pretrained(tokenizer_dir).config
     assert (model.config.num_bits, model.config.num_tokens) == (tok.num_bits, tok.num_tokens)
     assert model.config.num_layers == 2
+    # what the run read travels with its weights, for the model card of a bundle made from them (binlat.card)
+    from binlat.card import read_provenance
+    from binlat.data.vocabulary import vocabulary_of
+    origin = read_provenance(tmp_path / "model")
+    cfg = json.loads((run / "config.json").read_text())
+    assert (origin["kind"], origin["steps"], origin["data"], origin["image_size"]) == (kind, 2, cfg["data"],
+                                                                                      cfg["image_size"])
+    assert origin["vocabulary"] == vocabulary_of(cfg["data"]) and origin["vocabulary"]["words"]
 
 
 @pytest.mark.parametrize("kind,cls", [("diffusion", DiffusionTransformer), ("ar", ARTransformer)])

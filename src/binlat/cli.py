@@ -14,7 +14,7 @@ from .budget import limited
 from .commands.common import EXIT_FAILED, EXIT_USAGE, SAMPLING_SETTINGS, STORAGE_DTYPES, CLIError
 from .commands.evaluation import cmd_bench, cmd_eval
 from .commands.images import cmd_continue, cmd_edit, cmd_generate, cmd_interpolate, cmd_serve
-from .commands.models import cmd_bundle, cmd_conformance, cmd_convert_official
+from .commands.models import cmd_bundle, cmd_card, cmd_conformance, cmd_convert_official
 from .commands.training import cmd_config_show, cmd_export, cmd_params, cmd_precompute, cmd_probe, cmd_train
 from .processes.common import MAX_STEPS, SEED_LIMIT
 from .registry import generator_kinds, model_kinds, release_kinds
@@ -106,15 +106,15 @@ def _at_least(name: str, low: int, high: int | None = None):
 
 SAMPLING_OPTIONS = {  # option -> (argparse type, help); the Pipeline setting each gives is SAMPLING_SETTINGS's
     "steps": (_positive_int("steps", MAX_STEPS), "diffusion steps"),
-    "cfg": (_number("guidance scale", 0.0), "guidance scale w"),
+    "guidance_scale": (_number("guidance scale", 0.0), "guidance scale w"),
     "temperature": (_number("temperature", 0.0), "sampling temperature; 0 thresholds"),
     "rho": (_number("rho", 0.0, inclusive=False), "time-step spacing exponent"),
     "protocol": (_protocol, "diffusion step protocol, 1 or 2"),
 }
 
 
-# The names Python and HTTP use (diffusers'), accepted beside the short CLI ones.
-SAMPLING_ALIASES = {"cfg": ("guidance-scale",), "steps": ("num-steps",)}
+# Other spellings accepted for an option: the short --cfg, and --num-steps, the name Python uses (diffusers').
+SAMPLING_ALIASES = {"guidance_scale": ("cfg",), "steps": ("num-steps",)}
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_OPTIONS)) -> None:
@@ -124,7 +124,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_
         kind, text = SAMPLING_OPTIONS[name]
         default = BUILTIN_SAMPLING[SAMPLING_SETTINGS[name]]
         aliases = [f"--{alias}" for alias in SAMPLING_ALIASES.get(name, ())]
-        parser.add_argument(f"--{name}", *aliases, dest=name, type=kind, default=None,
+        parser.add_argument(f"--{name.replace('_', '-')}", *aliases, dest=name, type=kind, default=None,
                             help=f"{text} (default: the model's setting, else {default})")
 
 
@@ -284,7 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sampling", metavar="JSON",
                    help='the settings the model was tuned for, used when a call gives none, e.g. '
                         '\'{"diffusion": {"guidance_scale": 3, "num_steps": 20}, "ar": {"guidance_scale": 2}}\'')
+    b.add_argument("--eval", action="append", metavar="REPORT|DIR",
+                   help="evaluation report(s) of these weights for the model card's scores (repeatable; a folder "
+                        "gives its report-*.json files that measured this bundle)")
     b.set_defaults(func=cmd_bundle)
+
+    cd = sub.add_parser("card", help="write a bundle's model card (README.md) and vocabulary again, e.g. after an "
+                                     "evaluation: from its parts' provenance.json and --eval reports")
+    cd.add_argument("bundle", metavar="DIR")
+    cd.add_argument("--eval", action="append", metavar="REPORT|DIR",
+                    help="evaluation report(s) for the scores (repeatable; a folder gives its report-*.json files "
+                         "that measured DIR)")
+    cd.set_defaults(func=cmd_card)
 
     ed = sub.add_parser("edit", help="re-draw an image under a new prompt (diffusion from a partly noised start)")
     ed.add_argument("image", metavar="IMAGE")
@@ -310,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--prompt", required=True)
     co.add_argument("--keep-tokens", type=_at_least("keep tokens", 0), required=True, metavar="K",
                     help="tokens of the image to keep (0 .. the model's token count)")
-    _add_sampling_options(co, ("cfg", "temperature"))
+    _add_sampling_options(co, ("guidance_scale", "temperature"))
     co.add_argument("--seed", type=_seed, default=None)
     _add_image_job_options(co)
     co.set_defaults(func=cmd_continue)
@@ -412,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that compute nothing worth threads.
-_NO_THREADS = {"params", "export", "bundle", "conformance"}
+_NO_THREADS = {"params", "export", "bundle", "card", "conformance"}
 
 
 def _add_threads_everywhere(sub) -> None:

@@ -39,8 +39,9 @@ MAX_LABEL_LINES = 4
 
 def label_lines(text: str, chars: int) -> list[str]:
     """`text` wrapped to lines of at most `chars` characters at word boundaries (a word longer than a line is cut),
-    at most MAX_LABEL_LINES of them."""
-    lines = textwrap.wrap(text, chars, break_on_hyphens=False) or [""]
+    at most MAX_LABEL_LINES of them; a newline in `text` starts a new line."""
+    lines = [line for part in text.split("\n")
+             for line in textwrap.wrap(part, chars, break_on_hyphens=False) or [""]]
     if len(lines) > MAX_LABEL_LINES:
         lines = lines[:MAX_LABEL_LINES]
         lines[-1] = lines[-1][: chars - 1].rstrip() + "…"

@@ -134,9 +134,11 @@ class ModelMixin:
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = enabled
 
-    def save_pretrained(self, save_directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(self, save_directory: str | Path, *, dtype: torch.dtype | None = None,
+                        files: dict[str, bytes] | None = None) -> Path:
         """`dtype` (e.g. torch.float16) stores floating-point weights in that precision to halve the files;
-        `from_pretrained` loads them back into the model's float32 parameters."""
+        `from_pretrained` loads them back into the model's float32 parameters. `files` (name -> bytes) are written
+        beside them in the same atomic write (e.g. binlat.card's provenance.json)."""
         save_directory = Path(save_directory)
         state = self.state_dict()  # type: ignore[attr-defined]
         if dtype is not None:
@@ -144,6 +146,8 @@ class ModelMixin:
         with atomic_directory(save_directory) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
             save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            for name, data in (files or {}).items():
+                (tmp / name).write_bytes(data)
         return save_directory
 
     @classmethod

@@ -15,6 +15,23 @@ from .io import FileRefused, WeightsError, check_state_dict, load_safetensors, r
 from .registry import MODEL_CLASSES, TOKENIZER  # noqa: F401 (MODEL_CLASSES, kind -> model class, is public here)
 from .tokenizer import TokenizerConfig
 
+# What the release's README and LICENSE say of its weights (github.com/AMD-AGI/Instella-T2I): a converted model
+# keeps them, and its model card repeats them (binlat.card).
+RELEASE_REPO = "amd/Instella-T2I"
+RELEASE_LICENSE = {"id": "other", "name": "instella-t2i-research-only-rail-ms",
+                   "title": "Instella_T2I_1B RESEARCH-ONLY RAIL-MS",
+                   "link": "https://github.com/AMD-AGI/Instella-T2I/blob/main/LICENSE"}
+RELEASE_DATA = ("LAION-COCO, then LAION-COCO with synthetic image-text pairs 3:1 (Dalle-1M, and images of public "
+                "models for DiffusionDB prompts), as the release's README says")
+
+
+def release_provenance(kind: str) -> dict[str, Any]:
+    """What a model converted from the release records of itself (binlat.card's provenance.json). Its captions
+    were open-domain English: no vocabulary is kept, so no prompt is warned about."""
+    return {"kind": kind, "made_by": "binlat convert-official", "converted_from": RELEASE_REPO,
+            "license": dict(RELEASE_LICENSE), "data": RELEASE_DATA, "vocabulary": None}
+
+
 # Shared by every network: attention and tokenizer-style blocks. Each network's own renames (and the parameters
 # it drops) are in its registry.ReleaseFormat.
 _BLOCK_RULES = [
@@ -202,5 +219,6 @@ def convert_official(kind: str, config_path: str | Path, weights_path: str | Pat
     A tokenizer's `scale` (reference size in pixels, None for none) overrides the config's "scale"; by default a
     config without the key gets the release's RELEASE_SCALE, as the release decodes with set_scale(1024).
     `dtype` (e.g. torch.float16) stores the weights in that precision."""
+    from .card import provenance_file
     model = build_official(kind, config_path, weights_path, scale, allow_nonfinite=allow_nonfinite)
-    return model.save_pretrained(out_dir, dtype=dtype)
+    return model.save_pretrained(out_dir, dtype=dtype, files=provenance_file(release_provenance(kind)))

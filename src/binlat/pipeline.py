@@ -5,6 +5,7 @@ A bundle directory holds `model_index.json` (PipelineConfig) and one model direc
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -38,6 +39,19 @@ BUILTIN_SAMPLING: dict[str, Any] = {"num_steps": 20, "guidance_scale": 7.5, "tem
                                     "protocol": 1}
 
 
+# The name a record (a metadata.jsonl line, an HTTP image's metadata) gives each setting: the CLI's and HTTP's
+# "steps" for num_steps, the settings' own names for the rest.
+RECORD_NAMES: dict[str, str] = {"num_steps": "steps"}
+
+
+def settings_record(generator: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings `generator`'s process reads (the fields of its Settings, binlat.registry), taken from a complete
+    settings dict (Pipeline.sampling_settings) under their record names: what a metadata line records. AR decoding
+    reads no steps, rho or protocol, so its records leave them out instead of listing values it ignored."""
+    fields = dataclasses.fields(registry.generator(generator).settings)
+    return {RECORD_NAMES.get(f.name, f.name): settings[f.name] for f in fields}
+
+
 @dataclass
 class PipelineConfig:
     text_encoder: str = DEFAULT_TEXT_ENCODER
@@ -49,6 +63,9 @@ class PipelineConfig:
     # The sampling settings this model was tuned for, per generator, e.g. {"diffusion": {"guidance_scale": 3.0}};
     # a call's own arguments win, and keys left out take the built-in defaults (BUILTIN_SAMPLING).
     sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The words of each generator's training captions, {"ar": {"source": "shapes", "words": [...]}} (binlat.card,
+    # from the parts' provenance): a prompt with other words is warned about. A generator left out checks nothing.
+    vocabulary: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.generators = tuple(self.generators)
@@ -67,6 +84,11 @@ class PipelineConfig:
             if unknown:
                 raise ValueError(f"sampling.{kind}: unknown setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
             check_sampling_args(**settings)
+        from .card import check_vocabulary
+        for kind, vocabulary in self.vocabulary.items():
+            if kind not in kinds:
+                raise ValueError(f"vocabulary: keys are generator kinds {kinds}, got {kind!r}")
+            check_vocabulary(vocabulary, f"vocabulary.{kind}")
 
 
 @dataclass
@@ -153,6 +175,7 @@ class Pipeline:
         self._placement: dict[str, Any] = {}
         self._compiled = False
         self._size_warned: set[tuple[int, int]] = set()
+        self._words_warned: set[str] = set()  # words outside the training vocabulary already named
         self.generators = Generators(models, {k: f for k, (_, f) in loaders.items()}, self._prepare)
         self.config = config or PipelineConfig(text_encoder=text_encoder.name_or_path,
                                                generators=tuple(self.generators),
@@ -239,8 +262,10 @@ class Pipeline:
                    for k, network in networks.items()}
         return cls(tokenizer, text_encoder, config=config, loaders=loaders)
 
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write the bundle; `dtype` (e.g. torch.float16) stores the weights in that precision."""
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
+                        files: Mapping[str, bytes] | None = None) -> Path:
+        """Write the bundle; `dtype` (e.g. torch.float16) stores the weights in that precision. `files` (path in
+        the bundle -> bytes, e.g. binlat.card's README.md and provenance) are written in the same atomic write."""
         path = Path(path)
         with atomic_directory(path) as tmp:
             config = config_to_dict(self.config) | {"generators": list(self.generators)}
@@ -248,6 +273,8 @@ class Pipeline:
             self.tokenizer.save_pretrained(tmp / "tokenizer", dtype=dtype)
             for kind in self.generators:  # a generator not loaded yet is loaded to be written
                 self.generators[kind].save_pretrained(tmp / kind, dtype=dtype)
+            for name, data in (files or {}).items():
+                (tmp / name).write_bytes(data)
         return path
 
     @classmethod
@@ -325,6 +352,32 @@ class Pipeline:
             warnings.warn(f"{height}x{width} is beyond the {tok.image_size} px the tokenizer was trained at: "
                           f"expect poorer images", UserWarning, stacklevel=3)
 
+    def warn_vocabulary(self, prompts: str | Sequence[str], generator: str = "diffusion",
+                        warn: Callable[[str], None] | None = None) -> list[str]:
+        """The words of `prompts` outside `generator`'s training vocabulary (config.vocabulary) not named before by
+        this pipeline; when there are any, one message naming them goes to `warn` (default: a UserWarning). Every
+        generation calls it, so a run names each unknown word once. A generator without a vocabulary (bundles made
+        before cards, open-domain captions) checks nothing."""
+        from .data.vocabulary import words
+        vocabulary = self.config.vocabulary.get(generator)
+        if not vocabulary:
+            return []
+        known = set(vocabulary["words"])
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        new = [w for w in dict.fromkeys(w for p in prompts for w in words(p))
+               if w not in known and w not in self._words_warned]
+        if new:
+            self._words_warned.update(new)
+            listed = ", ".join(vocabulary["words"][:40]) + (", …" if len(vocabulary["words"]) > 40 else "")
+            named = ", ".join(f'"{w}"' for w in new)
+            message = (f"{named} {'is' if len(new) == 1 else 'are'} not in this model's training vocabulary "
+                       f"({vocabulary['source']}: {listed}); expect a blank or unrelated image")
+            if warn is None:
+                warnings.warn(message, UserWarning, stacklevel=3)
+            else:
+                warn(message)
+        return new
+
     def sampling_settings(self, generator: str = "diffusion", **given: Any) -> dict[str, Any]:
         """The complete, checked settings a call uses: its own (non-None) arguments, else the bundle's `sampling`
         for `generator`, else the built-ins. Every entry point (Python, CLI, server, eval) resolves through here."""
@@ -379,6 +432,7 @@ class Pipeline:
             raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
         settings = self.sampling_settings(generator, num_steps=num_steps, guidance_scale=guidance_scale,
                                           temperature=temperature, rho=rho, protocol=protocol)
+        self.warn_vocabulary(prompts, generator)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"

@@ -21,11 +21,11 @@ from . import jsondepth, registry
 from .config import ConfigError, config_to_dict
 from .io import WeightsError, atomic_directory, read_bounded, atomic_write_bytes, check_state_dict, save_safetensors
 from .modeling import CONFIG_NAME, WEIGHTS_NAME, hub_snapshot, named_model_dir
-from .official import (FROM_CONFIG, RELEASE_SCALE, convert_config, convert_state_dict, load_official_weights,
-                       official_name)
+from .card import card_files
+from .official import (FROM_CONFIG, RELEASE_REPO, RELEASE_SCALE, convert_config, convert_state_dict,
+                       load_official_weights, official_name, release_provenance)
 from .registry import TOKENIZER as TOKENIZER_KIND
 
-RELEASE_REPO = "amd/Instella-T2I"
 TEXT_ENCODER = "amd/AMD-OLMo-1B"
 TEXT_MAX_LENGTH = 128
 IMAGE_SIZE = 512  # the release's scripts default to --image_size 512
@@ -49,7 +49,7 @@ STANDARD_FILES = {kind: f.file for kind, f in FORMATS.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 DOWNLOAD = f"huggingface-cli download {RELEASE_REPO} --local-dir DIR"
 # Part of the cache key: bump it when the conversion's output changes, so older cached bundles are not reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 
 
 # --- the release's architecture ---------------------------------------------------------------------------------
@@ -251,6 +251,10 @@ def convert_release(folder: str | Path, out: str | Path, release_config: dict | 
                                image_size=IMAGE_SIZE, sampling={k: SAMPLING[k] for k in generators},
                                description=f"Instella-T2I release, converted from {folder.resolve()}")
         (tmp / INDEX_NAME).write_text(json.dumps(config_to_dict(index), indent=2) + "\n")
+        # The model card: the release's data and license (binlat.official), no vocabulary (open-domain captions).
+        for name, data in card_files(config_to_dict(index), config_to_dict(tok),
+                                     {k: release_provenance(k) for k in (TOKENIZER_KIND, *generators)}).items():
+            (tmp / name).write_bytes(data)
     return out
 
 

@@ -12,9 +12,10 @@ from ..io import FileRefused, read_bounded
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-# Sampling option -> the Pipeline setting it gives (binlat.cli adds the options, typed and with help).
-SAMPLING_SETTINGS = {"steps": "num_steps", "cfg": "guidance_scale", "temperature": "temperature", "rho": "rho",
-                     "protocol": "protocol"}
+# Sampling option -> the Pipeline setting it gives (binlat.cli adds the options, typed and with help). The option
+# names are also the keys of metadata.jsonl and of the HTTP API ("steps" for num_steps).
+SAMPLING_SETTINGS = {"steps": "num_steps", "guidance_scale": "guidance_scale", "temperature": "temperature",
+                     "rho": "rho", "protocol": "protocol"}
 
 
 class CLIError(Exception):
@@ -59,6 +60,14 @@ def load_pipeline(model: str | None, text_encoder: str | None, allow_nonfinite: 
     return Pipeline.from_pretrained(path, text_encoder=text_encoder, allow_nonfinite=allow_nonfinite)
 
 
+def warn_vocabulary(pipe, prompts, generator: str) -> None:
+    """One stderr line naming the prompts' words that lie outside the generator's training vocabulary, if any (the
+    pipeline then stays quiet about them for the rest of the run)."""
+    from ..pipeline import check_prompts
+    prompts = check_prompts(prompts)  # a bad prompt is its one-line error, not a warning first
+    pipe.warn_vocabulary(prompts, generator, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+
+
 def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
     """Fill the sampling options the user left out with the pipeline's settings (recorded in metadata as used)."""
     given = {setting: getattr(args, name) for name, setting in SAMPLING_SETTINGS.items() if hasattr(args, name)}
@@ -66,6 +75,13 @@ def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
     for name, setting in SAMPLING_SETTINGS.items():
         if hasattr(args, name):
             setattr(args, name, settings[setting])
+
+
+def sampling_record(generator: str, args: argparse.Namespace) -> dict:
+    """The sampling options a metadata line records, after resolve_sampling: only those `generator` uses."""
+    from ..pipeline import settings_record
+    given = {setting: getattr(args, name, None) for name, setting in SAMPLING_SETTINGS.items()}
+    return settings_record(generator, given)
 
 
 def output_dir(path: str) -> Path:

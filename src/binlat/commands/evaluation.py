@@ -31,10 +31,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif kind == "shapes":
         from ..eval.shapes_eval import run_shapes
         report = run_shapes(args.model, generator=args.generator, per_category=args.per_category, steps=args.steps,
-                            cfg=args.cfg, temperature=args.temperature, rho=args.rho, protocol=args.protocol,
-                            seed=args.seed, batch_size=args.batch_size, out=out, json_path=args.json, ground_truth=args.ground_truth,
-                            no_tokenizer=args.no_tokenizer, size=args.size, held_out=not args.no_held_out,
-                            text_encoder=args.text_encoder, device=args.device, progress=not args.no_progress)
+                            guidance_scale=args.guidance_scale, temperature=args.temperature, rho=args.rho,
+                            protocol=args.protocol, seed=args.seed, batch_size=args.batch_size, out=out,
+                            json_path=args.json, ground_truth=args.ground_truth, no_tokenizer=args.no_tokenizer,
+                            size=args.size, held_out=not args.no_held_out, text_encoder=args.text_encoder,
+                            device=args.device, progress=not args.no_progress)
     elif kind == "clip-score":
         from ..eval.features import run_clip_score
         report = run_clip_score(args.images, args.prompts, args.clip_model, batch_size=args.batch_size, out=out,

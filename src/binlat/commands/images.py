@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import registry
 from .common import (ImageWriter, input_image, load_pipeline, output_dir, png_bytes, read_prompts, resolve_sampling,
-                     write_results)
+                     sampling_record, warn_vocabulary, write_results)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -17,19 +16,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = output_dir(args.out)
     pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     resolve_sampling(pipe, args.generator, args)
+    warn_vocabulary(pipe, prompts, args.generator)
     if args.dtype != "float32":
         import torch
         pipe.to(dtype=getattr(torch, args.dtype))
     if args.compile:
         pipe.compile()
     height, width = args.size or (None, None)
-    steps = args.steps if registry.generator(args.generator).uses("num_steps") else None
-    fixed = {"generator": args.generator, "steps": steps, "cfg": args.cfg, "temperature": args.temperature,
-             "rho": args.rho, "protocol": args.protocol}
+    fixed = {"generator": args.generator, **sampling_record(args.generator, args)}
     writer, names, shown = ImageWriter(out), [], ([], [], [])
     # Each batch's images and metadata lines are written as soon as it is decoded: a run stopped part way keeps
     # what it made.
-    for part in pipe.batches(prompts, args.generator, num_steps=args.steps, guidance_scale=args.cfg,
+    for part in pipe.batches(prompts, args.generator, num_steps=args.steps, guidance_scale=args.guidance_scale,
                              temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
                              height=height, width=width, batch_size=args.batch_size,
                              progress=not args.no_progress):
@@ -66,18 +64,18 @@ def _image_job(args: argparse.Namespace, generator_for):
     pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     kind = generator_for(pipe.generators)
     resolve_sampling(pipe, kind, args)
+    warn_vocabulary(pipe, [args.prompt], kind)
     return out, image, pipe, kind, args.size or (None, None)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..editing import edit, edit_generator
     out, image, pipe, kind, (height, width) = _image_job(args, edit_generator)
-    result = edit(pipe, image, args.prompt, strength=args.strength, num_steps=args.steps, guidance_scale=args.cfg,
-                  temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
-                  height=height, width=width, progress=not args.no_progress)
+    result = edit(pipe, image, args.prompt, strength=args.strength, num_steps=args.steps,
+                  guidance_scale=args.guidance_scale, temperature=args.temperature, rho=args.rho,
+                  protocol=args.protocol, seed=args.seed, height=height, width=width, progress=not args.no_progress)
     records = _records(result, pipe, args, kind="edit", source=str(args.image), strength=args.strength,
-                       generator=kind, steps=args.steps, cfg=args.cfg, temperature=args.temperature,
-                       rho=args.rho, protocol=args.protocol)
+                       generator=kind, **sampling_record(kind, args))
     names = write_results(out, result.images, records)
     print(f"wrote {out / names[0]} (edit of {args.image} at strength {args.strength:g}, seed {result.seeds[0]}), "
           f"metadata in {out / 'metadata.jsonl'}")
@@ -107,11 +105,11 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_continue(args: argparse.Namespace) -> int:
     from ..editing import continue_ar, continue_generator
     out, image, pipe, kind, (height, width) = _image_job(args, continue_generator)
-    result = continue_ar(pipe, image, args.prompt, args.keep_tokens, guidance_scale=args.cfg,
+    result = continue_ar(pipe, image, args.prompt, args.keep_tokens, guidance_scale=args.guidance_scale,
                          temperature=args.temperature, seed=args.seed, height=height, width=width,
                          progress=not args.no_progress)
     records = _records(result, pipe, args, kind="continue", source=str(args.image), keep_tokens=args.keep_tokens,
-                       generator=kind, cfg=args.cfg, temperature=args.temperature)
+                       generator=kind, **sampling_record(kind, args))
     names = write_results(out, result.images, records)
     print(f"wrote {out / names[0]} (first {args.keep_tokens} tokens of {args.image} kept, seed {result.seeds[0]}), "
           f"metadata in {out / 'metadata.jsonl'}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .common import EXIT_FAILED, CLIError, storage_dtype
@@ -49,8 +50,41 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if not failed else EXIT_FAILED
 
 
+def _provenance(name: str):
+    """The provenance.json of a model directory given by path or as the shipped model's part ("default/..."), or None
+    (a Hub id, a directory without one)."""
+    from ..card import read_provenance
+    from ..modeling import named_model_dir
+    try:
+        return read_provenance(named_model_dir(name) or Path(name))
+    except FileNotFoundError:
+        return None
+
+
+def _reports(paths, bundle) -> list:
+    """The reports among --eval PATH... that describe `bundle` (binlat.card.find_reports), saying which it skipped."""
+    from ..card import find_reports
+    reports, other = find_reports(paths or [], bundle)
+    if other:
+        print(f"note: left {len(other)} report(s) of other models off the card: {', '.join(other[:3])}"
+              + (", …" if len(other) > 3 else ""), file=sys.stderr)
+    return reports
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    """Write a bundle's model card (README.md) and its vocabulary again from its parts' provenance and reports."""
+    from ..card import write_card
+    reports = _reports(args.eval, args.bundle)
+    path = write_card(args.bundle, reports)
+    print(f"wrote {path} ({len(reports)} report(s) on it)")
+    return 0
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
-    """A pipeline directory from a tokenizer and one model directory per generator (--<kind> DIR)."""
+    """A pipeline directory from a tokenizer and one model directory per generator (--<kind> DIR), with its model
+    card (README.md: binlat.card) from the parts' provenance.json and the --eval reports."""
+    from ..card import bundle_vocabulary, card_files
+    from ..config import config_to_dict
     from ..pipeline import Pipeline, PipelineConfig
     from ..registry import generator, generator_kinds
     from ..text import TextEncoder
@@ -66,15 +100,22 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     if not isinstance(sampling, dict):
         raise CLIError(f"--sampling: expected a JSON object of generator kinds, e.g. "
                        f"'{{\"diffusion\": {{\"guidance_scale\": 3}}}}', got {type(sampling).__name__} {args.sampling}")
+    reports = _reports(args.eval, args.out)
     tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
     parts = {k: generator(k).network.from_pretrained(path) for k, path in given.items()}
     encoder = TextEncoder(args.text_encoder)
+    origin = {"tokenizer": _provenance(args.tokenizer)} | {k: _provenance(path) for k, path in given.items()}
     try:
         config = PipelineConfig(text_encoder=args.text_encoder, generators=tuple(parts),
                                 image_size=tokenizer.config.image_size, description=args.description,
                                 sampling=sampling)
     except (ValueError, TypeError) as e:
         raise CLIError(f"--sampling: {e}") from None
-    Pipeline(tokenizer, encoder, config=config, **parts).save_pretrained(args.out, dtype=storage_dtype(args.dtype))
-    print(f"wrote pipeline bundle to {args.out}")
+    config.vocabulary = bundle_vocabulary(origin)
+    files = card_files(config_to_dict(config), config_to_dict(tokenizer.config), origin, reports)
+    Pipeline(tokenizer, encoder, config=config, **parts).save_pretrained(args.out, dtype=storage_dtype(args.dtype),
+                                                                          files=files)
+    unknown = [k for k, info in origin.items() if info is None]
+    print(f"wrote pipeline bundle to {args.out} with its model card (README.md"
+          + (f"; training data unknown for {', '.join(unknown)}: no provenance.json" if unknown else "") + ")")
     return 0

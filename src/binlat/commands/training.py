@@ -127,18 +127,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    """Parameter counts of training presets, built on the meta device (no memory, no weights)."""
-    import torch
-
-    from ..config import load_config
-    from ..registry import model_class
-    from ..train.config import TrainConfig
+    """Parameter counts of training presets, built on the meta device (no memory, no weights), with the token grid
+    and architecture each builds (binlat.train.presets)."""
+    from ..train.presets import preset_facts
     for path in args.configs:
-        cfg = load_config(TrainConfig, path)
-        with torch.device("meta"):
-            model = model_class(cfg.kind)(cfg.model_config(image_size=cfg.image_size))
-        n = sum(p.numel() for p in model.parameters())
-        print(f"{path}: {cfg.kind}, {n / 1e6:.1f} M parameters")
+        f = preset_facts(path)
+        grid = f"{f.grid} bits" + ("" if f.grid_from == "the preset" else f" (from {f.grid_from})")
+        print(f"{path}: {f.kind}, {f.millions} parameters, {grid}, {f.image_size} px, {f.architecture}")
     return 0
 
 

@@ -441,6 +441,13 @@ def _all_contents(category: str) -> list[dict[str, Any]]:
     return [{"category": category, "objects": o, "relation": None} for o in objs]
 
 
+def vocabulary() -> tuple[str, ...]:
+    """Every word a caption of the stream can hold, sorted: the six forms over every shape, colour, count and
+    relation, and the optional prefix and suffix. What a generator trained on ``shapes`` has read, and all it has."""
+    captions = [format_caption(c) for category in CATEGORIES for c in _all_contents(category)]
+    return tuple(sorted({w for text in [*captions, PREFIX, SUFFIX] for w in text.split()}))
+
+
 def prompt_set(category: str, n: int, seed: int = 0, held_out: bool = False) -> list[str]:
     """``n`` deterministic evaluation prompts of one category, cycling evenly over all
     distinct prompts. ``held_out=True`` gives only prompts naming a held-out pair

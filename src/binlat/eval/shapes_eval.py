@@ -159,14 +159,41 @@ def shapes_tables(summary: dict[str, Any], mode: str) -> list[dict[str, Any]]:
     return tables
 
 
-# How a failure sheet names the judge's reason under each image.
-FAILURE_LABELS = {"count": "wrong count", "attributes": "wrong shape/colour", "reversed": "relation reversed",
-                  "axis": "relation on the wrong axis"}
+def failure_label(item: dict[str, Any]) -> str | None:
+    """The judge's reason for a failed item in a few words, for its place under the image on a failure sheet:
+    "wrong count" (counting prompts), "extra object" / "missing object" (other prompts), "wrong colour",
+    "colours swapped" (the right shapes and colours, bound wrongly), "wrong shape", "wrong shape and colour",
+    "relation reversed" (A above B drawn as B above A) or "wrong relation"
+    (right objects, neither the relation nor its opposite), with the object counts where they are wrong ("extra
+    object (2 for 1)"); None for a correct item. The judge's `failure` says
+    which check failed; the caption and the objects it found say how."""
+    from binlat.data.shapes import parse_caption
+    failure, found = item.get("failure"), item.get("objects") or []
+    if failure is None:
+        return None
+    if failure == "reversed":
+        return "relation reversed"
+    if failure == "axis":
+        return "wrong relation"
+    want = parse_caption(item["prompt"])["objects"]
+    if failure == "count":
+        counts = f"({len(found)} for {len(want)})"
+        if item.get("category") == "counting":
+            return f"wrong count {counts}"
+        return f"{'extra' if len(found) > len(want) else 'missing'} object {counts}"
+    # Same number of objects, but no assignment matches: the shapes alone, or the named colours alone, may.
+    shapes_match = sorted(o["shape"] for o in found) == sorted(w["shape"] for w in want)
+    named = [w["color"] for w in want if w["color"]]
+    colours_match = all(named.count(c) <= [o["color"] for o in found].count(c) for c in set(named))
+    if shapes_match:  # every named colour drawn, on the wrong objects: the binding failed
+        return "colours swapped" if colours_match else "wrong colour"
+    return "wrong shape" if colours_match else "wrong shape and colour"
 
 
 def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]]],
                   limit: int = MAX_SHEET_FAILURES) -> tuple[Image.Image, int] | None:
-    """A contact sheet of up to `limit` failures, taken round-robin over (set, category) so each is seen."""
+    """A contact sheet of up to `limit` failures, taken round-robin over (set, category) so each is seen, each
+    labelled with its prompt and the judge's reason (failure_label)."""
     if not failures:
         return None
     from binlat.grid import contact_sheet
@@ -178,15 +205,15 @@ def failure_sheet(failures: Sequence[tuple[Image.Image, str, int, dict[str, Any]
         for q in queues:
             if q and len(chosen) < limit:
                 chosen.append(q.pop(0))
+    # Each label: the prompt, then on a line of its own the judge's reason.
     labels = [("[held-out] " if f[3]["set"] == "held_out" else "") + f[1]
-              + (f" [{FAILURE_LABELS[f[3]['failure']]}]" if f[3].get("failure") in FAILURE_LABELS else "")
-              for f in chosen]
+              + (f"\nwhy: {reason}" if (reason := failure_label(f[3])) else "") for f in chosen]
     sheet = contact_sheet([f[0] for f in chosen], labels, [f[2] for f in chosen], cell=160)
     return sheet, len(chosen)
 
 
 def run_shapes(model: str | Path | None, generator: str = "diffusion", per_category: int = 64,
-               steps: int | None = None, cfg: float | None = None, temperature: float | None = None,
+               steps: int | None = None, guidance_scale: float | None = None, temperature: float | None = None,
                rho: float | None = None, protocol: int | None = None, seed: int = 0, batch_size: int = 8,
                out: str | Path = "out/eval", json_path: str | Path | None = None, ground_truth: bool = False,
                no_tokenizer: bool = False, size: int | None = None, held_out: bool = True,
@@ -224,14 +251,14 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
             pipeline = Pipeline.from_pretrained(model, text_encoder=text_encoder, device=device)
         size = size or pipeline.config.image_size
         mode = f"{generator} generator"
-        settings = pipeline.sampling_settings(generator, num_steps=steps, guidance_scale=cfg, temperature=temperature,
-                                              rho=rho, protocol=protocol)
-        steps, cfg, temperature = settings["num_steps"], settings["guidance_scale"], settings["temperature"]
+        settings = pipeline.sampling_settings(generator, num_steps=steps, guidance_scale=guidance_scale,
+                                              temperature=temperature, rho=rho, protocol=protocol)
+        steps, guidance_scale, temperature = settings["num_steps"], settings["guidance_scale"], settings["temperature"]
         kind = registry.generator(generator)
         steps_used = steps if kind.uses("num_steps") else None
         rho = settings["rho"] if kind.uses("rho") else None
         protocol = settings["protocol"] if kind.uses("protocol") else None
-        images_fn = pipeline_images(pipeline, generator, steps, cfg, temperature, batch_size, size, progress,
+        images_fn = pipeline_images(pipeline, generator, steps, guidance_scale, temperature, batch_size, size, progress,
                                     rho, protocol)
     if size < 64:
         print(f"note: judging is meant for images of 64 px and more (shapes-spec); these are {size} px",
@@ -252,7 +279,8 @@ def run_shapes(model: str | Path | None, generator: str = "diffusion", per_categ
     generating = not ground_truth
     arguments = {"model": None if model is None else str(model), "generator": generator if generating else None,
                  "per_category": per_category, "steps": steps_used,
-                 "cfg": None if ground_truth else cfg, "temperature": None if ground_truth else temperature,
+                 "guidance_scale": None if ground_truth else guidance_scale,
+                 "temperature": None if ground_truth else temperature,
                  "rho": None if ground_truth else rho, "protocol": None if ground_truth else protocol,
                  "seed": seed, "batch_size": batch_size, "ground_truth": ground_truth, "no_tokenizer": no_tokenizer,
                  "size": size, "held_out": held_out, "text_encoder": text_encoder, "device": str(device)}

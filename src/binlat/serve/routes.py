@@ -23,8 +23,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import editing, registry
-from ..pipeline import Pipeline
+from .. import editing
+from ..pipeline import Pipeline, settings_record
 from .bodies import decode_image, image_body_doc, image_request, json_object
 from .errors import ApiError, internal_error
 from .guards import TICKET
@@ -159,10 +159,7 @@ async def generate(req: GenerateRequest, served: ServedDep, ticket: TicketDep) -
         out = pipe(expanded, generator=req.generator, num_steps=steps, guidance_scale=settings["guidance_scale"],
                    temperature=settings["temperature"], rho=settings["rho"], protocol=settings["protocol"],
                    seed=seed, height=height, width=width, progress=False)
-        uses_steps = registry.generator(req.generator).uses("num_steps")
-        meta = {"generator": req.generator, "steps": steps if uses_steps else None,
-                "guidance_scale": settings["guidance_scale"], "temperature": settings["temperature"],
-                "rho": settings["rho"], "protocol": settings["protocol"]}
+        meta = {"generator": req.generator, **settings_record(req.generator, settings | {"num_steps": steps})}
         return [_image_record(im, s, p, **meta) for im, s, p in zip(out.images, out.seeds, out.prompts)]
 
     images, waited, worked = await served.queue.run(work, ticket)
@@ -203,9 +200,8 @@ async def edit(request: Request, served: ServedDep, ticket: TicketDep) -> JSONRe
                            guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
                            rho=settings["rho"], protocol=settings["protocol"], seed=seed, height=height,
                            width=width, num_images=req.n)
-        meta = {"generator": kind, "strength": req.strength, "steps": steps,
-                "guidance_scale": settings["guidance_scale"], "temperature": settings["temperature"],
-                "rho": settings["rho"], "protocol": settings["protocol"]}
+        meta = {"generator": kind, "strength": req.strength,
+                **settings_record(kind, settings | {"num_steps": steps})}
         return [_image_record(im, s, prompt, **meta) for im, s in zip(out.images, out.seeds)]
 
     images, waited, worked = await served.queue.run(work, ticket)

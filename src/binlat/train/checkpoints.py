@@ -144,16 +144,19 @@ def plot_losses(run_dir: Path) -> None:
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest",
                dtype: torch.dtype | None = None) -> Path:
     """Write the EMA weights of a run's checkpoint as a model directory that from_pretrained loads
-    (`dtype`: store the weights in that precision, e.g. torch.float16 for a release half the size)."""
+    (`dtype`: store the weights in that precision, e.g. torch.float16 for a release half the size), with the
+    provenance.json a bundle's model card reads (the run's data, steps, size and caption vocabulary: binlat.card)."""
+    from ..card import provenance_file, run_provenance
     from .tasks import model_for_export
     run_dir = Path(run_dir)
     found = list_checkpoints(run_dir)
     path = (found[-1] if found else run_dir / "checkpoints") if checkpoint == "latest" else Path(checkpoint)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"no checkpoint found at {path} (expected checkpoints/step-*/state.json in the run)")
-    state = read_state(path)
-    model = model_for_export(state["kind"], state["model_config"])
+    run = read_state(path)
+    model = model_for_export(run["kind"], run["model_config"])
     state = load_safetensors(path / "ema.safetensors")
     check_state_dict(model, state, str(path / "ema.safetensors"))  # keys, shapes, and finite float values
     model.load_state_dict(state)
-    return model.save_pretrained(out, dtype=dtype)
+    origin = run_provenance(run.get("config") or {"kind": run["kind"]}, run.get("step"))
+    return model.save_pretrained(out, dtype=dtype, files=provenance_file(origin))
