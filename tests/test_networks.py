@@ -477,3 +477,42 @@ def test_position_grid_starts_the_generators_positions_from_a_2d_table(tmp_path)
         GeneratorConfig(num_tokens=12, position_grid=[12])
     DiffusionTransformer(c).save_pretrained(tmp_path / "d")
     assert DiffusionTransformer.from_pretrained(tmp_path / "d").config.position_grid == (3, 4)
+
+
+def test_joint_text_starts_as_the_plain_network_and_lets_the_text_read_the_image() -> None:
+    """model.joint_text: the text rows are queries too and carry a stream from block to block. A new network equals
+    the release's (the stream enters through a zero projection); once that opens, what block 2 reads of the text
+    depends on the image (the plain network's text keys never do); padding changes nothing; the AR kind refuses it."""
+    c = GeneratorConfig(num_bits=16, num_tokens=8, num_layers=2, num_heads=2, head_dim=16, text_dim=24,
+                        joint_text=True)
+    torch.manual_seed(0)
+    joint = DiffusionTransformer(c).eval()
+    plain = DiffusionTransformer(GeneratorConfig(**{**c.__dict__, "joint_text": False})).eval()
+    with torch.no_grad():
+        for name, p in joint.named_parameters():  # off the zero initialisations, so every path reaches the output
+            if not p.any() and "text_update" not in name:
+                p.normal_(0, 0.5)
+    plain.load_state_dict({k: v for k, v in joint.state_dict().items() if "text_update" not in k})
+    words = torch.randn(2, 5, 24)
+    text, mask = [words, words], torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    x, t = (torch.rand(2, 8, 16) < 0.5).float(), torch.full((2,), 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(joint(x, t, text, mask), plain(x, t, text, mask), atol=1e-5, rtol=0)
+        for block in joint.blocks:
+            block.text_update.weight.normal_(0, 0.5)
+        out = joint(x, t, text, mask)
+        assert (out - plain(x, t, text, mask)).abs().max() > 1e-2
+        # the image's effect on the output through the text stream: change only sample 0's image
+        other = x.clone()
+        other[0] = 1 - other[0]
+        plain_gap = (plain(other, t, text, mask) - plain(x, t, text, mask))[1].abs().max()
+        assert plain_gap == 0 and (joint(other, t, text, mask) - out)[1].abs().max() == 0  # samples stay apart
+        temb = joint.t_embed(t)
+        _, stream = joint.blocks[0](joint.x_embed(x), temb, words, mask)
+        _, stream_other = joint.blocks[0](joint.x_embed(other), temb, words, mask)
+        assert (stream_other - stream)[0].abs().max() > 1e-2 and (stream_other - stream)[1].abs().max() == 0
+        padded = [torch.cat((w, torch.randn(2, 3, 24)), 1) for w in text]
+        longer = torch.cat((mask, torch.zeros(2, 3, dtype=torch.bool)), 1)
+        torch.testing.assert_close(joint(x, t, padded, longer), out, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="joint_text is a diffusion generator option"):
+        ARTransformer(c)

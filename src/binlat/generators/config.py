@@ -30,6 +30,11 @@ class GeneratorConfig:
     # Diffusion only: the masked mean of the last block's text states also modulates every block (through the
     # time embedding); off in the release, whose text enters by attention alone.
     pooled_text: bool = False
+    # Diffusion only: the text rows are queries too (SD3's joint attention, without its separate text weights): each
+    # block's attention also updates a text stream that the next block adds to its projected text, so a noun can
+    # read which image rows already draw it. The update enters through a zero-initialised projection, so a new
+    # network starts as one without it. Off in the release.
+    joint_text: bool = False
     # Blocks of a trainable text refiner (binlat.nn.TextRefiner) over the last text layer, whose output every block
     # adds to its projected text: word order through RoPE, for binding roles ("A above B"). 0 (the release): none.
     text_refiner_layers: int = 0

@@ -25,14 +25,34 @@ class DiffusionBlock(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, dim)
         self.attn = Attention(dim, cfg.num_heads, cfg.head_dim)
         self.mlp = GeluMLP(dim, cfg.mlp_ratio * dim)
+        self.text_update = nn.Linear(dim, dim) if cfg.joint_text else None
+        if self.text_update is not None:  # zero: the text stream starts empty, the network as one without it
+            nn.init.zeros_(self.text_update.weight)
+            nn.init.zeros_(self.text_update.bias)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                refined: torch.Tensor | None = None) -> torch.Tensor:
+                refined: torch.Tensor | None = None, stream: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """With config.joint_text, `stream` is the text stream so far ([N, L, dim], None before the first block)
+        and (x, stream) comes back; otherwise x."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(temb)
         h = modulate(layer_norm(x), shift1, scale1) + self.pos_emb[:, : x.shape[1]]
         context = self.text_proj(text) if refined is None else self.text_proj(text) + refined
-        x = x + gate1.unsqueeze(1) * self.attn(h, context=context, context_mask=text_mask)
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(layer_norm(x), shift2, scale2))
+        if self.text_update is None:
+            x = x + gate1.unsqueeze(1) * self.attn(h, context=context, context_mask=text_mask)
+            return x + gate2.unsqueeze(1) * self.mlp(modulate(layer_norm(x), shift2, scale2))
+        if stream is not None:
+            context = context + stream
+        # one attention over [text ; image] with every row a query: the image rows get what the release's cross
+        # attention gives them (the same keys), the text rows what they read of the image and of each other
+        rows = torch.cat((context, h), dim=1)
+        valid = torch.cat((text_mask, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)), dim=1)
+        out = self.attn(rows, context_mask=valid)
+        text_out, image_out = out[:, : context.shape[1]], out[:, context.shape[1]:]
+        update = self.text_update(text_out)
+        stream = update if stream is None else stream + update
+        x = x + gate1.unsqueeze(1) * image_out
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(layer_norm(x), shift2, scale2)), stream
 
 
 class DiffusionTransformer(nn.Module, ModelMixin):
@@ -79,6 +99,12 @@ class DiffusionTransformer(nn.Module, ModelMixin):
         if self.pooled_text is not None:
             temb = temb + self.pooled_text(text[-1].to(dtype), mask)
         refined = None if self.text_refiner is None else self.text_refiner(text[-1].to(dtype), mask)
+        stream = None  # config.joint_text: the text rows' own updates, carried from block to block
         for block, states in zip(self.blocks, text):
-            x = run_block(block, x, temb, states.to(dtype), mask, refined, checkpointing=self.gradient_checkpointing)
+            if block.text_update is None:
+                x = run_block(block, x, temb, states.to(dtype), mask, refined,
+                              checkpointing=self.gradient_checkpointing)
+            else:
+                x, stream = run_block(block, x, temb, states.to(dtype), mask, refined, stream,
+                                      checkpointing=self.gradient_checkpointing)
         return self.proj_out(self.norm_out(x, temb))
