@@ -79,11 +79,11 @@ def test_generator_trains_on_precomputed_bits_of_its_own_tokenizer_only(tokenize
     index = json.loads((tmp_path / "bits" / "index.json").read_text())
     assert index["data"] == "shapes" and len(index["tokenizer_sha256"]) == 64
 
-    def run(tok_dir, name):
+    def run(tok_dir, name, **generator):
         d = {"kind": "diffusion", "model": {"num_layers": 1, "num_heads": 2, "head_dim": 16}, "batch_size": 4,
              "max_steps": 2, "warmup_steps": 1, "save_every": 2, "log_every": 1, "sample_every": 2, "trackers": [],
              "data": f"precomputed:{tmp_path / 'bits'}",
-             "generator": {"tokenizer": str(tok_dir), "sample_steps": 2, "prediction": "x0"}}
+             "generator": {"tokenizer": str(tok_dir), "sample_steps": 2, "prediction": "x0", **generator}}
         Trainer(config_from_dict(TrainConfig, d), tmp_path / name).train()
         return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
@@ -91,6 +91,9 @@ def test_generator_trains_on_precomputed_bits_of_its_own_tokenizer_only(tokenize
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     # made from shapes: the run keeps its running benchmark score, as on the live stream
     assert [r["step"] for r in rows if "eval_shapes_accuracy" in r] == [2]
+    with pytest.raises(ValueError, match="repa_weight aligns to the tokenizer's features of the images.*holds bits"):
+        run(tmp_path / "tok", "repa", repa_weight=1.0)  # REPA needs the images, which bits do not keep
+    assert not (tmp_path / "repa").exists()
     torch.manual_seed(1)
     BinaryTokenizer(tokenizer.config).save_pretrained(tmp_path / "other")  # same shape, other weights
     with pytest.raises(ValueError, match="bits of another tokenizer.*precompute again"):

@@ -215,6 +215,23 @@ def test_overfits_one_batch(kind, steps, lr, optimizer, model, tmp_path, tokeniz
     assert final < 0.8 * first, losses
 
 
+def test_repa_aligns_a_block_to_the_tokenizers_features(tmp_path, tokenizer_dir, monkeypatch):
+    """generator.repa_weight: the network gains a head as wide as the tokenizer encoder's features, the loss pulls
+    it towards them (the logged similarity rises), and the option is refused where it cannot work."""
+    from binlat.tokenizer import BinaryTokenizer
+    monkeypatch.setattr(task_class("diffusion"), "dataset", lambda self: EightSamples(self.cfg.image_size))
+    cfg = cfg_for("diffusion", tokenizer_dir, max_steps=15, lr=1e-2, warmup_steps=1, save_every=15, log_every=1,
+                  generator={"tokenizer": str(tokenizer_dir), "repa_weight": 1.0})
+    trainer = Trainer(cfg, tmp_path / "run")
+    width = BinaryTokenizer.from_pretrained(tokenizer_dir).config.encoder_dim
+    assert trainer.task.model.align_head[-1].out_features == width
+    trainer.train()
+    similarity = [r["align_similarity"] for r in metrics(tmp_path / "run")]
+    assert len(similarity) == 15 and sum(similarity[-3:]) / 3 > sum(similarity[:3]) / 3 + 0.1, similarity
+    with pytest.raises(ValueError, match="repa_weight is a diffusion option"):
+        cfg_for("ar", tokenizer_dir, generator={"tokenizer": str(tokenizer_dir), "repa_weight": 1.0})
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 3. an interrupted run, resumed, ends bit for bit where an uninterrupted one does
 

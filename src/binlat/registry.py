@@ -198,7 +198,8 @@ register(GeneratorKind(
     sampler=lambda config: BernoulliDiffusion(prediction=config.prediction, self_condition=config.self_condition),
     trainer=lambda options, config: BernoulliDiffusion(prediction=config.prediction,
                                                        time_sampling=options.time_sampling,
-                                                       self_condition=config.self_condition),
+                                                       self_condition=config.self_condition,
+                                                       align_weight=options.repa_weight),
     release=DIFFUSION_RELEASE))
 register(GeneratorKind("ar", ARTransformer, ARDecoding, sampler=lambda config: ARDecoding(),
                        trainer=lambda options, config: ARDecoding(context_flip=options.context_flip),

@@ -109,7 +109,7 @@ class ARTransformer(nn.Module, ModelMixin):
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
-        for option in ("self_condition", "pooled_text", "joint_text"):
+        for option in ("self_condition", "pooled_text", "joint_text", "align_dim"):
             if getattr(config, option):
                 raise ValueError(f"{option} is a diffusion generator option; the AR generator does not take it")
         self.config = config

@@ -35,6 +35,11 @@ class GeneratorConfig:
     # read which image rows already draw it. The update enters through a zero-initialised projection, so a new
     # network starts as one without it. Off in the release.
     joint_text: bool = False
+    # Diffusion only: an alignment head (REPA) on the output of block `align_block`, `align_dim` wide: training
+    # aligns it to a frozen encoder's features of the clean image (generator.repa_weight). Sampling never reads it.
+    # 0 (the release): none.
+    align_dim: int = 0
+    align_block: int = 1
     # Blocks of a trainable text refiner (binlat.nn.TextRefiner) over the last text layer, whose output every block
     # adds to its projected text: word order through RoPE, for binding roles ("A above B"). 0 (the release): none.
     text_refiner_layers: int = 0
@@ -52,6 +57,9 @@ class GeneratorConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.bit_groups, bool) or not isinstance(self.bit_groups, int) or self.bit_groups < 1:
             raise ValueError(f"bit_groups must be an integer >= 1, got {self.bit_groups!r}")
+        if self.align_dim < 0 or (self.align_dim and not 0 <= self.align_block < self.num_layers):
+            raise ValueError(f"align_dim must be >= 0 and align_block a block index below num_layers "
+                             f"({self.num_layers}), got {self.align_dim} and {self.align_block}")
         if self.text_refiner_layers < 0:
             raise ValueError(f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}")
         if self.position_grid is not None:

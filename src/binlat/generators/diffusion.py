@@ -77,12 +77,20 @@ class DiffusionTransformer(nn.Module, ModelMixin):
         self.blocks = nn.ModuleList(DiffusionBlock(config) for _ in range(config.num_layers))
         self.norm_out = AdaLNContinuous(config.dim)
         self.proj_out = nn.Linear(config.dim, config.num_bits)
+        self.align_head = None  # REPA's projector (training only): block align_block's rows -> align_dim
+        if config.align_dim:
+            self.align_head = nn.Sequential(nn.Linear(config.dim, config.dim), nn.SiLU(),
+                                            nn.Linear(config.dim, config.align_dim))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: Sequence[torch.Tensor], text_mask: torch.Tensor,
-                estimate: torch.Tensor | None = None) -> torch.Tensor:
+                estimate: torch.Tensor | None = None, aligned: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x_t [N, K, B] bits (0/1, any dtype); t [N] in [0, 1]; text: one [N, L, text_dim] per block;
         text_mask [N, L] (True/1 = real token); with `config.self_condition`, `estimate` [N, K, B] is a previous
-        estimate of P(x_0 = 1) (None: no estimate yet, read as 1/2 everywhere). Returns logits [N, K, B]."""
+        estimate of P(x_0 = 1) (None: no estimate yet, read as 1/2 everywhere). Returns logits [N, K, B]; with
+        `aligned` (config.align_dim), (logits, the alignment head's output [N, K, align_dim])."""
+        if aligned and self.align_head is None:
+            raise ValueError("this network was built without an alignment head (model.align_dim is 0)")
         if len(text) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} text layers (one per block), got {len(text)}")
         dtype = self.x_embed.weight.dtype
@@ -100,11 +108,15 @@ class DiffusionTransformer(nn.Module, ModelMixin):
             temb = temb + self.pooled_text(text[-1].to(dtype), mask)
         refined = None if self.text_refiner is None else self.text_refiner(text[-1].to(dtype), mask)
         stream = None  # config.joint_text: the text rows' own updates, carried from block to block
-        for block, states in zip(self.blocks, text):
+        projected = None
+        for i, (block, states) in enumerate(zip(self.blocks, text)):
             if block.text_update is None:
                 x = run_block(block, x, temb, states.to(dtype), mask, refined,
                               checkpointing=self.gradient_checkpointing)
             else:
                 x, stream = run_block(block, x, temb, states.to(dtype), mask, refined, stream,
                                       checkpointing=self.gradient_checkpointing)
-        return self.proj_out(self.norm_out(x, temb))
+            if aligned and i == self.config.align_block:
+                projected = self.align_head(x)
+        logits = self.proj_out(self.norm_out(x, temb))
+        return (logits, projected) if aligned else logits

@@ -83,6 +83,9 @@ class BernoulliDiffusion:
     # The network reads its previous x_0 estimate (GeneratorConfig.self_condition): sampling hands each step the
     # last step's estimate; training gives half the samples the network's own estimate of the same x_t.
     self_condition: bool = False
+    # REPA (Yu et al., 2024): the loss also pulls the network's alignment head towards the given features of the
+    # clean image, by this weight times (1 - cosine similarity) per token. 0: off.
+    align_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prediction not in ("flip", "x0"):
@@ -109,8 +112,10 @@ class BernoulliDiffusion:
 
     def loss(self, network: torch.nn.Module, x0: torch.Tensor, text: TextFeatures,
              generators: Sequence[torch.Generator] | None = None, *, t: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Binary cross-entropy of the predicted x_0 against the clean bits, and the bit accuracy.
+             noise: torch.Tensor | None = None, align_to: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Binary cross-entropy of the predicted x_0 against the clean bits, and the bit accuracy; with
+        `align_to` [N, K, D] (features of the clean images) and align_weight, plus REPA's alignment term.
 
         With `generators` (one per sample) sample i's time and noise come from generators[i] alone (identical
         losses on 1 or many processes, exact resume); `t` [N] and `noise` [N, K, B] (uniforms deciding x_t) may
@@ -121,15 +126,21 @@ class BernoulliDiffusion:
         if noise is None:
             noise = torch.rand_like(x0) if generators is None else uniform(tuple(x0.shape[1:]), generators, x0.device)
         x_t = (noise < q_probs(x0, t)).float()
-        if self.self_condition:
-            estimate = self._training_estimate(network, x_t, t, text, generators)
-            logits = self.x0_logits(network(x_t, t, text.layers, text.mask, estimate).float(), x_t)
-        else:
-            logits = self.x0_logits(network(x_t, t, text.layers, text.mask).float(), x_t)
+        estimate = self._training_estimate(network, x_t, t, text, generators) if self.self_condition else None
+        align = align_to is not None and self.align_weight > 0
+        given = () if estimate is None else (estimate,)  # a network without self-conditioning takes four inputs
+        out = network(x_t, t, text.layers, text.mask, *given, aligned=True) if align else \
+            network(x_t, t, text.layers, text.mask, *given)
+        logits = self.x0_logits((out[0] if align else out).float(), x_t)
         loss = F.binary_cross_entropy_with_logits(logits, x0)
+        metrics = {}
+        if align:
+            similarity = F.cosine_similarity(out[1].float(), align_to.float(), dim=-1).mean()
+            loss = loss + self.align_weight * (1 - similarity)
+            metrics["align_similarity"] = similarity.detach()
         with torch.no_grad():
             accuracy = ((logits > 0).float() == x0).float().mean()
-        return loss, {"bit_accuracy": accuracy}
+        return loss, {"bit_accuracy": accuracy, **metrics}
 
     def _training_estimate(self, network: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: TextFeatures,
                            generators: Sequence[torch.Generator] | None) -> torch.Tensor:

@@ -240,16 +240,24 @@ class BinaryTokenizer(nn.Module, ModelMixin):
                              f"be positive multiples of {m} px (patch size times 2 per resampling stage); "
                              f"nearest allowed: {fit(height)}x{fit(width)}")
 
-    def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> the encoder's per-token features [N, K, encoder_dim], before the bit projection."""
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"images must be [N, {self.config.in_channels}, H, W], got {tuple(images.shape)}")
         self.check_size(images.shape[-2], images.shape[-1])
-        dtype = self.quantizer.codebook.dtype
-        return self.quantizer.to_logits(self.encoder(images.to(dtype), self.scale))
+        return self.encoder(images.to(self.quantizer.codebook.dtype), self.scale)
+
+    def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.to_logits(self.encode_features(images))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [N, C, H, W] in [-1, 1] -> bits [N, K, B] (torch.bool)."""
         return torch.sigmoid(self.encode_logits(images).float()) > 0.5
+
+    def encode_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode(images) and the features it thresholds (one encoder pass)."""
+        features = self.encode_features(images)
+        return torch.sigmoid(self.quantizer.to_logits(features).float()) > 0.5, features
 
     def decode(self, bits: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """Bits [N, K', B] (bool, uint8 or float 0/1) -> images [N, C, height, width], unclamped (~[-1, 1])."""

@@ -49,6 +49,9 @@ class GeneratorTraining:
     # AR: each bit of the teacher-forced context is flipped with this probability while the targets stay clean
     # (bitwise self-correction, as in Infinity), so the network learns to recover from its own sampling errors.
     context_flip: float = 0.0
+    # diffusion: REPA's weight: block model.align_block's rows are aligned (1 - cosine) to the frozen tokenizer
+    # encoder's per-token features of the clean image, through a head the network gains for it (0: off)
+    repa_weight: float = 0.0
     sample_steps: int = 20           # diffusion steps of sample grids and probe scores
     sample_guidance: float = 3.0     # guidance scale of sample grids and probe scores
     init_from: str | None = None     # start from a generator model directory of this kind (fine-tuning)
@@ -121,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if not 0 <= self.generator.prompt_dropout <= 1:
             raise ValueError("generator.prompt_dropout must lie in [0, 1]")
+        if self.generator.repa_weight and self.kind != "diffusion":
+            raise ValueError(f"generator.repa_weight is a diffusion option; kind {self.kind} takes 0")
         if not 0 <= self.generator.context_flip < 0.5:
             raise ValueError(f"generator.context_flip must lie in [0, 0.5), got {self.generator.context_flip}")
         self.model_config(image_size=self.image_size)  # a wrong key or value fails here, not at build time

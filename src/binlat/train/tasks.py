@@ -256,7 +256,7 @@ class GeneratorTask(Task):
     tokenizer and states from a frozen text encoder."""
 
     # What the tokenizer and the text encoder decide; a run's `model` may repeat them, not change them.
-    FIXED = ("num_bits", "num_tokens", "text_dim")
+    FIXED = ("num_bits", "num_tokens", "text_dim", "align_dim")
 
     def __init__(self, cfg: TrainConfig, device: torch.device, allow_data_commands: bool = False):
         super().__init__(cfg, device, allow_data_commands)
@@ -269,8 +269,11 @@ class GeneratorTask(Task):
         self.text_encoder = TextEncoder(o.text_encoder, max_length=o.text_max_length, device=device)
         tok = self.tokenizer.config
         layers = cfg.model_config().num_layers
+        # REPA aligns to the tokenizer encoder's features: the network's head is as wide as they are
+        align = {"align_dim": tok.encoder_dim, "align_block": min(1, layers - 1)} if o.repa_weight else {}
         self.build(num_bits=tok.num_bits, num_tokens=tok.num_tokens, text_dim=self.text_encoder.hidden_size,
-                   text_layers=text_layer_map(self.text_encoder.num_layers, layers), prediction=o.prediction)
+                   text_layers=text_layer_map(self.text_encoder.num_layers, layers), prediction=o.prediction,
+                   **align)
         if o.init_from:
             self.init_from(o.init_from)
         self.cached_text = CachedTextEncoder(self.text_encoder, list(self.model_config.text_layers))
@@ -302,6 +305,10 @@ class GeneratorTask(Task):
                              f"generator.tokenizer {self.cfg.generator.tokenizer}; precompute again with "
                              f"--tokenizer {self.cfg.generator.tokenizer}")
         self.data_spec = idx.get("data") or ""
+        if self.cfg.generator.repa_weight:
+            raise ValueError(f"generator.repa_weight aligns to the tokenizer's features of the images, and {data.root} "
+                             f"holds bits only; train from the images (--data the image folder or shapes) or set "
+                             f"--set generator.repa_weight=0")
         if data.has_text:
             if list(idx["text_layers"]) != list(self.model_config.text_layers):
                 raise ValueError(f"{data.root} stores text layers {idx['text_layers']}, the model reads "
@@ -322,12 +329,18 @@ class GeneratorTask(Task):
     def loss(self, model, batch, step, gens):
         o = self.cfg.generator
         drop = [float(torch.rand((), generator=g)) < o.prompt_dropout for g in gens]
+        features = None
         with torch.no_grad():
             if "bits" in batch:
                 bits = batch["bits"].float().to(self.device)
+            elif o.repa_weight:
+                bits, features = self.tokenizer.encode_with_features(batch["image"].to(self.device))
+                bits = bits.float()
             else:
                 bits = self.tokenizer.encode(batch["image"].to(self.device)).float()
             text = self._text(batch, drop)
+        if features is not None:
+            return self.process.loss(model, bits, text, gens, align_to=features)
         return self.process.loss(model, bits, text, gens)
 
     def evaluate(self, model) -> dict[str, float]:
