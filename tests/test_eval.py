@@ -1,6 +1,6 @@
-"""`binlat eval`: the shapes benchmark (accepts correct images, rejects wrong ones), reconstruction metrics and the
-codec byte-budget search, reports and tables, and the clear one-line failures of CLIP score and FID without local
-weights (their math checked with tiny stand-in networks)."""
+"""`binlat eval`: the shapes benchmark (accepts correct images, rejects wrong ones), the pixel metrics (binlat.metrics)
+and the codec byte-budget search, reports and tables, and the clear one-line failures of CLIP score and FID without
+local weights (their math checked with tiny stand-in networks)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import binlat.eval.reconstruction as rec
+import binlat.metrics as metrics
 from binlat.cli import main
 from binlat.data.shapes import CATEGORIES, PALETTE, HELD_OUT, render, scene_for_caption, to_tensor
 from binlat.eval.features import frechet_distance, list_images, run_fid
@@ -59,24 +60,24 @@ def bundle(tmp_path_factory) -> Path:
 def test_psnr_ssim_identical_images() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (2, 3, 24, 20), generator=g, dtype=torch.uint8)
-    assert (rec.psnr(a, a.clone()) == rec.PSNR_CAP_DB).all()  # capped, so a mean over images stays finite
+    assert (metrics.psnr(a, a.clone()) == metrics.PSNR_CAP_DB).all()  # capped, so a mean over images stays finite
     one_off = a.clone()
     one_off[0, 0, 0, 0] ^= 1  # one grey level in one channel of one pixel: the largest finite PSNR, under the cap
-    assert math.isfinite(rec.psnr(a, one_off)[0]) and rec.psnr(a, one_off)[0] < rec.PSNR_CAP_DB
-    assert torch.allclose(rec.ssim(a, a.clone()), torch.ones(2, dtype=torch.float64), atol=1e-12)
+    assert math.isfinite(metrics.psnr(a, one_off)[0]) and metrics.psnr(a, one_off)[0] < metrics.PSNR_CAP_DB
+    assert torch.allclose(metrics.ssim(a, a.clone()), torch.ones(2, dtype=torch.float64), atol=1e-12)
 
 
 def test_psnr_known_perturbation() -> None:
     a = torch.full((1, 3, 16, 16), 100, dtype=torch.uint8)
     b = a.clone()
     b[0, 1, 3, 4] = 110  # one value off by 10: MSE = 100 / (3*16*16)
-    assert rec.psnr(a, b).item() == pytest.approx(10 * math.log10(255**2 * 768 / 100), abs=1e-9)
+    assert metrics.psnr(a, b).item() == pytest.approx(10 * math.log10(255**2 * 768 / 100), abs=1e-9)
     c = a + 5  # every value off by 5: MSE = 25
-    assert rec.psnr(a, c).item() == pytest.approx(10 * math.log10(255**2 / 25), abs=1e-9)
-    assert rec.psnr(a, c).item() == pytest.approx(34.1514, abs=1e-4)
+    assert metrics.psnr(a, c).item() == pytest.approx(10 * math.log10(255**2 / 25), abs=1e-9)
+    assert metrics.psnr(a, c).item() == pytest.approx(34.1514, abs=1e-4)
     # the [-1, 1] -> uint8 conversion clamps and rounds like to_pil
     x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5)
-    assert rec.to_uint8(x).flatten().tolist() == [0, 0, 128, 255, 255]
+    assert metrics.to_uint8(x).flatten().tolist() == [0, 0, 128, 255, 255]
 
 
 def test_ssim_hand_values() -> None:
@@ -85,18 +86,18 @@ def test_ssim_hand_values() -> None:
     a = torch.full((1, 3, 16, 16), m1, dtype=torch.float64)
     b = torch.full((1, 3, 16, 16), m2, dtype=torch.float64)
     c1 = 0.01**2
-    assert rec.ssim(a, b).item() == pytest.approx((2 * m1 * m2 + c1) / (m1**2 + m2**2 + c1), abs=1e-12)
+    assert metrics.ssim(a, b).item() == pytest.approx((2 * m1 * m2 + c1) / (m1**2 + m2**2 + c1), abs=1e-12)
     # Symmetric, below 1 for a perturbation, and the Gaussian window is the normalised 11-tap sigma-1.5 one.
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
     y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-    s = rec.ssim(x, y)
-    assert torch.allclose(s, rec.ssim(y, x), atol=1e-12) and (s < 1).all() and (s > 0).all()
-    w = rec.gaussian_window()
+    s = metrics.ssim(x, y)
+    assert torch.allclose(s, metrics.ssim(y, x), atol=1e-12) and (s < 1).all() and (s > 0).all()
+    w = metrics.gaussian_window()
     assert w.shape == (11,) and w.sum().item() == pytest.approx(1.0) and w.argmax().item() == 5
     assert (w[4] / w[5]).item() == pytest.approx(math.exp(-1 / (2 * 1.5**2)))
     with pytest.raises(ValueError, match="at least 11x11"):
-        rec.ssim(x[..., :8, :8], y[..., :8, :8])
+        metrics.ssim(x[..., :8, :8], y[..., :8, :8])
 
 
 def test_ssim_matches_torchmetrics_inside_the_border() -> None:
@@ -107,7 +108,7 @@ def test_ssim_matches_torchmetrics_inside_the_border() -> None:
     y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
     _, full = tm.structural_similarity_index_measure(y, x, gaussian_kernel=True, sigma=1.5, kernel_size=11,
                                                      data_range=1.0, reduction="none", return_full_image=True)
-    assert torch.allclose(rec.ssim(x, y), full[..., 5:-5, 5:-5].flatten(1).mean(1), atol=1e-10)
+    assert torch.allclose(metrics.ssim(x, y), full[..., 5:-5, 5:-5].flatten(1).mean(1), atol=1e-10)
 
 
 # ---------------------------------------------------------------- codecs at a byte budget
@@ -317,7 +318,7 @@ def test_reconstruction_identical_images_and_lpips(tmp_path, random_vgg16) -> No
             for i in range(2)]
     result = rec.evaluate_reconstruction(Identity(), data, 2, 64, lpips=lpips)
     t = result["summary"]["tokenizer"]
-    assert t["psnr"] == rec.PSNR_CAP_DB and t["exact"] == 2 and t["ssim"] == pytest.approx(1.0) and t["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert t["psnr"] == metrics.PSNR_CAP_DB and t["exact"] == 2 and t["ssim"] == pytest.approx(1.0) and t["lpips"] == pytest.approx(0.0, abs=1e-6)
     assert result["summary"]["budget_bytes"] == 8 and result["items"][0]["jpeg"]["lpips"] > 0
     with pytest.raises(FileNotFoundError, match="--lpips-weights"):
         rec.load_lpips(tmp_path / "missing.safetensors")

@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import config_to_dict
-from ..eval.reconstruction import psnr_of_mse
 from ..hardware import require_bf16
 from ..io import (WeightsError, append_jsonl, atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors,
                   save_safetensors)
+from ..metrics import psnr_of_mse
 from .checkpoints import (CheckpointError, clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses,
                           read_state)
 from .config import TrainConfig

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..eval.reconstruction import psnr_of_mse
 from ..io import append_jsonl, read_jsonl
+from ..metrics import psnr_of_mse
 
 PROBE_SEED = 1000
 PROBE_THRESHOLD_DB = 18.0  # fidelity milestone (a): off the all-white plateau

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from .. import registry
 from ..config import config_from_dict
-from ..eval.reconstruction import psnr_of_mse
 from ..io import check_state_dict, load_safetensors, save_safetensors
+from ..metrics import psnr_of_mse
 from ..processes.common import uniform
 from ..tokenizer import BinaryTokenizer, bit_regularizer
 from ..tokenizer.losses import gradient_l1
