@@ -15,11 +15,11 @@ import torch
 
 import binlat
 from binlat.cli import main
-from binlat.eval import bench
-from binlat.eval.bench import plan as bench_plan
-from binlat.eval.bench import training as bench_training
-from binlat.eval.bench.harness import PeakRSS, Table
-from binlat.eval.bench.throughput import BOUND_GOAL
+from binlat import bench
+from binlat.bench import plan as bench_plan
+from binlat.bench import training as bench_training
+from binlat.bench.harness import PeakRSS, Table
+from binlat.bench.throughput import BOUND_GOAL
 from binlat.eval.report import render_table
 from binlat.generators import DiffusionTransformer, GeneratorConfig
 

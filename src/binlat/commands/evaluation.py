@@ -8,8 +8,8 @@ from .common import EXIT_FAILED
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Speed, efficiency and memory comparisons on random networks (see binlat.eval.bench)."""
-    from ..eval.bench import run_bench
+    """Speed, efficiency and memory comparisons on random networks (see binlat.bench)."""
+    from ..bench import run_bench
     result = run_bench(preset=args.preset, quick=args.quick, tiny=args.tiny, json_path=args.json)
     if args.json:
         print(f"wrote {args.json}")

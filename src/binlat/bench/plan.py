@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from ...registry import TOKENIZER, model_kinds
+from ..registry import TOKENIZER, model_kinds
 
 QUICK_THROUGHPUT_STEPS = 4  # --quick: table 8 times this many diffusion steps of the 20
 PAPER_TOKENS = 128          # the paper's token count at 512 px (comparisons 2-4 use it with the preset's width)
@@ -58,9 +58,9 @@ def _tuples(model: dict[str, Any]) -> dict[str, Any]:
 @functools.cache
 def load_preset(name: str) -> Preset:
     """The preset `name`, read from the packaged configs (validated as TrainConfig, as `binlat train` reads them)."""
-    from ...config import ConfigError, config_from_dict
-    from ...tokenizer import TokenizerConfig
-    from ...train.config import TrainConfig
+    from ..config import ConfigError, config_from_dict
+    from ..tokenizer import TokenizerConfig
+    from ..train.config import TrainConfig
     if name not in PRESET_NAMES:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESET_NAMES)}")
     configs: dict[str, dict[str, Any]] = {}

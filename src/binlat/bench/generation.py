@@ -14,9 +14,9 @@ from .plan import SD_VAE, Plan
 
 # --- 1. AR decoding ---------------------------------------------------------------------------------------------
 def bench_ar(plan: Plan, figures: dict[str, float]) -> Table:
-    from ...generators import ARTransformer
-    from ...processes import ARDecoding
-    from ...processes.common import make_generators
+    from ..generators import ARTransformer
+    from ..processes import ARDecoding
+    from ..processes.common import make_generators
     table = Table("[1/8] AR decoding: KV cache vs full recomputation (use_cache=False, the release's algorithm)",
                   ["tokens", "batch", "decode", "cached s/img", "per step", "n", "recompute s/img", "n", "speedup",
                    "same bits"])
@@ -79,8 +79,8 @@ def _ar_row(table: Table, figures: dict[str, float], key: str, decode: str, toke
 
 def _ar_overhead(plan: Plan, tokens: int, step_s: float) -> str:
     """Why batch 1 misses: one profiled decode step, its operator count and arithmetic rate (the measured cause)."""
-    from ...generators import ARTransformer
-    from ...processes.common import with_guidance
+    from ..generators import ARTransformer
+    from ..processes.common import with_guidance
     net = seeded(lambda: ARTransformer(gen_config(plan, num_tokens=tokens)))
     cond, uncond = prompt_pair(plan, 1)
     text = with_guidance(cond, uncond, plan.guidance)
@@ -103,7 +103,7 @@ def _ar_overhead(plan: Plan, tokens: int, step_s: float) -> str:
 
 # --- 2. token count ---------------------------------------------------------------------------------------------
 def bench_tokens(plan: Plan, figures: dict[str, float]) -> Table:
-    from ...processes.common import with_guidance
+    from ..processes.common import with_guidance
     counts = plan.token_counts
     net = diffusion_network(gen_config(plan, num_tokens=max(counts)))
     config = net.config
@@ -136,9 +136,9 @@ def bench_tokens(plan: Plan, figures: dict[str, float]) -> Table:
 # --- 3. end to end ----------------------------------------------------------------------------------------------
 def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
     require_diffusers()
-    from ...processes import BernoulliDiffusion
-    from ...processes.common import make_generators
-    from ...tokenizer import BinaryTokenizer, TokenizerConfig
+    from ..processes import BernoulliDiffusion
+    from ..processes.common import make_generators
+    from ..tokenizer import BinaryTokenizer, TokenizerConfig
     tok_cfg = TokenizerConfig(**(plan.e2e_tokenizer or plan.tokenizer))
     # The generator writes the token grid of the tokenizer that decodes it (the release's: 128 x 128 bits).
     gen_cfg = gen_config(plan, num_tokens=tok_cfg.num_tokens, num_bits=tok_cfg.num_bits)
@@ -265,7 +265,7 @@ def _tokenizer_name(plan: Plan) -> str:
 
 
 def _decode_flops(tok_cfg, size: int) -> float:
-    from ...tokenizer import BinaryTokenizer
+    from ..tokenizer import BinaryTokenizer
     with torch.device("meta"):
         tok = BinaryTokenizer(tok_cfg)
         bits = torch.zeros(1, tok_cfg.num_tokens, tok_cfg.num_bits)
@@ -280,8 +280,8 @@ def _vae_flops(plan: Plan, size: int) -> float:
 
 def e2e_flops(plan: Plan, gen_cfg, tok_cfg, size: int) -> tuple[int | None, int | None]:
     """Per-image FLOPs of both pipelines, counted on the meta device (no memory, no time)."""
-    from ...generators import DiffusionTransformer
-    from ...tokenizer import BinaryTokenizer
+    from ..generators import DiffusionTransformer
+    from ..tokenizer import BinaryTokenizer
     with torch.device("meta"):
         def ours() -> None:
             net, tok = DiffusionTransformer(gen_cfg), BinaryTokenizer(tok_cfg)

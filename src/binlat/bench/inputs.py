@@ -16,7 +16,7 @@ def text_features(batch: int, layers: int, dim: int, length: int = TEXT_LENGTH, 
                   seed: int = 1):
     """A fixed random 'prompt': one [batch, length, dim] state per layer (the same text in every row), left-padded
     with `real` real tokens at the end."""
-    from ...text import TextFeatures
+    from ..text import TextFeatures
     gen = torch.Generator().manual_seed(seed)
     states = [torch.randn(1, length, dim, generator=gen).expand(batch, -1, -1).contiguous() for _ in range(layers)]
     mask = torch.zeros(batch, length, dtype=torch.bool)
@@ -32,7 +32,7 @@ def prompt_pair(plan: Plan, batch: int, layers: int | None = None):
 
 
 def gen_config(plan: Plan, **overrides):
-    from ...generators import GeneratorConfig
+    from ..generators import GeneratorConfig
     return GeneratorConfig(**{**plan.generator, **overrides})
 
 
@@ -46,7 +46,7 @@ def diffusion_network(config, seed: int = 0) -> torch.nn.Module:
     """A random DiffusionTransformer whose adaLN-Zero layers are random too: freshly initialised they are zero,
     every block is then the identity, and output-level comparisons (bf16 agreement) would only see the
     embedding and output layers. Timing is the same either way."""
-    from ...generators import DiffusionTransformer
+    from ..generators import DiffusionTransformer
     net = seeded(lambda: DiffusionTransformer(config), seed)
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():

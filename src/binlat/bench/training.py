@@ -42,7 +42,7 @@ def train_spec(plan: Plan, kind: str) -> dict[str, Any]:
 
 
 def _param_count(spec: dict[str, Any]) -> int:
-    from ...train.tasks import model_for_export
+    from ..train.tasks import model_for_export
     with torch.device("meta"):
         net = model_for_export(spec["kind"], spec["config"]["model"])
     return sum(p.numel() for p in net.parameters())
@@ -50,7 +50,7 @@ def _param_count(spec: dict[str, Any]) -> int:
 
 def _run_worker(spec: dict[str, Any]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    return subprocess.Popen([sys.executable, "-m", "binlat.eval.bench", "--train-worker", json.dumps(spec)],
+    return subprocess.Popen([sys.executable, "-m", "binlat.bench", "--train-worker", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -64,8 +64,8 @@ def _collect(proc: subprocess.Popen) -> dict[str, Any]:
 
 
 def _tokenizer_losses(config: dict[str, Any], steps: int) -> str:
-    from ...config import config_from_dict
-    from ...train.config import TrainConfig
+    from ..config import config_from_dict
+    from ..train.config import TrainConfig
     o = config_from_dict(TrainConfig, config, "tokenizer config").tokenizer
     weights = {"smooth-L1": o.l1_weight, "MSE": o.l2_weight, "image-gradient L1": o.gradient_weight,
                "perceptual": o.perceptual_weight, "bit regulariser": o.bit_reg_weight, "GAN": o.gan_weight}
@@ -81,7 +81,7 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
     table = Table("[5/8] Training: one optimiser step of each trainer (fresh subprocess each, for a clean peak)",
                   ["trainer", "params", "batch", "step", "n", "images/s", "share of peak", "peak RSS",
                    "RSS growth in steps"])
-    from ...hardware import bf16_native
+    from ..hardware import bf16_native
     if plan.train_bf16 and not bf16_native("cpu"):
         plan = replace(plan, train_bf16=False)
         table.notes.append("the preset asks for bf16 autocast, which this CPU would emulate (no avx512_bf16/AMX): "
@@ -150,9 +150,9 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
     return table
 
 
-# --- the worker: python -m binlat.eval.bench --train-worker SPEC_JSON -------------------------------------------
+# --- the worker: python -m binlat.bench --train-worker SPEC_JSON -------------------------------------------
 def _precomputed_task_class():
-    from ...train.tasks import GeneratorTask, Task
+    from ..train.tasks import GeneratorTask, Task
 
     class PrecomputedGeneratorTask(GeneratorTask):
         """GeneratorTask as it trains on `binlat precompute` output, minus the frozen tokenizer and text encoder
@@ -181,7 +181,7 @@ def _trainer_task(spec: dict[str, Any]):
         return
     from unittest import mock
 
-    from ...train import tasks
+    from ..train import tasks
     task_class = _precomputed_task_class()
     with mock.patch.object(tasks, "make_task", lambda cfg, device, *_: task_class(cfg, device, spec["text_length"])):
         yield
@@ -201,10 +201,10 @@ def _random_batch(task, cfg, text_length: int) -> dict[str, Any]:
 
 def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Warm-up, then `steps` timed Trainer steps; the resident peak over the timed steps."""
-    from ...config import config_from_dict
-    from ...train.config import TrainConfig
-    from ...train.data import SkippedSamples
-    from ...train.engine import Trainer
+    from ..config import config_from_dict
+    from ..train.config import TrainConfig
+    from ..train.data import SkippedSamples
+    from ..train.engine import Trainer
     torch.set_num_threads(int(spec["threads"]))
     cfg = config_from_dict(TrainConfig, spec["config"], "bench training spec")
     with tempfile.TemporaryDirectory(prefix="binlat-bench-") as run_dir:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..report import render_table
+from ..eval.report import render_table
 from .efficiency import bench_bf16, bench_codec, bench_efficiency
 from .generation import bench_ar, bench_e2e, bench_tokens
 from .harness import CpuLoad, Table, cpu_model, hardware_report

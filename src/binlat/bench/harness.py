@@ -110,14 +110,14 @@ def operator_calls(fn: Callable[[], Any]) -> int | None:
 
 # --- the machine ------------------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    from ...hardware import cpu_info
+    from ..hardware import cpu_info
     return cpu_info().model
 
 
 def hardware_report(plan: Plan) -> dict[str, Any]:
     """The CPU, the flags that decide its speed, threads, and its measured float32 and bfloat16 matmul peaks (the
     bf16 one on a small product where bf16 is emulated, which would otherwise take seconds per product)."""
-    from ...hardware import bf16_native, cpu_info
+    from ..hardware import bf16_native, cpu_info
     native = bf16_native("cpu")
     fp32, _ = matmul_peak(plan.peak_size, torch.float32, plan.timing)
     bf16_size = plan.peak_size if native else min(plan.peak_size, 256)

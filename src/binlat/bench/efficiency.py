@@ -91,7 +91,7 @@ def bench_efficiency(plan: Plan, figures: dict[str, float]) -> Table:
 
 # --- 6. tokenizer -----------------------------------------------------------------------------------------------
 def bench_codec(plan: Plan, figures: dict[str, float]) -> Table:
-    from ...tokenizer import BinaryTokenizer, TokenizerConfig
+    from ..tokenizer import BinaryTokenizer, TokenizerConfig
     cfg = TokenizerConfig(**plan.tokenizer)
     tok = seeded(lambda: BinaryTokenizer(cfg))
     batch, size = plan.codec_batch, cfg.image_size
@@ -117,7 +117,7 @@ BF16_KEYS = ("bf16_step_speedup", "bf16_step_sign_agreement", "bf16_speedup", "b
 
 
 def bench_bf16(plan: Plan, figures: dict[str, float]) -> Table:
-    from ...hardware import bf16_native, cpu_info
+    from ..hardware import bf16_native, cpu_info
     if not bf16_native("cpu"):
         # An emulated bf16 time measures PyTorch's fallback, not a speed anyone would choose: say so, report null.
         info = cpu_info()
@@ -127,9 +127,9 @@ def bench_bf16(plan: Plan, figures: dict[str, float]) -> Table:
                            f"(the header's bf16 matmul peak shows the emulation); BINLAT_ASSUME_BF16=1 runs them"])
         figures.update({k: None for k in BF16_KEYS})
         return table
-    from ...processes import BernoulliDiffusion
-    from ...processes.common import make_generators
-    from ...tokenizer import BinaryTokenizer, TokenizerConfig
+    from ..processes import BernoulliDiffusion
+    from ..processes.common import make_generators
+    from ..tokenizer import BinaryTokenizer, TokenizerConfig
     table = Table("[7/8] bfloat16 vs float32 inference", ["what", "float32", "n", "bfloat16", "n", "speedup",
                                                           "agreement"])
     # The batched step of table 4 (paper token count, preset width).

@@ -38,7 +38,7 @@ def peak_flops(plan: Plan, figures: dict[str, Any]) -> float:
 def generation_flops(sample_one, tok_cfg) -> dict[str, int | None]:
     """FLOPs per guided image: `sample_one()` generates one image (cond + uncond rows) and is counted as it runs,
     whatever the generator kind does; one tokenizer decode at the tokenizer's size is counted on the meta device."""
-    from ...tokenizer import BinaryTokenizer
+    from ..tokenizer import BinaryTokenizer
     with torch.device("meta"):
         tok = BinaryTokenizer(tok_cfg)
         size = tok_cfg.image_size
@@ -47,10 +47,10 @@ def generation_flops(sample_one, tok_cfg) -> dict[str, int | None]:
 
 
 def bench_throughput(plan: Plan, figures: dict[str, Any]) -> Table:
-    from ...generators import GeneratorConfig
-    from ...processes.common import make_generators
-    from ...registry import generator, generator_kinds
-    from ...tokenizer import BinaryTokenizer, TokenizerConfig
+    from ..generators import GeneratorConfig
+    from ..processes.common import make_generators
+    from ..registry import generator, generator_kinds
+    from ..tokenizer import BinaryTokenizer, TokenizerConfig
     tok_cfg = TokenizerConfig(**plan.shipped_tokenizer)
     gen_cfg = GeneratorConfig(**plan.shipped_generator)
     batch, size = plan.throughput_batch, tok_cfg.image_size
@@ -131,8 +131,8 @@ def bench_throughput(plan: Plan, figures: dict[str, Any]) -> Table:
 def training_step_flops(kind: str, model: dict[str, Any], batch: int, text_length: int) -> int | None:
     """FLOPs of one training step: 3 x the forward pass (the backward pass counted as 2 x forward), on the meta
     device; the tokenizer's forward is encode + decode at its image size."""
-    from ...registry import TOKENIZER, generator, model_class
-    from ...text.encoder import TextFeatures
+    from ..registry import TOKENIZER, generator, model_class
+    from ..text.encoder import TextFeatures
     from .plan import _tuples
     cls = model_class(kind)
     with torch.device("meta"):
