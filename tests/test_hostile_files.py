@@ -46,7 +46,7 @@ from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
 from binlat.train.checkpoints import CheckpointError, plot_losses, read_state
 from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
-from binlat.train.probe import images_to_threshold
+from binlat.probe import images_to_threshold
 from test_reliability import (TOKENIZER_MODEL, TRAIN_CONFIG, Env, api_entry_points, bundle, checkpoint,  # noqa: F401
                               cli_entry_points, data_entry_points, encoder, env, leftovers, new_catalogue,
                               noise_png, official_tokenizer, pipe, seed_output, snapshot)

@@ -809,7 +809,7 @@ def test_a_launch_that_is_not_one_world_never_trains(tmp_path, monkeypatch, caps
 def test_validation_loss_is_a_function_of_the_weights(kind, tokenizer_dir):
     """The probes' early score: the same weights give the same number (randomness seeded per sample), other
     weights another, and a network that fits the held-out bits better scores lower."""
-    from binlat.train.probe import validation_loss
+    from binlat.probe import validation_loss
     task = GeneratorTask(cfg_for(kind, tokenizer_dir), torch.device("cpu"))
     net = task.model
     first = validation_loss(task, net, count=8)

@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ..train.probe import run_probe
+    from ..probe import run_probe
     cfg = _train_config(args)
     changes = {"max_steps": args.steps, "trackers": [], "save_every": min(cfg.save_every, args.steps)}
     if args.sample_every is not None:

@@ -5,6 +5,8 @@ A probe is how a recipe change earns its place (docs/recipe.md keeps the table).
 round trip with thresholded bits and the judged accuracy of that round trip (its ceiling on the benchmark), overall,
 in the worst category and on the held-out compositions. A generator is scored by the judged accuracy of its images
 on the same prompt set. Both use the run's EMA weights, as a shipped model would.
+
+A probe trains (binlat.train) and judges (binlat.eval), so it sits above both, beside binlat.bench.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..io import append_jsonl, read_jsonl
-from ..metrics import psnr_of_mse
+from .io import append_jsonl, read_jsonl
+from .metrics import psnr_of_mse
 
 PROBE_SEED = 1000
 PROBE_THRESHOLD_DB = 18.0  # fidelity milestone (a): off the all-white plateau
@@ -23,9 +25,9 @@ PROBE_THRESHOLD_DB = 18.0  # fidelity milestone (a): off the all-white plateau
 
 def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_SEED) -> dict[str, float]:
     """One round trip of the probe prompt set's true renders: judged (the ceiling) and compared pixel by pixel."""
-    from ..data.shapes import to_tensor
-    from ..eval.shapes_eval import evaluate_shapes, ground_truth_images
-    from ..pipeline import to_pil
+    from .data.shapes import to_tensor
+    from .eval.shapes_eval import evaluate_shapes, ground_truth_images
+    from .pipeline import to_pil
     renders, recons = [], []
 
     def round_trip(prompts: list[str], base_seed: int):
@@ -44,7 +46,7 @@ def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_S
 def score_generator(pipe, kind: str, size: int, per_category: int, seed: int = PROBE_SEED,
                     num_steps: int | None = None, guidance_scale: float | None = None) -> dict[str, float]:
     """Judged accuracy of the pipeline's images; settings left None take the pipeline's (else the built-ins)."""
-    from ..eval.shapes_eval import evaluate_shapes, pipeline_images
+    from .eval.shapes_eval import evaluate_shapes, pipeline_images
     images = pipeline_images(pipe, kind, num_steps=num_steps, guidance_scale=guidance_scale, size=size)
     return _accuracy(evaluate_shapes(images, per_category, seed)["summary"])
 
@@ -54,8 +56,8 @@ def validation_loss(task, network, count: int = 256, seed: int = PROBE_SEED) -> 
     """The generator's training loss on `count` held-out `shapes` samples (seed `seed`, held-out pairs excluded,
     captions never dropped), with each sample's randomness (t, noise) drawn from its own seeded generator: the same
     number for the same weights. It moves long before judged accuracy leaves 0, so it ranks short probes."""
-    from ..data.shapes import ShapesStream
-    from ..processes.common import make_generators
+    from .data.shapes import ShapesStream
+    from .processes.common import make_generators
     stream = ShapesStream(size=task.cfg.image_size, seed=seed)
     total = 0.0
     for start in range(0, count, 64):
@@ -92,9 +94,9 @@ def run_probe(cfg, change: str, out_root: str | Path = "runs/probes", per_catego
               resume: str | None = "auto") -> dict[str, Any]:
     """Train `cfg` (a TrainConfig with the probe's changes applied) into out_root/<slug>, score it, and append
     the row to out_root/probes.jsonl."""
-    from ..hardware import cpu_info
-    from .checkpoints import export_run
-    from .engine import Trainer
+    from .hardware import cpu_info
+    from .train.checkpoints import export_run
+    from .train.engine import Trainer
     out_root = Path(out_root)
     run_dir = out_root / _slug(f"{cfg.kind}-{change}")
     start = time.perf_counter()
@@ -108,13 +110,13 @@ def run_probe(cfg, change: str, out_root: str | Path = "runs/probes", per_catego
                            "wall_min": round(minutes, 1), "resumed_at": first_step or None,
                            "cpu": cpu_info().model, "threads": torch.get_num_threads()}
     if cfg.kind == "tokenizer":
-        from ..tokenizer import BinaryTokenizer
+        from .tokenizer import BinaryTokenizer
         tokenizer = BinaryTokenizer.from_pretrained(model).eval()
         row |= score_tokenizer(tokenizer, cfg.image_size, per_category)
         row["images_to_18db"] = images_to_threshold(run_dir, cfg.batch_size)
     else:
-        from ..pipeline import Pipeline
-        from ..registry import model_class
+        from .pipeline import Pipeline
+        from .registry import model_class
         net = model_class(cfg.kind).from_pretrained(model)
         pipe = Pipeline(trainer.task.tokenizer, trainer.task.text_encoder, **{cfg.kind: net})
         row["val_loss"] = validation_loss(trainer.task, net)
