@@ -73,7 +73,7 @@ def alternative(prompt: str, category: str) -> str | None:
 
 
 def rerank(pipe, network, layers, prompts, seed: int, n: int) -> dict:
-    from binlat.eval.shapes_judge import judge
+    from binlat.judge.shapes import judge
     cond, uncond = pipe.encode_prompts(prompts)
     cond, empty = cond.select(layers), uncond.select(layers).index([0] * len(prompts))
     correct, nll_cond, ratio = [], [], []
@@ -93,7 +93,7 @@ def rerank(pipe, network, layers, prompts, seed: int, n: int) -> dict:
 
 def main() -> None:
     from binlat.data.shapes import CATEGORIES, RELATIONS, prompt_set, render, scene_for_caption, to_tensor
-    from binlat.eval.shapes_judge import judge
+    from binlat.judge.shapes import judge
     from binlat.pipeline import Pipeline
     import numpy as np
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from binlat.data import shapes
-from binlat.eval import shapes_judge
+from binlat.judge import shapes as shapes_judge
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

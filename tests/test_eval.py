@@ -22,7 +22,8 @@ from binlat.cli import main
 from binlat.data.shapes import CATEGORIES, PALETTE, HELD_OUT, render, scene_for_caption, to_tensor
 from binlat.eval.features import frechet_distance, list_images, run_fid
 from binlat.eval.report import REPORT_KEYS, format_value, parse_table, render_table
-from binlat.eval.shapes_eval import HELD_OUT_CATEGORIES, SHEET_NAME, evaluate_shapes, run_shapes
+from binlat.eval.shapes_eval import SHEET_NAME, run_shapes
+from binlat.judge.accuracy import HELD_OUT_CATEGORIES, evaluate_shapes
 from binlat.pipeline import Pipeline, PipelineOutput, check_prompts
 
 

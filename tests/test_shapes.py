@@ -36,7 +36,7 @@ from binlat.data.shapes import (
     sample_scene,
     scene_for_caption,
 )
-from binlat.eval.shapes_judge import classify_shape, connected_components, detect_objects, judge
+from binlat.judge.shapes import classify_shape, connected_components, detect_objects, judge
 
 SH = "(circle|square|triangle)"
 CO = "(red|green|blue|yellow|purple|black)"
@@ -65,7 +65,7 @@ def test_palette_and_constants() -> None:
     # nearest palette colour within COLOR_THRESHOLD, else background) every colour and the white background
     # stay apart, with a margin for pixels a blur or the tokenizer moved off their colour.
     from binlat.data.shapes import BACKGROUND, COLORS
-    from binlat.eval.shapes_judge import COLOR_THRESHOLD, palette_labels
+    from binlat.judge.shapes import COLOR_THRESHOLD, palette_labels
 
     colours = np.array([PALETTE[c] for c in COLORS], dtype=float)
     white = np.array(BACKGROUND, dtype=float)
@@ -335,7 +335,7 @@ def test_failure_sheet_names_the_judges_reason_under_each_image(monkeypatch) -> 
     import binlat.grid
     from binlat.data.shapes import render, scene_for_caption
     from binlat.eval.shapes_eval import failure_label, failure_sheet
-    from binlat.eval.shapes_judge import judge
+    from binlat.judge.shapes import judge
     cases = [  # (caption rendered, caption judged, the reason a reader should see)
         ("a red circle", "a blue circle", "wrong colour"),
         ("a circle and a square", "a circle", "extra object (2 for 1)"),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from binlat import pipeline as pipeline_mod
 from binlat.data.shapes import ShapesStream
 from binlat.eval.reconstruction import EVAL_SHAPES_SEED
-from binlat.eval.shapes_judge import judge
+from binlat.judge.shapes import judge
 from binlat.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

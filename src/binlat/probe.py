@@ -26,7 +26,8 @@ PROBE_THRESHOLD_DB = 18.0  # fidelity milestone (a): off the all-white plateau
 def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_SEED) -> dict[str, float]:
     """One round trip of the probe prompt set's true renders: judged (the ceiling) and compared pixel by pixel."""
     from .data.shapes import to_tensor
-    from .eval.shapes_eval import evaluate_shapes, ground_truth_images
+    from .eval.shapes_eval import ground_truth_images
+    from .judge.accuracy import evaluate_shapes
     from .pipeline import to_pil
     renders, recons = [], []
 
@@ -46,7 +47,7 @@ def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_S
 def score_generator(pipe, kind: str, size: int, per_category: int, seed: int = PROBE_SEED,
                     num_steps: int | None = None, guidance_scale: float | None = None) -> dict[str, float]:
     """Judged accuracy of the pipeline's images; settings left None take the pipeline's (else the built-ins)."""
-    from .eval.shapes_eval import evaluate_shapes, pipeline_images
+    from .judge.accuracy import evaluate_shapes, pipeline_images
     images = pipeline_images(pipe, kind, num_steps=num_steps, guidance_scale=guidance_scale, size=size)
     return _accuracy(evaluate_shapes(images, per_category, seed)["summary"])
 

@@ -348,7 +348,7 @@ class GeneratorTask(Task):
         category (fixed seeds), a cheap running version of `binlat eval shapes`."""
         if not (self.cfg.data.startswith("shapes") or self.data_spec.startswith("shapes")):
             return {}
-        from ..eval.shapes_eval import evaluate_shapes, pipeline_images
+        from ..judge.accuracy import evaluate_shapes, pipeline_images
         from ..pipeline import Pipeline
         pipe = Pipeline(self.tokenizer, self.text_encoder, **{self.cfg.kind: model})
         images = pipeline_images(pipe, self.cfg.kind, num_steps=self.cfg.generator.sample_steps,
