@@ -42,7 +42,7 @@ def train_spec(plan: Plan, kind: str) -> dict[str, Any]:
 
 
 def _param_count(spec: dict[str, Any]) -> int:
-    from ..train.tasks import model_for_export
+    from ..train.checkpoints import model_for_export
     with torch.device("meta"):
         net = model_for_export(spec["kind"], spec["config"]["model"])
     return sum(p.numel() for p in net.parameters())

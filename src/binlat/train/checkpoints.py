@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .. import registry
+from ..config import config_from_dict
 from ..io import WeightsError, check_state_dict, load_safetensors, read_jsonl
 from .config import MAX_STEP  # a step count in state.json beyond this is damage, not a run
 
@@ -141,13 +143,18 @@ def plot_losses(run_dir: Path) -> None:
     plt.close(fig)
 
 
+def model_for_export(kind: str, model_config: dict) -> torch.nn.Module:
+    """An empty model of a run's resolved architecture (stored in every checkpoint's state.json)."""
+    model_class = registry.model_class(kind)
+    return model_class(config_from_dict(model_class.config_class, model_config, "model_config"))
+
+
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest",
                dtype: torch.dtype | None = None) -> Path:
     """Write the EMA weights of a run's checkpoint as a model directory that from_pretrained loads
     (`dtype`: store the weights in that precision, e.g. torch.float16 for a release half the size), with the
     provenance.json a bundle's model card reads (the run's data, steps, size and caption vocabulary: binlat.card)."""
     from ..card import provenance_file, run_provenance
-    from .tasks import model_for_export
     run_dir = Path(run_dir)
     found = list_checkpoints(run_dir)
     path = (found[-1] if found else run_dir / "checkpoints") if checkpoint == "latest" else Path(checkpoint)

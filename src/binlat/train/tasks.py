@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
-from ..config import config_from_dict
 from ..io import check_state_dict, load_safetensors, save_safetensors
 from ..metrics import psnr_of_mse
 from ..processes.common import uniform
 from ..tokenizer import BinaryTokenizer, bit_regularizer
 from ..tokenizer.losses import gradient_l1
+from .checkpoints import load_torch_state
 from .config import TrainConfig
 
 log = logging.getLogger("binlat.train")
@@ -219,7 +219,6 @@ class TokenizerTask(Task):
 
     def load_extra(self, directory):
         if self.disc is not None and (directory / "disc.safetensors").is_file():
-            from .checkpoints import load_torch_state
             state = load_safetensors(directory / "disc.safetensors")
             check_state_dict(self.disc, state, str(directory / "disc.safetensors"))
             optimizer_state = load_torch_state(directory / "disc_optimizer.pt")  # both read before either is used
@@ -392,8 +391,3 @@ def make_task(cfg: TrainConfig, device: torch.device, allow_data_commands: bool 
     task = TokenizerTask if cfg.kind == "tokenizer" else GeneratorTask
     return task(cfg, device, allow_data_commands)
 
-
-def model_for_export(kind: str, model_config: dict) -> torch.nn.Module:
-    """An empty model of a run's resolved architecture (stored in every checkpoint's state.json)."""
-    model_class = registry.model_class(kind)
-    return model_class(config_from_dict(model_class.config_class, model_config, "model_config"))
