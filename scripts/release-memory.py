@@ -65,9 +65,8 @@ def write_bundle(out: Path, tiny: bool, generator: str) -> None:
 
     import torch
 
-    from binlat.config import config_to_dict
+    from binlat.bundle import PipelineConfig, write_index
     from binlat.official import MODEL_CLASSES, convert_config
-    from binlat.pipeline import INDEX_NAME, PipelineConfig
     from binlat.release import GENERATOR, SAMPLING, TOKENIZER
 
     tokens, bits = (16, 16) if tiny else (128, 64)  # the release: num_latent_tkns=128, codebook_size=64
@@ -84,7 +83,7 @@ def write_bundle(out: Path, tiny: bool, generator: str) -> None:
         del model
     index = PipelineConfig(text_encoder="random AMD-OLMo-1B configuration", generators=(generator,),
                            sampling={generator: SAMPLING[generator]}, trained=False)
-    (out / INDEX_NAME).write_text(json.dumps(config_to_dict(index), indent=2) + "\n")
+    write_index(out, index)
 
 
 def child(args: argparse.Namespace) -> None:

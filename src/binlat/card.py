@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .bundle import INDEX_NAME, PipelineConfig, check_vocabulary, write_index
 from .registry import TOKENIZER
 
 PROVENANCE = "provenance.json"
@@ -63,15 +64,6 @@ def read_provenance(directory: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
-
-
-def check_vocabulary(vocabulary: Any, where: str = "vocabulary") -> None:
-    """A vocabulary is {"source": text, "words": [text, ...]}; anything else is a ValueError naming `where`."""
-    ok = (isinstance(vocabulary, dict) and set(vocabulary) == {"source", "words"}
-          and isinstance(vocabulary["source"], str) and isinstance(vocabulary["words"], list)
-          and all(isinstance(w, str) for w in vocabulary["words"]))
-    if not ok:
-        raise ValueError(f"{where}: expected {{\"source\": TEXT, \"words\": [WORD, ...]}}, got {vocabulary!r:.80}")
 
 
 def bundle_vocabulary(parts: Mapping[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
@@ -278,7 +270,6 @@ def write_card(bundle: str | Path, reports: list[tuple[str, dict]] = ()) -> Path
     parts and `reports` ((path, report) pairs: find_reports) (`binlat card`). Returns the card's path."""
     from .config import config_from_dict, config_to_dict
     from .io import atomic_write_bytes, read_bounded
-    from .pipeline import INDEX_NAME, PipelineConfig
     bundle = Path(bundle)
     if not (bundle / INDEX_NAME).is_file():
         raise FileNotFoundError(f"{bundle}: no {INDEX_NAME}; not a binlat bundle (binlat bundle makes one)")
@@ -287,6 +278,6 @@ def write_card(bundle: str | Path, reports: list[tuple[str, dict]] = ()) -> Path
     parts = {kind: read_provenance(bundle / kind) for kind in [TOKENIZER, *index.get("generators", [])]}
     index["vocabulary"] = bundle_vocabulary(parts)
     config = config_from_dict(PipelineConfig, index, str(bundle / INDEX_NAME))  # checked as loading checks it
-    atomic_write_bytes(bundle / INDEX_NAME, (json.dumps(config_to_dict(config), indent=2) + "\n").encode())
+    write_index(bundle, config)
     atomic_write_bytes(bundle / CARD, model_card(config_to_dict(config), tokenizer, parts, reports).encode("utf-8"))
     return bundle / CARD

@@ -1,13 +1,13 @@
 """Pipeline: prompt -> text encoder -> generator process -> bits -> tokenizer decoder -> PIL images.
 
 A bundle directory holds `model_index.json` (PipelineConfig) and one model directory per part:
-`tokenizer/`, and `diffusion/` and/or `ar/`. The text encoder is referenced by name or path, not copied.
+`tokenizer/`, and `diffusion/` and/or `ar/`. The text encoder is referenced by name or path, not copied. The format
+is binlat.bundle's; a download of the Instella-T2I release is converted into a bundle by binlat.release.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import secrets
 import threading
@@ -21,23 +21,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import budget, jsondepth, modeling, registry
-from .config import ConfigError, config_from_dict, config_to_dict
+from . import budget, modeling, registry
+from .bundle import BUILTIN_SAMPLING, PipelineConfig, read_index, write_index
+from .bundle import INDEX_NAME as INDEX_NAME  # re-exported: where Python callers found it before binlat.bundle
 from .generators import GeneratorConfig
 from .hardware import require_bf16
-from .io import atomic_directory, read_bounded
+from .io import atomic_directory
 from .processes.common import check_sampling_args, check_seed, make_generators
-from .text import DEFAULT_TEXT_ENCODER, TextEncoder, TextFeatures, text_layer_map
+from .release import resolve_pipeline_dir
+from .text import TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
-
-INDEX_NAME = "model_index.json"
-
-
-# Built-in sampling settings, used where neither the call nor the bundle's `sampling` gives one. Every generator
-# accepts them all; its process's `Settings` reads the ones it uses (AR decoding has no steps, rho or protocol).
-BUILTIN_SAMPLING: dict[str, Any] = {"num_steps": 20, "guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0,
-                                    "protocol": 1}
-
 
 # The name a record (a metadata.jsonl line, an HTTP image's metadata) gives each setting: the CLI's and HTTP's
 # "steps" for num_steps, the settings' own names for the rest.
@@ -50,45 +43,6 @@ def settings_record(generator: str, settings: Mapping[str, Any]) -> dict[str, An
     reads no steps, rho or protocol, so its records leave them out instead of listing values it ignored."""
     fields = dataclasses.fields(registry.generator(generator).settings)
     return {RECORD_NAMES.get(f.name, f.name): settings[f.name] for f in fields}
-
-
-@dataclass
-class PipelineConfig:
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    text_max_length: int = 128
-    generators: tuple[str, ...] = ("diffusion",)
-    image_size: int = 512
-    trained: bool = True  # False marks a randomly initialised bundle (its images are noise)
-    description: str = ""
-    # The sampling settings this model was tuned for, per generator, e.g. {"diffusion": {"guidance_scale": 3.0}};
-    # a call's own arguments win, and keys left out take the built-in defaults (BUILTIN_SAMPLING).
-    sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # The words of each generator's training captions, {"ar": {"source": "shapes", "words": [...]}} (binlat.card,
-    # from the parts' provenance): a prompt with other words is warned about. A generator left out checks nothing.
-    vocabulary: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.generators = tuple(self.generators)
-        kinds = registry.generator_kinds()
-        bad = [g for g in self.generators if g not in kinds]
-        if bad or not self.generators:
-            raise ValueError(f"generators must name one or both of {kinds}, got {list(self.generators)}")
-        if not isinstance(self.sampling, dict):
-            raise ValueError(f"sampling must be an object of generator kinds {kinds} mapping to settings, "
-                             f"got {self.sampling!r:.80}")
-        for kind, settings in self.sampling.items():
-            if kind not in kinds or not isinstance(settings, dict):
-                raise ValueError(f"sampling: keys are generator kinds {kinds} mapping to settings, "
-                                 f"got {kind!r}: {settings!r}")
-            unknown = sorted(set(settings) - set(BUILTIN_SAMPLING))
-            if unknown:
-                raise ValueError(f"sampling.{kind}: unknown setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
-            check_sampling_args(**settings)
-        from .card import check_vocabulary
-        for kind, vocabulary in self.vocabulary.items():
-            if kind not in kinds:
-                raise ValueError(f"vocabulary: keys are generator kinds {kinds}, got {kind!r}")
-            check_vocabulary(vocabulary, f"vocabulary.{kind}")
 
 
 @dataclass
@@ -224,19 +178,8 @@ class Pipeline:
         overrides the release's architecture as `convert-official --release-config` does. Generators are loaded
         on first use. Non-float or non-finite weights are refused (WeightsError naming the tensor) when each part
         loads; `allow_nonfinite=True` loads NaN and infinite values anyway."""
-        from .release import resolve_pipeline_dir
         directory = resolve_pipeline_dir(path, release_config)
-        index = directory / INDEX_NAME
-        if not index.exists():  # one that is not a regular file is refused by read_bounded, naming what it is
-            raise FileNotFoundError(f"{directory}: missing {INDEX_NAME}; not a binlat pipeline directory "
-                                    f"(a single model directory loads with its model class instead)")
-        try:
-            data = jsondepth.loads(read_bounded(index, what="bundle index").decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{index}: not valid JSON ({e})") from None
-        except jsondepth.JSONNestingError as e:
-            raise ConfigError(f"{index}: {e}") from None
-        config = config_from_dict(PipelineConfig, data, str(index))
+        config = read_index(directory)
         if dtype == torch.bfloat16:
             require_bf16(device, "bfloat16 generation", fix="load in float32 (dtype=None)")
         networks = {k: registry.generator(k).network for k in config.generators}
@@ -268,8 +211,7 @@ class Pipeline:
         the bundle -> bytes, e.g. binlat.card's README.md and provenance) are written in the same atomic write."""
         path = Path(path)
         with atomic_directory(path) as tmp:
-            config = config_to_dict(self.config) | {"generators": list(self.generators)}
-            (tmp / INDEX_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            write_index(tmp, replace(self.config, generators=tuple(self.generators)))
             self.tokenizer.save_pretrained(tmp / "tokenizer", dtype=dtype)
             for kind in self.generators:  # a generator not loaded yet is loaded to be written
                 self.generators[kind].save_pretrained(tmp / kind, dtype=dtype)

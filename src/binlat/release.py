@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from . import jsondepth, registry
+from .bundle import INDEX_NAME, PipelineConfig, write_index
 from .config import ConfigError, config_to_dict
 from .io import WeightsError, atomic_directory, read_bounded, atomic_write_bytes, check_state_dict, save_safetensors
 from .modeling import CONFIG_NAME, WEIGHTS_NAME, hub_snapshot, named_model_dir
@@ -231,7 +232,6 @@ def convert_release(folder: str | Path, out: str | Path, release_config: dict | 
     download holds, and model_index.json (text encoder, its length, the release's sampling defaults). `dtype`
     stores the weights in that precision. Nothing is written unless every part converts; non-float or non-finite
     weights are refused naming the tensor (`allow_nonfinite`: NaN/inf are converted as they are)."""
-    from .pipeline import INDEX_NAME, PipelineConfig
     folder, out = Path(folder), Path(out)
     given = read_release_config(release_config)
     source = "--release-config" if given else "the release preset"
@@ -250,7 +250,7 @@ def convert_release(folder: str | Path, out: str | Path, release_config: dict | 
         index = PipelineConfig(text_encoder=TEXT_ENCODER, text_max_length=TEXT_MAX_LENGTH, generators=generators,
                                image_size=IMAGE_SIZE, sampling={k: SAMPLING[k] for k in generators},
                                description=f"Instella-T2I release, converted from {folder.resolve()}")
-        (tmp / INDEX_NAME).write_text(json.dumps(config_to_dict(index), indent=2) + "\n")
+        write_index(tmp, index)
         # The model card: the release's data and license (binlat.official), no vocabulary (open-domain captions).
         for name, data in card_files(config_to_dict(index), config_to_dict(tok),
                                      {k: release_provenance(k) for k in (TOKENIZER_KIND, *generators)}).items():
@@ -311,7 +311,7 @@ def cached_bundle(folder: str | Path, release_config: dict | str | Path | None =
     folder = Path(folder)
     given = read_release_config(release_config)
     target = cache_root() / cache_key(folder, given)
-    if not (target / "model_index.json").is_file():
+    if not (target / INDEX_NAME).is_file():
         convert_release(folder, target, given)
     return target
 
@@ -327,7 +327,6 @@ def _download(repo: str) -> Path:
 
 def resolve_pipeline_dir(name_or_path: str | Path, release_config: dict | str | Path | None = None) -> Path:
     """A bundle directory as is; a release download (folder or Hub id) as its cached converted bundle."""
-    from .pipeline import INDEX_NAME
     path = Path(name_or_path)
     if not path.is_dir():
         path = named_model_dir(name_or_path) or path  # "default": the shipped bundle

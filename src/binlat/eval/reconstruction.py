@@ -137,7 +137,7 @@ def fit_to_budget(image: Image.Image, codec: str, budget_bytes: float) -> CodecC
 
 def load_tokenizer(model: str | Path, device: str | torch.device = "cpu"):
     """A tokenizer from a pipeline bundle (its tokenizer/) or a tokenizer model directory."""
-    from binlat.pipeline import INDEX_NAME
+    from binlat.bundle import INDEX_NAME
     from binlat.tokenizer import BinaryTokenizer
     path = Path(model)
     if not path.is_dir():

@@ -1,0 +1,102 @@
+"""The bundle format that binlat.pipeline loads and saves, binlat.release converts the release into and binlat.card
+rewrites: a directory with `model_index.json` (a PipelineConfig) and one model directory per part, `tokenizer/` and
+`diffusion/` and/or `ar/`. The text encoder is referenced by name or path, not copied.
+
+The index's name, its config, the built-in sampling settings its `sampling` may override and the reading and
+writing of the file live here, below all three, so that none of them imports another for the format.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import jsondepth, registry
+from .config import ConfigError, config_from_dict, config_to_dict
+from .io import atomic_write_bytes, read_bounded
+from .processes.common import check_sampling_args
+from .text import DEFAULT_TEXT_ENCODER
+
+INDEX_NAME = "model_index.json"
+
+
+# Built-in sampling settings, used where neither the call nor the bundle's `sampling` gives one. Every generator
+# accepts them all; its process's `Settings` reads the ones it uses (AR decoding has no steps, rho or protocol).
+BUILTIN_SAMPLING: dict[str, Any] = {"num_steps": 20, "guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0,
+                                    "protocol": 1}
+
+
+def check_vocabulary(vocabulary: Any, where: str = "vocabulary") -> None:
+    """A vocabulary is {"source": text, "words": [text, ...]}; anything else is a ValueError naming `where`."""
+    ok = (isinstance(vocabulary, dict) and set(vocabulary) == {"source", "words"}
+          and isinstance(vocabulary["source"], str) and isinstance(vocabulary["words"], list)
+          and all(isinstance(w, str) for w in vocabulary["words"]))
+    if not ok:
+        raise ValueError(f"{where}: expected {{\"source\": TEXT, \"words\": [WORD, ...]}}, got {vocabulary!r:.80}")
+
+
+@dataclass
+class PipelineConfig:
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    text_max_length: int = 128
+    generators: tuple[str, ...] = ("diffusion",)
+    image_size: int = 512
+    trained: bool = True  # False marks a randomly initialised bundle (its images are noise)
+    description: str = ""
+    # The sampling settings this model was tuned for, per generator, e.g. {"diffusion": {"guidance_scale": 3.0}};
+    # a call's own arguments win, and keys left out take the built-in defaults (BUILTIN_SAMPLING).
+    sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The words of each generator's training captions, {"ar": {"source": "shapes", "words": [...]}} (binlat.card,
+    # from the parts' provenance): a prompt with other words is warned about. A generator left out checks nothing.
+    vocabulary: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.generators = tuple(self.generators)
+        kinds = registry.generator_kinds()
+        bad = [g for g in self.generators if g not in kinds]
+        if bad or not self.generators:
+            raise ValueError(f"generators must name one or both of {kinds}, got {list(self.generators)}")
+        if not isinstance(self.sampling, dict):
+            raise ValueError(f"sampling must be an object of generator kinds {kinds} mapping to settings, "
+                             f"got {self.sampling!r:.80}")
+        for kind, settings in self.sampling.items():
+            if kind not in kinds or not isinstance(settings, dict):
+                raise ValueError(f"sampling: keys are generator kinds {kinds} mapping to settings, "
+                                 f"got {kind!r}: {settings!r}")
+            unknown = sorted(set(settings) - set(BUILTIN_SAMPLING))
+            if unknown:
+                raise ValueError(f"sampling.{kind}: unknown setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
+            check_sampling_args(**settings)
+        for kind, vocabulary in self.vocabulary.items():
+            if kind not in kinds:
+                raise ValueError(f"vocabulary: keys are generator kinds {kinds}, got {kind!r}")
+            check_vocabulary(vocabulary, f"vocabulary.{kind}")
+
+
+def index_bytes(config: PipelineConfig) -> bytes:
+    """The bytes of model_index.json for `config`: its JSON, indented by two, with a final newline."""
+    return (json.dumps(config_to_dict(config), indent=2) + "\n").encode()
+
+
+def write_index(directory: str | Path, config: PipelineConfig) -> Path:
+    """Write `config` as the bundle's model_index.json (atomically: a reader sees the old index or the new one)."""
+    path = Path(directory) / INDEX_NAME
+    atomic_write_bytes(path, index_bytes(config))
+    return path
+
+
+def read_index(directory: str | Path) -> PipelineConfig:
+    """The PipelineConfig of a bundle directory, read and checked strictly: a missing index is FileNotFoundError;
+    invalid JSON, nesting too deep or a field that is not a PipelineConfig's is a ConfigError naming the file."""
+    index = Path(directory) / INDEX_NAME
+    if not index.exists():  # one that is not a regular file is refused by read_bounded, naming what it is
+        raise FileNotFoundError(f"{directory}: missing {INDEX_NAME}; not a binlat pipeline directory "
+                                f"(a single model directory loads with its model class instead)")
+    try:
+        data = jsondepth.loads(read_bounded(index, what="bundle index").decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{index}: not valid JSON ({e})") from None
+    except jsondepth.JSONNestingError as e:
+        raise ConfigError(f"{index}: {e}") from None
+    return config_from_dict(PipelineConfig, data, str(index))
