@@ -92,7 +92,7 @@ def rerank(pipe, network, layers, prompts, seed: int, n: int) -> dict:
 
 
 def main() -> None:
-    from binlat.data.shapes import CATEGORIES, RELATIONS, prompt_set, render, scene_for_caption, to_tensor
+    from binlat.data.shapes import CATEGORIES, prompt_set, render, scene_for_caption, to_tensor
     from binlat.judge.shapes import judge
     from binlat.pipeline import Pipeline
     import numpy as np

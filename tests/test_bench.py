@@ -84,18 +84,18 @@ def test_tiny_bench_prints_eight_tables_and_writes_every_figure(tiny_run):
     assert "tokenizer: tiny" in text and "SCALED" in text and result["meta"]["e2e_tokenizer"] == "preset"
 
 
-def _hand_count(c: GeneratorConfig, n: int, k: int, l: int) -> int:
+def _hand_count(c: GeneratorConfig, n: int, k: int, m: int) -> int:
     """FLOPs of one DiffusionTransformer forward, written out layer by layer (2 FLOPs per multiply-add)."""
     d, b, r = c.dim, c.num_bits, c.mlp_ratio
     total = 2 * n * k * b * d                    # x_embed
     total += 2 * n * 1 * d + 2 * n * d * d       # timestep fc1, fc2
     for _ in range(c.num_layers):
         total += 2 * n * d * 6 * d               # adaLN-Zero
-        total += 2 * n * l * c.text_dim * d      # text_proj
+        total += 2 * n * m * c.text_dim * d      # text_proj
         total += 2 * n * k * d * d               # q (image rows)
-        total += 2 * 2 * n * (l + k) * d * d     # k, v ([text ; image] rows)
-        total += 2 * n * k * (l + k) * d         # scores, all heads
-        total += 2 * n * k * (l + k) * d         # values, all heads
+        total += 2 * 2 * n * (m + k) * d * d     # k, v ([text ; image] rows)
+        total += 2 * n * k * (m + k) * d         # scores, all heads
+        total += 2 * n * k * (m + k) * d         # values, all heads
         total += 2 * n * k * d * d               # out
         total += 2 * n * k * d * r * d * 2       # fc1 + fc2
     total += 2 * n * d * 2 * d                   # output AdaLNContinuous
@@ -103,21 +103,21 @@ def _hand_count(c: GeneratorConfig, n: int, k: int, l: int) -> int:
     return total
 
 
-@pytest.mark.parametrize("n,k,l", [(3, 16, 5), (1, 7, 32)])
-def test_flop_counter_matches_hand_count_and_torch(n, k, l):
+@pytest.mark.parametrize("n,k,m", [(3, 16, 5), (1, 7, 32)])
+def test_flop_counter_matches_hand_count_and_torch(n, k, m):
     cfg = GeneratorConfig(num_bits=8, num_tokens=16, num_layers=2, num_heads=2, head_dim=8, text_dim=12)
-    flops = bench.diffusion_step_flops(cfg, n, l, k)
-    assert flops["total"] == _hand_count(cfg, n, k, l)
+    flops = bench.diffusion_step_flops(cfg, n, m, k)
+    assert flops["total"] == _hand_count(cfg, n, k, m)
     assert flops["total"] == sum(v for name, v in flops.items() if name != "total")
     # For the first case the numbers are small enough to check by hand: 808,800 FLOPs.
-    if (n, k, l) == (3, 16, 5):
+    if (n, k, m) == (3, 16, 5):
         assert flops["total"] == 808_800
     # torch's own counter on the meta device sees the same matrix products (attention decomposed to bmm).
     with torch.device("meta"):
         net = DiffusionTransformer(cfg)
-        text = [torch.zeros(n, l, cfg.text_dim)] * cfg.num_layers
+        text = [torch.zeros(n, m, cfg.text_dim)] * cfg.num_layers
         counted = bench.counted_flops(lambda: net(torch.zeros(n, k, cfg.num_bits), torch.zeros(n), text,
-                                                  torch.ones(n, l, dtype=torch.bool)))
+                                                  torch.ones(n, m, dtype=torch.bool)))
     assert counted == flops["total"]
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import binlat.pipeline as pipeline_mod
 from binlat import DiffusionTransformer
 from binlat.cli import main
+from binlat.commands.common import CLIError
 from binlat.text import TextEncoder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
@@ -246,7 +247,7 @@ def test_out_not_writable(cli, capsys, tmp_path, under: bool) -> None:
 
 
 def test_debug_shows_the_exception(cli, capsys, tmp_path) -> None:
-    with pytest.raises(Exception):
+    with pytest.raises(CLIError, match="no prompts"):
         cli("--debug", "generate", "--out", tmp_path / "out")
 
 

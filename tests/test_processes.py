@@ -6,7 +6,8 @@ Every expected value written as a literal below was worked out by hand from the 
   time steps           t_i = (1 - i/N)^rho
   guidance             (1 + w) cond - w uncond
   protocol 1           x_t' ~ Bernoulli(p (1 - t') + t'/2)
-  protocol 2           P(1) ∝ [p (1 - t') + t'/2][x_t (1 - s) + s/2],  P(0) ∝ [(1 - p)(1 - t') + t'/2][(1 - x_t)(1 - s) + s/2]
+  protocol 2           P(1) ∝ [p (1 - t') + t'/2][x_t (1 - s) + s/2],
+                       P(0) ∝ [(1 - p)(1 - t') + t'/2][(1 - x_t)(1 - s) + s/2]
 """
 from __future__ import annotations
 

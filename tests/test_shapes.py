@@ -364,4 +364,4 @@ def test_failure_sheet_names_the_judges_reason_under_each_image(monkeypatch) -> 
     assert count == len(cases) and sheet.width > 0
     assert sorted(shown[0]) == sorted(f"{asked}\nwhy: {reason}" for _, asked, reason in cases)
     from binlat.grid import label_lines
-    assert label_lines(f"a circle\nwhy: relation reversed", 26) == ["a circle", "why: relation reversed"]
+    assert label_lines("a circle\nwhy: relation reversed", 26) == ["a circle", "why: relation reversed"]

@@ -145,7 +145,7 @@ def project_license() -> str:
 
 def _scalar(value: str) -> str:
     """A YAML scalar: plain where that is safe, else double-quoted (JSON strings are valid YAML)."""
-    plain = value and all(c.isalnum() or c in "-._/:" for c in value) and not value[0] in "-:"
+    plain = value and all(c.isalnum() or c in "-._/:" for c in value) and value[0] not in "-:"
     return value if plain and value.lower() not in ("true", "false", "null", "yes", "no") else json.dumps(value)
 
 
@@ -221,8 +221,8 @@ def model_card(index: Mapping[str, Any], tokenizer: Mapping[str, Any], parts: Ma
     k, b, size = tokenizer["num_tokens"], tokenizer["num_bits"], tokenizer["image_size"]
     out = [front_matter(fields), f"# {index.get('description') or 'binlat text-to-image model'}", "",
            f"A binlat bundle: a 1D binary tokenizer ({k} tokens × {b} bits = {k * b // 8:,} bytes per {size} px "
-           f"image) and its {' and '.join(generators)} generator{'s' if len(generators) > 1 else ''}, reading text through "
-           f"`{index['text_encoder']}`. Generate with `binlat generate \"PROMPT\" --model DIR` or "
+           f"image) and its {' and '.join(generators)} generator{'s' if len(generators) > 1 else ''}, reading text "
+           f"through `{index['text_encoder']}`. Generate with `binlat generate \"PROMPT\" --model DIR` or "
            f"`Pipeline.from_pretrained(DIR)`, DIR being this folder."]
     if index.get("trained") is False:
         out.append("\n**Untrained**: randomly initialised weights; its images are noise.")

@@ -23,7 +23,7 @@ from .config import ConfigError, config_to_dict
 from .io import WeightsError, atomic_directory, read_bounded, atomic_write_bytes, check_state_dict, save_safetensors
 from .modeling import CONFIG_NAME, WEIGHTS_NAME, hub_snapshot, named_model_dir
 from .card import card_files
-from .official import (FROM_CONFIG, RELEASE_REPO, RELEASE_SCALE, convert_config, convert_state_dict,
+from .official import (FROM_CONFIG, RELEASE_REPO, convert_config, convert_state_dict,
                        load_official_weights, official_name, release_provenance)
 from .registry import TOKENIZER as TOKENIZER_KIND
 

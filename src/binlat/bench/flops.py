@@ -15,15 +15,15 @@ def diffusion_step_flops(config, batch: int, text_length: int = TEXT_LENGTH, num
     Counts every matrix product: attention projections (q over image rows; k, v over text + image rows; out),
     attention scores and values, MLP, adaLN modulation, per-block text projections, and the input/timestep/output
     layers. Bias adds, norms, activations and softmax are not counted (they are not matmul work)."""
-    n, k, l = batch, config.num_tokens if num_tokens is None else num_tokens, text_length
+    n, k, m = batch, config.num_tokens if num_tokens is None else num_tokens, text_length  # rows, tokens, text
     d, b, r = config.dim, config.num_bits, config.mlp_ratio
     inner = config.num_heads * config.head_dim
     per_block = {
-        "attention projections": 2 * n * (k * d * inner + 2 * (l + k) * d * inner + k * inner * d),
-        "attention scores/values": 2 * 2 * n * k * (l + k) * inner,
+        "attention projections": 2 * n * (k * d * inner + 2 * (m + k) * d * inner + k * inner * d),
+        "attention scores/values": 2 * 2 * n * k * (m + k) * inner,
         "MLP": 2 * 2 * n * k * d * r * d,
         "adaLN": 2 * n * d * 6 * d,
-        "text projections": 2 * n * l * config.text_dim * d,
+        "text projections": 2 * n * m * config.text_dim * d,
     }
     flops = {name: config.num_layers * v for name, v in per_block.items()}
     flops["adaLN"] += 2 * n * d * 2 * d                                    # output AdaLNContinuous

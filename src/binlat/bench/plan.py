@@ -241,9 +241,9 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
         plan.notes.append(f"QUICK mode: up to 3 timed runs per figure (1 for runs over 3 s); expensive single runs "
                           f"warm up on a smaller input; the latent-diffusion baseline image is composed as "
                           f"20 x (median guided step) + one VAE decode; at {plan.e2e_sizes[0]} and "
-                          f"{plan.e2e_sizes[1]} px both decoders' times are their 256 px times x their FLOP ratio; diffusion throughput "
-                          f"times {QUICK_THROUGHPUT_STEPS} of its {plan.steps} steps and scales; compiled AR decoding "
-                          f"and the compiled step are not timed")
+                          f"{plan.e2e_sizes[1]} px both decoders' times are their 256 px times x their FLOP ratio; "
+                          f"diffusion throughput times {QUICK_THROUGHPUT_STEPS} of its {plan.steps} steps and scales; "
+                          f"compiled AR decoding and the compiled step are not timed")
     if preset == "paper-512":
         # The paper's sizes do not fit this machine's memory for training, nor its time budget for generation.
         plan.train_batches = train_batches(tokenizer=4, generator=16)

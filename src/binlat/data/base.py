@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image

@@ -26,7 +26,8 @@ class PrecomputedDataset:
         try:
             self.index = json.loads((self.root / INDEX).read_text())
         except FileNotFoundError:
-            raise ValueError(f"{self.root}: not a precomputed dataset (no {INDEX}); make one with binlat precompute")
+            raise ValueError(f"{self.root}: not a precomputed dataset (no {INDEX}); make one with binlat precompute"
+                             ) from None
         self.count, self.shard_size = int(self.index["count"]), int(self.index["shard_size"])
         self._shard: tuple[int, dict[str, torch.Tensor], list[str]] | None = None
 

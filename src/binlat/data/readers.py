@@ -11,7 +11,8 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from torch.utils.data import IterableDataset
 
@@ -233,9 +234,9 @@ class ManifestDataset(IndexedImageDataset):
 
 SPEC_FORMS = (
     "'shapes' or 'shapes:seed=N,color_attr=2,...' (procedural shapes; category weights relative to 1), an "
-    "existing image folder (images + same-named .txt captions), a .jsonl/.csv manifest, or WebDataset .tar shards (path, brace pattern "
-    "'shard-{000..009}.tar', glob, or, typed on the command line with --allow-data-commands, a URL such as "
-    "pipe:/http:)"
+    "existing image folder (images + same-named .txt captions), a .jsonl/.csv manifest, or WebDataset .tar shards "
+    "(path, brace pattern 'shard-{000..009}.tar', glob, or, typed on the command line with --allow-data-commands, "
+    "a URL such as pipe:/http:)"
 )
 
 

@@ -6,7 +6,8 @@ import glob
 import json
 import os
 import re
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from binlat import jsondepth
 from binlat.data.base import (
@@ -92,8 +93,8 @@ class WebDatasetShards(ImageTextDataset):
     A sample is the members sharing a key: an image (jpg/jpeg/png/webp/bmp) and a
     caption, ``txt`` or ``json`` with a ``caption``/``text`` field (neither -> "").
     ``urls``: see :func:`expand_shards`; remote URLs (``pipe:``, ``http(s):``, ...) are refused unless
-    ``allow_commands`` (they run programs), and then opened by ``webdataset.gopen``. Shards are split across ranks and DataLoader workers
-    with ``webdataset.split_by_node`` / ``split_by_worker`` (so use at least as many
+    ``allow_commands`` (they run programs), and then opened by ``webdataset.gopen``. Shards are split across ranks
+    and DataLoader workers with ``webdataset.split_by_node`` / ``split_by_worker`` (so use at least as many
     shards as ranks x workers; note webdataset also honours RANK/WORLD_SIZE env vars).
 
     A shard that cannot be opened or is cut short does not stop the stream: the read

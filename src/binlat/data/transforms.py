@@ -16,8 +16,7 @@ import io
 import os
 import random
 import warnings
-from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 import numpy as np
 import torch
@@ -32,8 +31,8 @@ WHITE = (255, 255, 255)
 # at least this many times larger than the target, then finishes with LANCZOS.
 REDUCING_GAP = 3.0
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
-Rng = Union[random.Random, torch.Generator, None]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
+Rng = random.Random | torch.Generator | None
 
 
 class ImageLoadError(ValueError):

@@ -108,7 +108,7 @@ def make_report(kind: str, model: str | None, arguments: Mapping[str, Any], summ
         "summary": dict(summary),
         "items": list(items),
         "tables": list(tables),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "binlat_version": version,
     }
     return json_safe(report)

@@ -174,8 +174,8 @@ class Attention(nn.Module):
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x [B, Lq, dim]; context [B, Lc, dim] key rows placed before x; context_mask [B, Lc] bool
-        (True = real token; without context, [B, Lq] over x's own rows); rotary (cos, sin) [L, Dh] for the rows of x (self-attention only);
-        cache: keys/values of earlier calls, extended in place."""
+        (True = real token; without context, [B, Lq] over x's own rows); rotary (cos, sin) [L, Dh] for the rows of x
+        (self-attention only); cache: keys/values of earlier calls, extended in place."""
         b, num_queries, _ = x.shape
         source = x if context is None else torch.cat((context, x), dim=1)
         q = self.norm_q(self._heads(self.to_q(x)))
