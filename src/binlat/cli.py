@@ -2,163 +2,28 @@
 
 Every expected failure (bad argument, unreadable file, mismatched weights) ends with a one-line message and a
 non-zero exit code; a traceback is shown only with --debug. This module is the parser; the commands are in
-binlat.commands (one module per idea)."""
+binlat.commands (one module per idea), the argument types and shared option groups in binlat.commands.arguments."""
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import sys
 
 from .budget import limited
-from .commands.common import EXIT_FAILED, EXIT_USAGE, SAMPLING_SETTINGS, STORAGE_DTYPES, CLIError
+from .commands.arguments import (NONFINITE_HELP, Parser, add_image_job_options, add_memory_option,
+                                 add_sampling_options, at_least, positive_int, reference_scale, seed_value, size_value,
+                                 unit_interval)
+from .commands.common import EXIT_FAILED, EXIT_USAGE, STORAGE_DTYPES, CLIError
 from .commands.evaluation import cmd_bench, cmd_eval
 from .commands.images import cmd_continue, cmd_edit, cmd_generate, cmd_interpolate, cmd_serve
 from .commands.models import cmd_bundle, cmd_card, cmd_conformance, cmd_convert_official
 from .commands.training import cmd_config_show, cmd_export, cmd_params, cmd_precompute, cmd_probe, cmd_train
-from .processes.common import MAX_STEPS, SEED_LIMIT
 from .registry import generator_kinds, model_kinds, release_kinds
 
 MAX_FRAMES = 1000  # interpolate --steps
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (the usage block is one --help away)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(name: str, high: int | None = None):
-    return _at_least(name, 1, high)
-
-
-def _seed(text: str) -> int:
-    """--seed: image i uses seed + i, and torch takes seeds in [0, 2**64)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"seed must be an integer in [0, 2**64 - 1], got {text}")
-    return value
-
-
-def _number(name: str, low: float, inclusive: bool = True):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (not inclusive and value == low):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                                             f"got {text}")
-        return value
-    return parse
-
-
-def _protocol(text: str) -> int:
-    if text.strip() not in ("1", "2"):
-        raise argparse.ArgumentTypeError(f"protocol must be 1 or 2, got {text!r}")
-    return int(text)
-
-
-def _size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW in pixels (e.g. 64 or 64x96), got {text!r}")
-    h = int(m.group(1))
-    return h, int(m.group(2) or h)
-
-
-def _reference_scale(text: str) -> int | str:
-    """--scale: a reference size in pixels, or "none" (no position scaling)."""
-    if text.strip().lower() == "none":
-        return "none"
-    try:
-        return _positive_int("scale")(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"scale must be a positive integer (pixels) or none, got {text!r}") from None
-
-
-def _unit_interval(name: str):
-    def parse(text: str) -> float:
-        value = _number(name, 0.0)(text)
-        if value > 1:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text}")
-        return value
-    return parse
-
-
-def _at_least(name: str, low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{name} must be at most {high}, got {value}")
-        return value
-    return parse
-
-
-SAMPLING_OPTIONS = {  # option -> (argparse type, help); the Pipeline setting each gives is SAMPLING_SETTINGS's
-    "steps": (_positive_int("steps", MAX_STEPS), "diffusion steps"),
-    "guidance_scale": (_number("guidance scale", 0.0), "guidance scale w"),
-    "temperature": (_number("temperature", 0.0), "sampling temperature; 0 thresholds"),
-    "rho": (_number("rho", 0.0, inclusive=False), "time-step spacing exponent"),
-    "protocol": (_protocol, "diffusion step protocol, 1 or 2"),
-}
-
-
-# Other spellings accepted for an option: the short --cfg, and --num-steps, the name Python uses (diffusers').
-SAMPLING_ALIASES = {"guidance_scale": ("cfg",), "steps": ("num-steps",)}
-
-
-def _add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_OPTIONS)) -> None:
-    """Sampling options default to None: the model bundle's tuned settings apply, else the built-in ones."""
-    from .pipeline import BUILTIN_SAMPLING
-    for name in names:
-        kind, text = SAMPLING_OPTIONS[name]
-        default = BUILTIN_SAMPLING[SAMPLING_SETTINGS[name]]
-        aliases = [f"--{alias}" for alias in SAMPLING_ALIASES.get(name, ())]
-        parser.add_argument(f"--{name.replace('_', '-')}", *aliases, dest=name, type=kind, default=None,
-                            help=f"{text} (default: the model's setting, else {default})")
-
-
-def _memory(text: str) -> int:
-    from .budget import parse_memory
-    try:
-        return parse_memory(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"max memory: {e}") from None
-
-
-def _add_memory_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-memory", type=_memory, metavar="SIZE",
-                   help="refuse work estimated to need more than this, e.g. 8G (default: the memory available; "
-                        "also $BINLAT_MAX_MEMORY)")
-
-
-NONFINITE_HELP = "load weights holding NaN or infinite values (refused by default, naming the tensor)"
-
-
-def _add_image_job_options(p: argparse.ArgumentParser, progress: bool = True) -> None:
-    """Options shared by the commands that load a pipeline and write images (edit, interpolate, continue)."""
-    p.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="work size (default: the model's)")
-    p.add_argument("--model", metavar="DIR", help="pipeline bundle directory (default: the shipped model)")
-    p.add_argument("--allow-nonfinite-weights", action="store_true", help=NONFINITE_HELP)
-    p.add_argument("--text-encoder", metavar="NAME_OR_PATH", help="override the bundle's text encoder")
-    p.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
-    if progress:
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_memory_option(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="binlat", description="Text-to-image generation in a 1D binary latent space.")
+    parser = Parser(prog="binlat", description="Text-to-image generation in a 1D binary latent space.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -171,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the bundle's text encoder (e.g. amd/AMD-OLMo-1B or a local path)")
     g.add_argument("--allow-nonfinite-weights", action="store_true", help=NONFINITE_HELP)
     g.add_argument("--generator", choices=generator_kinds(), default="diffusion")
-    _add_sampling_options(g)
-    g.add_argument("--seed", type=_seed, default=None, help="base seed; image i uses seed + i")
-    g.add_argument("--size", type=_size, default=None, metavar="N|HxW", help="image size in pixels")
-    g.add_argument("--batch-size", type=_positive_int("batch size"), default=8)
+    add_sampling_options(g)
+    g.add_argument("--seed", type=seed_value, default=None, help="base seed; image i uses seed + i")
+    g.add_argument("--size", type=size_value, default=None, metavar="N|HxW", help="image size in pixels")
+    g.add_argument("--batch-size", type=positive_int("batch size"), default=8)
     g.add_argument("--out", default="out", metavar="DIR", help="output directory (default ./out)")
     g.add_argument("--grid", action="store_true", help="also write a labelled contact sheet")
     g.add_argument("--compile", action="store_true",
@@ -183,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network precision; bfloat16 is faster on CPUs with native bf16 (avx512_bf16 or AMX) "
                         "but changes some bits, and is refused on CPUs without it (it would be ~100x slower)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_memory_option(g)
+    add_memory_option(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert-official", help="convert the Instella-T2I release (or one checkpoint) for binlat")
@@ -197,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, metavar="DIR")
     c.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32", help="precision the weights are stored in")
     c.add_argument("--allow-nonfinite-weights", action="store_true", help=NONFINITE_HELP)
-    c.add_argument("--scale", type=_reference_scale, metavar="N|none",
+    c.add_argument("--scale", type=reference_scale, metavar="N|none",
                    help="tokenizer only: reference size in pixels for positions (the release's set_scale), or none; "
                         "default: the config's \"scale\", or the release's inference value when the key is absent")
-    _add_memory_option(c)
+    add_memory_option(c)
     c.set_defaults(func=cmd_convert_official)
 
     ALLOW = ("let --data name shard URLs, which webdataset opens by running a program (pipe: runs a shell command; "
@@ -212,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--allow-data-commands", action="store_true", help=ALLOW)
     t.add_argument("--unconditional", action="store_true",
                    help="generators: the data is meant to have no captions (silences the warning that says so)")
-    t.add_argument("--max-steps", type=_positive_int("max steps"))
-    t.add_argument("--batch-size", type=_positive_int("batch size"), help="global batch per optimiser step")
+    t.add_argument("--max-steps", type=positive_int("max steps"))
+    t.add_argument("--batch-size", type=positive_int("batch size"), help="global batch per optimiser step")
     t.add_argument("--output", metavar="DIR", help="run folder (default runs/KIND)")
     t.add_argument("--resume", metavar="latest|auto|CHECKPOINT",
                    help="continue from the run's latest checkpoint (auto: if it has one, else start fresh)")
@@ -225,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="train a preset briefly with some changes and score it (one row per probe)")
     pr.add_argument("kind", choices=model_kinds())
     pr.add_argument("--config", required=True, metavar="CONFIG.json")
-    pr.add_argument("--steps", type=_positive_int("steps"), required=True)
+    pr.add_argument("--steps", type=positive_int("steps"), required=True)
     pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="the change to try (repeatable), as in train")
     pr.add_argument("--change", help="the row's name (default: the --set entries)")
     pr.add_argument("--out", default="runs/probes", metavar="DIR", help="runs go to DIR/<name>, rows to DIR/probes.jsonl")
-    pr.add_argument("--per-category", type=_positive_int("per category"), default=16)
+    pr.add_argument("--per-category", type=positive_int("per category"), default=16)
     pr.add_argument("--sample-every", type=int, help="steps between held-out scores logged during training")
-    pr.add_argument("--threads", type=_positive_int("threads"), help="torch intra-op threads (1 for side-by-side probes)")
+    pr.add_argument("--threads", type=positive_int("threads"), help="torch intra-op threads (1 for side-by-side probes)")
     pr.set_defaults(func=cmd_probe)
 
     pc = sub.add_parser("precompute", help="encode a dataset once into bits (and text features) for generator training")
@@ -239,15 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--data", required=True, metavar="SPEC")
     pc.add_argument("--allow-data-commands", action="store_true", help=ALLOW)
     pc.add_argument("--out", required=True, metavar="DIR")
-    pc.add_argument("--size", type=_positive_int("size"), help="image size (default: the tokenizer's)")
-    pc.add_argument("--max-samples", type=_positive_int("max samples"), help="required for endless data (shapes)")
-    pc.add_argument("--shard-size", type=_positive_int("shard size"), default=1024)
-    pc.add_argument("--batch-size", type=_positive_int("batch size"), default=32)
-    pc.add_argument("--seed", type=_seed, default=0)
+    pc.add_argument("--size", type=positive_int("size"), help="image size (default: the tokenizer's)")
+    pc.add_argument("--max-samples", type=positive_int("max samples"), help="required for endless data (shapes)")
+    pc.add_argument("--shard-size", type=positive_int("shard size"), default=1024)
+    pc.add_argument("--batch-size", type=positive_int("batch size"), default=32)
+    pc.add_argument("--seed", type=seed_value, default=0)
     pc.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME_OR_PATH")
-    pc.add_argument("--text-max-length", type=_positive_int("text max length"), default=128)
+    pc.add_argument("--text-max-length", type=positive_int("text max length"), default=128)
     pc.add_argument("--text-layers", metavar="I,J,...", help="also store these text-encoder layers")
-    pc.add_argument("--generator-layers", type=_positive_int("generator layers"),
+    pc.add_argument("--generator-layers", type=positive_int("generator layers"),
                     help="also store text layers for a generator with this many blocks (evenly spaced map)")
     pc.add_argument("--no-progress", action="store_true")
     pc.set_defaults(func=cmd_precompute)
@@ -300,30 +165,30 @@ def build_parser() -> argparse.ArgumentParser:
     ed = sub.add_parser("edit", help="re-draw an image under a new prompt (diffusion from a partly noised start)")
     ed.add_argument("image", metavar="IMAGE")
     ed.add_argument("--prompt", required=True, help="what the edited image should show")
-    ed.add_argument("--strength", type=_unit_interval("strength"), default=0.6,
+    ed.add_argument("--strength", type=unit_interval("strength"), default=0.6,
                     help="how far to noise the image's bits: 0 keeps it, 1 ignores it (default 0.6)")
-    _add_sampling_options(ed)
-    ed.add_argument("--seed", type=_seed, default=None)
-    _add_image_job_options(ed)
+    add_sampling_options(ed)
+    ed.add_argument("--seed", type=seed_value, default=None)
+    add_image_job_options(ed)
     ed.set_defaults(func=cmd_edit)
 
     ip = sub.add_parser("interpolate", help="a strip of images switching bit by bit from image A to image B")
     ip.add_argument("image_a", metavar="A")
     ip.add_argument("image_b", metavar="B")
-    ip.add_argument("--steps", type=_at_least("steps", 2, MAX_FRAMES), default=8,
+    ip.add_argument("--steps", type=at_least("steps", 2, MAX_FRAMES), default=8,
                     help=f"frames, A and B included (default 8, at most {MAX_FRAMES})")
-    ip.add_argument("--seed", type=_seed, default=0, help="order in which bits switch (default 0)")
-    _add_image_job_options(ip, progress=False)
+    ip.add_argument("--seed", type=seed_value, default=0, help="order in which bits switch (default 0)")
+    add_image_job_options(ip, progress=False)
     ip.set_defaults(func=cmd_interpolate)
 
     co = sub.add_parser("continue", help="keep an image's first tokens and let the AR generator write the rest")
     co.add_argument("image", metavar="IMAGE")
     co.add_argument("--prompt", required=True)
-    co.add_argument("--keep-tokens", type=_at_least("keep tokens", 0), required=True, metavar="K",
+    co.add_argument("--keep-tokens", type=at_least("keep tokens", 0), required=True, metavar="K",
                     help="tokens of the image to keep (0 .. the model's token count)")
-    _add_sampling_options(co, ("guidance_scale", "temperature"))
-    co.add_argument("--seed", type=_seed, default=None)
-    _add_image_job_options(co)
+    add_sampling_options(co, ("guidance_scale", "temperature"))
+    co.add_argument("--seed", type=seed_value, default=None)
+    add_image_job_options(co)
     co.set_defaults(func=cmd_continue)
 
     sv = sub.add_parser("serve", help="HTTP API and web page for a model (binds 127.0.0.1 unless told otherwise)")
@@ -331,27 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--text-encoder", metavar="NAME_OR_PATH")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1; anything else is reachable by others)")
-    sv.add_argument("--port", type=_at_least("port", 0), default=7860, help="port (default 7860; 0 picks a free one)")
-    sv.add_argument("--max-concurrent", type=_positive_int("max concurrent"), default=1,
+    sv.add_argument("--port", type=at_least("port", 0), default=7860, help="port (default 7860; 0 picks a free one)")
+    sv.add_argument("--max-concurrent", type=positive_int("max concurrent"), default=1,
                     help="generations running at once (default 1)")
-    sv.add_argument("--max-queue", type=_positive_int("max queue"), default=8,
+    sv.add_argument("--max-queue", type=positive_int("max queue"), default=8,
                     help="requests admitted at once, running + waiting; more get 429 (default 8)")
-    sv.add_argument("--max-body-bytes", type=_positive_int("max body bytes"), default=16 * 2**20)
-    sv.add_argument("--max-n", type=_positive_int("max n"), default=8, help="images per request (default 8)")
-    sv.add_argument("--max-steps", type=_positive_int("max steps"), default=100)
-    sv.add_argument("--max-prompt-chars", type=_positive_int("max prompt chars"), default=1000)
-    sv.add_argument("--max-size", type=_positive_int("max size"), default=1024, help="pixels per side (default 1024)")
-    sv.add_argument("--max-connections", type=_positive_int("max connections"), default=64,
+    sv.add_argument("--max-body-bytes", type=positive_int("max body bytes"), default=16 * 2**20)
+    sv.add_argument("--max-n", type=positive_int("max n"), default=8, help="images per request (default 8)")
+    sv.add_argument("--max-steps", type=positive_int("max steps"), default=100)
+    sv.add_argument("--max-prompt-chars", type=positive_int("max prompt chars"), default=1000)
+    sv.add_argument("--max-size", type=positive_int("max size"), default=1024, help="pixels per side (default 1024)")
+    sv.add_argument("--max-connections", type=positive_int("max connections"), default=64,
                     help="open connections served; a request beyond gets 503 (default 64)")
-    sv.add_argument("--header-timeout", type=_positive_int("header timeout"), default=10, metavar="SECONDS",
+    sv.add_argument("--header-timeout", type=positive_int("header timeout"), default=10, metavar="SECONDS",
                     help="a connection must send a request's headers within this (default 10)")
-    sv.add_argument("--body-timeout", type=_positive_int("body timeout"), default=30, metavar="SECONDS",
+    sv.add_argument("--body-timeout", type=positive_int("body timeout"), default=30, metavar="SECONDS",
                     help="a request body must arrive within this, else 408 (default 30)")
     sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                     help="also answer requests for this Host name (repeatable; '*.example.org' for subdomains); "
                          "loopback names and --host are always allowed, any other is refused (DNS rebinding)")
     sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
-    _add_memory_option(sv)
+    add_memory_option(sv)
     sv.set_defaults(func=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmark binlat against recomputation, more tokens and latent diffusion")
@@ -367,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     evs = ev.add_subparsers(dest="eval_kind", required=True, metavar="{reconstruction,shapes,clip-score,fid}")
 
     def _eval_common(p: argparse.ArgumentParser, batch: int) -> None:
-        p.add_argument("--batch-size", type=_positive_int("batch size"), default=batch)
+        p.add_argument("--batch-size", type=positive_int("batch size"), default=batch)
         p.add_argument("--out", default="out/eval", metavar="DIR",
                        help="folder for the report and images (default out/eval)")
         p.add_argument("--json", metavar="FILE", help="report file (default <out>/report-<kind>.json)")
@@ -378,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--data", default="shapes", metavar="SPEC",
                     help="shapes (evaluation seed, unseen in training) | shapes:seed=N | folder | manifest | shards")
     er.add_argument("--allow-data-commands", action="store_true", help=ALLOW)
-    er.add_argument("--num-images", type=_positive_int("num images"), default=64)
-    er.add_argument("--size", type=_positive_int("size"), help="image side (default: the tokenizer's)")
+    er.add_argument("--num-images", type=positive_int("num images"), default=64)
+    er.add_argument("--size", type=positive_int("size"), help="image side (default: the tokenizer's)")
     er.add_argument("--lpips-weights", metavar="FILE", help="local VGG16(/LPIPS) safetensors; LPIPS is skipped without")
     er.add_argument("--no-progress", action="store_true")
     _eval_common(er, 16)
@@ -387,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     es = evs.add_parser("shapes", help="the compositional shapes benchmark, judged as shapes-spec says")
     es.add_argument("--model", metavar="DIR", help="pipeline bundle (or tokenizer directory with --ground-truth)")
     es.add_argument("--generator", choices=generator_kinds(), default="diffusion")
-    es.add_argument("--per-category", type=_positive_int("per category"), default=64)
-    _add_sampling_options(es)
-    es.add_argument("--seed", type=_seed, default=0, help="prompt-set seed; image i uses seed + i (default 0)")
-    es.add_argument("--size", type=_positive_int("size"), help="image side (default: the model's; 64 for renders)")
+    es.add_argument("--per-category", type=positive_int("per category"), default=64)
+    add_sampling_options(es)
+    es.add_argument("--seed", type=seed_value, default=0, help="prompt-set seed; image i uses seed + i (default 0)")
+    es.add_argument("--size", type=positive_int("size"), help="image side (default: the model's; 64 for renders)")
     es.add_argument("--ground-truth", action="store_true",
                     help="judge renders of each prompt through the tokenizer instead of generating (its ceiling)")
     es.add_argument("--no-tokenizer", action="store_true",
@@ -433,7 +298,7 @@ def _add_threads_everywhere(sub) -> None:
         if nested:
             _add_threads_everywhere(nested[0])
         elif name not in _NO_THREADS and not any("--threads" in a.option_strings for a in command._actions):
-            command.add_argument("--threads", type=_positive_int("threads"),
+            command.add_argument("--threads", type=positive_int("threads"),
                                  help="torch intra-op threads (default: torch's, usually one per core)")
 
 
