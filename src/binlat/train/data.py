@@ -1,4 +1,5 @@
-"""What the engine reads: keyed per-sample randomness, indexed data in step order, and skipped samples.
+"""What the engine reads: keyed per-sample randomness, indexed data in step order, streaming data in stream order,
+and skipped samples.
 
 Every random choice of a sample is drawn from a generator seeded by (run seed, global sample index), and the global
 batch of step s is always samples [s*G, (s+1)*G), whatever the number of processes."""
@@ -6,15 +7,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from ..data.base import skip_log_line, skip_logged
-from ..data.collate import collate  # noqa: F401 - the engine's collate_fn, shared with every data reader
+from ..data.collate import collate  # the engine's collate_fn too, shared with every data reader
 
 log = logging.getLogger("binlat.train")
 
@@ -175,3 +177,44 @@ class StepBatches(Sampler):
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.accum
+
+
+def guarded(loader, guard: SkipGuard):
+    """Indexed data's batches as they come, each reported to `guard`: one with a sample ends a bad stretch, an empty
+    one (every sample skipped) lengthens it."""
+    for batch in loader:
+        if len(batch["index"]):
+            guard.read()
+        else:
+            guard.skipped(batch.get("skipped", []))
+        yield batch
+
+
+def stream_batches(source, per_process: int, num_workers: int, first: int, stride: int,
+                   guard: SkipGuard) -> Iterator[dict[str, Any]]:
+    """Streaming data (folders, manifests, WebDataset shards) has no random access: each process reads its own
+    split in order, and indices count samples as they come (resume restarts the stream). It ends only with
+    the run, or with an UnreadableDataError when samples are skipped too long in a row or a whole pass has
+    none."""
+    loader = DataLoader(SkipReports(source), batch_size=per_process, num_workers=num_workers,
+                        collate_fn=lambda s: [x for x in s if x is not None])
+    skipped: list[str] = []
+    while True:
+        batches = good = skips = 0
+        for batches, samples in enumerate(loader, start=1):  # every loader batch takes its share of indices
+            for x in samples:  # in stream order: a sample's skips came before it
+                news = x.pop("skipped", [])
+                guard.skipped(news)
+                skipped += news
+                skips += len(news)
+                if x:  # a lone skip marker is empty now
+                    guard.read()
+            samples = [x for x in samples if x]
+            if not samples:
+                continue
+            start, good = first + (batches - 1) * stride, good + len(samples)
+            batch = collate([{**x, "index": start + i} for i, x in enumerate(samples)])
+            batch["skipped"], skipped = skipped, []
+            yield batch
+        guard.end_of_pass(good, skips)
+        first += stride * batches

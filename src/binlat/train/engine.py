@@ -30,8 +30,10 @@ from ..metrics import psnr_of_mse
 from .checkpoints import (CheckpointError, clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses,
                           read_state)
 from .config import TrainConfig
-from .sharding import full_model_state, full_optimizer_state, load_optimizer_state
-from .data import IndexedData, SkipGuard, SkippedSamples, SkipReports, StepBatches, collate, sample_generator
+from .sharding import (SHARDED_TYPES, check_sharding_has_an_accelerator, full_model_state, full_optimizer_state,
+                       load_optimizer_state)
+from .data import (IndexedData, SkipGuard, SkippedSamples, StepBatches, collate, guarded, sample_generator,
+                   stream_batches)
 from .optimizers import make_optimizer
 from .schedule import EMA, lr_at
 
@@ -40,28 +42,6 @@ log = logging.getLogger("binlat.train")
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run stopped; its last checkpoint is intact."""
-
-
-SHARDED_TYPES = ("FSDP", "DEEPSPEED")
-CPU_LAUNCH_CONFIG = "configs/accelerate/cpu-ddp-2proc.yaml"
-
-
-def check_sharding_has_an_accelerator(distributed_type: Any = None, device: torch.device | None = None) -> None:
-    """An FSDP or DeepSpeed launch on a machine without an accelerator stops here, before `prepare` (where
-    accelerate's own CPU errors differ by version and CPU: "sync_module_states=True is not supported on cpu", "no
-    available devices", ...). Decided by the condition, not by a message: the launch asks for sharding (the
-    launcher's ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED, or the Accelerator's distributed type) and there is
-    no accelerator (torch sees none, or the Accelerator's device is a CPU)."""
-    asked = {kind for kind in SHARDED_TYPES
-             if os.environ.get(f"ACCELERATE_USE_{kind}", "").strip().lower() in ("1", "true", "yes")}
-    if distributed_type is not None:
-        asked.add(str(getattr(distributed_type, "value", distributed_type)).upper())
-    sharded = sorted(asked & set(SHARDED_TYPES))
-    no_accelerator = not torch.accelerator.is_available() if device is None else device.type == "cpu"
-    if sharded and no_accelerator:
-        name = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}[sharded[0]]
-        raise ValueError(f"this launch asks for {name} sharding, which needs GPUs, and this machine has none; on CPUs "
-                         f"launch with {CPU_LAUNCH_CONFIG} (DDP over processes) or run without accelerate launch")
 
 
 class Trainer:
@@ -157,22 +137,16 @@ class Trainer:
         if self.acc.is_main_process:
             self._describe_data(source)
         if not hasattr(source, "sample"):
-            return self._stream(source)
+            first = self.step * self.cfg.batch_size + self.acc.process_index * self.per_process
+            return stream_batches(source, self.per_process, self.cfg.num_workers, first,
+                                  stride=self.per_process * self.acc.num_processes,
+                                  guard=SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips))
         data = IndexedData(source, self.cfg.seed)
         sampler = StepBatches(self.step, self.cfg.max_steps, self.per_process, self.acc.num_processes,
                               self.acc.process_index, self.cfg.grad_accum)
         self.data = data
         loader = DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
-        return self._guarded(loader, SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips, data.length))
-
-    @staticmethod
-    def _guarded(loader, guard: SkipGuard):
-        for batch in loader:
-            if len(batch["index"]):
-                guard.read()
-            else:
-                guard.skipped(batch.get("skipped", []))
-            yield batch
+        return guarded(loader, SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips, data.length))
 
     def _describe_data(self, source) -> None:
         """One line before step 1 naming the data (count, captions, their source, resolution); a warning when a
@@ -191,37 +165,6 @@ class Trainer:
             self._warn(f"no sample of {self.cfg.data} has a caption: the generator will learn unconditional "
                        f"generation only. Put a same-named .txt beside each image (or a caption column in the "
                        f"manifest), or pass --unconditional if that is what you want")
-
-    def _stream(self, source):
-        """Streaming data (folders, manifests, WebDataset shards) has no random access: each process reads its own
-        split in order, and indices count samples as they come (resume restarts the stream). It ends only with
-        the run, or with an UnreadableDataError when samples are skipped too long in a row or a whole pass has
-        none."""
-        loader = DataLoader(SkipReports(source), batch_size=self.per_process, num_workers=self.cfg.num_workers,
-                            collate_fn=lambda s: [x for x in s if x is not None])
-        first = self.step * self.cfg.batch_size + self.acc.process_index * self.per_process
-        stride = self.per_process * self.acc.num_processes
-        guard = SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips)
-        skipped: list[str] = []
-        while True:
-            batches = good = skips = 0
-            for batches, samples in enumerate(loader, start=1):  # every loader batch takes its share of indices
-                for x in samples:  # in stream order: a sample's skips came before it
-                    news = x.pop("skipped", [])
-                    guard.skipped(news)
-                    skipped += news
-                    skips += len(news)
-                    if x:  # a lone skip marker is empty now
-                        guard.read()
-                samples = [x for x in samples if x]
-                if not samples:
-                    continue
-                start, good = first + (batches - 1) * stride, good + len(samples)
-                batch = collate([{**x, "index": start + i} for i, x in enumerate(samples)])
-                batch["skipped"], skipped = skipped, []
-                yield batch
-            guard.end_of_pass(good, skips)
-            first += stride * batches
 
     # --- loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:

@@ -6,13 +6,39 @@ written as if they were the model. These helpers gather full tensors (a collecti
 same order) and cut a full state back into this rank's shards. For a model that is not sharded they are the plain
 calls, so a checkpoint is the same files either way: model weights by name, the optimizer state keyed by parameter
 index (as `torch.optim.Optimizer.state_dict` writes it); a sharded run resumes an unsharded run's checkpoint.
+
+Before any of that, a launch that asks for sharding on a machine without an accelerator is stopped with one line
+(check_sharding_has_an_accelerator).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+SHARDED_TYPES = ("FSDP", "DEEPSPEED")
+CPU_LAUNCH_CONFIG = "configs/accelerate/cpu-ddp-2proc.yaml"
+
+
+def check_sharding_has_an_accelerator(distributed_type: Any = None, device: torch.device | None = None) -> None:
+    """An FSDP or DeepSpeed launch on a machine without an accelerator stops here, before `prepare` (where
+    accelerate's own CPU errors differ by version and CPU: "sync_module_states=True is not supported on cpu", "no
+    available devices", ...). Decided by the condition, not by a message: the launch asks for sharding (the
+    launcher's ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED, or the Accelerator's distributed type) and there is
+    no accelerator (torch sees none, or the Accelerator's device is a CPU)."""
+    asked = {kind for kind in SHARDED_TYPES
+             if os.environ.get(f"ACCELERATE_USE_{kind}", "").strip().lower() in ("1", "true", "yes")}
+    if distributed_type is not None:
+        asked.add(str(getattr(distributed_type, "value", distributed_type)).upper())
+    sharded = sorted(asked & set(SHARDED_TYPES))
+    no_accelerator = not torch.accelerator.is_available() if device is None else device.type == "cpu"
+    if sharded and no_accelerator:
+        name = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}[sharded[0]]
+        raise ValueError(f"this launch asks for {name} sharding, which needs GPUs, and this machine has none; on CPUs "
+                         f"launch with {CPU_LAUNCH_CONFIG} (DDP over processes) or run without accelerate launch")
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
