@@ -218,3 +218,22 @@ def stream_batches(source, per_process: int, num_workers: int, first: int, strid
             yield batch
         guard.end_of_pass(good, skips)
         first += stride * batches
+
+
+def per_process_batch(batch_size: int, world: int, grad_accum: int) -> int:
+    """The micro-batch of one process: the global batch split over processes and accumulation steps, exactly."""
+    if batch_size % (world * grad_accum):
+        raise ValueError(f"batch_size {batch_size} must be divisible by processes x grad_accum "
+                         f"= {world} x {grad_accum}")
+    return batch_size // (world * grad_accum)
+
+
+def describe_data(source, spec: str, size: int) -> tuple[str, int | None]:
+    """The line that names a run's data before step 1 (count, captions, their source, resolution), and how many of
+    its samples have captions (None: unknown)."""
+    about = source.describe() if hasattr(source, "describe") else {}
+    samples, captioned = about.get("samples"), about.get("captioned")
+    count = "a stream of samples" if samples is None else f"{samples} samples"
+    with_captions = "" if captioned is None or samples is None else f", {captioned} with captions"
+    where = f"; captions from {about['captions']}" if about.get("captions") else ""
+    return f"data {spec}: {count}{with_captions}{where}; images at {size} x {size} px", captioned

@@ -30,10 +30,10 @@ from ..metrics import psnr_of_mse
 from .checkpoints import (CheckpointError, clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses,
                           read_state)
 from .config import TrainConfig
-from .sharding import (SHARDED_TYPES, check_sharding_has_an_accelerator, full_model_state, full_optimizer_state,
-                       load_optimizer_state)
-from .data import (IndexedData, SkipGuard, SkippedSamples, StepBatches, collate, guarded, sample_generator,
-                   stream_batches)
+from .sharding import (SHARDED_TYPES, check_one_run, check_sharding_has_an_accelerator, full_model_state,
+                       full_optimizer_state, load_optimizer_state)
+from .data import (IndexedData, SkipGuard, SkippedSamples, StepBatches, collate, describe_data, guarded,
+                   per_process_batch, sample_generator, stream_batches)
 from .optimizers import make_optimizer
 from .schedule import EMA, lr_at
 
@@ -62,18 +62,8 @@ class Trainer:
         if cfg.mixed_precision == "bf16":  # before anything is written: emulated bf16 is far slower than float32
             require_bf16(self.acc.device, "bf16 mixed-precision training",
                          fix='set mixed_precision to "no" (--set mixed_precision=no)')
-        world = self.acc.num_processes
-        launched = os.environ.get("WORLD_SIZE")
-        if launched and launched.isdigit() and int(launched) != world:
-            # e.g. an FSDP or DeepSpeed launch config that accelerate turned into single-process runs on a CPU:
-            # every process would train its own copy into the same folder.
-            raise ValueError(f"the launcher started {launched} processes but accelerate sees a world of {world} "
-                             f"({self.acc.distributed_type}); these processes do not form one run. Check the "
-                             f"launch config against this machine (on CPUs: configs/accelerate/cpu-ddp-2proc.yaml)")
-        if cfg.batch_size % (world * cfg.grad_accum):
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
-                             f"= {world} x {cfg.grad_accum}")
-        self.per_process = cfg.batch_size // (world * cfg.grad_accum)
+        check_one_run(self.acc.num_processes, self.acc.distributed_type)
+        self.per_process = per_process_batch(cfg.batch_size, self.acc.num_processes, cfg.grad_accum)
         torch.manual_seed(cfg.seed)  # model initialisation: identical on every process
         self.task = make_task(cfg, self.acc.device, allow_data_commands)
         self.model = self.task.model
@@ -149,15 +139,9 @@ class Trainer:
         return guarded(loader, SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips, data.length))
 
     def _describe_data(self, source) -> None:
-        """One line before step 1 naming the data (count, captions, their source, resolution); a warning when a
-        generator's data has no captions at all (it would learn unconditional generation without a word)."""
-        about = source.describe() if hasattr(source, "describe") else {}
-        samples, captioned = about.get("samples"), about.get("captioned")
-        count = "a stream of samples" if samples is None else f"{samples} samples"
-        with_captions = "" if captioned is None or samples is None else f", {captioned} with captions"
-        where = f"; captions from {about['captions']}" if about.get("captions") else ""
-        size = self.cfg.image_size
-        message = f"data {self.cfg.data}: {count}{with_captions}{where}; images at {size} x {size} px"
+        """One line before step 1 naming the data (describe_data); a warning when a generator's data has no captions
+        at all (it would learn unconditional generation without a word)."""
+        message, captioned = describe_data(source, self.cfg.data, self.cfg.image_size)
         log.info(message)
         if self.acc.is_local_main_process:
             tqdm.write(message)

@@ -7,8 +7,8 @@ same order) and cut a full state back into this rank's shards. For a model that 
 calls, so a checkpoint is the same files either way: model weights by name, the optimizer state keyed by parameter
 index (as `torch.optim.Optimizer.state_dict` writes it); a sharded run resumes an unsharded run's checkpoint.
 
-Before any of that, a launch that asks for sharding on a machine without an accelerator is stopped with one line
-(check_sharding_has_an_accelerator).
+Before any of that, a launch that asks for sharding on a machine without an accelerator, or whose processes
+accelerate does not see as one world, is stopped with one line (check_sharding_has_an_accelerator, check_one_run).
 """
 from __future__ import annotations
 
@@ -40,6 +40,18 @@ def check_sharding_has_an_accelerator(distributed_type: Any = None, device: torc
         raise ValueError(f"this launch asks for {name} sharding, which needs GPUs, and this machine has none; on CPUs "
                          f"launch with {CPU_LAUNCH_CONFIG} (DDP over processes) or run without accelerate launch")
 
+
+
+def check_one_run(world: int, distributed_type: Any) -> None:
+    """The processes the launcher started (its WORLD_SIZE) must be the world accelerate sees, or they do not form
+    one run."""
+    launched = os.environ.get("WORLD_SIZE")
+    if launched and launched.isdigit() and int(launched) != world:
+        # e.g. an FSDP or DeepSpeed launch config that accelerate turned into single-process runs on a CPU:
+        # every process would train its own copy into the same folder.
+        raise ValueError(f"the launcher started {launched} processes but accelerate sees a world of {world} "
+                         f"({distributed_type}); these processes do not form one run. Check the "
+                         f"launch config against this machine (on CPUs: configs/accelerate/cpu-ddp-2proc.yaml)")
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
