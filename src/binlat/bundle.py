@@ -2,8 +2,9 @@
 rewrites: a directory with `model_index.json` (a PipelineConfig) and one model directory per part, `tokenizer/` and
 `diffusion/` and/or `ar/`. The text encoder is referenced by name or path, not copied.
 
-The index's name, its config, the built-in sampling settings its `sampling` may override and the reading and
-writing of the file live here, below all three, so that none of them imports another for the format.
+The index's name, its config, the built-in sampling settings its `sampling` may override, the reading and
+writing of the file and the reading of the parts' configs (with what the bundle will cost in memory) live here,
+below all three, so that none of them imports another for the format.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import jsondepth, registry
+from . import budget, jsondepth, registry
 from .config import ConfigError, config_from_dict, config_to_dict
 from .io import atomic_write_bytes, read_bounded
 from .processes.common import check_sampling_args
 from .text import DEFAULT_TEXT_ENCODER
+from .tokenizer import BinaryTokenizer
 
 INDEX_NAME = "model_index.json"
 
@@ -100,3 +102,22 @@ def read_index(directory: str | Path) -> PipelineConfig:
     except jsondepth.JSONNestingError as e:
         raise ConfigError(f"{index}: {e}") from None
     return config_from_dict(PipelineConfig, data, str(index))
+
+
+def load_part_configs(directory: str | Path, config: PipelineConfig, dtype: Any = None) -> dict[str, Any]:
+    """The configs of a bundle's generators (`<kind>/config.json`), read strictly, after the whole bundle has been
+    measured against the memory limit (binlat.budget) before any part is built: its networks in `dtype`, and one
+    image made at its own image_size. A bundle that would not fit is a MemoryBudgetError naming it."""
+    directory = Path(directory)
+    networks = {k: registry.generator(k).network for k in config.generators}
+    configs = {k: network.read_config(directory / k) for k, network in networks.items()}
+    tok_config = BinaryTokenizer.read_config(directory / "tokenizer")
+    total = sum(budget.check_network(network, c, str(directory / part), dtype)
+                for part, network, c in [("tokenizer", BinaryTokenizer, tok_config)]
+                + [(k, networks[k], configs[k]) for k in configs])
+    work = max(budget.generation_bytes(tok_config, c, batch=1, height=config.image_size, width=config.image_size,
+                                       text_len=config.text_max_length, text_layers=c.num_layers, kept_images=1)
+               for c in configs.values())
+    budget.check(total + work, f"{directory}: this bundle (its networks, and one image at its image_size "
+                 f"{config.image_size})", "check its configs and model_index.json's image_size")
+    return configs

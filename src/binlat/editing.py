@@ -24,7 +24,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import registry
-from .pipeline import Pipeline, PipelineOutput, check_prompts
+from .generation import PipelineOutput, check_prompts
+from .pipeline import Pipeline
 from .processes.common import check_seed, make_generators
 
 # Decoded pixel budget for an input image (a small PNG can claim a huge canvas).

@@ -6,23 +6,21 @@ is binlat.bundle's; a download of the Instella-T2I release is converted into a b
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import secrets
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from . import budget, modeling, registry
-from .bundle import BUILTIN_SAMPLING, PipelineConfig, read_index, write_index
+from .bundle import BUILTIN_SAMPLING, PipelineConfig, load_part_configs, read_index, write_index
 from .bundle import INDEX_NAME as INDEX_NAME  # re-exported: where Python callers found it before binlat.bundle
+from .generation import Generators, PipelineOutput, check_prompts, to_pil
 from .generators import GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
@@ -30,82 +28,6 @@ from .processes.common import check_sampling_args, check_seed, make_generators
 from .release import resolve_pipeline_dir
 from .text import TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
-
-# The name a record (a metadata.jsonl line, an HTTP image's metadata) gives each setting: the CLI's and HTTP's
-# "steps" for num_steps, the settings' own names for the rest.
-RECORD_NAMES: dict[str, str] = {"num_steps": "steps"}
-
-
-def settings_record(generator: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings `generator`'s process reads (the fields of its Settings, binlat.registry), taken from a complete
-    settings dict (Pipeline.sampling_settings) under their record names: what a metadata line records. AR decoding
-    reads no steps, rho or protocol, so its records leave them out instead of listing values it ignored."""
-    fields = dataclasses.fields(registry.generator(generator).settings)
-    return {RECORD_NAMES.get(f.name, f.name): settings[f.name] for f in fields}
-
-
-@dataclass
-class PipelineOutput:
-    images: list[Image.Image]
-    seeds: list[int]
-    bits: torch.Tensor | None = None  # [N, K, B] uint8 when asked for
-    prompts: list[str] = field(default_factory=list)
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[N, 3, H, W] in [-1, 1] -> PIL RGB images (values outside the range are clipped)."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
-
-
-def check_prompts(prompts: str | Sequence[str]) -> list[str]:
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given: pass at least one prompt")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"prompt {i} is not text: {p!r}")
-        if not p.strip():
-            raise ValueError(f"prompt {i} is empty: describe the image to generate")
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError as e:  # lone surrogates, e.g. from undecodable command-line bytes
-            raise ValueError(f"prompt {i} is not valid Unicode text (unpaired surrogate at character {e.start})"
-                             ) from None
-    return prompts
-
-
-class Generators(Mapping):
-    """The pipeline's generators by kind. One given as a loader is read from disk on first use, so a pipeline
-    holds in memory only the generators its calls have used (the release's two cost ~8 GB together)."""
-
-    def __init__(self, models: dict[str, torch.nn.Module], loaders: dict[str, Callable[[], torch.nn.Module]],
-                 prepare: Callable[[str, torch.nn.Module], torch.nn.Module]):
-        self._models, self._loaders, self._prepare = dict(models), dict(loaders), prepare
-        self._lock = threading.Lock()  # two server threads asking at once load it once
-
-    def __getitem__(self, kind: str) -> torch.nn.Module:
-        if kind not in self._models:
-            with self._lock:
-                if kind not in self._models:
-                    if kind not in self._loaders:
-                        raise KeyError(kind)
-                    self._models[kind] = self._prepare(kind, self._loaders[kind]())
-                    del self._loaders[kind]
-        return self._models[kind]
-
-    def __contains__(self, kind: object) -> bool:  # without loading (Mapping's default would load)
-        return kind in self._models or kind in self._loaders
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([k for k in registry.generator_kinds() if k in self])
-
-    def __len__(self) -> int:
-        return len(list(iter(self)))
-
-    def loaded(self) -> dict[str, torch.nn.Module]:
-        """The generators in memory now."""
-        return dict(self._models)
 
 
 class Pipeline:
@@ -181,18 +103,8 @@ class Pipeline:
         config = read_index(directory)
         if dtype == torch.bfloat16:
             require_bf16(device, "bfloat16 generation", fix="load in float32 (dtype=None)")
+        configs = load_part_configs(directory, config, dtype)
         networks = {k: registry.generator(k).network for k in config.generators}
-        configs = {k: network.read_config(directory / k) for k, network in networks.items()}
-        # The whole bundle, and a generation at its own image_size, measured before any part is built.
-        tok_config = BinaryTokenizer.read_config(directory / "tokenizer")
-        total = sum(budget.check_network(cls, c, str(directory / part), dtype)
-                    for part, cls, c in [("tokenizer", BinaryTokenizer, tok_config)]
-                    + [(k, networks[k], configs[k]) for k in configs])
-        work = max(budget.generation_bytes(tok_config, c, batch=1, height=config.image_size, width=config.image_size,
-                                           text_len=config.text_max_length, text_layers=c.num_layers, kept_images=1)
-                   for c in configs.values())
-        budget.check(total + work, f"{directory}: this bundle (its networks, and one image at its image_size "
-                     f"{config.image_size})", "check its configs and model_index.json's image_size")
         if not isinstance(text_encoder, TextEncoder):
             text_encoder = TextEncoder(text_encoder or config.text_encoder, max_length=config.text_max_length,
                                        device=device)
@@ -299,20 +211,15 @@ class Pipeline:
         this pipeline; when there are any, one message naming them goes to `warn` (default: a UserWarning). Every
         generation calls it, so a run names each unknown word once. A generator without a vocabulary (bundles made
         before cards, open-domain captions) checks nothing."""
-        from .data.vocabulary import words
+        from .data.vocabulary import unknown_words, unknown_words_message
         vocabulary = self.config.vocabulary.get(generator)
         if not vocabulary:
             return []
-        known = set(vocabulary["words"])
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        new = [w for w in dict.fromkeys(w for p in prompts for w in words(p))
-               if w not in known and w not in self._words_warned]
+        new = [w for w in unknown_words(prompts, vocabulary) if w not in self._words_warned]
         if new:
             self._words_warned.update(new)
-            listed = ", ".join(vocabulary["words"][:40]) + (", …" if len(vocabulary["words"]) > 40 else "")
-            named = ", ".join(f'"{w}"' for w in new)
-            message = (f"{named} {'is' if len(new) == 1 else 'are'} not in this model's training vocabulary "
-                       f"({vocabulary['source']}: {listed}); expect a blank or unrelated image")
+            message = unknown_words_message(new, vocabulary)
             if warn is None:
                 warnings.warn(message, UserWarning, stacklevel=3)
             else:

@@ -28,7 +28,7 @@ def score_tokenizer(tokenizer, size: int, per_category: int, seed: int = PROBE_S
     from .data.shapes import to_tensor
     from .eval.shapes_eval import ground_truth_images
     from .judge.accuracy import evaluate_shapes
-    from .pipeline import to_pil
+    from .generation import to_pil
     renders, recons = [], []
 
     def round_trip(prompts: list[str], base_seed: int):

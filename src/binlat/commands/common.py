@@ -63,7 +63,7 @@ def load_pipeline(model: str | None, text_encoder: str | None, allow_nonfinite: 
 def warn_vocabulary(pipe, prompts, generator: str) -> None:
     """One stderr line naming the prompts' words that lie outside the generator's training vocabulary, if any (the
     pipeline then stays quiet about them for the rest of the run)."""
-    from ..pipeline import check_prompts
+    from ..generation import check_prompts
     prompts = check_prompts(prompts)  # a bad prompt is its one-line error, not a warning first
     pipe.warn_vocabulary(prompts, generator, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
 
@@ -79,7 +79,7 @@ def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
 
 def sampling_record(generator: str, args: argparse.Namespace) -> dict:
     """The sampling options a metadata line records, after resolve_sampling: only those `generator` uses."""
-    from ..pipeline import settings_record
+    from ..generation import settings_record
     given = {setting: getattr(args, name, None) for name, setting in SAMPLING_SETTINGS.items()}
     return settings_record(generator, given)
 

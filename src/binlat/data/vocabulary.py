@@ -23,6 +23,20 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+
+def unknown_words(prompts: Iterable[str], vocabulary: dict[str, Any]) -> list[str]:
+    """The distinct words of `prompts`, in the order they first appear, that `vocabulary` does not hold."""
+    known = set(vocabulary["words"])
+    return [w for w in dict.fromkeys(w for p in prompts for w in words(p)) if w not in known]
+
+
+def unknown_words_message(new: list[str], vocabulary: dict[str, Any]) -> str:
+    """The warning that names the words `new`, outside `vocabulary`, beside the first 40 words it does hold."""
+    listed = ", ".join(vocabulary["words"][:40]) + (", …" if len(vocabulary["words"]) > 40 else "")
+    named = ", ".join(f'"{w}"' for w in new)
+    return (f"{named} {'is' if len(new) == 1 else 'are'} not in this model's training vocabulary "
+            f"({vocabulary['source']}: {listed}); expect a blank or unrelated image")
+
 def vocabulary(source: str, captions: Iterable[str]) -> dict[str, Any]:
     return {"source": source, "words": sorted({w for caption in captions for w in words(caption)})}
 

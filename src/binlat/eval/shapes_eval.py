@@ -34,7 +34,7 @@ def ground_truth_images(size: int = 64, tokenizer=None, batch_size: int = 16) ->
                    for i, p in enumerate(prompts)]
         if tokenizer is None:
             return renders
-        from binlat.pipeline import to_pil
+        from binlat.generation import to_pil
         device = next(tokenizer.parameters()).device
         out: list[Image.Image] = []
         for start in range(0, len(renders), batch_size):

@@ -24,7 +24,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import editing
-from ..pipeline import Pipeline, settings_record
+from ..generation import settings_record
+from ..pipeline import Pipeline
 from .bodies import decode_image, image_body_doc, image_request, json_object
 from .errors import ApiError, internal_error
 from .guards import TICKET

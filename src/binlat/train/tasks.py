@@ -240,7 +240,7 @@ class TokenizerTask(Task):
 
     def sample_grid(self, model, cfg):
         from ..grid import contact_sheet
-        from ..pipeline import to_pil
+        from ..generation import to_pil
         data = self.dataset()
         samples = [data.sample(i) if hasattr(data, "sample") else data[i] for i in range(4)]
         images = torch.stack([s["image"] for s in samples])

@@ -1,0 +1,93 @@
+"""What a generation call takes and gives, apart from the Pipeline that makes it: prompts checked as text, images
+as PIL, outputs, the record of the settings a call used, and a pipeline's generators by kind, loaded on first use.
+The CLI, the server, editing, training's sample grids and evaluation use these without needing a Pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import registry
+
+# The name a record (a metadata.jsonl line, an HTTP image's metadata) gives each setting: the CLI's and HTTP's
+# "steps" for num_steps, the settings' own names for the rest.
+RECORD_NAMES: dict[str, str] = {"num_steps": "steps"}
+
+
+def settings_record(generator: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings `generator`'s process reads (the fields of its Settings, binlat.registry), taken from a complete
+    settings dict (Pipeline.sampling_settings) under their record names: what a metadata line records. AR decoding
+    reads no steps, rho or protocol, so its records leave them out instead of listing values it ignored."""
+    fields = dataclasses.fields(registry.generator(generator).settings)
+    return {RECORD_NAMES.get(f.name, f.name): settings[f.name] for f in fields}
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image]
+    seeds: list[int]
+    bits: torch.Tensor | None = None  # [N, K, B] uint8 when asked for
+    prompts: list[str] = field(default_factory=list)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] in [-1, 1] -> PIL RGB images (values outside the range are clipped)."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} is not text: {p!r}")
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty: describe the image to generate")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. from undecodable command-line bytes
+            raise ValueError(f"prompt {i} is not valid Unicode text (unpaired surrogate at character {e.start})"
+                             ) from None
+    return prompts
+
+
+class Generators(Mapping):
+    """The pipeline's generators by kind. One given as a loader is read from disk on first use, so a pipeline
+    holds in memory only the generators its calls have used (the release's two cost ~8 GB together)."""
+
+    def __init__(self, models: dict[str, torch.nn.Module], loaders: dict[str, Callable[[], torch.nn.Module]],
+                 prepare: Callable[[str, torch.nn.Module], torch.nn.Module]):
+        self._models, self._loaders, self._prepare = dict(models), dict(loaders), prepare
+        self._lock = threading.Lock()  # two server threads asking at once load it once
+
+    def __getitem__(self, kind: str) -> torch.nn.Module:
+        if kind not in self._models:
+            with self._lock:
+                if kind not in self._models:
+                    if kind not in self._loaders:
+                        raise KeyError(kind)
+                    self._models[kind] = self._prepare(kind, self._loaders[kind]())
+                    del self._loaders[kind]
+        return self._models[kind]
+
+    def __contains__(self, kind: object) -> bool:  # without loading (Mapping's default would load)
+        return kind in self._models or kind in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k for k in registry.generator_kinds() if k in self])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def loaded(self) -> dict[str, torch.nn.Module]:
+        """The generators in memory now."""
+        return dict(self._models)
