@@ -21,6 +21,7 @@ conditional NLL, or the best likelihood ratio to the empty caption, against one 
 
     python scripts/ar-diagnosis.py [--model models/default] [--per-category 16] [--seed 1000] [--rerank N] [--json OUT]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def token_nll_bits(network, bits: torch.Tensor, text) -> tuple[torch.Tensor, tor
     """[N, K] bits of NLL of each token under the network, teacher forced on `bits` itself, and [N, K] the share
     of each token's units (bits, or groups of a grouped head) whose most likely value has p > 0.95."""
     from binlat.processes.ar import teacher_forced
+
     log_p, top = teacher_forced(network, bits, text)
     return -log_p.sum(-1) / math.log(2), (top > 0.95).float().mean(-1)
 
@@ -41,9 +43,10 @@ def token_nll_bits(network, bits: torch.Tensor, text) -> tuple[torch.Tensor, tor
 def swap_roles(prompt: str, relations) -> str:
     """'a red circle above a square' -> 'a square above a red circle' (prefix and suffix kept)."""
     from binlat.data.shapes import PREFIX, SUFFIX
+
     head = PREFIX if prompt.startswith(PREFIX) else ""
     tail = SUFFIX if prompt.endswith(SUFFIX) else ""
-    core = prompt[len(head): len(prompt) - len(tail)]
+    core = prompt[len(head) : len(prompt) - len(tail)]
     rel = next(r for r in relations if f" {r} " in core)
     left, right = core.split(f" {rel} ")
     return f"{head}{right} {rel} {left}{tail}"
@@ -55,6 +58,7 @@ COUNTS = ("two", "three", "four")
 def alternative(prompt: str, category: str) -> str | None:
     """The caption that differs from `prompt` in the one thing its category tests, or None."""
     from binlat.data.shapes import COLORS, RELATIONS
+
     words = prompt.split(" ")
     if category == "position":
         return swap_roles(prompt, RELATIONS)
@@ -74,6 +78,7 @@ def alternative(prompt: str, category: str) -> str | None:
 
 def rerank(pipe, network, layers, prompts, seed: int, n: int) -> dict:
     from binlat.judge.shapes import judge
+
     cond, uncond = pipe.encode_prompts(prompts)
     cond, empty = cond.select(layers), uncond.select(layers).index([0] * len(prompts))
     correct, nll_cond, ratio = [], [], []
@@ -85,17 +90,21 @@ def rerank(pipe, network, layers, prompts, seed: int, n: int) -> dict:
         ratio.append(c - token_nll_bits(network, out.bits.float(), empty)[0].sum(1))
     correct, nll_cond, ratio = torch.stack(correct), torch.stack(nll_cond), torch.stack(ratio)
     rows = torch.arange(len(prompts))
-    return {"samples_per_prompt": n, "one_sample": round(correct.mean().item(), 3),
-            "lowest_conditional_nll": round(correct[nll_cond.argmin(0), rows].mean().item(), 3),
-            "best_ratio_to_empty_caption": round(correct[ratio.argmin(0), rows].mean().item(), 3),
-            "oracle": round(correct.max(0).values.mean().item(), 3)}
+    return {
+        "samples_per_prompt": n,
+        "one_sample": round(correct.mean().item(), 3),
+        "lowest_conditional_nll": round(correct[nll_cond.argmin(0), rows].mean().item(), 3),
+        "best_ratio_to_empty_caption": round(correct[ratio.argmin(0), rows].mean().item(), 3),
+        "oracle": round(correct.max(0).values.mean().item(), 3),
+    }
 
 
 def main() -> None:
+    import numpy as np
+
     from binlat.data.shapes import CATEGORIES, prompt_set, render, scene_for_caption, to_tensor
     from binlat.judge.shapes import judge
     from binlat.pipeline import Pipeline
-    import numpy as np
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/default")
@@ -107,11 +116,17 @@ def main() -> None:
     pipe = Pipeline.from_pretrained(args.model)
     network, layers = pipe.generators["ar"], pipe.text_layers("ar")
     prompts = [q for c in CATEGORIES for q in prompt_set(c, args.per_category, seed=args.seed)]
-    renders = [render(scene_for_caption(q, np.random.default_rng(args.seed + i), size=pipe.config.image_size))
-               for i, q in enumerate(prompts)]
+    renders = [
+        render(scene_for_caption(q, np.random.default_rng(args.seed + i), size=pipe.config.image_size))
+        for i, q in enumerate(prompts)
+    ]
     with torch.inference_mode():
-        true_bits = torch.cat([pipe.tokenizer.encode(torch.stack([to_tensor(r) for r in renders[s:s + 32]]))
-                               for s in range(0, len(renders), 32)]).float()
+        true_bits = torch.cat(
+            [
+                pipe.tokenizer.encode(torch.stack([to_tensor(r) for r in renders[s : s + 32]]))
+                for s in range(0, len(renders), 32)
+            ]
+        ).float()
     out = pipe(prompts, generator="ar", seed=args.seed, return_bits=True, progress=False)
     own_bits = out.bits.float()
     own_ok = torch.tensor([judge(im, q)["correct"] for im, q in zip(out.images, prompts)])
@@ -122,9 +137,12 @@ def main() -> None:
     quarters = [slice(i * k // 4, (i + 1) * k // 4) for i in range(4)]
 
     def row(nll, sure, which):
-        return {"images": int(which.sum()), "nll_bits_per_token": round(nll[which].mean().item(), 3),
-                "nll_by_quarter": [round(nll[which][:, q].mean().item(), 3) for q in quarters],
-                "sure_bits": round(sure[which].mean().item(), 3)}
+        return {
+            "images": int(which.sum()),
+            "nll_bits_per_token": round(nll[which].mean().item(), 3),
+            "nll_by_quarter": [round(nll[which][:, q].mean().item(), 3) for q in quarters],
+            "sure_bits": round(sure[which].mean().item(), 3),
+        }
 
     everyone = torch.ones(len(prompts), dtype=torch.bool)
     categories = [c for c in CATEGORIES for _ in range(args.per_category)]
@@ -135,18 +153,27 @@ def main() -> None:
         right = pipe.encode_prompts([prompts[i] for i in where])[0].select(layers)
         nll_right = token_nll_bits(network, true_bits[where], right)[0].sum(1)
         nll_other = token_nll_bits(network, true_bits[where], other)[0].sum(1)
-        reading[category] = {"renders": len(where), "own_caption_preferred": int((nll_right < nll_other).sum()),
-                             "mean_gap_bits_per_image": round((nll_other - nll_right).mean().item(), 2)}
-    report = {"model": args.model, "prompts": len(prompts), "seed": args.seed,
-              "sampling": pipe.sampling_settings("ar"), "own_accuracy": round(own_ok.float().mean().item(), 3),
-              "true_renders": row(true_nll, true_sure, everyone),
-              "own_samples": row(own_nll, own_sure, everyone),
-              "own_correct": row(own_nll, own_sure, own_ok), "own_wrong": row(own_nll, own_sure, ~own_ok),
-              "true_of_wrong": row(true_nll, true_sure, ~own_ok),
-              # per prompt: does the model give the truth a lower NLL than its own (wrong) sample?
-              "wrong_where_truth_preferred": int((true_nll.sum(1) < own_nll.sum(1))[~own_ok].sum()),
-              # the caption: a true render is likelier under its own caption than under the altered one
-              "caption_reading": reading}
+        reading[category] = {
+            "renders": len(where),
+            "own_caption_preferred": int((nll_right < nll_other).sum()),
+            "mean_gap_bits_per_image": round((nll_other - nll_right).mean().item(), 2),
+        }
+    report = {
+        "model": args.model,
+        "prompts": len(prompts),
+        "seed": args.seed,
+        "sampling": pipe.sampling_settings("ar"),
+        "own_accuracy": round(own_ok.float().mean().item(), 3),
+        "true_renders": row(true_nll, true_sure, everyone),
+        "own_samples": row(own_nll, own_sure, everyone),
+        "own_correct": row(own_nll, own_sure, own_ok),
+        "own_wrong": row(own_nll, own_sure, ~own_ok),
+        "true_of_wrong": row(true_nll, true_sure, ~own_ok),
+        # per prompt: does the model give the truth a lower NLL than its own (wrong) sample?
+        "wrong_where_truth_preferred": int((true_nll.sum(1) < own_nll.sum(1))[~own_ok].sum()),
+        # the caption: a true render is likelier under its own caption than under the altered one
+        "caption_reading": reading,
+    }
     if args.rerank:
         report["rerank"] = rerank(pipe, network, layers, prompts, args.seed, args.rerank)
     print(json.dumps(report, indent=1))

@@ -11,6 +11,7 @@ Also reported: the same for "is this noun the one on top/left", the role combine
 
     python scripts/role-probe.py [--ridge 1.0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,15 @@ import torch
 def main() -> None:
     from binlat.data.shapes import RELATIONS, SHAPES
     from binlat.text import TextEncoder
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ridge", type=float, default=1.0)
     args = p.parse_args()
     encoder = TextEncoder()
     captions, nouns, first_is_top_left = [], [], []
-    for (a, b), rel, head, tail in itertools.product(itertools.permutations(SHAPES, 2), RELATIONS,
-                                                     ["", "a photo of "], ["", " on a white background"]):
+    for (a, b), rel, head, tail in itertools.product(
+        itertools.permutations(SHAPES, 2), RELATIONS, ["", "a photo of "], ["", " on a white background"]
+    ):
         captions.append(f"{head}a {a} {rel} a {b}{tail}")
         nouns.append((a, b))
         first_is_top_left.append(rel in ("above", "to the left of"))

@@ -1,4 +1,5 @@
 """Helpers shared by several test files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +15,7 @@ def random_vgg16(tmp_path) -> Path:
     from safetensors.torch import save_file
 
     from binlat.tokenizer.losses import _VGG16
+
     gen = torch.Generator().manual_seed(0)
     state, in_ch, index = {}, 3, 0
     for spec in _VGG16:

@@ -1,5 +1,6 @@
 """Helpers for test_hostile_server.py: the real server on 127.0.0.1 (in a thread, or in a subprocess under a memory
 or file-descriptor cap) and raw-socket clients that can stall, dribble or vanish as a hostile one would."""
+
 from __future__ import annotations
 
 import contextlib
@@ -73,6 +74,7 @@ def live_server(app) -> Iterator[int]:
     import uvicorn
 
     from binlat.serve import bind_socket, uvicorn_config
+
     sock = bind_socket("127.0.0.1", 0)
     config = uvicorn_config(app, app.state.served.limits, log_level="warning", log_config=None)
     server = uvicorn.Server(config)
@@ -121,9 +123,17 @@ class ServerProcess:
         self.out, self.err = tmp / "server.out", tmp / "server.err"
         env = dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(tmp / "server.py"), json.dumps(limits),
-                                          json.dumps([extra_fds, extra_address_space_mb])],
-                                         stdout=out, stderr=err, env=env)
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(tmp / "server.py"),
+                    json.dumps(limits),
+                    json.dumps([extra_fds, extra_address_space_mb]),
+                ],
+                stdout=out,
+                stderr=err,
+                env=env,
+            )
         self.port = self._wait_for_port()
         time.sleep(0.2)
         self.base_fds, self.base_rss = self._fds(), self._rss()
@@ -180,8 +190,9 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def subprocess_server(tmp: Path, limits: dict, extra_fds: int | None = None,
-                      extra_address_space_mb: int | None = None) -> Iterator[ServerProcess]:
+def subprocess_server(
+    tmp: Path, limits: dict, extra_fds: int | None = None, extra_address_space_mb: int | None = None
+) -> Iterator[ServerProcess]:
     """A server with these ServeLimits fields in a subprocess, allowed `extra_fds` descriptors and
     `extra_address_space_mb` MB of address space beyond what it holds once started; stopped afterwards."""
     server = ServerProcess(tmp, limits, extra_fds, extra_address_space_mb)

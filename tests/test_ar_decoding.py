@@ -4,6 +4,7 @@ that torch.compile traces agrees to float tolerance (so it stays opt in); the re
 "appending" is the growing-cache path the cache was first built as (forward(..., cache) on a KVCache): the
 default "static" mode must equal it bit for bit, for both kinds of guidance, several seeds, batch 1 and 4, and the
 prefix path editing uses."""
+
 from __future__ import annotations
 
 import inspect
@@ -38,7 +39,7 @@ def text(lengths: list[int], seed: int) -> TextFeatures:
     n, length = len(lengths), max(lengths)
     mask = torch.zeros(n, length, dtype=torch.bool)
     for i, k in enumerate(lengths):
-        mask[i, length - k:] = True
+        mask[i, length - k :] = True
     return TextFeatures([torch.randn(n, length, CFG.text_dim, generator=g) for _ in range(CFG.num_layers)], mask)
 
 
@@ -46,8 +47,15 @@ def sample(net, decode: str, seeds, guidance: float, prefix=None, use_cache: boo
     cond = text([3, 5, 2, 4, 1][: len(seeds)], 0)
     uncond = text([2], 9)
     return ARDecoding(use_cache=use_cache, decode=decode).sample(
-        net, cond, uncond, make_generators(seeds), guidance_scale=guidance, temperature=1.0, prefix=prefix,
-        return_logits=True)
+        net,
+        cond,
+        uncond,
+        make_generators(seeds),
+        guidance_scale=guidance,
+        temperature=1.0,
+        prefix=prefix,
+        return_logits=True,
+    )
 
 
 @pytest.mark.parametrize("guidance", [0.0, 4.0], ids=["no_guidance", "classifier_free"])
@@ -77,9 +85,12 @@ def test_static_is_the_default():
 def test_continuation_through_static_decoding_equals_appending(net):
     cond, uncond = text([4, 2], 1), text([2], 9)
     prefix = (torch.rand(2, 5, CFG.num_bits, generator=torch.Generator().manual_seed(2)) < 0.5).float()
-    out = {mode: ARDecoding(decode=mode).continue_from(net, prefix, cond, uncond, make_generators([3, 4]),
-                                                       ARSampling(guidance_scale=2.0))
-           for mode in ("static", "appending")}
+    out = {
+        mode: ARDecoding(decode=mode).continue_from(
+            net, prefix, cond, uncond, make_generators([3, 4]), ARSampling(guidance_scale=2.0)
+        )
+        for mode in ("static", "appending")
+    }
     assert torch.equal(out["static"], out["appending"]) and torch.equal(out["static"][:, :5], prefix)
 
 
@@ -90,6 +101,7 @@ def test_editing_continuation_and_generation_keep_their_bits(monkeypatch):
 
     from binlat import editing
     from binlat.pipeline import Pipeline
+
     pipe = Pipeline.random_tiny()
     image = Image.new("RGB", (64, 64), "white")
     ImageDraw.Draw(image).ellipse((10, 10, 50, 50), fill=(220, 30, 30))
@@ -100,8 +112,11 @@ def test_editing_continuation_and_generation_keep_their_bits(monkeypatch):
         return edited.bits, made.bits
 
     ours = run()
-    defaults = tuple("appending" if name == "decode" else p.default
-                     for name, p in inspect.signature(ARDecoding).parameters.items() if p.default is not p.empty)
+    defaults = tuple(
+        "appending" if name == "decode" else p.default
+        for name, p in inspect.signature(ARDecoding).parameters.items()
+        if p.default is not p.empty
+    )
     monkeypatch.setattr(ARDecoding.__init__, "__defaults__", defaults)
     assert ARDecoding().decode == "appending"
     theirs = run()

@@ -6,6 +6,7 @@ the network (teacher-forced group logits equal the decoding call's, group j read
 equal the full forward); the loss against hand-computed numbers and its per-bit scale; the categorical draw; and
 sampling: every decode mode gives the same bits, a sample does not depend on its batch, guidance is applied to the
 group logits with the unconditional rows reading the drawn values; save/load and the pipeline."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ from binlat.processes.common import categorical, make_generators
 from binlat.text import TextFeatures
 
 TEXT_DIM = 12
-CFG = GeneratorConfig(num_bits=16, num_tokens=10, num_layers=2, num_heads=2, head_dim=8, text_dim=TEXT_DIM,
-                      bit_groups=2)
+CFG = GeneratorConfig(
+    num_bits=16, num_tokens=10, num_layers=2, num_heads=2, head_dim=8, text_dim=TEXT_DIM, bit_groups=2
+)
 
 
 def randomise(model: nn.Module, seed: int) -> nn.Module:
@@ -46,7 +48,7 @@ def text(lengths: list[int], seed: int) -> TextFeatures:
     n, length = len(lengths), max(lengths)
     mask = torch.zeros(n, length, dtype=torch.bool)
     for i, k in enumerate(lengths):
-        mask[i, length - k:] = True
+        mask[i, length - k :] = True
     return TextFeatures([torch.randn(n, length, TEXT_DIM, generator=g) for _ in range(CFG.num_layers)], mask)
 
 
@@ -123,8 +125,7 @@ def test_grouped_network_outputs_and_causality(net) -> None:
         assert logits.shape == (2, 6, 2, 256)
         # teacher forcing is the decoding call: group j from the hidden state and the true groups < j
         for j in range(2):
-            torch.testing.assert_close(logits[..., j, :], net.group_logits(hidden, values[..., :j], j),
-                                       atol=0, rtol=0)
+            torch.testing.assert_close(logits[..., j, :], net.group_logits(hidden, values[..., :j], j), atol=0, rtol=0)
         # group j reads groups < j only: changing group 1's value leaves both groups' logits of that row alone,
         # changing group 0's changes group 1's
         other = values.clone()
@@ -150,11 +151,11 @@ def test_grouped_network_caches_equal_the_full_forward(net) -> None:
         full = net(bits, feats.layers, feats.mask)
         cache = net.new_cache()
         rows = [net(None, feats.layers, feats.mask, cache)]
-        rows += [net(bits[:, i: i + 1], feats.layers, feats.mask, cache) for i in range(bits.shape[1])]
+        rows += [net(bits[:, i : i + 1], feats.layers, feats.mask, cache) for i in range(bits.shape[1])]
         torch.testing.assert_close(torch.cat(rows, 1), full, atol=1e-5, rtol=0)
         static = net.new_cache(2, feats.mask.shape[1])
         steps = [net(None, feats.layers, feats.mask, static)[:, -1]]
-        steps += [net.decode_step(bits[:, i: i + 1], static) for i in range(bits.shape[1])]
+        steps += [net.decode_step(bits[:, i : i + 1], static) for i in range(bits.shape[1])]
         torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=0)
 
 
@@ -186,28 +187,33 @@ class ConstantGroupNet(nn.Module):
 
 
 def test_group_loss_hand_computed() -> None:
-    cfg = GeneratorConfig(num_bits=4, num_tokens=2, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM,
-                          bit_groups=2)
+    cfg = GeneratorConfig(
+        num_bits=4, num_tokens=2, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM, bit_groups=2
+    )
     bits = torch.tensor([[[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]]])  # values: token 0 (2, 3), token 1 (0, 1)
-    logits = torch.tensor([[[[2.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 3.0]],
-                            [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]])
+    logits = torch.tensor(
+        [[[[2.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 3.0]], [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]]
+    )
     net = ConstantGroupNet(logits, cfg)
     loss, metrics = ARDecoding().loss(net, bits, text([2], 0))
     context, values = net.calls[0]
     assert torch.equal(context, bits[:, :-1]) and values.tolist() == [[[2, 3], [0, 1]]]
     # -log softmax of each group's logits at its true value
-    nll = [math.log(math.e ** 2 + 1 + math.e + 1) - 1.0,  # token 0 group 0: logits (2, 0, 1, 0), value 2
-           math.log(3 + math.e ** 3) - 3.0,                # token 0 group 1: (0, 0, 0, 3), value 3
-           math.log(3 + math.e) - 0.0,                      # token 1 group 0: (0, 1, 0, 0), value 0
-           math.log(4.0)]                                   # token 1 group 1: uniform, value 1
+    nll = [
+        math.log(math.e**2 + 1 + math.e + 1) - 1.0,  # token 0 group 0: logits (2, 0, 1, 0), value 2
+        math.log(3 + math.e**3) - 3.0,  # token 0 group 1: (0, 0, 0, 3), value 3
+        math.log(3 + math.e) - 0.0,  # token 1 group 0: (0, 1, 0, 0), value 0
+        math.log(4.0),
+    ]  # token 1 group 1: uniform, value 1
     assert loss.item() == pytest.approx(sum(nll) / 8, abs=1e-6)  # nats per bit: 2 tokens x 4 bits
     # most likely values (0, 3) and (1, 0): bits 0011 and 0100 against 1011 and 0001, 3 + 2 of 8 right
     assert metrics["bit_accuracy"].item() == pytest.approx(5 / 8)
 
 
 def test_group_loss_context_flip_noises_the_context_not_the_targets() -> None:
-    cfg = GeneratorConfig(num_bits=16, num_tokens=30, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM,
-                          bit_groups=2)
+    cfg = GeneratorConfig(
+        num_bits=16, num_tokens=30, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM, bit_groups=2
+    )
     bits = random_bits(8, 30, 16, 12)
     net = ConstantGroupNet(torch.zeros(8, 30, 2, 256), cfg)
     loss, _ = ARDecoding(context_flip=0.2).loss(net, bits, text([2] * 8, 0), make_generators(range(8)))
@@ -238,14 +244,18 @@ def test_group_loss_is_comparable_to_the_bit_loss(net) -> None:
     with torch.no_grad():  # by hand from the decoding calls
         hidden = net(bits[:, :-1], feats.layers, feats.mask)
         values = bits_to_values(bits, 2)
-        manual = sum(torch.log_softmax(net.group_logits(hidden, values[..., :j], j), -1)
-                     .gather(-1, values[..., j:j + 1]).sum() for j in range(2))
+        manual = sum(
+            torch.log_softmax(net.group_logits(hidden, values[..., :j], j), -1).gather(-1, values[..., j : j + 1]).sum()
+            for j in range(2)
+        )
     assert loss.item() == pytest.approx(-manual.item() / bits.numel(), rel=1e-5)
     assert 0 <= metrics["bit_accuracy"].item() <= 1
     # the bit head's teacher_forced is its per-bit BCE and certainty
     log_p, top = teacher_forced(plain, bits, feats)
     assert log_p.shape == (2, CFG.num_tokens, 16)
-    assert torch.allclose(log_p, torch.full_like(log_p, -math.log(2))) and torch.allclose(top, torch.full_like(top, .5))
+    assert torch.allclose(log_p, torch.full_like(log_p, -math.log(2))) and torch.allclose(
+        top, torch.full_like(top, 0.5)
+    )
 
 
 # --- the categorical draw ------------------------------------------------------------------------------------------
@@ -272,8 +282,15 @@ def test_categorical_draws_per_sample_and_follows_the_probabilities() -> None:
 def sample(net, seeds, guidance, prefix=None, decode="static", use_cache=True, temperature=1.0, lengths=None):
     cond = text(lengths or [3, 5, 2, 4][: len(seeds)], 0)
     return ARDecoding(use_cache=use_cache, decode=decode).sample(
-        net, cond, text([2], 9), make_generators(seeds), guidance_scale=guidance, temperature=temperature,
-        prefix=prefix, return_logits=True)
+        net,
+        cond,
+        text([2], 9),
+        make_generators(seeds),
+        guidance_scale=guidance,
+        temperature=temperature,
+        prefix=prefix,
+        return_logits=True,
+    )
 
 
 @pytest.mark.parametrize("guidance", [0.0, 3.0], ids=["no_guidance", "guidance"])
@@ -337,9 +354,11 @@ def test_grouped_temperature_zero_takes_each_groups_most_likely_value(net) -> No
 
 
 def test_pipeline_and_continuation_run_a_grouped_generator() -> None:
+    from PIL import Image
+
     from binlat import editing
     from binlat.pipeline import Pipeline
-    from PIL import Image
+
     tiny = Pipeline.random_tiny()
     cfg = GeneratorConfig(**{**tiny.generators["ar"].config.__dict__, "bit_groups": 4})  # 32 bits: 4 x 8
     torch.manual_seed(0)

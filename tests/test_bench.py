@@ -2,6 +2,7 @@
 
 No timing assertions: timings depend on the machine. The tiny run takes ~15 s (diffusers import, three training
 subprocesses); it runs once per module."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,12 +15,12 @@ import pytest
 import torch
 
 import binlat
-from binlat.cli import main
 from binlat import bench
 from binlat.bench import plan as bench_plan
 from binlat.bench import training as bench_training
 from binlat.bench.harness import PeakRSS, Table
 from binlat.bench.throughput import BOUND_GOAL
+from binlat.cli import main
 from binlat.eval.report import render_table
 from binlat.generators import DiffusionTransformer, GeneratorConfig
 
@@ -60,8 +61,11 @@ def test_tiny_bench_prints_eight_tables_and_writes_every_figure(tiny_run):
     # Cached and recomputed AR decoding must give the same bits; bf16 agreement is a share.
     assert all(v == 1.0 for k, v in numbers.items() if k.startswith("ar_") and k.endswith("_bits_equal_fraction"))
     hardware = result["hardware"]
-    assert hardware["model"] in text and hardware["threads"] >= 1 and set(hardware["flags"]) <= {
-        "avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+    assert (
+        hardware["model"] in text
+        and hardware["threads"] >= 1
+        and set(hardware["flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+    )
     assert hardware["matmul_peak_fp32_gflops"] > 0 and hardware["matmul_peak_bf16_gflops"] > 0
     if native:
         assert 0 <= result["bf16_bit_agreement"] <= 1 and "[7/8] bfloat16 vs float32 inference\n" in text
@@ -87,19 +91,19 @@ def test_tiny_bench_prints_eight_tables_and_writes_every_figure(tiny_run):
 def _hand_count(c: GeneratorConfig, n: int, k: int, m: int) -> int:
     """FLOPs of one DiffusionTransformer forward, written out layer by layer (2 FLOPs per multiply-add)."""
     d, b, r = c.dim, c.num_bits, c.mlp_ratio
-    total = 2 * n * k * b * d                    # x_embed
-    total += 2 * n * 1 * d + 2 * n * d * d       # timestep fc1, fc2
+    total = 2 * n * k * b * d  # x_embed
+    total += 2 * n * 1 * d + 2 * n * d * d  # timestep fc1, fc2
     for _ in range(c.num_layers):
-        total += 2 * n * d * 6 * d               # adaLN-Zero
-        total += 2 * n * m * c.text_dim * d      # text_proj
-        total += 2 * n * k * d * d               # q (image rows)
-        total += 2 * 2 * n * (m + k) * d * d     # k, v ([text ; image] rows)
-        total += 2 * n * k * (m + k) * d         # scores, all heads
-        total += 2 * n * k * (m + k) * d         # values, all heads
-        total += 2 * n * k * d * d               # out
-        total += 2 * n * k * d * r * d * 2       # fc1 + fc2
-    total += 2 * n * d * 2 * d                   # output AdaLNContinuous
-    total += 2 * n * k * d * b                   # proj_out
+        total += 2 * n * d * 6 * d  # adaLN-Zero
+        total += 2 * n * m * c.text_dim * d  # text_proj
+        total += 2 * n * k * d * d  # q (image rows)
+        total += 2 * 2 * n * (m + k) * d * d  # k, v ([text ; image] rows)
+        total += 2 * n * k * (m + k) * d  # scores, all heads
+        total += 2 * n * k * (m + k) * d  # values, all heads
+        total += 2 * n * k * d * d  # out
+        total += 2 * n * k * d * r * d * 2  # fc1 + fc2
+    total += 2 * n * d * 2 * d  # output AdaLNContinuous
+    total += 2 * n * k * d * b  # proj_out
     return total
 
 
@@ -116,8 +120,9 @@ def test_flop_counter_matches_hand_count_and_torch(n, k, m):
     with torch.device("meta"):
         net = DiffusionTransformer(cfg)
         text = [torch.zeros(n, m, cfg.text_dim)] * cfg.num_layers
-        counted = bench.counted_flops(lambda: net(torch.zeros(n, k, cfg.num_bits), torch.zeros(n), text,
-                                                  torch.ones(n, m, dtype=torch.bool)))
+        counted = bench.counted_flops(
+            lambda: net(torch.zeros(n, k, cfg.num_bits), torch.zeros(n), text, torch.ones(n, m, dtype=torch.bool))
+        )
     assert counted == flops["total"]
 
 
@@ -135,7 +140,9 @@ def test_presets_are_the_packaged_configs(name):
     tokenizer = json.loads(root.joinpath("tokenizer", f"{name}.json").read_text())
     assert preset.tokenizer["patch_size"] == tokenizer["model"]["patch_size"]
     assert (preset.generator["num_tokens"], preset.generator["num_bits"]) == (
-        tokenizer["model"]["num_tokens"], tokenizer["model"]["num_bits"])
+        tokenizer["model"]["num_tokens"],
+        tokenizer["model"]["num_bits"],
+    )
     assert preset.tokenizer_batch == tokenizer["batch_size"] and preset.image_size == tokenizer["image_size"]
 
 
@@ -145,8 +152,9 @@ def preset_copy(tmp_path, monkeypatch):
     for kind in ("tokenizer", "diffusion", "ar"):
         (tmp_path / kind).mkdir()
         for name in bench.PRESET_NAMES:
-            (tmp_path / kind / f"{name}.json").write_text(bench.preset_root().joinpath(kind, f"{name}.json")
-                                                          .read_text())
+            (tmp_path / kind / f"{name}.json").write_text(
+                bench.preset_root().joinpath(kind, f"{name}.json").read_text()
+            )
     for extra in ("release", "shapes-64-stage1"):  # table 3's tokenizer, the shipped recipe's stage 1
         source = bench.preset_root().joinpath("tokenizer", f"{extra}.json")
         if source.is_file():
@@ -217,6 +225,7 @@ def test_json_folder_must_exist(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["tokenizer", "diffusion"])
 def test_training_worker_times_the_trainers_own_step(kind, monkeypatch):
     from binlat.train.engine import Trainer
+
     calls = []
     step = Trainer._step
     monkeypatch.setattr(Trainer, "_step", lambda self, batches: calls.append(self.step) or step(self, batches))
@@ -237,7 +246,14 @@ def test_peak_rss_sees_an_allocation():
 def test_bench_tables_print_through_the_report_printer():
     table = Table("[9/9] title", ["what", "n"], [["a", 1], ["bbb", 22]], notes=["how"], footer=["verdict"])
     assert render_table(table.to_dict(), indent="  ").splitlines() == [
-        "[9/9] title", "  how", "  what   n", "  ----  --", "  a      1", "  bbb   22", "  verdict"]
+        "[9/9] title",
+        "  how",
+        "  what   n",
+        "  ----  --",
+        "  a      1",
+        "  bbb   22",
+        "  verdict",
+    ]
 
 
 @pytest.mark.parametrize("quick", [True, False])

@@ -1,6 +1,7 @@
 """Model cards (issue 27): `binlat bundle` writes README.md with the Hub's YAML front matter and the facts its parts
 carry (provenance.json: data, steps, caption vocabulary; license), `binlat card` writes it again with scores, and
 generation warns once about prompt words outside the training vocabulary, naming them."""
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,9 @@ def parts(tmp_path_factory, encoder) -> Path:
         (images / f"{name}.png").write_bytes(b"")  # only the captions are read for the vocabulary
         (images / f"{name}.txt").write_text(caption)
     for kind, data in (("diffusion", "shapes:color_attr=2"), ("ar", str(images))):
-        info = run_provenance({"kind": kind, "data": data, "image_size": 64,
-                               "generator": {"text_encoder": "all-MiniLM-L6-v2"}}, 40)
+        info = run_provenance(
+            {"kind": kind, "data": data, "image_size": 64, "generator": {"text_encoder": "all-MiniLM-L6-v2"}}, 40
+        )
         (root / "parts" / kind / PROVENANCE).write_bytes(provenance_file(info)[PROVENANCE])
     return root / "parts"
 
@@ -75,14 +77,33 @@ def parts(tmp_path_factory, encoder) -> Path:
 @pytest.fixture(scope="module")
 def bundle(parts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "b"
-    assert main(["bundle", "--tokenizer", str(parts / "tokenizer"), "--diffusion", str(parts / "diffusion"),
-                 "--ar", str(parts / "ar"), "--description", "tiny test model", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bundle",
+                "--tokenizer",
+                str(parts / "tokenizer"),
+                "--diffusion",
+                str(parts / "diffusion"),
+                "--ar",
+                str(parts / "ar"),
+                "--description",
+                "tiny test model",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_vocabulary_of_data_specs(parts, tmp_path) -> None:
-    assert vocabulary_of("shapes") == vocabulary_of("shapes:seed=3,position=2") == {
-        "source": "shapes", "words": list(shapes_words())}
+    assert (
+        vocabulary_of("shapes")
+        == vocabulary_of("shapes:seed=3,position=2")
+        == {"source": "shapes", "words": list(shapes_words())}
+    )
     assert "circles" in shapes_words() and "cat" not in shapes_words()
     folder = vocabulary_of(str(parts.parent / "my_images"))
     assert folder["words"] == ["a", "cat", "dogs", "on", "sofa", "two"]  # lower-cased, punctuation dropped
@@ -112,8 +133,20 @@ def test_bundle_writes_a_card_with_hub_front_matter(bundle) -> None:
 
 def test_card_command_adds_the_scores_of_reports_on_this_bundle(bundle, tmp_path, capsys) -> None:
     evals = tmp_path / "eval"
-    code, _, err = run(capsys, "eval", "shapes", "--model", bundle, "--ground-truth", "--per-category", 1,
-                       "--no-held-out", "--no-progress", "--out", evals / "ceiling")
+    code, _, err = run(
+        capsys,
+        "eval",
+        "shapes",
+        "--model",
+        bundle,
+        "--ground-truth",
+        "--per-category",
+        1,
+        "--no-held-out",
+        "--no-progress",
+        "--out",
+        evals / "ceiling",
+    )
     assert code == 0, err
     other = evals / "other"
     other.mkdir()
@@ -124,8 +157,10 @@ def test_card_command_adds_the_scores_of_reports_on_this_bundle(bundle, tmp_path
     assert "left 1 report(s) of other models off the card" in err and "other" in err
     body = (bundle / CARD).read_text(encoding="utf-8")
     overall = f"{report['summary']['overall']:.2f}"
-    assert f"| `shapes`, tokenizer ceiling (true renders, round trip), 1 prompts per category, seed 0 | {overall} |" \
+    assert (
+        f"| `shapes`, tokenizer ceiling (true renders, round trip), 1 prompts per category, seed 0 | {overall} |"
         in body
+    )
     assert "None measured" not in body and str(other) not in body
     assert front_matter(body)["library_name"] == "binlat"  # written again whole
     code, _, err = run(capsys, "card", tmp_path / "nothing")
@@ -139,19 +174,51 @@ def test_card_command_adds_the_scores_of_reports_on_this_bundle(bundle, tmp_path
 
 
 def test_generate_warns_once_naming_the_words_outside_the_vocabulary(bundle, tmp_path, capsys) -> None:
-    code, _, err = run(capsys, "generate", "a cat on a sofa", "a red circle", "a cat", "--model", bundle,
-                       "--steps", 1, "--out", tmp_path / "o", "--no-progress")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "a cat on a sofa",
+        "a red circle",
+        "a cat",
+        "--model",
+        bundle,
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "o",
+        "--no-progress",
+    )
     assert code == 0, err
     warned = [line for line in err.splitlines() if "vocabulary" in line]
     assert len(warned) == 1, err
     assert warned[0].startswith('warning: "cat", "sofa" are not in this model\'s training vocabulary (shapes: a,')
     assert warned[0].endswith("expect a blank or unrelated image")
-    code, _, err = run(capsys, "generate", "a red circle above a blue square", "--model", bundle, "--steps", 1,
-                       "--out", tmp_path / "o", "--no-progress")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "a red circle above a blue square",
+        "--model",
+        bundle,
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "o",
+        "--no-progress",
+    )
     assert code == 0 and "vocabulary" not in err  # every word is one the model read
     # AR has its own words: "cat" and "sofa" are among them, "red" is not
-    code, _, err = run(capsys, "generate", "a red cat", "--generator", "ar", "--model", bundle, "--out",
-                       tmp_path / "o", "--no-progress")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "a red cat",
+        "--generator",
+        "ar",
+        "--model",
+        bundle,
+        "--out",
+        tmp_path / "o",
+        "--no-progress",
+    )
     assert code == 0 and '"red" is not in' in err and '"cat"' not in err
 
 
@@ -170,13 +237,19 @@ def test_pipeline_warns_once_per_word_and_old_bundles_not_at_all(bundle, encoder
 
 
 def test_a_card_of_converted_weights_names_the_release_and_its_license() -> None:
-    parts = {"tokenizer": release_provenance("tokenizer"), "diffusion": release_provenance("diffusion"),
-             "ar": run_provenance({"kind": "ar", "data": "shapes", "image_size": 64, "generator": {}}, 10)}
+    parts = {
+        "tokenizer": release_provenance("tokenizer"),
+        "diffusion": release_provenance("diffusion"),
+        "ar": run_provenance({"kind": "ar", "data": "shapes", "image_size": 64, "generator": {}}, 10),
+    }
     index = {"text_encoder": "amd/AMD-OLMo-1B", "generators": ["diffusion", "ar"], "description": ""}
     card = model_card(index, {"num_tokens": 128, "num_bits": 64, "image_size": 1024}, parts)
     meta = front_matter(card)
     assert (meta["license"], meta["license_name"], meta["license_link"]) == (
-        "other", RELEASE_LICENSE["name"], RELEASE_LICENSE["link"])
+        "other",
+        RELEASE_LICENSE["name"],
+        RELEASE_LICENSE["link"],
+    )
     assert meta["base_model"] == "amd/Instella-T2I"
     assert "The tokenizer and diffusion weights are converted from `amd/Instella-T2I`" in card
     assert RELEASE_LICENSE["title"] in card and "LAION-COCO" in card

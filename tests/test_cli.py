@@ -2,6 +2,7 @@
 
 In-process runs use the random tiny model (no trained bundle is installed) with one shared MiniLM instance,
 so each generate call takes well under a second."""
+
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ def cli(monkeypatch, shared_encoder):
             return main([str(a) for a in argv])
         except SystemExit as e:  # argparse errors
             return e.code if isinstance(e.code, int) else 1
+
     return run
 
 
@@ -99,8 +101,9 @@ def test_generate_writes_image_metadata_and_grid(cli, capsys, tmp_path) -> None:
 
 def test_generate_is_reproducible(cli, capsys, tmp_path) -> None:
     for name in ("a", "b"):
-        assert cli("generate", "a cat", "a dog", "--out", tmp_path / name, "--seed", 7, "--steps", 2,
-                   "--no-progress") == 0
+        assert (
+            cli("generate", "a cat", "a dog", "--out", tmp_path / name, "--seed", 7, "--steps", 2, "--no-progress") == 0
+        )
     for f in ("00000.png", "00001.png"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     # image 1 (seed 8) is the same when generated alone with seed 8
@@ -111,21 +114,66 @@ def test_generate_is_reproducible(cli, capsys, tmp_path) -> None:
 
 def test_generate_options_recorded(cli, capsys, tmp_path) -> None:
     out = tmp_path / "out"
-    assert cli("generate", "x", "--out", out, "--seed", 0, "--steps", 2, "--cfg", 0, "--temperature", 0.5,
-               "--rho", 2, "--protocol", 2, "--size", "64x128", "--batch-size", 1, "--no-progress") == 0
+    assert (
+        cli(
+            "generate",
+            "x",
+            "--out",
+            out,
+            "--seed",
+            0,
+            "--steps",
+            2,
+            "--cfg",
+            0,
+            "--temperature",
+            0.5,
+            "--rho",
+            2,
+            "--protocol",
+            2,
+            "--size",
+            "64x128",
+            "--batch-size",
+            1,
+            "--no-progress",
+        )
+        == 0
+    )
     m = read_meta(out)[0]
     assert (m["guidance_scale"], m["temperature"], m["rho"], m["protocol"], m["steps"]) == (0.0, 0.5, 2.0, 2, 2)
     assert Image.open(out / "00000.png").size == (128, 64)
     # --guidance-scale is the option's name, --cfg its alias: both set the same setting
-    assert cli("generate", "x", "--out", out, "--seed", 0, "--steps", 2, "--guidance-scale", 1.25,
-               "--no-progress") == 0
+    assert cli("generate", "x", "--out", out, "--seed", 0, "--steps", 2, "--guidance-scale", 1.25, "--no-progress") == 0
     assert read_meta(out)[1]["guidance_scale"] == 1.25
 
 
 def test_ar_metadata_records_only_what_ar_decoding_uses(cli, capsys, tmp_path) -> None:
     out = tmp_path / "out"
-    assert cli("generate", "a red circle", "--generator", "ar", "--out", out, "--seed", 0, "--guidance-scale", 2,
-               "--temperature", 0.5, "--rho", 3, "--protocol", 2, "--steps", 9, "--no-progress") == 0
+    assert (
+        cli(
+            "generate",
+            "a red circle",
+            "--generator",
+            "ar",
+            "--out",
+            out,
+            "--seed",
+            0,
+            "--guidance-scale",
+            2,
+            "--temperature",
+            0.5,
+            "--rho",
+            3,
+            "--protocol",
+            2,
+            "--steps",
+            9,
+            "--no-progress",
+        )
+        == 0
+    )
     m = read_meta(out)[0]
     assert m["generator"] == "ar" and (m["guidance_scale"], m["temperature"]) == (2.0, 0.5)
     # diffusion-only settings were given but AR never reads them: the line must not claim they shaped the image
@@ -148,13 +196,15 @@ def test_second_run_does_not_overwrite(cli, capsys, tmp_path) -> None:
     out = tmp_path / "out"
     assert cli("generate", "first", "--out", out, "--seed", 1, "--steps", 2, "--no-progress", "--grid") == 0
     first = (out / "00000.png").read_bytes()
-    assert cli("generate", "second", "third", "--out", out, "--seed", 2, "--steps", 2, "--no-progress",
-               "--grid") == 0
+    assert cli("generate", "second", "third", "--out", out, "--seed", 2, "--steps", 2, "--no-progress", "--grid") == 0
     assert (out / "00000.png").read_bytes() == first
     assert sorted(p.name for p in out.glob("0*.png")) == ["00000.png", "00001.png", "00002.png"]
     meta = read_meta(out)
-    assert [(m["file"], m["prompt"]) for m in meta] == [("00000.png", "first"), ("00001.png", "second"),
-                                                         ("00002.png", "third")]
+    assert [(m["file"], m["prompt"]) for m in meta] == [
+        ("00000.png", "first"),
+        ("00001.png", "second"),
+        ("00002.png", "third"),
+    ]
     assert len(list(out.glob("grid*.png"))) == 2  # the second grid does not replace the first
 
 
@@ -183,8 +233,10 @@ def test_generate_ar(cli, capsys, tmp_path) -> None:
 
 def test_generate_from_saved_bundle(cli, capsys, tmp_path, shared_encoder) -> None:
     bundle = pipeline_mod.Pipeline.random_tiny(text_encoder=shared_encoder).save_pretrained(tmp_path / "bundle")
-    assert cli("generate", "a cat", "--model", bundle, "--out", tmp_path / "a", "--seed", 4, "--steps", 2,
-               "--no-progress") == 0
+    assert (
+        cli("generate", "a cat", "--model", bundle, "--out", tmp_path / "a", "--seed", 4, "--steps", 2, "--no-progress")
+        == 0
+    )
     assert cli("generate", "a cat", "--out", tmp_path / "b", "--seed", 4, "--steps", 2, "--no-progress") == 0
     # the saved random bundle and the built-in random model are the same network
     assert (tmp_path / "a" / "00000.png").read_bytes() == (tmp_path / "b" / "00000.png").read_bytes()
@@ -192,22 +244,25 @@ def test_generate_from_saved_bundle(cli, capsys, tmp_path, shared_encoder) -> No
 
 
 # --- generate: bad arguments -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, needle", [
-    (["a cat", "--steps", "0"], "steps"),
-    (["a cat", "--steps", "two"], "steps"),
-    (["a cat", "--cfg", "-1"], "guidance"),
-    (["a cat", "--temperature", "nan"], "temperature"),
-    (["a cat", "--temperature", "-0.5"], "temperature"),
-    (["a cat", "--rho", "0"], "rho"),
-    (["a cat", "--protocol", "3"], "protocol"),
-    (["a cat", "--size", "abc"], "size"),
-    (["a cat", "--size", "65"], "65"),
-    (["a cat", "--generator", "gan"], "generator"),
-    (["a cat", "--batch-size", "0"], "batch size"),
-    ([], "no prompts"),
-    (["   "], "empty"),
-    (["a cat", "--model", "/nonexistent/binlat-model"], "/nonexistent/binlat-model"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["a cat", "--steps", "0"], "steps"),
+        (["a cat", "--steps", "two"], "steps"),
+        (["a cat", "--cfg", "-1"], "guidance"),
+        (["a cat", "--temperature", "nan"], "temperature"),
+        (["a cat", "--temperature", "-0.5"], "temperature"),
+        (["a cat", "--rho", "0"], "rho"),
+        (["a cat", "--protocol", "3"], "protocol"),
+        (["a cat", "--size", "abc"], "size"),
+        (["a cat", "--size", "65"], "65"),
+        (["a cat", "--generator", "gan"], "generator"),
+        (["a cat", "--batch-size", "0"], "batch size"),
+        ([], "no prompts"),
+        (["   "], "empty"),
+        (["a cat", "--model", "/nonexistent/binlat-model"], "/nonexistent/binlat-model"),
+    ],
+)
 def test_generate_bad_arguments(cli, capsys, tmp_path, args, needle) -> None:
     out = tmp_path / "out"
     code = cli("generate", *args, "--out", out, "--no-progress")
@@ -264,8 +319,11 @@ def test_conformance_fixtures_pass(cli, capsys) -> None:
     lines = stdout.splitlines()
     for case, outputs in expected.items():
         for name in outputs:
-            assert any(line.split()[:2] == [case, name] and line.rstrip().endswith("ok") for line in lines), \
-                (case, name, stdout)
+            assert any(line.split()[:2] == [case, name] and line.rstrip().endswith("ok") for line in lines), (
+                case,
+                name,
+                stdout,
+            )
     assert sum(line.rstrip().endswith(" ok") for line in lines) == sum(map(len, expected.values()))
     assert "FAIL" not in stdout
 
@@ -292,8 +350,17 @@ def test_conformance_bad_case_is_one_line(cli, capsys, tmp_path) -> None:
 
 def test_convert_official_then_from_pretrained(cli, capsys, tmp_path) -> None:
     out = tmp_path / "converted"
-    code = cli("convert-official", "--kind", "diffusion", "--config", FIXTURES / "diff_a" / "config.json",
-               "--weights", FIXTURES / "diff_a" / "weights.safetensors", "--out", out)
+    code = cli(
+        "convert-official",
+        "--kind",
+        "diffusion",
+        "--config",
+        FIXTURES / "diff_a" / "config.json",
+        "--weights",
+        FIXTURES / "diff_a" / "weights.safetensors",
+        "--out",
+        out,
+    )
     assert code == 0, capsys.readouterr().err
     model = DiffusionTransformer.from_pretrained(out)
     io = load_file(FIXTURES / "diff_a" / "io.safetensors")
@@ -304,8 +371,17 @@ def test_convert_official_then_from_pretrained(cli, capsys, tmp_path) -> None:
 
 
 def test_convert_official_missing_weights(cli, capsys, tmp_path) -> None:
-    code = cli("convert-official", "--kind", "diffusion", "--config", FIXTURES / "diff_a" / "config.json",
-               "--weights", tmp_path / "missing.safetensors", "--out", tmp_path / "converted")
+    code = cli(
+        "convert-official",
+        "--kind",
+        "diffusion",
+        "--config",
+        FIXTURES / "diff_a" / "config.json",
+        "--weights",
+        tmp_path / "missing.safetensors",
+        "--out",
+        tmp_path / "converted",
+    )
     assert code != 0
     assert_one_line_error(capsys.readouterr().err, "missing.safetensors")
     assert not (tmp_path / "converted").exists()
@@ -326,9 +402,28 @@ def _console_script() -> list[str]:
 
 def test_subprocess_generate(tmp_path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "binlat.cli", "generate", "a red circle", "--out", str(out),
-                           "--seed", "1", "--steps", "2", "--no-progress", "--grid"],
-                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "binlat.cli",
+            "generate",
+            "a red circle",
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            "--steps",
+            "2",
+            "--no-progress",
+            "--grid",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     if pipeline_mod.default_model_dir() is None:
@@ -336,13 +431,22 @@ def test_subprocess_generate(tmp_path) -> None:
     assert (out / "00000.png").is_file() and len(read_meta(out)) == 1
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["generate", "a cat", "--size", "abc"], "size"),
-    (["generate", "a cat", "--model", "/nonexistent/binlat-model"], "/nonexistent/binlat-model"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["generate", "a cat", "--size", "abc"], "size"),
+        (["generate", "a cat", "--model", "/nonexistent/binlat-model"], "/nonexistent/binlat-model"),
+    ],
+)
 def test_subprocess_errors_are_one_line(tmp_path, args, needle) -> None:
-    proc = subprocess.run(_console_script() + args + ["--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        _console_script() + args + ["--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert_one_line_error(proc.stderr, needle)
     assert proc.stdout == ""
@@ -353,6 +457,7 @@ def test_presets_and_the_shipped_model_resolve_by_name_from_any_folder(tmp_path,
     packaged preset from a folder outside the repository, and "default[/part]" names the shipped model."""
     from binlat.config import ConfigError, preset_names, resolve_config
     from binlat.modeling import default_model_dir, named_model_dir
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("BINLAT_MODEL", raising=False)
     assert "tokenizer/shapes-64" in preset_names() and "diffusion/shapes-64" in preset_names()
@@ -375,8 +480,10 @@ def test_presets_and_the_shipped_model_resolve_by_name_from_any_folder(tmp_path,
     assert named_model_dir("default/tokenizer") == default_model_dir() / "tokenizer"
     assert named_model_dir("other/tokenizer") is None
     from binlat.tokenizer import BinaryTokenizer
+
     assert BinaryTokenizer.from_pretrained("default/tokenizer").config.num_bits > 0
     from binlat.release import resolve_pipeline_dir
+
     assert resolve_pipeline_dir("default") == default_model_dir()
 
 
@@ -384,14 +491,23 @@ def test_threads_on_every_computing_command_and_diffusers_names_for_sampling(mon
     """Issue 27: --threads N is on generate, train, precompute, every eval, bench and serve (and applied before the
     command runs); --cfg and --num-steps are the same options as --guidance-scale and --steps."""
     from binlat.cli import build_parser
+
     parser = build_parser()
-    for argv in (["generate", "x"], ["train", "diffusion", "--config", "c"], ["precompute", "--tokenizer", "t",
-                 "--data", "d", "--out", "o"], ["eval", "shapes"], ["eval", "fid", "--real", "a", "--fake", "b"], ["bench"], ["serve"]):
+    for argv in (
+        ["generate", "x"],
+        ["train", "diffusion", "--config", "c"],
+        ["precompute", "--tokenizer", "t", "--data", "d", "--out", "o"],
+        ["eval", "shapes"],
+        ["eval", "fid", "--real", "a", "--fake", "b"],
+        ["bench"],
+        ["serve"],
+    ):
         assert parser.parse_args([*argv, "--threads", "3"]).threads == 3, argv
     a = parser.parse_args(["generate", "x", "--guidance-scale", "2.5", "--num-steps", "7"])
     b = parser.parse_args(["generate", "x", "--cfg", "2.5", "--steps", "7"])
     assert (a.guidance_scale, a.steps) == (b.guidance_scale, b.steps) == (2.5, 7)
     import binlat.cli as cli_mod
+
     seen = []
     monkeypatch.setattr(torch, "set_num_threads", seen.append)
     monkeypatch.setattr(cli_mod, "build_parser", lambda: _stub_parser(build_parser()))
@@ -402,6 +518,7 @@ def test_threads_on_every_computing_command_and_diffusers_names_for_sampling(mon
 def _stub_parser(parser):
     """The real parser, with every command's function replaced by one that returns 0."""
     import argparse
+
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():
@@ -417,6 +534,7 @@ def test_config_show_lists_every_key_with_type_default_and_help(capsys):
 
     from binlat.generators import GeneratorConfig
     from binlat.train.config import GeneratorTraining, TokenizerTraining, TrainConfig
+
     assert main(["config", "show", "diffusion/shapes-64", "--set", "lr=2e-4"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     keys = {line.split(" = ")[0] for line in lines}

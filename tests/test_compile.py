@@ -5,6 +5,7 @@ The compiled tests share one compiled pipeline and pay torch.compile's first-cal
 through gcc): about 40 s here with a warm inductor cache, 3.5-4 minutes cold (2 busy cores).
 The bfloat16 agreement test runs where `binlat.hardware.bf16_native("cpu")` is true; set BINLAT_ASSUME_BF16=1
 to run it on a CPU that emulates bfloat16 (slow in general, under a second for this tiny model)."""
+
 import copy
 import json
 
@@ -73,8 +74,9 @@ def test_pipeline_compile_gives_the_bits_and_pixels_of_eager_mode(pipe, compiled
     # the compiled decoder on the very same bits: float32 within 1e-5 (the compiled logits' tolerance above)
     with torch.inference_mode():
         same = eager.bits.float()
-        torch.testing.assert_close(compiled.tokenizer.decode(same, 64, 64), pipe.tokenizer.decode(same, 64, 64),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            compiled.tokenizer.decode(same, 64, 64), pipe.tokenizer.decode(same, 64, 64), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_compiled_ar_decoding_gives_the_eager_bits(pipe, compiled):
@@ -96,8 +98,25 @@ def test_cli_generate_compile_writes_the_eager_images(pipe, tmp_path, monkeypatc
     monkeypatch.setattr(pipeline_mod, "TextEncoder", SharedEncoder)
     out = tmp_path / "out"
     # the shapes of the test above (two prompts), so the compiled kernels come from inductor's cache
-    assert main(["generate", *PROMPTS, "--model", str(bundle), "--compile", "--steps", "2", "--seed", "5",
-                 "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "generate",
+                *PROMPTS,
+                "--model",
+                str(bundle),
+                "--compile",
+                "--steps",
+                "2",
+                "--seed",
+                "5",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     eager = pipe(PROMPTS, num_steps=2, seed=5, progress=False)
     written = []
     for name in ("00000.png", "00001.png"):
@@ -106,12 +125,17 @@ def test_cli_generate_compile_writes_the_eager_images(pipe, tmp_path, monkeypatc
     assert np.abs(pixels(written) - pixels(eager.images)).max() <= 1  # measured: 0 (identical PNGs)
     meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [(m["prompt"], m["seed"], m["steps"], m["dtype"]) for m in meta] == [
-        (PROMPTS[0], 5, 2, "float32"), (PROMPTS[1], 6, 2, "float32")]
+        (PROMPTS[0], 5, 2, "float32"),
+        (PROMPTS[1], 6, 2, "float32"),
+    ]
 
 
 # --- bfloat16 ------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (set BINLAT_ASSUME_BF16=1 to run it "
-                                            "emulated); test_bfloat16_refused_where_emulated runs instead")
+@pytest.mark.skipif(
+    not NATIVE_BF16,
+    reason="this CPU has no native bf16 (set BINLAT_ASSUME_BF16=1 to run it "
+    "emulated); test_bfloat16_refused_where_emulated runs instead",
+)
 @pytest.mark.parametrize("generator", ["diffusion", "ar"])
 def test_bfloat16_pipeline_keeps_nearly_all_bits(pipe, generator):
     base = pipe(PROMPTS, generator=generator, num_steps=4, seed=3, return_bits=True, progress=False)

@@ -29,13 +29,13 @@ try:
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from binlat.data.collate import collate
 from binlat.data.readers import (
     ImageFolderDataset,
     ManifestDataset,
     WebDatasetShards,
     make_dataset,
 )
-from binlat.data.collate import collate
 from binlat.data.shapes import CATEGORIES, ShapesStream
 from binlat.data.transforms import ImageLoadError, ImageTransform, load_image, to_rgb
 
@@ -439,8 +439,9 @@ def test_webdataset_url_forms_and_workers(shards) -> None:
     with pytest.raises(ValueError, match="matches no files"):
         WebDatasetShards(str(root / "nothing-*.tar"), t)
     # A missing shard behind a URL is an error of the stream, not a crash.
-    remote_missing = WebDatasetShards([f"pipe:cat {root / 'gone.tar'} 2>/dev/null", str(root / "shard-000.tar")], t,
-                                      allow_commands=True)
+    remote_missing = WebDatasetShards(
+        [f"pipe:cat {root / 'gone.tar'} 2>/dev/null", str(root / "shard-000.tar")], t, allow_commands=True
+    )
     assert len(_keys(remote_missing)) == 4 and remote_missing.skipped >= 1
     # Shards split across DataLoader workers: every good sample exactly once.
     loader = DataLoader(by_glob, batch_size=3, num_workers=2, collate_fn=collate)
@@ -464,8 +465,11 @@ def test_make_dataset_dispatch(folder: Path, shards, tmp_path: Path, caplog: pyt
     assert weighted.seed == 4 and weighted.category_weights["color_attr"] == 3
     counts = Counter(s["scene"]["category"] for s in itertools.islice(iter(weighted), 400))
     assert counts["single"] == 0 and counts["color_attr"] > 2 * counts["colors"] > 0  # 3:1 in expectation
-    for bad, message in (("shapes:position=x", "position must be a number"), ("shapes:two=-1", "non-negative"),
-                         ("shapes:" + ",".join(f"{c}=0" for c in CATEGORIES), "positive sum")):
+    for bad, message in (
+        ("shapes:position=x", "position must be a number"),
+        ("shapes:two=-1", "non-negative"),
+        ("shapes:" + ",".join(f"{c}=0" for c in CATEGORIES), "positive sum"),
+    ):
         with pytest.raises(ValueError, match=message):
             make_dataset(bad, 32)
 
@@ -477,7 +481,9 @@ def test_make_dataset_dispatch(folder: Path, shards, tmp_path: Path, caplog: pyt
     for name in ("a.jsonl", "a.csv"):
         path = images.parent / name
         path.write_text(
-            json.dumps({"path": "imgs/0.png", "caption": "c"}) + "\n" if name.endswith("jsonl") else "path\nimgs/0.png\n"
+            json.dumps({"path": "imgs/0.png", "caption": "c"}) + "\n"
+            if name.endswith("jsonl")
+            else "path\nimgs/0.png\n"
         )
         assert isinstance(make_dataset(str(path), S), ManifestDataset)
 

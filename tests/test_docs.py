@@ -1,5 +1,6 @@
 """The documentation stands on its own: every relative link in README.md and docs/ resolves inside the repository,
 nothing points outside it (../shared is not part of a clone), and docs/shapes.md states the constants the code uses."""
+
 from __future__ import annotations
 
 import re
@@ -66,8 +67,10 @@ def test_no_reference_to_the_shared_folder(doc: Path):
 
 def test_the_link_checker_sees_links_and_only_links(tmp_path: Path):
     page = tmp_path / "page.md"
-    page.write_text('See [a](docs/a.md#part), ![b](img/b.png "title"), [web](https://x.org), [top](#top),\n'
-                    "`[not](code.md)`, and\n\n[ref]: ../c.md\n\n```\n[also not](fenced.md)\n```\n")
+    page.write_text(
+        'See [a](docs/a.md#part), ![b](img/b.png "title"), [web](https://x.org), [top](#top),\n'
+        "`[not](code.md)`, and\n\n[ref]: ../c.md\n\n```\n[also not](fenced.md)\n```\n"
+    )
     assert sorted(relative_links(page)) == ["../c.md", "docs/a.md#part", "img/b.png"]
 
 
@@ -105,6 +108,7 @@ def test_the_readme_own_data_block_runs_verbatim_in_an_empty_folder(tmp_path, mo
     from binlat import cli
     from binlat.data.shapes import ShapesStream
     from binlat.pipeline import to_pil
+
     commands = own_data_block()
     assert [c[0] for c in commands] == ["train", "export", "precompute", "train", "export", "bundle", "generate"]
     images = tmp_path / "my_images"
@@ -126,6 +130,7 @@ def test_the_readme_own_data_block_runs_verbatim_in_an_empty_folder(tmp_path, mo
     import json
 
     from binlat.data.vocabulary import words
+
     card = (tmp_path / "models" / "mine" / "README.md").read_text(encoding="utf-8")
     assert "| diffusion | `data/bits` (made from `my_images/`) | 2 | 64 px |" in card
     captions = [(images / f"shape{i}.txt").read_text() for i in range(8)]
@@ -148,13 +153,19 @@ def _preset_rows() -> dict[str, list[str]]:
 def test_the_readme_preset_table_is_what_binlat_params_says():
     from binlat.config import preset_names
     from binlat.train.presets import preset_facts
+
     rows = _preset_rows()
     assert sorted(rows) == preset_names()  # every packaged preset has its row, and no row names another
     for name, cells in rows.items():
         f = preset_facts(name)
         kind, grid, size, parameters, arch = cells[:5]
         assert (kind, grid.rstrip(" ¹"), size, parameters, arch) == (
-            f.kind, f.grid, f"{f.image_size} px", f.millions, f.architecture), name
+            f.kind,
+            f.grid,
+            f"{f.image_size} px",
+            f.millions,
+            f.architecture,
+        ), name
         # the footnote marks exactly the rows whose grid comes from their tokenizer, not from the preset
         assert grid.endswith("¹") == (f.grid_from != "the preset"), name
 
@@ -163,6 +174,7 @@ def _count(kind: str, directory: Path) -> int:
     import torch
 
     from binlat.registry import model_class
+
     cls = model_class(kind)
     with torch.device("meta"):
         return sum(p.numel() for p in cls(cls.read_config(directory)).parameters())
@@ -172,12 +184,17 @@ def test_the_readmes_other_preset_figures_are_what_binlat_params_says():
     """The prose figures outside the table: the shipped model's sizes (its bundle and its recipe's presets must
     agree), the paper's token grid, and the release's sizes quoted beside the memory table."""
     from binlat.train.presets import preset_facts
+
     text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
-    m = re.search(r"a ([\d.]+) M-parameter tokenizer \((\d+) tokens × (\d+) bits = (\d+) bytes per (\d+) px image\), "
-                  r"a ([\d.]+) M diffusion generator and a ([\d.]+) M AR generator", text)
+    m = re.search(
+        r"a ([\d.]+) M-parameter tokenizer \((\d+) tokens × (\d+) bits = (\d+) bytes per (\d+) px image\), "
+        r"a ([\d.]+) M diffusion generator and a ([\d.]+) M AR generator",
+        text,
+    )
     assert m, "the shipped model's sentence moved or changed form; update this test with it"
-    tok, diffusion, ar = (preset_facts(p) for p in ("tokenizer/shapes-64-stage1", "diffusion/shapes-64",
-                                                     "ar/shapes-64"))
+    tok, diffusion, ar = (
+        preset_facts(p) for p in ("tokenizer/shapes-64-stage1", "diffusion/shapes-64", "ar/shapes-64")
+    )
     bundle = ROOT / "models" / "default"
     for said, preset, part in ((m[1], tok, "tokenizer"), (m[6], diffusion, "diffusion"), (m[7], ar, "ar")):
         assert f"{said} M" == preset.millions == f"{_count(part, bundle / part) / 1e6:.1f} M", part
@@ -186,7 +203,9 @@ def test_the_readmes_other_preset_figures_are_what_binlat_params_says():
     paper = preset_facts("tokenizer/paper-512")
     assert f"({paper.num_tokens} tokens × {paper.num_bits} bits at {paper.image_size} px in the paper)" in text
     release, generator = preset_facts("tokenizer/release"), preset_facts("diffusion/paper-512")
-    assert (f"a {release.parameters / 1e6:,.0f} M-parameter tokenizer, the {generator.parameters / 1e6:,.0f} "
-            f"M-parameter diffusion generator") in text
+    assert (
+        f"a {release.parameters / 1e6:,.0f} M-parameter tokenizer, the {generator.parameters / 1e6:,.0f} "
+        f"M-parameter diffusion generator"
+    ) in text
     assert (f"tokenizer {release.parameters / 1e9:.2f} B, generator {generator.parameters / 1e9:.2f} B") in text
     assert f"Both sizes decode the same {release.grid} bits" in text

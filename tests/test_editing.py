@@ -1,4 +1,5 @@
 """Editing in the binary latent space (binlat.editing) and its CLI commands, on the random tiny model."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ STEPS = 4
 
 
 # Bundle settings unlike every built-in one: a function that ignores the bundle's "sampling" gets other bits.
-TUNED_SAMPLING = {"diffusion": {"num_steps": 3, "guidance_scale": 3.0, "temperature": 0.9, "rho": 1.5, "protocol": 2},
-                  "ar": {"guidance_scale": 2.0, "temperature": 0.8}}
+TUNED_SAMPLING = {
+    "diffusion": {"num_steps": 3, "guidance_scale": 3.0, "temperature": 0.9, "rho": 1.5, "protocol": 2},
+    "ar": {"guidance_scale": 2.0, "temperature": 0.8},
+}
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +108,9 @@ def test_edit_takes_the_bundle_settings_a_call_leaves_out(tuned) -> None:
     explicit = editing.edit(tuned, picture_a(), "a blue square", strength=0.5, seed=3, **TUNED_SAMPLING["diffusion"])
     assert torch.equal(left_out.bits, explicit.bits)
     override = editing.edit(tuned, picture_a(), "a blue square", strength=0.5, seed=3, num_steps=6)
-    explicit = editing.edit(tuned, picture_a(), "a blue square", strength=0.5, seed=3,
-                            **TUNED_SAMPLING["diffusion"] | {"num_steps": 6})
+    explicit = editing.edit(
+        tuned, picture_a(), "a blue square", strength=0.5, seed=3, **TUNED_SAMPLING["diffusion"] | {"num_steps": 6}
+    )
     assert torch.equal(override.bits, explicit.bits) and not torch.equal(override.bits, left_out.bits)
 
 
@@ -153,9 +157,15 @@ def test_continue_ar_takes_the_bundle_settings_a_call_leaves_out(tuned) -> None:
     assert torch.equal(none.bits, plain.bits)
     part = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=5, seed=4)
     explicit = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=5, seed=4, **TUNED_SAMPLING["ar"])
-    builtin = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=5, seed=4,
-                                  guidance_scale=BUILTIN_SAMPLING["guidance_scale"],
-                                  temperature=BUILTIN_SAMPLING["temperature"])
+    builtin = editing.continue_ar(
+        tuned,
+        picture_a(),
+        "a red circle",
+        keep_tokens=5,
+        seed=4,
+        guidance_scale=BUILTIN_SAMPLING["guidance_scale"],
+        temperature=BUILTIN_SAMPLING["temperature"],
+    )
     assert torch.equal(part.bits, explicit.bits) and not torch.equal(part.bits, builtin.bits)
 
 
@@ -220,6 +230,7 @@ def cli(monkeypatch, pipe, tmp_path):
             return main([str(a) for a in argv])
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else 1
+
     return run
 
 
@@ -246,8 +257,9 @@ def read_meta(out: Path) -> list[dict]:
 def test_cli_edit_interpolate_continue_write_files(cli, images, tmp_path, capsys, pipe) -> None:
     a, b = images
     out = tmp_path / "out"
-    assert cli("edit", a, "--prompt", "a green square", "--strength", "0", "--seed", 5, "--out", out,
-               "--no-progress") == 0
+    assert (
+        cli("edit", a, "--prompt", "a green square", "--strength", "0", "--seed", 5, "--out", out, "--no-progress") == 0
+    )
     meta = read_meta(out)
     assert meta[0]["file"] == "00000.png" and meta[0]["kind"] == "edit" and meta[0]["strength"] == 0
     assert same_images([Image.open(out / "00000.png").convert("RGB")], editing.reconstruct(pipe, picture_a()).images)
@@ -258,8 +270,10 @@ def test_cli_edit_interpolate_continue_write_files(cli, images, tmp_path, capsys
     assert [m["frame"] for m in read_meta(out)[1:]] == [0, 1, 2]
     assert all((out / f"{i:05d}.png").is_file() for i in range(1, 4))
 
-    assert cli("continue", a, "--prompt", "a red circle", "--keep-tokens", 6, "--seed", 2, "--out", out,
-               "--no-progress") == 0
+    assert (
+        cli("continue", a, "--prompt", "a red circle", "--keep-tokens", 6, "--seed", 2, "--out", out, "--no-progress")
+        == 0
+    )
     last = read_meta(out)[-1]
     assert last["file"] == "00004.png" and last["kind"] == "continue" and last["keep_tokens"] == 6
     assert "Traceback" not in capsys.readouterr().err
@@ -276,24 +290,35 @@ def test_cli_edit_and_continue_use_the_bundle_settings(cli, images, tmp_path, tu
     tuned = TUNED_SAMPLING["diffusion"]
     for row in (generated, edited):  # the settings used are recorded, and they are the bundle's
         assert (row["steps"], row["guidance_scale"], row["temperature"], row["rho"], row["protocol"]) == (
-            tuned["num_steps"], tuned["guidance_scale"], tuned["temperature"], tuned["rho"], tuned["protocol"])
-    assert (continued["guidance_scale"], continued["temperature"]) == (TUNED_SAMPLING["ar"]["guidance_scale"],
-                                                                       TUNED_SAMPLING["ar"]["temperature"])
+            tuned["num_steps"],
+            tuned["guidance_scale"],
+            tuned["temperature"],
+            tuned["rho"],
+            tuned["protocol"],
+        )
+    assert (continued["guidance_scale"], continued["temperature"]) == (
+        TUNED_SAMPLING["ar"]["guidance_scale"],
+        TUNED_SAMPLING["ar"]["temperature"],
+    )
     assert not {"steps", "rho", "protocol"} & set(continued)  # AR continuation reads none of them
-    assert same_images([Image.open(out / generated["file"]).convert("RGB")],
-                       [Image.open(out / edited["file"]).convert("RGB")])
+    assert same_images(
+        [Image.open(out / generated["file"]).convert("RGB")], [Image.open(out / edited["file"]).convert("RGB")]
+    )
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (("edit", "{missing}", "--prompt", "x"), "cannot read image"),
-    (("edit", "{text}", "--prompt", "x"), "not a recognised image"),
-    (("edit", "{a}", "--prompt", "x", "--strength", "1.5"), "strength"),
-    (("edit", "{a}", "--prompt", "  "), "empty"),
-    (("interpolate", "{a}", "{missing}"), "cannot read image"),
-    (("interpolate", "{a}", "{a}", "--steps", "1"), "steps"),
-    (("continue", "{a}", "--prompt", "x", "--keep-tokens", "17"), "keep_tokens"),
-    (("continue", "{text}", "--prompt", "x", "--keep-tokens", "1"), "not a recognised image"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (("edit", "{missing}", "--prompt", "x"), "cannot read image"),
+        (("edit", "{text}", "--prompt", "x"), "not a recognised image"),
+        (("edit", "{a}", "--prompt", "x", "--strength", "1.5"), "strength"),
+        (("edit", "{a}", "--prompt", "  "), "empty"),
+        (("interpolate", "{a}", "{missing}"), "cannot read image"),
+        (("interpolate", "{a}", "{a}", "--steps", "1"), "steps"),
+        (("continue", "{a}", "--prompt", "x", "--keep-tokens", "17"), "keep_tokens"),
+        (("continue", "{text}", "--prompt", "x", "--keep-tokens", "1"), "not a recognised image"),
+    ],
+)
 def test_cli_bad_inputs_exit_with_one_line(cli, images, tmp_path, capsys, argv, needle) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello")

@@ -1,6 +1,7 @@
 """`binlat eval`: the shapes benchmark (accepts correct images, rejects wrong ones), the pixel metrics (binlat.metrics)
 and the codec byte-budget search, reports and tables, and the clear one-line failures of CLIP score and FID without
 local weights (their math checked with tiny stand-in networks)."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from PIL import Image
 import binlat.eval.reconstruction as rec
 import binlat.metrics as metrics
 from binlat.cli import main
-from binlat.data.shapes import CATEGORIES, PALETTE, HELD_OUT, render, scene_for_caption, to_tensor
+from binlat.data.shapes import CATEGORIES, HELD_OUT, PALETTE, render, scene_for_caption, to_tensor
 from binlat.eval.features import frechet_distance, list_images, run_fid
 from binlat.eval.report import REPORT_KEYS, format_value, parse_table, render_table
 from binlat.eval.shapes_eval import SHEET_NAME, run_shapes
@@ -107,8 +108,9 @@ def test_ssim_matches_torchmetrics_inside_the_border() -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.rand(3, 3, 32, 40, generator=g, dtype=torch.float64)
     y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-    _, full = tm.structural_similarity_index_measure(y, x, gaussian_kernel=True, sigma=1.5, kernel_size=11,
-                                                     data_range=1.0, reduction="none", return_full_image=True)
+    _, full = tm.structural_similarity_index_measure(
+        y, x, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0, reduction="none", return_full_image=True
+    )
     assert torch.allclose(metrics.ssim(x, y), full[..., 5:-5, 5:-5].flatten(1).mean(1), atol=1e-10)
 
 
@@ -205,17 +207,40 @@ def test_cli_shapes_rejects_blank_generator(bundle, tmp_path, monkeypatch, capsy
 
     def white(self, prompts, generator="diffusion", seed=None, height=None, **kw):
         prompts = check_prompts(prompts)
-        calls.append((generator, seed, kw.get("num_steps"), kw.get("guidance_scale"), kw.get("rho"),
-                      kw.get("protocol")))
+        calls.append(
+            (generator, seed, kw.get("num_steps"), kw.get("guidance_scale"), kw.get("rho"), kw.get("protocol"))
+        )
         size = height or self.config.image_size
-        return PipelineOutput(images=[Image.new("RGB", (size, size), "white") for _ in prompts],
-                              seeds=[seed + i for i in range(len(prompts))], prompts=prompts)
+        return PipelineOutput(
+            images=[Image.new("RGB", (size, size), "white") for _ in prompts],
+            seeds=[seed + i for i in range(len(prompts))],
+            prompts=prompts,
+        )
 
     monkeypatch.setattr(Pipeline, "__call__", white)
     out = tmp_path / "ev"
-    code, stdout, err = run_cli(capsys, "eval", "shapes", "--model", bundle, "--per-category", 3, "--steps", 5,
-                                "--cfg", 2.5, "--rho", 1.5, "--protocol", 2, "--seed", 7, "--out", out,
-                                "--no-progress")
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "shapes",
+        "--model",
+        bundle,
+        "--per-category",
+        3,
+        "--steps",
+        5,
+        "--cfg",
+        2.5,
+        "--rho",
+        1.5,
+        "--protocol",
+        2,
+        "--seed",
+        7,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert code == 0, err
     report = json.loads((out / "report-shapes.json").read_text())
     assert tuple(report) == REPORT_KEYS
@@ -244,9 +269,22 @@ def test_cli_shapes_rejects_blank_generator(bundle, tmp_path, monkeypatch, capsy
 
 def test_cli_shapes_ground_truth_through_tokenizer(bundle, tmp_path, capsys) -> None:
     """The tokenizer-ceiling mode runs with a tokenizer directory alone (a random one scores ~0)."""
-    code, stdout, err = run_cli(capsys, "eval", "shapes", "--ground-truth", "--model", bundle / "tokenizer",
-                                "--per-category", 2, "--no-held-out", "--json", tmp_path / "r.json",
-                                "--out", tmp_path, "--no-progress")
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "shapes",
+        "--ground-truth",
+        "--model",
+        bundle / "tokenizer",
+        "--per-category",
+        2,
+        "--no-held-out",
+        "--json",
+        tmp_path / "r.json",
+        "--out",
+        tmp_path,
+        "--no-progress",
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["summary"]["mode"] == "ground truth through the tokenizer"
@@ -262,8 +300,22 @@ def test_cli_shapes_ground_truth_through_tokenizer(bundle, tmp_path, capsys) -> 
 
 def test_cli_reconstruction_random_tiny(bundle, tmp_path, capsys) -> None:
     out = tmp_path / "ev"
-    code, stdout, err = run_cli(capsys, "eval", "reconstruction", "--model", bundle, "--data", "shapes",
-                                "--num-images", 8, "--batch-size", 3, "--out", out, "--no-progress")
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "reconstruction",
+        "--model",
+        bundle,
+        "--data",
+        "shapes",
+        "--num-images",
+        8,
+        "--batch-size",
+        3,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert code == 0, err
     assert "LPIPS not available" in err
     report = json.loads((out / "report-reconstruction.json").read_text())
@@ -286,8 +338,20 @@ def test_cli_reconstruction_random_tiny(bundle, tmp_path, capsys) -> None:
     assert rows["WebP"][0] == format_value(s["webp"]["mean_bytes"])
 
     # A tokenizer directory works as --model too, and the same images give the same figures.
-    code, _, err = run_cli(capsys, "eval", "reconstruction", "--model", bundle / "tokenizer", "--num-images", 8,
-                           "--json", tmp_path / "tok.json", "--out", tmp_path, "--no-progress")
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "reconstruction",
+        "--model",
+        bundle / "tokenizer",
+        "--num-images",
+        8,
+        "--json",
+        tmp_path / "tok.json",
+        "--out",
+        tmp_path,
+        "--no-progress",
+    )
     assert code == 0, err
     again = json.loads((tmp_path / "tok.json").read_text())
     assert again["summary"]["tokenizer"] == s["tokenizer"]
@@ -315,11 +379,18 @@ def test_reconstruction_identical_images_and_lpips(tmp_path, random_vgg16) -> No
         def decode(self, bits, h, w):
             return bits
 
-    data = [{"image": to_tensor(render(scene_for_caption("a red circle", np.random.default_rng(i)))), "caption": ""}
-            for i in range(2)]
+    data = [
+        {"image": to_tensor(render(scene_for_caption("a red circle", np.random.default_rng(i)))), "caption": ""}
+        for i in range(2)
+    ]
     result = rec.evaluate_reconstruction(Identity(), data, 2, 64, lpips=lpips)
     t = result["summary"]["tokenizer"]
-    assert t["psnr"] == metrics.PSNR_CAP_DB and t["exact"] == 2 and t["ssim"] == pytest.approx(1.0) and t["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert (
+        t["psnr"] == metrics.PSNR_CAP_DB
+        and t["exact"] == 2
+        and t["ssim"] == pytest.approx(1.0)
+        and t["lpips"] == pytest.approx(0.0, abs=1e-6)
+    )
     assert result["summary"]["budget_bytes"] == 8 and result["items"][0]["jpeg"]["lpips"] > 0
     with pytest.raises(FileNotFoundError, match="--lpips-weights"):
         rec.load_lpips(tmp_path / "missing.safetensors")
@@ -352,24 +423,63 @@ def test_clip_score_and_fid_without_weights_fail_in_one_line(tmp_path, capsys) -
     _write_images(tmp_path / "a", 3, 0)
     _write_images(tmp_path / "b", 3, 1)
     (tmp_path / "prompts.txt").write_text("a red circle\ntwo squares\na cat\n")
-    code, _, err = run_cli(capsys, "eval", "clip-score", "--images", tmp_path / "a", "--prompts",
-                           tmp_path / "prompts.txt", "--out", tmp_path)
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "clip-score",
+        "--images",
+        tmp_path / "a",
+        "--prompts",
+        tmp_path / "prompts.txt",
+        "--out",
+        tmp_path,
+    )
     assert code == 1
     assert_one_line(err, "--clip-model", "nothing is downloaded")
-    code, _, err = run_cli(capsys, "eval", "clip-score", "--images", tmp_path / "a", "--prompts",
-                           tmp_path / "prompts.txt", "--clip-model", tmp_path / "no-clip", "--out", tmp_path)
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "clip-score",
+        "--images",
+        tmp_path / "a",
+        "--prompts",
+        tmp_path / "prompts.txt",
+        "--clip-model",
+        tmp_path / "no-clip",
+        "--out",
+        tmp_path,
+    )
     assert code == 1
     assert_one_line(err, "no-clip", "does not exist")
-    code, _, err = run_cli(capsys, "eval", "fid", "--real", tmp_path / "a", "--fake", tmp_path / "b",
-                           "--out", tmp_path)
+    code, _, err = run_cli(capsys, "eval", "fid", "--real", tmp_path / "a", "--fake", tmp_path / "b", "--out", tmp_path)
     assert code == 1
     assert_one_line(err, "--inception-weights", "nothing is downloaded")
-    code, _, err = run_cli(capsys, "eval", "fid", "--real", tmp_path / "a", "--fake", tmp_path / "b",
-                           "--inception-weights", tmp_path / "none.pth", "--out", tmp_path)
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "fid",
+        "--real",
+        tmp_path / "a",
+        "--fake",
+        tmp_path / "b",
+        "--inception-weights",
+        tmp_path / "none.pth",
+        "--out",
+        tmp_path,
+    )
     assert code == 1
     assert_one_line(err, "none.pth does not exist")
-    code, _, err = run_cli(capsys, "eval", "clip-score", "--images", tmp_path / "a", "--prompts",
-                           tmp_path / "missing.txt", "--out", tmp_path)
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "clip-score",
+        "--images",
+        tmp_path / "a",
+        "--prompts",
+        tmp_path / "missing.txt",
+        "--out",
+        tmp_path,
+    )
     assert code == 1
     assert_one_line(err, "missing.txt")
 
@@ -382,9 +492,13 @@ class TinyFeatures(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(),
-                                       torch.nn.Conv2d(8, 6, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1),
-                                       torch.nn.Flatten())
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 6, 3, stride=2),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
 
     def forward(self, x):
         return self.net(x.float())
@@ -431,13 +545,29 @@ def _tiny_clip(folder: Path) -> Path:
         tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
         images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         processor = transformers.CLIPProcessor(image_processor=images, tokenizer=tok)
-        text = dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                    max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                      patch_size=8)
+        text = dict(
+            vocab_size=514,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        )
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
         torch.manual_seed(0)
-        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                                               projection_dim=16))
+        model = transformers.CLIPModel(
+            transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        )
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - a transformers release that builds tokenizers differently
@@ -453,17 +583,30 @@ def test_clip_score_math_with_tiny_clip(tmp_path, capsys) -> None:
     with open(tmp_path / "imgs" / "metadata.jsonl", "w") as f:
         for p, t in zip(paths, prompts):
             f.write(json.dumps({"file": p.name, "prompt": t, "seed": 0}) + "\n")
-    code, stdout, err = run_cli(capsys, "eval", "clip-score", "--images", tmp_path / "imgs", "--clip-model", clip,
-                                "--batch-size", 2, "--out", tmp_path)
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        "clip-score",
+        "--images",
+        tmp_path / "imgs",
+        "--clip-model",
+        clip,
+        "--batch-size",
+        2,
+        "--out",
+        tmp_path,
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "report-clip-score.json").read_text())
     assert_tables_printed(report, stdout)
     # Each score is 100 x cosine of the model's own embeddings; the metric is their mean (floored at 0).
     from binlat.eval.features import load_clip
+
     model, processor = load_clip(clip)
     with torch.no_grad():
-        batch = processor(text=prompts, images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt",
-                          padding=True)
+        batch = processor(
+            text=prompts, images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt", padding=True
+        )
         out = model(**batch)
     img = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
     txt = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
@@ -478,6 +621,7 @@ def test_contact_sheet_labels_wrap_at_words() -> None:
     """Grid labels are never cut mid-word (issue 27): long prompts wrap, and only past the line limit does the last
     line end in an ellipsis."""
     from binlat.grid import MAX_LABEL_LINES, contact_sheet, label_lines
+
     prompt = "a photo of a purple triangle to the left of a yellow square on a white background"
     lines = label_lines(prompt, 24)
     assert " ".join(lines) == prompt and all(len(x) <= 24 for x in lines)
@@ -486,7 +630,7 @@ def test_contact_sheet_labels_wrap_at_words() -> None:
     long = label_lines(" ".join(["circle"] * 60), 24)
     assert len(long) == MAX_LABEL_LINES and long[-1].endswith("…")
     from PIL import Image
+
     short = contact_sheet([Image.new("RGB", (8, 8))] * 2, ["a", "b"], cell=144)
     tall = contact_sheet([Image.new("RGB", (8, 8))] * 2, [prompt, "b"], cell=144)
     assert tall.height > short.height  # the label rows grow with the wrapped text
-

@@ -2,6 +2,7 @@
 under a burst of requests beyond its limits with clients that vanish mid-request.
 
 Everything runs on this machine: subprocesses of `python -m binlat.cli`, and HTTP only to 127.0.0.1."""
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,31 @@ from binlat.train.tasks import TokenizerTask
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
 
-TINY = {"kind": "tokenizer",
-        "model": {"patch_size": 8, "num_tokens": 16, "num_bits": 16, "encoder_layers": 1, "encoder_heads": 2,
-                  "encoder_head_dim": 16, "decoder_layers": 1, "decoder_heads": 2, "decoder_head_dim": 16,
-                  "rope_axes_dims": [4, 6, 6], "downsample_after": [0], "upsample_after": [0]},
-        "image_size": 64, "batch_size": 8, "max_steps": 12, "warmup_steps": 2, "save_every": 1, "keep_last": 2,
-        "log_every": 1, "trackers": []}
+TINY = {
+    "kind": "tokenizer",
+    "model": {
+        "patch_size": 8,
+        "num_tokens": 16,
+        "num_bits": 16,
+        "encoder_layers": 1,
+        "encoder_heads": 2,
+        "encoder_head_dim": 16,
+        "decoder_layers": 1,
+        "decoder_heads": 2,
+        "decoder_head_dim": 16,
+        "rope_axes_dims": [4, 6, 6],
+        "downsample_after": [0],
+        "upsample_after": [0],
+    },
+    "image_size": 64,
+    "batch_size": 8,
+    "max_steps": 12,
+    "warmup_steps": 2,
+    "save_every": 1,
+    "keep_last": 2,
+    "log_every": 1,
+    "trackers": [],
+}
 CHECKPOINT_FILES = {"model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"}
 TMP_CHECKPOINT = re.compile(r"^\.step-\d{8}\.tmp-")
 LEFTOVER = re.compile(r"\.(tmp|old|del)-")
@@ -43,8 +63,14 @@ RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", **extra}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
     env.pop("BINLAT_MODEL", None)
     src = str(Path(cli.__file__).parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
@@ -56,8 +82,18 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def train_cmd(config: Path, run: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "binlat.cli", "train", "tokenizer", "--config", str(config), "--output", str(run),
-            *(["--resume", "latest"] if resume else [])]
+    return [
+        sys.executable,
+        "-m",
+        "binlat.cli",
+        "train",
+        "tokenizer",
+        "--config",
+        str(config),
+        "--output",
+        str(run),
+        *(["--resume", "latest"] if resume else []),
+    ]
 
 
 def complete_checkpoints(run: Path) -> list[Path]:
@@ -118,13 +154,22 @@ def test_training_survives_ten_sigkills_and_ends_bit_identical(tmp_path):
     # The reference: the same config, never interrupted (runs alongside the kill loop).
     reference = tmp_path / "reference"
     with open(logs / "reference.txt", "wb") as out:
-        ref_proc = subprocess.Popen(train_cmd(config, reference, False), env=env, stdout=out, stderr=out,
-                                    cwd=tmp_path)
+        ref_proc = subprocess.Popen(train_cmd(config, reference, False), env=env, stdout=out, stderr=out, cwd=tmp_path)
 
     run = tmp_path / "run"
     rng = random.Random(20240608)
-    modes = ["checkpoint", "random", "startup", "checkpoint", "random",
-             "checkpoint", "startup", "random", "checkpoint", "random"]
+    modes = [
+        "checkpoint",
+        "random",
+        "startup",
+        "checkpoint",
+        "random",
+        "checkpoint",
+        "startup",
+        "random",
+        "checkpoint",
+        "random",
+    ]
     history = []
     try:
         for attempt, mode in enumerate(modes):
@@ -133,8 +178,9 @@ def test_training_survives_ten_sigkills_and_ends_bit_identical(tmp_path):
             resume_from = found[-1] if found else None
             config_ino = inode(run / "config.json")
             with open(logs / f"attempt-{attempt}.txt", "wb") as out:
-                proc = subprocess.Popen(train_cmd(config, run, resume_from is not None), env=env, stdout=out,
-                                        stderr=out, cwd=tmp_path)
+                proc = subprocess.Popen(
+                    train_cmd(config, run, resume_from is not None), env=env, stdout=out, stderr=out, cwd=tmp_path
+                )
             # config.json is rewritten (a new inode) once the checkpoint is loaded, just before the first step.
             started = lambda: inode(run / "config.json") not in (None, config_ino)  # noqa: E731
             base = latest_step(run)
@@ -168,9 +214,16 @@ def test_training_survives_ten_sigkills_and_ends_bit_identical(tmp_path):
                 proc.wait(30)
             root = run / "checkpoints"
             during_write = root.is_dir() and any(TMP_CHECKPOINT.match(n) for n in os.listdir(root))
-            history.append({"attempt": attempt, "mode": mode, "rc": proc.returncode, "during_write": during_write,
-                            "resume_from": resume_from.name if resume_from else None,
-                            "latest_after": (complete_checkpoints(run) or [Path("none")])[-1].name})
+            history.append(
+                {
+                    "attempt": attempt,
+                    "mode": mode,
+                    "rc": proc.returncode,
+                    "during_write": during_write,
+                    "resume_from": resume_from.name if resume_from else None,
+                    "latest_after": (complete_checkpoints(run) or [Path("none")])[-1].name,
+                }
+            )
             tail = (logs / f"attempt-{attempt}.txt").read_text()[-2000:]
             assert proc.returncode == -signal.SIGKILL, (history[-1], tail)  # killed, not finished or crashed
 
@@ -180,8 +233,9 @@ def test_training_survives_ten_sigkills_and_ends_bit_identical(tmp_path):
         assert latest_step(run) < TINY["max_steps"], history  # the final attempt still has work to do
 
         # The last, uninterrupted attempt finishes the run.
-        final = subprocess.run(train_cmd(config, run, bool(reached)), env=env, capture_output=True, text=True,
-                               timeout=180, cwd=tmp_path)
+        final = subprocess.run(
+            train_cmd(config, run, bool(reached)), env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path
+        )
         assert final.returncode == 0, final.stderr[-3000:]
         assert f"at step {TINY['max_steps']}" in final.stdout
         assert ref_proc.wait(180) == 0, (logs / "reference.txt").read_text()[-3000:]
@@ -268,8 +322,9 @@ def test_nonfinite_losses_are_skipped_counted_and_a_persistent_run_stops_cleanly
         ema = load_safetensors(run / "checkpoints" / "step-00000003" / "ema.safetensors")
         assert all(torch.isfinite(v).all() for v in ema.values())
         # ... and the run continues from it once the fault is gone.
-        code, lines = run_cli(capsys, "train", "tokenizer", "--config", config, "--output", run, "--resume", "latest",
-                              "--max-steps", "4")
+        code, lines = run_cli(
+            capsys, "train", "tokenizer", "--config", config, "--output", run, "--resume", "latest", "--max-steps", "4"
+        )
         assert code == 0 and lines == [], lines
         assert json.loads((run / "checkpoints" / "step-00000004" / "state.json").read_text())["bad_steps"] == 0
     finally:
@@ -291,10 +346,12 @@ def proc_status(pid: int) -> dict[str, int]:
     return fields
 
 
-def request(base: str, path: str, body: bytes | None = None, timeout: float = 60,
-            headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json",
-                                                                  **(headers or {})})
+def request(
+    base: str, path: str, body: bytes | None = None, timeout: float = 60, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        base + path, data=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -314,18 +371,44 @@ def generate_body(i: int, steps: int = 2) -> bytes:
 
 def http_post(body: bytes, content_length: int | None = None) -> bytes:
     length = len(body) if content_length is None else content_length
-    return (f"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode() + body
+    return (
+        f"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode() + body
 
 
 @pytest.fixture
 def server(tmp_path):
     """`binlat serve` (random tiny model) as a subprocess on a free loopback port; yields (base url, pid)."""
     stderr = open(tmp_path / "server-stderr.txt", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "binlat.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-                             "--max-concurrent", "1", "--max-queue", "3", "--max-steps", "4", "--max-n", "2",
-                             "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"],
-                            env=child_env(), stdout=subprocess.PIPE, stderr=stderr, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "binlat.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-concurrent",
+            "1",
+            "--max-queue",
+            "3",
+            "--max-steps",
+            "4",
+            "--max-n",
+            "2",
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--log-level",
+            "warning",
+        ],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        cwd=tmp_path,
+    )
     try:
         line, deadline = b"", time.monotonic() + 120
         while b"serving on" not in line:
@@ -378,8 +461,12 @@ def test_server_burst_with_disconnecting_clients_stays_healthy(server):
     for i in range(14):
         actor("normal", lambda i=i: record("normal", request(base, "/v1/generate", generate_body(100 + i))))
     for i in range(4):
-        actor("oversize", lambda i=i: record("oversize", request(
-            base, "/v1/generate", json.dumps({"prompt": "x" * (MAX_BODY + 10 * i)}).encode())))
+        actor(
+            "oversize",
+            lambda i=i: record(
+                "oversize", request(base, "/v1/generate", json.dumps({"prompt": "x" * (MAX_BODY + 10 * i)}).encode())
+            ),
+        )
     for i in range(3):
         actor("invalid", lambda i=i: record("invalid", request(base, "/v1/generate", b'{"prompt": "x", "steps": 0}')))
     for i in range(4):  # half a body, then gone

@@ -11,6 +11,7 @@ The DeepSpeed ZeRO-2 config is only checked against accelerate's schema (test_la
 deepspeed is not a binlat dependency, and with it installed accelerate 1.16 on a CPU either runs the config as DDP
 (ACCELERATE_USE_CPU) or gives each launched process a world of one, which binlat's world-size check stops (README,
 "Training")."""
+
 from __future__ import annotations
 
 import json
@@ -30,15 +31,36 @@ from binlat.train.config import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-TOKENIZER = {"patch_size": 8, "num_tokens": 16, "num_bits": 16, "encoder_layers": 2, "encoder_heads": 2,
-             "encoder_head_dim": 16, "decoder_layers": 2, "decoder_heads": 2, "decoder_head_dim": 16,
-             "rope_axes_dims": [4, 6, 6], "downsample_after": [], "upsample_after": []}
+TOKENIZER = {
+    "patch_size": 8,
+    "num_tokens": 16,
+    "num_bits": 16,
+    "encoder_layers": 2,
+    "encoder_heads": 2,
+    "encoder_head_dim": 16,
+    "decoder_layers": 2,
+    "decoder_heads": 2,
+    "decoder_head_dim": 16,
+    "rope_axes_dims": [4, 6, 6],
+    "downsample_after": [],
+    "upsample_after": [],
+}
 
 
 def run_config(max_steps: int) -> dict:
-    return {"kind": "tokenizer", "model": dict(TOKENIZER), "image_size": 32, "batch_size": 4,
-            "max_steps": max_steps, "warmup_steps": 1, "save_every": 2, "log_every": 1, "trackers": [],
-            "sample_every": 0, "num_workers": 0}
+    return {
+        "kind": "tokenizer",
+        "model": dict(TOKENIZER),
+        "image_size": 32,
+        "batch_size": 4,
+        "max_steps": max_steps,
+        "warmup_steps": 1,
+        "save_every": 2,
+        "log_every": 1,
+        "trackers": [],
+        "sample_every": 0,
+        "num_workers": 0,
+    }
 
 
 HANG_S = 240
@@ -54,6 +76,7 @@ def _shard_on_prepare(self, model, optimizer):
     """Accelerator.prepare as accelerate's FSDP2 plugin would do it: fully_shard each block, then the root, and
     point the optimizer at the sharded (DTensor) parameters."""
     from torch.distributed.fsdp import fully_shard
+
     for name in ("encoder", "decoder"):
         for block in getattr(model, name).blocks:
             fully_shard(block)
@@ -63,8 +86,16 @@ def _shard_on_prepare(self, model, optimizer):
 
 
 def _worker(rank: int, port: int, run_dir: str, steps: list[int], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        ACCELERATE_USE_CPU="true",
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     from unittest import mock
 
@@ -72,6 +103,7 @@ def _worker(rank: int, port: int, run_dir: str, steps: list[int], out: str) -> N
     from torch.distributed.tensor import DTensor
 
     from binlat.train.engine import Trainer
+
     with mock.patch.object(Accelerator, "prepare", _shard_on_prepare):
         for i, max_steps in enumerate(steps):
             cfg = config_from_dict(TrainConfig, run_config(max_steps))
@@ -82,8 +114,15 @@ def _worker(rank: int, port: int, run_dir: str, steps: list[int], out: str) -> N
                 full = sum(p.numel() for p in trainer.model.parameters())
                 start = trainer.step
                 trainer.train()
-                info = {"rank": rank, "world": trainer.acc.num_processes, "sharded": sharded, "local": local,
-                        "full": full, "start": start, "end": trainer.step}
+                info = {
+                    "rank": rank,
+                    "world": trainer.acc.num_processes,
+                    "sharded": sharded,
+                    "local": local,
+                    "full": full,
+                    "start": start,
+                    "end": trainer.step,
+                }
             finally:
                 trainer.close()
             Path(out, f"rank{rank}-run{i}.json").write_text(json.dumps(info))
@@ -104,6 +143,7 @@ def runs(tmp_path_factory):
                 p.kill()
             pytest.fail(f"the two FSDP processes did not finish within {HANG_S} s (a gloo collective hung)")
     from binlat.train.engine import Trainer
+
     single = Trainer(config_from_dict(TrainConfig, run_config(4)), root / "single")
     try:
         single.train()
@@ -140,6 +180,7 @@ def test_checkpoints_hold_full_tensors_and_match_one_process(runs):
 def test_export_of_a_sharded_run(runs, tmp_path):
     fsdp, _, _ = runs
     from binlat.tokenizer import BinaryTokenizer
+
     out = export_run(fsdp, tmp_path / "tok")
     model = BinaryTokenizer.from_pretrained(out)
     ema = load_safetensors(list_checkpoints(fsdp)[-1] / "ema.safetensors")
@@ -152,11 +193,13 @@ def test_launch_configs_match_accelerates_schema():
     there) and every key of their plugin sections is an option of `accelerate launch`."""
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.commands.launch import launch_command_parser
+
     options = {a.dest for a in launch_command_parser()._actions}
-    for name, section, kind in (("fsdp-8gpu.yaml", "fsdp_config", "FSDP"),
-                                ("deepspeed-zero2-8gpu.yaml", "deepspeed_config", "DEEPSPEED")):
+    for name, section, kind in (
+        ("fsdp-8gpu.yaml", "fsdp_config", "FSDP"),
+        ("deepspeed-zero2-8gpu.yaml", "deepspeed_config", "DEEPSPEED"),
+    ):
         config = ClusterConfig.from_yaml_file(CONFIGS / name)
         assert str(config.distributed_type).endswith(kind) and config.num_processes == 8
         keys = set(getattr(config, section))
         assert keys and keys <= options, (name, keys - options)
-

@@ -1,4 +1,5 @@
 """binlat.hardware: what the CPU computes natively, and bfloat16 refused (one line) where it would be emulated."""
+
 from __future__ import annotations
 
 import pytest
@@ -103,8 +104,10 @@ def test_require_bf16_is_one_line_naming_the_cpu_and_the_fix(cpu):
         hardware.require_bf16("cpu", "bfloat16 generation", fix="use --dtype float32")
     message = str(refused.value)
     assert "\n" not in message
-    assert message.startswith("bfloat16 generation needs a CPU with native bf16 (avx512_bf16 or AMX); "
-                              "this AMD EPYC 7B13 has neither, so it would run ~100x slower: use --dtype float32")
+    assert message.startswith(
+        "bfloat16 generation needs a CPU with native bf16 (avx512_bf16 or AMX); "
+        "this AMD EPYC 7B13 has neither, so it would run ~100x slower: use --dtype float32"
+    )
     cpu(XEON)
     hardware.require_bf16("cpu", "bfloat16 generation")  # no error
 
@@ -130,12 +133,36 @@ def test_pipeline_refuses_bf16_only_where_emulated(tiny, tmp_path, monkeypatch):
 
 def test_training_refuses_bf16_autocast_where_emulated(tmp_path, monkeypatch):
     monkeypatch.setenv(hardware.ASSUME_BF16_ENV, "0")
-    model = {"patch_size": 8, "num_tokens": 16, "num_bits": 16, "encoder_layers": 1, "encoder_heads": 2,
-             "encoder_head_dim": 16, "decoder_layers": 1, "decoder_heads": 2, "decoder_head_dim": 16,
-             "rope_axes_dims": [4, 6, 6], "downsample_after": [0], "upsample_after": [0]}
-    cfg = config_from_dict(TrainConfig, {"kind": "tokenizer", "model": model, "image_size": 64, "batch_size": 4,
-                                         "max_steps": 1, "trackers": [], "mixed_precision": "bf16"})
-    with pytest.raises(ValueError, match=r"bf16 mixed-precision training needs a CPU with native bf16.*"
-                                         r"--set mixed_precision=no"):
+    model = {
+        "patch_size": 8,
+        "num_tokens": 16,
+        "num_bits": 16,
+        "encoder_layers": 1,
+        "encoder_heads": 2,
+        "encoder_head_dim": 16,
+        "decoder_layers": 1,
+        "decoder_heads": 2,
+        "decoder_head_dim": 16,
+        "rope_axes_dims": [4, 6, 6],
+        "downsample_after": [0],
+        "upsample_after": [0],
+    }
+    cfg = config_from_dict(
+        TrainConfig,
+        {
+            "kind": "tokenizer",
+            "model": model,
+            "image_size": 64,
+            "batch_size": 4,
+            "max_steps": 1,
+            "trackers": [],
+            "mixed_precision": "bf16",
+        },
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"bf16 mixed-precision training needs a CPU with native bf16.*"
+        r"--set mixed_precision=no",
+    ):
         Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the run folder was made

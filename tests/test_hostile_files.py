@@ -11,6 +11,7 @@
 Cases are registered with @case("surface-what", ENTRY) as in test_reliability.py, whose Env, fixtures and helpers
 they use; test_entries_are_entry_points checks the cli/api/data entries against that file's derivations.
 """
+
 from __future__ import annotations
 
 import io
@@ -42,14 +43,30 @@ from binlat.data.base import skip_logged
 from binlat.generators import DiffusionTransformer
 from binlat.io import WeightsError, append_jsonl, read_jsonl
 from binlat.pipeline import Pipeline, PipelineConfig
+from binlat.probe import images_to_threshold
 from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
 from binlat.train.checkpoints import CheckpointError, plot_losses, read_state
 from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
-from binlat.probe import images_to_threshold
-from test_reliability import (TOKENIZER_MODEL, TRAIN_CONFIG, Env, api_entry_points, bundle, checkpoint,  # noqa: F401
-                              cli_entry_points, data_entry_points, encoder, env, leftovers, new_catalogue,
-                              noise_png, official_tokenizer, pipe, seed_output, snapshot)
+from test_reliability import (  # noqa: F401
+    TOKENIZER_MODEL,
+    TRAIN_CONFIG,
+    Env,
+    api_entry_points,
+    bundle,
+    checkpoint,
+    cli_entry_points,
+    data_entry_points,
+    encoder,
+    env,
+    leftovers,
+    new_catalogue,
+    noise_png,
+    official_tokenizer,
+    pipe,
+    seed_output,
+    snapshot,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
 CASES, ENTRY_OF, case = new_catalogue()
@@ -63,8 +80,10 @@ def fails_at_run_time(env: Env, argv: list, *needles: str, code: int, seconds: i
     """A failure after a run started, within `seconds` (a run that never ends fails the case instead of hanging the
     suite): the exit code, no traceback, one error line and it is the last (a progress bar or warnings may come
     before it)."""
+
     def expire(*_):
         raise RunDidNotEnd(f"{argv[:2]} still running after {seconds} s")
+
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:
@@ -108,8 +127,14 @@ def skip_lines(run: Path) -> list[str]:
 @case("train-shard-every-sample-bad", "binlat train")
 def _(env: Env) -> None:
     tar, run = shard(env.tmp / "bad.tar", [b"not an image"] * 300), env.tmp / "run"
-    fails_at_run_time(env, train_args(env, run, data=str(tar), max_steps=5), "every sample of", "bad.tar",
-                      "in a whole pass was skipped (300", code=1)
+    fails_at_run_time(
+        env,
+        train_args(env, run, data=str(tar), max_steps=5),
+        "every sample of",
+        "bad.tar",
+        "in a whole pass was skipped (300",
+        code=1,
+    )
     logged = skip_lines(run)  # the first 20 one by one, then the 100th: not 300 lines, nor one per pass for ever
     assert len(logged) == 21 and "100 samples skipped so far" in logged[-1], logged
 
@@ -125,16 +150,23 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     manifest, run = env.tmp / "data.jsonl", env.tmp / "run"
     manifest.write_text('{"path": "gone.png", "caption": "a"}\n{"path": "also-gone.png", "caption": "b"}\n')
-    fails_at_run_time(env, train_args(env, run, data=str(manifest)), "none of the 2 samples of", "data.jsonl",
-                      "gone.png", code=1)  # was KeyError: 'image'
+    fails_at_run_time(
+        env, train_args(env, run, data=str(manifest)), "none of the 2 samples of", "data.jsonl", "gone.png", code=1
+    )  # was KeyError: 'image'
 
 
 @case("train-bad-stretch-past-max-consecutive-skips", "binlat train")
 def _(env: Env) -> None:
     tar = shard(env.tmp / "data.tar", [b"bad"] * 80 + [noise_png(64, i) for i in range(16)])
     run = env.tmp / "bounded"
-    fails_at_run_time(env, train_args(env, run, data=str(tar), max_consecutive_skips=50),
-                      "samples in a row could not be read from", "data.tar", "max_consecutive_skips=50", code=1)
+    fails_at_run_time(
+        env,
+        train_args(env, run, data=str(tar), max_consecutive_skips=50),
+        "samples in a row could not be read from",
+        "data.tar",
+        "max_consecutive_skips=50",
+        code=1,
+    )
     rc, _, err = env.cli(*train_args(env, env.tmp / "loose", data=str(tar)))  # the default bound lets 80 pass
     assert rc == 0, err
     assert read_state(env.tmp / "loose" / "checkpoints" / "step-00000001")["step"] == 1
@@ -146,8 +178,9 @@ def _(env: Env) -> None:
     manifest = env.tmp / "data.jsonl"
     files = ["good.png"] + [f"gone{i}.png" for i in range(7)]
     manifest.write_text("".join(json.dumps({"path": p}) + "\n" for p in files))
-    cfg = config_from_dict(TrainConfig, {**TRAIN_CONFIG, "data": str(manifest), "batch_size": 2, "max_steps": 6,
-                                         "save_every": 6})
+    cfg = config_from_dict(
+        TrainConfig, {**TRAIN_CONFIG, "data": str(manifest), "batch_size": 2, "max_steps": 6, "save_every": 6}
+    )
     Trainer(cfg, env.tmp / "run").train()  # one good file in 8: at least 3 of every 4 batches hold none
     state = read_state(env.tmp / "run" / "checkpoints" / "step-00000006")
     assert state["step"] == 6 and 3 <= state["skipped_steps"] < 6, state
@@ -163,9 +196,26 @@ def _(env: Env) -> None:
     """A real process under a 6 GiB address-space cap and a time limit: 3,000 bad samples, default bound."""
     tar, run = shard(env.tmp / "bad.tar", [b"x" * 64] * 3000), env.tmp / "run"
     cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # noqa: E731
-    proc = subprocess.run([sys.executable, "-m", "binlat.cli", "train", "tokenizer", "--config", env.train_config(),
-                           "--data", tar, "--output", run], capture_output=True, text=True, timeout=300,
-                          preexec_fn=cap, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "binlat.cli",
+            "train",
+            "tokenizer",
+            "--config",
+            env.train_config(),
+            "--data",
+            tar,
+            "--output",
+            run,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=cap,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert last.startswith("binlat: error: 1024 samples in a row could not be read from") and "bad.tar" in last
@@ -184,9 +234,14 @@ def _(env: Env) -> None:
     class SharedEncoder(pipeline_mod.TextEncoder):  # each run loads the bundle; both reuse the one MiniLM
         def __new__(cls, *args, **kwargs):
             return shared
+
     env.monkeypatch.setattr(pipeline_mod, "TextEncoder", SharedEncoder)
-    gate, written, real_init, real_write = threading.Barrier(2), {}, common_mod.ImageWriter.__init__, \
-        common_mod.ImageWriter.write
+    gate, written, real_init, real_write = (
+        threading.Barrier(2),
+        {},
+        common_mod.ImageWriter.__init__,
+        common_mod.ImageWriter.write,
+    )
 
     def init(self, folder):  # both runs look at the folder before either writes: the worst interleaving
         real_init(self, folder)
@@ -204,6 +259,7 @@ def _(env: Env) -> None:
     def run(tag: str, seed: int) -> None:
         argv = env.generate_args(*[f"{tag} shape {i}" for i in range(6)], out=out, model=bundle, steps=1)
         codes.append(main([str(a) for a in argv + ["--seed", seed, "--batch-size", 2]]))
+
     threads = [threading.Thread(target=run, args=(tag, seed)) for tag, seed in (("red", 10), ("blue", 20))]
     for t in threads:
         t.start()
@@ -240,9 +296,9 @@ def _(env: Env) -> None:
         if len(calls) == 2:
             raise KeyboardInterrupt  # Ctrl+C while the second batch decodes
         return real(self, *args, **kwargs)
+
     env.monkeypatch.setattr(Pipeline, "decode", decode)
-    rc, _, err = env.cli(*env.generate_args("p0", "p1", "p2", "p3", out=out, steps=1), "--batch-size", 2,
-                         "--seed", 5)
+    rc, _, err = env.cli(*env.generate_args("p0", "p1", "p2", "p3", out=out, steps=1), "--batch-size", 2, "--seed", 5)
     assert rc == 130 and "interrupted" in err
     rows = read_jsonl(out / "metadata.jsonl")
     assert [(r["file"], r["prompt"], r["seed"]) for r in rows] == [("00000.png", "p0", 5), ("00001.png", "p1", 6)]
@@ -253,10 +309,28 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     out, prompts = env.tmp / "out", env.tmp / "prompts.txt"
     prompts.write_text("".join(f"shape number {i}\n" for i in range(500)))
-    proc = subprocess.Popen([sys.executable, "-m", "binlat.cli", "generate", "--prompts", prompts, "--model",
-                             env.bundle, "--out", out, "--steps", "1", "--batch-size", "1", "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "binlat.cli",
+            "generate",
+            "--prompts",
+            prompts,
+            "--model",
+            env.bundle,
+            "--out",
+            out,
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -357,8 +431,11 @@ def corrupt_state(ckpt: Path) -> None:
     (ckpt / "state.json").write_text('{"step": 2, "ki')
 
 
-for _mode, _damage, _why in (("auto", corrupt_state, "state.json: not valid JSON"),
-                             ("latest", lambda c: (c / "ema.safetensors").unlink(), "weights file not found")):
+for _mode, _damage, _why in (
+    ("auto", corrupt_state, "state.json: not valid JSON"),
+    ("latest", lambda c: (c / "ema.safetensors").unlink(), "weights file not found"),
+):
+
     @case(f"train-resume-{_mode}-passes-over-a-damaged-newest-checkpoint", "binlat train")
     def _(env: Env, mode=_mode, damage=_damage, why=_why) -> None:
         run = damaged_run(env, damage)
@@ -375,23 +452,38 @@ for _mode, _damage, _why in (("auto", corrupt_state, "state.json: not valid JSON
 @case("train-resume-latest-every-checkpoint-damaged", "binlat train")
 def _(env: Env) -> None:
     run = damaged_run(env, corrupt_state, lambda c: (c / "model.safetensors").write_bytes(b"junk"))
-    fails_at_run_time(env, train_args(env, run, max_steps=3) + ["--resume", "latest"], "no intact checkpoint",
-                      "step-00000002, step-00000001 are damaged", code=1)
+    fails_at_run_time(
+        env,
+        train_args(env, run, max_steps=3) + ["--resume", "latest"],
+        "no intact checkpoint",
+        "step-00000002, step-00000001 are damaged",
+        code=1,
+    )
 
 
 @case("train-resume-corrupt-state-json-names-it", "binlat train")
 def _(env: Env) -> None:
     run = damaged_run(env, corrupt_state)
     ckpt = run / "checkpoints" / "step-00000002"
-    env.cli_fails(train_args(env, env.tmp / "new", max_steps=3) + ["--resume", ckpt],
-                  f"{ckpt / 'state.json'}: not valid JSON", code=1)
+    env.cli_fails(
+        train_args(env, env.tmp / "new", max_steps=3) + ["--resume", ckpt],
+        f"{ckpt / 'state.json'}: not valid JSON",
+        code=1,
+    )
 
 
-STATE_DAMAGE = [("step", 10**12, "step must be an integer in [0, 1000000000]"), ("step", -1, "step must be"),
-                ("step", True, "step must be"), ("step", "2", "step must be"), ("bad_steps", 1.5, "bad_steps must"),
-                ("kind", 5, "kind must be a JSON string"), ("model_config", [], "model_config must be a JSON object"),
-                ("step", 7, "step 7 in the folder of step 2")]
+STATE_DAMAGE = [
+    ("step", 10**12, "step must be an integer in [0, 1000000000]"),
+    ("step", -1, "step must be"),
+    ("step", True, "step must be"),
+    ("step", "2", "step must be"),
+    ("bad_steps", 1.5, "bad_steps must"),
+    ("kind", 5, "kind must be a JSON string"),
+    ("model_config", [], "model_config must be a JSON object"),
+    ("step", 7, "step 7 in the folder of step 2"),
+]
 for _key, _value, _message in STATE_DAMAGE:
+
     @case(f"train-state-json-{_key}-{_value}", "read_state")
     def _(env: Env, key=_key, value=_value, message=_message) -> None:
         ckpt = damaged_run(env) / "checkpoints" / "step-00000002"
@@ -417,14 +509,19 @@ def first_nan(t: torch.Tensor) -> torch.Tensor:
     return t.clone().index_fill_(0, torch.tensor([0]), math.nan)
 
 
-WEIGHT_DAMAGE = {"nan": (first_nan, "NaN"), "inf": (lambda t: torch.full_like(t, math.inf), "infinite"),
-                 "neg-inf": (lambda t: t.clone().fill_(-math.inf), "infinite"),
-                 "bool": (lambda t: t > 0, "stored as bool"), "int32": (lambda t: t.to(torch.int32), "as int32"),
-                 "int64": (lambda t: t.to(torch.int64), "as int64"),
-                 "fp8-e4m3": (lambda t: t.to(torch.float8_e4m3fn), "as float8_e4m3fn"),
-                 "fp8-e5m2": (lambda t: t.to(torch.float8_e5m2), "as float8_e5m2")}
+WEIGHT_DAMAGE = {
+    "nan": (first_nan, "NaN"),
+    "inf": (lambda t: torch.full_like(t, math.inf), "infinite"),
+    "neg-inf": (lambda t: t.clone().fill_(-math.inf), "infinite"),
+    "bool": (lambda t: t > 0, "stored as bool"),
+    "int32": (lambda t: t.to(torch.int32), "as int32"),
+    "int64": (lambda t: t.to(torch.int64), "as int64"),
+    "fp8-e4m3": (lambda t: t.to(torch.float8_e4m3fn), "as float8_e4m3fn"),
+    "fp8-e5m2": (lambda t: t.to(torch.float8_e5m2), "as float8_e5m2"),
+}
 for _what, (_change, _message) in WEIGHT_DAMAGE.items():
     for _cls, _part in ((BinaryTokenizer, "tokenizer"), (DiffusionTransformer, "diffusion")):
+
         @case(f"api-{_part}-weights-{_what}-refused", f"{_cls.__name__}.from_pretrained")
         def _(env: Env, cls=_cls, part=_part, change=_change, message=_message, what=_what) -> None:
             folder = Path(shutil.copytree(env.bundle / part, env.tmp / part))
@@ -443,8 +540,14 @@ for _what, (_change, _message) in WEIGHT_DAMAGE.items():
 def _(env: Env) -> None:
     bundle, out = env.copy_bundle(), env.tmp / "out"
     key = damage_tensor(bundle / "diffusion" / "model.safetensors", lambda t: torch.full_like(t, math.inf))
-    env.cli_fails(env.generate_args("a cat", model=bundle, out=out), "diffusion/model.safetensors", key,
-                  "infinite", "--allow-nonfinite-weights", code=1)  # was a black image and exit 0
+    env.cli_fails(
+        env.generate_args("a cat", model=bundle, out=out),
+        "diffusion/model.safetensors",
+        key,
+        "infinite",
+        "--allow-nonfinite-weights",
+        code=1,
+    )  # was a black image and exit 0
     assert not list(out.glob("*.png"))
     rc, _, err = env.cli(*env.generate_args("a cat", model=bundle, out=out), "--allow-nonfinite-weights")
     assert rc == 0 and (out / "00000.png").is_file(), err
@@ -456,8 +559,12 @@ def _(env: Env) -> None:
     key = sorted(k for k, v in state.items() if v.ndim == 2)[0]
     torch.save({"module": {**state, key: first_nan(state[key])}}, env.tmp / "bae.pt")
     out = env.tmp / "converted"
-    env.cli_fails(["convert-official", "--kind", "tokenizer", "--config", config, "--weights", env.tmp / "bae.pt",
-                   "--out", out], f"tensor {key} holds", "NaN", code=1)
+    env.cli_fails(
+        ["convert-official", "--kind", "tokenizer", "--config", config, "--weights", env.tmp / "bae.pt", "--out", out],
+        f"tensor {key} holds",
+        "NaN",
+        code=1,
+    )
     assert not out.exists() and not leftovers(env.tmp)
 
 
@@ -480,15 +587,36 @@ def _(env: Env) -> None:
     assert not run.exists()
 
 
-BAD_HYPERPARAMETERS = [("lr", math.nan), ("lr", 0), ("lr", -1e-3), ("weight_decay", -0.1), ("betas", [0.9, 1.0]),
-                       ("betas", [0.9]), ("ema_decay", 1.0), ("ema_decay", -0.5), ("grad_clip", math.inf),
-                       ("min_lr_ratio", 2.0), ("seed", -1), ("seed", 2**40), ("max_steps", 10**12),
-                       ("warmup_steps", -1), ("max_consecutive_skips", 0), ("num_workers", -2),
-                       ("tokenizer.disc_lr", 0.0), ("tokenizer.tau_start", 0.0), ("tokenizer.l1_weight", -1.0),
-                       ("tokenizer.soft_until_psnr", math.inf), ("generator.sample_guidance", math.nan),
-                       ("generator.sample_steps", 10**9), ("model.rope_theta", math.nan),
-                       ("model.rope_theta", -1.0), ("model.rope_theta", 0.0), ("model.bernoulli_temperature", math.inf)]
+BAD_HYPERPARAMETERS = [
+    ("lr", math.nan),
+    ("lr", 0),
+    ("lr", -1e-3),
+    ("weight_decay", -0.1),
+    ("betas", [0.9, 1.0]),
+    ("betas", [0.9]),
+    ("ema_decay", 1.0),
+    ("ema_decay", -0.5),
+    ("grad_clip", math.inf),
+    ("min_lr_ratio", 2.0),
+    ("seed", -1),
+    ("seed", 2**40),
+    ("max_steps", 10**12),
+    ("warmup_steps", -1),
+    ("max_consecutive_skips", 0),
+    ("num_workers", -2),
+    ("tokenizer.disc_lr", 0.0),
+    ("tokenizer.tau_start", 0.0),
+    ("tokenizer.l1_weight", -1.0),
+    ("tokenizer.soft_until_psnr", math.inf),
+    ("generator.sample_guidance", math.nan),
+    ("generator.sample_steps", 10**9),
+    ("model.rope_theta", math.nan),
+    ("model.rope_theta", -1.0),
+    ("model.rope_theta", 0.0),
+    ("model.bernoulli_temperature", math.inf),
+]
 for _key, _value in BAD_HYPERPARAMETERS:
+
     @case(f"train-config-{_key}-{_value}", "TrainConfig")
     def _(env: Env, key=_key, value=_value) -> None:
         data = json.loads(json.dumps(TRAIN_CONFIG))
@@ -516,11 +644,14 @@ def _(env: Env) -> None:
 # Smaller: seeds, step counts, --sampling
 
 
-for _argv, _needle in ((["--seed", str(2**64)], "seed must be an integer in [0, 2**64 - 1]"),
-                       (["--seed", "-1"], "seed must be an integer in [0, 2**64 - 1], got -1"),
-                       (["--seed", str(2**64 - 1)], "seed must be an integer in [0, 2**64 - 2]"),  # 2 prompts
-                       (["--steps", "1e20"], "steps must be an integer, got '1e20'"),
-                       (["--steps", str(10**20)], "steps must be at most 10000")):
+for _argv, _needle in (
+    (["--seed", str(2**64)], "seed must be an integer in [0, 2**64 - 1]"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**64 - 1], got -1"),
+    (["--seed", str(2**64 - 1)], "seed must be an integer in [0, 2**64 - 2]"),  # 2 prompts
+    (["--steps", "1e20"], "steps must be an integer, got '1e20'"),
+    (["--steps", str(10**20)], "steps must be at most 10000"),
+):
+
     @case(f"cli-generate{'-'.join(_argv)}", "binlat generate")
     def _(env: Env, argv=_argv, needle=_needle) -> None:
         out = env.tmp / "out"
@@ -542,21 +673,39 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     a = env.tmp / "a.png"
     a.write_bytes(noise_png(64))
-    env.cli_fails(["interpolate", a, a, "--steps", str(10**20), "--out", env.tmp / "out"], "steps must be at most",
-                  code=2)
+    env.cli_fails(
+        ["interpolate", a, a, "--steps", str(10**20), "--out", env.tmp / "out"], "steps must be at most", code=2
+    )
 
 
 @case("cli-train-max-steps-10-20", "binlat train")
 def _(env: Env) -> None:
-    env.cli_fails(train_args(env, env.tmp / "run") + ["--max-steps", str(10**20)],
-                  "max_steps must be an integer >= 1 and <= 1000000000", code=2)
+    env.cli_fails(
+        train_args(env, env.tmp / "run") + ["--max-steps", str(10**20)],
+        "max_steps must be an integer >= 1 and <= 1000000000",
+        code=2,
+    )
 
 
 @case("cli-bundle-sampling-not-an-object", "binlat bundle")
 def _(env: Env) -> None:
     out = env.tmp / "out"
-    env.cli_fails(["bundle", "--tokenizer", env.bundle / "tokenizer", "--diffusion", env.bundle / "diffusion",
-                   "--sampling", "[1]", "--out", out], "--sampling: expected a JSON object", "got list", code=2)
+    env.cli_fails(
+        [
+            "bundle",
+            "--tokenizer",
+            env.bundle / "tokenizer",
+            "--diffusion",
+            env.bundle / "diffusion",
+            "--sampling",
+            "[1]",
+            "--out",
+            out,
+        ],
+        "--sampling: expected a JSON object",
+        "got list",
+        code=2,
+    )
     assert not out.exists()
     with pytest.raises(ValueError, match="sampling must be an object"):
         PipelineConfig(sampling=[1])

@@ -10,6 +10,7 @@
 
 Cases are registered with @case("surface-what", ENTRY) as in test_reliability.py, whose Env and fixtures they use.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,19 @@ from binlat.data.transforms import ImageLoadError, ImageTransform, load_image
 from binlat.generators import DiffusionTransformer, GeneratorConfig
 from binlat.pipeline import Pipeline
 from binlat.tokenizer import BinaryTokenizer
-from test_reliability import (Env, api_entry_points, bundle, cli_entry_points, data_entry_points,  # noqa: F401
-                              encoder, env, new_catalogue, noise_png, official_tokenizer, pipe)
+from test_reliability import (  # noqa: F401
+    Env,
+    api_entry_points,
+    bundle,
+    cli_entry_points,
+    data_entry_points,
+    encoder,
+    env,
+    new_catalogue,
+    noise_png,
+    official_tokenizer,
+    pipe,
+)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CAP = 3 * 2**30  # RLIMIT_AS of the subprocess cases: a regressed guard dies (or fails) instead of eating the machine
@@ -45,14 +57,21 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def capped_cli(tmp: Path, *argv, code: int = 2, seconds: int = 60, env: dict | None = None,
-               needles: tuple[str, ...] = ()) -> str:
+def capped_cli(
+    tmp: Path, *argv, code: int = 2, seconds: int = 60, env: dict | None = None, needles: tuple[str, ...] = ()
+) -> str:
     """`binlat ARGV` in a subprocess under RLIMIT_AS = 3 GiB and a timeout: exits `code` with one stderr line
     (the last; warnings may come before), no traceback. Returns that line."""
     full = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     full.pop("BINLAT_MODEL", None)
-    run = subprocess.run([sys.executable, "-c", CAPPED, *map(str, argv)], cwd=tmp, env=full, capture_output=True,
-                         text=True, timeout=seconds)
+    run = subprocess.run(
+        [sys.executable, "-c", CAPPED, *map(str, argv)],
+        cwd=tmp,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=seconds,
+    )
     err = run.stderr
     assert run.returncode == code, (run.returncode, err[-2000:])
     assert "Traceback" not in err and "MemoryError" not in err, err[-2000:]
@@ -80,8 +99,17 @@ def deep_bundle(env: Env, part: str, **over) -> Path:
 def _(env: Env) -> None:
     model = deep_bundle(env, "diffusion", num_layers=10**6, text_layers=list(range(10**6)))
     start = time.monotonic()
-    capped_cli(env.tmp, "generate", "a cat", "--model", model, "--out", env.tmp / "out", "--no-progress",
-               needles=("DiffusionTransformer this config describes needs about", "layer counts"))
+    capped_cli(
+        env.tmp,
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--out",
+        env.tmp / "out",
+        "--no-progress",
+        needles=("DiffusionTransformer this config describes needs about", "layer counts"),
+    )
     assert time.monotonic() - start < 60
     assert not (env.tmp / "out").exists() or not any((env.tmp / "out").glob("*.png"))
 
@@ -105,12 +133,34 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     # a 131-byte config describing a ~7.6 GB generator; the weights are never read (they do not even exist)
     config = env.tmp / "huge.json"
-    config.write_text(json.dumps({"in_channels": 16, "num_layers": 64, "attention_head_dim": 128,
-                                  "num_attention_heads": 32, "num_img_tkns": 16, "text_cond_dim": 64}))
+    config.write_text(
+        json.dumps(
+            {
+                "in_channels": 16,
+                "num_layers": 64,
+                "attention_head_dim": 128,
+                "num_attention_heads": 32,
+                "num_img_tkns": 16,
+                "text_cond_dim": 64,
+            }
+        )
+    )
     out = env.tmp / "out"
-    capped_cli(env.tmp, "convert-official", "--kind", "diffusion", "--config", config, "--weights",
-               env.tmp / "absent.pt", "--out", out, "--max-memory", "2G",
-               needles=("huge.json", "needs about", "--max-memory (2 GiB)"))
+    capped_cli(
+        env.tmp,
+        "convert-official",
+        "--kind",
+        "diffusion",
+        "--config",
+        config,
+        "--weights",
+        env.tmp / "absent.pt",
+        "--out",
+        out,
+        "--max-memory",
+        "2G",
+        needles=("huge.json", "needs about", "--max-memory (2 GiB)"),
+    )
     assert not out.exists()
 
 
@@ -120,9 +170,19 @@ def _(env: Env) -> None:
     config, state = official_tokenizer(env.tmp)
     out = env.tmp / "converted"
     from safetensors.torch import save_file
+
     save_file(state, str(env.tmp / "w.safetensors"))
-    rc, _, err = env.cli("convert-official", "--kind", "tokenizer", "--config", config, "--weights",
-                         env.tmp / "w.safetensors", "--out", out)
+    rc, _, err = env.cli(
+        "convert-official",
+        "--kind",
+        "tokenizer",
+        "--config",
+        config,
+        "--weights",
+        env.tmp / "w.safetensors",
+        "--out",
+        out,
+    )
     assert rc == 0, err
     model = BinaryTokenizer.from_pretrained(out)
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -132,8 +192,9 @@ def test_parameter_count_matches_a_real_build_and_extrapolates() -> None:
     cfg = GeneratorConfig(num_bits=8, num_tokens=4, num_layers=3, num_heads=2, head_dim=8, text_dim=16)
     real = sum(t.numel() for t in DiffusionTransformer(cfg).state_dict().values())
     assert budget.parameter_count(DiffusionTransformer, cfg) == real
-    deep = GeneratorConfig(num_bits=8, num_tokens=4, num_layers=budget.EXACT_LAYERS + 3, num_heads=2, head_dim=8,
-                           text_dim=16)
+    deep = GeneratorConfig(
+        num_bits=8, num_tokens=4, num_layers=budget.EXACT_LAYERS + 3, num_heads=2, head_dim=8, text_dim=16
+    )
     with torch.device("meta"):
         exact = sum(t.numel() for t in DiffusionTransformer(deep).state_dict().values())
     assert budget.parameter_count(DiffusionTransformer, deep) == exact
@@ -153,23 +214,41 @@ def test_parse_memory() -> None:
 
 @case("cli-generate-size-8192", "binlat generate")
 def _(env: Env) -> None:
-    capped_cli(env.tmp, "generate", "a cat", "--model", env.bundle, "--size", "8192", "--steps", "1",
-               "--out", env.tmp / "out", "--no-progress",
-               needles=("8192x8192", "needs about", "TiB", "smaller --size"))
+    capped_cli(
+        env.tmp,
+        "generate",
+        "a cat",
+        "--model",
+        env.bundle,
+        "--size",
+        "8192",
+        "--steps",
+        "1",
+        "--out",
+        env.tmp / "out",
+        "--no-progress",
+        needles=("8192x8192", "needs about", "TiB", "smaller --size"),
+    )
 
 
 @case("cli-generate-batch-over-max-memory", "binlat generate")
 def _(env: Env) -> None:
-    env.cli_fails(env.generate_args(*["a cat"] * 64, out=env.tmp / "out") + ["--batch-size", "64",
-                                                                               "--max-memory", "16M"],
-                  "64 image(s) of 64x64 in batches of 64", "more than the --max-memory (16 MiB)", "--batch-size",
-                  code=2)
+    env.cli_fails(
+        env.generate_args(*["a cat"] * 64, out=env.tmp / "out") + ["--batch-size", "64", "--max-memory", "16M"],
+        "64 image(s) of 64x64 in batches of 64",
+        "more than the --max-memory (16 MiB)",
+        "--batch-size",
+        code=2,
+    )
 
 
 @case("cli-generate-max-memory-garbage", "binlat generate")
 def _(env: Env) -> None:
-    env.cli_fails(env.generate_args("a cat", out=env.tmp / "out") + ["--max-memory", "lots"],
-                  "max memory: memory must be a size such as 8G", code=2)
+    env.cli_fails(
+        env.generate_args("a cat", out=env.tmp / "out") + ["--max-memory", "lots"],
+        "max memory: memory must be a size such as 8G",
+        code=2,
+    )
 
 
 @case("cli-bundle-own-image-size-huge", "binlat generate")
@@ -177,8 +256,19 @@ def _(env: Env) -> None:
     model = env.copy_bundle()
     index = model / "model_index.json"
     index.write_text(json.dumps({**json.loads(index.read_text()), "image_size": 65536}))
-    capped_cli(env.tmp, "generate", "a cat", "--model", model, "--steps", "1", "--out", env.tmp / "out",
-               "--no-progress", needles=("this bundle", "image_size 65536", "needs about"))
+    capped_cli(
+        env.tmp,
+        "generate",
+        "a cat",
+        "--model",
+        model,
+        "--steps",
+        "1",
+        "--out",
+        env.tmp / "out",
+        "--no-progress",
+        needles=("this bundle", "image_size 65536", "needs about"),
+    )
 
 
 @case("api-pipeline-call-size-refused-before-work", "Pipeline.__call__")
@@ -193,18 +283,22 @@ def _(env: Env) -> None:
 @case("api-editing-reconstruct-size-refused", "editing.reconstruct")
 def _(env: Env) -> None:
     from PIL import Image
+
     from binlat import editing
+
     with pytest.raises(MemoryBudgetError, match="4096x4096"):
         editing.reconstruct(env.pipe, Image.new("RGB", (64, 64)), height=4096, width=4096)
 
 
 @case("api-size-beyond-trained-warns-once", "Pipeline.__call__")
 def _(env: Env) -> None:
-    fresh = Pipeline(env.pipe.tokenizer, env.encoder, config=env.pipe.config,
-                     diffusion=env.pipe.generators["diffusion"])
+    fresh = Pipeline(
+        env.pipe.tokenizer, env.encoder, config=env.pipe.config, diffusion=env.pipe.generators["diffusion"]
+    )
     with pytest.warns(UserWarning, match="128x128 is beyond the 64 px"):
         fresh("a cat", num_steps=1, height=128, progress=False)
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fresh("a cat", num_steps=1, height=128, progress=False)  # once only
@@ -214,7 +308,8 @@ def _(env: Env) -> None:
 def test_text_encoded_per_batch(pipe) -> None:
     rows: list[int] = []
     handle = pipe.text_encoder.model.register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
         out = pipe([f"prompt number {i}" for i in range(7)], seed=0, num_steps=1, batch_size=3, progress=False)
     finally:
@@ -257,8 +352,13 @@ from binlat.data.transforms import ImageTransform
 ds = ManifestDataset({str(manifest)!r}, ImageTransform(64))
 print(len(list(ds)))
 """
-    run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": SRC,
-                         "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "1" and "a device, not a regular file" in run.stderr, (run.stdout, run.stderr)
     with pytest.raises(ValueError, match="manifest /dev/zero is a device, not a regular file"):
@@ -267,8 +367,11 @@ print(len(list(ds)))
 
 @case("cli-prompts-file-dev-zero", "binlat generate")
 def _(env: Env) -> None:
-    env.cli_fails(["generate", "--prompts", "/dev/zero", "--model", env.bundle, "--out", env.tmp / "out"],
-                  "prompts file /dev/zero is a device, not a regular file", code=2)
+    env.cli_fails(
+        ["generate", "--prompts", "/dev/zero", "--model", env.bundle, "--out", env.tmp / "out"],
+        "prompts file /dev/zero is a device, not a regular file",
+        code=2,
+    )
 
 
 @case("cli-model-config-is-a-fifo", "binlat generate")
@@ -287,9 +390,18 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     home = env.tmp / "hf"
     start = time.monotonic()
-    line = capped_cli(env.tmp, "generate", "a cat", "--model", "someorg/not-cached", "--out", env.tmp / "out",
-                      code=1, env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
-                      needles=("HF_HUB_OFFLINE is set", "huggingface-cli download someorg/not-cached --local-dir DIR"))
+    line = capped_cli(
+        env.tmp,
+        "generate",
+        "a cat",
+        "--model",
+        "someorg/not-cached",
+        "--out",
+        env.tmp / "out",
+        code=1,
+        env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
+        needles=("HF_HUB_OFFLINE is set", "huggingface-cli download someorg/not-cached --local-dir DIR"),
+    )
     assert time.monotonic() - start < 5, line
 
 
@@ -297,10 +409,23 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     # a Hub endpoint nobody listens on stands for a dead network
     start = time.monotonic()
-    capped_cli(env.tmp, "generate", "a cat", "--model", "someorg/not-cached", "--out", env.tmp / "out", code=1,
-               env={"HF_HOME": str(env.tmp / "hf"), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
-                    "HF_ENDPOINT": "http://127.0.0.1:9"},
-               needles=("127.0.0.1 is unreachable", "huggingface-cli download someorg/not-cached"))
+    capped_cli(
+        env.tmp,
+        "generate",
+        "a cat",
+        "--model",
+        "someorg/not-cached",
+        "--out",
+        env.tmp / "out",
+        code=1,
+        env={
+            "HF_HOME": str(env.tmp / "hf"),
+            "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
+            "HF_ENDPOINT": "http://127.0.0.1:9",
+        },
+        needles=("127.0.0.1 is unreachable", "huggingface-cli download someorg/not-cached"),
+    )
     assert time.monotonic() - start < 5
 
 

@@ -9,6 +9,7 @@ under a memory or file-descriptor cap, so that a regression fails instead of tak
 bodies at once, a flood of connections and of bad requests, whose logs must stay short). Every server is shut
 down at the end of its case, and every case runs in seconds.
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,12 +38,21 @@ from binlat.serve.logs import RateLimitFilter
 from binlat.serve.workqueue import cancellable
 from binlat.tokenizer import BinaryTokenizer
 from binlat.train.config import TrainConfig
-from hostile_server_support import (closed_within, connect, connect_many, get, live_server, read_response,
-                                    request_head, subprocess_server)
+from hostile_server_support import (
+    closed_within,
+    connect,
+    connect_many,
+    get,
+    live_server,
+    read_response,
+    request_head,
+    subprocess_server,
+)
 
 LOCAL = "http://localhost"
-LIMITS = ServeLimits(max_concurrent=1, max_queue=4, max_body_bytes=200_000, max_n=4, max_steps=8,
-                     max_prompt_chars=64, max_size=128)
+LIMITS = ServeLimits(
+    max_concurrent=1, max_queue=4, max_body_bytes=200_000, max_n=4, max_steps=8, max_prompt_chars=64, max_size=128
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +78,7 @@ def assert_error(response, status: int, *needles: str) -> str:
 
 def run_cli(*argv: str) -> int:
     from binlat.cli import main
+
     try:
         return main(list(argv))
     except SystemExit as e:  # argparse's own exits
@@ -107,12 +118,18 @@ def test_a_rebound_page_is_refused_though_the_browser_sees_it_same_origin(client
 def test_origin_must_be_this_host_and_on_the_allow_list(pipe) -> None:
     allowed = allowed_hosts_for("127.0.0.1", ["studio.example"])
     with TestClient(create_app(pipe, LIMITS, allowed), base_url="http://studio.example") as c:
-        ok = c.post("/v1/generate", json={"prompt": "a cat", "steps": 1},
-                    headers={"origin": "http://studio.example", "sec-fetch-site": "same-origin"})
+        ok = c.post(
+            "/v1/generate",
+            json={"prompt": "a cat", "steps": 1},
+            headers={"origin": "http://studio.example", "sec-fetch-site": "same-origin"},
+        )
         assert ok.status_code == 200, ok.text
         for origin in ("http://localhost:8080", "http://evil.example", "http://[::1", "http://studio.example:1"):
-            assert_error(c.post("/v1/generate", json={"prompt": "a cat"}, headers={"origin": origin}), 403,
-                         "cross-site request refused")
+            assert_error(
+                c.post("/v1/generate", json={"prompt": "a cat"}, headers={"origin": origin}),
+                403,
+                "cross-site request refused",
+            )
 
 
 def test_allowed_hosts_widen_only_as_asked(pipe, capsys) -> None:
@@ -134,11 +151,28 @@ def test_allowed_hosts_widen_only_as_asked(pipe, capsys) -> None:
 def test_serve_command_passes_the_new_limits(pipe, monkeypatch, capsys) -> None:
     import binlat.commands.images as images
     import binlat.serve as serve_mod
+
     seen = {}
     monkeypatch.setattr(images, "load_pipeline", lambda *a: pipe)
     monkeypatch.setattr(serve_mod, "serve", lambda app, *a, **k: seen.update(app=app))
-    assert run_cli("serve", "--port", "0", "--max-connections", "5", "--header-timeout", "3", "--body-timeout", "4",
-                   "--allowed-host", "box.lan", "--allowed-host", "*.lan") == 0
+    assert (
+        run_cli(
+            "serve",
+            "--port",
+            "0",
+            "--max-connections",
+            "5",
+            "--header-timeout",
+            "3",
+            "--body-timeout",
+            "4",
+            "--allowed-host",
+            "box.lan",
+            "--allowed-host",
+            "*.lan",
+        )
+        == 0
+    )
     limits = seen["app"].state.served.limits
     assert (limits.max_connections, limits.header_timeout, limits.body_timeout) == (5, 3, 4)
     assert seen["app"].state.allowed_hosts == ("localhost", "127.0.0.1", "[::1]", "box.lan", "*.lan")
@@ -151,9 +185,11 @@ def test_serve_command_passes_the_new_limits(pipe, monkeypatch, capsys) -> None:
 @pytest.mark.parametrize("depth", [33, 5_000, 90_000])
 def test_deeply_nested_json_is_a_400_not_a_500(client, depth) -> None:
     b64 = base64.b64encode(image_bytes("PNG")).decode()
-    bodies = {"/v1/generate": f'{{"prompt": "x", "prompts": {nested(depth)}}}',
-              "/v1/reconstruct": f'{{"image_base64": "{b64}", "size": {nested(depth)}}}',
-              "/v1/edit": f'{{"image_base64": "{b64}", "prompt": {nested(depth)}}}'}
+    bodies = {
+        "/v1/generate": f'{{"prompt": "x", "prompts": {nested(depth)}}}',
+        "/v1/reconstruct": f'{{"image_base64": "{b64}", "size": {nested(depth)}}}',
+        "/v1/edit": f'{{"image_base64": "{b64}", "prompt": {nested(depth)}}}',
+    }
     for path, body in bodies.items():
         response = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
         assert_error(response, 400, "body: JSON nested deeper than 32 levels")
@@ -164,8 +200,9 @@ def test_nesting_within_the_limit_and_brackets_in_strings_are_judged_as_usual(cl
     ok = json.dumps({"prompt": "[" * 30 + "{" * 30 + '"\\', "steps": 1})  # 60 brackets inside a string
     assert client.post("/v1/generate", content=ok, headers={"content-type": "application/json"}).status_code == 200
     within = f'{{"prompt": "x", "prompts": {nested(31)}}}'  # 32 levels with the object: a type error, not depth
-    assert_error(client.post("/v1/generate", content=within, headers={"content-type": "application/json"}), 422,
-                 "prompts")
+    assert_error(
+        client.post("/v1/generate", content=within, headers={"content-type": "application/json"}), 422, "prompts"
+    )
     for raw in ("[" * 150_000, '{"prompt": "x", "n": [1}'):
         response = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
         assert response.status_code == 400 and "error" in response.json()
@@ -196,20 +233,37 @@ def test_file_loaders_refuse_deep_json_naming_the_file(tmp_path) -> None:
 # --- uploads -----------------------------------------------------------------------------------------------
 def test_uploads_are_png_jpeg_or_webp_only(client, monkeypatch) -> None:
     from PIL import EpsImagePlugin
+
     ran = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a))
     for fmt in ("PNG", "JPEG", "WEBP"):
         r = client.post("/v1/reconstruct", files={"image": (f"a.{fmt}", image_bytes(fmt), "image/x")})
         assert r.status_code == 200, (fmt, r.text)
-    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
-           b"newpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n")
-    refused = {"EPS": eps, "TIFF": image_bytes("TIFF"), "BMP": image_bytes("BMP"), "GIF": image_bytes("GIF"),
-               "PDF": image_bytes("PDF"), "ICO": image_bytes("ICO"), "PPM": image_bytes("PPM")}
+    eps = (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+        b"newpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n"
+    )
+    refused = {
+        "EPS": eps,
+        "TIFF": image_bytes("TIFF"),
+        "BMP": image_bytes("BMP"),
+        "GIF": image_bytes("GIF"),
+        "PDF": image_bytes("PDF"),
+        "ICO": image_bytes("ICO"),
+        "PPM": image_bytes("PPM"),
+    }
     for data in refused.values():
-        assert_error(client.post("/v1/reconstruct", files={"image": ("a.png", data, "image/png")}), 422,
-                     "not a recognised image format", "PNG, JPEG and WebP")
-        assert_error(client.post("/v1/edit", json={"image_base64": base64.b64encode(data).decode(), "prompt": "x"}),
-                     422, "PNG, JPEG and WebP")
+        assert_error(
+            client.post("/v1/reconstruct", files={"image": ("a.png", data, "image/png")}),
+            422,
+            "not a recognised image format",
+            "PNG, JPEG and WebP",
+        )
+        assert_error(
+            client.post("/v1/edit", json={"image_base64": base64.b64encode(data).decode(), "prompt": "x"}),
+            422,
+            "PNG, JPEG and WebP",
+        )
     assert not ran, "Ghostscript was run for an upload"
     assert client.get("/healthz").json()["admitted"] == 0
 

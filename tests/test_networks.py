@@ -1,4 +1,5 @@
 """Shapes, dtypes and behaviour of the three networks (tiny models)."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,9 +17,22 @@ def randomize(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
 
 
 def tiny_tokenizer_config(**kw) -> TokenizerConfig:
-    base = dict(in_channels=3, patch_size=4, num_tokens=4, num_bits=8, encoder_layers=2, encoder_heads=2,
-                encoder_head_dim=8, decoder_layers=2, decoder_heads=2, decoder_head_dim=8, rope_axes_dims=(2, 2, 4),
-                downsample_after=(0,), upsample_after=(0,), image_size=16)
+    base = dict(
+        in_channels=3,
+        patch_size=4,
+        num_tokens=4,
+        num_bits=8,
+        encoder_layers=2,
+        encoder_heads=2,
+        encoder_head_dim=8,
+        decoder_layers=2,
+        decoder_heads=2,
+        decoder_head_dim=8,
+        rope_axes_dims=(2, 2, 4),
+        downsample_after=(0,),
+        upsample_after=(0,),
+        image_size=16,
+    )
     base.update(kw)
     return TokenizerConfig(**base)
 
@@ -50,6 +64,7 @@ def bits(n: int, k: int, b: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_encode_returns_bool_bits(tokenizer):
     images = torch.rand(2, 3, 16, 24) * 2 - 1
@@ -139,8 +154,9 @@ def test_decode_without_upsampling():
 @pytest.mark.parametrize("scale", [None, 96])
 def test_decode_three_upsamplings_on_24x24_grid(scale):
     torch.manual_seed(3)
-    cfg = tiny_tokenizer_config(patch_size=2, decoder_layers=3, upsample_after=(0, 1, 2), downsample_after=(),
-                                rope_reference_size=scale)
+    cfg = tiny_tokenizer_config(
+        patch_size=2, decoder_layers=3, upsample_after=(0, 1, 2), downsample_after=(), rope_reference_size=scale
+    )
     model = randomize(BinaryTokenizer(cfg)).eval()
     assert cfg.size_multiple == 16
     out = model.decode(bits(2, 4, 8), 48, 48)  # 24x24 patch grid
@@ -191,6 +207,7 @@ def test_tokenizer_bfloat16():
 # Diffusion
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def diffusion() -> DiffusionTransformer:
     torch.manual_seed(5)
@@ -236,6 +253,7 @@ def test_diffusion_wrong_number_of_text_layers(diffusion):
 # AR
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ar() -> ARTransformer:
     torch.manual_seed(8)
@@ -275,7 +293,7 @@ def test_ar_cache_incremental_matches_full(ar):
     rows = [ar(None, text, mask, cache=cache)]
     assert cache.length == 1
     for i in range(5):
-        rows.append(ar(prefix[:, i:i + 1], text, mask, cache=cache))
+        rows.append(ar(prefix[:, i : i + 1], text, mask, cache=cache))
     assert cache.length == 6
     inc = torch.cat(rows, dim=1)
     assert inc.shape == full.shape
@@ -331,6 +349,7 @@ def test_release_defaults_build_no_extra_parameters():
 def test_position_embedding_makes_identical_decoder_queries_differ():
     """Without it every mask token is the same vector (position only via RoPE); with it the decoder's patches
     differ even when attention reads nothing yet (here: attention and MLPs zeroed)."""
+
     def patch_spread(abs_pos_embed: bool) -> float:
         torch.manual_seed(0)
         model = BinaryTokenizer(tiny_tokenizer_config(abs_pos_embed=abs_pos_embed, upsample_after=())).eval()
@@ -342,6 +361,7 @@ def test_position_embedding_makes_identical_decoder_queries_differ():
             out = model.decode(bits(1, 4, 8), 16, 16)
         patches = out.unfold(2, 4, 4).unfold(3, 4, 4).reshape(3, 16, 16)
         return float(patches.std(dim=1).max())
+
     assert patch_spread(False) < 1e-6 < patch_spread(True)
 
 
@@ -382,6 +402,7 @@ def test_soft_forward_decodes_the_probabilities():
 
 def test_region_grid_follows_the_image_aspect():
     from binlat.tokenizer.model import region_grid
+
     assert region_grid(32, 8, 8) == (4, 8)
     assert region_grid(128, 32, 32) == (8, 16)
     assert region_grid(16, 4, 4) == (4, 4)
@@ -391,6 +412,7 @@ def test_region_grid_follows_the_image_aspect():
 
 def test_region_pool_and_unpool():
     from binlat.tokenizer.model import pool_regions, unpool_regions
+
     grid = torch.arange(16.0).reshape(1, 1, 4, 4)
     pooled = pool_regions(grid, 4)  # 2x2 regions of 2x2 cells
     assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
@@ -420,8 +442,9 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
     """model.text_refiner_layers: the image rows read word order through the refiner (without it, text keys have
     no position: swapping two tokens changes nothing, the bag-of-words reading behind the relation reversals),
     padding changes nothing, and the AR generator's cached decoding still equals its full forward."""
-    c = GeneratorConfig(num_bits=16, num_tokens=8, num_layers=2, num_heads=2, head_dim=16, text_dim=24,
-                        text_refiner_layers=2)
+    c = GeneratorConfig(
+        num_bits=16, num_tokens=8, num_layers=2, num_heads=2, head_dim=16, text_dim=24, text_refiner_layers=2
+    )
     torch.manual_seed(0)
     diffusion, ar = DiffusionTransformer(c).eval(), ARTransformer(c).eval()
     assert not diffusion.text_refiner.proj_out.weight.any()  # a new refiner starts silent, as a network without one
@@ -434,8 +457,9 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
         diffusion.text_refiner.proj_out.weight.zero_()
     # a silent refiner opens on its first step once the network reads text: the zero projection's gradient is a
     # full-rank outer product (a per-channel gate's was one number per channel, and stayed shut in probe A1)
-    diffusion(torch.rand(3, 8, 16).round(), torch.rand(3), [torch.randn(3, 5, 24)] * 2,
-              torch.ones(3, 5, dtype=torch.bool)).square().sum().backward()
+    diffusion(
+        torch.rand(3, 8, 16).round(), torch.rand(3), [torch.randn(3, 5, 24)] * 2, torch.ones(3, 5, dtype=torch.bool)
+    ).square().sum().backward()
     assert torch.linalg.matrix_rank(diffusion.text_refiner.proj_out.weight.grad) > 1
     with torch.no_grad():
         torch.nn.init.eye_(diffusion.text_refiner.proj_out.weight)
@@ -455,7 +479,7 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
         torch.testing.assert_close(diffusion(x, t, padded, longer), out, atol=1e-6, rtol=0)
         full = ar(x, text, mask)
         cache = ar.new_cache()
-        steps = [ar(None, text, mask, cache)] + [ar(x[:, i: i + 1], text, mask, cache) for i in range(8)]
+        steps = [ar(None, text, mask, cache)] + [ar(x[:, i : i + 1], text, mask, cache) for i in range(8)]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
 
 
@@ -463,8 +487,9 @@ def test_position_grid_starts_the_generators_positions_from_a_2d_table(tmp_path)
     """model.position_grid: token k sits at (k // cols, k % cols); tokens of one row share the row half of the table,
     tokens of one column the column half; the AR start row is zero; a grid that is not the token count is refused;
     the option survives save/load."""
-    c = GeneratorConfig(num_bits=16, num_tokens=12, num_layers=1, num_heads=2, head_dim=8, text_dim=8,
-                        position_grid=[3, 4])
+    c = GeneratorConfig(
+        num_bits=16, num_tokens=12, num_layers=1, num_heads=2, head_dim=8, text_dim=8, position_grid=[3, 4]
+    )
     table = DiffusionTransformer(c).blocks[0].pos_emb.detach()[0]
     half = c.dim // 2
     assert torch.equal(table[4, :half], table[7, :half]) and not torch.equal(table[4, half:], table[7, half:])
@@ -483,8 +508,7 @@ def test_joint_text_starts_as_the_plain_network_and_lets_the_text_read_the_image
     """model.joint_text: the text rows are queries too and carry a stream from block to block. A new network equals
     the release's (the stream enters through a zero projection); once that opens, what block 2 reads of the text
     depends on the image (the plain network's text keys never do); padding changes nothing; the AR kind refuses it."""
-    c = GeneratorConfig(num_bits=16, num_tokens=8, num_layers=2, num_heads=2, head_dim=16, text_dim=24,
-                        joint_text=True)
+    c = GeneratorConfig(num_bits=16, num_tokens=8, num_layers=2, num_heads=2, head_dim=16, text_dim=24, joint_text=True)
     torch.manual_seed(0)
     joint = DiffusionTransformer(c).eval()
     plain = DiffusionTransformer(GeneratorConfig(**{**c.__dict__, "joint_text": False})).eval()

@@ -3,6 +3,7 @@
 The references below are written from the equations in tests/fixtures/conformance/README.md
 ("Numerical conventions"), in plain tensor arithmetic (mostly float64); they never call binlat helpers.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,6 +44,7 @@ def randomize(module: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
 # Independent references
 # ----------------------------------------------------------------------------------------------------------
 
+
 def ref_rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x = x.double()
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + EPS) * w.double()
@@ -60,7 +62,7 @@ def ref_silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def ref_gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def lin(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
@@ -138,6 +140,7 @@ def ref_attention(attn: Attention, x, context=None, context_mask=None, causal=Fa
 # Norms and modulation
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_rmsnorm_float32_matches_reference():
     torch.manual_seed(0)
     norm = randomize(RMSNorm(24))
@@ -192,7 +195,7 @@ def test_adaln_zero_chunk_order():
     # (shift1, scale1, gate1, shift2, scale2, gate2): chunk i is columns [i*D, (i+1)*D) of the linear layer
     for i, chunk in enumerate(out):
         assert chunk.shape == (3, D)
-        torch.testing.assert_close(chunk.double(), full[:, i * D:(i + 1) * D], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunk.double(), full[:, i * D : (i + 1) * D], atol=1e-5, rtol=1e-5)
 
 
 def test_adaln_zero_starts_as_identity():
@@ -228,6 +231,7 @@ def test_adaln_continuous_scale_then_shift():
 # MLPs and timestep embedding
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_swiglu():
     torch.manual_seed(7)
     mlp = SwiGLU(8, 32)
@@ -261,6 +265,7 @@ def test_timestep_embedding_raw_scalar():
 # ----------------------------------------------------------------------------------------------------------
 # Rotary
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_rotary_tables_explicit_formula():
     axes = (2, 4, 6)
@@ -306,6 +311,7 @@ def test_apply_rotary_half_split_pairing():
 # Attention
 # ----------------------------------------------------------------------------------------------------------
 
+
 def make_attention(seed: int = 11, dim: int = 16, heads: int = 2, head_dim: int = 8) -> Attention:
     torch.manual_seed(seed)
     return randomize(Attention(dim, heads, head_dim))
@@ -321,12 +327,12 @@ def test_attention_self_matches_explicit_softmax():
 
 def test_attention_with_rotary_matches_reference():
     attn = make_attention(12)
-    pos = torch.tensor([[k, 0, 0] for k in range(2)] + [[0, r, c] for r in range(2) for c in range(2)],
-                       dtype=torch.float32)
+    pos = torch.tensor(
+        [[k, 0, 0] for k in range(2)] + [[0, r, c] for r in range(2) for c in range(2)], dtype=torch.float32
+    )
     rot = rotary_tables(pos, (2, 2, 4))
     x = torch.randn(2, 6, 16)
-    torch.testing.assert_close(attn(x, rotary=rot).double(), ref_attention(attn, x, rotary=rot),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, rotary=rot).double(), ref_attention(attn, x, rotary=rot), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(attn(x, rotary=rot), attn(x), atol=1e-4)
 
 
@@ -378,10 +384,10 @@ def test_attention_causal_with_context_matches_reference_and_ignores_later_rows(
     torch.testing.assert_close(out.double(), ref_attention(attn, x, ctx, mask, causal=True), atol=1e-5, rtol=1e-5)
     for i in range(4):
         x2 = x.clone()
-        x2[:, i + 1:] = torch.randn_like(x2[:, i + 1:]) * 10
+        x2[:, i + 1 :] = torch.randn_like(x2[:, i + 1 :]) * 10
         out2 = attn(x2, context=ctx, context_mask=mask, causal=True)
-        torch.testing.assert_close(out2[:, :i + 1], out[:, :i + 1], atol=1e-6, rtol=0)
-        assert not torch.allclose(out2[:, i + 1:], out[:, i + 1:], atol=1e-4)
+        torch.testing.assert_close(out2[:, : i + 1], out[:, : i + 1], atol=1e-6, rtol=0)
+        assert not torch.allclose(out2[:, i + 1 :], out[:, i + 1 :], atol=1e-4)
     # every image row sees all the (valid) text: changing a text row changes row 0
     ctx2 = ctx.clone()
     ctx2[:, 2] += 3
@@ -397,7 +403,7 @@ def test_attention_kv_cache_equals_full_causal_call():
     parts = [attn(x[:, :2], context=ctx, context_mask=mask, causal=True, cache=cache)]
     assert len(cache) == 5
     for j in range(2, 6):
-        parts.append(attn(x[:, j:j + 1], causal=True, cache=cache))
+        parts.append(attn(x[:, j : j + 1], causal=True, cache=cache))
     assert len(cache) == 9
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -412,14 +418,15 @@ def test_kv_cache_repeat_batch():
     nxt = torch.randn(3, 1, 16)
     got = attn(nxt, causal=True, cache=cache)
     for b in range(3):
-        seq = torch.cat((x[:, :2], nxt[b:b + 1]), dim=1)
+        seq = torch.cat((x[:, :2], nxt[b : b + 1]), dim=1)
         want = attn(seq, context=ctx, context_mask=mask, causal=True)[:, 2:]
-        torch.testing.assert_close(got[b:b + 1], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[b : b + 1], want, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # float32 and bfloat16
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _cases():
     D = 16
@@ -464,10 +471,11 @@ def test_blocks_float32_and_bfloat16(name):
 @pytest.mark.parametrize("dim", [8, 7])
 def test_sincos_positions_table(dim):
     from binlat.nn import sincos_positions
+
     table = sincos_positions(5, dim)
     assert table.shape == (1, 5, dim)
     assert torch.equal(table[0, 0, 0::2], torch.zeros((dim + 1) // 2))  # sin(0)
-    assert torch.equal(table[0, 0, 1::2], torch.ones(dim // 2))          # cos(0)
+    assert torch.equal(table[0, 0, 1::2], torch.ones(dim // 2))  # cos(0)
     assert torch.allclose(table[0, 3, 0], torch.sin(torch.tensor(3.0)))  # channel 0 has frequency 1
     # Every position is told apart from every other: the point of starting from it rather than from zeros.
     distances = torch.cdist(table[0], table[0])
@@ -476,6 +484,7 @@ def test_sincos_positions_table(dim):
 
 def test_fresh_generators_start_with_distinct_positions():
     from binlat.generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+
     cfg = GeneratorConfig(num_bits=4, num_tokens=6, num_layers=1, num_heads=2, head_dim=8, text_dim=8)
     for model in (DiffusionTransformer(cfg), ARTransformer(cfg)):
         pos = model.blocks[0].pos_emb[0]

@@ -1,4 +1,5 @@
 """Official (Instella-T2I release) checkpoints: conformance cases, conversion, and refusal of bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from binlat.cli import main as cli_main
 from binlat.config import ConfigError
 from binlat.conformance import TOLERANCE, case_kind, run_case
 from binlat.io import WeightsError, load_safetensors
-from binlat.cli import main as cli_main
-from binlat.official import RELEASE_SCALE, MODEL_CLASSES, build_official, convert_official, load_official_weights
+from binlat.official import MODEL_CLASSES, RELEASE_SCALE, build_official, convert_official, load_official_weights
 
 FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
 CASES = sorted(p for p in FIXTURES.iterdir() if p.is_dir() and (p / "io.safetensors").is_file())
@@ -169,20 +170,25 @@ def test_missing_official_key(prefix, official, converted, tmp_path):
 def test_wrong_shape_official_key(prefix, official, converted, tmp_path):
     def edit(s):
         s[official] = torch.zeros(*s[official].shape[:-1], s[official].shape[-1] + 1)
+
     with pytest.raises(WeightsError, match="wrong shape") as err:
         _convert_modified(prefix, tmp_path, edit)
     assert _names_key(str(err.value), official, converted), str(err.value)
 
 
-@pytest.mark.parametrize("prefix,extra", [
-    ("diff_a", "transformer_blocks.0.attn.extra_scale"),
-    ("ar_a", "some_new_head.weight"),
-    ("tok_a", "encoder.transformer_blocks.5.attn.q_proj.weight"),
-    ("tok_a", "encoder.down_layers.1.conv.weight"),  # a second down-sampling layer the config does not list
-])
+@pytest.mark.parametrize(
+    "prefix,extra",
+    [
+        ("diff_a", "transformer_blocks.0.attn.extra_scale"),
+        ("ar_a", "some_new_head.weight"),
+        ("tok_a", "encoder.transformer_blocks.5.attn.q_proj.weight"),
+        ("tok_a", "encoder.down_layers.1.conv.weight"),  # a second down-sampling layer the config does not list
+    ],
+)
 def test_extra_official_key(prefix, extra, tmp_path):
     def edit(s):
         s[extra] = torch.zeros(3)
+
     with pytest.raises(WeightsError) as err:
         _convert_modified(prefix, tmp_path, edit)
     msg = str(err.value)
@@ -196,6 +202,7 @@ def test_official_weights_error_uses_official_key_names(prefix, official, conver
             s.pop(official)
         else:
             s[official] = torch.zeros(s[official].shape[-1] + 1)
+
     with pytest.raises(WeightsError) as err:
         _convert_modified(prefix, tmp_path, edit)
     assert official in str(err.value)
@@ -227,14 +234,16 @@ def _rewrite_io(case_dir: Path, edit) -> None:
     save_file({k: v.contiguous() for k, v in io.items()}, str(case_dir / "io.safetensors"))
 
 
-@pytest.mark.parametrize("prefix,name", [("tok_a", "decoded"), ("tok_b_scaled", "encoder_out"),
-                                         ("diff_a", "out"), ("ar_a", "out_prefix")])
+@pytest.mark.parametrize(
+    "prefix,name", [("tok_a", "decoded"), ("tok_b_scaled", "encoder_out"), ("diff_a", "out"), ("ar_a", "out_prefix")]
+)
 def test_perturbed_expected_output_is_reported(prefix, name, tmp_path):
     dst = copy_case(case(prefix), tmp_path)
 
     def edit(io):
         io[name] = io[name].clone()
         io[name].view(-1)[0] += 1e-3
+
     _rewrite_io(dst, edit)
     results = {c.name: c for c in run_case(dst)}
     assert not results[name].ok
@@ -248,18 +257,22 @@ def test_flipped_expected_bit_is_reported(tmp_path):
     def edit(io):
         io["bits"] = io["bits"].clone()
         io["bits"][0, 0, 0] = 1 - io["bits"][0, 0, 0]
+
     _rewrite_io(dst, edit)
     results = {c.name: c for c in run_case(dst)}
     assert not results["bits"].ok and results["bits"].max_abs_error == 1.0
     assert results["decoded"].ok  # decoded comes from the computed bits, not the stored ones
 
 
-@pytest.mark.parametrize("prefix,names", [
-    ("tok_a", ["bits", "encoder_out", "logits", "decoded", "reconstruction"]),
-    ("tok_b_scaled", ["bits", "decoded_random"]),
-    ("diff_a", ["out"]),
-    ("ar_a", ["out_first", "out_prefix"]),
-])
+@pytest.mark.parametrize(
+    "prefix,names",
+    [
+        ("tok_a", ["bits", "encoder_out", "logits", "decoded", "reconstruction"]),
+        ("tok_b_scaled", ["bits", "decoded_random"]),
+        ("diff_a", ["out"]),
+        ("ar_a", ["out_first", "out_prefix"]),
+    ],
+)
 def test_expected_outputs_are_never_inputs(prefix, names, tmp_path):
     src = case(prefix)
     original = load_safetensors(src / "io.safetensors")
@@ -302,11 +315,11 @@ def _tok_config(tmp_path: Path, scale) -> Path:
 
 # (the config's "scale", the keyword / --scale given (ABSENT: not given), the expected rope_reference_size)
 SCALE_RULE = [
-    (ABSENT, ABSENT, RELEASE_SCALE),   # the release's config: no key -> what the release uses at inference
-    (None, ABSENT, None),              # an explicit null still means no scaling (conformance case tok_a)
-    (ABSENT, 512, 512),                # an explicit value overrides ...
+    (ABSENT, ABSENT, RELEASE_SCALE),  # the release's config: no key -> what the release uses at inference
+    (None, ABSENT, None),  # an explicit null still means no scaling (conformance case tok_a)
+    (ABSENT, 512, 512),  # an explicit value overrides ...
     (None, 256, 256),
-    (200, None, None),                 # ... and so does "none"
+    (200, None, None),  # ... and so does "none"
     (ABSENT, None, None),
 ]
 SCALE_IDS = ["absent", "null", "absent+512", "null+256", "200+none", "absent+none"]
@@ -328,25 +341,47 @@ def test_convert_official_scale_rule(in_config, given, expected, tmp_path):
 @pytest.mark.parametrize("in_config,given,expected", SCALE_RULE, ids=SCALE_IDS)
 def test_cli_convert_official_scale_rule(in_config, given, expected, tmp_path, capsys):
     config = _tok_config(tmp_path, in_config)
-    argv = ["convert-official", "--kind", "tokenizer", "--config", str(config),
-            "--weights", str(case("tok_a") / "weights.safetensors"), "--out", str(tmp_path / "out")]
+    argv = [
+        "convert-official",
+        "--kind",
+        "tokenizer",
+        "--config",
+        str(config),
+        "--weights",
+        str(case("tok_a") / "weights.safetensors"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     if given is not ABSENT:
         argv += ["--scale", "none" if given is None else str(given)]
     assert cli_run(argv) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_reference_size"] == expected
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--kind", "tokenizer", "--scale", "big"], "scale"),
-    (["--kind", "tokenizer", "--scale", "0"], "scale"),
-    (["--kind", "tokenizer", "--scale", "4"], "rope_reference_size"),  # below one 8 px patch
-    (["--kind", "diffusion", "--scale", "1024"], "tokenizer"),        # no scale in a generator: refused, not ignored
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--kind", "tokenizer", "--scale", "big"], "scale"),
+        (["--kind", "tokenizer", "--scale", "0"], "scale"),
+        (["--kind", "tokenizer", "--scale", "4"], "rope_reference_size"),  # below one 8 px patch
+        (["--kind", "diffusion", "--scale", "1024"], "tokenizer"),  # no scale in a generator: refused, not ignored
+    ],
+)
 def test_cli_convert_official_bad_scale(argv, message, tmp_path, capsys):
     kind = argv[1]
     src = case("tok_a" if kind == "tokenizer" else "diff_a")
-    code = cli_run(["convert-official", *argv, "--config", str(src / "config.json"),
-                     "--weights", str(src / "weights.safetensors"), "--out", str(tmp_path / "out")])
+    code = cli_run(
+        [
+            "convert-official",
+            *argv,
+            "--config",
+            str(src / "config.json"),
+            "--weights",
+            str(src / "weights.safetensors"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, err
@@ -356,8 +391,13 @@ def test_cli_convert_official_bad_scale(argv, message, tmp_path, capsys):
 @pytest.mark.parametrize("scale", [0, -1024, 1024.0, "1024", True])
 def test_convert_official_rejects_bad_scale_keyword(scale, tmp_path):
     with pytest.raises(ValueError, match="scale"):
-        convert_official("tokenizer", case("tok_a") / "config.json", case("tok_a") / "weights.safetensors",
-                         tmp_path / "out", scale=scale)
+        convert_official(
+            "tokenizer",
+            case("tok_a") / "config.json",
+            case("tok_a") / "weights.safetensors",
+            tmp_path / "out",
+            scale=scale,
+        )
     assert not (tmp_path / "out").exists()
 
 

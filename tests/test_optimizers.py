@@ -1,4 +1,5 @@
 """train.optimizer: which parameters Muon steps, and that the pair is one optimiser to the trainer."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,11 @@ from binlat.train.optimizers import MuonWithAdamW, is_hidden_matrix, make_optimi
 
 @pytest.mark.parametrize("network", [DiffusionTransformer, ARTransformer])
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(network) -> None:
-    model = network(GeneratorConfig(num_bits=8, num_tokens=4, num_layers=2, num_heads=2, head_dim=8, text_dim=12,
-                                    text_refiner_layers=1))
+    model = network(
+        GeneratorConfig(
+            num_bits=8, num_tokens=4, num_layers=2, num_heads=2, head_dim=8, text_dim=12, text_refiner_layers=1
+        )
+    )
     opt = make_optimizer(model, "muon", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
     assert isinstance(opt, MuonWithAdamW)
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}

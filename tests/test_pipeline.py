@@ -1,4 +1,5 @@
 """End-to-end Pipeline behaviour with the randomly initialised tiny bundle and the local MiniLM text encoder."""
+
 from __future__ import annotations
 
 import json
@@ -139,20 +140,23 @@ def test_save_overwrites_atomically(pipe, tmp_path) -> None:
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(prompts=[]), "no prompts"),
-    (dict(prompts=["a cat", "   "]), "prompt 1 is empty"),
-    (dict(prompts=[""]), "empty"),
-    (dict(prompts=["a cat"], generator="gan"), "available"),
-    (dict(prompts=["a cat"], height=65), "65"),
-    (dict(prompts=["a cat"], height=64, width=65), "multiples"),
-    (dict(prompts=["a cat"], num_steps=0), "steps"),
-    (dict(prompts=["a cat"], guidance_scale=-1.0), "guidance"),
-    (dict(prompts=["a cat"], temperature=float("nan")), "temperature"),
-    (dict(prompts=["a cat"], rho=0.0), "rho"),
-    (dict(prompts=["a cat"], protocol=3), "protocol"),
-    (dict(prompts=["a cat"], batch_size=0), "batch size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompts=[]), "no prompts"),
+        (dict(prompts=["a cat", "   "]), "prompt 1 is empty"),
+        (dict(prompts=[""]), "empty"),
+        (dict(prompts=["a cat"], generator="gan"), "available"),
+        (dict(prompts=["a cat"], height=65), "65"),
+        (dict(prompts=["a cat"], height=64, width=65), "multiples"),
+        (dict(prompts=["a cat"], num_steps=0), "steps"),
+        (dict(prompts=["a cat"], guidance_scale=-1.0), "guidance"),
+        (dict(prompts=["a cat"], temperature=float("nan")), "temperature"),
+        (dict(prompts=["a cat"], rho=0.0), "rho"),
+        (dict(prompts=["a cat"], protocol=3), "protocol"),
+        (dict(prompts=["a cat"], batch_size=0), "batch size"),
+    ],
+)
 def test_bad_arguments(pipe, kwargs, match) -> None:
     rows, handle = count_text_rows(pipe)
     try:
@@ -225,13 +229,32 @@ def test_pipeline_config_rejects_unknown_generator() -> None:
 def test_cli_bundle_in_float16(saved, tmp_path) -> None:
     from binlat import cli
     from binlat.io import load_safetensors
+
     out = tmp_path / "half"
-    assert cli.main(["bundle", "--tokenizer", str(saved / "tokenizer"), "--diffusion", str(saved / "diffusion"),
-                     "--ar", str(saved / "ar"), "--out", str(out), "--dtype", "float16"]) == 0
+    assert (
+        cli.main(
+            [
+                "bundle",
+                "--tokenizer",
+                str(saved / "tokenizer"),
+                "--diffusion",
+                str(saved / "diffusion"),
+                "--ar",
+                str(saved / "ar"),
+                "--out",
+                str(out),
+                "--dtype",
+                "float16",
+            ]
+        )
+        == 0
+    )
     for part in ("tokenizer", "diffusion", "ar"):
         stored = load_safetensors(out / part / "model.safetensors")
         assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}, part
-        assert (out / part / "model.safetensors").stat().st_size < 0.55 * (saved / part / "model.safetensors").stat().st_size
+        assert (out / part / "model.safetensors").stat().st_size < 0.55 * (
+            saved / part / "model.safetensors"
+        ).stat().st_size
     half = Pipeline.from_pretrained(out)
     images = half(["a red circle"], generator="ar", seed=1, **FAST).images
     assert images[0].size == (64, 64)
@@ -241,8 +264,11 @@ def test_bundle_sampling_defaults_apply_and_calls_override(saved, tmp_path) -> N
     index = json.loads((saved / "model_index.json").read_text())
     tuned = tmp_path / "tuned"
     shutil.copytree(saved, tuned)
-    (tuned / "model_index.json").write_text(json.dumps(
-        index | {"sampling": {"diffusion": {"guidance_scale": 0.0, "num_steps": 3}, "ar": {"temperature": 0.0}}}))
+    (tuned / "model_index.json").write_text(
+        json.dumps(
+            index | {"sampling": {"diffusion": {"guidance_scale": 0.0, "num_steps": 3}, "ar": {"temperature": 0.0}}}
+        )
+    )
     plain, tuned_pipe = Pipeline.from_pretrained(saved), Pipeline.from_pretrained(tuned)
     assert tuned_pipe.sampling_settings("diffusion")["guidance_scale"] == 0.0
     assert tuned_pipe.sampling_settings("diffusion", guidance_scale=2.0)["guidance_scale"] == 2.0
@@ -250,10 +276,22 @@ def test_bundle_sampling_defaults_apply_and_calls_override(saved, tmp_path) -> N
     for generator, explicit in (("diffusion", {"guidance_scale": 0.0, "num_steps": 3}), ("ar", {"temperature": 0.0})):
         a = tuned_pipe(["a red circle"], generator=generator, seed=2, return_bits=True)
         b = plain(["a red circle"], generator=generator, seed=2, return_bits=True, **explicit)
-        c = tuned_pipe(["a red circle"], generator=generator, seed=2, return_bits=True, guidance_scale=7.5,
-                       **{k: v for k, v in explicit.items() if k != "guidance_scale"})
-        d = plain(["a red circle"], generator=generator, seed=2, return_bits=True, guidance_scale=7.5,
-                  **{k: v for k, v in explicit.items() if k != "guidance_scale"})
+        c = tuned_pipe(
+            ["a red circle"],
+            generator=generator,
+            seed=2,
+            return_bits=True,
+            guidance_scale=7.5,
+            **{k: v for k, v in explicit.items() if k != "guidance_scale"},
+        )
+        d = plain(
+            ["a red circle"],
+            generator=generator,
+            seed=2,
+            return_bits=True,
+            guidance_scale=7.5,
+            **{k: v for k, v in explicit.items() if k != "guidance_scale"},
+        )
         assert torch.equal(a.bits, b.bits), generator
         assert torch.equal(c.bits, d.bits), generator
 
@@ -261,13 +299,23 @@ def test_bundle_sampling_defaults_apply_and_calls_override(saved, tmp_path) -> N
 def test_sampling_settings_are_complete_and_checked(pipe) -> None:
     """The one resolver every entry point uses returns every setting, and refuses what no sampler could run."""
     import dataclasses
+
     from binlat.pipeline import BUILTIN_SAMPLING
-    tuned = Pipeline(pipe.tokenizer, pipe.text_encoder, config=dataclasses.replace(
-        pipe.config, sampling={"ar": {"guidance_scale": 2.0}}), **pipe.generators)
+
+    tuned = Pipeline(
+        pipe.tokenizer,
+        pipe.text_encoder,
+        config=dataclasses.replace(pipe.config, sampling={"ar": {"guidance_scale": 2.0}}),
+        **pipe.generators,
+    )
     assert tuned.sampling_settings("ar") == BUILTIN_SAMPLING | {"guidance_scale": 2.0}
     assert tuned.sampling_settings("diffusion", rho=None, protocol=2) == BUILTIN_SAMPLING | {"protocol": 2}
-    for given, needle in (({"guidance_scale": -1.0}, "guidance"), ({"num_steps": 0}, "steps"),
-                          ({"rho": float("nan")}, "rho"), ({"protocol": 3}, "protocol")):
+    for given, needle in (
+        ({"guidance_scale": -1.0}, "guidance"),
+        ({"num_steps": 0}, "steps"),
+        ({"rho": float("nan")}, "rho"),
+        ({"protocol": 3}, "protocol"),
+    ):
         with pytest.raises(ValueError, match=needle):
             tuned.sampling_settings("diffusion", **given)
     with pytest.raises(ValueError, match="generator"):
@@ -276,12 +324,15 @@ def test_sampling_settings_are_complete_and_checked(pipe) -> None:
         tuned.sampling_settings("diffusion", cfg=2.0)
 
 
-@pytest.mark.parametrize("sampling, needle", [
-    ({"gan": {}}, "generator kinds"),
-    ({"diffusion": {"cfg": 3}}, "unknown setting"),
-    ({"diffusion": {"guidance_scale": -1}}, "guidance scale"),
-    ({"ar": {"num_steps": 0}}, "steps"),
-])
+@pytest.mark.parametrize(
+    "sampling, needle",
+    [
+        ({"gan": {}}, "generator kinds"),
+        ({"diffusion": {"cfg": 3}}, "unknown setting"),
+        ({"diffusion": {"guidance_scale": -1}}, "guidance scale"),
+        ({"ar": {"num_steps": 0}}, "steps"),
+    ],
+)
 def test_bad_sampling_defaults_are_config_errors(saved, tmp_path, sampling, needle) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(saved, bad)
@@ -293,14 +344,45 @@ def test_bad_sampling_defaults_are_config_errors(saved, tmp_path, sampling, need
 
 def test_cli_bundle_sampling_and_generate_records_the_settings_used(saved, tmp_path) -> None:
     from binlat import cli
+
     out = tmp_path / "b"
     parts = ["--tokenizer", str(saved / "tokenizer"), "--diffusion", str(saved / "diffusion"), "--out", str(out)]
     assert cli.main(["bundle", *parts, "--sampling", '{"diffusion": {"guidance_scale": 1.5, "num_steps": 2}}']) == 0
     assert Pipeline.from_pretrained(out).config.sampling == {"diffusion": {"guidance_scale": 1.5, "num_steps": 2}}
-    assert cli.main(["generate", "a red circle", "--model", str(out), "--out", str(tmp_path / "g"), "--seed", "0",
-                     "--no-progress"]) == 0
-    assert cli.main(["generate", "a red circle", "--model", str(out), "--out", str(tmp_path / "g"), "--seed", "0",
-                     "--no-progress", "--cfg", "4"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a red circle",
+                "--model",
+                str(out),
+                "--out",
+                str(tmp_path / "g"),
+                "--seed",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a red circle",
+                "--model",
+                str(out),
+                "--out",
+                str(tmp_path / "g"),
+                "--seed",
+                "0",
+                "--no-progress",
+                "--cfg",
+                "4",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "g" / "metadata.jsonl").read_text().splitlines()]
     assert [(r["guidance_scale"], r["steps"]) for r in rows] == [(1.5, 2), (4.0, 2)]
     assert cli.main(["bundle", *parts, "--sampling", "{oops"]) != 0

@@ -1,4 +1,5 @@
 """binlat precompute: shards of bits (+ text features) that generator training reads instead of images."""
+
 import json
 
 import pytest
@@ -13,9 +14,21 @@ from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
 @pytest.fixture(scope="module")
 def tokenizer():
     torch.manual_seed(0)
-    cfg = TokenizerConfig(patch_size=8, num_tokens=8, num_bits=12, encoder_layers=1, encoder_heads=2,
-                          encoder_head_dim=16, decoder_layers=1, decoder_heads=2, decoder_head_dim=16,
-                          rope_axes_dims=(4, 6, 6), downsample_after=(), upsample_after=(), image_size=64)
+    cfg = TokenizerConfig(
+        patch_size=8,
+        num_tokens=8,
+        num_bits=12,
+        encoder_layers=1,
+        encoder_heads=2,
+        encoder_head_dim=16,
+        decoder_layers=1,
+        decoder_heads=2,
+        decoder_head_dim=16,
+        rope_axes_dims=(4, 6, 6),
+        downsample_after=(),
+        upsample_after=(),
+        image_size=64,
+    )
     return BinaryTokenizer(cfg).eval()
 
 
@@ -42,8 +55,17 @@ def test_bits_and_captions_round_trip(tokenizer, tmp_path):
 
 def test_text_features_match_the_encoder(tokenizer, encoder, tmp_path):
     data = ShapesStream(size=64, seed=4)
-    precompute(data, tokenizer, tmp_path, text_encoder=encoder, text_layers=[1, 4], shard_size=5, batch_size=4,
-               max_samples=6, progress=False)
+    precompute(
+        data,
+        tokenizer,
+        tmp_path,
+        text_encoder=encoder,
+        text_layers=[1, 4],
+        shard_size=5,
+        batch_size=4,
+        max_samples=6,
+        progress=False,
+    )
     ds = PrecomputedDataset(tmp_path)
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["text_layers"] == [1, 4] and index["text_max_length"] == 16
@@ -54,8 +76,9 @@ def test_text_features_match_the_encoder(tokenizer, encoder, tmp_path):
     assert s["text"].shape == (2, 16, encoder.hidden_size) and s["text_mask"].shape == (16,)
     assert s["text_mask"][-length:].all() and not s["text_mask"][:-length].any()  # left padded
     for layer in range(2):
-        torch.testing.assert_close(s["text"][layer, -length:].float(), feats.layers[layer][0, -length:],
-                                   atol=2e-3, rtol=2e-3)  # stored as float16
+        torch.testing.assert_close(
+            s["text"][layer, -length:].float(), feats.layers[layer][0, -length:], atol=2e-3, rtol=2e-3
+        )  # stored as float16
     uncond = ds.uncond()
     assert uncond["text"].shape == (1, 2, 16, encoder.hidden_size)
 
@@ -72,18 +95,36 @@ def test_generator_trains_on_precomputed_bits_of_its_own_tokenizer_only(tokenize
     from binlat.data.readers import make_dataset
     from binlat.train.config import TrainConfig
     from binlat.train.engine import Trainer
+
     tokenizer.save_pretrained(tmp_path / "tok")
     own = BinaryTokenizer.from_pretrained(tmp_path / "tok")
-    precompute(make_dataset("shapes", size=64, seed=0), own, tmp_path / "bits", shard_size=8, max_samples=16,
-               tokenizer_ref=str(tmp_path / "tok"), data_spec="shapes", progress=False)
+    precompute(
+        make_dataset("shapes", size=64, seed=0),
+        own,
+        tmp_path / "bits",
+        shard_size=8,
+        max_samples=16,
+        tokenizer_ref=str(tmp_path / "tok"),
+        data_spec="shapes",
+        progress=False,
+    )
     index = json.loads((tmp_path / "bits" / "index.json").read_text())
     assert index["data"] == "shapes" and len(index["tokenizer_sha256"]) == 64
 
     def run(tok_dir, name, **generator):
-        d = {"kind": "diffusion", "model": {"num_layers": 1, "num_heads": 2, "head_dim": 16}, "batch_size": 4,
-             "max_steps": 2, "warmup_steps": 1, "save_every": 2, "log_every": 1, "sample_every": 2, "trackers": [],
-             "data": f"precomputed:{tmp_path / 'bits'}",
-             "generator": {"tokenizer": str(tok_dir), "sample_steps": 2, "prediction": "x0", **generator}}
+        d = {
+            "kind": "diffusion",
+            "model": {"num_layers": 1, "num_heads": 2, "head_dim": 16},
+            "batch_size": 4,
+            "max_steps": 2,
+            "warmup_steps": 1,
+            "save_every": 2,
+            "log_every": 1,
+            "sample_every": 2,
+            "trackers": [],
+            "data": f"precomputed:{tmp_path / 'bits'}",
+            "generator": {"tokenizer": str(tok_dir), "sample_steps": 2, "prediction": "x0", **generator},
+        }
         Trainer(config_from_dict(TrainConfig, d), tmp_path / name).train()
         return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,6 +9,7 @@ Every expected value written as a literal below was worked out by hand from the 
   protocol 2           P(1) ∝ [p (1 - t') + t'/2][x_t (1 - s) + s/2],
                        P(0) ∝ [(1 - p)(1 - t') + t'/2][(1 - x_t)(1 - s) + s/2]
 """
+
 from __future__ import annotations
 
 import math
@@ -69,7 +70,7 @@ def text(lengths: list[int], seed: int, num_layers: int = 2) -> TextFeatures:
     layers = [torch.randn(n, length, TEXT_DIM, generator=g) for _ in range(num_layers)]
     mask = torch.zeros(n, length, dtype=torch.bool)
     for i, k in enumerate(lengths):
-        mask[i, length - k:] = True
+        mask[i, length - k :] = True
     return TextFeatures(layers=layers, mask=mask)
 
 
@@ -164,8 +165,7 @@ def test_x0_prob_from_flip() -> None:
     torch.testing.assert_close(x0_prob_from_flip(f, x_t), torch.tensor([0.8, 0.2, 0.1, 0.9, 0.5]))
     # consistent with the logit form: sigmoid(x0 logits) == x0 prob of sigmoid(flip logits)
     out = torch.tensor([2.0, -3.0, 1.5, 0.5, -1.0])
-    torch.testing.assert_close(torch.sigmoid(x0_logits_from_flip(out, x_t)),
-                               x0_prob_from_flip(torch.sigmoid(out), x_t))
+    torch.testing.assert_close(torch.sigmoid(x0_logits_from_flip(out, x_t)), x0_prob_from_flip(torch.sigmoid(out), x_t))
 
 
 def test_timesteps() -> None:
@@ -173,8 +173,9 @@ def test_timesteps() -> None:
     torch.testing.assert_close(timesteps(2, 1.0), torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
     torch.testing.assert_close(timesteps(1), torch.tensor([1.0, 0.0], dtype=torch.float64))
     # rho = 0.5: sqrt(1 - i/4)
-    torch.testing.assert_close(timesteps(4, 0.5),
-                               torch.tensor([1.0, math.sqrt(0.75), math.sqrt(0.5), 0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        timesteps(4, 0.5), torch.tensor([1.0, math.sqrt(0.75), math.sqrt(0.5), 0.5, 0.0], dtype=torch.float64)
+    )
 
 
 def test_guide() -> None:
@@ -219,8 +220,9 @@ def test_protocol2_prob_hand_computed() -> None:
     torch.testing.assert_close(got, torch.tensor([0.8877551020408163, 0.46774193548387094], dtype=torch.float64))
     # at t' = 0 the new bit is the estimate: P = p exactly whatever x_t is (for p strictly inside (0, 1)
     # the two factors cancel only when p is 0 or 1; check those)
-    torch.testing.assert_close(protocol2_prob(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5, 0.0),
-                               torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(
+        protocol2_prob(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5, 0.0), torch.tensor([1.0, 0.0])
+    )
 
 
 def test_protocol2_used_by_sampler(monkeypatch) -> None:
@@ -228,11 +230,13 @@ def test_protocol2_used_by_sampler(monkeypatch) -> None:
     seen = capture_bernoulli(monkeypatch)
     # x0 prediction with logit(0.8) everywhere: p = 0.8
     out = torch.full((1, 2, 3), math.log(0.8 / 0.2))
-    net = ConstantDiffusionNet(out, config=GeneratorConfig(num_bits=3, num_tokens=2, num_layers=1, num_heads=1,
-                                                           head_dim=4, text_dim=TEXT_DIM))
+    net = ConstantDiffusionNet(
+        out, config=GeneratorConfig(num_bits=3, num_tokens=2, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM)
+    )
     feats = text([2], 0, num_layers=1)
-    BernoulliDiffusion(prediction="x0").sample(net, feats, None, make_generators([5]), num_steps=4,
-                                               guidance_scale=0.0, protocol=2, rho=1.0)
+    BernoulliDiffusion(prediction="x0").sample(
+        net, feats, None, make_generators([5]), num_steps=4, guidance_scale=0.0, protocol=2, rho=1.0
+    )
     # steps t = 1, 0.75, 0.5, 0.25, 0; the first three steps sample, the last thresholds
     assert len(seen) == 3
     x_at_075 = net.calls[1][0]
@@ -386,8 +390,9 @@ def test_ar_context_flip_noises_the_context_not_the_targets() -> None:
 def test_diffusion_sample_shape_and_values(diff_net) -> None:
     cond, uncond = text([3, 5], 0), text([1], 9)
     for protocol in (1, 2):
-        bits = BernoulliDiffusion().sample(diff_net, cond, uncond, make_generators([0, 1]), num_steps=3,
-                                           guidance_scale=2.0, protocol=protocol, rho=2.0)
+        bits = BernoulliDiffusion().sample(
+            diff_net, cond, uncond, make_generators([0, 1]), num_steps=3, guidance_scale=2.0, protocol=protocol, rho=2.0
+        )
         assert bits.shape == (2, CFG.num_tokens, CFG.num_bits)
         assert is_binary(bits)
 
@@ -410,8 +415,9 @@ def test_diffusion_sample_per_sample_independence(diff_net) -> None:
     pair = BernoulliDiffusion().sample(diff_net, both, uncond, make_generators([7, 8]), **kw)
     alone = BernoulliDiffusion().sample(diff_net, a_feats, uncond, make_generators([7]), **kw)
     assert torch.equal(pair[:1], alone)
-    swapped = BernoulliDiffusion().sample(diff_net, TextFeatures.cat([b_feats, a_feats]), uncond,
-                                          make_generators([8, 7]), **kw)
+    swapped = BernoulliDiffusion().sample(
+        diff_net, TextFeatures.cat([b_feats, a_feats]), uncond, make_generators([8, 7]), **kw
+    )
     assert torch.equal(swapped[1:], alone)
 
 
@@ -422,8 +428,9 @@ def test_diffusion_last_step_thresholds_at_half() -> None:
         net = ConstantDiffusionNet(torch.full((1, 3, 4), math.log(prob / (1 - prob))), config=cfg)
         for seed in range(3):
             for steps in (1, 3):
-                x = BernoulliDiffusion(prediction="x0").sample(net, feats, None, make_generators([seed]),
-                                                               num_steps=steps, guidance_scale=0.0)
+                x = BernoulliDiffusion(prediction="x0").sample(
+                    net, feats, None, make_generators([seed]), num_steps=steps, guidance_scale=0.0
+                )
                 # p = 0.6 (0.4) on the last step: thresholded, never sampled
                 assert torch.equal(x, torch.full((1, 3, 4), expected))
 
@@ -439,8 +446,15 @@ def test_diffusion_large_logits_give_the_deterministic_answer() -> None:
         for protocol in (1, 2):
             for temperature in (1.0, 0.0):
                 x = BernoulliDiffusion(prediction=prediction).sample(
-                    net, feats, uncond, make_generators([3, 4]), num_steps=5, guidance_scale=3.0,
-                    temperature=temperature, protocol=protocol)
+                    net,
+                    feats,
+                    uncond,
+                    make_generators([3, 4]),
+                    num_steps=5,
+                    guidance_scale=3.0,
+                    temperature=temperature,
+                    protocol=protocol,
+                )
                 assert torch.equal(x, target.expand(2, -1, -1)), (prediction, protocol, temperature)
 
 
@@ -453,8 +467,9 @@ def test_diffusion_temperature_zero_deterministic(diff_net) -> None:
     cfg = GeneratorConfig(num_bits=4, num_tokens=3, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM)
     net = ConstantDiffusionNet(torch.full((1, 3, 4), 0.05), config=cfg)
     for seed in range(4):
-        x = BernoulliDiffusion(prediction="x0").sample(net, text([2], 0, 1), None, make_generators([seed]),
-                                                       num_steps=4, temperature=0.0, guidance_scale=0.0)
+        x = BernoulliDiffusion(prediction="x0").sample(
+            net, text([2], 0, 1), None, make_generators([seed]), num_steps=4, temperature=0.0, guidance_scale=0.0
+        )
         assert torch.equal(x, torch.ones(1, 3, 4))
 
 
@@ -462,20 +477,27 @@ def test_diffusion_guidance_combines_cond_and_uncond() -> None:
     """The sampler feeds [cond ; uncond] and thresholds (1 + w) cond - w uncond."""
     cfg = GeneratorConfig(num_bits=2, num_tokens=1, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM)
     # cond rows get logit 1, uncond rows logit 2: w = 2 gives 3 - 4 = -1 < 0, w = 0.5 gives 1.5 - 1 = 0.5 > 0
-    net = ConstantDiffusionNet(fn=lambda x_t, t: torch.cat((torch.full((1, 1, 2), 1.0), torch.full((1, 1, 2), 2.0)))
-                               if x_t.shape[0] == 2 else torch.full((1, 1, 2), 1.0), config=cfg)
+    net = ConstantDiffusionNet(
+        fn=lambda x_t, t: (
+            torch.cat((torch.full((1, 1, 2), 1.0), torch.full((1, 1, 2), 2.0)))
+            if x_t.shape[0] == 2
+            else torch.full((1, 1, 2), 1.0)
+        ),
+        config=cfg,
+    )
     proc = BernoulliDiffusion(prediction="x0")
     kw = dict(num_steps=1, temperature=1.0)
-    assert proc.sample(net, text([2], 0, 1), text([1], 1, 1), make_generators([0]), guidance_scale=2.0,
-                       **kw).tolist() == [[[0.0, 0.0]]]
-    assert proc.sample(net, text([2], 0, 1), text([1], 1, 1), make_generators([0]), guidance_scale=0.5,
-                       **kw).tolist() == [[[1.0, 1.0]]]
+    assert proc.sample(
+        net, text([2], 0, 1), text([1], 1, 1), make_generators([0]), guidance_scale=2.0, **kw
+    ).tolist() == [[[0.0, 0.0]]]
+    assert proc.sample(
+        net, text([2], 0, 1), text([1], 1, 1), make_generators([0]), guidance_scale=0.5, **kw
+    ).tolist() == [[[1.0, 1.0]]]
 
 
 # --- AR decoding -----------------------------------------------------------------------------------------------
 def test_ar_sample_shape_and_values(ar_net) -> None:
-    bits = ARDecoding().sample(ar_net, text([3, 5, 1], 0), text([1], 9), make_generators([0, 1, 2]),
-                               guidance_scale=2.0)
+    bits = ARDecoding().sample(ar_net, text([3, 5, 1], 0), text([1], 9), make_generators([0, 1, 2]), guidance_scale=2.0)
     assert bits.shape == (3, CFG.num_tokens, CFG.num_bits) and is_binary(bits)
 
 
@@ -500,8 +522,14 @@ def test_ar_sample_per_sample_independence(ar_net) -> None:
     uncond = text([2], 9)
     for use_cache in (True, False):
         proc = ARDecoding(use_cache=use_cache)
-        pair = proc.sample(ar_net, TextFeatures.cat([a_feats, b_feats]), uncond, make_generators([7, 8]),
-                           guidance_scale=2.0, temperature=1.0)
+        pair = proc.sample(
+            ar_net,
+            TextFeatures.cat([a_feats, b_feats]),
+            uncond,
+            make_generators([7, 8]),
+            guidance_scale=2.0,
+            temperature=1.0,
+        )
         alone = proc.sample(ar_net, a_feats, uncond, make_generators([7]), guidance_scale=2.0, temperature=1.0)
         assert torch.equal(pair[:1], alone), use_cache
 
@@ -537,43 +565,52 @@ def test_ar_kv_cache_matches_full_recomputation(ar_net, guidance: float, prefix_
 
 def test_ar_cache_matches_reference_with_temperature_zero(ar_net) -> None:
     cond, uncond = text([4, 1], 3), text([1], 8)
-    a = ARDecoding(use_cache=True).sample(ar_net, cond, uncond, make_generators([0, 1]), guidance_scale=5.0,
-                                          temperature=0.0)
-    b = ARDecoding(use_cache=False).sample(ar_net, cond, uncond, make_generators([0, 1]), guidance_scale=5.0,
-                                           temperature=0.0)
+    a = ARDecoding(use_cache=True).sample(
+        ar_net, cond, uncond, make_generators([0, 1]), guidance_scale=5.0, temperature=0.0
+    )
+    b = ARDecoding(use_cache=False).sample(
+        ar_net, cond, uncond, make_generators([0, 1]), guidance_scale=5.0, temperature=0.0
+    )
     assert torch.equal(a, b)
 
 
 def test_ar_full_prefix_returns_prefix(ar_net) -> None:
     prefix = (torch.rand(1, CFG.num_tokens, CFG.num_bits, generator=torch.Generator().manual_seed(0)) < 0.5).float()
-    bits, logits = ARDecoding().sample(ar_net, text([2], 0), None, make_generators([0]), guidance_scale=0.0,
-                                       prefix=prefix, return_logits=True)
+    bits, logits = ARDecoding().sample(
+        ar_net, text([2], 0), None, make_generators([0]), guidance_scale=0.0, prefix=prefix, return_logits=True
+    )
     assert torch.equal(bits, prefix) and logits == []
 
 
 # --- argument checking -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_steps=0), "steps"),
-    (dict(num_steps=-2), "steps"),
-    (dict(num_steps=2.5), "steps"),
-    (dict(guidance_scale=-1.0), "guidance"),
-    (dict(guidance_scale=float("inf")), "guidance"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(temperature=-0.1), "temperature"),
-    (dict(rho=0.0), "rho"),
-    (dict(rho=-1.0), "rho"),
-    (dict(protocol=3), "protocol"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_steps=0), "steps"),
+        (dict(num_steps=-2), "steps"),
+        (dict(num_steps=2.5), "steps"),
+        (dict(guidance_scale=-1.0), "guidance"),
+        (dict(guidance_scale=float("inf")), "guidance"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(rho=0.0), "rho"),
+        (dict(rho=-1.0), "rho"),
+        (dict(protocol=3), "protocol"),
+    ],
+)
 def test_diffusion_sample_bad_arguments(diff_net, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         BernoulliDiffusion().sample(diff_net, text([2], 0), text([1], 1), make_generators([0]), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(guidance_scale=-1.0), "guidance"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(temperature=-1.0), "temperature"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(guidance_scale=-1.0), "guidance"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+    ],
+)
 def test_ar_sample_bad_arguments(ar_net, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         ARDecoding().sample(ar_net, text([2], 0), text([1], 1), make_generators([0]), **kwargs)
@@ -598,8 +635,16 @@ def test_one_generator_per_sample_required() -> None:
 
 
 # --- self-conditioning ------------------------------------------------------------------------------------------
-SC_CFG = GeneratorConfig(num_bits=8, num_tokens=6, num_layers=2, num_heads=2, head_dim=8, text_dim=TEXT_DIM,
-                         prediction="x0", self_condition=True)
+SC_CFG = GeneratorConfig(
+    num_bits=8,
+    num_tokens=6,
+    num_layers=2,
+    num_heads=2,
+    head_dim=8,
+    text_dim=TEXT_DIM,
+    prediction="x0",
+    self_condition=True,
+)
 
 
 class EstimateSpyNet(nn.Module):
@@ -629,11 +674,15 @@ def test_self_conditioning_network_starts_blind_to_the_estimate_and_then_reads_i
         assert torch.allclose(blind, net(x_t, t, feats.layers, feats.mask, estimate), atol=1e-6)
     randomise(net, 3)
     with torch.no_grad():
-        assert not torch.allclose(net(x_t, t, feats.layers, feats.mask),
-                                  net(x_t, t, feats.layers, feats.mask, estimate))
+        assert not torch.allclose(
+            net(x_t, t, feats.layers, feats.mask), net(x_t, t, feats.layers, feats.mask, estimate)
+        )
         # "no estimate" is the estimate 1/2 (the centred input is 0)
-        assert torch.allclose(net(x_t, t, feats.layers, feats.mask),
-                              net(x_t, t, feats.layers, feats.mask, torch.full_like(x_t, 0.5)), atol=1e-6)
+        assert torch.allclose(
+            net(x_t, t, feats.layers, feats.mask),
+            net(x_t, t, feats.layers, feats.mask, torch.full_like(x_t, 0.5)),
+            atol=1e-6,
+        )
     plain = DiffusionTransformer(CFG)
     with pytest.raises(ValueError, match="self_condition"):
         plain(x_t, t, text([3, 5], 0).layers, feats.mask, estimate)
@@ -695,8 +744,16 @@ def test_self_conditioned_loss_gives_half_the_samples_their_own_estimate() -> No
 
 
 def test_pooled_text_modulates_every_block_and_ignores_padding() -> None:
-    cfg = GeneratorConfig(num_bits=8, num_tokens=6, num_layers=2, num_heads=2, head_dim=8, text_dim=TEXT_DIM,
-                          prediction="x0", pooled_text=True)
+    cfg = GeneratorConfig(
+        num_bits=8,
+        num_tokens=6,
+        num_layers=2,
+        num_heads=2,
+        head_dim=8,
+        text_dim=TEXT_DIM,
+        prediction="x0",
+        pooled_text=True,
+    )
     torch.manual_seed(0)
     net = randomise(DiffusionTransformer(cfg), 6)
     x_t, t = (torch.rand(2, 6, 8) < 0.5).float(), torch.tensor([0.4, 0.7])

@@ -3,6 +3,7 @@
 The toy is a masked-bit generator: every bit starts masked (0.5), and each of `num_steps` rounds reveals a share of
 the bits, drawn from the network's guided logits. Nothing outside binlat.registry is told about it: the pipeline
 generates with it, saves and reloads it, the CLI offers it, and the trainer trains and exports it."""
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,11 @@ class MaskedBits:
         for step in range(s.num_steps):
             batch = x if text.mask.shape[0] == n else torch.cat((x, x))
             logits = guide(network(batch, text.layers, text.mask).float(), s.guidance_scale, n)
-            drawn = (logits > 0).float() if s.temperature == 0 else bernoulli(torch.sigmoid(logits / s.temperature),
-                                                                              generators)
+            drawn = (
+                (logits > 0).float()
+                if s.temperature == 0
+                else bernoulli(torch.sigmoid(logits / s.temperature), generators)
+            )
             reveal = (order < (step + 1) / s.num_steps) & (x == MASKED)
             x = torch.where(reveal, drawn, x)
         return x
@@ -93,9 +97,15 @@ class MaskedBits:
 
 @pytest.fixture(scope="module")
 def masked_kind():
-    kind = registry.register(registry.GeneratorKind("masked", MaskedBitNet, MaskedBits,
-                                                    sampler=lambda config: MaskedBits(),
-                                                    trainer=lambda options, config: MaskedBits()))
+    kind = registry.register(
+        registry.GeneratorKind(
+            "masked",
+            MaskedBitNet,
+            MaskedBits,
+            sampler=lambda config: MaskedBits(),
+            trainer=lambda options, config: MaskedBits(),
+        )
+    )
     yield kind
     registry.unregister("masked")
 
@@ -115,12 +125,14 @@ def test_registered_kind_is_listed(masked_kind) -> None:
 
 def test_pipeline_generates_with_the_new_kind(pipe) -> None:
     assert "masked" in pipe.generators and pipe.config.generators == ("diffusion", "ar", "masked")
-    out = pipe(["a red circle", "two squares"], generator="masked", num_steps=3, seed=4, return_bits=True,
-               progress=False)
+    out = pipe(
+        ["a red circle", "two squares"], generator="masked", num_steps=3, seed=4, return_bits=True, progress=False
+    )
     assert out.bits.shape == (2, 16, 32) and set(out.bits.unique().tolist()) <= {0, 1}
     assert len(out.images) == 2 and out.images[0].size == (64, 64)
-    again = pipe(["a red circle", "two squares"], generator="masked", num_steps=3, seed=4, return_bits=True,
-                 progress=False)
+    again = pipe(
+        ["a red circle", "two squares"], generator="masked", num_steps=3, seed=4, return_bits=True, progress=False
+    )
     alone = pipe(["two squares"], generator="masked", num_steps=3, seed=5, return_bits=True, progress=False)
     assert torch.equal(out.bits, again.bits) and torch.equal(out.bits[1:], alone.bits)
     with pytest.raises(ValueError, match="steps"):
@@ -135,18 +147,47 @@ def test_bundle_with_the_new_kind_saves_loads_and_generates(pipe, tmp_path) -> N
     b = loaded(["a blue square"], generator="masked", num_steps=2, seed=0, return_bits=True, progress=False)
     assert torch.equal(a.bits, b.bits)
     out = tmp_path / "out"
-    assert main(["generate", "a blue square", "--model", str(bundle), "--generator", "masked", "--steps", "2",
-                 "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a blue square",
+                "--model",
+                str(bundle),
+                "--generator",
+                "masked",
+                "--steps",
+                "2",
+                "--seed",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
     assert (record["generator"], record["steps"]) == ("masked", 2)
 
 
 def test_trainer_trains_and_exports_the_new_kind(pipe, tmp_path) -> None:
     pipe.tokenizer.save_pretrained(tmp_path / "tokenizer")
-    cfg = config_from_dict(TrainConfig, {
-        "kind": "masked", "model": {"num_layers": 2, "num_heads": 2, "head_dim": 16}, "image_size": 64,
-        "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "save_every": 2, "log_every": 1, "trackers": [],
-        "generator": {"tokenizer": str(tmp_path / "tokenizer")}})
+    cfg = config_from_dict(
+        TrainConfig,
+        {
+            "kind": "masked",
+            "model": {"num_layers": 2, "num_heads": 2, "head_dim": 16},
+            "image_size": 64,
+            "batch_size": 4,
+            "max_steps": 2,
+            "warmup_steps": 1,
+            "save_every": 2,
+            "log_every": 1,
+            "trackers": [],
+            "generator": {"tokenizer": str(tmp_path / "tokenizer")},
+        },
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*no supported trackers")
         trainer = Trainer(cfg, tmp_path / "run")
@@ -154,6 +195,7 @@ def test_trainer_trains_and_exports_the_new_kind(pipe, tmp_path) -> None:
     assert trainer.step == 2 and torch.isfinite(torch.tensor(last["loss"]))
     assert 0 <= last["bit_accuracy"] <= 1
     from binlat.train.checkpoints import export_run
+
     net = MaskedBitNet.from_pretrained(export_run(tmp_path / "run", tmp_path / "export"))
     assert (net.config.num_tokens, net.config.num_bits) == (16, 32) and len(net.config.text_layers) == 2
     with pytest.raises(ValueError, match="unknown key"):

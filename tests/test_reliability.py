@@ -19,6 +19,7 @@ Cases are registered with @case("surface-what", ENTRY) below, ENTRY naming the e
 to ("binlat generate", "Pipeline.__call__", "POST /v1/generate", "ManifestDataset"); `pytest -k catalogue` runs
 them all, and test_catalogue_is_complete checks that every entry point of the package has at least one case.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,15 @@ from binlat.data.readers import ImageFolderDataset, ManifestDataset, WebDatasetS
 from binlat.data.transforms import ImageLoadError, ImageTransform, load_image, to_rgb
 from binlat.generators import ARTransformer, DiffusionTransformer
 from binlat.io import WeightsError
-from binlat.official import (_TOKENIZER_KEYS, build_official, convert_config, convert_official, load_official_weights,
-                             official_name, read_official_config)
+from binlat.official import (
+    _TOKENIZER_KEYS,
+    build_official,
+    convert_config,
+    convert_official,
+    load_official_weights,
+    official_name,
+    read_official_config,
+)
 from binlat.pipeline import Pipeline
 from binlat.serve import ServeLimits, create_app
 from binlat.text import TextEncoder
@@ -73,14 +81,35 @@ from binlat.train.engine import Trainer
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
 
 LOCAL = "http://localhost"  # the server answers only to loopback Host names (TestClient's own is "testserver")
-LIMITS = ServeLimits(max_concurrent=1, max_queue=4, max_body_bytes=1_000_000, max_n=4, max_steps=8,
-                     max_prompt_chars=1000, max_size=128)
+LIMITS = ServeLimits(
+    max_concurrent=1, max_queue=4, max_body_bytes=1_000_000, max_n=4, max_steps=8, max_prompt_chars=1000, max_size=128
+)
 LONG_PROMPT = ("a red circle above a blue square " * 3200)[:100_000]
-TOKENIZER_MODEL = {"patch_size": 8, "num_tokens": 16, "num_bits": 16, "encoder_layers": 1, "encoder_heads": 2,
-                   "encoder_head_dim": 16, "decoder_layers": 1, "decoder_heads": 2, "decoder_head_dim": 16,
-                   "rope_axes_dims": [4, 6, 6], "downsample_after": [0], "upsample_after": [0]}
-TRAIN_CONFIG = {"kind": "tokenizer", "model": TOKENIZER_MODEL, "image_size": 64, "batch_size": 8, "max_steps": 1,
-                "warmup_steps": 1, "save_every": 1, "log_every": 1, "trackers": []}
+TOKENIZER_MODEL = {
+    "patch_size": 8,
+    "num_tokens": 16,
+    "num_bits": 16,
+    "encoder_layers": 1,
+    "encoder_heads": 2,
+    "encoder_head_dim": 16,
+    "decoder_layers": 1,
+    "decoder_heads": 2,
+    "decoder_head_dim": 16,
+    "rope_axes_dims": [4, 6, 6],
+    "downsample_after": [0],
+    "upsample_after": [0],
+}
+TRAIN_CONFIG = {
+    "kind": "tokenizer",
+    "model": TOKENIZER_MODEL,
+    "image_size": 64,
+    "batch_size": 8,
+    "max_steps": 1,
+    "warmup_steps": 1,
+    "save_every": 1,
+    "log_every": 1,
+    "trackers": [],
+}
 LEFTOVER = re.compile(r"\.(tmp|old|del)-|^\.write-test-")
 
 
@@ -151,8 +180,10 @@ def noise_png(side: int = 64, seed: int = 0) -> bytes:
 
 def claimed_canvas_png(width: int, height: int) -> bytes:
     """A ~60-byte PNG whose IHDR claims width x height RGB pixels (no pixel data): a decompression bomb's header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
@@ -238,8 +269,7 @@ class Env:
         return lines[0]
 
     def generate_args(self, *prompts: str, out: Path, model: Path | None = None, steps: int = 2) -> list:
-        return ["generate", *prompts, "--model", model or self.bundle, "--out", out, "--steps", steps,
-                "--no-progress"]
+        return ["generate", *prompts, "--model", model or self.bundle, "--out", out, "--steps", steps, "--no-progress"]
 
     # --- server ---------------------------------------------------------------------------------------------
     def server_fails(self, response, status: int, *needles: str) -> str:
@@ -278,7 +308,9 @@ def new_catalogue():
             assert name not in cases, f"duplicate case {name}"
             cases[name], entry_of[name] = fn, entry
             return fn
+
         return register
+
     return cases, entry_of, case
 
 
@@ -325,8 +357,12 @@ def _(env: Env) -> None:
 
 @case("cli-prompts-file-missing", "binlat generate")
 def _(env: Env) -> None:
-    env.cli_fails(["generate", "--prompts", env.tmp / "nope.txt", "--out", env.tmp / "out"],
-                  "cannot read prompts file", "No such file", code=2)
+    env.cli_fails(
+        ["generate", "--prompts", env.tmp / "nope.txt", "--out", env.tmp / "out"],
+        "cannot read prompts file",
+        "No such file",
+        code=2,
+    )
 
 
 @case("cli-prompt-undecodable-argv-bytes", "binlat generate")
@@ -334,8 +370,11 @@ def _(env: Env) -> None:
     # On Linux, argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape).
     out = env.tmp / "out"
     before = seed_output(out)
-    env.cli_fails(env.generate_args(b"caf\xe9".decode("utf-8", "surrogateescape"), out=out),
-                  "prompt 0 is not valid Unicode text", code=2)
+    env.cli_fails(
+        env.generate_args(b"caf\xe9".decode("utf-8", "surrogateescape"), out=out),
+        "prompt 0 is not valid Unicode text",
+        code=2,
+    )
     assert snapshot(out) == before
 
 
@@ -363,9 +402,13 @@ def _(env: Env) -> None:
     out = env.tmp / "out"
     before = seed_output(out)
     m = env.pipe.tokenizer.config.size_multiple
-    env.cli_fails(env.generate_args("a cat", out=out) + ["--size", f"{4 * m + 1}"],
-                  "is not supported by this tokenizer", f"multiples of {m} px", f"nearest allowed: {4 * m}x{4 * m}",
-                  code=2)
+    env.cli_fails(
+        env.generate_args("a cat", out=out) + ["--size", f"{4 * m + 1}"],
+        "is not supported by this tokenizer",
+        f"multiples of {m} px",
+        f"nearest allowed: {4 * m}x{4 * m}",
+        code=2,
+    )
     assert snapshot(out) == before and not leftovers(out)
 
 
@@ -373,8 +416,11 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     out = env.tmp / "out"
     m = env.pipe.tokenizer.config.size_multiple
-    env.cli_fails(env.generate_args("a cat", out=out) + ["--size", f"{4 * m}x{3 * m + 3}"],
-                  f"image size {4 * m}x{3 * m + 3} is not supported", code=2)
+    env.cli_fails(
+        env.generate_args("a cat", out=out) + ["--size", f"{4 * m}x{3 * m + 3}"],
+        f"image size {4 * m}x{3 * m + 3} is not supported",
+        code=2,
+    )
     assert not list(out.glob("*.png"))
 
 
@@ -388,8 +434,7 @@ def _(env: Env) -> None:
 
 @case("cli-size-garbage", "binlat generate")
 def _(env: Env) -> None:
-    env.cli_fails(env.generate_args("a cat", out=env.tmp / "out") + ["--size", "huge"],
-                  "size must be N or HxW", code=2)
+    env.cli_fails(env.generate_args("a cat", out=env.tmp / "out") + ["--size", "huge"], "size must be N or HxW", code=2)
     assert not (env.tmp / "out").exists()
 
 
@@ -410,18 +455,22 @@ CLI_BAD_SAMPLING = [
     ("rho", "inf", "rho must be a finite number > 0, got inf"),
 ]
 for _option, _value, _message in CLI_BAD_SAMPLING:
+
     @case(f"cli-{_option}-{_value}", "binlat generate")
     def _(env: Env, option=_option, value=_value, message=_message) -> None:
         out = env.tmp / "out"
-        env.cli_fails(env.generate_args("a cat", out=out) + [f"--{option}={value}"], f"--{option}", message,
-                      code=2)
+        env.cli_fails(env.generate_args("a cat", out=out) + [f"--{option}={value}"], f"--{option}", message, code=2)
         assert not out.exists()  # refused before anything was created
 
 
 @case("cli-unknown-generator", "binlat generate")
 def _(env: Env) -> None:
-    env.cli_fails(env.generate_args("a cat", out=env.tmp / "out") + ["--generator", "gan"],
-                  "invalid choice: 'gan'", "diffusion", code=2)
+    env.cli_fails(
+        env.generate_args("a cat", out=env.tmp / "out") + ["--generator", "gan"],
+        "invalid choice: 'gan'",
+        "diffusion",
+        code=2,
+    )
 
 
 # ============================================================================================================
@@ -440,8 +489,12 @@ def _(env: Env) -> None:
     model = env.copy_bundle()
     (model / "tokenizer" / "model.safetensors").unlink()
     before, out = snapshot(model), env.tmp / "out"
-    env.cli_fails(env.generate_args("a cat", out=out, model=model), "tokenizer/model.safetensors",
-                  "weights file not found", code=1)
+    env.cli_fails(
+        env.generate_args("a cat", out=out, model=model),
+        "tokenizer/model.safetensors",
+        "weights file not found",
+        code=1,
+    )
     assert snapshot(model) == before and not list(out.glob("*.png"))
 
 
@@ -457,8 +510,12 @@ def _(env: Env) -> None:
     model = env.copy_bundle()
     config = model / "diffusion" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "num_layerz": 3}))
-    env.cli_fails(env.generate_args("a cat", out=env.tmp / "out", model=model),
-                  "unknown key(s) ['num_layerz']", "diffusion/config.json", code=2)
+    env.cli_fails(
+        env.generate_args("a cat", out=env.tmp / "out", model=model),
+        "unknown key(s) ['num_layerz']",
+        "diffusion/config.json",
+        code=2,
+    )
 
 
 @case("cli-model-config-mistyped-key", "binlat generate")
@@ -466,8 +523,9 @@ def _(env: Env) -> None:
     model = env.copy_bundle()
     config = model / "tokenizer" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "num_bits": "32"}))
-    env.cli_fails(env.generate_args("a cat", out=env.tmp / "out", model=model),
-                  "'num_bits' must be an integer, got '32'", code=2)
+    env.cli_fails(
+        env.generate_args("a cat", out=env.tmp / "out", model=model), "'num_bits' must be an integer, got '32'", code=2
+    )
 
 
 @case("cli-model-truncated-safetensors", "binlat generate")
@@ -475,8 +533,11 @@ def _(env: Env) -> None:
     model = env.copy_bundle()
     weights = model / "diffusion" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    env.cli_fails(env.generate_args("a cat", out=env.tmp / "out", model=model),
-                  "not a valid safetensors file (truncated or corrupt?)", code=1)
+    env.cli_fails(
+        env.generate_args("a cat", out=env.tmp / "out", model=model),
+        "not a valid safetensors file (truncated or corrupt?)",
+        code=1,
+    )
 
 
 @case("cli-model-wrong-shape-weights", "binlat generate")
@@ -487,8 +548,12 @@ def _(env: Env) -> None:
     key = sorted(k for k, v in state.items() if v.ndim == 2)[0]
     state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
     save_file(state, weights)
-    env.cli_fails(env.generate_args("a cat", out=env.tmp / "out", model=model) + ["--generator", "ar"],
-                  "wrong shapes", key, code=1)
+    env.cli_fails(
+        env.generate_args("a cat", out=env.tmp / "out", model=model) + ["--generator", "ar"],
+        "wrong shapes",
+        key,
+        code=1,
+    )
 
 
 @case("cli-convert-official-pickle-payload-refused", "binlat convert-official")
@@ -496,8 +561,12 @@ def _(env: Env) -> None:
     config, _ = official_tokenizer(env.tmp)
     marker, weights, out = env.tmp / "MARKER", env.tmp / "bae.pt", env.tmp / "converted"
     write_payload(weights, marker, lambda p: {"module": {"encoder.patch_embedder.weight": p}})
-    env.cli_fails(["convert-official", "--kind", "tokenizer", "--config", config, "--weights", weights, "--out", out],
-                  "refused to load", "bae.pt", code=1)
+    env.cli_fails(
+        ["convert-official", "--kind", "tokenizer", "--config", config, "--weights", weights, "--out", out],
+        "refused to load",
+        "bae.pt",
+        code=1,
+    )
     assert not marker.exists(), "the pickle payload ran"
     assert not out.exists() and not leftovers(env.tmp)
 
@@ -511,32 +580,45 @@ def _(env: Env) -> None:
     save_file(state, weights)
     out = Path(shutil.copytree(env.bundle / "tokenizer", env.tmp / "existing"))
     before = snapshot(out)
-    env.cli_fails(["convert-official", "--kind", "tokenizer", "--config", config, "--weights", weights, "--out", out],
-                  "wrong shapes", key, code=1)
+    env.cli_fails(
+        ["convert-official", "--kind", "tokenizer", "--config", config, "--weights", weights, "--out", out],
+        "wrong shapes",
+        key,
+        code=1,
+    )
     assert snapshot(out) == before and not leftovers(env.tmp)
 
 
 @case("cli-train-config-unknown-key", "binlat train")
 def _(env: Env) -> None:
     run = env.tmp / "run"
-    env.cli_fails(["train", "tokenizer", "--config", env.train_config(learning_rate=1e-3), "--output", run],
-                  "unknown key(s) ['learning_rate']", code=2)
+    env.cli_fails(
+        ["train", "tokenizer", "--config", env.train_config(learning_rate=1e-3), "--output", run],
+        "unknown key(s) ['learning_rate']",
+        code=2,
+    )
     assert not run.exists()
 
 
 @case("cli-train-config-mistyped-key", "binlat train")
 def _(env: Env) -> None:
     run = env.tmp / "run"
-    env.cli_fails(["train", "tokenizer", "--config", env.train_config(max_steps="12"), "--output", run],
-                  "'max_steps' must be an integer, got '12'", code=2)
+    env.cli_fails(
+        ["train", "tokenizer", "--config", env.train_config(max_steps="12"), "--output", run],
+        "'max_steps' must be an integer, got '12'",
+        code=2,
+    )
     assert not run.exists()
 
 
 @case("cli-train-resume-latest-without-checkpoint", "binlat train")
 def _(env: Env) -> None:
     run = env.tmp / "run"
-    env.cli_fails(["train", "tokenizer", "--config", env.train_config(), "--output", run, "--resume", "latest"],
-                  "--resume latest: no checkpoint", code=1)
+    env.cli_fails(
+        ["train", "tokenizer", "--config", env.train_config(), "--output", run, "--resume", "latest"],
+        "--resume latest: no checkpoint",
+        code=1,
+    )
     assert not (run / "config.json").exists() and not (run / "checkpoints").exists()
 
 
@@ -545,8 +627,9 @@ def _resume_fails(env: Env, damage: Callable[[Path], None], *needles: str) -> Pa
     damage(ckpt)
     before, run = snapshot(ckpt), env.tmp / "run"
     handlers = list(logging.getLogger("binlat").handlers)
-    env.cli_fails(["train", "tokenizer", "--config", env.train_config(), "--output", run, "--resume", ckpt],
-                  *needles, code=1)
+    env.cli_fails(
+        ["train", "tokenizer", "--config", env.train_config(), "--output", run, "--resume", ckpt], *needles, code=1
+    )
     assert snapshot(ckpt) == before  # the checkpoint is only read
     assert not (run / "config.json").exists() and not (run / "checkpoints").exists()
     assert logging.getLogger("binlat").handlers == handlers  # the failed run detached its log file
@@ -556,9 +639,12 @@ def _resume_fails(env: Env, damage: Callable[[Path], None], *needles: str) -> Pa
 @case("cli-train-resume-checkpoint-pickle-payload-refused", "binlat train")
 def _(env: Env) -> None:
     marker = env.tmp / "MARKER"
-    _resume_fails(env, lambda ckpt: write_payload(ckpt / "optimizer.pt", marker,
-                                                  lambda p: {"state": {0: p}, "param_groups": []}),
-                  "optimizer.pt", "refused to load")
+    _resume_fails(
+        env,
+        lambda ckpt: write_payload(ckpt / "optimizer.pt", marker, lambda p: {"state": {0: p}, "param_groups": []}),
+        "optimizer.pt",
+        "refused to load",
+    )
     assert not marker.exists(), "the pickle payload ran"
 
 
@@ -567,6 +653,7 @@ def _(env: Env) -> None:
     def cut(ckpt: Path) -> None:
         weights = ckpt / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
+
     _resume_fails(env, cut, "model.safetensors", "not a valid safetensors file")
 
 
@@ -577,6 +664,7 @@ def _(env: Env) -> None:
         key = sorted(k for k, v in state.items() if v.ndim == 2)[0]
         state[key] = torch.zeros(2, 2)
         save_file(state, ckpt / "ema.safetensors")
+
     _resume_fails(env, reshape, "ema.safetensors", "wrong shapes")
 
 
@@ -588,8 +676,9 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     blocker = env.tmp / "not-a-dir"
     blocker.write_bytes(b"keep me")
-    env.cli_fails(env.generate_args("a cat", out=blocker / "out"), "cannot write to output directory",
-                  "Not a directory", code=2)
+    env.cli_fails(
+        env.generate_args("a cat", out=blocker / "out"), "cannot write to output directory", "Not a directory", code=2
+    )
     assert blocker.read_bytes() == b"keep me"
     assert sorted(p.name for p in env.tmp.iterdir()) == ["not-a-dir"]
 
@@ -602,8 +691,9 @@ def _(env: Env) -> None:
     before = seed_output(out)
     out.chmod(0o555)
     try:
-        env.cli_fails(env.generate_args("a cat", out=out), "cannot write to output directory", "Permission denied",
-                      code=2)
+        env.cli_fails(
+            env.generate_args("a cat", out=out), "cannot write to output directory", "Permission denied", code=2
+        )
     finally:
         out.chmod(0o755)
     assert snapshot(out) == before
@@ -639,8 +729,12 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     env.monkeypatch.setenv("BINLAT_ASSUME_BF16", "0")  # a CPU without avx512_bf16/AMX, whatever this one has
     out = env.tmp / "out"
-    env.cli_fails(env.generate_args("a cat", out=out) + ["--dtype", "bfloat16"],
-                  "bfloat16 generation needs a CPU with native bf16", "--dtype float32", code=2)
+    env.cli_fails(
+        env.generate_args("a cat", out=out) + ["--dtype", "bfloat16"],
+        "bfloat16 generation needs a CPU with native bf16",
+        "--dtype float32",
+        code=2,
+    )
     assert not out.exists()  # refused before the model or the output folder was touched
 
 
@@ -659,8 +753,12 @@ def _(env: Env) -> None:
     notes, out = env.tmp / "notes.png", env.tmp / "out"
     notes.write_text("these are my notes, not a picture")
     before = seed_output(out)
-    env.cli_fails(["edit", notes, "--prompt", "a cat", "--model", env.bundle, "--out", out, "--no-progress"],
-                  "cannot read image", "notes.png", code=2)
+    env.cli_fails(
+        ["edit", notes, "--prompt", "a cat", "--model", env.bundle, "--out", out, "--no-progress"],
+        "cannot read image",
+        "notes.png",
+        code=2,
+    )
     assert snapshot(out) == before and not leftovers(out)
 
 
@@ -668,8 +766,9 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     out = env.tmp / "out"
     before = seed_output(out)
-    env.cli_fails(["interpolate", input_png(env), env.tmp / "gone.png", "--model", env.bundle, "--out", out],
-                  "gone.png", code=1)
+    env.cli_fails(
+        ["interpolate", input_png(env), env.tmp / "gone.png", "--model", env.bundle, "--out", out], "gone.png", code=1
+    )
     assert snapshot(out) == before and not leftovers(out)
 
 
@@ -678,17 +777,45 @@ def _(env: Env) -> None:
     out = env.tmp / "out"
     before = seed_output(out)
     tokens = env.pipe.tokenizer.config.num_tokens
-    env.cli_fails(["continue", input_png(env), "--prompt", "a cat", "--keep-tokens", tokens + 1, "--model",
-                   env.bundle, "--out", out, "--no-progress"],
-                  f"keep_tokens must be an integer in [0, {tokens}]", f"got {tokens + 1}", code=2)
+    env.cli_fails(
+        [
+            "continue",
+            input_png(env),
+            "--prompt",
+            "a cat",
+            "--keep-tokens",
+            tokens + 1,
+            "--model",
+            env.bundle,
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        f"keep_tokens must be an integer in [0, {tokens}]",
+        f"got {tokens + 1}",
+        code=2,
+    )
     assert snapshot(out) == before and not leftovers(out)
 
 
 @case("cli-precompute-unknown-data-spec", "binlat precompute")
 def _(env: Env) -> None:
     out = env.tmp / "bits"
-    env.cli_fails(["precompute", "--tokenizer", env.bundle / "tokenizer", "--data", env.tmp / "nowhere", "--out", out,
-                   "--no-progress"], "unknown data spec", "no such file or directory", code=2)
+    env.cli_fails(
+        [
+            "precompute",
+            "--tokenizer",
+            env.bundle / "tokenizer",
+            "--data",
+            env.tmp / "nowhere",
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        "unknown data spec",
+        "no such file or directory",
+        code=2,
+    )
     assert not out.exists()
 
 
@@ -704,16 +831,23 @@ def command_shard(env: Env, scheme: str = "pipe") -> tuple[str, Path]:
 def _(env: Env) -> None:
     url, marker = command_shard(env)
     for flags in ([], ["--allow-data-commands"]):  # the flag covers a typed --data only, never the config's
-        env.cli_fails(["train", "tokenizer", "--config", env.train_config(data=url), "--output", env.tmp / "run",
-                       *flags], "--allow-data-commands", code=2)
+        env.cli_fails(
+            ["train", "tokenizer", "--config", env.train_config(data=url), "--output", env.tmp / "run", *flags],
+            "--allow-data-commands",
+            code=2,
+        )
         assert not marker.exists()
 
 
 @case("cli-train-set-data-url-never-runs", "binlat train")
 def _(env: Env) -> None:
     url, marker = command_shard(env)
-    env.cli_fails(["train", "tokenizer", "--config", env.train_config(), "--set", f"data={url}",
-                   "--output", env.tmp / "run"], "runs it as a shell command", "--allow-data-commands", code=2)
+    env.cli_fails(
+        ["train", "tokenizer", "--config", env.train_config(), "--set", f"data={url}", "--output", env.tmp / "run"],
+        "runs it as a shell command",
+        "--allow-data-commands",
+        code=2,
+    )
     assert not marker.exists()
 
 
@@ -722,25 +856,45 @@ def _(env: Env) -> None:
     for scheme in ("pipe", "http", "gs"):
         url, marker = command_shard(env, scheme)
         out = env.tmp / "bits"
-        env.cli_fails(["precompute", "--tokenizer", env.bundle / "tokenizer", "--data", url, "--out", out,
-                       "--max-samples", 1, "--no-progress"], repr(url.split(";")[0])[:-1], "--allow-data-commands",
-                      code=2)
+        env.cli_fails(
+            [
+                "precompute",
+                "--tokenizer",
+                env.bundle / "tokenizer",
+                "--data",
+                url,
+                "--out",
+                out,
+                "--max-samples",
+                1,
+                "--no-progress",
+            ],
+            repr(url.split(";")[0])[:-1],
+            "--allow-data-commands",
+            code=2,
+        )
         assert not marker.exists() and not out.exists()
 
 
 @case("cli-eval-reconstruction-typed-url-needs-the-flag", "binlat eval reconstruction")
 def _(env: Env) -> None:
     url, marker = command_shard(env)
-    env.cli_fails(["eval", "reconstruction", "--model", env.bundle, "--data", url, "--out", env.tmp / "eval",
-                   "--no-progress"], "--allow-data-commands", code=2)
+    env.cli_fails(
+        ["eval", "reconstruction", "--model", env.bundle, "--data", url, "--out", env.tmp / "eval", "--no-progress"],
+        "--allow-data-commands",
+        code=2,
+    )
     assert not marker.exists()
 
 
 @case("cli-probe-config-of-another-kind", "binlat probe")
 def _(env: Env) -> None:
     out = env.tmp / "probes"
-    env.cli_fails(["probe", "diffusion", "--config", env.train_config(), "--steps", 1, "--out", out],
-                  "is a tokenizer config, not diffusion", code=2)
+    env.cli_fails(
+        ["probe", "diffusion", "--config", env.train_config(), "--steps", 1, "--out", out],
+        "is a tokenizer config, not diffusion",
+        code=2,
+    )
     assert not out.exists()
 
 
@@ -766,8 +920,21 @@ def _(env: Env) -> None:
 @case("cli-bundle-sampling-not-json", "binlat bundle")
 def _(env: Env) -> None:
     out = env.tmp / "bundle"
-    env.cli_fails(["bundle", "--tokenizer", env.bundle / "tokenizer", "--diffusion", env.bundle / "diffusion",
-                   "--out", out, "--sampling", "{guidance_scale: 3}"], "--sampling: not valid JSON", code=2)
+    env.cli_fails(
+        [
+            "bundle",
+            "--tokenizer",
+            env.bundle / "tokenizer",
+            "--diffusion",
+            env.bundle / "diffusion",
+            "--out",
+            out,
+            "--sampling",
+            "{guidance_scale: 3}",
+        ],
+        "--sampling: not valid JSON",
+        code=2,
+    )
     assert not out.exists()
 
 
@@ -783,13 +950,15 @@ def _(env: Env) -> None:
 @case("cli-serve-port-in-use", "binlat serve")
 def _(env: Env) -> None:
     import socket
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
         # the port is bound before the model loads, so a busy port fails at once (no server is started)
-        env.cli_fails(["serve", "--model", env.tmp / "no-model", "--port", port], f"cannot listen on 127.0.0.1:{port}",
-                      code=1)
+        env.cli_fails(
+            ["serve", "--model", env.tmp / "no-model", "--port", port], f"cannot listen on 127.0.0.1:{port}", code=1
+        )
 
 
 @case("cli-bench-json-folder-missing", "binlat bench")
@@ -802,24 +971,31 @@ def _(env: Env) -> None:
 @case("cli-eval-reconstruction-model-missing", "binlat eval reconstruction")
 def _(env: Env) -> None:
     out = env.tmp / "eval"
-    env.cli_fails(["eval", "reconstruction", "--model", env.tmp / "no-model", "--out", out, "--no-progress"],
-                  "no-model does not exist", code=1)
+    env.cli_fails(
+        ["eval", "reconstruction", "--model", env.tmp / "no-model", "--out", out, "--no-progress"],
+        "no-model does not exist",
+        code=1,
+    )
     assert not out.exists()
 
 
 @case("cli-eval-shapes-no-tokenizer-without-ground-truth", "binlat eval shapes")
 def _(env: Env) -> None:
     out = env.tmp / "eval"
-    env.cli_fails(["eval", "shapes", "--no-tokenizer", "--model", env.bundle, "--out", out, "--no-progress"],
-                  "--no-tokenizer only applies with --ground-truth", code=2)
+    env.cli_fails(
+        ["eval", "shapes", "--no-tokenizer", "--model", env.bundle, "--out", out, "--no-progress"],
+        "--no-tokenizer only applies with --ground-truth",
+        code=2,
+    )
     assert not out.exists()
 
 
 @case("cli-eval-clip-score-images-missing", "binlat eval clip-score")
 def _(env: Env) -> None:
     out = env.tmp / "eval"
-    env.cli_fails(["eval", "clip-score", "--images", env.tmp / "no-images", "--out", out],
-                  "no-images does not exist", code=1)
+    env.cli_fails(
+        ["eval", "clip-score", "--images", env.tmp / "no-images", "--out", out], "no-images does not exist", code=1
+    )
     assert not out.exists()
 
 
@@ -829,8 +1005,7 @@ def _(env: Env) -> None:
     for folder in (real, fake):
         folder.mkdir()
         input_png(env, f"{folder.name}/0.png")
-    env.cli_fails(["eval", "fid", "--real", real, "--fake", fake, "--out", out], "FID needs at least 2 images",
-                  code=2)
+    env.cli_fails(["eval", "fid", "--real", real, "--fake", fake, "--out", out], "FID needs at least 2 images", code=2)
     assert not out.exists()
 
 
@@ -917,6 +1092,7 @@ API_BAD_SAMPLING = [
     ("rho", math.inf, "rho must be a finite number > 0, got inf"),
 ]
 for _name, _value, _message in API_BAD_SAMPLING:
+
     @case(f"api-{_name}-{_value}", "Pipeline.__call__")
     def _(env: Env, name=_name, value=_value, message=_message) -> None:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -927,8 +1103,16 @@ for _name, _value, _message in API_BAD_SAMPLING:
 def _(env: Env) -> None:
     # Not errors: w = 0 is unguided sampling, temperature 0 thresholds the probabilities.
     for generator in ("diffusion", "ar"):
-        result = env.pipe(["a cat"], generator=generator, num_steps=1, guidance_scale=0.0, temperature=0.0, seed=1,
-                          progress=False, return_bits=True)
+        result = env.pipe(
+            ["a cat"],
+            generator=generator,
+            num_steps=1,
+            guidance_scale=0.0,
+            temperature=0.0,
+            seed=1,
+            progress=False,
+            return_bits=True,
+        )
         assert len(result.images) == 1 and result.bits.shape == (1, 16, 32)
 
 
@@ -1058,6 +1242,7 @@ def _(env: Env) -> None:
 
 
 for _kind, _cls in (("tokenizer", BinaryTokenizer), ("diffusion", DiffusionTransformer), ("ar", ARTransformer)):
+
     @case(f"api-failed-save-over-existing-{_kind}-dir", f"{_cls.__name__}.save_pretrained")
     def _(env: Env, kind=_kind, cls=_cls) -> None:
         target = Path(shutil.copytree(env.bundle / kind, env.tmp / kind))
@@ -1215,7 +1400,7 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     rgba = np.zeros((16, 16, 4), dtype=np.uint8)
     rgba[:, :8] = (255, 0, 0, 255)  # opaque red
-    rgba[:, 8:] = (0, 0, 255, 0)    # fully transparent (its colour must not show)
+    rgba[:, 8:] = (0, 0, 255, 0)  # fully transparent (its colour must not show)
     rgb = np.asarray(to_rgb(load_image(png_bytes(Image.fromarray(rgba, "RGBA")))))
     assert (rgb[:, :8] == [255, 0, 0]).all() and (rgb[:, 8:] == [255, 255, 255]).all()
     la = np.asarray(to_rgb(load_image(png_bytes(Image.fromarray(rgba[..., [0, 3]], "LA")))))
@@ -1283,9 +1468,17 @@ def _(env: Env) -> None:
 def _(env: Env) -> None:
     (env.tmp / "here.png").write_bytes(png_bytes(Image.new("RGB", (40, 40), (9, 9, 9))))
     manifest = env.tmp / "data.jsonl"
-    manifest.write_text("\n".join(json.dumps(e) for e in [
-        {"path": "gone.png", "caption": "missing"}, {"path": "here.png", "caption": "present"},
-        {"path": str(env.tmp / "also-gone.jpg"), "caption": "missing too"}]) + "\n")
+    manifest.write_text(
+        "\n".join(
+            json.dumps(e)
+            for e in [
+                {"path": "gone.png", "caption": "missing"},
+                {"path": "here.png", "caption": "present"},
+                {"path": str(env.tmp / "also-gone.jpg"), "caption": "missing too"},
+            ]
+        )
+        + "\n"
+    )
     before = manifest.read_bytes()
     ds = ManifestDataset(manifest, ImageTransform(32, random_crop=False))
     samples = list(ds)
@@ -1345,8 +1538,12 @@ def _(env: Env) -> None:
 
 @case("server-prompt-100k-chars-refused", "POST /v1/generate")
 def _(env: Env) -> None:
-    env.server_fails(env.client.post("/v1/generate", json={"prompt": LONG_PROMPT}), 422,
-                     "100000 characters", "limit of 1000 (max_prompt_chars)")
+    env.server_fails(
+        env.client.post("/v1/generate", json={"prompt": LONG_PROMPT}),
+        422,
+        "100000 characters",
+        "limit of 1000 (max_prompt_chars)",
+    )
 
 
 @case("server-body-over-limit", "POST /v1/generate")
@@ -1362,29 +1559,44 @@ def _(env: Env) -> None:
 
 @case("server-lone-surrogate-escape-in-prompt", "POST /v1/generate")
 def _(env: Env) -> None:
-    env.server_fails(env.post_raw("/v1/generate", b'{"prompt": "caf\\ud800"}'), 422,
-                     "prompt: not valid Unicode text")
+    env.server_fails(env.post_raw("/v1/generate", b'{"prompt": "caf\\ud800"}'), 422, "prompt: not valid Unicode text")
 
 
 @case("server-size-not-a-multiple", "POST /v1/generate")
 def _(env: Env) -> None:
-    env.server_fails(env.client.post("/v1/generate", json={"prompt": "x", "size": 65}), 422,
-                     "size:", "not supported by this tokenizer")
+    env.server_fails(
+        env.client.post("/v1/generate", json={"prompt": "x", "size": 65}),
+        422,
+        "size:",
+        "not supported by this tokenizer",
+    )
 
 
 @case("server-size-zero", "POST /v1/generate")
 def _(env: Env) -> None:
-    env.server_fails(env.client.post("/v1/generate", json={"prompt": "x", "size": [0, 64]}), 422,
-                     "size: 0x64 is not a positive size")
+    env.server_fails(
+        env.client.post("/v1/generate", json={"prompt": "x", "size": [0, 64]}), 422, "size: 0x64 is not a positive size"
+    )
 
 
 SERVER_BAD_SAMPLING = [
-    ("steps", "0"), ("steps", "-3"), ("steps", "NaN"), ("steps", "Infinity"),
-    ("guidance_scale", "-1"), ("guidance_scale", "NaN"), ("guidance_scale", "Infinity"),
-    ("temperature", "-0.5"), ("temperature", "NaN"), ("temperature", "-Infinity"),
-    ("rho", "0"), ("rho", "-1"), ("rho", "NaN"), ("rho", "Infinity"),
+    ("steps", "0"),
+    ("steps", "-3"),
+    ("steps", "NaN"),
+    ("steps", "Infinity"),
+    ("guidance_scale", "-1"),
+    ("guidance_scale", "NaN"),
+    ("guidance_scale", "Infinity"),
+    ("temperature", "-0.5"),
+    ("temperature", "NaN"),
+    ("temperature", "-Infinity"),
+    ("rho", "0"),
+    ("rho", "-1"),
+    ("rho", "NaN"),
+    ("rho", "Infinity"),
 ]
 for _field, _literal in SERVER_BAD_SAMPLING:
+
     @case(f"server-{_field}-{_literal}", "POST /v1/generate")
     def _(env: Env, field=_field, literal=_literal) -> None:
         raw = f'{{"prompt": "a cat", "{field}": {literal}}}'.encode()  # NaN/Infinity: Python's JSON extension
@@ -1398,37 +1610,54 @@ def _(env: Env) -> None:
 
 @case("server-unknown-field", "POST /v1/generate")
 def _(env: Env) -> None:
-    env.server_fails(env.client.post("/v1/generate", json={"prompt": "x", "cfg": 3}), 422,
-                     "cfg: unknown field")
+    env.server_fails(env.client.post("/v1/generate", json={"prompt": "x", "cfg": 3}), 422, "cfg: unknown field")
 
 
 @case("server-upload-zero-byte", "POST /v1/reconstruct")
 def _(env: Env) -> None:
-    env.server_fails(env.client.post("/v1/reconstruct", files={"image": ("a.png", b"", "image/png")}), 422,
-                     "image: the uploaded file is empty")
+    env.server_fails(
+        env.client.post("/v1/reconstruct", files={"image": ("a.png", b"", "image/png")}),
+        422,
+        "image: the uploaded file is empty",
+    )
 
 
 @case("server-upload-truncated", "POST /v1/reconstruct")
 def _(env: Env) -> None:
-    env.server_fails(env.client.post("/v1/reconstruct", files={"image": ("a.png", noise_png()[:3000], "image/png")}),
-                     422, "image:", "truncated")
+    env.server_fails(
+        env.client.post("/v1/reconstruct", files={"image": ("a.png", noise_png()[:3000], "image/png")}),
+        422,
+        "image:",
+        "truncated",
+    )
 
 
 @case("server-upload-20000x20000-header", "POST /v1/reconstruct")
 def _(env: Env) -> None:
     bomb = claimed_canvas_png(20_000, 20_000)
-    env.server_fails(env.client.post("/v1/reconstruct", files={"image": ("bomb.png", bomb, "image/png")}), 422,
-                     "image:", "400000000 pixels", "decompression bomb")
+    env.server_fails(
+        env.client.post("/v1/reconstruct", files={"image": ("bomb.png", bomb, "image/png")}),
+        422,
+        "image:",
+        "400000000 pixels",
+        "decompression bomb",
+    )
 
 
 @case("server-edit-strength-above-1", "POST /v1/edit")
 def _(env: Env) -> None:
     image = png_bytes(Image.new("RGB", (64, 64), (220, 30, 30)))
-    env.server_fails(env.client.post("/v1/edit", files={"image": ("a.png", image, "image/png")},
-                                     data={"prompt": "a cat", "strength": "1.5"}), 422, "strength:")
+    env.server_fails(
+        env.client.post(
+            "/v1/edit", files={"image": ("a.png", image, "image/png")}, data={"prompt": "a cat", "strength": "1.5"}
+        ),
+        422,
+        "strength:",
+    )
 
 
 for _path in ("/", "/healthz", "/v1/models"):  # the read-only routes: the one wrong thing to send is a body
+
     @case(f"server-post-to-get-route-{_path.strip('/').replace('/', '-') or 'page'}", f"GET {_path}")
     def _(env: Env, path=_path) -> None:
         env.server_fails(env.client.post(path, json={"prompt": "a cat"}), 405, "Method Not Allowed")
@@ -1454,17 +1683,22 @@ def test_catalogue(name: str, env: Env) -> None:
 
 def cli_entry_points() -> set[str]:
     """Every command of the `binlat` parser as typed, nested ones included ("binlat eval fid")."""
+
     def walk(parser: argparse.ArgumentParser, words: str) -> set[str]:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         if not subs:
             return {words}
         return {cmd for a in subs for name, sub in a.choices.items() for cmd in walk(sub, f"{words} {name}")}
+
     return walk(build_parser(), "binlat")
 
 
 def _public_functions(module) -> dict[str, Callable]:
-    return {n: f for n, f in vars(module).items()
-            if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == module.__name__}
+    return {
+        n: f
+        for n, f in vars(module).items()
+        if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == module.__name__
+    }
 
 
 def api_entry_points() -> set[str]:
@@ -1474,10 +1708,16 @@ def api_entry_points() -> set[str]:
     models = [getattr(binlat, n) for n in binlat.__all__ if hasattr(getattr(binlat, n), "from_pretrained")]
     names = {"Pipeline.__call__"}
     names |= {f"{cls.__name__}.{m}" for cls in (Pipeline, *models) for m in ("from_pretrained", "save_pretrained")}
-    names |= {f"editing.{n}" for n, f in _public_functions(editing).items()
-              if next(iter(inspect.signature(f).parameters), None) == "pipe"}
-    names |= {f"official.{n}" for n, f in _public_functions(official_mod).items()
-              if {"path", "config_path", "weights_path"} & set(inspect.signature(f).parameters)}
+    names |= {
+        f"editing.{n}"
+        for n, f in _public_functions(editing).items()
+        if next(iter(inspect.signature(f).parameters), None) == "pipe"
+    }
+    names |= {
+        f"official.{n}"
+        for n, f in _public_functions(official_mod).items()
+        if {"path", "config_path", "weights_path"} & set(inspect.signature(f).parameters)
+    }
     return names
 
 
@@ -1496,12 +1736,23 @@ def data_entry_points() -> set[str]:
 
 
 def test_catalogue_is_complete(client) -> None:
-    required = {"cli": cli_entry_points(), "api": api_entry_points(), "server": server_entry_points(client.app),
-                "data": data_entry_points()}
+    required = {
+        "cli": cli_entry_points(),
+        "api": api_entry_points(),
+        "server": server_entry_points(client.app),
+        "data": data_entry_points(),
+    }
     # the derivations find what they are meant to (an empty or broken one would make the check below vacuous)
     assert {"binlat generate", "binlat train", "binlat eval fid", "binlat serve"} <= required["cli"]
-    assert {"Pipeline.__call__", "Pipeline.from_pretrained", "BinaryTokenizer.from_pretrained", "editing.edit",
-            "editing.interpolate", "editing.continue_ar", "official.convert_official"} <= required["api"]
+    assert {
+        "Pipeline.__call__",
+        "Pipeline.from_pretrained",
+        "BinaryTokenizer.from_pretrained",
+        "editing.edit",
+        "editing.interpolate",
+        "editing.continue_ar",
+        "official.convert_official",
+    } <= required["api"]
     assert {"POST /v1/generate", "POST /v1/edit", "POST /v1/reconstruct", "GET /healthz"} <= required["server"]
     assert {"make_dataset", "ImageFolderDataset", "ManifestDataset", "WebDatasetShards"} <= required["data"]
     for name, entry in ENTRY_OF.items():

@@ -1,4 +1,5 @@
 """save_pretrained / from_pretrained: round trips, strict config and weight checking, atomic saving."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,9 +24,22 @@ def randomize(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
 
 
 def tok_config(**kw) -> TokenizerConfig:
-    base = dict(patch_size=4, num_tokens=4, num_bits=8, encoder_layers=2, encoder_heads=2, encoder_head_dim=8,
-                decoder_layers=2, decoder_heads=2, decoder_head_dim=8, rope_axes_dims=(2, 2, 4),
-                downsample_after=(1,), upsample_after=(0,), image_size=16, rope_reference_size=64)
+    base = dict(
+        patch_size=4,
+        num_tokens=4,
+        num_bits=8,
+        encoder_layers=2,
+        encoder_heads=2,
+        encoder_head_dim=8,
+        decoder_layers=2,
+        decoder_heads=2,
+        decoder_head_dim=8,
+        rope_axes_dims=(2, 2, 4),
+        downsample_after=(1,),
+        upsample_after=(0,),
+        image_size=16,
+        rope_reference_size=64,
+    )
     base.update(kw)
     return TokenizerConfig(**base)
 
@@ -116,15 +130,18 @@ def test_unknown_config_key_is_an_error(kind, tmp_path):
         MODELS[kind][0].from_pretrained(tmp_path / "m")
 
 
-@pytest.mark.parametrize("kind,key,value", [
-    ("diffusion", "num_layers", "two"),
-    ("ar", "num_heads", 2.5),
-    ("ar", "text_layers", ["a", "b"]),
-    ("diffusion", "prediction", 3),
-    ("tokenizer", "patch_size", "4"),
-    ("tokenizer", "rope_axes_dims", 8),
-    ("tokenizer", "num_bits", True),
-])
+@pytest.mark.parametrize(
+    "kind,key,value",
+    [
+        ("diffusion", "num_layers", "two"),
+        ("ar", "num_heads", 2.5),
+        ("ar", "text_layers", ["a", "b"]),
+        ("diffusion", "prediction", 3),
+        ("tokenizer", "patch_size", "4"),
+        ("tokenizer", "rope_axes_dims", 8),
+        ("tokenizer", "num_bits", True),
+    ],
+)
 def test_mistyped_config_value_is_an_error(kind, key, value, tmp_path):
     make(kind).save_pretrained(tmp_path / "m")
     _edit_config(tmp_path / "m", **{key: value})
@@ -163,11 +180,14 @@ def test_truncated_weights(kind, tmp_path):
         MODELS[kind][0].from_pretrained(tmp_path / "m")
 
 
-@pytest.mark.parametrize("kind,bigger", [
-    ("diffusion", dict(num_heads=4)),
-    ("ar", dict(head_dim=16)),
-    ("tokenizer", dict(num_bits=16)),
-])
+@pytest.mark.parametrize(
+    "kind,bigger",
+    [
+        ("diffusion", dict(num_heads=4)),
+        ("ar", dict(head_dim=16)),
+        ("tokenizer", dict(num_bits=16)),
+    ],
+)
 def test_wrong_shapes_name_the_keys(kind, bigger, tmp_path):
     small = make(kind)
     small.save_pretrained(tmp_path / "small")
@@ -235,19 +255,22 @@ def test_save_into_new_nested_directory(tmp_path):
     DiffusionTransformer.from_pretrained(target)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(rope_axes_dims=(2, 2, 2)), "rope_axes_dims"),
-    (dict(rope_axes_dims=(2, 3, 3)), "rope_axes_dims"),
-    (dict(rope_axes_dims=(2, 2, 2, 2)), "rope_axes_dims"),
-    (dict(downsample_after=(2,)), "downsample_after"),
-    (dict(downsample_after=(-1,)), "downsample_after"),
-    (dict(downsample_after=(0, 0)), "downsample_after"),
-    (dict(upsample_after=(5,)), "upsample_after"),
-    (dict(decoder_head_dim=16), "decoder_head_dim"),
-    (dict(patch_size=0), "patch_size"),
-    (dict(bernoulli_temperature=0.0), "bernoulli_temperature"),
-    (dict(rope_reference_size=2), "rope_reference_size"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(rope_axes_dims=(2, 2, 2)), "rope_axes_dims"),
+        (dict(rope_axes_dims=(2, 3, 3)), "rope_axes_dims"),
+        (dict(rope_axes_dims=(2, 2, 2, 2)), "rope_axes_dims"),
+        (dict(downsample_after=(2,)), "downsample_after"),
+        (dict(downsample_after=(-1,)), "downsample_after"),
+        (dict(downsample_after=(0, 0)), "downsample_after"),
+        (dict(upsample_after=(5,)), "upsample_after"),
+        (dict(decoder_head_dim=16), "decoder_head_dim"),
+        (dict(patch_size=0), "patch_size"),
+        (dict(bernoulli_temperature=0.0), "bernoulli_temperature"),
+        (dict(rope_reference_size=2), "rope_reference_size"),
+    ],
+)
 def test_invalid_tokenizer_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         tok_config(**kw)
@@ -258,12 +281,15 @@ def test_invalid_tokenizer_configs(kw, match):
         config_from_dict(TokenizerConfig, data)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(num_layers=0), "num_layers"),
-    (dict(text_layers=(1,)), "text_layers"),
-    (dict(text_layers=(1, -2)), "text_layers"),
-    (dict(prediction="eps"), "prediction"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(num_layers=0), "num_layers"),
+        (dict(text_layers=(1,)), "text_layers"),
+        (dict(text_layers=(1, -2)), "text_layers"),
+        (dict(prediction="eps"), "prediction"),
+    ],
+)
 def test_invalid_generator_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         gen_config(**kw)

@@ -1,5 +1,6 @@
 """The HTTP API (binlat.serve) over the random tiny model: every endpoint, every error path, and the bounded
 queue under more simultaneous requests than it admits."""
+
 from __future__ import annotations
 
 import base64
@@ -25,8 +26,9 @@ from binlat.pipeline import Pipeline
 from binlat.serve import ServeLimits, bind_socket, create_app, is_loopback
 
 LOCAL = "http://localhost"  # the server answers only to loopback Host names (TestClient's own is "testserver")
-LIMITS = ServeLimits(max_concurrent=1, max_queue=4, max_body_bytes=100_000, max_n=4, max_steps=8,
-                     max_prompt_chars=64, max_size=128)
+LIMITS = ServeLimits(
+    max_concurrent=1, max_queue=4, max_body_bytes=100_000, max_n=4, max_steps=8, max_prompt_chars=64, max_size=128
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,10 @@ def sample_image() -> Image.Image:
 
 def huge_canvas_png(side: int = 5000) -> bytes:
     """A tiny file whose header claims a side x side RGB canvas (no pixel data)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
@@ -91,9 +95,21 @@ def test_health_models_docs_and_page(client) -> None:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
-    for needle in ('id="prompt"', 'id="generate"', 'id="gallery"', 'id="steps"', 'id="guidance_scale"',
-                   'id="temperature"', 'id="seed"', 'id="size"', 'id="n"', 'id="protocol"', 'id="generator"',
-                   'id="edit-form"', "download"):
+    for needle in (
+        'id="prompt"',
+        'id="generate"',
+        'id="gallery"',
+        'id="steps"',
+        'id="guidance_scale"',
+        'id="temperature"',
+        'id="seed"',
+        'id="size"',
+        'id="n"',
+        'id="protocol"',
+        'id="generator"',
+        'id="edit-form"',
+        "download",
+    ):
         assert needle in html, needle
     # Self-contained: no external scripts, styles or fonts.
     assert "<link" not in html and 'src="http' not in html and "@import" not in html
@@ -117,8 +133,9 @@ def test_generate_returns_seeded_pngs_with_metadata(client) -> None:
 
 
 def test_generate_prompt_list_ar_and_sizes(client) -> None:
-    r = client.post("/v1/generate", json={"prompts": ["a cat", "a dog"], "generator": "ar", "seed": 1,
-                                          "size": [32, 48]})
+    r = client.post(
+        "/v1/generate", json={"prompts": ["a cat", "a dog"], "generator": "ar", "seed": 1, "size": [32, 48]}
+    )
     assert r.status_code == 200, r.text
     images = r.json()["images"]
     assert [im["prompt"] for im in images] == ["a cat", "a dog"] and "steps" not in images[0]
@@ -144,76 +161,89 @@ def test_reconstruct_multipart_and_json_agree(client, pipe) -> None:
 
 def test_edit_multipart_and_json(client) -> None:
     data = png_bytes(sample_image())
-    r = client.post("/v1/edit", files={"image": ("a.png", data, "image/png")},
-                    data={"prompt": "a blue square", "strength": "0.5", "steps": "3", "seed": "4", "n": "2"})
+    r = client.post(
+        "/v1/edit",
+        files={"image": ("a.png", data, "image/png")},
+        data={"prompt": "a blue square", "strength": "0.5", "steps": "3", "seed": "4", "n": "2"},
+    )
     assert r.status_code == 200, r.text
     images = r.json()["images"]
     assert [im["seed"] for im in images] == [4, 5] and images[0]["strength"] == 0.5
     # strength 0 is the reconstruction itself.
-    zero = client.post("/v1/edit", json={"image_base64": base64.b64encode(data).decode(), "prompt": "x",
-                                         "strength": 0, "seed": 1})
+    zero = client.post(
+        "/v1/edit", json={"image_base64": base64.b64encode(data).decode(), "prompt": "x", "strength": 0, "seed": 1}
+    )
     recon = client.post("/v1/reconstruct", files={"image": ("a.png", data, "image/png")})
     assert zero.status_code == 200, zero.text
     assert zero.json()["images"][0]["png_base64"] == recon.json()["png_base64"]
 
 
 # --- errors -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("body, status, needle", [
-    ({"prompt": "x", "generator": "gan"}, 422, "generator"),
-    ({"prompt": "x", "steps": 0}, 422, "steps"),
-    ({"prompt": "x", "steps": 9}, 422, "max_steps"),
-    ({"prompt": "x", "steps": 2.5}, 422, "steps"),
-    ({"prompt": "x", "steps": "3"}, 422, "steps"),
-    ({"prompt": "x", "guidance_scale": "NaN"}, 422, "guidance_scale"),
-    ({"prompt": "x", "temperature": "Infinity"}, 422, "temperature"),
-    ({"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale"),
-    ({"prompt": "x", "rho": 0}, 422, "rho"),
-    ({"prompt": "x", "protocol": 3}, 422, "protocol"),
-    ({"prompt": "x", "size": 100}, 422, "size"),
-    ({"prompt": "x", "size": 256}, 422, "max_size"),
-    ({"prompt": "x", "size": [64]}, 422, "size"),
-    ({"prompt": "x", "size": "big"}, 422, "size"),
-    ({"prompt": "x", "n": 5}, 422, "max_n"),
-    ({"prompts": ["a", "b", "c"], "n": 2}, 422, "max_n"),
-    ({"prompt": "x", "n": 0}, 422, "n"),
-    ({"prompt": "x" * 65}, 422, "max_prompt_chars"),
-    ({"prompt": "   "}, 422, "empty"),
-    ({"prompts": []}, 422, "prompts"),
-    ({"prompts": ["ok", ""]}, 422, "prompts[1]"),
-    ({"prompts": ["ok", 3]}, 422, "prompts[1]"),
-    ({}, 422, "prompt"),
-    ({"prompt": "x", "prompts": ["y"]}, 422, "not both"),
-    ({"prompt": "x", "seed": -1}, 422, "seed"),
-    ({"prompt": "x", "seed": True}, 422, "seed"),
-    ({"prompt": "x", "colour": "red"}, 422, "unknown field"),
-    ({"prompt": 5}, 422, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"prompt": "x", "generator": "gan"}, 422, "generator"),
+        ({"prompt": "x", "steps": 0}, 422, "steps"),
+        ({"prompt": "x", "steps": 9}, 422, "max_steps"),
+        ({"prompt": "x", "steps": 2.5}, 422, "steps"),
+        ({"prompt": "x", "steps": "3"}, 422, "steps"),
+        ({"prompt": "x", "guidance_scale": "NaN"}, 422, "guidance_scale"),
+        ({"prompt": "x", "temperature": "Infinity"}, 422, "temperature"),
+        ({"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale"),
+        ({"prompt": "x", "rho": 0}, 422, "rho"),
+        ({"prompt": "x", "protocol": 3}, 422, "protocol"),
+        ({"prompt": "x", "size": 100}, 422, "size"),
+        ({"prompt": "x", "size": 256}, 422, "max_size"),
+        ({"prompt": "x", "size": [64]}, 422, "size"),
+        ({"prompt": "x", "size": "big"}, 422, "size"),
+        ({"prompt": "x", "n": 5}, 422, "max_n"),
+        ({"prompts": ["a", "b", "c"], "n": 2}, 422, "max_n"),
+        ({"prompt": "x", "n": 0}, 422, "n"),
+        ({"prompt": "x" * 65}, 422, "max_prompt_chars"),
+        ({"prompt": "   "}, 422, "empty"),
+        ({"prompts": []}, 422, "prompts"),
+        ({"prompts": ["ok", ""]}, 422, "prompts[1]"),
+        ({"prompts": ["ok", 3]}, 422, "prompts[1]"),
+        ({}, 422, "prompt"),
+        ({"prompt": "x", "prompts": ["y"]}, 422, "not both"),
+        ({"prompt": "x", "seed": -1}, 422, "seed"),
+        ({"prompt": "x", "seed": True}, 422, "seed"),
+        ({"prompt": "x", "colour": "red"}, 422, "unknown field"),
+        ({"prompt": 5}, 422, "prompt"),
+    ],
+)
 def test_generate_rejects_bad_fields(client, body, status, needle) -> None:
     assert_error(client.post("/v1/generate", json=body), status, needle)
 
 
-@pytest.mark.parametrize("raw, ctype, status, needle", [
-    (b"{bad json", "application/json", 400, "not valid JSON"),
-    (b'{"prompt": "x", "guidance_scale": NaN}', "application/json", 422, "guidance_scale"),
-    (b"[1, 2]", "application/json", 400, "object"),
-    (b"", "application/json", 400, "empty"),
-    (b"\xff\xfe", "application/json", 400, "UTF-8"),
-    (b"prompt=x", "text/plain", 415, "application/json"),
-])
+@pytest.mark.parametrize(
+    "raw, ctype, status, needle",
+    [
+        (b"{bad json", "application/json", 400, "not valid JSON"),
+        (b'{"prompt": "x", "guidance_scale": NaN}', "application/json", 422, "guidance_scale"),
+        (b"[1, 2]", "application/json", 400, "object"),
+        (b"", "application/json", 400, "empty"),
+        (b"\xff\xfe", "application/json", 400, "UTF-8"),
+        (b"prompt=x", "text/plain", 415, "application/json"),
+    ],
+)
 def test_generate_rejects_bad_bodies(client, raw, ctype, status, needle) -> None:
     assert_error(client.post("/v1/generate", content=raw, headers={"content-type": ctype}), status, needle)
 
 
 def test_body_size_limit_from_header_and_while_reading(client) -> None:
     big = json.dumps({"prompt": "x" * 150_000}).encode()
-    assert_error(client.post("/v1/generate", content=big, headers={"content-type": "application/json"}), 413,
-                 "max_body_bytes")
+    assert_error(
+        client.post("/v1/generate", content=big, headers={"content-type": "application/json"}), 413, "max_body_bytes"
+    )
 
     def chunked():  # no Content-Length: counted as it arrives
         for _ in range(30):
             yield b" " * 10_000
-    assert_error(client.post("/v1/generate", content=chunked(), headers={"content-type": "application/json"}),
-                 413, "too large")
+
+    assert_error(
+        client.post("/v1/generate", content=chunked(), headers={"content-type": "application/json"}), 413, "too large"
+    )
     upload = b"\x89PNG" + bytes(150_000)
     assert_error(client.post("/v1/reconstruct", files={"image": ("big.png", upload, "image/png")}), 413)
     assert client.get("/healthz").status_code == 200
@@ -223,24 +253,35 @@ def test_image_endpoints_reject_bad_uploads(client) -> None:
     good = png_bytes(sample_image())
     for path in ("/v1/reconstruct", "/v1/edit"):
         fields = {"prompt": "x"} if path == "/v1/edit" else {}
-        assert_error(client.post(path, files={"image": ("a.txt", b"hello there", "text/plain")}, data=fields),
-                     422, "image", "not a recognised image")
+        assert_error(
+            client.post(path, files={"image": ("a.txt", b"hello there", "text/plain")}, data=fields),
+            422,
+            "image",
+            "not a recognised image",
+        )
         assert_error(client.post(path, files={"image": ("a.png", b"", "image/png")}, data=fields), 422, "empty")
-        assert_error(client.post(path, data=fields | {"other": "1"}, files={"x": ("a.png", good, "image/png")}),
-                     422)
+        assert_error(client.post(path, data=fields | {"other": "1"}, files={"x": ("a.png", good, "image/png")}), 422)
         assert_error(client.post(path, json=fields | {"image_base64": "%%%"}), 422, "base64")
         assert_error(client.post(path, json=fields), 422, "image_base64")
         assert_error(client.post(path, content=b"abc", headers={"content-type": "text/csv"}), 415)
-    assert_error(client.post("/v1/reconstruct", files={"image": ("cut.png", good[:80], "image/png")}), 422,
-                 "truncated")
-    assert_error(client.post("/v1/reconstruct", files={"image": ("huge.png", huge_canvas_png(), "image/png")}),
-                 422, "pixels")
+    assert_error(client.post("/v1/reconstruct", files={"image": ("cut.png", good[:80], "image/png")}), 422, "truncated")
+    assert_error(
+        client.post("/v1/reconstruct", files={"image": ("huge.png", huge_canvas_png(), "image/png")}), 422, "pixels"
+    )
     b64 = base64.b64encode(good).decode()
     assert_error(client.post("/v1/edit", json={"image_base64": b64, "prompt": "x", "strength": 1.5}), 422, "strength")
-    assert_error(client.post("/v1/edit", files={"image": ("a.png", good, "image/png")},
-                             data={"prompt": "x", "guidance_scale": "nan"}), 422, "guidance_scale")
-    assert_error(client.post("/v1/edit", files={"image": ("a.png", good, "image/png")},
-                             data={"prompt": "x", "steps": "lots"}), 422, "steps")
+    assert_error(
+        client.post(
+            "/v1/edit", files={"image": ("a.png", good, "image/png")}, data={"prompt": "x", "guidance_scale": "nan"}
+        ),
+        422,
+        "guidance_scale",
+    )
+    assert_error(
+        client.post("/v1/edit", files={"image": ("a.png", good, "image/png")}, data={"prompt": "x", "steps": "lots"}),
+        422,
+        "steps",
+    )
     assert_error(client.post("/v1/edit", json={"image_base64": b64, "prompt": ""}), 422, "empty")
     assert_error(client.post("/v1/edit", json={"image_base64": b64}), 422, "prompt")
     assert_error(client.post("/v1/reconstruct", json={"image_base64": b64, "size": 72}), 422, "size")
@@ -325,8 +366,9 @@ def test_bounded_queue_answers_every_request(pipe) -> None:
 
         def fire(i: int) -> None:
             body = json.dumps({"prompt": f"shape {i}", "steps": 1, "seed": i}).encode()
-            request = urllib.request.Request(f"{base}/v1/generate", data=body,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"{base}/v1/generate", data=body, headers={"Content-Type": "application/json"}
+            )
             go.wait()
             try:
                 with urllib.request.urlopen(request, timeout=60) as r:
@@ -353,8 +395,9 @@ def test_bounded_queue_answers_every_request(pipe) -> None:
             health = json.loads(r.read())
         assert health["status"] == "ok" and health["admitted"] == 0 and health["running"] == 0
         # Capacity is back: a request after the burst succeeds.
-        request = urllib.request.Request(f"{base}/v1/generate", data=b'{"prompt": "after", "steps": 1}',
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{base}/v1/generate", data=b'{"prompt": "after", "steps": 1}', headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as r:
             assert r.status == 200
     finally:
@@ -412,32 +455,45 @@ def test_several_workers_share_one_pipeline(pipe) -> None:
 
 def test_model_sampling_defaults_fill_what_a_request_leaves_out(pipe) -> None:
     import dataclasses
-    tuned = Pipeline(pipe.tokenizer, pipe.text_encoder, config=dataclasses.replace(
-        pipe.config, sampling={"diffusion": {"guidance_scale": 2.5, "num_steps": 3}}), **pipe.generators)
+
+    tuned = Pipeline(
+        pipe.tokenizer,
+        pipe.text_encoder,
+        config=dataclasses.replace(pipe.config, sampling={"diffusion": {"guidance_scale": 2.5, "num_steps": 3}}),
+        **pipe.generators,
+    )
     with TestClient(create_app(tuned, LIMITS), base_url=LOCAL) as c:
         info = c.get("/v1/models").json()
         assert info["sampling"]["diffusion"]["guidance_scale"] == 2.5
         assert info["sampling"]["ar"]["guidance_scale"] == 7.5  # built-in where the model sets nothing
         left_out = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 3}).json()["images"][0]
         assert (left_out["guidance_scale"], left_out["steps"]) == (2.5, 3)
-        given = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 3, "guidance_scale": 2.5,
-                                             "steps": 3}).json()["images"][0]
+        given = c.post(
+            "/v1/generate", json={"prompt": "a red circle", "seed": 3, "guidance_scale": 2.5, "steps": 3}
+        ).json()["images"][0]
         assert given["png_base64"] == left_out["png_base64"]
         other = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 3, "guidance_scale": 0.0}).json()
         assert other["images"][0]["guidance_scale"] == 0.0
         # An edit at strength 1 with the settings left out is the same image as generation left out.
         b64 = base64.b64encode(png_bytes(sample_image())).decode()
-        edited = c.post("/v1/edit", json={"image_base64": b64, "prompt": "a red circle", "strength": 1.0,
-                                          "seed": 3}).json()["images"][0]
+        edited = c.post(
+            "/v1/edit", json={"image_base64": b64, "prompt": "a red circle", "strength": 1.0, "seed": 3}
+        ).json()["images"][0]
         assert (edited["guidance_scale"], edited["steps"]) == (2.5, 3)
         assert edited["png_base64"] == left_out["png_base64"]
 
 
-@pytest.mark.parametrize("headers", [{"origin": "http://evil.example"}, {"sec-fetch-site": "cross-site"},
-                                     {"origin": "null"}])
-@pytest.mark.parametrize("body", [{"content": b'{"prompt": "a red circle"}'},  # JSON with no Content-Type
-                                  {"content": b"prompt=x", "ctype": "application/x-www-form-urlencoded"},
-                                  {"content": b"--b--\r\n", "ctype": "multipart/form-data; boundary=b"}])
+@pytest.mark.parametrize(
+    "headers", [{"origin": "http://evil.example"}, {"sec-fetch-site": "cross-site"}, {"origin": "null"}]
+)
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"content": b'{"prompt": "a red circle"}'},  # JSON with no Content-Type
+        {"content": b"prompt=x", "ctype": "application/x-www-form-urlencoded"},
+        {"content": b"--b--\r\n", "ctype": "multipart/form-data; boundary=b"},
+    ],
+)
 def test_a_browser_request_from_another_site_is_refused(client, headers, body) -> None:
     """Another site's page may POST "simple" requests here without the user's say; they are refused before any
     body is read, whatever the endpoint."""
@@ -448,7 +504,6 @@ def test_a_browser_request_from_another_site_is_refused(client, headers, body) -
 
 def test_same_origin_and_non_browser_requests_are_served(client) -> None:
     request = {"prompt": "a red circle", "steps": 1, "seed": 0}
-    for headers in ({}, {"origin": LOCAL, "sec-fetch-site": "same-origin"},
-                    {"sec-fetch-site": "none"}):
+    for headers in ({}, {"origin": LOCAL, "sec-fetch-site": "same-origin"}, {"sec-fetch-site": "none"}):
         response = client.post("/v1/generate", json=request, headers=headers)
         assert response.status_code == 200, (headers, response.text)

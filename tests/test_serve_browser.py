@@ -1,5 +1,6 @@
 """The real `binlat serve` process driven by headless Chromium: opening the page with a prompt and autorun=1
 must put a generated PNG in the gallery. Chromium is Debian's package (`./dev test` installs it when it can)."""
+
 from __future__ import annotations
 
 import base64
@@ -23,9 +24,10 @@ from PIL import Image
 from binlat.pipeline import Pipeline
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)),
-                                reason=f"{CHROMIUM} is not installed (Debian package 'chromium'; "
-                                       f"`./dev test` installs it when run as root)")
+pytestmark = pytest.mark.skipif(
+    not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)),
+    reason=f"{CHROMIUM} is not installed (Debian package 'chromium'; `./dev test` installs it when run as root)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +35,13 @@ def server(tmp_path_factory):
     """`binlat serve --model <tiny bundle> --port 0` in a subprocess; yields its base URL."""
     bundle = Pipeline.random_tiny().save_pretrained(tmp_path_factory.mktemp("serve") / "tiny")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "binlat.cli", "serve", "--model", str(bundle), "--port", "0",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "binlat.cli", "serve", "--model", str(bundle), "--port", "0", "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines: list[str] = []
     found = threading.Event()
     url: list[str] = []
@@ -78,17 +84,28 @@ def server(tmp_path_factory):
 
 def dump_dom(url: str, profile: Path) -> str:
     """The page's DOM after its scripts have run (virtual time waits while fetches are pending)."""
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=20000",
-           "--dump-dom", url]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        url,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
 def gallery_pngs(dom: str) -> list[str]:
-    gallery = dom[dom.index('id="gallery"'):]
+    gallery = dom[dom.index('id="gallery"') :]
     return re.findall(r'<img class="result" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', gallery)
 
 
@@ -115,7 +132,7 @@ def test_page_generates_an_image_into_the_gallery(server, tmp_path) -> None:
 def test_page_shows_a_server_error(server, tmp_path) -> None:
     dom = dump_dom(f"{server}/?prompt=x&steps=1000&autorun=1", tmp_path / "profile")
     assert not gallery_pngs(dom)
-    status = re.search(r'<div id="status"[^>]*class="error"[^>]*>([^<]*)</div>', dom) or \
-        re.search(r'<div id="status"[^>]*>([^<]*)</div>', dom)
+    status = re.search(r'<div id="status"[^>]*class="error"[^>]*>([^<]*)</div>', dom) or re.search(
+        r'<div id="status"[^>]*>([^<]*)</div>', dom
+    )
     assert status and "max_steps" in status.group(1), status
-

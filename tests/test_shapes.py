@@ -311,9 +311,7 @@ def test_prompt_set() -> None:
         p = prompt_set(cat, 50, seed=2)
         assert p == prompt_set(cat, 50, seed=2) and len(p) == 50
         assert all(parse_caption(c)["category"] == cat for c in p)
-        assert not any(
-            (o["color"], o["shape"]) in HELD_OUT for c in p for o in parse_caption(c)["objects"]
-        )
+        assert not any((o["color"], o["shape"]) in HELD_OUT for c in p for o in parse_caption(c)["objects"])
     assert set(prompt_set("colors", 10, held_out=True)) == {"a yellow triangle", "a purple circle"}
     for c in prompt_set("color_attr", 40, held_out=True):
         assert any((o["color"], o["shape"]) in HELD_OUT for o in parse_caption(c)["objects"])
@@ -336,6 +334,7 @@ def test_failure_sheet_names_the_judges_reason_under_each_image(monkeypatch) -> 
     from binlat.data.shapes import render, scene_for_caption
     from binlat.eval.shapes_eval import failure_label, failure_sheet
     from binlat.judge.shapes import judge
+
     cases = [  # (caption rendered, caption judged, the reason a reader should see)
         ("a red circle", "a blue circle", "wrong colour"),
         ("a circle and a square", "a circle", "extra object (2 for 1)"),
@@ -351,17 +350,26 @@ def test_failure_sheet_names_the_judges_reason_under_each_image(monkeypatch) -> 
         image = render(scene_for_caption(drawn, np.random.default_rng(i), size=64))
         verdict = judge(image, asked)
         assert not verdict["correct"], (drawn, asked)
-        item = {"set": "main", "category": verdict["category"], "prompt": asked, "failure": verdict["failure"],
-                "objects": verdict["objects"]}
+        item = {
+            "set": "main",
+            "category": verdict["category"],
+            "prompt": asked,
+            "failure": verdict["failure"],
+            "objects": verdict["objects"],
+        }
         assert failure_label(item) == reason, (asked, verdict["reason"])
         failures.append((image, asked, i, item))
     assert failure_label({"prompt": "a circle", "failure": None, "objects": []}) is None  # a pass has no reason
     shown = []
     real = binlat.grid.contact_sheet
-    monkeypatch.setattr(binlat.grid, "contact_sheet", lambda images, labels, *a, **k: shown.append(labels)
-                        or real(images, labels, *a, **k))
+    monkeypatch.setattr(
+        binlat.grid,
+        "contact_sheet",
+        lambda images, labels, *a, **k: shown.append(labels) or real(images, labels, *a, **k),
+    )
     sheet, count = failure_sheet(failures)
     assert count == len(cases) and sheet.width > 0
     assert sorted(shown[0]) == sorted(f"{asked}\nwhy: {reason}" for _, asked, reason in cases)
     from binlat.grid import label_lines
+
     assert label_lines("a circle\nwhy: relation reversed", 26) == ["a circle", "why: relation reversed"]

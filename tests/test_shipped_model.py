@@ -4,6 +4,7 @@ The README's figures come from the reports under docs/eval; these tests check th
 reports describe (complete, small, the default of `binlat generate`), that the README table says what the reports
 say, and re-measure a slice of each figure live so that a change to the code or the weights that degrades the model
 fails here."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ REPORTS = ROOT / "docs" / "eval"
 
 
 def report(name: str) -> dict:
-    return json.loads((REPORTS / name / f"report-{'reconstruction' if name == 'reconstruction' else 'shapes'}.json")
-                      .read_text())
+    return json.loads(
+        (REPORTS / name / f"report-{'reconstruction' if name == 'reconstruction' else 'shapes'}.json").read_text()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_readme_table_is_what_the_reports_say() -> None:
         held = summary["held_out"]["overall"]
         want.append("—" if held is None else f"{held:.2f}")
         label = next(k for k in rows if k.lower().startswith(name if name != "ceiling" else "tokenizer ceiling"))
-        assert rows[label][:len(want)] == want, (name, rows[label], want)
+        assert rows[label][: len(want)] == want, (name, rows[label], want)
     rec = report("reconstruction")["summary"]
     label = next(k for k in rows if k.startswith("PSNR"))
     assert rows[label][:3] == [f"{rec[k]['psnr']:.2f}" for k in ("tokenizer", "jpeg", "webp")]
@@ -108,6 +110,7 @@ def test_its_model_card_is_what_binlat_card_writes(monkeypatch) -> None:
     repository's root) from its parts' provenance and the published reports; its index keeps the shapes words."""
     from binlat.card import CARD, find_reports, model_card, read_provenance
     from binlat.data.shapes import vocabulary
+
     monkeypatch.chdir(ROOT)  # the reports name the model as the commands did: models/default
     index = json.loads((MODEL / "model_index.json").read_text())
     tokenizer = json.loads((MODEL / "tokenizer" / "config.json").read_text())
@@ -117,5 +120,6 @@ def test_its_model_card_is_what_binlat_card_writes(monkeypatch) -> None:
     assert sorted(Path(p).parent.name for p, _ in reports) == ["ar", "ceiling", "diffusion", "reconstruction"]
     want = model_card(index, tokenizer, parts, reports)
     assert (MODEL / CARD).read_text(encoding="utf-8") == want, (
-        "models/default/README.md is stale: run `binlat card models/default --eval docs/eval` from the repository root")
+        "models/default/README.md is stale: run `binlat card models/default --eval docs/eval` from the repository root"
+    )
     assert index["vocabulary"] == {k: {"source": "shapes", "words": list(vocabulary())} for k in ("diffusion", "ar")}

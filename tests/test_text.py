@@ -142,7 +142,11 @@ def test_cached_encoder_matches_direct_and_skips_repeats(encoder: TextEncoder) -
         again = cached(prompts[::-1])
     finally:
         handle.remove()
-    assert rows == [1, 1, 1]  # three distinct prompts, each encoded alone once; the second call is served from the cache
+    assert rows == [
+        1,
+        1,
+        1,
+    ]  # three distinct prompts, each encoded alone once; the second call is served from the cache
     direct = encoder(prompts).select([5, 0])
     assert torch.equal(first.mask, direct.mask)
     for a, b in zip(first.layers, direct.layers):
@@ -163,13 +167,13 @@ class BatchSensitiveEncoder:
         rows = []
         for p in prompts:
             row = torch.zeros(length, 2)
-            row[length - len(p) - 1:, 0] = torch.arange(len(p) + 1, dtype=torch.float32)
+            row[length - len(p) - 1 :, 0] = torch.arange(len(p) + 1, dtype=torch.float32)
             row[:, 1] = 1e-6 * len(prompts) * length  # the batch's shape leaks into every row
             rows.append(row)
         h = torch.stack(rows)
         mask = torch.zeros(len(prompts), length, dtype=torch.bool)
         for i, p in enumerate(prompts):
-            mask[i, length - len(p) - 1:] = True
+            mask[i, length - len(p) - 1 :] = True
         return TextFeatures([h, 2 * h], mask)
 
 

@@ -1,5 +1,6 @@
 """The training engine (binlat.train): the three trainers, checkpoints, resume, multi-process equivalence,
 non-finite losses, the learning-rate schedule, the data order, export and the `binlat train/export` CLI."""
+
 from __future__ import annotations
 
 import io
@@ -24,16 +25,27 @@ from binlat.data.shapes import ShapesStream
 from binlat.generators import ARTransformer, DiffusionTransformer
 from binlat.io import load_safetensors
 from binlat.tokenizer import BinaryTokenizer
-from binlat.train.config import TokenizerTraining, TrainConfig
 from binlat.train.checkpoints import export_run, list_checkpoints
+from binlat.train.config import TokenizerTraining, TrainConfig
 from binlat.train.data import StepBatches
 from binlat.train.engine import Trainer
 from binlat.train.schedule import lr_at
 from binlat.train.tasks import GeneratorTask, TokenizerTask
 
-TOKENIZER_MODEL = {"patch_size": 8, "num_tokens": 16, "num_bits": 16, "encoder_layers": 1, "encoder_heads": 2,
-                   "encoder_head_dim": 16, "decoder_layers": 1, "decoder_heads": 2, "decoder_head_dim": 16,
-                   "rope_axes_dims": [4, 6, 6], "downsample_after": [0], "upsample_after": [0]}
+TOKENIZER_MODEL = {
+    "patch_size": 8,
+    "num_tokens": 16,
+    "num_bits": 16,
+    "encoder_layers": 1,
+    "encoder_heads": 2,
+    "encoder_head_dim": 16,
+    "decoder_layers": 1,
+    "decoder_heads": 2,
+    "decoder_head_dim": 16,
+    "rope_axes_dims": [4, 6, 6],
+    "downsample_after": [0],
+    "upsample_after": [0],
+}
 GENERATOR_MODEL = {"num_layers": 2, "num_heads": 2, "head_dim": 16}
 # trackers: [] keeps runs offline; accelerate warns that no tracker is installed
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
@@ -41,15 +53,33 @@ CHECKPOINT_FILES = {"model.safetensors", "ema.safetensors", "optimizer.pt", "sta
 
 
 def tokenizer_dict(**over) -> dict:
-    d = {"kind": "tokenizer", "model": dict(TOKENIZER_MODEL), "image_size": 64, "batch_size": 8, "max_steps": 6,
-         "warmup_steps": 2, "save_every": 3, "log_every": 2, "trackers": []}
+    d = {
+        "kind": "tokenizer",
+        "model": dict(TOKENIZER_MODEL),
+        "image_size": 64,
+        "batch_size": 8,
+        "max_steps": 6,
+        "warmup_steps": 2,
+        "save_every": 3,
+        "log_every": 2,
+        "trackers": [],
+    }
     return {**d, **over}
 
 
 def generator_dict(kind: str, tokenizer_dir: Path, **over) -> dict:
-    d = {"kind": kind, "model": dict(GENERATOR_MODEL), "image_size": 64, "batch_size": 8, "max_steps": 4,
-         "warmup_steps": 1, "save_every": 2, "log_every": 1, "trackers": [],
-         "generator": {"tokenizer": str(tokenizer_dir), "sample_steps": 3}}
+    d = {
+        "kind": kind,
+        "model": dict(GENERATOR_MODEL),
+        "image_size": 64,
+        "batch_size": 8,
+        "max_steps": 4,
+        "warmup_steps": 1,
+        "save_every": 2,
+        "log_every": 1,
+        "trackers": [],
+        "generator": {"tokenizer": str(tokenizer_dir), "sample_steps": 3},
+    }
     return {**d, **over}
 
 
@@ -111,8 +141,11 @@ def _detach_run_logs():
 def tokenizer_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tokenizer-run") / "run"
     Trainer(make_cfg(tokenizer_dict()), run).train()
-    for h in [h for h in logging.getLogger("binlat").handlers if isinstance(h, logging.FileHandler)
-              and Path(h.baseFilename).is_relative_to(run)]:
+    for h in [
+        h
+        for h in logging.getLogger("binlat").handlers
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(run)
+    ]:
         logging.getLogger("binlat").removeHandler(h)
         h.close()
     return run
@@ -199,15 +232,31 @@ def test_trainer_runs_and_writes_run_folder(kind, tmp_path, tokenizer_dir):
 # 2. each trainer can over-fit one batch
 
 
-@pytest.mark.parametrize("kind,steps,lr,optimizer,model", [
-    ("tokenizer", 15, 3e-3, "adamw", {}), ("diffusion", 15, 1e-2, "adamw", {}), ("ar", 15, 1e-2, "adamw", {}),
-    ("diffusion", 15, 1e-2, "muon", {}), ("ar", 15, 1e-2, "adamw", {"bit_groups": 2})],
-    ids=["tokenizer", "diffusion", "ar", "diffusion-muon", "ar-bit_groups-2"])
+@pytest.mark.parametrize(
+    "kind,steps,lr,optimizer,model",
+    [
+        ("tokenizer", 15, 3e-3, "adamw", {}),
+        ("diffusion", 15, 1e-2, "adamw", {}),
+        ("ar", 15, 1e-2, "adamw", {}),
+        ("diffusion", 15, 1e-2, "muon", {}),
+        ("ar", 15, 1e-2, "adamw", {"bit_groups": 2}),
+    ],
+    ids=["tokenizer", "diffusion", "ar", "diffusion-muon", "ar-bit_groups-2"],
+)
 def test_overfits_one_batch(kind, steps, lr, optimizer, model, tmp_path, tokenizer_dir, monkeypatch):
     monkeypatch.setattr(task_class(kind), "dataset", lambda self: EightSamples(self.cfg.image_size))
     over = {"model": {**GENERATOR_MODEL, **model}} if model else {}
-    cfg = cfg_for(kind, tokenizer_dir, max_steps=steps, lr=lr, warmup_steps=1, save_every=steps, log_every=1,
-                  optimizer=optimizer, **over)
+    cfg = cfg_for(
+        kind,
+        tokenizer_dir,
+        max_steps=steps,
+        lr=lr,
+        warmup_steps=1,
+        save_every=steps,
+        log_every=1,
+        optimizer=optimizer,
+        **over,
+    )
     Trainer(cfg, tmp_path / "run").train()
     losses = [r["loss"] for r in metrics(tmp_path / "run")]
     assert len(losses) == steps and all(map(math.isfinite, losses))
@@ -219,9 +268,18 @@ def test_repa_aligns_a_block_to_the_tokenizers_features(tmp_path, tokenizer_dir,
     """generator.repa_weight: the network gains a head as wide as the tokenizer encoder's features, the loss pulls
     it towards them (the logged similarity rises), and the option is refused where it cannot work."""
     from binlat.tokenizer import BinaryTokenizer
+
     monkeypatch.setattr(task_class("diffusion"), "dataset", lambda self: EightSamples(self.cfg.image_size))
-    cfg = cfg_for("diffusion", tokenizer_dir, max_steps=15, lr=1e-2, warmup_steps=1, save_every=15, log_every=1,
-                  generator={"tokenizer": str(tokenizer_dir), "repa_weight": 1.0})
+    cfg = cfg_for(
+        "diffusion",
+        tokenizer_dir,
+        max_steps=15,
+        lr=1e-2,
+        warmup_steps=1,
+        save_every=15,
+        log_every=1,
+        generator={"tokenizer": str(tokenizer_dir), "repa_weight": 1.0},
+    )
     trainer = Trainer(cfg, tmp_path / "run")
     width = BinaryTokenizer.from_pretrained(tokenizer_dir).config.encoder_dim
     assert trainer.task.model.align_head[-1].out_features == width
@@ -264,6 +322,7 @@ def test_end_distributed_frees_the_model_before_the_process_ends(tmp_path):
     """`binlat train`'s last call frees the model even inside a reference cycle (as DDP and FSDP hooks make them),
     so nothing holding a process group is left for interpreter shutdown; then the trainer is spent."""
     import weakref
+
     trainer = Trainer(make_cfg(tokenizer_dict(max_steps=1, save_every=1)), tmp_path / "run")
     trainer.train()
     model = weakref.ref(trainer.model)
@@ -278,8 +337,11 @@ def test_resume_on_other_numerics_warns(tmp_path, caplog):
     Trainer(make_cfg(tokenizer_dict(max_steps=2, save_every=2)), run).train()
     path = step_dir(run, 2) / "state.json"
     state = json.loads(path.read_text())
-    assert state["numerics"] == {"cpu": state["numerics"]["cpu"], "threads": torch.get_num_threads(),
-                                 "torch": torch.__version__}
+    assert state["numerics"] == {
+        "cpu": state["numerics"]["cpu"],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     with caplog.at_level(logging.WARNING, logger="binlat"):
         Trainer(make_cfg(tokenizer_dict(max_steps=2, save_every=2)), run, resume="latest").close()
     assert "other numerics" not in caplog.text
@@ -312,16 +374,18 @@ def check_exact_resume(cfg: TrainConfig, kind: str, tmp_path: Path, monkeypatch)
     for k in opt_a["state"]:
         assert_same_tensors(opt_a["state"][k], opt_b["state"][k])
     # the logged losses of the resumed steps are the uninterrupted run's, exactly
-    assert [(r["step"], r["loss"], r["lr"]) for r in metrics(run_a)] == \
-           [(r["step"], r["loss"], r["lr"]) for r in metrics(run_b)]
+    assert [(r["step"], r["loss"], r["lr"]) for r in metrics(run_a)] == [
+        (r["step"], r["loss"], r["lr"]) for r in metrics(run_b)
+    ]
     return run_a, run_b
 
 
 def test_resume_from_explicit_checkpoint_and_kind_check(tmp_path, tokenizer_dir):
     run = tmp_path / "run"
     Trainer(make_cfg(tokenizer_dict(max_steps=3, save_every=3)), run).train()
-    t = Trainer(make_cfg(tokenizer_dict(max_steps=3, save_every=3)), tmp_path / "elsewhere",
-                resume=str(step_dir(run, 3)))
+    t = Trainer(
+        make_cfg(tokenizer_dict(max_steps=3, save_every=3)), tmp_path / "elsewhere", resume=str(step_dir(run, 3))
+    )
     assert t.step == 3
     with pytest.raises(ValueError, match="tokenizer checkpoint, not diffusion"):
         Trainer(cfg_for("diffusion", tokenizer_dir), tmp_path / "x", resume=str(step_dir(run, 3)))
@@ -377,13 +441,36 @@ def two_process_runs(tmp_path_factory):
     launcher.write_text(LAUNCHER)
     probes = root / "probes"
     probes.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PROBE_DIR": str(probes),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(cli.__file__).parents[1]),
-                                                       os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(launcher),
-           "train", "tokenizer", "--config", str(config), "--output", str(root / "ddp")]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "PROBE_DIR": str(probes),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(cli.__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(launcher),
+        "train",
+        "tokenizer",
+        "--config",
+        str(config),
+        "--output",
+        str(root / "ddp"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     infos = sorted((json.loads(p.read_text()) for p in probes.glob("rank-*.json")), key=lambda i: i["rank"])
@@ -397,8 +484,13 @@ def two_process_runs(tmp_path_factory):
 def test_two_processes_take_the_same_steps_as_one(two_process_runs):
     single, ddp = two_process_runs
     for name in ("model.safetensors", "ema.safetensors"):
-        assert_same_tensors(load_safetensors(step_dir(single, 4) / name), load_safetensors(step_dir(ddp, 4) / name),
-                            exact=False, atol=1e-5, rtol=1e-4)
+        assert_same_tensors(
+            load_safetensors(step_dir(single, 4) / name),
+            load_safetensors(step_dir(ddp, 4) / name),
+            exact=False,
+            atol=1e-5,
+            rtol=1e-4,
+        )
     one, two = metrics(single), metrics(ddp)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):  # the (all-reduced) gradient norm and the lr are the same every step
@@ -479,15 +571,14 @@ def test_run_log_holds_only_its_own_run(tmp_path, monkeypatch):
 def test_lr_schedule_by_hand():
     cos = make_cfg(tokenizer_dict(lr=1e-3, warmup_steps=4, max_steps=14, lr_schedule="cosine", min_lr_ratio=0.1))
     assert [lr_at(cos, s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
-    assert lr_at(cos, 4) == pytest.approx(1e-3)                       # cosine starts at the peak
-    assert lr_at(cos, 9) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))   # half-way
+    assert lr_at(cos, 4) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lr_at(cos, 9) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way
     assert lr_at(cos, 4 + 10 / 3) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.75))  # cos(pi/3) = 1/2
-    assert lr_at(cos, 14) == pytest.approx(1e-4)                      # the floor at max_steps ...
-    assert lr_at(cos, 50) == pytest.approx(1e-4)                      # ... and after it
+    assert lr_at(cos, 14) == pytest.approx(1e-4)  # the floor at max_steps ...
+    assert lr_at(cos, 50) == pytest.approx(1e-4)  # ... and after it
     const = make_cfg(tokenizer_dict(lr=2e-4, warmup_steps=2, max_steps=10, lr_schedule="constant"))
     assert [lr_at(const, s) for s in (0, 1, 2, 5, 9, 100)] == pytest.approx([1e-4, 2e-4, 2e-4, 2e-4, 2e-4, 2e-4])
-    no_warmup = make_cfg(tokenizer_dict(lr=1e-3, warmup_steps=0, max_steps=10, lr_schedule="cosine",
-                                        min_lr_ratio=0.0))
+    no_warmup = make_cfg(tokenizer_dict(lr=1e-3, warmup_steps=0, max_steps=10, lr_schedule="cosine", min_lr_ratio=0.0))
     assert lr_at(no_warmup, 0) == pytest.approx(1e-3) and lr_at(no_warmup, 10) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -502,7 +593,7 @@ def test_step_batches_cover_the_global_batch(world, accum):
         assert len(shares[r]) == len(StepBatches(start, stop, per, world, r, accum)) == (stop - start) * accum
         assert all(len(b) == per for b in shares[r])
     for i in range(stop - start):
-        got = [x for r in range(world) for b in shares[r][i * accum:(i + 1) * accum] for x in b]
+        got = [x for r in range(world) for b in shares[r][i * accum : (i + 1) * accum] for x in b]
         assert sorted(got) == one[i]  # every step: exactly the single process's batch, no overlap
 
 
@@ -510,9 +601,13 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     cfgs = [make_cfg(tokenizer_dict(max_steps=3, save_every=3, grad_accum=a)) for a in (1, 4)]
     for cfg, name in zip(cfgs, ("plain", "accum")):
         Trainer(cfg, tmp_path / name).train()
-    assert_same_tensors(load_safetensors(step_dir(tmp_path / "plain", 3) / "model.safetensors"),
-                        load_safetensors(step_dir(tmp_path / "accum", 3) / "model.safetensors"),
-                        exact=False, atol=1e-5, rtol=1e-4)
+    assert_same_tensors(
+        load_safetensors(step_dir(tmp_path / "plain", 3) / "model.safetensors"),
+        load_safetensors(step_dir(tmp_path / "accum", 3) / "model.safetensors"),
+        exact=False,
+        atol=1e-5,
+        rtol=1e-4,
+    )
     with pytest.raises(ValueError, match="divisible"):
         Trainer(make_cfg(tokenizer_dict(batch_size=6, grad_accum=4)), tmp_path / "bad")
 
@@ -525,8 +620,19 @@ def test_export_run_writes_ema_weights(tmp_path, tokenizer_run, tokenizer_dir):
     assert any(not torch.equal(ema[k], live[k]) for k in ema if ema[k].is_floating_point())
     assert config_to_dict(tok.config) == state_of(tokenizer_run, 6)["model_config"]
     # an earlier checkpoint by path, through the CLI
-    assert cli.main(["export", str(tokenizer_run), "--out", str(tmp_path / "early"),
-                     "--checkpoint", str(step_dir(tokenizer_run, 3))]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                str(tokenizer_run),
+                "--out",
+                str(tmp_path / "early"),
+                "--checkpoint",
+                str(step_dir(tokenizer_run, 3)),
+            ]
+        )
+        == 0
+    )
     early = BinaryTokenizer.from_pretrained(tmp_path / "early")
     assert_same_tensors(early.state_dict(), load_safetensors(step_dir(tokenizer_run, 3) / "ema.safetensors"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -560,10 +666,15 @@ def test_export_generator_run(kind, cls, tmp_path, tokenizer_dir, capsys):
     # what the run read travels with its weights, for the model card of a bundle made from them (binlat.card)
     from binlat.card import read_provenance
     from binlat.data.vocabulary import vocabulary_of
+
     origin = read_provenance(tmp_path / "model")
     cfg = json.loads((run / "config.json").read_text())
-    assert (origin["kind"], origin["steps"], origin["data"], origin["image_size"]) == (kind, 2, cfg["data"],
-                                                                                      cfg["image_size"])
+    assert (origin["kind"], origin["steps"], origin["data"], origin["image_size"]) == (
+        kind,
+        2,
+        cfg["data"],
+        cfg["image_size"],
+    )
     assert origin["vocabulary"] == vocabulary_of(cfg["data"]) and origin["vocabulary"]["words"]
 
 
@@ -615,23 +726,91 @@ def test_cli_train_with_overrides(tmp_path, capsys):
     config = tmp_path / "tok.json"
     config.write_text(json.dumps(tokenizer_dict(max_steps=50)))
     run = tmp_path / "run"
-    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run), "--max-steps", "2",
-                     "--batch-size", "4", "--data", "shapes"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "tokenizer",
+                "--config",
+                str(config),
+                "--output",
+                str(run),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--data",
+                "shapes",
+            ]
+        )
+        == 0
+    )
     assert "finished tokenizer training at step 2" in capsys.readouterr().out
     saved = json.loads((run / "config.json").read_text())
     assert saved["max_steps"] == 2 and saved["batch_size"] == 4
     assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
     # and it continues from there with --resume latest
-    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run), "--max-steps", "3",
-                     "--batch-size", "4", "--resume", "latest"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "tokenizer",
+                "--config",
+                str(config),
+                "--output",
+                str(run),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--resume",
+                "latest",
+            ]
+        )
+        == 0
+    )
     assert "at step 3" in capsys.readouterr().out
     assert [r["step"] for r in metrics(run)][-1] == 3
     # --resume auto: continues when there is a checkpoint, starts fresh when there is none
-    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run), "--max-steps", "4",
-                     "--batch-size", "4", "--resume", "auto"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "tokenizer",
+                "--config",
+                str(config),
+                "--output",
+                str(run),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "4",
+                "--resume",
+                "auto",
+            ]
+        )
+        == 0
+    )
     assert [r["step"] for r in metrics(run)][-1] == 4
-    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(tmp_path / "new"),
-                     "--max-steps", "1", "--batch-size", "4", "--resume", "auto"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "tokenizer",
+                "--config",
+                str(config),
+                "--output",
+                str(tmp_path / "new"),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--resume",
+                "auto",
+            ]
+        )
+        == 0
+    )
     assert [p.name for p in list_checkpoints(tmp_path / "new")] == ["step-00000001"]
 
 
@@ -639,16 +818,42 @@ def test_cli_train_set_overrides_nested_and_typed_entries(tmp_path, capsys):
     config = tmp_path / "tok.json"
     config.write_text(json.dumps(tokenizer_dict(max_steps=50)))
     run = tmp_path / "run"
-    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run), "--max-steps", "1",
-                     "--set", "lr=2e-4", "--set", "tokenizer.tau_end=0.25", "--set", "sample_prompts=[\"a b\"]",
-                     "--set", "trackers=[]"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "tokenizer",
+                "--config",
+                str(config),
+                "--output",
+                str(run),
+                "--max-steps",
+                "1",
+                "--set",
+                "lr=2e-4",
+                "--set",
+                "tokenizer.tau_end=0.25",
+                "--set",
+                'sample_prompts=["a b"]',
+                "--set",
+                "trackers=[]",
+            ]
+        )
+        == 0
+    )
     saved = json.loads((run / "config.json").read_text())
     assert saved["lr"] == 2e-4 and saved["tokenizer"]["tau_end"] == 0.25 and saved["sample_prompts"] == ["a b"]
     capsys.readouterr()
-    for bad, why in (("lr", "KEY=VALUE"), ("nope=1", "unknown key"), ("lr=fast", "must be a number"),
-                     ("max_steps.x=1", "not a section")):
-        assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(tmp_path / "x"),
-                         "--set", bad]) != 0
+    for bad, why in (
+        ("lr", "KEY=VALUE"),
+        ("nope=1", "unknown key"),
+        ("lr=fast", "must be a number"),
+        ("max_steps.x=1", "not a section"),
+    ):
+        assert (
+            cli.main(["train", "tokenizer", "--config", str(config), "--output", str(tmp_path / "x"), "--set", bad])
+            != 0
+        )
         assert why in capsys.readouterr().err, bad
 
 
@@ -681,8 +886,25 @@ def test_cli_train_names_a_skipped_sample_on_the_console(workers, tmp_path, caps
     config.write_text(json.dumps(tokenizer_dict(num_workers=workers)))
     run = tmp_path / "run"
     # 2 steps x 4 images take 8 of the 9 good samples: one pass, one skip
-    assert cli.main(["train", "tokenizer", "--config", str(config), "--output", str(run), "--data", str(shard),
-                     "--max-steps", "2", "--batch-size", "4"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "tokenizer",
+                "--config",
+                str(config),
+                "--output",
+                str(run),
+                "--data",
+                str(shard),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     named = [line for line in err.splitlines() if "skipping sample s1:" in line]
     assert len(named) == 1 and "truncated" in named[0] and str(shard) in named[0], err
@@ -725,8 +947,24 @@ def test_probe_trains_scores_and_appends_one_row(kind, tmp_path, tokenizer_dir, 
     config = tmp_path / "preset.json"
     d = tokenizer_dict() if kind == "tokenizer" else generator_dict(kind, tokenizer_dir)
     config.write_text(json.dumps(d))
-    args = ["probe", kind, "--config", str(config), "--steps", "2", "--per-category", "1", "--out",
-            str(tmp_path / "probes"), "--sample-every", "1", "--set", "lr=1e-3", "--change", "my change"]
+    args = [
+        "probe",
+        kind,
+        "--config",
+        str(config),
+        "--steps",
+        "2",
+        "--per-category",
+        "1",
+        "--out",
+        str(tmp_path / "probes"),
+        "--sample-every",
+        "1",
+        "--set",
+        "lr=1e-3",
+        "--change",
+        "my change",
+    ]
     assert cli.main(args) == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "probes" / "probes.jsonl").read_text().splitlines()]
     assert len(rows) == 1
@@ -741,9 +979,17 @@ def test_probe_trains_scores_and_appends_one_row(kind, tmp_path, tokenizer_dir, 
     out = capsys.readouterr().out
     assert "change my change" in out and "accuracy" in out
     run = tmp_path / "probes" / f"{kind}-my-change"
-    assert (run / "export" / "model.safetensors").is_file() and json.loads((run / "config.json").read_text())["lr"] == 1e-3
-    assert cli.main(args[:2] + ["--config", str(config), "--steps", "2"] + (
-        ["--set", "kind=ar"] if kind == "diffusion" else ["--set", "kind=diffusion"])) == 2
+    assert (run / "export" / "model.safetensors").is_file() and json.loads((run / "config.json").read_text())[
+        "lr"
+    ] == 1e-3
+    assert (
+        cli.main(
+            args[:2]
+            + ["--config", str(config), "--steps", "2"]
+            + (["--set", "kind=ar"] if kind == "diffusion" else ["--set", "kind=diffusion"])
+        )
+        == 2
+    )
 
 
 def test_probe_and_train_take_an_ar_grouped_head_from_set(tmp_path, tokenizer_dir, capsys):
@@ -752,8 +998,22 @@ def test_probe_and_train_take_an_ar_grouped_head_from_set(tmp_path, tokenizer_di
     refuses a grouping the tokenizer's bits do not allow (16 bits in 3 groups) with one line."""
     config = tmp_path / "preset.json"
     config.write_text(json.dumps(generator_dict("ar", tokenizer_dir)))
-    args = ["probe", "ar", "--config", str(config), "--steps", "2", "--per-category", "1", "--out",
-            str(tmp_path / "probes"), "--set", "model.bit_groups=2", "--change", "grouped head"]
+    args = [
+        "probe",
+        "ar",
+        "--config",
+        str(config),
+        "--steps",
+        "2",
+        "--per-category",
+        "1",
+        "--out",
+        str(tmp_path / "probes"),
+        "--set",
+        "model.bit_groups=2",
+        "--change",
+        "grouped head",
+    ]
     assert cli.main(args) == 0, capsys.readouterr().err
     row = json.loads((tmp_path / "probes" / "probes.jsonl").read_text().splitlines()[0])
     assert 0 <= row["accuracy"] <= 1 and row["val_loss"] > 0 and math.isfinite(row["val_loss"])
@@ -761,13 +1021,43 @@ def test_probe_and_train_take_an_ar_grouped_head_from_set(tmp_path, tokenizer_di
     assert net.config.bit_groups == 2 and net.head is not None and net.proj_out is None
     capsys.readouterr()
     run = tmp_path / "run"
-    assert cli.main(["train", "ar", "--config", str(config), "--output", str(run), "--max-steps", "1",
-                     "--set", "model.bit_groups=2"]) == 0, capsys.readouterr().err
+    assert (
+        cli.main(
+            [
+                "train",
+                "ar",
+                "--config",
+                str(config),
+                "--output",
+                str(run),
+                "--max-steps",
+                "1",
+                "--set",
+                "model.bit_groups=2",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["model"]["bit_groups"] == 2
     assert math.isfinite(metrics(run)[-1]["loss"])
     capsys.readouterr()
-    assert cli.main(["train", "ar", "--config", str(config), "--output", str(tmp_path / "bad"), "--max-steps", "1",
-                     "--set", "model.bit_groups=3"]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "ar",
+                "--config",
+                str(config),
+                "--output",
+                str(tmp_path / "bad"),
+                "--max-steps",
+                "1",
+                "--set",
+                "model.bit_groups=3",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # after a note on the short run's intervals
     assert last.startswith("binlat: error:") and "bit_groups (3) must divide num_bits (16)" in last
@@ -810,6 +1100,7 @@ def test_validation_loss_is_a_function_of_the_weights(kind, tokenizer_dir):
     """The probes' early score: the same weights give the same number (randomness seeded per sample), other
     weights another, and a network that fits the held-out bits better scores lower."""
     from binlat.probe import validation_loss
+
     task = GeneratorTask(cfg_for(kind, tokenizer_dir), torch.device("cpu"))
     net = task.model
     first = validation_loss(task, net, count=8)
@@ -827,6 +1118,7 @@ def test_a_sharded_launch_without_an_accelerator_stops_before_prepare(kind, tmp_
     from accelerate.utils import DistributedType
 
     from binlat.train import engine
+
     monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
     monkeypatch.setattr(engine.torch.accelerator, "is_available", lambda: False)
     built = []
@@ -848,9 +1140,12 @@ def test_a_sharded_launch_without_an_accelerator_stops_before_prepare(kind, tmp_
 def test_the_discriminator_sees_every_micro_batch(tmp_path):
     """With grad_accum 2 the discriminator's update reads both micro-batches' reconstructions (each image once),
     not only the last one's (issue 28)."""
-    cfg = config_from_dict(TrainConfig, tokenizer_dict(
-        batch_size=8, grad_accum=2, max_steps=1, save_every=1,
-        tokenizer={"gan_weight": 0.1, "gan_start": 0}))
+    cfg = config_from_dict(
+        TrainConfig,
+        tokenizer_dict(
+            batch_size=8, grad_accum=2, max_steps=1, save_every=1, tokenizer={"gan_weight": 0.1, "gan_start": 0}
+        ),
+    )
     trainer = Trainer(cfg, tmp_path / "run")
     seen: list[torch.Tensor] = []
     disc = trainer.task.disc
@@ -859,6 +1154,7 @@ def test_the_discriminator_sees_every_micro_batch(tmp_path):
     def spy(x):
         seen.append(x.detach().clone())
         return forward(x)
+
     disc.forward = spy
     original_after_step = trainer.task.after_step
     reads: list[int] = []
@@ -867,6 +1163,7 @@ def test_the_discriminator_sees_every_micro_batch(tmp_path):
         start = len(seen)
         original_after_step(step, gens)
         reads.append(sum(len(x) for x in seen[start:]))
+
     trainer.task.after_step = after_step
     trainer.train()
     assert reads == [2 * 8]  # real and fake images of both 4-image micro-batches
@@ -883,17 +1180,25 @@ def test_a_run_names_its_data_and_warns_when_a_generator_has_no_captions(tokeniz
     for i in range(8):
         sample = stream.sample(i)
         Image.fromarray(((sample["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(
-            folder / f"{i}.png")
+            folder / f"{i}.png"
+        )
     config = tmp_path / "diffusion.json"
-    config.write_text(json.dumps(generator_dict("diffusion", tokenizer_dir, warmup_steps=50, log_every=50,
-                                                sample_every=500, max_steps=500)))
+    config.write_text(
+        json.dumps(
+            generator_dict("diffusion", tokenizer_dir, warmup_steps=50, log_every=50, sample_every=500, max_steps=500)
+        )
+    )
     argv = ["train", "diffusion", "--config", str(config), "--data", str(folder), "--max-steps", "2"]
     assert cli.main([*argv, "--output", str(tmp_path / "run")]) == 0
     out, err = capsys.readouterr()
-    assert f"data {folder}: 8 samples, 0 with captions; captions from same-named .txt files; images at 64 x 64 px" in out
+    assert (
+        f"data {folder}: 8 samples, 0 with captions; captions from same-named .txt files; images at 64 x 64 px" in out
+    )
     assert "has a caption: the generator will learn unconditional generation only" in err and "--unconditional" in err
-    assert "--max-steps 2 is shorter than the preset's intervals: warmup_steps 50 -> 1, log_every 50 -> 1, " \
-           "sample_every 500 -> 2" in err
+    assert (
+        "--max-steps 2 is shorter than the preset's intervals: warmup_steps 50 -> 1, log_every 50 -> 1, "
+        "sample_every 500 -> 2" in err
+    )
     assert json.loads((tmp_path / "run" / "config.json").read_text())["warmup_steps"] == 1
     assert not (tmp_path / "run" / "samples").exists()  # no captions to prompt a sample grid with
     assert cli.main([*argv, "--unconditional", "--output", str(tmp_path / "run2"), "--set", "warmup_steps=50"]) == 0
@@ -906,33 +1211,96 @@ def test_a_run_names_its_data_and_warns_when_a_generator_has_no_captions(tokeniz
     assert GeneratorTask(cfg_for("diffusion", tokenizer_dir), torch.device("cpu")).own_prompts()[0] == "a red circle"
 
 
-def test_precomputed_bits_bring_their_tokenizer_and_a_failed_start_leaves_no_run_folder(tokenizer_dir, tmp_path,
-                                                                                         capsys, monkeypatch):
+def test_precomputed_bits_bring_their_tokenizer_and_a_failed_start_leaves_no_run_folder(
+    tokenizer_dir, tmp_path, capsys, monkeypatch
+):
     """Issue 27: after `precompute --tokenizer T`, `train diffusion --data BITS` trains on T whatever the preset
     names (run from another folder too); naming another tokenizer with --set is an error that names both fixes, and
     that failed start leaves no run folder."""
     bits = tmp_path / "bits"
-    assert cli.main(["precompute", "--tokenizer", str(tokenizer_dir), "--data", "shapes", "--max-samples", "16",
-                     "--out", str(bits), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "precompute",
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--data",
+                "shapes",
+                "--max-samples",
+                "16",
+                "--out",
+                str(bits),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     config = tmp_path / "diffusion.json"
     config.write_text(json.dumps(generator_dict("diffusion", Path("default/tokenizer"))))
     monkeypatch.chdir(tmp_path)  # the index's tokenizer path must not depend on where precompute ran
     run = tmp_path / "run"
-    assert cli.main(["train", "diffusion", "--config", str(config), "--data", str(bits), "--max-steps", "1",
-                     "--output", str(run)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "diffusion",
+                "--config",
+                str(config),
+                "--data",
+                str(bits),
+                "--max-steps",
+                "1",
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "config.json").read_text())["generator"]["tokenizer"] == str(tokenizer_dir.resolve())
     assert "the tokenizer" in capsys.readouterr().err
     other = tmp_path / "other-tokenizer"
     BinaryTokenizer(BinaryTokenizer.from_pretrained(tokenizer_dir).config).save_pretrained(other)
     failed = tmp_path / "failed"
-    assert cli.main(["train", "diffusion", "--config", str(config), "--data", str(bits), "--max-steps", "1",
-                     "--set", f"generator.tokenizer={other}", "--output", str(failed)]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "diffusion",
+                "--config",
+                str(config),
+                "--data",
+                str(bits),
+                "--max-steps",
+                "1",
+                "--set",
+                f"generator.tokenizer={other}",
+                "--output",
+                str(failed),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "drop that --set" in err and f"precompute again with --tokenizer {other}" in err
     assert not failed.exists()
     config.write_text(json.dumps(generator_dict("diffusion", other)))  # the preset names it: the bits' own wins
-    assert cli.main(["train", "diffusion", "--config", str(config), "--data", str(bits), "--max-steps", "1",
-                     "--output", str(tmp_path / "run2")]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "diffusion",
+                "--config",
+                str(config),
+                "--data",
+                str(bits),
+                "--max-steps",
+                "1",
+                "--output",
+                str(tmp_path / "run2"),
+            ]
+        )
+        == 0
+    )
     api_run = tmp_path / "api-run"  # the same mismatch reached in the Trainer (Python API): the folder goes again
     trainer = Trainer(make_cfg(generator_dict("diffusion", other, data=str(bits))), api_run)
     with pytest.raises(ValueError, match="another tokenizer"):

@@ -1,5 +1,6 @@
 """Training options beyond the plain loop: adversarial and perceptual losses, multi-resolution, encoder freezing,
 bf16 autocast, gradient checkpointing, sample grids."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,25 @@ from binlat.config import config_from_dict
 from binlat.io import load_safetensors
 from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
 from binlat.tokenizer.losses import PerceptualLoss
-from binlat.train.config import TrainConfig
 from binlat.train.checkpoints import export_run
+from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
-MODEL = {"patch_size": 8, "num_tokens": 16, "num_bits": 16, "encoder_layers": 1, "encoder_heads": 2,
-         "encoder_head_dim": 16, "decoder_layers": 1, "decoder_heads": 2, "decoder_head_dim": 16,
-         "rope_axes_dims": [4, 6, 6], "downsample_after": [0], "upsample_after": [0]}
+MODEL = {
+    "patch_size": 8,
+    "num_tokens": 16,
+    "num_bits": 16,
+    "encoder_layers": 1,
+    "encoder_heads": 2,
+    "encoder_head_dim": 16,
+    "decoder_layers": 1,
+    "decoder_heads": 2,
+    "decoder_head_dim": 16,
+    "rope_axes_dims": [4, 6, 6],
+    "downsample_after": [0],
+    "upsample_after": [0],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +43,18 @@ def one_thread():
 
 
 def run(tmp_path, name, steps=3, **over):
-    d = {"kind": "tokenizer", "model": dict(MODEL), "image_size": 64, "batch_size": 4, "max_steps": steps,
-         "warmup_steps": 1, "save_every": steps, "log_every": 1, "trackers": [], **over}
+    d = {
+        "kind": "tokenizer",
+        "model": dict(MODEL),
+        "image_size": 64,
+        "batch_size": 4,
+        "max_steps": steps,
+        "warmup_steps": 1,
+        "save_every": steps,
+        "log_every": 1,
+        "trackers": [],
+        **over,
+    }
     trainer = Trainer(config_from_dict(TrainConfig, d), tmp_path / name)
     trainer.train()
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -65,6 +87,7 @@ def test_perceptual_loss_uses_local_weights_or_logs_that_it_is_off(tmp_path, cap
 
 def test_multiresolution_batches_use_sizes_from_the_list(tmp_path, monkeypatch):
     from binlat.train import tasks
+
     seen = []
     original = BinaryTokenizer.forward
 
@@ -82,8 +105,9 @@ def test_frozen_encoder_stage_only_changes_the_decoder(tmp_path):
     torch.manual_seed(1)
     start = BinaryTokenizer(TokenizerConfig(**MODEL, image_size=64))
     start.save_pretrained(tmp_path / "start")
-    trainer, _ = run(tmp_path, "frozen", steps=2, lr=1e-2, tokenizer={"freeze_encoder": True,
-                                                                     "init_from": str(tmp_path / "start")})
+    trainer, _ = run(
+        tmp_path, "frozen", steps=2, lr=1e-2, tokenizer={"freeze_encoder": True, "init_from": str(tmp_path / "start")}
+    )
     end = trainer.acc.unwrap_model(trainer.model).state_dict()
     before = start.state_dict()
     for key in before:
@@ -130,9 +154,19 @@ def test_sample_grids_and_the_tokenizer_ceiling_are_written(tmp_path):
 def test_generator_runs_report_judged_shapes_accuracy(tmp_path):
     _, rows = run(tmp_path, "tok", steps=1)
     export_run(tmp_path / "tok", tmp_path / "tokenizer")
-    d = {"kind": "diffusion", "model": {"num_layers": 1, "num_heads": 2, "head_dim": 16}, "image_size": 64,
-         "batch_size": 4, "max_steps": 1, "warmup_steps": 1, "save_every": 1, "log_every": 1, "sample_every": 1,
-         "trackers": [], "generator": {"tokenizer": str(tmp_path / "tokenizer"), "sample_steps": 2}}
+    d = {
+        "kind": "diffusion",
+        "model": {"num_layers": 1, "num_heads": 2, "head_dim": 16},
+        "image_size": 64,
+        "batch_size": 4,
+        "max_steps": 1,
+        "warmup_steps": 1,
+        "save_every": 1,
+        "log_every": 1,
+        "sample_every": 1,
+        "trackers": [],
+        "generator": {"tokenizer": str(tmp_path / "tokenizer"), "sample_steps": 2},
+    }
     Trainer(config_from_dict(TrainConfig, d), tmp_path / "diff").train()
     rows = [json.loads(x) for x in (tmp_path / "diff" / "metrics.jsonl").read_text().splitlines()]
     scored = [r for r in rows if "eval_shapes_accuracy" in r]
@@ -142,6 +176,7 @@ def test_generator_runs_report_judged_shapes_accuracy(tmp_path):
 
 def test_gradient_l1_sees_edges_not_offsets():
     from binlat.tokenizer.losses import gradient_l1
+
     image = torch.zeros(1, 3, 8, 8)
     image[..., 2:6, 2:6] = 1.0
     assert gradient_l1(image, image) == 0
@@ -156,10 +191,19 @@ def test_self_conditioned_diffusion_and_context_flip_ar_train_export_and_generat
     from binlat.generators import ARTransformer, DiffusionTransformer
     from binlat.pipeline import Pipeline
     from binlat.text import TextEncoder
+
     run(tmp_path, "tok", steps=1)
     export_run(tmp_path / "tok", tmp_path / "tokenizer")
-    base = {"image_size": 64, "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "save_every": 2, "log_every": 1,
-            "trackers": [], "lr": 1e-2}
+    base = {
+        "image_size": 64,
+        "batch_size": 4,
+        "max_steps": 2,
+        "warmup_steps": 1,
+        "save_every": 2,
+        "log_every": 1,
+        "trackers": [],
+        "lr": 1e-2,
+    }
     generator = {"tokenizer": str(tmp_path / "tokenizer"), "prediction": "x0"}
     small = {"num_layers": 1, "num_heads": 2, "head_dim": 16}
     diff = {**base, "kind": "diffusion", "model": {**small, "self_condition": True}, "generator": generator}
@@ -168,15 +212,19 @@ def test_self_conditioned_diffusion_and_context_flip_ar_train_export_and_generat
     Trainer(config_from_dict(TrainConfig, ar), tmp_path / "ar").train()
     net = DiffusionTransformer.from_pretrained(export_run(tmp_path / "diff", tmp_path / "diff-export"))
     assert net.config.self_condition and net.estimate_embed.weight.abs().sum() > 0  # trained away from zero
-    pipe = Pipeline(BinaryTokenizer.from_pretrained(tmp_path / "tokenizer"), TextEncoder("all-MiniLM-L6-v2"),
-                    diffusion=net, ar=ARTransformer.from_pretrained(export_run(tmp_path / "ar", tmp_path / "ar-x")))
+    pipe = Pipeline(
+        BinaryTokenizer.from_pretrained(tmp_path / "tokenizer"),
+        TextEncoder("all-MiniLM-L6-v2"),
+        diffusion=net,
+        ar=ARTransformer.from_pretrained(export_run(tmp_path / "ar", tmp_path / "ar-x")),
+    )
     out = pipe(["a red circle"], num_steps=3, guidance_scale=1.0, seed=0, progress=False, return_bits=True)
     assert out.bits.shape == (1, 16, 16)
     assert pipe(["two squares"], generator="ar", seed=0, progress=False, return_bits=True).bits.shape == (1, 16, 16)
-    for bad, message in (({"generator": {**generator, "context_flip": 0.5}, "kind": "ar", "model": small},
-                          "context_flip"),
-                         ({"generator": generator, "kind": "ar", "model": {**small, "self_condition": True}},
-                          "self_condition")):
+    for bad, message in (
+        ({"generator": {**generator, "context_flip": 0.5}, "kind": "ar", "model": small}, "context_flip"),
+        ({"generator": generator, "kind": "ar", "model": {**small, "self_condition": True}}, "self_condition"),
+    ):
         with pytest.raises(ValueError, match=message):
             Trainer(config_from_dict(TrainConfig, {**base, **bad}), tmp_path / "bad").train()
 
@@ -184,9 +232,18 @@ def test_self_conditioned_diffusion_and_context_flip_ar_train_export_and_generat
 def test_compiled_training_forward_matches_eager_and_saves_plain_weights(tmp_path):
     run(tmp_path, "tok", steps=1)
     export_run(tmp_path / "tok", tmp_path / "tokenizer")
-    d = {"kind": "diffusion", "model": {"num_layers": 1, "num_heads": 2, "head_dim": 16}, "image_size": 64,
-         "batch_size": 4, "max_steps": 3, "warmup_steps": 1, "save_every": 3, "log_every": 1, "trackers": [],
-         "generator": {"tokenizer": str(tmp_path / "tokenizer"), "prediction": "x0"}}
+    d = {
+        "kind": "diffusion",
+        "model": {"num_layers": 1, "num_heads": 2, "head_dim": 16},
+        "image_size": 64,
+        "batch_size": 4,
+        "max_steps": 3,
+        "warmup_steps": 1,
+        "save_every": 3,
+        "log_every": 1,
+        "trackers": [],
+        "generator": {"tokenizer": str(tmp_path / "tokenizer"), "prediction": "x0"},
+    }
     losses = {}
     for compiled in (False, True):
         name = f"diff-{compiled}"

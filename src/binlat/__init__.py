@@ -1,8 +1,15 @@
 """binlat: text-to-image generation in a 1D binary latent space."""
+
 from .generators import ARTransformer, DiffusionTransformer, GeneratorConfig
 from .tokenizer import BinaryTokenizer, TokenizerConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["BinaryTokenizer", "TokenizerConfig", "DiffusionTransformer", "ARTransformer", "GeneratorConfig",
-           "__version__"]
+__all__ = [
+    "BinaryTokenizer",
+    "TokenizerConfig",
+    "DiffusionTransformer",
+    "ARTransformer",
+    "GeneratorConfig",
+    "__version__",
+]

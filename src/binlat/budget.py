@@ -9,6 +9,7 @@ the limit is a one-line `MemoryBudgetError` (a ValueError) naming the estimate, 
 The limit is, in order: `limited(...)` (the CLI's --max-memory), $BINLAT_MAX_MEMORY, else the memory available now
 (psutil's available RAM, and the headroom under RLIMIT_AS when the process has one). Estimates are upper bounds of
 the order of magnitude, not exact figures: they exist to refuse 8 TB requests at once, not to pack memory tightly."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,7 @@ class MemoryBudgetError(ValueError):
 
 
 def parse_memory(text: str | int) -> int:
-    """"8G", "512M", "1.5GiB", "4096" (bytes) -> bytes (K, M, G, T are powers of 1024)."""
+    """ "8G", "512M", "1.5GiB", "4096" (bytes) -> bytes (K, M, G, T are powers of 1024)."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
@@ -68,6 +69,7 @@ def limited(max_memory: str | int | None) -> Iterator[None]:
 
 def _available() -> int:
     import psutil
+
     available = psutil.virtual_memory().available
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
@@ -93,8 +95,10 @@ def check(estimate: int, what: str, fix: str) -> None:
     """Refuse (MemoryBudgetError, one line) when `estimate` bytes exceed the limit."""
     limit, source = memory_limit()
     if estimate > limit:
-        raise MemoryBudgetError(f"{what} needs about {fmt(estimate)}, more than the {source} ({fmt(limit)}): "
-                                f"{fix}, or set --max-memory (or {MEMORY_ENV}) if the machine has more")
+        raise MemoryBudgetError(
+            f"{what} needs about {fmt(estimate)}, more than the {source} ({fmt(limit)}): "
+            f"{fix}, or set --max-memory (or {MEMORY_ENV}) if the machine has more"
+        )
 
 
 # --- networks -------------------------------------------------------------------------------------------------------
@@ -108,8 +112,11 @@ def parameter_count(model_class: type, config: Any) -> int:
     """Parameters (and persistent buffers) of `model_class(config)`, without allocating them: built on the meta
     device, and for configs deeper than EXACT_LAYERS extrapolated from builds at EXACT_LAYERS and EXACT_LAYERS + 1
     blocks (blocks of one stack are alike)."""
-    deep = {f: getattr(config, f) for f in LAYER_FIELDS
-            if isinstance(getattr(config, f, None), int) and getattr(config, f) > EXACT_LAYERS}
+    deep = {
+        f: getattr(config, f)
+        for f in LAYER_FIELDS
+        if isinstance(getattr(config, f, None), int) and getattr(config, f) > EXACT_LAYERS
+    }
     if not deep:
         return _meta_count(model_class, config)
     try:
@@ -121,9 +128,11 @@ def parameter_count(model_class: type, config: Any) -> int:
             per_block = _meta_count(model_class, dataclasses.replace(shallow, **{field: EXACT_LAYERS + 1})) - base
             total += (layers - EXACT_LAYERS) * per_block
     except ValueError:  # e.g. a resampling index beyond EXACT_LAYERS: no shallow twin to measure
-        raise MemoryBudgetError(f"{model_class.__name__}: {', '.join(f'{k}={v}' for k, v in deep.items())} is too "
-                                f"deep to estimate (a resampling index past block {EXACT_LAYERS}); "
-                                f"binlat builds at most {EXACT_LAYERS} blocks of a stack as given") from None
+        raise MemoryBudgetError(
+            f"{model_class.__name__}: {', '.join(f'{k}={v}' for k, v in deep.items())} is too "
+            f"deep to estimate (a resampling index past block {EXACT_LAYERS}); "
+            f"binlat builds at most {EXACT_LAYERS} blocks of a stack as given"
+        ) from None
     return total
 
 
@@ -131,8 +140,11 @@ def check_network(model_class: type, config: Any, source: str, dtype: torch.dtyp
     """Refuse a network whose parameters would not fit, before it is built; returns its bytes."""
     bytes_per = (dtype or torch.float32).itemsize
     estimate = parameter_count(model_class, config) * bytes_per
-    check(estimate, f"{source}: the {model_class.__name__} this config describes",
-          "check the config's layer counts and widths")
+    check(
+        estimate,
+        f"{source}: the {model_class.__name__} this config describes",
+        "check the config's layer counts and widths",
+    )
     return estimate
 
 
@@ -159,9 +171,22 @@ def generator_bytes(cfg: Any, rows: int, text_len: int, text_layers: int, bytes_
     return (blocks + attention + cache + text) * bytes_per
 
 
-def generation_bytes(tok: Any, cfg: Any, *, batch: int, height: int, width: int, text_len: int, text_layers: int,
-                     kept_images: int, bytes_per: int = 4) -> int:
+def generation_bytes(
+    tok: Any,
+    cfg: Any,
+    *,
+    batch: int,
+    height: int,
+    width: int,
+    text_len: int,
+    text_layers: int,
+    kept_images: int,
+    bytes_per: int = 4,
+) -> int:
     """A generation request: one batch through the generator, one image through the decoder, and the images kept
     (uint8 RGB) until the call returns."""
-    return (generator_bytes(cfg, 2 * batch, text_len, text_layers, bytes_per)
-            + decoder_bytes(tok, height, width, bytes_per) + kept_images * 3 * height * width)
+    return (
+        generator_bytes(cfg, 2 * batch, text_len, text_layers, bytes_per)
+        + decoder_bytes(tok, height, width, bytes_per)
+        + kept_images * 3 * height * width
+    )

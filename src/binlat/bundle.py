@@ -6,6 +6,7 @@ The index's name, its config, the built-in sampling settings its `sampling` may 
 writing of the file and the reading of the parts' configs (with what the bundle will cost in memory) live here,
 below all three, so that none of them imports another for the format.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,26 @@ INDEX_NAME = "model_index.json"
 
 # Built-in sampling settings, used where neither the call nor the bundle's `sampling` gives one. Every generator
 # accepts them all; its process's `Settings` reads the ones it uses (AR decoding has no steps, rho or protocol).
-BUILTIN_SAMPLING: dict[str, Any] = {"num_steps": 20, "guidance_scale": 7.5, "temperature": 1.0, "rho": 1.0,
-                                    "protocol": 1}
+BUILTIN_SAMPLING: dict[str, Any] = {
+    "num_steps": 20,
+    "guidance_scale": 7.5,
+    "temperature": 1.0,
+    "rho": 1.0,
+    "protocol": 1,
+}
 
 
 def check_vocabulary(vocabulary: Any, where: str = "vocabulary") -> None:
     """A vocabulary is {"source": text, "words": [text, ...]}; anything else is a ValueError naming `where`."""
-    ok = (isinstance(vocabulary, dict) and set(vocabulary) == {"source", "words"}
-          and isinstance(vocabulary["source"], str) and isinstance(vocabulary["words"], list)
-          and all(isinstance(w, str) for w in vocabulary["words"]))
+    ok = (
+        isinstance(vocabulary, dict)
+        and set(vocabulary) == {"source", "words"}
+        and isinstance(vocabulary["source"], str)
+        and isinstance(vocabulary["words"], list)
+        and all(isinstance(w, str) for w in vocabulary["words"])
+    )
     if not ok:
-        raise ValueError(f"{where}: expected {{\"source\": TEXT, \"words\": [WORD, ...]}}, got {vocabulary!r:.80}")
+        raise ValueError(f'{where}: expected {{"source": TEXT, "words": [WORD, ...]}}, got {vocabulary!r:.80}')
 
 
 @dataclass
@@ -60,12 +70,14 @@ class PipelineConfig:
         if bad or not self.generators:
             raise ValueError(f"generators must name one or both of {kinds}, got {list(self.generators)}")
         if not isinstance(self.sampling, dict):
-            raise ValueError(f"sampling must be an object of generator kinds {kinds} mapping to settings, "
-                             f"got {self.sampling!r:.80}")
+            raise ValueError(
+                f"sampling must be an object of generator kinds {kinds} mapping to settings, got {self.sampling!r:.80}"
+            )
         for kind, settings in self.sampling.items():
             if kind not in kinds or not isinstance(settings, dict):
-                raise ValueError(f"sampling: keys are generator kinds {kinds} mapping to settings, "
-                                 f"got {kind!r}: {settings!r}")
+                raise ValueError(
+                    f"sampling: keys are generator kinds {kinds} mapping to settings, got {kind!r}: {settings!r}"
+                )
             unknown = sorted(set(settings) - set(BUILTIN_SAMPLING))
             if unknown:
                 raise ValueError(f"sampling.{kind}: unknown setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
@@ -93,8 +105,10 @@ def read_index(directory: str | Path) -> PipelineConfig:
     invalid JSON, nesting too deep or a field that is not a PipelineConfig's is a ConfigError naming the file."""
     index = Path(directory) / INDEX_NAME
     if not index.exists():  # one that is not a regular file is refused by read_bounded, naming what it is
-        raise FileNotFoundError(f"{directory}: missing {INDEX_NAME}; not a binlat pipeline directory "
-                                f"(a single model directory loads with its model class instead)")
+        raise FileNotFoundError(
+            f"{directory}: missing {INDEX_NAME}; not a binlat pipeline directory "
+            f"(a single model directory loads with its model class instead)"
+        )
     try:
         data = jsondepth.loads(read_bounded(index, what="bundle index").decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -112,12 +126,27 @@ def load_part_configs(directory: str | Path, config: PipelineConfig, dtype: Any 
     networks = {k: registry.generator(k).network for k in config.generators}
     configs = {k: network.read_config(directory / k) for k, network in networks.items()}
     tok_config = BinaryTokenizer.read_config(directory / "tokenizer")
-    total = sum(budget.check_network(network, c, str(directory / part), dtype)
-                for part, network, c in [("tokenizer", BinaryTokenizer, tok_config)]
-                + [(k, networks[k], configs[k]) for k in configs])
-    work = max(budget.generation_bytes(tok_config, c, batch=1, height=config.image_size, width=config.image_size,
-                                       text_len=config.text_max_length, text_layers=c.num_layers, kept_images=1)
-               for c in configs.values())
-    budget.check(total + work, f"{directory}: this bundle (its networks, and one image at its image_size "
-                 f"{config.image_size})", "check its configs and model_index.json's image_size")
+    total = sum(
+        budget.check_network(network, c, str(directory / part), dtype)
+        for part, network, c in [("tokenizer", BinaryTokenizer, tok_config)]
+        + [(k, networks[k], configs[k]) for k in configs]
+    )
+    work = max(
+        budget.generation_bytes(
+            tok_config,
+            c,
+            batch=1,
+            height=config.image_size,
+            width=config.image_size,
+            text_len=config.text_max_length,
+            text_layers=c.num_layers,
+            kept_images=1,
+        )
+        for c in configs.values()
+    )
+    budget.check(
+        total + work,
+        f"{directory}: this bundle (its networks, and one image at its image_size {config.image_size})",
+        "check its configs and model_index.json's image_size",
+    )
     return configs

@@ -8,6 +8,7 @@ bundle` copies each part's file into the bundle, keeps the generators' vocabular
 reports given to it; `binlat card DIR` writes both again (after an evaluation, or for a bundle made before cards).
 A part without provenance is "unknown" on the card, never guessed.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def provenance_file(info: Mapping[str, Any]) -> dict[str, bytes]:
 def _made_from(spec: str) -> str | None:
     """The data a precomputed folder was made from (its index's "data"), or None."""
     from .data.precomputed import INDEX
+
     index = Path(str(spec).removeprefix("precomputed:")).expanduser() / INDEX
     try:
         return str(json.loads(index.read_text(encoding="utf-8")).get("data") or "") or None
@@ -44,18 +46,28 @@ def run_provenance(config: Mapping[str, Any], step: int) -> dict[str, Any]:
     """What a model exported from a run records of itself: `config` is the run's TrainConfig as a dict (a
     checkpoint's state.json keeps it), `step` the checkpoint's step."""
     from .data.vocabulary import vocabulary_of
+
     kind, data = config.get("kind"), str(config.get("data") or "")
     generator = kind != TOKENIZER
     options = (config.get("generator") if generator else config.get("tokenizer")) or {}
-    return {"kind": kind, "made_by": "binlat train", "data": data, "data_from": _made_from(data), "steps": step,
-            "image_size": config.get("image_size"), "text_encoder": options.get("text_encoder") if generator else None,
-            "init_from": options.get("init_from"), "vocabulary": vocabulary_of(data) if generator else None}
+    return {
+        "kind": kind,
+        "made_by": "binlat train",
+        "data": data,
+        "data_from": _made_from(data),
+        "steps": step,
+        "image_size": config.get("image_size"),
+        "text_encoder": options.get("text_encoder") if generator else None,
+        "init_from": options.get("init_from"),
+        "vocabulary": vocabulary_of(data) if generator else None,
+    }
 
 
 def read_provenance(directory: str | Path) -> dict[str, Any] | None:
     """A model directory's provenance.json, or None where it has none (or an unreadable one: the card then says
     unknown rather than failing a bundle over a note)."""
     from .io import read_bounded
+
     path = Path(directory) / PROVENANCE
     if not path.is_file():
         return None
@@ -85,7 +97,7 @@ def _measured(report_model: str | None, bundle: Path) -> bool:
     given = Path(report_model)
     if given.resolve() == bundle.resolve():
         return True
-    return not given.is_absolute() and bundle.resolve().parts[-len(given.parts):] == given.parts
+    return not given.is_absolute() and bundle.resolve().parts[-len(given.parts) :] == given.parts
 
 
 def find_reports(paths: Iterable[str | Path], bundle: str | Path) -> tuple[list[tuple[str, dict]], list[str]]:
@@ -93,6 +105,7 @@ def find_reports(paths: Iterable[str | Path], bundle: str | Path) -> tuple[list[
     it vouches for it), and of the report-*.json files below a folder those that measured `bundle` (each report
     names its model). Also returns the paths of the folder's reports that measured another model."""
     from .io import read_bounded
+
     found, other = [], []
     for given in paths:
         given = Path(given)
@@ -120,16 +133,23 @@ def _score_row(path: str, report: dict) -> str:
     s, a = report["summary"], report.get("arguments") or {}
     if report["kind"] == "shapes":
         w = a.get("guidance_scale", a.get("cfg"))  # reports before issue 27 called it cfg
-        what = (f"`shapes`, {a['generator']} generator" + (f" at w {w:g}" if isinstance(w, (int, float)) else "")
-                if a.get("generator") else "`shapes`, tokenizer ceiling (true renders, round trip)")
+        what = (
+            f"`shapes`, {a['generator']} generator" + (f" at w {w:g}" if isinstance(w, (int, float)) else "")
+            if a.get("generator")
+            else "`shapes`, tokenizer ceiling (true renders, round trip)"
+        )
         held = s.get("held_out", {}).get("overall")
         per = ", ".join(f"{c} {v:.2f}" for c, v in s.get("accuracy", {}).items())
-        return (f"| {what}, {a.get('per_category', '?')} prompts per category, seed {a.get('seed', '?')} | "
-                f"{s['overall']:.2f} | {'—' if held is None else f'{held:.2f}'} | {per} | `{path}` |")
+        return (
+            f"| {what}, {a.get('per_category', '?')} prompts per category, seed {a.get('seed', '?')} | "
+            f"{s['overall']:.2f} | {'—' if held is None else f'{held:.2f}'} | {per} | `{path}` |"
+        )
     if report["kind"] == "reconstruction":
         t = s["tokenizer"]
-        return (f"| reconstruction, {s['num_images']} images at {s['image_size']} px | PSNR {t['psnr']:.2f} dB, "
-                f"SSIM {t['ssim']:.3f} | — | {s['budget_bytes']:g} bytes per image | `{path}` |")
+        return (
+            f"| reconstruction, {s['num_images']} images at {s['image_size']} px | PSNR {t['psnr']:.2f} dB, "
+            f"SSIM {t['ssim']:.3f} | — | {s['budget_bytes']:g} bytes per image | `{path}` |"
+        )
     return f"| {report['kind']} | see the report | — | — | `{path}` |"
 
 
@@ -137,6 +157,7 @@ def _score_row(path: str, report: dict) -> str:
 def project_license() -> str:
     """binlat's license (SPDX), from the installed package's metadata, else pyproject.toml's."""
     from importlib import metadata
+
     try:
         return metadata.metadata("binlat").get("License") or PROJECT_LICENSE
     except metadata.PackageNotFoundError:
@@ -196,16 +217,22 @@ def _vocabulary_lines(generators: list[str], parts: Mapping[str, dict | None]) -
             lines.append(f"- {who}: unknown (open-domain or unrecorded captions): prompts are not checked.")
             continue
         vocabulary = json.loads(key)
-        source = ("the built-in `shapes` data" if vocabulary["source"] == "shapes" else vocabulary["source"])
+        source = "the built-in `shapes` data" if vocabulary["source"] == "shapes" else vocabulary["source"]
         lines.append(f"- {who}: {source}, {len(vocabulary['words'])} words: {_word_list(vocabulary)}.")
     if any(groups):  # some generator knows its words
-        lines.append("\n`binlat generate` (and `Pipeline`) warn once when a prompt holds words outside this "
-                     "vocabulary, naming them: such prompts tend to give a blank or unrelated image.")
+        lines.append(
+            "\n`binlat generate` (and `Pipeline`) warn once when a prompt holds words outside this "
+            "vocabulary, naming them: such prompts tend to give a blank or unrelated image."
+        )
     return lines
 
 
-def model_card(index: Mapping[str, Any], tokenizer: Mapping[str, Any], parts: Mapping[str, dict[str, Any] | None],
-               reports: list[tuple[str, dict]] = ()) -> str:
+def model_card(
+    index: Mapping[str, Any],
+    tokenizer: Mapping[str, Any],
+    parts: Mapping[str, dict[str, Any] | None],
+    reports: list[tuple[str, dict]] = (),
+) -> str:
     """README.md of a bundle: `index` is its model_index.json, `tokenizer` its tokenizer's config.json, `parts`
     each part's provenance (None: unknown), `reports` (path, report) pairs of evaluations of it."""
     generators = list(index["generators"])
@@ -214,22 +241,30 @@ def model_card(index: Mapping[str, Any], tokenizer: Mapping[str, Any], parts: Ma
     fields: dict[str, str | list[str]] = {"license": terms["id"] if terms else project_license().lower()}
     if terms:
         fields |= {"license_name": terms["name"], "license_link": terms["link"]}
-    fields |= {"library_name": "binlat", "pipeline_tag": "text-to-image",
-               "tags": ["binlat", "text-to-image", "binary-latent", *generators]}
+    fields |= {
+        "library_name": "binlat",
+        "pipeline_tag": "text-to-image",
+        "tags": ["binlat", "text-to-image", "binary-latent", *generators],
+    }
     if released and parts[released[0]].get("converted_from"):
         fields["base_model"] = parts[released[0]]["converted_from"]
     k, b, size = tokenizer["num_tokens"], tokenizer["num_bits"], tokenizer["image_size"]
-    out = [front_matter(fields), f"# {index.get('description') or 'binlat text-to-image model'}", "",
-           f"A binlat bundle: a 1D binary tokenizer ({k} tokens × {b} bits = {k * b // 8:,} bytes per {size} px "
-           f"image) and its {' and '.join(generators)} generator{'s' if len(generators) > 1 else ''}, reading text "
-           f"through `{index['text_encoder']}`. Generate with `binlat generate \"PROMPT\" --model DIR` or "
-           f"`Pipeline.from_pretrained(DIR)`, DIR being this folder."]
+    out = [
+        front_matter(fields),
+        f"# {index.get('description') or 'binlat text-to-image model'}",
+        "",
+        f"A binlat bundle: a 1D binary tokenizer ({k} tokens × {b} bits = {k * b // 8:,} bytes per {size} px "
+        f"image) and its {' and '.join(generators)} generator{'s' if len(generators) > 1 else ''}, reading text "
+        f'through `{index["text_encoder"]}`. Generate with `binlat generate "PROMPT" --model DIR` or '
+        f"`Pipeline.from_pretrained(DIR)`, DIR being this folder.",
+    ]
     if index.get("trained") is False:
         out.append("\n**Untrained**: randomly initialised weights; its images are noise.")
     sampling = index.get("sampling") or {}
     if sampling:
-        tuned = "; ".join(f"{kind}: " + ", ".join(f"{s} {v}" for s, v in settings.items())
-                          for kind, settings in sampling.items())
+        tuned = "; ".join(
+            f"{kind}: " + ", ".join(f"{s} {v}" for s, v in settings.items()) for kind, settings in sampling.items()
+        )
         out.append(f"\nSampling settings it was tuned for (used when a call gives none): {tuned}.")
     out += ["", "## Training data", "", "| part | data | steps | size |", "|---|---|---|---|"]
     out += [f"| {kind} | " + " | ".join(_data_cell(parts.get(kind))) + " |" for kind in [TOKENIZER, *generators]]
@@ -239,25 +274,36 @@ def model_card(index: Mapping[str, Any], tokenizer: Mapping[str, Any], parts: Ma
         out += ["| measured | overall | held-out | by category | report |", "|---|---|---|---|---|"]
         out += [_score_row(path, report) for path, report in reports]
     else:
-        out.append("None measured. Measure with `binlat eval shapes --model DIR --generator GENERATOR --out OUT` "
-                   "(text to image, for models of the `shapes` domain) or `binlat eval reconstruction --model DIR "
-                   "--data SPEC --out OUT` (the tokenizer), then write this card again with "
-                   "`binlat card DIR --eval OUT`.")
+        out.append(
+            "None measured. Measure with `binlat eval shapes --model DIR --generator GENERATOR --out OUT` "
+            "(text to image, for models of the `shapes` domain) or `binlat eval reconstruction --model DIR "
+            "--data SPEC --out OUT` (the tokenizer), then write this card again with "
+            "`binlat card DIR --eval OUT`."
+        )
     out += ["", "## License", ""]
     if terms:
         own = [kind for kind in parts if kind not in released]
         source = parts[released[0]].get("converted_from")
-        out.append(f"The {' and '.join(released)} weights are converted from `{source}` and keep its license, "
-                   f"{terms.get('title') or terms['name']} ({terms['link']})."
-                   + (f" The {' and '.join(own)} weights were made with binlat (binlat's license is "
-                      f"{project_license()})." if own else ""))
+        out.append(
+            f"The {' and '.join(released)} weights are converted from `{source}` and keep its license, "
+            f"{terms.get('title') or terms['name']} ({terms['link']})."
+            + (
+                f" The {' and '.join(own)} weights were made with binlat (binlat's license is {project_license()})."
+                if own
+                else ""
+            )
+        )
     else:
         out.append(f"Made with binlat; the weights are under binlat's license, {project_license()}.")
     return "\n".join(out) + "\n"
 
 
-def card_files(index: Mapping[str, Any], tokenizer: Mapping[str, Any], parts: Mapping[str, dict[str, Any] | None],
-               reports: list[tuple[str, dict]] = ()) -> dict[str, bytes]:
+def card_files(
+    index: Mapping[str, Any],
+    tokenizer: Mapping[str, Any],
+    parts: Mapping[str, dict[str, Any] | None],
+    reports: list[tuple[str, dict]] = (),
+) -> dict[str, bytes]:
     """The files a bundle's card adds: README.md and each known part's provenance.json (path in the bundle ->
     bytes)."""
     files = {CARD: model_card(index, tokenizer, parts, reports).encode("utf-8")}
@@ -270,6 +316,7 @@ def write_card(bundle: str | Path, reports: list[tuple[str, dict]] = ()) -> Path
     parts and `reports` ((path, report) pairs: find_reports) (`binlat card`). Returns the card's path."""
     from .config import config_from_dict, config_to_dict
     from .io import atomic_write_bytes, read_bounded
+
     bundle = Path(bundle)
     if not (bundle / INDEX_NAME).is_file():
         raise FileNotFoundError(f"{bundle}: no {INDEX_NAME}; not a binlat bundle (binlat bundle makes one)")

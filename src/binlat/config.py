@@ -1,4 +1,5 @@
 """Plain dataclass configs, serialised to JSON, read back strictly (unknown or mistyped keys are errors)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,22 +19,35 @@ class ConfigError(ValueError):
     """A config file or dict that does not describe a valid config."""
 
 
-def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     """Raise ValueError naming `name` unless `value` is a finite number (an integer with `integer`) in the range:
     `low`/`high` inclusive unless `low_open`/`high_open`; None leaves that side open."""
     kind = "an integer" if integer else "a finite number"
+
     def show(x: float) -> str:
         return str(x) if isinstance(x, int) else f"{x:g}"
-    bounds = [f"{'>' if low_open else '>='} {show(low)}" if low is not None else "",
-              f"{'<' if high_open else '<='} {show(high)}" if high is not None else ""]
+
+    bounds = [
+        f"{'>' if low_open else '>='} {show(low)}" if low is not None else "",
+        f"{'<' if high_open else '<='} {show(high)}" if high is not None else "",
+    ]
     want = f"{name} must be {kind}" + (f" {' and '.join(b for b in bounds if b)}" if any(bounds) else "")
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise ValueError(f"{want}, got {value!r}")
     if not integer and not math.isfinite(value):
         raise ValueError(f"{want}, got {value}")
-    if (low is not None and (value <= low if low_open else value < low)) or \
-            (high is not None and (value >= high if high_open else value > high)):
+    if (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and (value >= high if high_open else value > high)
+    ):
         raise ValueError(f"{want}, got {value}")
 
 
@@ -105,8 +119,7 @@ def config_from_dict(cls: type[C], data: Any, source: str = "config") -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; "
-                          f"valid keys are {sorted(fields)}")
+        raise ConfigError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
@@ -170,8 +183,10 @@ def resolve_config(name: str | Path, kind: str | None = None) -> Path:
         if len(matches) > 1:
             raise ConfigError(f"{name}: more than one preset has that name ({', '.join(matches)}); name one of them")
     near = [n for n in names if kind is None or n.startswith(kind + "/")]
-    raise ConfigError(f"{name}: no such file, and no preset of that name; presets: {', '.join(near)} "
-                      f"(`binlat config show NAME` prints one)")
+    raise ConfigError(
+        f"{name}: no such file, and no preset of that name; presets: {', '.join(near)} "
+        f"(`binlat config show NAME` prints one)"
+    )
 
 
 def load_config(cls: type[C], path: str | Path, overrides: list[str] = (), kind: str | None = None) -> C:
@@ -179,6 +194,7 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] = (), kind:
     path = resolve_config(path, kind)
     try:
         from .io import read_bounded  # a regular file of bounded size, checked before reading
+
         text = read_bounded(path, what="config").decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None

@@ -1,5 +1,6 @@
 """Every key of a config with its type, default and one line of help, read from the dataclasses themselves (the
 comment beside each field, else the class's), so `binlat config show` and the code cannot drift apart."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,6 +61,7 @@ def describe(config: Any, prefix: str = "", extra: dict[str, Any] | None = None)
         elif extra and f.name in extra:
             rows += describe(extra[f.name], key + ".")
         else:
-            rows.append((key, repr(value), _type_name(hints.get(f.name, f.type)), repr(_default(f)),
-                         comments.get(f.name, "")))
+            rows.append(
+                (key, repr(value), _type_name(hints.get(f.name, f.type)), repr(_default(f)), comments.get(f.name, ""))
+            )
     return rows

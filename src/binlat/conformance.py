@@ -1,6 +1,7 @@
 """Run a conformance case (official config + weights + inputs) through binlat and compare with the stored outputs.
 
 The expected outputs are read only for the final comparison; every output is computed from the inputs alone."""
+
 from __future__ import annotations
 
 import tempfile
@@ -33,8 +34,9 @@ def case_kind(case_dir: Path) -> str:
     for prefix, kind in prefixes.items():
         if case_dir.name.startswith(prefix):
             return kind
-    raise ValueError(f"{case_dir}: cannot tell the network from the name; case folders start with "
-                     f"{', '.join(prefixes)}")
+    raise ValueError(
+        f"{case_dir}: cannot tell the network from the name; case folders start with {', '.join(prefixes)}"
+    )
 
 
 def _compute(kind: str, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -53,8 +55,9 @@ def run_case(case_dir: str | Path) -> list[Comparison]:
     expected = {k: v for k, v in io.items() if k not in input_names}
     with tempfile.TemporaryDirectory() as tmp:
         # Through the same path a user takes: official files -> binlat directory -> from_pretrained.
-        model_dir = convert_official(kind, case_dir / "config.json", case_dir / "weights.safetensors",
-                                     Path(tmp) / "model")
+        model_dir = convert_official(
+            kind, case_dir / "config.json", case_dir / "weights.safetensors", Path(tmp) / "model"
+        )
         model = registry.model_class(kind).from_pretrained(model_dir)
     with torch.inference_mode():
         outputs = _compute(kind, model, inputs)
@@ -64,8 +67,7 @@ def run_case(case_dir: str | Path) -> list[Comparison]:
             raise ValueError(f"{case_dir}: io.safetensors has an output {name!r} that binlat does not know")
         got = outputs[name].float()
         if got.shape != want.shape:
-            raise ValueError(f"{case_dir}: output {name!r} has shape {tuple(got.shape)}, "
-                             f"expected {tuple(want.shape)}")
+            raise ValueError(f"{case_dir}: output {name!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
         err = (got - want).abs().max().item() if got.numel() else 0.0
         comparisons.append(Comparison(name, err, 0.0 if name.endswith("bits") else TOLERANCE))
     return comparisons

@@ -11,6 +11,7 @@
 
 Every function takes a `Pipeline` and PIL images and returns a `PipelineOutput` (or a list of images).
 """
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,12 @@ MAX_INPUT_PIXELS = 64 * 1024 * 1024
 
 
 # --- images in ----------------------------------------------------------------------------------------------
-def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_INPUT_PIXELS,
-               formats: Sequence[str] | None = None) -> Image.Image:
+def open_image(
+    source: str | Path | bytes,
+    name: str | None = None,
+    max_pixels: int = MAX_INPUT_PIXELS,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
     """Read an image file (path or bytes) fully; anything unreadable is a ValueError (or OSError for a missing
     file) with a one-line message naming it. `formats` (Pillow's names, e.g. ("PNG", "JPEG", "WEBP")) limits the
     decoders tried: a file of any other format is refused before any of it is decoded."""
@@ -91,8 +96,9 @@ def _device(pipe: Pipeline) -> torch.device:
     return next(pipe.tokenizer.parameters()).device
 
 
-def load_image_for(pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None
-                   ) -> torch.Tensor:
+def load_image_for(
+    pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None
+) -> torch.Tensor:
     """A PIL image as the tokenizer's input: RGB, scaled so it covers height x width (default: the model's image
     size), centre-cropped to exactly that, as a [1, 3, H, W] float tensor in [-1, 1] on the tokenizer's device."""
     if not isinstance(image, Image.Image):
@@ -113,27 +119,29 @@ def load_image_for(pipe: Pipeline, image: Image.Image, height: int | None = None
 
 
 @torch.inference_mode()
-def image_bits(pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None
-               ) -> torch.Tensor:
+def image_bits(pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """The tokenizer's bits of an image: [1, K, B] float 0/1."""
     return pipe.tokenizer.encode(load_image_for(pipe, image, height, width)).float()
 
 
-def decode_bits(pipe: Pipeline, bits: torch.Tensor, height: int | None = None, width: int | None = None
-                ) -> list[Image.Image]:
+def decode_bits(
+    pipe: Pipeline, bits: torch.Tensor, height: int | None = None, width: int | None = None
+) -> list[Image.Image]:
     """Images of bits [N, K, B], each decoded alone (`Pipeline.decode`), so a frame or an edited image is the
     same picture whatever else was decoded with it."""
     height, width = _target_size(pipe, height, width)
     return pipe.decode(bits, height, width)
 
 
-def reconstruct(pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None
-                ) -> PipelineOutput:
+def reconstruct(
+    pipe: Pipeline, image: Image.Image, height: int | None = None, width: int | None = None
+) -> PipelineOutput:
     """Encode an image to bits and decode them again: what the tokenizer keeps of it."""
     height, width = _target_size(pipe, height, width)
     bits = image_bits(pipe, image, height, width)
-    return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=[0],
-                          bits=bits.to(torch.uint8).cpu(), prompts=[""])
+    return PipelineOutput(
+        images=decode_bits(pipe, bits, height, width), seeds=[0], bits=bits.to(torch.uint8).cpu(), prompts=[""]
+    )
 
 
 def pack_bits_hex(bits: torch.Tensor) -> str:
@@ -186,8 +194,7 @@ def continue_generator(available: Iterable[str] = ()) -> str:
 
 def _check_generator(pipe: Pipeline, kind: str) -> None:
     if kind not in pipe.generators:
-        raise ValueError(f"this operation needs the {kind} generator, but the model has only "
-                         f"{sorted(pipe.generators)}")
+        raise ValueError(f"this operation needs the {kind} generator, but the model has only {sorted(pipe.generators)}")
 
 
 def _check_prompt(prompt: object) -> str:
@@ -197,8 +204,12 @@ def _check_prompt(prompt: object) -> str:
 
 
 def check_strength(strength: float) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
-            or not 0.0 <= strength <= 1.0:
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, (int, float))
+        or not math.isfinite(strength)
+        or not 0.0 <= strength <= 1.0
+    ):
         raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 ignores it), got {strength!r}")
     return float(strength)
 
@@ -217,10 +228,22 @@ def _generators(network: torch.nn.Module, seeds: list[int]) -> list[torch.Genera
     return make_generators(seeds, next(network.parameters()).device)
 
 
-def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6, num_steps: int | None = None,
-         guidance_scale: float | None = None, temperature: float | None = None, rho: float | None = None,
-         protocol: int | None = None, seed: int | None = None, height: int | None = None, width: int | None = None,
-         num_images: int = 1, progress: bool = False) -> PipelineOutput:
+def edit(
+    pipe: Pipeline,
+    image: Image.Image,
+    prompt: str,
+    strength: float = 0.6,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    temperature: float | None = None,
+    rho: float | None = None,
+    protocol: int | None = None,
+    seed: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images: int = 1,
+    progress: bool = False,
+) -> PipelineOutput:
     """Re-draw an image under `prompt`: bits x_0 of the image, x_t ~ Bernoulli(x_0 (1 - t) + t/2) at
     t = strength, then the diffusion sampler runs its `num_steps` steps from t = strength down to 0.
     Sampling settings left as None take the bundle's (`pipe.sampling_settings`), as plain generation does.
@@ -231,8 +254,9 @@ def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6,
     prompt = _check_prompt(prompt)
     strength = check_strength(strength)
     kind = edit_generator(pipe.generators)
-    settings = pipe.sampling_settings(kind, num_steps=num_steps, guidance_scale=guidance_scale,
-                                      temperature=temperature, rho=rho, protocol=protocol)
+    settings = pipe.sampling_settings(
+        kind, num_steps=num_steps, guidance_scale=guidance_scale, temperature=temperature, rho=rho, protocol=protocol
+    )
     _check_count("number of images", num_images, 1)
     _check_generator(pipe, kind)
     height, width = _target_size(pipe, height, width)
@@ -244,23 +268,36 @@ def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6,
         bits = x0
     else:
         network, process, cond, uncond = _conditioning(pipe, kind, prompt, num_images)
-        bits = process.redraw(network, x0, strength, cond, uncond, _generators(network, seeds),
-                              registry.generator(kind).sampling(settings), progress=progress)
-    return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
-                          bits=bits.to(torch.uint8).cpu(), prompts=[prompt] * num_images)
+        bits = process.redraw(
+            network,
+            x0,
+            strength,
+            cond,
+            uncond,
+            _generators(network, seeds),
+            registry.generator(kind).sampling(settings),
+            progress=progress,
+        )
+    return PipelineOutput(
+        images=decode_bits(pipe, bits, height, width),
+        seeds=seeds,
+        bits=bits.to(torch.uint8).cpu(),
+        prompts=[prompt] * num_images,
+    )
 
 
 # --- interpolate --------------------------------------------------------------------------------------------
-def interpolation_bits(bits_a: torch.Tensor, bits_b: torch.Tensor, steps: int = 8, seed: int = 0
-                       ) -> torch.Tensor:
+def interpolation_bits(bits_a: torch.Tensor, bits_b: torch.Tensor, steps: int = 8, seed: int = 0) -> torch.Tensor:
     """Frames [steps, K, B] uint8 between bits [K, B] (or [1, K, B]) of A and B. Each bit position gets one
     uniform u from `seed`; frame k takes B's bit where u < k / (steps - 1), else A's. The switched positions of
     a frame include those of every earlier frame, so frame 0 is A, the last frame is B, and the distance from A
     never shrinks."""
     _check_count("steps", steps, 2)
     seed = resolve_seed(seed)
-    a, b = bits_a.reshape(bits_a.shape[-2:]).to(torch.uint8).cpu(), bits_b.reshape(bits_b.shape[-2:]).to(
-        torch.uint8).cpu()
+    a, b = (
+        bits_a.reshape(bits_a.shape[-2:]).to(torch.uint8).cpu(),
+        bits_b.reshape(bits_b.shape[-2:]).to(torch.uint8).cpu(),
+    )
     if a.shape != b.shape:
         raise ValueError(f"bits of A {tuple(a.shape)} and B {tuple(b.shape)} differ in shape")
     u = torch.rand(a.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -271,14 +308,22 @@ def interpolation_bits(bits_a: torch.Tensor, bits_b: torch.Tensor, steps: int = 
     return torch.stack(frames)
 
 
-def interpolate(pipe: Pipeline, image_a: Image.Image, image_b: Image.Image, steps: int = 8, seed: int = 0,
-                height: int | None = None, width: int | None = None) -> list[Image.Image]:
+def interpolate(
+    pipe: Pipeline,
+    image_a: Image.Image,
+    image_b: Image.Image,
+    steps: int = 8,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Image.Image]:
     """`steps` images going from A's reconstruction to B's by switching bits (see `interpolation_bits`)."""
     _check_count("steps", steps, 2)
     resolve_seed(seed)
     height, width = _target_size(pipe, height, width)
-    frames = interpolation_bits(image_bits(pipe, image_a, height, width), image_bits(pipe, image_b, height, width),
-                                steps, seed)
+    frames = interpolation_bits(
+        image_bits(pipe, image_a, height, width), image_bits(pipe, image_b, height, width), steps, seed
+    )
     return decode_bits(pipe, frames, height, width)
 
 
@@ -296,10 +341,19 @@ def strip(images: Sequence[Image.Image], gap: int = 0) -> Image.Image:
 
 
 # --- AR continuation ----------------------------------------------------------------------------------------
-def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: int,
-                guidance_scale: float | None = None, temperature: float | None = None, seed: int | None = None,
-                height: int | None = None, width: int | None = None, num_images: int = 1, progress: bool = False
-                ) -> PipelineOutput:
+def continue_ar(
+    pipe: Pipeline,
+    image: Image.Image,
+    prompt: str,
+    keep_tokens: int,
+    guidance_scale: float | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images: int = 1,
+    progress: bool = False,
+) -> PipelineOutput:
     """Keep the first `keep_tokens` tokens of the image's bits and let the AR generator write the rest under
     `prompt`. keep_tokens = K returns the image's bits; keep_tokens = 0 is plain AR generation. Settings left as
     None take the bundle's AR settings (`pipe.sampling_settings`)."""
@@ -310,8 +364,10 @@ def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: in
     _check_generator(pipe, kind)
     num_tokens = pipe.tokenizer.config.num_tokens
     if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int) or not 0 <= keep_tokens <= num_tokens:
-        raise ValueError(f"keep_tokens must be an integer in [0, {num_tokens}] (the image has {num_tokens} tokens), "
-                         f"got {keep_tokens!r}")
+        raise ValueError(
+            f"keep_tokens must be an integer in [0, {num_tokens}] (the image has {num_tokens} tokens), "
+            f"got {keep_tokens!r}"
+        )
     height, width = _target_size(pipe, height, width)
     base = resolve_seed(seed, num_images)
     seeds = [base + i for i in range(num_images)]
@@ -321,7 +377,18 @@ def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: in
         bits = x0
     else:
         network, process, cond, uncond = _conditioning(pipe, kind, prompt, num_images)
-        bits = process.continue_from(network, x0[:, :keep_tokens], cond, uncond, _generators(network, seeds),
-                                     registry.generator(kind).sampling(settings), progress=progress)
-    return PipelineOutput(images=decode_bits(pipe, bits, height, width), seeds=seeds,
-                          bits=bits.to(torch.uint8).cpu(), prompts=[prompt] * num_images)
+        bits = process.continue_from(
+            network,
+            x0[:, :keep_tokens],
+            cond,
+            uncond,
+            _generators(network, seeds),
+            registry.generator(kind).sampling(settings),
+            progress=progress,
+        )
+    return PipelineOutput(
+        images=decode_bits(pipe, bits, height, width),
+        seeds=seeds,
+        bits=bits.to(torch.uint8).cpu(),
+        prompts=[prompt] * num_images,
+    )

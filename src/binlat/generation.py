@@ -2,6 +2,7 @@
 as PIL, outputs, the record of the settings a call used, and a pipeline's generators by kind, loaded on first use.
 The CLI, the server, editing, training's sample grids and evaluation use these without needing a Pipeline.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,9 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
         try:
             p.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates, e.g. from undecodable command-line bytes
-            raise ValueError(f"prompt {i} is not valid Unicode text (unpaired surrogate at character {e.start})"
-                             ) from None
+            raise ValueError(
+                f"prompt {i} is not valid Unicode text (unpaired surrogate at character {e.start})"
+            ) from None
     return prompts
 
 
@@ -64,8 +66,12 @@ class Generators(Mapping):
     """The pipeline's generators by kind. One given as a loader is read from disk on first use, so a pipeline
     holds in memory only the generators its calls have used (the release's two cost ~8 GB together)."""
 
-    def __init__(self, models: dict[str, torch.nn.Module], loaders: dict[str, Callable[[], torch.nn.Module]],
-                 prepare: Callable[[str, torch.nn.Module], torch.nn.Module]):
+    def __init__(
+        self,
+        models: dict[str, torch.nn.Module],
+        loaders: dict[str, Callable[[], torch.nn.Module]],
+        prepare: Callable[[str, torch.nn.Module], torch.nn.Module],
+    ):
         self._models, self._loaders, self._prepare = dict(models), dict(loaders), prepare
         self._lock = threading.Lock()  # two server threads asking at once load it once
 

@@ -1,4 +1,5 @@
 """A labelled contact sheet of generated images."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,13 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 
-def contact_sheet(images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int] | None = None,
-                  columns: int | None = None, cell: int = 192) -> Image.Image:
+def contact_sheet(
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    seeds: Sequence[int] | None = None,
+    columns: int | None = None,
+    cell: int = 192,
+) -> Image.Image:
     """Images scaled to `cell` px on a grid, each with its prompt (and seed) printed below, wrapped at word
     boundaries (a label never ends mid-word; past MAX_LABEL_LINES lines the last one ends in "…")."""
     if not images:
@@ -40,8 +46,7 @@ MAX_LABEL_LINES = 4
 def label_lines(text: str, chars: int) -> list[str]:
     """`text` wrapped to lines of at most `chars` characters at word boundaries (a word longer than a line is cut),
     at most MAX_LABEL_LINES of them; a newline in `text` starts a new line."""
-    lines = [line for part in text.split("\n")
-             for line in textwrap.wrap(part, chars, break_on_hyphens=False) or [""]]
+    lines = [line for part in text.split("\n") for line in textwrap.wrap(part, chars, break_on_hyphens=False) or [""]]
     if len(lines) > MAX_LABEL_LINES:
         lines = lines[:MAX_LABEL_LINES]
         lines[-1] = lines[-1][: chars - 1].rstrip() + "…"

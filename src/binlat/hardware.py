@@ -5,6 +5,7 @@ AMD EPYC a bfloat16 matmul ran at ~0.8 GFLOP/s against 107 GFLOP/s in float32 (~
 avx512_bf16 or AMX it is native and faster than float32. `BINLAT_ASSUME_BF16=1` (or `0`) overrides the CPU
 check: for tests, and for virtual machines that hide the flags from /proc/cpuinfo.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,19 +24,25 @@ CPUINFO = Path("/proc/cpuinfo")
 
 @dataclass(frozen=True)
 class CPUInfo:
-    model: str                  # e.g. "Intel(R) Xeon(R) Platinum 8480+", "AMD EPYC"
-    flags: tuple[str, ...]      # the REPORTED_FLAGS this CPU has, in that order
-    threads: int                # logical CPUs this process may run on
-    cores: int | None           # physical cores (psutil, when installed), else None
-    source: str                 # where model and flags came from: "/proc/cpuinfo" or "platform"
+    model: str  # e.g. "Intel(R) Xeon(R) Platinum 8480+", "AMD EPYC"
+    flags: tuple[str, ...]  # the REPORTED_FLAGS this CPU has, in that order
+    threads: int  # logical CPUs this process may run on
+    cores: int | None  # physical cores (psutil, when installed), else None
+    source: str  # where model and flags came from: "/proc/cpuinfo" or "platform"
 
     @property
     def bf16_native(self) -> bool:
         return any(f in self.flags for f in BF16_FLAGS)
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "flags": list(self.flags), "threads": self.threads, "cores": self.cores,
-                "source": self.source, "bf16_native": self.bf16_native}
+        return {
+            "model": self.model,
+            "flags": list(self.flags),
+            "threads": self.threads,
+            "cores": self.cores,
+            "source": self.source,
+            "bf16_native": self.bf16_native,
+        }
 
 
 def parse_cpuinfo(text: str) -> tuple[str | None, set[str]]:
@@ -77,8 +84,13 @@ def cpu_info() -> CPUInfo:
     except OSError:  # not Linux
         pass
     model = model or platform.processor() or platform.machine() or "unknown CPU"
-    return CPUInfo(model=model, flags=tuple(f for f in REPORTED_FLAGS if f in flags), threads=_threads(),
-                   cores=_physical_cores(), source=source)
+    return CPUInfo(
+        model=model,
+        flags=tuple(f for f in REPORTED_FLAGS if f in flags),
+        threads=_threads(),
+        cores=_physical_cores(),
+        source=source,
+    )
 
 
 def _assumed_bf16() -> bool | None:
@@ -110,5 +122,7 @@ def require_bf16(device: str | torch.device, what: str, fix: str = "use float32"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "CUDA (not available here)"
         raise ValueError(f"{what} needs a GPU with bfloat16 support; {name} has none: {fix}")
-    raise ValueError(f"{what} needs a CPU with native bf16 (avx512_bf16 or AMX); this {cpu_info().model} has "
-                     f"neither, so it would run ~100x slower: {fix} (or set {ASSUME_BF16_ENV}=1 to run it anyway)")
+    raise ValueError(
+        f"{what} needs a CPU with native bf16 (avx512_bf16 or AMX); this {cpu_info().model} has "
+        f"neither, so it would run ~100x slower: {fix} (or set {ASSUME_BF16_ENV}=1 to run it anyway)"
+    )

@@ -1,5 +1,6 @@
 """Safe file handling: atomic writes, strict safetensors loading with errors that name the problem, weights checked
 for their values, and append-only JSONL logs that a killed writer cannot break."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 
 log = logging.getLogger("binlat.io")
 # What weights may be stored as: fp8 (and other sub-16-bit formats), integers and booleans are refused, not cast.
@@ -42,16 +42,26 @@ def read_bounded(path: str | Path, limit: int = MAX_TEXT_BYTES, what: str = "fil
     (opened without blocking), a socket or a directory is a FileRefused naming it, as is a file above the limit (or
     one that grows past it while read). Errors opening it (missing, no permission) are raised as they are."""
     import stat
+
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
-                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(st.st_mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(st.st_mode)
+                else "a device"
+                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "not a regular file"
+            )
             raise FileRefused(f"{what} {path} is {kind}, not a regular file: refused before reading")
         if st.st_size > limit:
-            raise FileRefused(f"{what} {path} is {st.st_size} bytes, over the {limit // 2**20} MiB limit for a "
-                              f"{what}: refused before reading")
+            raise FileRefused(
+                f"{what} {path} is {st.st_size} bytes, over the {limit // 2**20} MiB limit for a "
+                f"{what}: refused before reading"
+            )
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
@@ -121,8 +131,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                     metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with _atomic_file(Path(path)) as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -140,46 +151,60 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a valid safetensors file (truncated or corrupt?): {e}") from None
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                     name: Callable[[str], str] = str, allow_nonfinite: bool = False) -> None:
+def check_state_dict(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    name: Callable[[str], str] = str,
+    allow_nonfinite: bool = False,
+) -> None:
     """Raise WeightsError naming every missing, unexpected or wrongly shaped key (shown through `name`, e.g. as
     the key the user's file calls it), then the first tensor whose values cannot be loaded (`check_values`)."""
     _check_keys(model, state, source, name)
     check_values(state, source, name, allow_nonfinite)
 
 
-def check_values(state: Mapping[str, torch.Tensor], source: str, name: Callable[[str], str] = str,
-                 allow_nonfinite: bool = False) -> None:
+def check_values(
+    state: Mapping[str, torch.Tensor], source: str, name: Callable[[str], str] = str, allow_nonfinite: bool = False
+) -> None:
     """Raise WeightsError naming the first tensor (in key order) that is not stored as float32, float16, bfloat16
     or float64 (an integer, boolean or fp8 tensor would be cast silently), or, unless `allow_nonfinite`, that holds
     NaN or infinite values (which give black or noise images with no error)."""
     for key in sorted(state):
         tensor = state[key]
         if tensor.dtype not in WEIGHT_DTYPES:
-            raise WeightsError(f"{source}: tensor {name(key)} is stored as {str(tensor.dtype).removeprefix('torch.')}"
-                               f"; weights must be float32, float16 or bfloat16 (nothing is cast from integers, "
-                               f"booleans or fp8)")
+            raise WeightsError(
+                f"{source}: tensor {name(key)} is stored as {str(tensor.dtype).removeprefix('torch.')}"
+                f"; weights must be float32, float16 or bfloat16 (nothing is cast from integers, "
+                f"booleans or fp8)"
+            )
         if not allow_nonfinite and not _all_finite(tensor):
             flat = tensor.reshape(-1)
             nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
-            raise WeightsError(f"{source}: tensor {name(key)} holds {nan} NaN and {inf} infinite value(s) of "
-                               f"{flat.numel()}; refusing non-finite weights (allow_nonfinite=True, or "
-                               f"--allow-nonfinite-weights, loads them anyway)")
+            raise WeightsError(
+                f"{source}: tensor {name(key)} holds {nan} NaN and {inf} infinite value(s) of "
+                f"{flat.numel()}; refusing non-finite weights (allow_nonfinite=True, or "
+                f"--allow-nonfinite-weights, loads them anyway)"
+            )
 
 
 def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
     """In slices, so a memory-mapped gigabyte tensor costs a small temporary, not one byte per element at once."""
     flat = tensor.detach().reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
-def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                name: Callable[[str], str]) -> None:
+def _check_keys(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, name: Callable[[str], str]
+) -> None:
     expected = model.state_dict()
     missing = sorted(name(k) for k in set(expected) - set(state))
     unexpected = sorted(name(k) for k in set(state) - set(expected))
-    wrong = sorted(f"{name(k)}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                   for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    wrong = sorted(
+        f"{name(k)}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if state[k].shape != expected[k].shape
+    )
     problems = []
     if missing:
         problems.append(f"missing keys {_short(missing)}")
@@ -188,8 +213,11 @@ def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sourc
     if wrong:
         problems.append(f"wrong shapes {_short(wrong)}")
     if problems:
-        raise WeightsError(f"{source}: weights do not match the model config: " + "; ".join(problems)
-                           + ". Check that config.json belongs to these weights.")
+        raise WeightsError(
+            f"{source}: weights do not match the model config: "
+            + "; ".join(problems)
+            + ". Check that config.json belongs to these weights."
+        )
 
 
 def _short(items: list[str], limit: int = 8) -> str:
@@ -245,7 +273,6 @@ def read_jsonl(path: str | Path, numbered: bool = False) -> list[Any]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8 at byte {e.start}"
             if i < len(lines) - 1:
-                raise ValueError(f"{path} line {n}: not valid JSON ({why}); only a torn last line is skipped"
-                                 ) from None
+                raise ValueError(f"{path} line {n}: not valid JSON ({why}); only a torn last line is skipped") from None
             log.warning("%s line %d: skipped a torn last line (an interrupted write): %.60r", path, n, line)
     return rows

@@ -6,6 +6,7 @@ break whatever walks the result next. `loads` measures the depth first, at C spe
 a 16 MB body of brackets costs a fraction of a second), and refuses anything deeper than `max_depth` with a
 JSONNestingError, a ValueError naming the limit.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def check_depth(data: str | bytes, max_depth: int) -> None:
 
 
 def too_deep(max_depth: int) -> JSONNestingError:
-    return JSONNestingError(f"JSON nested deeper than {max_depth} levels of arrays and objects "
-                            f"(at most {max_depth} are read)")
+    return JSONNestingError(
+        f"JSON nested deeper than {max_depth} levels of arrays and objects (at most {max_depth} are read)"
+    )
 
 
 def loads(data: str | bytes, max_depth: int = MAX_FILE_DEPTH) -> Any:

@@ -3,6 +3,7 @@ and the probes: PSNR (capped for exact reconstructions, so means stay finite) an
 window 11x11, sigma 1.5, K1 0.01, K2 0.03, on [0, 1] RGB, averaged over channels). A leaf: it imports nothing of
 binlat, so any layer may use it.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,7 @@ PSNR_CAP_DB = 120.0
 def psnr_of_mse(mse: float, peak_to_peak: float = 2.0) -> float:
     """10 log10(range^2 / MSE) in dB, at most PSNR_CAP_DB (an exact reconstruction). The default range is that of
     [-1, 1] images."""
-    return PSNR_CAP_DB if mse <= 0 else min(PSNR_CAP_DB, 10 * math.log10(peak_to_peak ** 2 / mse))
+    return PSNR_CAP_DB if mse <= 0 else min(PSNR_CAP_DB, 10 * math.log10(peak_to_peak**2 / mse))
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
@@ -63,8 +64,14 @@ def _filter(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
-         k1: float = SSIM_K1, k2: float = SSIM_K2) -> torch.Tensor:
+def ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    window: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+    k1: float = SSIM_K1,
+    k2: float = SSIM_K2,
+) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004) of RGB images [N, C, H, W]: uint8 (scaled to [0, 1]) or floats in [0, 1].
 
     Local statistics under a Gaussian window (11x11, sigma 1.5) over the positions where the window fits inside the

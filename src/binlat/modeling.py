@@ -3,6 +3,7 @@
 Written out rather than taken from huggingface_hub's PyTorchModelHubMixin: both of the methods it would give are
 stricter here (see ModelMixin), and nothing uses the rest of it (push_to_hub, model cards); the Hub is still
 read through huggingface_hub (`resolve_model_dir`)."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import torch
 
 from . import jsondepth
 from .config import ConfigError, config_from_dict, config_to_dict
-from .io import read_bounded, atomic_directory, check_state_dict, load_safetensors, save_safetensors
+from .io import atomic_directory, check_state_dict, load_safetensors, read_bounded, save_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -42,10 +43,12 @@ def named_model_dir(name_or_path: str | Path) -> Path | None:
         return None
     root = default_model_dir()
     if root is None:
-        raise FileNotFoundError(f"{text}: the shipped model '{DEFAULT_MODEL}' is not in this installation (it lives "
-                                f"in a clone's models/default); set BINLAT_MODEL=DIR to a bundle, or pass a model "
-                                f"directory")
-    return root / text[len(DEFAULT_MODEL):].lstrip("/")
+        raise FileNotFoundError(
+            f"{text}: the shipped model '{DEFAULT_MODEL}' is not in this installation (it lives "
+            f"in a clone's models/default); set BINLAT_MODEL=DIR to a bundle, or pass a model "
+            f"directory"
+        )
+    return root / text[len(DEFAULT_MODEL) :].lstrip("/")
 
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -62,6 +65,7 @@ def hub_offline_reason(timeout: float = 2.0) -> str | None:
     import socket
     import time
     from urllib.parse import urlsplit
+
     url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     key = f"{host}:{port}"
@@ -77,8 +81,10 @@ def hub_offline_reason(timeout: float = 2.0) -> str | None:
 
 
 def hub_download_advice(repo: str) -> str:
-    return (f"download it with huggingface-cli download {repo} --local-dir DIR (hf download with huggingface_hub "
-            f">= 1.0), then pass DIR")
+    return (
+        f"download it with huggingface-cli download {repo} --local-dir DIR (hf download with huggingface_hub "
+        f">= 1.0), then pass DIR"
+    )
 
 
 def hub_snapshot(repo: str, allow_patterns: list[str], **hub_kwargs: Any) -> Path:
@@ -86,6 +92,7 @@ def hub_snapshot(repo: str, allow_patterns: list[str], **hub_kwargs: Any) -> Pat
     Hub cannot be asked (offline, no network): then a one-line FileNotFoundError at once, naming the command that
     fixes it."""
     from huggingface_hub import snapshot_download
+
     kwargs = {k: v for k, v in hub_kwargs.items() if k != "local_files_only"}
     try:
         return Path(snapshot_download(repo, allow_patterns=allow_patterns, local_files_only=True, **kwargs))
@@ -93,13 +100,17 @@ def hub_snapshot(repo: str, allow_patterns: list[str], **hub_kwargs: Any) -> Pat
         pass
     why = "offline" if hub_kwargs.get("local_files_only") else hub_offline_reason()
     if why is not None:
-        raise FileNotFoundError(f"{repo}: not a local directory, and not in the Hugging Face cache while the Hub "
-                                f"cannot be reached ({why}): {hub_download_advice(repo)}")
+        raise FileNotFoundError(
+            f"{repo}: not a local directory, and not in the Hugging Face cache while the Hub "
+            f"cannot be reached ({why}): {hub_download_advice(repo)}"
+        )
     try:
         return Path(snapshot_download(repo, allow_patterns=allow_patterns, **kwargs))
     except Exception as e:  # noqa: BLE001 - not found, refused, network: all end in the same advice
-        raise FileNotFoundError(f"{repo}: not a local directory, and the Hub copy could not be fetched "
-                                f"({type(e).__name__}): {hub_download_advice(repo)}") from None
+        raise FileNotFoundError(
+            f"{repo}: not a local directory, and the Hub copy could not be fetched "
+            f"({type(e).__name__}): {hub_download_advice(repo)}"
+        ) from None
 
 
 def resolve_model_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
@@ -134,8 +145,9 @@ class ModelMixin:
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = enabled
 
-    def save_pretrained(self, save_directory: str | Path, *, dtype: torch.dtype | None = None,
-                        files: dict[str, bytes] | None = None) -> Path:
+    def save_pretrained(
+        self, save_directory: str | Path, *, dtype: torch.dtype | None = None, files: dict[str, bytes] | None = None
+    ) -> Path:
         """`dtype` (e.g. torch.float16) stores floating-point weights in that precision to halve the files;
         `from_pretrained` loads them back into the model's float32 parameters. `files` (name -> bytes) are written
         beside them in the same atomic write (e.g. binlat.card's provenance.json)."""
@@ -169,14 +181,21 @@ class ModelMixin:
         return config_from_dict(cls.config_class, data, source=str(config_path))
 
     @classmethod
-    def from_pretrained(cls: type[M], pretrained_model_name_or_path: str | Path, *,
-                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        allow_nonfinite: bool = False, **hub_kwargs: Any) -> M:
+    def from_pretrained(
+        cls: type[M],
+        pretrained_model_name_or_path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        allow_nonfinite: bool = False,
+        **hub_kwargs: Any,
+    ) -> M:
         """Weights stored as anything but float32/float16/bfloat16, or holding NaN or infinite values, are a
         WeightsError naming the tensor; `allow_nonfinite=True` loads non-finite values anyway."""
         directory = resolve_model_dir(pretrained_model_name_or_path, **hub_kwargs)
         config = cls._config_in(directory)
         from .budget import check_network
+
         check_network(cls, config, str(directory), dtype)  # a config of a million blocks is refused, not built
         # Built on the meta device and handed the file's tensors, which safetensors memory-maps, rather than
         # allocating and initialising parameters only to overwrite them: a model costs its weights once, not twice.
@@ -186,8 +205,10 @@ class ModelMixin:
         check_state_dict(model, state, str(directory / WEIGHTS_NAME), allow_nonfinite=allow_nonfinite)
         expected = model.state_dict()
         # A tensor already in the wanted dtype stays the mapped one; float16 files are widened as before.
-        state = {k: v.to(dtype if dtype is not None and v.is_floating_point() else expected[k].dtype)
-                 for k, v in state.items()}
+        state = {
+            k: v.to(dtype if dtype is not None and v.is_floating_point() else expected[k].dtype)
+            for k, v in state.items()
+        }
         model.load_state_dict(state, strict=True, assign=True)
         model.to(device=device)
         return model.eval()

@@ -1,4 +1,5 @@
 """Conversion of the Instella-T2I release's checkpoints (its config keys and parameter names) into binlat models."""
+
 from __future__ import annotations
 
 import json
@@ -18,26 +19,40 @@ from .tokenizer import TokenizerConfig
 # What the release's README and LICENSE say of its weights (github.com/AMD-AGI/Instella-T2I): a converted model
 # keeps them, and its model card repeats them (binlat.card).
 RELEASE_REPO = "amd/Instella-T2I"
-RELEASE_LICENSE = {"id": "other", "name": "instella-t2i-research-only-rail-ms",
-                   "title": "Instella_T2I_1B RESEARCH-ONLY RAIL-MS",
-                   "link": "https://github.com/AMD-AGI/Instella-T2I/blob/main/LICENSE"}
-RELEASE_DATA = ("LAION-COCO, then LAION-COCO with synthetic image-text pairs 3:1 (Dalle-1M, and images of public "
-                "models for DiffusionDB prompts), as the release's README says")
+RELEASE_LICENSE = {
+    "id": "other",
+    "name": "instella-t2i-research-only-rail-ms",
+    "title": "Instella_T2I_1B RESEARCH-ONLY RAIL-MS",
+    "link": "https://github.com/AMD-AGI/Instella-T2I/blob/main/LICENSE",
+}
+RELEASE_DATA = (
+    "LAION-COCO, then LAION-COCO with synthetic image-text pairs 3:1 (Dalle-1M, and images of public "
+    "models for DiffusionDB prompts), as the release's README says"
+)
 
 
 def release_provenance(kind: str) -> dict[str, Any]:
     """What a model converted from the release records of itself (binlat.card's provenance.json). Its captions
     were open-domain English: no vocabulary is kept, so no prompt is warned about."""
-    return {"kind": kind, "made_by": "binlat convert-official", "converted_from": RELEASE_REPO,
-            "license": dict(RELEASE_LICENSE), "data": RELEASE_DATA, "vocabulary": None}
+    return {
+        "kind": kind,
+        "made_by": "binlat convert-official",
+        "converted_from": RELEASE_REPO,
+        "license": dict(RELEASE_LICENSE),
+        "data": RELEASE_DATA,
+        "vocabulary": None,
+    }
 
 
 # Shared by every network: attention and tokenizer-style blocks. Each network's own renames (and the parameters
 # it drops) are in its registry.ReleaseFormat.
 _BLOCK_RULES = [
-    (r"\.attn\.q_proj\.", ".attn.to_q."), (r"\.attn\.k_proj\.", ".attn.to_k."),
-    (r"\.attn\.v_proj\.", ".attn.to_v."), (r"\.attn\.o_proj\.", ".attn.to_out."),
-    (r"^transformer_blocks\.", "blocks."), (r"\.transformer_blocks\.", ".blocks."),
+    (r"\.attn\.q_proj\.", ".attn.to_q."),
+    (r"\.attn\.k_proj\.", ".attn.to_k."),
+    (r"\.attn\.v_proj\.", ".attn.to_v."),
+    (r"\.attn\.o_proj\.", ".attn.to_out."),
+    (r"^transformer_blocks\.", "blocks."),
+    (r"\.transformer_blocks\.", ".blocks."),
 ]
 
 
@@ -46,11 +61,21 @@ def _rules(kind: str) -> list[tuple[str, str]]:
 
 
 _TOKENIZER_KEYS = {
-    "in_channels": "in_channels", "encoder_layers": "encoder_layers", "encoder_head_dim": "encoder_head_dim",
-    "encoder_num_heads": "encoder_heads", "patch_size": "patch_size", "num_latent_tkns": "num_tokens",
-    "axes_dims_rope": "rope_axes_dims", "downsample_idx": "downsample_after", "decoder_layers": "decoder_layers",
-    "decoder_head_dim": "decoder_head_dim", "decoder_num_heads": "decoder_heads", "upsample_idx": "upsample_after",
-    "codebook_size": "num_bits", "scale": "rope_reference_size", "train_temp": "bernoulli_temperature",
+    "in_channels": "in_channels",
+    "encoder_layers": "encoder_layers",
+    "encoder_head_dim": "encoder_head_dim",
+    "encoder_num_heads": "encoder_heads",
+    "patch_size": "patch_size",
+    "num_latent_tkns": "num_tokens",
+    "axes_dims_rope": "rope_axes_dims",
+    "downsample_idx": "downsample_after",
+    "decoder_layers": "decoder_layers",
+    "decoder_head_dim": "decoder_head_dim",
+    "decoder_num_heads": "decoder_heads",
+    "upsample_idx": "upsample_after",
+    "codebook_size": "num_bits",
+    "scale": "rope_reference_size",
+    "train_temp": "bernoulli_temperature",
 }
 _TOKENIZER_IGNORED = {"use_repa", "repa_dim", "repa_index"}
 # The release always decodes with set_scale(1024) (its test_diff.py, from diff_config.py), yet its bae_config.py has
@@ -59,8 +84,12 @@ RELEASE_SCALE = 1024
 # `scale=FROM_CONFIG`: take the config's "scale" ("scale": null = no scaling), RELEASE_SCALE when the key is absent.
 FROM_CONFIG = "from-config"
 _GENERATOR_KEYS = {
-    "in_channels": "num_bits", "num_layers": "num_layers", "attention_head_dim": "head_dim",
-    "num_attention_heads": "num_heads", "num_img_tkns": "num_tokens", "text_cond_dim": "text_dim",
+    "in_channels": "num_bits",
+    "num_layers": "num_layers",
+    "attention_head_dim": "head_dim",
+    "num_attention_heads": "num_heads",
+    "num_img_tkns": "num_tokens",
+    "text_cond_dim": "text_dim",
 }
 _GENERATOR_IGNORED = {"axes_dims_rope"}
 
@@ -68,8 +97,9 @@ _GENERATOR_IGNORED = {"axes_dims_rope"}
 def _translate(official: dict[str, Any], names: dict[str, str], ignored: set[str], source: str) -> dict[str, Any]:
     unknown = sorted(set(official) - set(names) - ignored)
     if unknown:
-        raise ConfigError(f"{source}: unknown official config key(s) {unknown}; expected keys from "
-                          f"{sorted(set(names) | ignored)}")
+        raise ConfigError(
+            f"{source}: unknown official config key(s) {unknown}; expected keys from {sorted(set(names) | ignored)}"
+        )
     return {names[k]: v for k, v in official.items() if k in names and v is not None}
 
 
@@ -87,6 +117,7 @@ def convert_config(kind: str, official: dict[str, Any], source: str = "config", 
     pixels passed to the release's `set_scale` (rope_reference_size, used to encode and decode), None for no
     scaling; FROM_CONFIG reads the config's "scale" and falls back to RELEASE_SCALE when the key is absent."""
     from .config import config_from_dict
+
     _check_scale(kind, scale)
     registry.release_format(kind)  # an unknown kind is a ValueError naming the known ones
     if kind == TOKENIZER:
@@ -153,8 +184,10 @@ def load_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path}: refused to load: the file holds more than plain tensors "
-                           f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None
+        raise WeightsError(
+            f"{path}: refused to load: the file holds more than plain tensors "
+            f"(weights_only=True rejected it: {str(e).splitlines()[0]})"
+        ) from None
     except Exception as e:
         raise WeightsError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): {e}") from None
     if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
@@ -192,33 +225,47 @@ def read_official_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_official(kind: str, config_path: str | Path, weights_path: str | Path,
-                   scale: int | None | str = FROM_CONFIG, allow_nonfinite: bool = False) -> torch.nn.Module:
+def build_official(
+    kind: str,
+    config_path: str | Path,
+    weights_path: str | Path,
+    scale: int | None | str = FROM_CONFIG,
+    allow_nonfinite: bool = False,
+) -> torch.nn.Module:
     """Official config + weights -> a binlat model with those weights (eval mode); `scale` as in convert_config.
     Non-float or non-finite weights are a WeightsError naming the tensor (`allow_nonfinite`: NaN/inf load)."""
     registry.release_format(kind)  # an unknown kind is a ValueError naming the known ones
     _check_scale(kind, scale)  # before reading any file
     config = convert_config(kind, read_official_config(config_path), str(config_path), scale)
     from .budget import check_network
+
     check_network(registry.model_class(kind), config, str(config_path))  # before any weight is read
     with torch.device("meta"):  # names and shapes only; the file's tensors become the parameters
         model = registry.model_class(kind)(config)
     state = convert_state_dict(kind, load_official_weights(weights_path), config)
-    check_state_dict(model, state, str(weights_path), name=lambda k: official_name(kind, k, config),
-                     allow_nonfinite=allow_nonfinite)
+    check_state_dict(
+        model, state, str(weights_path), name=lambda k: official_name(kind, k, config), allow_nonfinite=allow_nonfinite
+    )
     expected = model.state_dict()
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
 
 
-def convert_official(kind: str, config_path: str | Path, weights_path: str | Path, out_dir: str | Path,
-                     scale: int | None | str = FROM_CONFIG, dtype: torch.dtype | None = None,
-                     allow_nonfinite: bool = False) -> Path:
+def convert_official(
+    kind: str,
+    config_path: str | Path,
+    weights_path: str | Path,
+    out_dir: str | Path,
+    scale: int | None | str = FROM_CONFIG,
+    dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
+) -> Path:
     """Write a binlat model directory (config.json + model.safetensors) from an official checkpoint.
 
     A tokenizer's `scale` (reference size in pixels, None for none) overrides the config's "scale"; by default a
     config without the key gets the release's RELEASE_SCALE, as the release decodes with set_scale(1024).
     `dtype` (e.g. torch.float16) stores the weights in that precision."""
     from .card import provenance_file
+
     model = build_official(kind, config_path, weights_path, scale, allow_nonfinite=allow_nonfinite)
     return model.save_pretrained(out_dir, dtype=dtype, files=provenance_file(release_provenance(kind)))

@@ -4,6 +4,7 @@ A bundle directory holds `model_index.json` (PipelineConfig) and one model direc
 `tokenizer/`, and `diffusion/` and/or `ar/`. The text encoder is referenced by name or path, not copied. The format
 is binlat.bundle's; a download of the Instella-T2I release is converted into a bundle by binlat.release.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,10 +32,15 @@ from .tokenizer import BinaryTokenizer, TokenizerConfig
 
 
 class Pipeline:
-    def __init__(self, tokenizer: BinaryTokenizer, text_encoder: TextEncoder, *,
-                 config: PipelineConfig | None = None,
-                 loaders: dict[str, tuple[GeneratorConfig, Callable[[], torch.nn.Module]]] | None = None,
-                 **generators: torch.nn.Module | None):
+    def __init__(
+        self,
+        tokenizer: BinaryTokenizer,
+        text_encoder: TextEncoder,
+        *,
+        config: PipelineConfig | None = None,
+        loaders: dict[str, tuple[GeneratorConfig, Callable[[], torch.nn.Module]]] | None = None,
+        **generators: torch.nn.Module | None,
+    ):
         """Generators by kind, e.g. `Pipeline(tokenizer, text_encoder, diffusion=net, ar=other)`. `loaders` maps a
         kind to its config and a function that loads it; such a generator is checked against the tokenizer and
         text encoder now and loaded on first use."""
@@ -52,9 +58,11 @@ class Pipeline:
         self._size_warned: set[tuple[int, int]] = set()
         self._words_warned: set[str] = set()  # words outside the training vocabulary already named
         self.generators = Generators(models, {k: f for k, (_, f) in loaders.items()}, self._prepare)
-        self.config = config or PipelineConfig(text_encoder=text_encoder.name_or_path,
-                                               generators=tuple(self.generators),
-                                               image_size=tokenizer.config.image_size)
+        self.config = config or PipelineConfig(
+            text_encoder=text_encoder.name_or_path,
+            generators=tuple(self.generators),
+            image_size=tokenizer.config.image_size,
+        )
         for kind, cfg in self._generator_configs.items():
             self._check_generator(kind, cfg)
 
@@ -72,16 +80,22 @@ class Pipeline:
     def _check_generator(self, kind: str, cfg: GeneratorConfig) -> None:
         tok = self.tokenizer.config
         if (cfg.num_tokens, cfg.num_bits) != (tok.num_tokens, tok.num_bits):
-            raise ValueError(f"{kind} generator makes {cfg.num_tokens}x{cfg.num_bits} bits but the tokenizer "
-                             f"reads {tok.num_tokens}x{tok.num_bits}")
+            raise ValueError(
+                f"{kind} generator makes {cfg.num_tokens}x{cfg.num_bits} bits but the tokenizer "
+                f"reads {tok.num_tokens}x{tok.num_bits}"
+            )
         if cfg.text_dim != self.text_encoder.hidden_size:
-            raise ValueError(f"{kind} generator expects text features of width {cfg.text_dim}, but text encoder "
-                             f"{self.text_encoder.name_or_path!r} gives {self.text_encoder.hidden_size}; "
-                             f"use the text encoder it was trained with")
+            raise ValueError(
+                f"{kind} generator expects text features of width {cfg.text_dim}, but text encoder "
+                f"{self.text_encoder.name_or_path!r} gives {self.text_encoder.hidden_size}; "
+                f"use the text encoder it was trained with"
+            )
         layers = self.text_layers(kind)
         if max(layers) >= self.text_encoder.num_layers:
-            raise ValueError(f"{kind} generator reads text layer {max(layers)}, but the text encoder has only "
-                             f"{self.text_encoder.num_layers}")
+            raise ValueError(
+                f"{kind} generator reads text layer {max(layers)}, but the text encoder has only "
+                f"{self.text_encoder.num_layers}"
+            )
 
     def text_layers(self, kind: str) -> list[int]:
         cfg = self._generator_configs[kind]
@@ -90,10 +104,15 @@ class Pipeline:
         return text_layer_map(self.text_encoder.num_layers, cfg.num_layers)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, text_encoder: str | TextEncoder | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        release_config: dict[str, Any] | str | Path | None = None,
-                        allow_nonfinite: bool = False) -> Pipeline:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        text_encoder: str | TextEncoder | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        release_config: dict[str, Any] | str | Path | None = None,
+        allow_nonfinite: bool = False,
+    ) -> Pipeline:
         """`path`: a bundle directory, a Hub id of one, or the Instella-T2I release (its download folder or
         `amd/Instella-T2I`), which is converted once into a cached bundle (binlat.release); `release_config`
         overrides the release's architecture as `convert-official --release-config` does. Generators are loaded
@@ -106,18 +125,26 @@ class Pipeline:
         configs = load_part_configs(directory, config, dtype)
         networks = {k: registry.generator(k).network for k in config.generators}
         if not isinstance(text_encoder, TextEncoder):
-            text_encoder = TextEncoder(text_encoder or config.text_encoder, max_length=config.text_max_length,
-                                       device=device)
-        tokenizer = BinaryTokenizer.from_pretrained(directory / "tokenizer", device=device, dtype=dtype,
-                                                    allow_nonfinite=allow_nonfinite)
-        loaders = {k: (configs[k],
-                       functools.partial(network.from_pretrained, directory / k, device=device, dtype=dtype,
-                                         allow_nonfinite=allow_nonfinite))
-                   for k, network in networks.items()}
+            text_encoder = TextEncoder(
+                text_encoder or config.text_encoder, max_length=config.text_max_length, device=device
+            )
+        tokenizer = BinaryTokenizer.from_pretrained(
+            directory / "tokenizer", device=device, dtype=dtype, allow_nonfinite=allow_nonfinite
+        )
+        loaders = {
+            k: (
+                configs[k],
+                functools.partial(
+                    network.from_pretrained, directory / k, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite
+                ),
+            )
+            for k, network in networks.items()
+        }
         return cls(tokenizer, text_encoder, config=config, loaders=loaders)
 
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
-                        files: Mapping[str, bytes] | None = None) -> Path:
+    def save_pretrained(
+        self, path: str | Path, dtype: torch.dtype | None = None, files: Mapping[str, bytes] | None = None
+    ) -> Path:
         """Write the bundle; `dtype` (e.g. torch.float16) stores the weights in that precision. `files` (path in
         the bundle -> bytes, e.g. binlat.card's README.md and provenance) are written in the same atomic write."""
         path = Path(path)
@@ -134,19 +161,42 @@ class Pipeline:
     def random_tiny(cls, seed: int = 0, text_encoder: TextEncoder | None = None) -> Pipeline:
         """A freshly initialised tiny bundle (64 px, 16 tokens x 32 bits), for trying the machinery out."""
         text_encoder = text_encoder or TextEncoder()
-        tok = TokenizerConfig(patch_size=8, num_tokens=16, num_bits=32, encoder_layers=2, encoder_heads=2,
-                              encoder_head_dim=32, decoder_layers=2, decoder_heads=2, decoder_head_dim=32,
-                              rope_axes_dims=(8, 12, 12), downsample_after=(0,), upsample_after=(0,), image_size=64)
-        gen = GeneratorConfig(num_bits=32, num_tokens=16, num_layers=2, num_heads=2, head_dim=32,
-                              text_dim=text_encoder.hidden_size,
-                              text_layers=tuple(text_layer_map(text_encoder.num_layers, 2)))
+        tok = TokenizerConfig(
+            patch_size=8,
+            num_tokens=16,
+            num_bits=32,
+            encoder_layers=2,
+            encoder_heads=2,
+            encoder_head_dim=32,
+            decoder_layers=2,
+            decoder_heads=2,
+            decoder_head_dim=32,
+            rope_axes_dims=(8, 12, 12),
+            downsample_after=(0,),
+            upsample_after=(0,),
+            image_size=64,
+        )
+        gen = GeneratorConfig(
+            num_bits=32,
+            num_tokens=16,
+            num_layers=2,
+            num_heads=2,
+            head_dim=32,
+            text_dim=text_encoder.hidden_size,
+            text_layers=tuple(text_layer_map(text_encoder.num_layers, 2)),
+        )
         kinds = registry.generator_kinds()
         with torch.random.fork_rng():  # built in this order, so the weights depend only on the seed
             torch.manual_seed(seed)
             tokenizer = BinaryTokenizer(tok)
             networks = {k: registry.generator(k).network(gen) for k in kinds}
-        config = PipelineConfig(text_encoder=text_encoder.name_or_path, generators=kinds,
-                                image_size=64, trained=False, description="randomly initialised tiny model")
+        config = PipelineConfig(
+            text_encoder=text_encoder.name_or_path,
+            generators=kinds,
+            image_size=64,
+            trained=False,
+            description="randomly initialised tiny model",
+        )
         return cls(tokenizer, text_encoder, config=config, **networks)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
@@ -155,8 +205,7 @@ class Pipeline:
         table 7) but changes a few percent of the sampled bits: it is opt-in, and refused (ValueError) where the
         device would emulate it (binlat.hardware)."""
         if dtype == torch.bfloat16:
-            require_bf16(device or next(self.tokenizer.parameters()).device, "bfloat16 generation",
-                         fix="keep float32")
+            require_bf16(device or next(self.tokenizer.parameters()).device, "bfloat16 generation", fix="keep float32")
         self.tokenizer.to(device=device, dtype=dtype)
         self._placement |= {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for model in self.generators.loaded().values():
@@ -194,24 +243,42 @@ class Pipeline:
         the images kept. Warns once per size when a side is beyond the size the tokenizer was trained at."""
         tok = self.tokenizer.config
         kinds = [generator] if generator is not None else list(self._generator_configs)
-        estimate = max(budget.generation_bytes(
-            tok, self._generator_configs[k], batch=batch, height=height, width=width,
-            text_len=self.text_encoder.max_length, text_layers=len(self.text_layers(k)), kept_images=kept_images)
-            for k in kinds)
-        budget.check(estimate, f"{kept_images} image(s) of {height}x{width} in batches of {batch}",
-                     "ask for a smaller --size or --batch-size (fewer images per request)")
+        estimate = max(
+            budget.generation_bytes(
+                tok,
+                self._generator_configs[k],
+                batch=batch,
+                height=height,
+                width=width,
+                text_len=self.text_encoder.max_length,
+                text_layers=len(self.text_layers(k)),
+                kept_images=kept_images,
+            )
+            for k in kinds
+        )
+        budget.check(
+            estimate,
+            f"{kept_images} image(s) of {height}x{width} in batches of {batch}",
+            "ask for a smaller --size or --batch-size (fewer images per request)",
+        )
         if max(height, width) > tok.image_size and (height, width) not in self._size_warned:
             self._size_warned.add((height, width))
-            warnings.warn(f"{height}x{width} is beyond the {tok.image_size} px the tokenizer was trained at: "
-                          f"expect poorer images", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{height}x{width} is beyond the {tok.image_size} px the tokenizer was trained at: "
+                f"expect poorer images",
+                UserWarning,
+                stacklevel=3,
+            )
 
-    def warn_vocabulary(self, prompts: str | Sequence[str], generator: str = "diffusion",
-                        warn: Callable[[str], None] | None = None) -> list[str]:
+    def warn_vocabulary(
+        self, prompts: str | Sequence[str], generator: str = "diffusion", warn: Callable[[str], None] | None = None
+    ) -> list[str]:
         """The words of `prompts` outside `generator`'s training vocabulary (config.vocabulary) not named before by
         this pipeline; when there are any, one message naming them goes to `warn` (default: a UserWarning). Every
         generation calls it, so a run names each unknown word once. A generator without a vocabulary (bundles made
         before cards, open-domain captions) checks nothing."""
         from .data.vocabulary import unknown_words, unknown_words_message
+
         vocabulary = self.config.vocabulary.get(generator)
         if not vocabulary:
             return []
@@ -234,8 +301,11 @@ class Pipeline:
         unknown = sorted(set(given) - set(BUILTIN_SAMPLING))
         if unknown:
             raise TypeError(f"unknown sampling setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
-        settings = {**BUILTIN_SAMPLING, **self.config.sampling.get(generator, {}),
-                    **{k: v for k, v in given.items() if v is not None}}
+        settings = {
+            **BUILTIN_SAMPLING,
+            **self.config.sampling.get(generator, {}),
+            **{k: v for k, v in given.items() if v is not None},
+        }
         check_sampling_args(**settings)
         return settings
 
@@ -248,38 +318,115 @@ class Pipeline:
         device = next(self.tokenizer.parameters()).device
         return [to_pil(self.tokenizer.decode(b[None].to(device), height, width))[0] for b in bits]
 
-    def __call__(self, prompts: str | Sequence[str], generator: str = "diffusion", num_steps: int | None = None,
-                 guidance_scale: float | None = None, temperature: float | None = None, rho: float | None = None,
-                 protocol: int | None = None, seed: int | None = None, height: int | None = None,
-                 width: int | None = None, batch_size: int = 8, return_bits: bool = False,
-                 progress: bool = True) -> PipelineOutput:
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        generator: str = "diffusion",
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        rho: float | None = None,
+        protocol: int | None = None,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 8,
+        return_bits: bool = False,
+        progress: bool = True,
+    ) -> PipelineOutput:
         """Generate one image per prompt. Image i uses seed `seed + i`, so it can be regenerated alone.
         Sampling settings left as None take the bundle's tuned ones (`config.sampling`), else the built-ins."""
-        parts = list(self._start(prompts, generator, num_steps, guidance_scale, temperature, rho, protocol, seed,
-                                 height, width, batch_size, return_bits, progress, keep_all=True))
-        return PipelineOutput(images=[im for p in parts for im in p.images], seeds=[s for p in parts for s in p.seeds],
-                              prompts=[t for p in parts for t in p.prompts],
-                              bits=torch.cat([p.bits for p in parts]) if return_bits else None)
+        parts = list(
+            self._start(
+                prompts,
+                generator,
+                num_steps,
+                guidance_scale,
+                temperature,
+                rho,
+                protocol,
+                seed,
+                height,
+                width,
+                batch_size,
+                return_bits,
+                progress,
+                keep_all=True,
+            )
+        )
+        return PipelineOutput(
+            images=[im for p in parts for im in p.images],
+            seeds=[s for p in parts for s in p.seeds],
+            prompts=[t for p in parts for t in p.prompts],
+            bits=torch.cat([p.bits for p in parts]) if return_bits else None,
+        )
 
-    def batches(self, prompts: str | Sequence[str], generator: str = "diffusion", *, num_steps: int | None = None,
-                guidance_scale: float | None = None, temperature: float | None = None, rho: float | None = None,
-                protocol: int | None = None, seed: int | None = None, height: int | None = None,
-                width: int | None = None, batch_size: int = 8, return_bits: bool = False,
-                progress: bool = True) -> Iterator[PipelineOutput]:
+    def batches(
+        self,
+        prompts: str | Sequence[str],
+        generator: str = "diffusion",
+        *,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        rho: float | None = None,
+        protocol: int | None = None,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 8,
+        return_bits: bool = False,
+        progress: bool = True,
+    ) -> Iterator[PipelineOutput]:
         """What __call__ makes, one PipelineOutput per batch of `batch_size` prompts as soon as it is decoded (for
         writing images as they come). Every argument is checked here, before the first batch is asked for, and the
         memory a batch needs is estimated (binlat.budget): a request that would not fit is a MemoryBudgetError.
         Prompts are encoded batch by batch, so their number costs time, not memory."""
-        return self._start(prompts, generator, num_steps, guidance_scale, temperature, rho, protocol, seed, height,
-                           width, batch_size, return_bits, progress, keep_all=False)
+        return self._start(
+            prompts,
+            generator,
+            num_steps,
+            guidance_scale,
+            temperature,
+            rho,
+            protocol,
+            seed,
+            height,
+            width,
+            batch_size,
+            return_bits,
+            progress,
+            keep_all=False,
+        )
 
-    def _start(self, prompts, generator, num_steps, guidance_scale, temperature, rho, protocol, seed, height, width,
-               batch_size, return_bits, progress, keep_all: bool) -> Iterator[PipelineOutput]:
+    def _start(
+        self,
+        prompts,
+        generator,
+        num_steps,
+        guidance_scale,
+        temperature,
+        rho,
+        protocol,
+        seed,
+        height,
+        width,
+        batch_size,
+        return_bits,
+        progress,
+        keep_all: bool,
+    ) -> Iterator[PipelineOutput]:
         prompts = check_prompts(prompts)
         if generator not in self.generators:
             raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
-        settings = self.sampling_settings(generator, num_steps=num_steps, guidance_scale=guidance_scale,
-                                          temperature=temperature, rho=rho, protocol=protocol)
+        settings = self.sampling_settings(
+            generator,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            rho=rho,
+            protocol=protocol,
+        )
         self.warn_vocabulary(prompts, generator)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
@@ -291,8 +438,18 @@ class Pipeline:
         base = secrets.randbelow(2**31) if seed is None else check_seed(seed, len(prompts))
         return self._batches(prompts, generator, settings, base, height, width, batch_size, return_bits, progress)
 
-    def _batches(self, prompts: list[str], generator: str, settings: dict[str, Any], base: int, height: int,
-                 width: int, batch_size: int, return_bits: bool, progress: bool) -> Iterator[PipelineOutput]:
+    def _batches(
+        self,
+        prompts: list[str],
+        generator: str,
+        settings: dict[str, Any],
+        base: int,
+        height: int,
+        width: int,
+        batch_size: int,
+        return_bits: bool,
+        progress: bool,
+    ) -> Iterator[PipelineOutput]:
         seeds = [base + i for i in range(len(prompts))]
         # Text is encoded batch by batch (20,000 prompts at once once took 8 GB); the empty prompt and the previous
         # batch's prompts are remembered, so a prompt repeated across neighbouring batches is encoded once.
@@ -315,9 +472,12 @@ class Pipeline:
             known = {p: known[p] for p in batch + [""]}
             gens = make_generators([seeds[i] for i in rows], device)
             bits = process.sample(network, cond, uncond, gens, sampling, progress=progress)
-            yield PipelineOutput(images=self.decode(bits, height, width), seeds=[seeds[i] for i in rows],
-                                 prompts=[prompts[i] for i in rows],
-                                 bits=bits.to(torch.uint8).cpu() if return_bits else None)
+            yield PipelineOutput(
+                images=self.decode(bits, height, width),
+                seeds=[seeds[i] for i in rows],
+                prompts=[prompts[i] for i in rows],
+                bits=bits.to(torch.uint8).cpu() if return_bits else None,
+            )
 
 
 def default_model_dir() -> Path | None:

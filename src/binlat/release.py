@@ -4,6 +4,7 @@ The release's architectures are facts kept here (never read from, let alone run,
 files are recognised by their keys, so a renamed file is still found; every `.pt` is read with weights_only.
 `resolve_pipeline_dir` lets Pipeline.from_pretrained take the download folder (or the Hub id) directly: the folder
 is converted once into a bundle in the Hugging Face cache, keyed by the files' hashes, and read from there after."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,12 +20,19 @@ from safetensors import safe_open
 
 from . import jsondepth, registry
 from .bundle import INDEX_NAME, PipelineConfig, write_index
-from .config import ConfigError, config_to_dict
-from .io import WeightsError, atomic_directory, read_bounded, atomic_write_bytes, check_state_dict, save_safetensors
-from .modeling import CONFIG_NAME, WEIGHTS_NAME, hub_snapshot, named_model_dir
 from .card import card_files
-from .official import (FROM_CONFIG, RELEASE_REPO, convert_config, convert_state_dict,
-                       load_official_weights, official_name, release_provenance)
+from .config import ConfigError, config_to_dict
+from .io import WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, read_bounded, save_safetensors
+from .modeling import CONFIG_NAME, WEIGHTS_NAME, hub_snapshot, named_model_dir
+from .official import (
+    FROM_CONFIG,
+    RELEASE_REPO,
+    convert_config,
+    convert_state_dict,
+    load_official_weights,
+    official_name,
+    release_provenance,
+)
 from .registry import TOKENIZER as TOKENIZER_KIND
 
 TEXT_ENCODER = "amd/AMD-OLMo-1B"
@@ -40,9 +48,19 @@ SAMPLING = {kind: FORMATS[kind].sampling for kind in GENERATOR_KINDS}
 # so official.convert_config applies that rule). The generators are built in test_diff.py / test_ar.py with 16
 # heads x 128 and AMD-OLMo-1B's depth (16) and width (2048). Token count and bits per token (num_latent_tkns,
 # codebook_size, num_img_tkns, in_channels) are read from the weights.
-TOKENIZER = {"in_channels": 3, "encoder_layers": 12, "encoder_head_dim": 64, "encoder_num_heads": 12,
-             "patch_size": 16, "axes_dims_rope": [8, 28, 28], "downsample_idx": [7], "decoder_layers": 16,
-             "decoder_head_dim": 64, "decoder_num_heads": 16, "upsample_idx": [7]}
+TOKENIZER = {
+    "in_channels": 3,
+    "encoder_layers": 12,
+    "encoder_head_dim": 64,
+    "encoder_num_heads": 12,
+    "patch_size": 16,
+    "axes_dims_rope": [8, 28, 28],
+    "downsample_idx": [7],
+    "decoder_layers": 16,
+    "decoder_head_dim": 64,
+    "decoder_num_heads": 16,
+    "upsample_idx": [7],
+}
 GENERATOR = {"num_layers": 16, "attention_head_dim": 128, "num_attention_heads": 16, "text_cond_dim": 2048}
 PART = {kind: f.part for kind, f in FORMATS.items()}  # binlat kind -> --release-config section
 ARCHITECTURE = {f.part: TOKENIZER if kind == TOKENIZER_KIND else GENERATOR for kind, f in FORMATS.items()}
@@ -66,8 +84,9 @@ def read_release_config(value: str | Path | dict | None) -> dict[str, dict[str, 
             try:
                 text = read_bounded(text, what="release config").decode("utf-8")
             except OSError as e:
-                raise ConfigError(f"--release-config {value}: cannot read ({e.strerror}); give a JSON file or "
-                                  f"JSON text") from None
+                raise ConfigError(
+                    f"--release-config {value}: cannot read ({e.strerror}); give a JSON file or JSON text"
+                ) from None
         try:
             data = jsondepth.loads(text)
         except json.JSONDecodeError as e:
@@ -77,8 +96,9 @@ def read_release_config(value: str | Path | dict | None) -> dict[str, dict[str, 
     if data is None:
         return None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ConfigError(f"{source}: expected a JSON object of objects, e.g. "
-                          f'{{"bae": {{...}}, "diffusion": {{...}}, "ar": {{...}}}}')
+        raise ConfigError(
+            f'{source}: expected a JSON object of objects, e.g. {{"bae": {{...}}, "diffusion": {{...}}, "ar": {{...}}}}'
+        )
     unknown = sorted(set(data) - set(ARCHITECTURE))
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; sections are {sorted(ARCHITECTURE)}")
@@ -133,8 +153,10 @@ def _part_config(kind: str, state: dict[str, torch.Tensor], official: dict[str, 
     official = dict(official)
     for key, (value, evidence) in _shape_facts(kind, state).items():
         if key in official and official[key] != value:
-            raise WeightsError(f"{path}: the weights have {key}={value} ({evidence}) but {source} says "
-                               f"{key}={official[key]}; pass --release-config for another architecture")
+            raise WeightsError(
+                f"{path}: the weights have {key}={value} ({evidence}) but {source} says "
+                f"{key}={official[key]}; pass --release-config for another architecture"
+            )
         official[key] = value
     config = convert_config(kind, official, f"{source} [{PART[kind]}]", scale=FROM_CONFIG)
     if kind != TOKENIZER_KIND:  # the release feeds text-encoder layer i to block i, whatever encoder is used
@@ -145,9 +167,14 @@ def _part_config(kind: str, state: dict[str, torch.Tensor], official: dict[str, 
 # --- finding the networks in a download -------------------------------------------------------------------------
 def weight_files(folder: Path) -> list[Path]:
     """Weight files in the folder and its direct subfolders (hidden ones, like huggingface-cli's .cache, skipped)."""
-    found = [p for pattern in ("*", "*/*") for p in folder.glob(pattern)
-             if p.suffix in WEIGHT_SUFFIXES and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    found = [
+        p
+        for pattern in ("*", "*/*")
+        for p in folder.glob(pattern)
+        if p.suffix in WEIGHT_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
     return sorted(found)
 
 
@@ -189,35 +216,50 @@ def find_release_files(folder: str | Path) -> dict[str, Path]:
     for path in weight_files(folder):
         kind = classify(_keys(path))
         if kind is None:
-            raise WeightsError(f"{path}: not one of the Instella-T2I networks (no tokenizer, diffusion or AR "
-                               f"parameter names); remove it from {folder}")
+            raise WeightsError(
+                f"{path}: not one of the Instella-T2I networks (no tokenizer, diffusion or AR "
+                f"parameter names); remove it from {folder}"
+            )
         found.setdefault(kind, []).append(path)
     files = {}
     for kind, paths in found.items():
         standard = [p for p in paths if p.relative_to(folder).as_posix() == STANDARD_FILES[kind]]
         if len(paths) > 1 and not standard:
-            raise WeightsError(f"{folder}: {len(paths)} {kind} checkpoints ({', '.join(p.name for p in paths)}); "
-                               f"keep one, or name it {STANDARD_FILES[kind]}")
+            raise WeightsError(
+                f"{folder}: {len(paths)} {kind} checkpoints ({', '.join(p.name for p in paths)}); "
+                f"keep one, or name it {STANDARD_FILES[kind]}"
+            )
         files[kind] = (standard or paths)[0]
     if TOKENIZER_KIND not in files:
-        raise WeightsError(f"{folder}: no tokenizer ({STANDARD_FILES[TOKENIZER_KIND]}) found; download the release "
-                           f"with {DOWNLOAD}")
+        raise WeightsError(
+            f"{folder}: no tokenizer ({STANDARD_FILES[TOKENIZER_KIND]}) found; download the release with {DOWNLOAD}"
+        )
     if not any(k in files for k in GENERATOR_KINDS):
-        raise WeightsError(f"{folder}: no generator ({' or '.join(STANDARD_FILES[k] for k in GENERATOR_KINDS)}) "
-                           f"found; download the release with {DOWNLOAD}")
+        raise WeightsError(
+            f"{folder}: no generator ({' or '.join(STANDARD_FILES[k] for k in GENERATOR_KINDS)}) "
+            f"found; download the release with {DOWNLOAD}"
+        )
     return files
 
 
 # --- conversion -------------------------------------------------------------------------------------------------
-def _write_part(kind: str, path: Path, official: dict[str, Any], source: str, out: Path,
-                dtype: torch.dtype | None, allow_nonfinite: bool = False) -> Any:
+def _write_part(
+    kind: str,
+    path: Path,
+    official: dict[str, Any],
+    source: str,
+    out: Path,
+    dtype: torch.dtype | None,
+    allow_nonfinite: bool = False,
+) -> Any:
     state = load_official_weights(path)
     config = _part_config(kind, state, official, path, source)
     converted = convert_state_dict(kind, state, config)
     with torch.device("meta"):  # only for the names and shapes: no memory, no initialisation
         model = registry.model_class(kind)(config)
-    check_state_dict(model, converted, str(path), name=lambda k: official_name(kind, k, config),
-                     allow_nonfinite=allow_nonfinite)
+    check_state_dict(
+        model, converted, str(path), name=lambda k: official_name(kind, k, config), allow_nonfinite=allow_nonfinite
+    )
     if dtype is not None:
         converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
     out.mkdir(parents=True)
@@ -226,8 +268,13 @@ def _write_part(kind: str, path: Path, official: dict[str, Any], source: str, ou
     return config
 
 
-def convert_release(folder: str | Path, out: str | Path, release_config: dict | str | Path | None = None,
-                    dtype: torch.dtype | None = None, allow_nonfinite: bool = False) -> Path:
+def convert_release(
+    folder: str | Path,
+    out: str | Path,
+    release_config: dict | str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
+) -> Path:
     """Write a complete binlat bundle from a download of the release: the tokenizer, whichever generators the
     download holds, and model_index.json (text encoder, its length, the release's sampling defaults). `dtype`
     stores the weights in that precision. Nothing is written unless every part converts; non-float or non-finite
@@ -239,21 +286,38 @@ def convert_release(folder: str | Path, out: str | Path, release_config: dict | 
     files = find_release_files(folder)
     generators = tuple(k for k in GENERATOR_KINDS if k in files)
     with atomic_directory(out) as tmp:
-        tok = _write_part(TOKENIZER_KIND, files[TOKENIZER_KIND], arch[PART[TOKENIZER_KIND]], source,
-                          tmp / TOKENIZER_KIND, dtype, allow_nonfinite)
+        tok = _write_part(
+            TOKENIZER_KIND,
+            files[TOKENIZER_KIND],
+            arch[PART[TOKENIZER_KIND]],
+            source,
+            tmp / TOKENIZER_KIND,
+            dtype,
+            allow_nonfinite,
+        )
         for kind in generators:
             cfg = _write_part(kind, files[kind], arch[PART[kind]], source, tmp / kind, dtype, allow_nonfinite)
             if (cfg.num_tokens, cfg.num_bits) != (tok.num_tokens, tok.num_bits):
-                raise WeightsError(f"{files[kind]}: the {kind} generator makes {cfg.num_tokens} tokens x "
-                                   f"{cfg.num_bits} bits but the tokenizer ({files[TOKENIZER_KIND]}) reads "
-                                   f"{tok.num_tokens} x {tok.num_bits}; they are not from one release")
-        index = PipelineConfig(text_encoder=TEXT_ENCODER, text_max_length=TEXT_MAX_LENGTH, generators=generators,
-                               image_size=IMAGE_SIZE, sampling={k: SAMPLING[k] for k in generators},
-                               description=f"Instella-T2I release, converted from {folder.resolve()}")
+                raise WeightsError(
+                    f"{files[kind]}: the {kind} generator makes {cfg.num_tokens} tokens x "
+                    f"{cfg.num_bits} bits but the tokenizer ({files[TOKENIZER_KIND]}) reads "
+                    f"{tok.num_tokens} x {tok.num_bits}; they are not from one release"
+                )
+        index = PipelineConfig(
+            text_encoder=TEXT_ENCODER,
+            text_max_length=TEXT_MAX_LENGTH,
+            generators=generators,
+            image_size=IMAGE_SIZE,
+            sampling={k: SAMPLING[k] for k in generators},
+            description=f"Instella-T2I release, converted from {folder.resolve()}",
+        )
         write_index(tmp, index)
         # The model card: the release's data and license (binlat.official), no vocabulary (open-domain captions).
-        for name, data in card_files(config_to_dict(index), config_to_dict(tok),
-                                     {k: release_provenance(k) for k in (TOKENIZER_KIND, *generators)}).items():
+        for name, data in card_files(
+            config_to_dict(index),
+            config_to_dict(tok),
+            {k: release_provenance(k) for k in (TOKENIZER_KIND, *generators)},
+        ).items():
             (tmp / name).write_bytes(data)
     return out
 
@@ -336,8 +400,9 @@ def resolve_pipeline_dir(name_or_path: str | Path, release_config: dict | str | 
         path = _download(str(name_or_path))
     if (path / INDEX_NAME).is_file():
         if release_config is not None:
-            raise ValueError(f"{name_or_path} is a binlat bundle: a release config applies only to a download "
-                             f"of the release")
+            raise ValueError(
+                f"{name_or_path} is a binlat bundle: a release config applies only to a download of the release"
+            )
         return path
     if release_config is not None or looks_like_release(path):
         return cached_bundle(path, release_config)

@@ -34,6 +34,7 @@ latent-diffusion pipeline), `generation` (tables 1-3), `efficiency` (tables 4, 6
 worker), `throughput` (table 8, training FLOPs), `run` (the driver). Tables print through
 binlat.eval.report.render_table.
 """
+
 from __future__ import annotations
 
 from .efficiency import BF16_KEYS
@@ -43,10 +44,34 @@ from .plan import PRESET_NAMES, Plan, Preset, Timing, load_preset, make_plan, pr
 from .run import COMPARISONS, run_bench
 from .training import train_worker
 
-REQUIRED_KEYS = ("ar_kv_speedup", "tokens_128_vs_4096_speedup", "e2e_512_speedup", "e2e_1024_speedup",
-                 "matmul_peak_fraction", "bf16_speedup", "sample_bound_fraction_diffusion",
-                 "sample_bound_fraction_ar")
+REQUIRED_KEYS = (
+    "ar_kv_speedup",
+    "tokens_128_vs_4096_speedup",
+    "e2e_512_speedup",
+    "e2e_1024_speedup",
+    "matmul_peak_fraction",
+    "bf16_speedup",
+    "sample_bound_fraction_diffusion",
+    "sample_bound_fraction_ar",
+)
 
-__all__ = ["BF16_KEYS", "COMPARISONS", "PRESET_NAMES", "REQUIRED_KEYS", "Measured", "Plan", "Preset", "Table",
-           "Timing", "counted_flops", "cpu_model", "diffusion_step_flops", "load_preset", "make_plan", "measure",
-           "preset_root", "run_bench", "train_worker"]
+__all__ = [
+    "BF16_KEYS",
+    "COMPARISONS",
+    "PRESET_NAMES",
+    "REQUIRED_KEYS",
+    "Measured",
+    "Plan",
+    "Preset",
+    "Table",
+    "Timing",
+    "counted_flops",
+    "cpu_model",
+    "diffusion_step_flops",
+    "load_preset",
+    "make_plan",
+    "measure",
+    "preset_root",
+    "run_bench",
+    "train_worker",
+]

@@ -1,4 +1,5 @@
 """The training worker of table 5: python -m binlat.bench --train-worker SPEC_JSON (prints one JSON line)."""
+
 import json
 import sys
 

@@ -1,4 +1,5 @@
 """The latent-diffusion baseline of table 3, built from diffusers parts of the generator's width and depth."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -21,15 +22,25 @@ def require_diffusers() -> None:
 def pixart(plan: Plan, latent: int):
     """A PixArt-style transformer with the generator's layers, heads and head width, patch 2 over 4 channels."""
     from diffusers import PixArtTransformer2DModel
+
     g = plan.generator
     return PixArtTransformer2DModel(
-        num_attention_heads=g["num_heads"], attention_head_dim=g["head_dim"], in_channels=4, out_channels=4,
-        num_layers=g["num_layers"], cross_attention_dim=g["num_heads"] * g["head_dim"], sample_size=latent,
-        patch_size=2, caption_channels=g["text_dim"], use_additional_conditions=False)
+        num_attention_heads=g["num_heads"],
+        attention_head_dim=g["head_dim"],
+        in_channels=4,
+        out_channels=4,
+        num_layers=g["num_layers"],
+        cross_attention_dim=g["num_heads"] * g["head_dim"],
+        sample_size=latent,
+        patch_size=2,
+        caption_channels=g["text_dim"],
+        use_additional_conditions=False,
+    )
 
 
 def vae(plan: Plan):
     from diffusers import AutoencoderKL
+
     return AutoencoderKL(**plan.vae)
 
 
@@ -38,6 +49,7 @@ class LatentDiffusionBaseline:
 
     def __init__(self, plan: Plan, size: int, transformer: torch.nn.Module, vae: torch.nn.Module):
         from diffusers import DDIMScheduler
+
         self.plan, self.latent = plan, size // 8
         self.transformer, self.vae = transformer.eval(), vae.eval()
         self.scheduler = DDIMScheduler(num_train_timesteps=1000)
@@ -50,9 +62,13 @@ class LatentDiffusionBaseline:
         return torch.randn(1, 4, self.latent, self.latent, generator=torch.Generator().manual_seed(seed))
 
     def step(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps = self.transformer(torch.cat((latents, latents)), encoder_hidden_states=self.text,
-                               encoder_attention_mask=self.mask, timestep=t.reshape(1).expand(2),
-                               return_dict=False)[0]
+        eps = self.transformer(
+            torch.cat((latents, latents)),
+            encoder_hidden_states=self.text,
+            encoder_attention_mask=self.mask,
+            timestep=t.reshape(1).expand(2),
+            return_dict=False,
+        )[0]
         cond, uncond = eps.chunk(2)
         eps = uncond + self.plan.guidance * (cond - uncond)
         return self.scheduler.step(eps, t, latents).prev_sample
@@ -73,6 +89,11 @@ def baseline_image(plan: Plan, size: int) -> None:
     x = torch.zeros(2, 4, size // 8, size // 8)
     text = torch.zeros(2, plan.text_length, plan.generator["text_dim"])
     for _ in range(plan.steps):
-        net(x, encoder_hidden_states=text, encoder_attention_mask=torch.ones(2, plan.text_length),
-            timestep=torch.zeros(2), return_dict=False)
+        net(
+            x,
+            encoder_hidden_states=text,
+            encoder_attention_mask=torch.ones(2, plan.text_length),
+            timestep=torch.zeros(2),
+            return_dict=False,
+        )
     decoder.decode(torch.zeros(1, 4, size // 8, size // 8))

@@ -1,4 +1,5 @@
 """FLOP formulas: the diffusion transformer's step counted analytically, anything else by torch's counter."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -7,8 +8,9 @@ from typing import Any
 from .plan import TEXT_LENGTH
 
 
-def diffusion_step_flops(config, batch: int, text_length: int = TEXT_LENGTH, num_tokens: int | None = None
-                         ) -> dict[str, int]:
+def diffusion_step_flops(
+    config, batch: int, text_length: int = TEXT_LENGTH, num_tokens: int | None = None
+) -> dict[str, int]:
     """Analytic FLOPs (2 per multiply-add) of one DiffusionTransformer forward on `batch` rows of `num_tokens`
     tokens (default: the config's) with `text_length` text positions (padded ones included: they are computed).
 
@@ -26,7 +28,7 @@ def diffusion_step_flops(config, batch: int, text_length: int = TEXT_LENGTH, num
         "text projections": 2 * n * m * config.text_dim * d,
     }
     flops = {name: config.num_layers * v for name, v in per_block.items()}
-    flops["adaLN"] += 2 * n * d * 2 * d                                    # output AdaLNContinuous
+    flops["adaLN"] += 2 * n * d * 2 * d  # output AdaLNContinuous
     flops["embed/timestep/output"] = 2 * n * (k * b * d + d + d * d + k * d * b)
     flops["total"] = sum(flops.values())
     return flops
@@ -37,6 +39,7 @@ def counted_flops(fn: Callable[[], Any]) -> int | None:
     Run on the meta device it costs nothing and counts attention as the products it decomposes into."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
+
         with FlopCounterMode(display=False) as counter:
             fn()
         return int(counter.get_total_flops())

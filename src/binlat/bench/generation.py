@@ -1,4 +1,5 @@
 """Tables 1-3: AR decoding with and without its KV cache, token count, and end to end against latent diffusion."""
+
 from __future__ import annotations
 
 import time
@@ -17,15 +18,21 @@ def bench_ar(plan: Plan, figures: dict[str, float]) -> Table:
     from ..generators import ARTransformer
     from ..processes import ARDecoding
     from ..processes.common import make_generators
-    table = Table("[1/8] AR decoding: KV cache vs full recomputation (use_cache=False, the release's algorithm)",
-                  ["tokens", "batch", "decode", "cached s/img", "per step", "n", "recompute s/img", "n", "speedup",
-                   "same bits"])
-    table.notes.append(f"ARTransformer {plan.width}, {plan.generator['num_bits']} bits/token, guidance "
-                       f"{plan.guidance:g} (cond+uncond rows), temperature 1, seeds 0..batch-1; time per image = "
-                       f"median batch time / batch")
-    table.notes.append("decode static = the default: one ARTransformer.decode_step per token over preallocated "
-                       "buffers, the same bits as the growing cache; compiled = ARDecoding(decode='compiled'), opt "
-                       "in (torch.compile of the fixed-shape step; equal to float tolerance, not bit for bit)")
+
+    table = Table(
+        "[1/8] AR decoding: KV cache vs full recomputation (use_cache=False, the release's algorithm)",
+        ["tokens", "batch", "decode", "cached s/img", "per step", "n", "recompute s/img", "n", "speedup", "same bits"],
+    )
+    table.notes.append(
+        f"ARTransformer {plan.width}, {plan.generator['num_bits']} bits/token, guidance "
+        f"{plan.guidance:g} (cond+uncond rows), temperature 1, seeds 0..batch-1; time per image = "
+        f"median batch time / batch"
+    )
+    table.notes.append(
+        "decode static = the default: one ARTransformer.decode_step per token over preallocated "
+        "buffers, the same bits as the growing cache; compiled = ARDecoding(decode='compiled'), opt "
+        "in (torch.compile of the fixed-shape step; equal to float tolerance, not bit for bit)"
+    )
     table.notes.append("warm-up: cached = one full run; recompute = its last 2 steps (a prefix fixes the others)")
     for tokens in plan.ar_tokens:
         net = seeded(lambda: ARTransformer(gen_config(plan, num_tokens=tokens)))
@@ -34,7 +41,8 @@ def bench_ar(plan: Plan, figures: dict[str, float]) -> Table:
 
             def run(cached: bool, prefix: torch.Tensor | None = None, decode: str = "static") -> torch.Tensor:
                 return ARDecoding(use_cache=cached, decode=decode).sample(
-                    net, cond, uncond, make_generators(range(batch)), guidance_scale=plan.guidance, prefix=prefix)
+                    net, cond, uncond, make_generators(range(batch)), guidance_scale=plan.guidance, prefix=prefix
+                )
 
             prefix = torch.zeros(batch, max(tokens - 2, 0), plan.generator["num_bits"])
             fast = measure(lambda: run(True), plan.timing)
@@ -53,8 +61,9 @@ def bench_ar(plan: Plan, figures: dict[str, float]) -> Table:
     if f"ar_{top}tok_b{plan.ar_batches[0]}_compiled_speedup" in figures:
         figures["ar_kv_speedup_compiled"] = figures[f"ar_{top}tok_b{plan.ar_batches[0]}_compiled_speedup"]
     for batch in plan.ar_batches:
-        table.footer.append(target(figures[f"ar_{top}tok_b{batch}_speedup"], 10, f"speedup at {top} tokens, "
-                                                                               f"batch {batch}"))
+        table.footer.append(
+            target(figures[f"ar_{top}tok_b{batch}_speedup"], 10, f"speedup at {top} tokens, batch {batch}")
+        )
     table.footer.append("per step = cached batch time / tokens: one token for the whole batch, every block")
     if figures["ar_kv_speedup"] < 10:
         step_s = figures[f"ar_{top}tok_b{plan.ar_batches[0]}_cached_s_per_image"] * plan.ar_batches[0] / top
@@ -64,13 +73,26 @@ def bench_ar(plan: Plan, figures: dict[str, float]) -> Table:
     return table
 
 
-def _ar_row(table: Table, figures: dict[str, float], key: str, decode: str, tokens: int, batch: int,
-            fast, slow) -> None:
+def _ar_row(
+    table: Table, figures: dict[str, float], key: str, decode: str, tokens: int, batch: int, fast, slow
+) -> None:
     ratio = slow.median / fast.median
     differ, total = int((fast.result != slow.result).sum()), fast.result.numel()
     same = "yes" if differ == 0 else f"NO ({differ}/{total} differ)"
-    table.rows.append([tokens, batch, decode, fmt_s(fast.median / batch), fmt_s(fast.median / tokens), fast.n,
-                       fmt_s(slow.median / batch), slow.n, fmt_x(ratio), same])
+    table.rows.append(
+        [
+            tokens,
+            batch,
+            decode,
+            fmt_s(fast.median / batch),
+            fmt_s(fast.median / tokens),
+            fast.n,
+            fmt_s(slow.median / batch),
+            slow.n,
+            fmt_x(ratio),
+            same,
+        ]
+    )
     figures[f"{key}_cached_s_per_image"] = fast.median / batch
     figures[f"{key}_recompute_s_per_image"] = slow.median / batch
     figures[f"{key}_speedup"] = ratio
@@ -81,6 +103,7 @@ def _ar_overhead(plan: Plan, tokens: int, step_s: float) -> str:
     """Why batch 1 misses: one profiled decode step, its operator count and arithmetic rate (the measured cause)."""
     from ..generators import ARTransformer
     from ..processes.common import with_guidance
+
     net = seeded(lambda: ARTransformer(gen_config(plan, num_tokens=tokens)))
     cond, uncond = prompt_pair(plan, 1)
     text = with_guidance(cond, uncond, plan.guidance)
@@ -96,24 +119,31 @@ def _ar_overhead(plan: Plan, tokens: int, step_s: float) -> str:
     if calls is None:
         return "batch 1: the step could not be profiled here"
     rate = "" if not flops else f", {flops / step_s / 1e9:.2f} GFLOP/s of arithmetic"
-    return (f"why batch 1 misses: one cached step (2 rows) runs {calls} operator calls in {fmt_s(step_s)} "
-            f"({fmt_s(step_s / calls)} each{rate}): per-operator overhead, not arithmetic; larger batches "
-            f"share it (see batch {plan.ar_batches[1]}), compiling fuses it (decode='compiled')")
+    return (
+        f"why batch 1 misses: one cached step (2 rows) runs {calls} operator calls in {fmt_s(step_s)} "
+        f"({fmt_s(step_s / calls)} each{rate}): per-operator overhead, not arithmetic; larger batches "
+        f"share it (see batch {plan.ar_batches[1]}), compiling fuses it (decode='compiled')"
+    )
 
 
 # --- 2. token count ---------------------------------------------------------------------------------------------
 def bench_tokens(plan: Plan, figures: dict[str, float]) -> Table:
     from ..processes.common import with_guidance
+
     counts = plan.token_counts
     net = diffusion_network(gen_config(plan, num_tokens=max(counts)))
     config = net.config
     cond, uncond = prompt_pair(plan, 1)
     text = with_guidance(cond, uncond, plan.guidance)  # 2 rows: one guided image
-    table = Table("[2/8] Token count: one diffusion-transformer step, 128 binary tokens vs 1,024 / 4,096 tokens",
-                  ["tokens", "step", "n", "GFLOP", "slower than 128", "FLOP ratio"])
-    table.notes.append(f"one DiffusionTransformer {plan.width}, built with num_tokens={max(counts)} (pos_emb, the "
-                       f"only size-dependent parameter, is sliced); batch 2 (cond+uncond of one image), "
-                       f"{plan.text_length} text positions")
+    table = Table(
+        "[2/8] Token count: one diffusion-transformer step, 128 binary tokens vs 1,024 / 4,096 tokens",
+        ["tokens", "step", "n", "GFLOP", "slower than 128", "FLOP ratio"],
+    )
+    table.notes.append(
+        f"one DiffusionTransformer {plan.width}, built with num_tokens={max(counts)} (pos_emb, the "
+        f"only size-dependent parameter, is sliced); batch 2 (cond+uncond of one image), "
+        f"{plan.text_length} text positions"
+    )
     base = None
     for tokens in counts:
         gen = torch.Generator().manual_seed(tokens)
@@ -122,14 +152,14 @@ def bench_tokens(plan: Plan, figures: dict[str, float]) -> Table:
         m = measure(lambda: net(x, t, text.layers, text.mask), plan.timing)
         flops = diffusion_step_flops(config, 2, plan.text_length, tokens)["total"]
         base = base or (m.median, flops)
-        table.rows.append([tokens, fmt_s(m.median), m.n, f"{flops / 1e9:.2f}", fmt_x(m.median / base[0]),
-                           fmt_x(flops / base[1])])
+        table.rows.append(
+            [tokens, fmt_s(m.median), m.n, f"{flops / 1e9:.2f}", fmt_x(m.median / base[0]), fmt_x(flops / base[1])]
+        )
         figures[f"diffusion_step_{tokens}tok_s"] = m.median
         figures[f"diffusion_step_{tokens}tok_flops"] = flops
     figures["tokens_128_vs_1024_speedup"] = figures[f"diffusion_step_{counts[1]}tok_s"] / base[0]
     figures["tokens_128_vs_4096_speedup"] = figures[f"diffusion_step_{counts[2]}tok_s"] / base[0]
-    table.footer.append(target(figures["tokens_128_vs_4096_speedup"], 25, f"{counts[0]}-token step vs "
-                                                                        f"{counts[2]}"))
+    table.footer.append(target(figures["tokens_128_vs_4096_speedup"], 25, f"{counts[0]}-token step vs {counts[2]}"))
     return table
 
 
@@ -139,37 +169,53 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
     from ..processes import BernoulliDiffusion
     from ..processes.common import make_generators
     from ..tokenizer import BinaryTokenizer, TokenizerConfig
+
     tok_cfg = TokenizerConfig(**(plan.e2e_tokenizer or plan.tokenizer))
     # The generator writes the token grid of the tokenizer that decodes it (the release's: 128 x 128 bits).
     gen_cfg = gen_config(plan, num_tokens=tok_cfg.num_tokens, num_bits=tok_cfg.num_bits)
-    table = Table("[3/8] End to end: binlat vs a latent-diffusion pipeline of diffusers parts (seconds per image)",
-                  ["size", "binlat s/img", "n", "latent-diff s/img", "n", "speedup", "binlat GFLOP", "LDM GFLOP",
-                   "FLOP ratio"])
+    table = Table(
+        "[3/8] End to end: binlat vs a latent-diffusion pipeline of diffusers parts (seconds per image)",
+        ["size", "binlat s/img", "n", "latent-diff s/img", "n", "speedup", "binlat GFLOP", "LDM GFLOP", "FLOP ratio"],
+    )
     v = plan.vae
-    table.notes.append(f"binlat: BernoulliDiffusion.sample ({plan.steps} steps, guidance {plan.guidance:g}) with "
-                       f"DiffusionTransformer {plan.width} over {gen_cfg.num_tokens} tokens x {gen_cfg.num_bits} bits"
-                       f", then BinaryTokenizer.decode at the size")
-    table.notes.append(f"tokenizer: {_tokenizer_name(plan)}: patch {tok_cfg.patch_size}, decoder "
-                       f"{tok_cfg.decoder_layers}L x {tok_cfg.decoder_dim}, 2x2 up-sampling after block(s) "
-                       f"{list(tok_cfg.upsample_after) or 'none'}, rope reference size {tok_cfg.rope_reference_size}")
-    table.notes.append(f"latent diffusion: PixArtTransformer2DModel of the same layers/heads/head_dim (+ its "
-                       f"cross-attention), patch 2, 4 channels, over the 8x-downsampled latent; {plan.steps} DDIM "
-                       f"steps with guidance (batch 2); AutoencoderKL decoder, channels "
-                       f"{tuple(v['block_out_channels'])} x {v['layers_per_block']} layers/block "
-                       f"({'SD' if v == SD_VAE else 'reduced'} config)")
+    table.notes.append(
+        f"binlat: BernoulliDiffusion.sample ({plan.steps} steps, guidance {plan.guidance:g}) with "
+        f"DiffusionTransformer {plan.width} over {gen_cfg.num_tokens} tokens x {gen_cfg.num_bits} bits"
+        f", then BinaryTokenizer.decode at the size"
+    )
+    table.notes.append(
+        f"tokenizer: {_tokenizer_name(plan)}: patch {tok_cfg.patch_size}, decoder "
+        f"{tok_cfg.decoder_layers}L x {tok_cfg.decoder_dim}, 2x2 up-sampling after block(s) "
+        f"{list(tok_cfg.upsample_after) or 'none'}, rope reference size {tok_cfg.rope_reference_size}"
+    )
+    table.notes.append(
+        f"latent diffusion: PixArtTransformer2DModel of the same layers/heads/head_dim (+ its "
+        f"cross-attention), patch 2, 4 channels, over the 8x-downsampled latent; {plan.steps} DDIM "
+        f"steps with guidance (batch 2); AutoencoderKL decoder, channels "
+        f"{tuple(v['block_out_channels'])} x {v['layers_per_block']} layers/block "
+        f"({'SD' if v == SD_VAE else 'reduced'} config)"
+    )
     if plan.e2e_composed:
-        table.notes.append(f"latent diffusion s/img at {', '.join(f'{z} px' for z in plan.e2e_composed)} COMPOSED: "
-                           f"{plan.steps} x median guided step (n runs) + one VAE decode (after a 64 px warm-up); "
-                           f"binlat images are complete runs")
+        table.notes.append(
+            f"latent diffusion s/img at {', '.join(f'{z} px' for z in plan.e2e_composed)} COMPOSED: "
+            f"{plan.steps} x median guided step (n runs) + one VAE decode (after a 64 px warm-up); "
+            f"binlat images are complete runs"
+        )
     if plan.e2e_scaled:
-        table.notes.append(f"{', '.join(f'{z} px' for z in plan.e2e_scaled)} SCALED: each side's decode time = its "
-                           f"{plan.e2e_base or plan.e2e_sizes[0]} px decode time x its decode FLOP ratio (counted); "
-                           f"the generator steps are timed at the size")
+        table.notes.append(
+            f"{', '.join(f'{z} px' for z in plan.e2e_scaled)} SCALED: each side's decode time = its "
+            f"{plan.e2e_base or plan.e2e_sizes[0]} px decode time x its decode FLOP ratio (counted); "
+            f"the generator steps are timed at the size"
+        )
     if plan.small_warmup:
-        table.notes.append(f"binlat warm-up: one full image at {8 * tok_cfg.size_multiple} px (same code path), "
-                           f"then timed runs at the size")
-    table.notes.append("GFLOP: matrix products and convolutions per image (torch FlopCounterMode on the meta "
-                       "device); both sides random init, float32, same threads")
+        table.notes.append(
+            f"binlat warm-up: one full image at {8 * tok_cfg.size_multiple} px (same code path), "
+            f"then timed runs at the size"
+        )
+    table.notes.append(
+        "GFLOP: matrix products and convolutions per image (torch FlopCounterMode on the meta "
+        "device); both sides random init, float32, same threads"
+    )
     gen = diffusion_network(gen_cfg)
     tokenizer = seeded(lambda: BinaryTokenizer(tok_cfg))
     cond, uncond = prompt_pair(plan, 1)
@@ -178,8 +224,9 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
     warm_size = 8 * tok_cfg.size_multiple if plan.small_warmup else None
 
     def sample() -> torch.Tensor:
-        return process.sample(gen, cond, uncond, make_generators([0]), num_steps=plan.steps,
-                              guidance_scale=plan.guidance)
+        return process.sample(
+            gen, cond, uncond, make_generators([0]), num_steps=plan.steps, guidance_scale=plan.guidance
+        )
 
     def binlat_image(size: int) -> torch.Tensor:
         return tokenizer.decode(sample(), size, size)
@@ -195,25 +242,29 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
         ours_b = measure(lambda: binlat_image(b), plan.timing, warmup=warm)
         ldm_b = LatentDiffusionBaseline(plan, b, seeded(lambda: pixart(plan, b // 8), 2), decoder)
         latents_b = ldm_b.noise()
-        vae_b = measure(lambda: ldm_b.decode(latents_b), plan.timing, warmup=lambda: ldm_b.decode(small),
-                        max_runs=1)
-        base.update(size=b, ours_decode=max(ours_b.median - sampling.median, 0.0), ours_n=ours_b.n,
-                    ldm_decode=vae_b.median)
+        vae_b = measure(lambda: ldm_b.decode(latents_b), plan.timing, warmup=lambda: ldm_b.decode(small), max_runs=1)
+        base.update(
+            size=b, ours_decode=max(ours_b.median - sampling.median, 0.0), ours_n=ours_b.n, ldm_decode=vae_b.median
+        )
         figures[f"e2e_{b}_binlat_decode_s"], figures[f"e2e_{b}_ldm_decode_s"] = base["ours_decode"], vae_b.median
-        table.footer.append(f"scaled from {b} px: binlat decode {fmt_s(base['ours_decode'])} (n={ours_b.n}), VAE "
-                            f"decode {fmt_s(vae_b.median)} (n={vae_b.n}), both measured")
+        table.footer.append(
+            f"scaled from {b} px: binlat decode {fmt_s(base['ours_decode'])} (n={ours_b.n}), VAE "
+            f"decode {fmt_s(vae_b.median)} (n={vae_b.n}), both measured"
+        )
     for size in plan.e2e_sizes:
         tokenizer.check_size(size, size)
         baseline = LatentDiffusionBaseline(plan, size, seeded(lambda: pixart(plan, size // 8), 2), decoder)
         latents, t = baseline.noise(), baseline.scheduler.timesteps[0]
         if size in plan.e2e_scaled:
             first = base["size"]
-            ours_s = sampling.median + base["ours_decode"] * (_decode_flops(tok_cfg, size) / _decode_flops(tok_cfg,
-                                                                                                       first))
+            ours_s = sampling.median + base["ours_decode"] * (
+                _decode_flops(tok_cfg, size) / _decode_flops(tok_cfg, first)
+            )
             ours_n = f"{sampling.n}+{base['ours_n']}"
             step = measure(lambda: baseline.step(latents, t), plan.timing)
-            theirs_s = plan.steps * step.median + base["ldm_decode"] * (_vae_flops(plan, size) / _vae_flops(plan,
-                                                                                                         first))
+            theirs_s = plan.steps * step.median + base["ldm_decode"] * (
+                _vae_flops(plan, size) / _vae_flops(plan, first)
+            )
             theirs_n = f"{step.n}+scaled"
             figures[f"e2e_{size}_ldm_step_s"] = step.median
         else:
@@ -224,8 +275,9 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
             base.setdefault("ours_n", ours.n)
             if size in plan.e2e_composed:
                 step = measure(lambda: baseline.step(latents, t), plan.timing)
-                decode = measure(lambda: baseline.decode(latents), plan.timing,
-                                 warmup=lambda: baseline.decode(small), max_runs=1)
+                decode = measure(
+                    lambda: baseline.decode(latents), plan.timing, warmup=lambda: baseline.decode(small), max_runs=1
+                )
                 theirs_s, theirs_n = plan.steps * step.median + decode.median, f"{step.n}+{decode.n}"
                 figures[f"e2e_{size}_ldm_step_s"] = step.median
                 figures[f"e2e_{size}_ldm_decode_s"] = decode.median
@@ -237,10 +289,23 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
         ours_flops, theirs_flops = e2e_flops(plan, gen_cfg, tok_cfg, size)
         flop_ratio = theirs_flops / ours_flops if ours_flops and theirs_flops else None
         gf = lambda f: "n/a" if f is None else f"{f / 1e9:.1f}"  # noqa: E731
-        table.rows.append([f"{size} px", fmt_s(ours_s), ours_n, fmt_s(theirs_s), theirs_n, fmt_x(ratio),
-                           gf(ours_flops), gf(theirs_flops), "n/a" if flop_ratio is None else fmt_x(flop_ratio)])
-        table.footer.append(f"{size} px: binlat = sampling {fmt_s(sampling.median)} (timed alone, n={sampling.n}) "
-                            f"+ decode ~{fmt_s(max(ours_s - sampling.median, 0.0))}")
+        table.rows.append(
+            [
+                f"{size} px",
+                fmt_s(ours_s),
+                ours_n,
+                fmt_s(theirs_s),
+                theirs_n,
+                fmt_x(ratio),
+                gf(ours_flops),
+                gf(theirs_flops),
+                "n/a" if flop_ratio is None else fmt_x(flop_ratio),
+            ]
+        )
+        table.footer.append(
+            f"{size} px: binlat = sampling {fmt_s(sampling.median)} (timed alone, n={sampling.n}) "
+            f"+ decode ~{fmt_s(max(ours_s - sampling.median, 0.0))}"
+        )
         figures[f"e2e_{size}_binlat_s_per_image"] = ours_s
         figures[f"e2e_{size}_ldm_s_per_image"] = theirs_s
         figures[f"e2e_{size}_speedup"] = ratio
@@ -250,11 +315,13 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
     table.footer.append(target(figures[f"e2e_{small}_speedup"], 6, f"at {small} px"))
     table.footer.append(target(figures[f"e2e_{large}_speedup"], 20, f"at {large} px"))
     if figures[f"e2e_{large}_speedup"] < 20 and f"e2e_{large}_flop_ratio" in figures:
-        table.footer.append(f"why {large} px misses: the pipelines' FLOP ratio is only "
-                            f"{fmt_x(figures[f'e2e_{large}_flop_ratio'])}: the tokenizer's decoder costs "
-                            f"{_decode_flops(tok_cfg, large) / 1e9:.0f} GFLOP per image, the VAE decoder "
-                            f"{_vae_flops(plan, large) / 1e9:.0f} GFLOP; the decoders dominate both sides, so their "
-                            f"FLOPs set the ratio")
+        table.footer.append(
+            f"why {large} px misses: the pipelines' FLOP ratio is only "
+            f"{fmt_x(figures[f'e2e_{large}_flop_ratio'])}: the tokenizer's decoder costs "
+            f"{_decode_flops(tok_cfg, large) / 1e9:.0f} GFLOP per image, the VAE decoder "
+            f"{_vae_flops(plan, large) / 1e9:.0f} GFLOP; the decoders dominate both sides, so their "
+            f"FLOPs set the ratio"
+        )
     return table
 
 
@@ -266,6 +333,7 @@ def _tokenizer_name(plan: Plan) -> str:
 
 def _decode_flops(tok_cfg, size: int) -> float:
     from ..tokenizer import BinaryTokenizer
+
     with torch.device("meta"):
         tok = BinaryTokenizer(tok_cfg)
         bits = torch.zeros(1, tok_cfg.num_tokens, tok_cfg.num_bits)
@@ -282,7 +350,9 @@ def e2e_flops(plan: Plan, gen_cfg, tok_cfg, size: int) -> tuple[int | None, int 
     """Per-image FLOPs of both pipelines, counted on the meta device (no memory, no time)."""
     from ..generators import DiffusionTransformer
     from ..tokenizer import BinaryTokenizer
+
     with torch.device("meta"):
+
         def ours() -> None:
             net, tok = DiffusionTransformer(gen_cfg), BinaryTokenizer(tok_cfg)
             text = [torch.zeros(2, plan.text_length, gen_cfg.text_dim)] * gen_cfg.num_layers

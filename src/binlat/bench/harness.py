@@ -1,4 +1,5 @@
 """The timing harness: medians after warm-up, the machine's matmul peak and load, memory probes, table cells."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,9 @@ class Measured:
         return len(self.times)
 
 
-def measure(fn: Callable[[], Any], timing: Timing, warmup: Callable[[], Any] | None = None,
-            max_runs: int | None = None) -> Measured:
+def measure(
+    fn: Callable[[], Any], timing: Timing, warmup: Callable[[], Any] | None = None, max_runs: int | None = None
+) -> Measured:
     """Warm up (with `warmup` if given, else fn itself), then time fn repeatedly; keep the last result."""
     for _ in range(timing.warmup):
         (warmup or fn)()
@@ -59,13 +61,28 @@ def matmul_peak(size: int, dtype: torch.dtype, timing: Timing, runs: int = 7) ->
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(dtype)
     b = torch.randn(size, size, generator=gen).to(dtype)
-    m = measure(lambda: torch.matmul(a, b), replace(timing, warmup=max(2, timing.warmup), min_runs=min(runs, 3),
-                                                   max_runs=max(runs, timing.max_runs), budget_s=2.0))
-    return 2 * size ** 3 / m.median, m
+    m = measure(
+        lambda: torch.matmul(a, b),
+        replace(
+            timing,
+            warmup=max(2, timing.warmup),
+            min_runs=min(runs, 3),
+            max_runs=max(runs, timing.max_runs),
+            budget_s=2.0,
+        ),
+    )
+    return 2 * size**3 / m.median, m
 
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_linear",
-              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
+MATMUL_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::mkldnn_linear",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_attention_math",
+)
 
 
 @contextlib.contextmanager
@@ -86,6 +103,7 @@ def matmul_time_split(fn: Callable[[], Any]) -> tuple[float, float] | None:
     """(seconds inside matrix-product kernels, seconds in every operator) of one profiled call of fn."""
     try:
         from torch.profiler import ProfilerActivity, profile
+
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
         events = prof.key_averages()
@@ -100,6 +118,7 @@ def operator_calls(fn: Callable[[], Any]) -> int | None:
     """How many top-level aten operators one call of fn runs (after one unprofiled warm-up call)."""
     try:
         from torch.profiler import ProfilerActivity, profile
+
         fn()
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
@@ -111,6 +130,7 @@ def operator_calls(fn: Callable[[], Any]) -> int | None:
 # --- the machine ------------------------------------------------------------------------------------------------
 def cpu_model() -> str:
     from ..hardware import cpu_info
+
     return cpu_info().model
 
 
@@ -118,13 +138,19 @@ def hardware_report(plan: Plan) -> dict[str, Any]:
     """The CPU, the flags that decide its speed, threads, and its measured float32 and bfloat16 matmul peaks (the
     bf16 one on a small product where bf16 is emulated, which would otherwise take seconds per product)."""
     from ..hardware import bf16_native, cpu_info
+
     native = bf16_native("cpu")
     fp32, _ = matmul_peak(plan.peak_size, torch.float32, plan.timing)
     bf16_size = plan.peak_size if native else min(plan.peak_size, 256)
     bf16, _ = matmul_peak(bf16_size, torch.bfloat16, plan.timing)
-    return {**cpu_info().as_dict(), "torch_threads": torch.get_num_threads(), "bf16_native": native,
-            "matmul_peak_fp32_gflops": fp32 / 1e9, "matmul_peak_bf16_gflops": bf16 / 1e9,
-            "matmul_peak_sizes": {"float32": plan.peak_size, "bfloat16": bf16_size}}
+    return {
+        **cpu_info().as_dict(),
+        "torch_threads": torch.get_num_threads(),
+        "bf16_native": native,
+        "matmul_peak_fp32_gflops": fp32 / 1e9,
+        "matmul_peak_bf16_gflops": bf16 / 1e9,
+        "matmul_peak_sizes": {"float32": plan.peak_size, "bfloat16": bf16_size},
+    }
 
 
 class CpuLoad:
@@ -214,9 +240,14 @@ class Table:
     title: str
     columns: list[str]
     rows: list[list[Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)   # what exactly was measured
+    notes: list[str] = field(default_factory=list)  # what exactly was measured
     footer: list[str] = field(default_factory=list)  # verdicts, counts
 
     def to_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "notes": self.notes, "columns": self.columns, "rows": self.rows,
-                "footer": self.footer}
+        return {
+            "title": self.title,
+            "notes": self.notes,
+            "columns": self.columns,
+            "rows": self.rows,
+            "footer": self.footer,
+        }

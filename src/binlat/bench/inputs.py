@@ -1,4 +1,5 @@
 """What the comparisons feed the networks: random networks and a fixed random 'prompt' of the right shape."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,27 +13,30 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 
-def text_features(batch: int, layers: int, dim: int, length: int = TEXT_LENGTH, real: int = TEXT_REAL,
-                  seed: int = 1):
+def text_features(batch: int, layers: int, dim: int, length: int = TEXT_LENGTH, real: int = TEXT_REAL, seed: int = 1):
     """A fixed random 'prompt': one [batch, length, dim] state per layer (the same text in every row), left-padded
     with `real` real tokens at the end."""
     from ..text import TextFeatures
+
     gen = torch.Generator().manual_seed(seed)
     states = [torch.randn(1, length, dim, generator=gen).expand(batch, -1, -1).contiguous() for _ in range(layers)]
     mask = torch.zeros(batch, length, dtype=torch.bool)
-    mask[:, length - real:] = True
+    mask[:, length - real :] = True
     return TextFeatures(states, mask)
 
 
 def prompt_pair(plan: Plan, batch: int, layers: int | None = None):
     g = plan.generator
     layers = g["num_layers"] if layers is None else layers
-    return (text_features(batch, layers, g["text_dim"], plan.text_length, TEXT_REAL, seed=1),
-            text_features(1, layers, g["text_dim"], plan.text_length, UNCOND_REAL, seed=2))
+    return (
+        text_features(batch, layers, g["text_dim"], plan.text_length, TEXT_REAL, seed=1),
+        text_features(1, layers, g["text_dim"], plan.text_length, UNCOND_REAL, seed=2),
+    )
 
 
 def gen_config(plan: Plan, **overrides):
     from ..generators import GeneratorConfig
+
     return GeneratorConfig(**{**plan.generator, **overrides})
 
 
@@ -47,6 +51,7 @@ def diffusion_network(config, seed: int = 0) -> torch.nn.Module:
     every block is then the identity, and output-level comparisons (bf16 agreement) would only see the
     embedding and output layers. Timing is the same either way."""
     from ..generators import DiffusionTransformer
+
     net = seeded(lambda: DiffusionTransformer(config), seed)
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """What a bench run measures: the preset's model sizes (read from the packaged training configs) and the mode."""
+
 from __future__ import annotations
 
 import functools
@@ -10,14 +11,20 @@ from typing import Any
 from ..registry import TOKENIZER, model_kinds
 
 QUICK_THROUGHPUT_STEPS = 4  # --quick: table 8 times this many diffusion steps of the 20
-PAPER_TOKENS = 128          # the paper's token count at 512 px (comparisons 2-4 use it with the preset's width)
-TEXT_LENGTH = 32            # the fixed text: 32 positions, left-padded
+PAPER_TOKENS = 128  # the paper's token count at 512 px (comparisons 2-4 use it with the preset's width)
+TEXT_LENGTH = 32  # the fixed text: 32 positions, left-padded
 TEXT_REAL, UNCOND_REAL = 12, 2  # real (unmasked) tokens of the prompt and of the empty prompt
 # The families whose sizes make_plan knows how to fit to a CPU; each is a name under configs/<kind>/.
 PRESET_NAMES = ("shapes-64", "paper-512")
 
-SD_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-              block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32)
+SD_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+)
 
 
 # --- presets ----------------------------------------------------------------------------------------------------
@@ -26,12 +33,12 @@ class Preset:
     """Model sizes and training settings of one family of configs (configs/{tokenizer,diffusion,ar}/<name>.json)."""
 
     name: str
-    tokenizer: dict[str, Any]   # TokenizerConfig fields (image_size included)
-    generator: dict[str, Any]   # GeneratorConfig fields at the preset's own token count
+    tokenizer: dict[str, Any]  # TokenizerConfig fields (image_size included)
+    generator: dict[str, Any]  # GeneratorConfig fields at the preset's own token count
     image_size: int
     tokenizer_batch: int
     generator_batch: int
-    mixed_precision: bool = False      # training configs ask for bf16 autocast
+    mixed_precision: bool = False  # training configs ask for bf16 autocast
     grad_checkpointing: bool = False
     training: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> its whole training config (JSON)
 
@@ -61,6 +68,7 @@ def load_preset(name: str) -> Preset:
     from ..config import ConfigError, config_from_dict
     from ..tokenizer import TokenizerConfig
     from ..train.config import TrainConfig
+
     if name not in PRESET_NAMES:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESET_NAMES)}")
     configs: dict[str, dict[str, Any]] = {}
@@ -70,11 +78,15 @@ def load_preset(name: str) -> Preset:
             configs[kind] = json.loads(path.read_text(encoding="utf-8"))
             config_from_dict(TrainConfig, configs[kind], f"presets/{kind}/{name}.json")
         except FileNotFoundError:
-            raise ValueError(f"preset {name}: presets/{kind}/{name}.json is missing from the installed binlat "
-                             f"package; reinstall binlat") from None
+            raise ValueError(
+                f"preset {name}: presets/{kind}/{name}.json is missing from the installed binlat "
+                f"package; reinstall binlat"
+            ) from None
         except (json.JSONDecodeError, ConfigError) as e:
-            raise ValueError(f"preset {name}: presets/{kind}/{name}.json is not a valid training config ({e}); "
-                             f"fix configs/{kind}/{name}.json") from None
+            raise ValueError(
+                f"preset {name}: presets/{kind}/{name}.json is not a valid training config ({e}); "
+                f"fix configs/{kind}/{name}.json"
+            ) from None
     tok = configs[TOKENIZER]
     image_size = tok.get("image_size", TrainConfig.image_size)
     tokenizer = _tuples({**tok.get("model", {}), "image_size": image_size})
@@ -82,19 +94,27 @@ def load_preset(name: str) -> Preset:
     try:
         tok_cfg = config_from_dict(TokenizerConfig, tokenizer, "model")
     except ValueError as e:
-        raise ValueError(f"preset {name}: presets/tokenizer/{name}.json: {e}; fix configs/tokenizer/{name}.json"
-                         ) from None
+        raise ValueError(
+            f"preset {name}: presets/tokenizer/{name}.json: {e}; fix configs/tokenizer/{name}.json"
+        ) from None
     grid = {"num_tokens": tok_cfg.num_tokens, "num_bits": tok_cfg.num_bits}
     generators = [_tuples({**grid, **configs[k].get("model", {})}) for k in GENERATOR_KINDS]
     if any(g != generators[0] for g in generators):
-        raise ValueError(f"preset {name}: {' and '.join(f'configs/{k}/{name}.json' for k in GENERATOR_KINDS)} give "
-                         f"the generators different sizes; the bench times one generator width, so make them agree")
-    return Preset(name=name, tokenizer=tokenizer, generator=generators[0], image_size=image_size,
-                  tokenizer_batch=tok.get("batch_size", TrainConfig.batch_size),
-                  generator_batch=configs[GENERATOR_KINDS[0]].get("batch_size", TrainConfig.batch_size),
-                  mixed_precision=any(c.get("mixed_precision", "no") == "bf16" for c in configs.values()),
-                  grad_checkpointing=any(c.get("grad_checkpointing", False) for c in configs.values()),
-                  training=configs)
+        raise ValueError(
+            f"preset {name}: {' and '.join(f'configs/{k}/{name}.json' for k in GENERATOR_KINDS)} give "
+            f"the generators different sizes; the bench times one generator width, so make them agree"
+        )
+    return Preset(
+        name=name,
+        tokenizer=tokenizer,
+        generator=generators[0],
+        image_size=image_size,
+        tokenizer_batch=tok.get("batch_size", TrainConfig.batch_size),
+        generator_batch=configs[GENERATOR_KINDS[0]].get("batch_size", TrainConfig.batch_size),
+        mixed_precision=any(c.get("mixed_precision", "no") == "bf16" for c in configs.values()),
+        grad_checkpointing=any(c.get("grad_checkpointing", False) for c in configs.values()),
+        training=configs,
+    )
 
 
 # The shipped model's recipe: stage 1 of its tokenizer, then both generators of the preset on that token grid.
@@ -114,24 +134,42 @@ def shipped_recipe(p: Preset) -> tuple[str, dict[str, Any], dict[str, Any], dict
     tokenizer = _tuples({**tok["model"], "image_size": tok.get("image_size", p.image_size)})
     generator = dict(p.generator, num_tokens=tokenizer["num_tokens"], num_bits=tokenizer["num_bits"])
     configs[TOKENIZER] = tok
-    return (f"the shipped recipe (presets/tokenizer/{name}.json, then the {p.name} generators on its "
-            f"{tokenizer['num_tokens']} x {tokenizer['num_bits']} bits)", tokenizer, generator, configs)
+    return (
+        f"the shipped recipe (presets/tokenizer/{name}.json, then the {p.name} generators on its "
+        f"{tokenizer['num_tokens']} x {tokenizer['num_bits']} bits)",
+        tokenizer,
+        generator,
+        configs,
+    )
 
 
 def release_tokenizer() -> dict[str, Any]:
     """TokenizerConfig fields of the Instella-T2I release's tokenizer (presets/tokenizer/release.json)."""
     path = preset_root().joinpath(TOKENIZER, "release.json")
     if not path.is_file():
-        raise ValueError("presets/tokenizer/release.json is missing from the installed binlat package; reinstall "
-                         "binlat")
+        raise ValueError(
+            "presets/tokenizer/release.json is missing from the installed binlat package; reinstall binlat"
+        )
     cfg = json.loads(path.read_text(encoding="utf-8"))
     return _tuples({**cfg["model"], "image_size": cfg.get("image_size", 1024)})
 
 
 # --tiny: widths small enough that every code path runs in seconds (the test suite's mode).
-_TINY_TOKENIZER = dict(patch_size=8, num_tokens=16, num_bits=8, encoder_layers=1, encoder_heads=1,
-                       encoder_head_dim=16, decoder_layers=1, decoder_heads=1, decoder_head_dim=16,
-                       rope_axes_dims=(4, 6, 6), downsample_after=(), upsample_after=(), image_size=32)
+_TINY_TOKENIZER = dict(
+    patch_size=8,
+    num_tokens=16,
+    num_bits=8,
+    encoder_layers=1,
+    encoder_heads=1,
+    encoder_head_dim=16,
+    decoder_layers=1,
+    decoder_heads=1,
+    decoder_head_dim=16,
+    rope_axes_dims=(4, 6, 6),
+    downsample_after=(),
+    upsample_after=(),
+    image_size=32,
+)
 _TINY_GENERATOR = dict(num_tokens=16, num_bits=8, text_dim=24, num_layers=2, num_heads=2, head_dim=16)
 
 
@@ -151,25 +189,25 @@ class Plan:
     """Everything a run measures, resolved from a preset and a mode; `notes` record every reduction made."""
 
     preset: Preset
-    mode: str                       # full | quick | tiny
+    mode: str  # full | quick | tiny
     timing: Timing
     tokenizer: dict[str, Any]
-    generator: dict[str, Any]       # preset's token count
+    generator: dict[str, Any]  # preset's token count
     e2e_tokenizer: dict[str, Any] | None = None  # the decoder of table 3, when it differs from `tokenizer`
     e2e_tokenizer_name: str = "preset"  # which one it is, as the output names it
     text_length: int = TEXT_LENGTH
     paper_tokens: int = PAPER_TOKENS
     ar_tokens: tuple[int, ...] = (PAPER_TOKENS,)
     ar_batches: tuple[int, int] = (1, 8)
-    ar_compiled: bool = False       # also time ARDecoding(decode="compiled") at the first batch (compiles once)
+    ar_compiled: bool = False  # also time ARDecoding(decode="compiled") at the first batch (compiles once)
     token_counts: tuple[int, int, int] = (128, 1024, 4096)
     e2e_sizes: tuple[int, int] = (512, 1024)
     steps: int = 20
     guidance: float = 7.5
     e2e_composed: tuple[int, ...] = ()  # sizes whose baseline image = steps x median step + one decode
-    e2e_scaled: tuple[int, ...] = ()    # sizes whose decode times (both sides) = the base size's x FLOP ratio
-    e2e_base: int | None = None         # the size those are measured at (else the first size measured)
-    small_warmup: bool = False      # expensive single runs warm up on a smaller input of the same code path
+    e2e_scaled: tuple[int, ...] = ()  # sizes whose decode times (both sides) = the base size's x FLOP ratio
+    e2e_base: int | None = None  # the size those are measured at (else the first size measured)
+    small_warmup: bool = False  # expensive single runs warm up on a smaller input of the same code path
     vae: dict[str, Any] = field(default_factory=dict)
     efficiency_batch: int = 64
     efficiency_compiled: bool = False  # also time the torch.compile'd step (compiles once)
@@ -179,7 +217,7 @@ class Plan:
     train_steps: int = 3
     train_bf16: bool = False
     train_checkpointing: bool = False
-    train_compiled: bool = False    # the training configs' compiled forward as they set it (else eager)
+    train_compiled: bool = False  # the training configs' compiled forward as they set it (else eager)
     codec_batch: int = 32
     # Table 8 and the training stages of table 5: the shipped recipe's sizes (see shipped_recipe).
     shipped_name: str = ""
@@ -202,28 +240,57 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
     if quick and tiny:
         raise ValueError("--quick and --tiny are different modes; give one")
     if tiny:
-        return Plan(preset=p, mode="tiny", timing=Timing(1, 1, 1, 0.0), tokenizer=dict(_TINY_TOKENIZER),
-                    generator=dict(_TINY_GENERATOR), ar_tokens=(16,), ar_batches=(1, 2), steps=2,
-                    e2e_composed=(512,), e2e_scaled=(1024,), e2e_base=64, small_warmup=True,
-                    vae=dict(SD_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
-                    efficiency_batch=4, peak_size=256,
-                    wide_check=dict(num_layers=1, num_heads=4, head_dim=16, batch=2),
-                    train_batches=train_batches(tokenizer=2, generator=4),
-                    train_steps=1, codec_batch=2, bf16_batch=2, shipped_name="tiny sizes",
-                    shipped_tokenizer=dict(_TINY_TOKENIZER), shipped_generator=dict(_TINY_GENERATOR),
-                    train_configs=dict(p.training), throughput_batch=4,
-                    notes=["TINY mode: tiny widths (generator 2L x 2H x 16, tokenizer 1+1 blocks of 16, VAE 8 "
-                           "channels), 2 diffusion steps, 1 run each; exercises every code path, figures mean "
-                           "nothing"])
-    plan = Plan(preset=p, mode="quick" if quick else "full",
-                timing=Timing(1, 1, 3, 3.0) if quick else Timing(1, 3, 10, 30.0),
-                tokenizer=dict(p.tokenizer), generator=dict(p.generator), vae=dict(SD_VAE),
-                efficiency_batch=min(p.generator_batch, 64),
-                train_batches=train_batches(p.tokenizer_batch, p.generator_batch),
-                train_bf16=p.mixed_precision, train_checkpointing=p.grad_checkpointing,
-                codec_batch=min(p.tokenizer_batch, 32), e2e_composed=(512, 1024) if quick else (),
-                small_warmup=quick, ar_compiled=not quick, efficiency_compiled=not quick,
-                train_compiled=not quick, train_steps=2 if quick else 5)
+        return Plan(
+            preset=p,
+            mode="tiny",
+            timing=Timing(1, 1, 1, 0.0),
+            tokenizer=dict(_TINY_TOKENIZER),
+            generator=dict(_TINY_GENERATOR),
+            ar_tokens=(16,),
+            ar_batches=(1, 2),
+            steps=2,
+            e2e_composed=(512,),
+            e2e_scaled=(1024,),
+            e2e_base=64,
+            small_warmup=True,
+            vae=dict(SD_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+            efficiency_batch=4,
+            peak_size=256,
+            wide_check=dict(num_layers=1, num_heads=4, head_dim=16, batch=2),
+            train_batches=train_batches(tokenizer=2, generator=4),
+            train_steps=1,
+            codec_batch=2,
+            bf16_batch=2,
+            shipped_name="tiny sizes",
+            shipped_tokenizer=dict(_TINY_TOKENIZER),
+            shipped_generator=dict(_TINY_GENERATOR),
+            train_configs=dict(p.training),
+            throughput_batch=4,
+            notes=[
+                "TINY mode: tiny widths (generator 2L x 2H x 16, tokenizer 1+1 blocks of 16, VAE 8 "
+                "channels), 2 diffusion steps, 1 run each; exercises every code path, figures mean "
+                "nothing"
+            ],
+        )
+    plan = Plan(
+        preset=p,
+        mode="quick" if quick else "full",
+        timing=Timing(1, 1, 3, 3.0) if quick else Timing(1, 3, 10, 30.0),
+        tokenizer=dict(p.tokenizer),
+        generator=dict(p.generator),
+        vae=dict(SD_VAE),
+        efficiency_batch=min(p.generator_batch, 64),
+        train_batches=train_batches(p.tokenizer_batch, p.generator_batch),
+        train_bf16=p.mixed_precision,
+        train_checkpointing=p.grad_checkpointing,
+        codec_batch=min(p.tokenizer_batch, 32),
+        e2e_composed=(512, 1024) if quick else (),
+        small_warmup=quick,
+        ar_compiled=not quick,
+        efficiency_compiled=not quick,
+        train_compiled=not quick,
+        train_steps=2 if quick else 5,
+    )
     plan.shipped_name, plan.shipped_tokenizer, plan.shipped_generator, plan.train_configs = shipped_recipe(p)
     plan.train_batches = {k: plan.train_configs[k].get("batch_size", v) for k, v in plan.train_batches.items()}
     # Table 3 decodes with the release's own tokenizer at every size (patch 16, 2x2 stage after block 7).
@@ -233,30 +300,41 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
         plan.throughput_steps = QUICK_THROUGHPUT_STEPS
     paper_width = load_preset("paper-512").generator
     if p.generator["num_heads"] * p.generator["head_dim"] != paper_width["num_heads"] * paper_width["head_dim"]:
-        plan.wide_check = dict(num_layers=1, num_heads=paper_width["num_heads"], head_dim=paper_width["head_dim"],
-                               text_dim=paper_width["text_dim"], batch=16)
+        plan.wide_check = dict(
+            num_layers=1,
+            num_heads=paper_width["num_heads"],
+            head_dim=paper_width["head_dim"],
+            text_dim=paper_width["text_dim"],
+            batch=16,
+        )
     if p.generator["num_tokens"] != PAPER_TOKENS and not quick:
         plan.ar_tokens = (p.generator["num_tokens"], PAPER_TOKENS)
     if quick:
-        plan.notes.append(f"QUICK mode: up to 3 timed runs per figure (1 for runs over 3 s); expensive single runs "
-                          f"warm up on a smaller input; the latent-diffusion baseline image is composed as "
-                          f"20 x (median guided step) + one VAE decode; at {plan.e2e_sizes[0]} and "
-                          f"{plan.e2e_sizes[1]} px both decoders' times are their 256 px times x their FLOP ratio; "
-                          f"diffusion throughput times {QUICK_THROUGHPUT_STEPS} of its {plan.steps} steps and scales; "
-                          f"compiled AR decoding and the compiled step are not timed")
+        plan.notes.append(
+            f"QUICK mode: up to 3 timed runs per figure (1 for runs over 3 s); expensive single runs "
+            f"warm up on a smaller input; the latent-diffusion baseline image is composed as "
+            f"20 x (median guided step) + one VAE decode; at {plan.e2e_sizes[0]} and "
+            f"{plan.e2e_sizes[1]} px both decoders' times are their 256 px times x their FLOP ratio; "
+            f"diffusion throughput times {QUICK_THROUGHPUT_STEPS} of its {plan.steps} steps and scales; "
+            f"compiled AR decoding and the compiled step are not timed"
+        )
     if preset == "paper-512":
         # The paper's sizes do not fit this machine's memory for training, nor its time budget for generation.
         plan.train_batches = train_batches(tokenizer=4, generator=16)
-        plan.notes.append("paper-512: training runs micro-batches (tokenizer 4, generators 16 of the preset's "
-                          f"{p.tokenizer_batch} / {p.generator_batch}); images/s is per micro-batch step")
+        plan.notes.append(
+            "paper-512: training runs micro-batches (tokenizer 4, generators 16 of the preset's "
+            f"{p.tokenizer_batch} / {p.generator_batch}); images/s is per micro-batch step"
+        )
         plan.efficiency_batch, plan.codec_batch, plan.bf16_batch = 16, 4, 2
         plan.throughput_batch = 4
         if quick:
             plan.generator.update(num_layers=2)
             plan.tokenizer.update(encoder_layers=2, decoder_layers=2, downsample_after=(0,), upsample_after=(0,))
-            plan.notes.append("paper-512 QUICK: depth reduced to 2 of 16 blocks for the generators (and the PixArt "
-                              "baseline), to 2+2 of 12+16 blocks for the tokenizer in tables 5-7 (widths as in the "
-                              "paper); table 3 decodes with the full release tokenizer, against the full SD VAE")
+            plan.notes.append(
+                "paper-512 QUICK: depth reduced to 2 of 16 blocks for the generators (and the PixArt "
+                "baseline), to 2+2 of 12+16 blocks for the tokenizer in tables 5-7 (widths as in the "
+                "paper); table 3 decodes with the full release tokenizer, against the full SD VAE"
+            )
     if preset == "paper-512":
         plan.shipped_tokenizer, plan.shipped_generator = dict(plan.tokenizer), dict(plan.generator)
     return plan

@@ -3,6 +3,7 @@
 The worker builds the Trainer from the preset's training config (model sizes and batch from the plan) and times
 `Trainer._step` on a fixed batch of random data, so the bench times exactly what `binlat train` runs per step:
 the task's loss, backward, gradient clipping, AdamW and the EMA update."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,19 +31,34 @@ def train_spec(plan: Plan, kind: str) -> dict[str, Any]:
     """What a worker trains: the preset's training config for `kind` with the plan's sizes, batch and precision."""
     model = plan.shipped_tokenizer if kind == "tokenizer" else plan.shipped_generator
     model = {k: list(v) if isinstance(v, tuple) else v for k, v in model.items()}
-    config = dict(plan.train_configs[kind], model=model, batch_size=plan.train_batches[kind], grad_accum=1,
-                  max_steps=plan.train_steps + 1, mixed_precision="bf16" if plan.train_bf16 else "no",
-                  grad_checkpointing=plan.train_checkpointing, trackers=[], sample_every=0, num_workers=0)
+    config = dict(
+        plan.train_configs[kind],
+        model=model,
+        batch_size=plan.train_batches[kind],
+        grad_accum=1,
+        max_steps=plan.train_steps + 1,
+        mixed_precision="bf16" if plan.train_bf16 else "no",
+        grad_checkpointing=plan.train_checkpointing,
+        trackers=[],
+        sample_every=0,
+        num_workers=0,
+    )
     if not plan.train_compiled:  # a compiled forward costs minutes of compiling before its first step
         config["compile"] = False
     if kind == "tokenizer":
         config["image_size"] = model["image_size"]
-    return {"kind": kind, "config": config, "steps": plan.train_steps, "threads": torch.get_num_threads(),
-            "text_length": plan.text_length}
+    return {
+        "kind": kind,
+        "config": config,
+        "steps": plan.train_steps,
+        "threads": torch.get_num_threads(),
+        "text_length": plan.text_length,
+    }
 
 
 def _param_count(spec: dict[str, Any]) -> int:
     from ..train.checkpoints import model_for_export
+
     with torch.device("meta"):
         net = model_for_export(spec["kind"], spec["config"]["model"])
     return sum(p.numel() for p in net.parameters())
@@ -50,8 +66,13 @@ def _param_count(spec: dict[str, Any]) -> int:
 
 def _run_worker(spec: dict[str, Any]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    return subprocess.Popen([sys.executable, "-m", "binlat.bench", "--train-worker", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "binlat.bench", "--train-worker", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _collect(proc: subprocess.Popen) -> dict[str, Any]:
@@ -66,9 +87,16 @@ def _collect(proc: subprocess.Popen) -> dict[str, Any]:
 def _tokenizer_losses(config: dict[str, Any], steps: int) -> str:
     from ..config import config_from_dict
     from ..train.config import TrainConfig
+
     o = config_from_dict(TrainConfig, config, "tokenizer config").tokenizer
-    weights = {"smooth-L1": o.l1_weight, "MSE": o.l2_weight, "image-gradient L1": o.gradient_weight,
-               "perceptual": o.perceptual_weight, "bit regulariser": o.bit_reg_weight, "GAN": o.gan_weight}
+    weights = {
+        "smooth-L1": o.l1_weight,
+        "MSE": o.l2_weight,
+        "image-gradient L1": o.gradient_weight,
+        "perceptual": o.perceptual_weight,
+        "bit regulariser": o.bit_reg_weight,
+        "GAN": o.gan_weight,
+    }
     text = " + ".join(f"{name} x{w:g}" for name, w in weights.items() if w)
     if o.perceptual_weight:
         text += " (perceptual only with tokenizer.perceptual_weights on disk)"
@@ -78,33 +106,46 @@ def _tokenizer_losses(config: dict[str, Any], steps: int) -> str:
 
 
 def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
-    table = Table("[5/8] Training: one optimiser step of each trainer (fresh subprocess each, for a clean peak)",
-                  ["trainer", "params", "batch", "step", "n", "images/s", "share of peak", "peak RSS",
-                   "RSS growth in steps"])
+    table = Table(
+        "[5/8] Training: one optimiser step of each trainer (fresh subprocess each, for a clean peak)",
+        ["trainer", "params", "batch", "step", "n", "images/s", "share of peak", "peak RSS", "RSS growth in steps"],
+    )
     from ..hardware import bf16_native
+
     if plan.train_bf16 and not bf16_native("cpu"):
         plan = replace(plan, train_bf16=False)
-        table.notes.append("the preset asks for bf16 autocast, which this CPU would emulate (no avx512_bf16/AMX): "
-                           "measured in float32, as binlat train would refuse bf16 here")
+        table.notes.append(
+            "the preset asks for bf16 autocast, which this CPU would emulate (no avx512_bf16/AMX): "
+            "measured in float32, as binlat train would refuse bf16 here"
+        )
     specs = {k: train_spec(plan, k) for k in TRAIN_KINDS}
     clip = specs["tokenizer"]["config"].get("grad_clip", 1.0)
-    table.notes.append(f"step = binlat.train's Trainer step on the preset's training configs: the task's loss, "
-                       f"backward, grad clip (tokenizer {clip:g}), AdamW, EMA update; after 1 warm-up step; random "
-                       f"images (tokenizer) or random bits + random text features given as precomputed data "
-                       f"(generators)")
-    table.notes.append(f"sizes and configs: {plan.shipped_name}; share of peak = 3 x forward FLOPs (backward as 2 x "
-                       f"forward, counted on the meta device) / step time / float32 matmul peak")
+    table.notes.append(
+        f"step = binlat.train's Trainer step on the preset's training configs: the task's loss, "
+        f"backward, grad clip (tokenizer {clip:g}), AdamW, EMA update; after 1 warm-up step; random "
+        f"images (tokenizer) or random bits + random text features given as precomputed data "
+        f"(generators)"
+    )
+    table.notes.append(
+        f"sizes and configs: {plan.shipped_name}; share of peak = 3 x forward FLOPs (backward as 2 x "
+        f"forward, counted on the meta device) / step time / float32 matmul peak"
+    )
     table.notes.append(f"tokenizer loss: {_tokenizer_losses(specs['tokenizer']['config'], plan.train_steps)}")
     compiled = ", ".join(f"{k} {'on' if specs[k]['config'].get('compile', False) else 'off'}" for k in TRAIN_KINDS)
-    why = ("as the preset's configs" if plan.train_compiled else
-           "eager here: --quick and --tiny leave compiling out; the recipe compiles the generators' forward, about "
-           "1.2x faster steps after a few minutes of compiling: docs/recipe.md")
+    why = (
+        "as the preset's configs"
+        if plan.train_compiled
+        else "eager here: --quick and --tiny leave compiling out; the recipe compiles the generators' forward, about "
+        "1.2x faster steps after a few minutes of compiling: docs/recipe.md"
+    )
     table.notes.append(f"compiled training forward: {compiled} ({why})")
-    table.notes.append(f"autocast bf16: {'on' if plan.train_bf16 else 'off'}, gradient checkpointing: "
-                       f"{'on' if plan.train_checkpointing else 'off'} (as the preset's configs); peak RSS = the "
-                       f"worker's resident high-water mark over its steps (VmHWM, reset once trainer, EMA copy and "
-                       f"data were built); growth = peak minus the resident size at that point (activations, "
-                       f"gradients, optimiser state)")
+    table.notes.append(
+        f"autocast bf16: {'on' if plan.train_bf16 else 'off'}, gradient checkpointing: "
+        f"{'on' if plan.train_checkpointing else 'off'} (as the preset's configs); peak RSS = the "
+        f"worker's resident high-water mark over its steps (VmHWM, reset once trainer, EMA copy and "
+        f"data were built); growth = peak minus the resident size at that point (activations, "
+        f"gradients, optimiser state)"
+    )
     # Weights, gradients, AdamW moments and the EMA copy alone need 20 bytes per parameter: skip what cannot fit.
     available = memory_available_mib()
     params = {k: _param_count(s) for k, s in specs.items()}
@@ -112,8 +153,10 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
     for kind in specs:
         need = 20 * params[kind] / 2**20
         if need > available:
-            skipped[kind] = (f"skipped: weights + gradients + AdamW + EMA alone need {need / 1024:.1f} GiB, "
-                             f"{available / 1024:.1f} GiB available")
+            skipped[kind] = (
+                f"skipped: weights + gradients + AdamW + EMA alone need {need / 1024:.1f} GiB, "
+                f"{available / 1024:.1f} GiB available"
+            )
     run = {k: s for k, s in specs.items() if k not in skipped}
     if plan.mode == "tiny":  # timings mean nothing here: overlap the workers' start-up
         procs = {k: _run_worker(s) for k, s in run.items()}
@@ -138,9 +181,19 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
         shown = f"{r['params'] / 1e6:.1f} M" if r["params"] >= 1e5 else f"{r['params'] / 1e3:.1f} K"
         flops = training_step_flops(kind, specs[kind]["config"]["model"], batch, plan.text_length)
         share = None if flops is None else flops / med / peak_flops(plan, figures)
-        table.rows.append([kind, shown, batch, fmt_s(med), len(r["times"]), f"{batch / med:.1f}",
-                           "n/a" if share is None else f"{100 * share:.1f} %",
-                           f"{r['peak_rss_mib']:.0f} MiB", f"{r['peak_rss_mib'] - r['before_rss_mib']:.0f} MiB"])
+        table.rows.append(
+            [
+                kind,
+                shown,
+                batch,
+                fmt_s(med),
+                len(r["times"]),
+                f"{batch / med:.1f}",
+                "n/a" if share is None else f"{100 * share:.1f} %",
+                f"{r['peak_rss_mib']:.0f} MiB",
+                f"{r['peak_rss_mib'] - r['before_rss_mib']:.0f} MiB",
+            ]
+        )
         if share is not None:
             figures[f"train_{kind}_peak_fraction"] = share
         figures[f"train_{kind}_images_per_s"] = batch / med
@@ -182,6 +235,7 @@ def _trainer_task(spec: dict[str, Any]):
     from unittest import mock
 
     from ..train import tasks
+
     task_class = _precomputed_task_class()
     with mock.patch.object(tasks, "make_task", lambda cfg, device, *_: task_class(cfg, device, spec["text_length"])):
         yield
@@ -205,6 +259,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from ..train.config import TrainConfig
     from ..train.data import SkippedSamples
     from ..train.engine import Trainer
+
     torch.set_num_threads(int(spec["threads"]))
     cfg = config_from_dict(TrainConfig, spec["config"], "bench training spec")
     with tempfile.TemporaryDirectory(prefix="binlat-bench-") as run_dir:
@@ -229,8 +284,12 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 step()
                 times.append(time.perf_counter() - t0)
             model = trainer.acc.unwrap_model(trainer.model)
-            return {"times": times, "peak_rss_mib": peak.peak_mib(), "before_rss_mib": peak.before_mib,
-                    "peak_source": peak.source, "params": sum(p.numel() for p in model.parameters()
-                                                              if p.requires_grad)}
+            return {
+                "times": times,
+                "peak_rss_mib": peak.peak_mib(),
+                "before_rss_mib": peak.before_mib,
+                "peak_source": peak.source,
+                "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            }
         finally:
             trainer.close()

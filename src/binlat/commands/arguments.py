@@ -1,6 +1,7 @@
 """Argument types and option groups that the `binlat` parser (binlat.cli) shares between its commands: argparse
 with one-line errors, numbers, seeds, sizes and memory sizes checked as they are parsed, and the sampling, memory
 and image-job options several commands take."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,11 @@ def number(name: str, low: float, inclusive: bool = True):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
         if not math.isfinite(value) or value < low or (not inclusive and value == low):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                                             f"got {text}")
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {text}"
+            )
         return value
+
     return parse
 
 
@@ -76,6 +79,7 @@ def unit_interval(name: str):
         if value > 1:
             raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text}")
         return value
+
     return parse
 
 
@@ -90,6 +94,7 @@ def at_least(name: str, low: int, high: int | None = None):
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"{name} must be at most {high}, got {value}")
         return value
+
     return parse
 
 
@@ -109,16 +114,24 @@ SAMPLING_ALIASES = {"guidance_scale": ("cfg",), "steps": ("num-steps",)}
 def add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_OPTIONS)) -> None:
     """Sampling options default to None: the model bundle's tuned settings apply, else the built-in ones."""
     from ..pipeline import BUILTIN_SAMPLING
+
     for name in names:
         kind, text = SAMPLING_OPTIONS[name]
         default = BUILTIN_SAMPLING[SAMPLING_SETTINGS[name]]
         aliases = [f"--{alias}" for alias in SAMPLING_ALIASES.get(name, ())]
-        parser.add_argument(f"--{name.replace('_', '-')}", *aliases, dest=name, type=kind, default=None,
-                            help=f"{text} (default: the model's setting, else {default})")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            *aliases,
+            dest=name,
+            type=kind,
+            default=None,
+            help=f"{text} (default: the model's setting, else {default})",
+        )
 
 
 def memory_value(text: str) -> int:
     from ..budget import parse_memory
+
     try:
         return parse_memory(text)
     except ValueError as e:
@@ -126,9 +139,13 @@ def memory_value(text: str) -> int:
 
 
 def add_memory_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-memory", type=memory_value, metavar="SIZE",
-                   help="refuse work estimated to need more than this, e.g. 8G (default: the memory available; "
-                        "also $BINLAT_MAX_MEMORY)")
+    p.add_argument(
+        "--max-memory",
+        type=memory_value,
+        metavar="SIZE",
+        help="refuse work estimated to need more than this, e.g. 8G (default: the memory available; "
+        "also $BINLAT_MAX_MEMORY)",
+    )
 
 
 NONFINITE_HELP = "load weights holding NaN or infinite values (refused by default, naming the tensor)"

@@ -1,4 +1,5 @@
 """What the subcommands share: the one-line error, exit codes, the pipeline they load, and writing images."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,13 @@ EXIT_USAGE, EXIT_FAILED = 2, 1
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 # Sampling option -> the Pipeline setting it gives (binlat.cli adds the options, typed and with help). The option
 # names are also the keys of metadata.jsonl and of the HTTP API ("steps" for num_steps).
-SAMPLING_SETTINGS = {"steps": "num_steps", "guidance_scale": "guidance_scale", "temperature": "temperature",
-                     "rho": "rho", "protocol": "protocol"}
+SAMPLING_SETTINGS = {
+    "steps": "num_steps",
+    "guidance_scale": "guidance_scale",
+    "temperature": "temperature",
+    "rho": "rho",
+    "protocol": "protocol",
+}
 
 
 class CLIError(Exception):
@@ -25,6 +31,7 @@ class CLIError(Exception):
 def storage_dtype(name: str):
     """None keeps the weights' own float32; otherwise the torch dtype to store them in."""
     import torch
+
     return None if name == "float32" else getattr(torch, name)
 
 
@@ -49,11 +56,16 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def load_pipeline(model: str | None, text_encoder: str | None, allow_nonfinite: bool = False):
     from ..pipeline import Pipeline, default_model_dir
+
     path = model or default_model_dir()
     if path is None:
-        print("note: no trained model is installed yet; using a randomly initialised tiny model, so the images "
-              "are noise (pass --model DIR for a trained bundle)", file=sys.stderr)
+        print(
+            "note: no trained model is installed yet; using a randomly initialised tiny model, so the images "
+            "are noise (pass --model DIR for a trained bundle)",
+            file=sys.stderr,
+        )
         from ..text import TextEncoder
+
         return Pipeline.random_tiny(text_encoder=TextEncoder(text_encoder) if text_encoder else None)
     if not Path(path).is_dir() and str(path).count("/") != 1:  # "org/name" may be a Hub id
         raise CLIError(f"model directory {path} does not exist (pass --model DIR with a binlat bundle)")
@@ -64,6 +76,7 @@ def warn_vocabulary(pipe, prompts, generator: str) -> None:
     """One stderr line naming the prompts' words that lie outside the generator's training vocabulary, if any (the
     pipeline then stays quiet about them for the rest of the run)."""
     from ..generation import check_prompts
+
     prompts = check_prompts(prompts)  # a bad prompt is its one-line error, not a warning first
     pipe.warn_vocabulary(prompts, generator, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
 
@@ -80,6 +93,7 @@ def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
 def sampling_record(generator: str, args: argparse.Namespace) -> dict:
     """The sampling options a metadata line records, after resolve_sampling: only those `generator` uses."""
     from ..generation import settings_record
+
     given = {setting: getattr(args, name, None) for name, setting in SAMPLING_SETTINGS.items()}
     return settings_record(generator, given)
 
@@ -100,11 +114,13 @@ def input_image(path: str):
     """The image at `path`; a missing file is an OSError (exit 1), a file that is no image a ValueError (exit 2),
     each one line naming the file."""
     from ..editing import open_image
+
     return open_image(path)
 
 
 def png_bytes(image) -> bytes:
     import io
+
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
@@ -128,12 +144,14 @@ class ImageWriter:
     def write(self, images, records: list[dict]) -> list[str]:
         """Write the images, then append their metadata lines in one locked write; returns the file names."""
         from ..io import append_jsonl
+
         names = [self._write_one(image) for image in images]
         append_jsonl(self.out / "metadata.jsonl", [{"file": n, **r} for n, r in zip(names, records)])
         return names
 
     def _write_one(self, image) -> str:
         from ..io import atomic_write_bytes
+
         data = png_bytes(image)
         while True:
             n, self.next = self.next, self.next + 1

@@ -1,16 +1,28 @@
 """Commands that load a pipeline and make images: generate, edit, interpolate, continue, and serve."""
+
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .common import (ImageWriter, input_image, load_pipeline, output_dir, png_bytes, read_prompts, resolve_sampling,
-                     sampling_record, warn_vocabulary, write_results)
+from .common import (
+    ImageWriter,
+    input_image,
+    load_pipeline,
+    output_dir,
+    png_bytes,
+    read_prompts,
+    resolve_sampling,
+    sampling_record,
+    warn_vocabulary,
+    write_results,
+)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.dtype == "bfloat16":  # refused before anything is loaded or created where it would be emulated
         from ..hardware import require_bf16
+
         require_bf16("cpu", "bfloat16 generation", fix="use --dtype float32")
     prompts = read_prompts(args)
     out = output_dir(args.out)
@@ -19,6 +31,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     warn_vocabulary(pipe, prompts, args.generator)
     if args.dtype != "float32":
         import torch
+
         pipe.to(dtype=getattr(torch, args.dtype))
     if args.compile:
         pipe.compile()
@@ -27,13 +40,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     writer, names, shown = ImageWriter(out), [], ([], [], [])
     # Each batch's images and metadata lines are written as soon as it is decoded: a run stopped part way keeps
     # what it made.
-    for part in pipe.batches(prompts, args.generator, num_steps=args.steps, guidance_scale=args.guidance_scale,
-                             temperature=args.temperature, rho=args.rho, protocol=args.protocol, seed=args.seed,
-                             height=height, width=width, batch_size=args.batch_size,
-                             progress=not args.no_progress):
-        records = [{"prompt": prompt, "seed": seed, **fixed, "height": image.height, "width": image.width,
-                    "dtype": args.dtype, "model": str(args.model or "default"), "trained": pipe.config.trained}
-                   for image, prompt, seed in zip(part.images, part.prompts, part.seeds)]
+    for part in pipe.batches(
+        prompts,
+        args.generator,
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        rho=args.rho,
+        protocol=args.protocol,
+        seed=args.seed,
+        height=height,
+        width=width,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    ):
+        records = [
+            {
+                "prompt": prompt,
+                "seed": seed,
+                **fixed,
+                "height": image.height,
+                "width": image.width,
+                "dtype": args.dtype,
+                "model": str(args.model or "default"),
+                "trained": pipe.config.trained,
+            }
+            for image, prompt, seed in zip(part.images, part.prompts, part.seeds)
+        ]
         names += writer.write(part.images, records)
         if args.grid:
             for kept, new in zip(shown, (part.images, part.prompts, part.seeds)):
@@ -41,19 +74,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.grid:
         from ..grid import contact_sheet
         from ..io import atomic_write_bytes
+
         name = f"grid-{names[0][:-4]}.png"
         atomic_write_bytes(out / name, png_bytes(contact_sheet(*shown)))
         print(f"wrote {out / name}")
-    print(f"wrote {len(names)} image(s) to {out} ({names[0]} .. {names[-1]}), "
-          f"metadata in {out / 'metadata.jsonl'}")
+    print(f"wrote {len(names)} image(s) to {out} ({names[0]} .. {names[-1]}), metadata in {out / 'metadata.jsonl'}")
     return 0
 
 
 def _records(result, pipe, args: argparse.Namespace, **fields) -> list[dict]:
     """metadata.jsonl lines for an edit-style result: the given fields plus each image's prompt, seed and size."""
-    return [{**fields, "prompt": prompt, "seed": seed, "height": im.height, "width": im.width,
-             "model": str(args.model or "default"), "trained": pipe.config.trained}
-            for im, prompt, seed in zip(result.images, result.prompts, result.seeds)]
+    return [
+        {
+            **fields,
+            "prompt": prompt,
+            "seed": seed,
+            "height": im.height,
+            "width": im.width,
+            "model": str(args.model or "default"),
+            "trained": pipe.config.trained,
+        }
+        for im, prompt, seed in zip(result.images, result.prompts, result.seeds)
+    ]
 
 
 def _image_job(args: argparse.Namespace, generator_for):
@@ -70,59 +112,124 @@ def _image_job(args: argparse.Namespace, generator_for):
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..editing import edit, edit_generator
+
     out, image, pipe, kind, (height, width) = _image_job(args, edit_generator)
-    result = edit(pipe, image, args.prompt, strength=args.strength, num_steps=args.steps,
-                  guidance_scale=args.guidance_scale, temperature=args.temperature, rho=args.rho,
-                  protocol=args.protocol, seed=args.seed, height=height, width=width, progress=not args.no_progress)
-    records = _records(result, pipe, args, kind="edit", source=str(args.image), strength=args.strength,
-                       generator=kind, **sampling_record(kind, args))
+    result = edit(
+        pipe,
+        image,
+        args.prompt,
+        strength=args.strength,
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        rho=args.rho,
+        protocol=args.protocol,
+        seed=args.seed,
+        height=height,
+        width=width,
+        progress=not args.no_progress,
+    )
+    records = _records(
+        result,
+        pipe,
+        args,
+        kind="edit",
+        source=str(args.image),
+        strength=args.strength,
+        generator=kind,
+        **sampling_record(kind, args),
+    )
     names = write_results(out, result.images, records)
-    print(f"wrote {out / names[0]} (edit of {args.image} at strength {args.strength:g}, seed {result.seeds[0]}), "
-          f"metadata in {out / 'metadata.jsonl'}")
+    print(
+        f"wrote {out / names[0]} (edit of {args.image} at strength {args.strength:g}, seed {result.seeds[0]}), "
+        f"metadata in {out / 'metadata.jsonl'}"
+    )
     return 0
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from ..editing import interpolate, strip
     from ..io import atomic_write_bytes
+
     out = output_dir(args.out)
     image_a, image_b = input_image(args.image_a), input_image(args.image_b)
     pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     height, width = args.size or (None, None)
     frames = interpolate(pipe, image_a, image_b, steps=args.steps, seed=args.seed, height=height, width=width)
-    records = [{"kind": "interpolate", "a": str(args.image_a), "b": str(args.image_b), "frame": k,
-                "fraction": k / (args.steps - 1), "seed": args.seed, "height": im.height, "width": im.width,
-                "model": str(args.model or "default"), "trained": pipe.config.trained}
-               for k, im in enumerate(frames)]
+    records = [
+        {
+            "kind": "interpolate",
+            "a": str(args.image_a),
+            "b": str(args.image_b),
+            "frame": k,
+            "fraction": k / (args.steps - 1),
+            "seed": args.seed,
+            "height": im.height,
+            "width": im.width,
+            "model": str(args.model or "default"),
+            "trained": pipe.config.trained,
+        }
+        for k, im in enumerate(frames)
+    ]
     names = write_results(out, frames, records)
     strip_name = f"strip-{names[0][:-4]}.png"
     atomic_write_bytes(out / strip_name, png_bytes(strip(frames)))
-    print(f"wrote {out / strip_name} and {len(names)} frames ({names[0]} .. {names[-1]}), "
-          f"metadata in {out / 'metadata.jsonl'}")
+    print(
+        f"wrote {out / strip_name} and {len(names)} frames ({names[0]} .. {names[-1]}), "
+        f"metadata in {out / 'metadata.jsonl'}"
+    )
     return 0
 
 
 def cmd_continue(args: argparse.Namespace) -> int:
     from ..editing import continue_ar, continue_generator
+
     out, image, pipe, kind, (height, width) = _image_job(args, continue_generator)
-    result = continue_ar(pipe, image, args.prompt, args.keep_tokens, guidance_scale=args.guidance_scale,
-                         temperature=args.temperature, seed=args.seed, height=height, width=width,
-                         progress=not args.no_progress)
-    records = _records(result, pipe, args, kind="continue", source=str(args.image), keep_tokens=args.keep_tokens,
-                       generator=kind, **sampling_record(kind, args))
+    result = continue_ar(
+        pipe,
+        image,
+        args.prompt,
+        args.keep_tokens,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        seed=args.seed,
+        height=height,
+        width=width,
+        progress=not args.no_progress,
+    )
+    records = _records(
+        result,
+        pipe,
+        args,
+        kind="continue",
+        source=str(args.image),
+        keep_tokens=args.keep_tokens,
+        generator=kind,
+        **sampling_record(kind, args),
+    )
     names = write_results(out, result.images, records)
-    print(f"wrote {out / names[0]} (first {args.keep_tokens} tokens of {args.image} kept, seed {result.seeds[0]}), "
-          f"metadata in {out / 'metadata.jsonl'}")
+    print(
+        f"wrote {out / names[0]} (first {args.keep_tokens} tokens of {args.image} kept, seed {result.seeds[0]}), "
+        f"metadata in {out / 'metadata.jsonl'}"
+    )
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import ServeLimits, allowed_hosts_for, bind_socket, create_app, serve
-    limits = ServeLimits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
-                         max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_steps=args.max_steps,
-                         max_prompt_chars=args.max_prompt_chars, max_size=args.max_size,
-                         max_connections=args.max_connections, header_timeout=args.header_timeout,
-                         body_timeout=args.body_timeout)
+
+    limits = ServeLimits(
+        max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        max_n=args.max_n,
+        max_steps=args.max_steps,
+        max_prompt_chars=args.max_prompt_chars,
+        max_size=args.max_size,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+    )
     sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
     try:
         allowed = allowed_hosts_for(args.host, args.allowed_host)

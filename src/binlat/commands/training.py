@@ -1,4 +1,5 @@
 """Commands around training: train, probe, precompute, params and export."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ def _train_config(args: argparse.Namespace):
     """The --config file with the --set overrides, which must be a config of the command's kind."""
     from ..config import load_config
     from ..train.config import TrainConfig
+
     cfg = load_config(TrainConfig, args.config, args.set or [], kind=args.kind)
     if cfg.kind != args.kind:
         raise CLIError(f"{args.config} is a {cfg.kind} config, not {args.kind}")
@@ -24,14 +26,18 @@ def fit_to_max_steps(cfg, given: set[str]):
     log nothing and sample nothing: those intervals shrink to fit (a tenth of the run; samples at its end), and a
     note says so. An interval given with --set is the user's and stays."""
     n = cfg.max_steps
-    fitted = {"warmup_steps": max(1, n // 10) if cfg.warmup_steps >= n else None,
-              "log_every": max(1, n // 10) if cfg.log_every > n else None,
-              "sample_every": n if cfg.sample_every > n else None}
+    fitted = {
+        "warmup_steps": max(1, n // 10) if cfg.warmup_steps >= n else None,
+        "log_every": max(1, n // 10) if cfg.log_every > n else None,
+        "sample_every": n if cfg.sample_every > n else None,
+    }
     fitted = {k: v for k, v in fitted.items() if v is not None and k not in given}
     if fitted:
         told = ", ".join(f"{k} {getattr(cfg, k)} -> {v}" for k, v in fitted.items())
-        print(f"note: --max-steps {n} is shorter than the preset's intervals: {told} (--set KEY=VALUE keeps yours)",
-              file=sys.stderr)
+        print(
+            f"note: --max-steps {n} is shorter than the preset's intervals: {told} (--set KEY=VALUE keeps yours)",
+            file=sys.stderr,
+        )
         cfg = dataclasses.replace(cfg, **fitted)
     return cfg
 
@@ -47,6 +53,7 @@ def tokenizer_of_precomputed(cfg, chosen: bool):
     import json
 
     from ..data.precomputed import INDEX
+
     index = Path(cfg.data.removeprefix("precomputed:")) / INDEX
     if not index.is_file():
         return cfg
@@ -57,16 +64,22 @@ def tokenizer_of_precomputed(cfg, chosen: bool):
     if not made_with or same_model(made_with, cfg.generator.tokenizer):
         return cfg
     if chosen:
-        raise CLIError(f"{index.parent} holds bits of tokenizer {made_with}, but --set generator.tokenizer names "
-                       f"{cfg.generator.tokenizer}: drop that --set to train on the bits' own tokenizer, or precompute "
-                       f"again with --tokenizer {cfg.generator.tokenizer}")
-    print(f"note: generator.tokenizer is {made_with}, the tokenizer {index.parent}'s bits were made with "
-          f"(the preset named {cfg.generator.tokenizer})", file=sys.stderr)
+        raise CLIError(
+            f"{index.parent} holds bits of tokenizer {made_with}, but --set generator.tokenizer names "
+            f"{cfg.generator.tokenizer}: drop that --set to train on the bits' own tokenizer, or precompute "
+            f"again with --tokenizer {cfg.generator.tokenizer}"
+        )
+    print(
+        f"note: generator.tokenizer is {made_with}, the tokenizer {index.parent}'s bits were made with "
+        f"(the preset named {cfg.generator.tokenizer})",
+        file=sys.stderr,
+    )
     return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, tokenizer=made_with))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train.engine import NonFiniteLossError, Trainer
+
     cfg = _train_config(args)
     given = {"data": args.data, "max_steps": args.max_steps, "batch_size": args.batch_size}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})  # checked again
@@ -78,8 +91,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.kind != "tokenizer":
         cfg = tokenizer_of_precomputed(cfg, "generator.tokenizer" in given_keys)
     if args.allow_data_commands and args.data is None:
-        raise CLIError("--allow-data-commands applies to a --data typed on the command line, and none was given; "
-                       "a config file's \"data\" never runs a program: pass the URL with --data")
+        raise CLIError(
+            "--allow-data-commands applies to a --data typed on the command line, and none was given; "
+            'a config file\'s "data" never runs a program: pass the URL with --data'
+        )
     out = Path(args.output or f"runs/{args.kind}")
     trainer = Trainer(cfg, out, resume=args.resume, allow_data_commands=args.allow_data_commands)
     try:
@@ -98,6 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from ..probe import run_probe
+
     cfg = _train_config(args)
     changes = {"max_steps": args.steps, "trackers": [], "save_every": min(cfg.save_every, args.steps)}
     if args.sample_every is not None:
@@ -114,12 +130,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..config_help import describe
     from ..train.config import TrainConfig
+
     cfg = load_config(TrainConfig, args.preset, args.set or [])
     model = cfg.model_config()  # the model keys at their class defaults where the preset leaves them out
     rows = describe(cfg, extra={"model": model})
-    print(f"# {args.preset}: every key, its value here, [type; default] and help. --set KEY=VALUE takes these keys. "
-          f"model keys that the tokenizer and text encoder fix (num_bits, num_tokens, text_dim, text_layers) show "
-          f"their class defaults: a run takes them from its tokenizer and text encoder.")
+    print(
+        f"# {args.preset}: every key, its value here, [type; default] and help. --set KEY=VALUE takes these keys. "
+        f"model keys that the tokenizer and text encoder fix (num_bits, num_tokens, text_dim, text_layers) show "
+        f"their class defaults: a run takes them from its tokenizer and text encoder."
+    )
     width = max(len(r[0]) + len(r[1]) for r in rows) + 3
     for key, value, kind, default, text in rows:
         print(f"{key} = {value}".ljust(width) + f"  [{kind}; default {default}]" + (f"  {text}" if text else ""))
@@ -130,6 +149,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     """Parameter counts of training presets, built on the meta device (no memory, no weights), with the token grid
     and architecture each builds (binlat.train.presets)."""
     from ..train.presets import preset_facts
+
     for path in args.configs:
         f = preset_facts(path)
         grid = f"{f.grid} bits" + ("" if f.grid_from == "the preset" else f" (from {f.grid_from})")
@@ -142,19 +162,33 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from ..data.readers import make_dataset
     from ..text import TextEncoder, text_layer_map
     from ..tokenizer import BinaryTokenizer
+
     tokenizer = BinaryTokenizer.from_pretrained(args.tokenizer)
     size = args.size or tokenizer.config.image_size
-    data = make_dataset(args.data, size=size, seed=args.seed, random_crop=False,
-                        allow_commands=args.allow_data_commands)
+    data = make_dataset(
+        args.data, size=size, seed=args.seed, random_crop=False, allow_commands=args.allow_data_commands
+    )
     encoder, layers = None, None
     if args.text_layers or args.generator_layers:
         encoder = TextEncoder(args.text_encoder, max_length=args.text_max_length)
-        layers = ([int(x) for x in args.text_layers.split(",")] if args.text_layers
-                  else text_layer_map(encoder.num_layers, args.generator_layers))
-    n = precompute(data, tokenizer, args.out, text_encoder=encoder, text_layers=layers, shard_size=args.shard_size,
-                   batch_size=args.batch_size, max_samples=args.max_samples,
-                   tokenizer_ref=model_ref(args.tokenizer),
-                   data_spec=args.data, progress=not args.no_progress)
+        layers = (
+            [int(x) for x in args.text_layers.split(",")]
+            if args.text_layers
+            else text_layer_map(encoder.num_layers, args.generator_layers)
+        )
+    n = precompute(
+        data,
+        tokenizer,
+        args.out,
+        text_encoder=encoder,
+        text_layers=layers,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        tokenizer_ref=model_ref(args.tokenizer),
+        data_spec=args.data,
+        progress=not args.no_progress,
+    )
     print(f"wrote {n} samples to {args.out}" + (f" with text layers {layers}" if layers else " (bits + captions)"))
     return 0
 
@@ -168,6 +202,7 @@ def model_ref(name: str) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..train.checkpoints import export_run
+
     out = export_run(args.run, args.out, args.checkpoint, dtype=storage_dtype(args.dtype))
     print(f"wrote EMA weights to {out}")
     return 0

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -50,8 +50,12 @@ def skip_logged(count: int) -> bool:
 
 
 def skip_log_line(count: int, message: str) -> str:
-    return message if count <= SKIPS_NAMED else f"{message} ({count} samples skipped so far by this reader; " \
-                                                 f"after the first {SKIPS_NAMED} only every power of ten is logged)"
+    return (
+        message
+        if count <= SKIPS_NAMED
+        else f"{message} ({count} samples skipped so far by this reader; "
+        f"after the first {SKIPS_NAMED} only every power of ten is logged)"
+    )
 
 
 def first_of(obj: dict[str, Any], names: Sequence[str]) -> Any:

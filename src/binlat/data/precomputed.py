@@ -5,6 +5,7 @@ A precomputed folder holds `index.json` (sample count, shard size, tokenizer and
 layers) and shards `shard-00000.safetensors` with `bits` uint8 [n, K, B], optionally `text` float16
 [n, layers, L, D] and `text_mask` uint8 [n, L]; captions sit in each shard's metadata. `uncond.safetensors` holds
 the empty prompt's features for prompt dropout."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,16 +27,20 @@ class PrecomputedDataset:
         try:
             self.index = json.loads((self.root / INDEX).read_text())
         except FileNotFoundError:
-            raise ValueError(f"{self.root}: not a precomputed dataset (no {INDEX}); make one with binlat precompute"
-                             ) from None
+            raise ValueError(
+                f"{self.root}: not a precomputed dataset (no {INDEX}); make one with binlat precompute"
+            ) from None
         self.count, self.shard_size = int(self.index["count"]), int(self.index["shard_size"])
         self._shard: tuple[int, dict[str, torch.Tensor], list[str]] | None = None
 
     def describe(self) -> dict[str, Any]:
         """What a run reads: the folder's sample count and the data it was made from (captions are read lazily,
         shard by shard, so they are not counted here)."""
-        return {"samples": self.count, "captioned": None,
-                "captions": f"the ones stored at precompute time (from {self.index.get('data') or 'unknown data'})"}
+        return {
+            "samples": self.count,
+            "captioned": None,
+            "captions": f"the ones stored at precompute time (from {self.index.get('data') or 'unknown data'})",
+        }
 
     def __len__(self) -> int:
         return self.count
@@ -81,9 +86,20 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 @torch.inference_mode()
-def precompute(data: Any, tokenizer, out: str | Path, *, text_encoder=None, text_layers: list[int] | None = None,
-               shard_size: int = 1024, batch_size: int = 32, max_samples: int | None = None,
-               tokenizer_ref: str = "", data_spec: str = "", progress: bool = True) -> int:
+def precompute(
+    data: Any,
+    tokenizer,
+    out: str | Path,
+    *,
+    text_encoder=None,
+    text_layers: list[int] | None = None,
+    shard_size: int = 1024,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    tokenizer_ref: str = "",
+    data_spec: str = "",
+    progress: bool = True,
+) -> int:
     """Encode `data` (a binlat dataset; `data_spec` names it in the index) into a precomputed folder; returns the
     number of samples written. The index records the tokenizer's weights fingerprint, so a run whose tokenizer
     differs is refused instead of training on another tokenizer's bits."""
@@ -91,6 +107,7 @@ def precompute(data: Any, tokenizer, out: str | Path, *, text_encoder=None, text
     from tqdm.auto import tqdm
 
     from .collate import collate
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if max_samples is None and not hasattr(data, "__len__"):
@@ -104,8 +121,11 @@ def precompute(data: Any, tokenizer, out: str | Path, *, text_encoder=None, text
         """Write the first `rows` pending samples as the next shard (every shard but the last is full)."""
         nonlocal shard
         tensors = {k: v[:rows] for k, v in pending.items() if k != "captions"}
-        save_safetensors(tensors, out / f"shard-{shard:05d}.safetensors",
-                         metadata={"captions": json.dumps(pending["captions"][:rows])})
+        save_safetensors(
+            tensors,
+            out / f"shard-{shard:05d}.safetensors",
+            metadata={"captions": json.dumps(pending["captions"][:rows])},
+        )
         for k in list(pending):
             pending[k] = pending[k][rows:]
         shard += 1
@@ -142,11 +162,17 @@ def precompute(data: Any, tokenizer, out: str | Path, *, text_encoder=None, text
     if with_text:
         layers, mask = text_of([""])
         save_safetensors({"text": layers, "text_mask": mask}, out / "uncond.safetensors")
-    index = {"count": written, "shard_size": shard_size, "data": data_spec, "tokenizer": tokenizer_ref,
-             "tokenizer_sha256": weights_fingerprint(tokenizer),
-             "num_tokens": tokenizer.config.num_tokens, "num_bits": tokenizer.config.num_bits,
-             "text_encoder": text_encoder.name_or_path if with_text else None,
-             "text_layers": list(text_layers) if with_text else None,
-             "text_max_length": text_encoder.max_length if with_text else None}
+    index = {
+        "count": written,
+        "shard_size": shard_size,
+        "data": data_spec,
+        "tokenizer": tokenizer_ref,
+        "tokenizer_sha256": weights_fingerprint(tokenizer),
+        "num_tokens": tokenizer.config.num_tokens,
+        "num_bits": tokenizer.config.num_bits,
+        "text_encoder": text_encoder.name_or_path if with_text else None,
+        "text_layers": list(text_layers) if with_text else None,
+        "text_max_length": text_encoder.max_length if with_text else None,
+    }
     atomic_write_bytes(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     return written

@@ -10,9 +10,9 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
 from torch.utils.data import IterableDataset
 
@@ -26,8 +26,8 @@ from binlat.data.base import (
     logger,
 )
 from binlat.data.shards import WebDatasetShards, expand_shards
-from binlat.io import FileRefused, read_bounded
 from binlat.data.transforms import ImageLoadError, ImageTransform, load_image
+from binlat.io import FileRefused, read_bounded
 
 PATH_KEYS: tuple[str, ...] = ("path", "image")
 
@@ -169,8 +169,11 @@ class ManifestDataset(IndexedImageDataset):
 
     def describe(self) -> dict[str, Any]:
         """What a run reads: sample count, how many have a caption, and where captions come from."""
-        return {"samples": len(self.entries), "captioned": sum(bool(c) for _, _, c in self.entries),
-                "captions": f"the manifest's caption column ({self.path.name})"}
+        return {
+            "samples": len(self.entries),
+            "captioned": sum(bool(c) for _, _, c in self.entries),
+            "captions": f"the manifest's caption column ({self.path.name})",
+        }
 
     def _bad(self, line: int, why: str) -> ValueError:
         return ValueError(f"manifest {self.path} line {line}: {why}")
@@ -250,12 +253,15 @@ def _shapes_options(spec: str, seed: int) -> tuple[int, dict[str, float] | None]
     if not spec.startswith("shapes:"):
         return None
     from binlat.data.shapes import CATEGORIES
+
     weights: dict[str, float] = {}
     for part in spec[len("shapes:") :].split(","):
         name, eq, value = (x.strip() for x in part.partition("="))
         if not eq or (name != "seed" and name not in CATEGORIES):
-            raise ValueError(f"bad shapes spec {spec!r}: expected 'shapes:seed=N' and/or category weights "
-                             f"such as 'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)})")
+            raise ValueError(
+                f"bad shapes spec {spec!r}: expected 'shapes:seed=N' and/or category weights "
+                f"such as 'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)})"
+            )
         try:
             if name == "seed":
                 seed = int(value)
@@ -301,8 +307,9 @@ def make_dataset(
         if hflip:
             logger.warning("hflip ignored for the shapes data: it would contradict left/right captions")
         try:
-            return ShapesStream(size=size, seed=shapes[0], category_weights=shapes[1],
-                                exclude_held_out=not include_held_out)
+            return ShapesStream(
+                size=size, seed=shapes[0], category_weights=shapes[1], exclude_held_out=not include_held_out
+            )
         except ValueError as exc:
             raise ValueError(f"bad shapes spec {spec!r}: {exc}") from exc
     if not spec:

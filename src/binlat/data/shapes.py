@@ -240,9 +240,7 @@ def _random_content(rng: np.random.Generator, category: str, exclude_held_out: b
     return {"category": category, "objects": objects, "relation": relation}
 
 
-def _place(
-    rng: np.random.Generator, size: int, sides: list[float], relation: str | None
-) -> list[tuple[float, float]]:
+def _place(rng: np.random.Generator, size: int, sides: list[float], relation: str | None) -> list[tuple[float, float]]:
     """Rejection-sample centres so boxes are inside, apart, and (if given) related."""
     gap = MIN_GAP_PX + 2 * _AA_FRINGE_PX
     for _ in range(_MAX_PLACEMENT_TRIES):
@@ -281,8 +279,7 @@ def _build_scene(
     sides = [float(rng.uniform(MIN_SIZE_FRAC * size, MAX_SIZE_FRAC * size)) for _ in colors]
     centres = _place(rng, size, sides, content["relation"])
     objects = tuple(
-        ShapeObject(o["shape"], c, cx, cy, d)
-        for o, c, (cx, cy), d in zip(content["objects"], colors, centres, sides)
+        ShapeObject(o["shape"], c, cx, cy, d) for o, c, (cx, cy), d in zip(content["objects"], colors, centres, sides)
     )
     return Scene(size, objects, caption, content["category"], content["relation"])
 
@@ -319,9 +316,7 @@ def sample_scene(
     return _build_scene(content, caption, rng, size, exclude_held_out)
 
 
-def scene_for_caption(
-    caption: str, rng: np.random.Generator, size: int = 64, exclude_held_out: bool = False
-) -> Scene:
+def scene_for_caption(caption: str, rng: np.random.Generator, size: int = 64, exclude_held_out: bool = False) -> Scene:
     """A random scene matching any valid caption (ValueError if it cannot be parsed).
 
     ``exclude_held_out`` only restricts the colours drawn for unnamed objects.
@@ -434,9 +429,7 @@ def _all_contents(category: str) -> list[dict[str, Any]]:
             {"category": category, "objects": [_obj(a), _obj(b)], "relation": r} for a, b in pairs for r in RELATIONS
         ]
     elif category == "color_attr":
-        objs = [
-            [_obj(a, c1), _obj(b, c2)] for a, b in pairs for c1 in COLORS for c2 in COLORS if c1 != c2
-        ]
+        objs = [[_obj(a, c1), _obj(b, c2)] for a, b in pairs for c1 in COLORS for c2 in COLORS if c1 != c2]
     else:
         raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
     return [{"category": category, "objects": o, "relation": None} for o in objs]

@@ -48,12 +48,11 @@ def refuse_command_url(url: str) -> ValueError:
     return ValueError(
         f"shard {url!r}: webdataset {what}, and a data name never runs a program unless typed on the command line "
         f"with {ALLOW_COMMANDS_FLAG} (e.g. --data '{url}' {ALLOW_COMMANDS_FLAG}); configs, bundles, manifests and "
-        f"shard lists cannot ask for it. Download the shards and name the local files instead")
+        f"shard lists cannot ask for it. Download the shards and name the local files instead"
+    )
 
 
-def expand_shards(
-    urls: str | os.PathLike | Iterable[str | os.PathLike], *, allow_commands: bool = False
-) -> list[str]:
+def expand_shards(urls: str | os.PathLike | Iterable[str | os.PathLike], *, allow_commands: bool = False) -> list[str]:
     """Shard list from a path/URL, a brace pattern (``shard-{000..009}.tar``), a glob,
     ``::``-separated lists of these, or a list of any of them. Local shards must exist and come back absolute, so
     that webdataset never reads a scheme into a file name.
@@ -117,8 +116,12 @@ class WebDatasetShards(ImageTextDataset):
 
     def describe(self) -> dict[str, Any]:
         """What a run reads (streamed: the count is unknown until read)."""
-        return {"samples": None, "captioned": None, "shards": len(self.urls),
-                "captions": "each sample's txt member (or json caption/text)"}
+        return {
+            "samples": None,
+            "captioned": None,
+            "shards": len(self.urls),
+            "captions": "each sample's txt member (or json caption/text)",
+        }
 
     def __repr__(self) -> str:
         return f"WebDatasetShards({len(self.urls)} shards, first {self.urls[0]!r}, transform={self.transform!r})"

@@ -232,10 +232,7 @@ class ImageTransform:
         self.seed = seed
 
     def __repr__(self) -> str:
-        return (
-            f"ImageTransform(size={self.size}, random_crop={self.random_crop}, "
-            f"hflip={self.hflip}, seed={self.seed})"
-        )
+        return f"ImageTransform(size={self.size}, random_crop={self.random_crop}, hflip={self.hflip}, seed={self.seed})"
 
     @property
     def is_random(self) -> bool:

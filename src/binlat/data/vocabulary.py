@@ -5,6 +5,7 @@ A vocabulary is `{"source": what it was read from, "words": sorted words}`, or N
 shards (reading every shard at export would take as long as an epoch), data that is gone, or more captions than
 MAX_CAPTIONS. Unknown is never guessed: a bundle without a vocabulary warns about nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,6 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-
 def unknown_words(prompts: Iterable[str], vocabulary: dict[str, Any]) -> list[str]:
     """The distinct words of `prompts`, in the order they first appear, that `vocabulary` does not hold."""
     known = set(vocabulary["words"])
@@ -34,8 +34,11 @@ def unknown_words_message(new: list[str], vocabulary: dict[str, Any]) -> str:
     """The warning that names the words `new`, outside `vocabulary`, beside the first 40 words it does hold."""
     listed = ", ".join(vocabulary["words"][:40]) + (", …" if len(vocabulary["words"]) > 40 else "")
     named = ", ".join(f'"{w}"' for w in new)
-    return (f"{named} {'is' if len(new) == 1 else 'are'} not in this model's training vocabulary "
-            f"({vocabulary['source']}: {listed}); expect a blank or unrelated image")
+    return (
+        f"{named} {'is' if len(new) == 1 else 'are'} not in this model's training vocabulary "
+        f"({vocabulary['source']}: {listed}); expect a blank or unrelated image"
+    )
+
 
 def vocabulary(source: str, captions: Iterable[str]) -> dict[str, Any]:
     return {"source": source, "words": sorted({w for caption in captions for w in words(caption)})}
@@ -43,6 +46,7 @@ def vocabulary(source: str, captions: Iterable[str]) -> dict[str, Any]:
 
 def shapes_vocabulary() -> dict[str, Any]:
     from .shapes import vocabulary as shapes_words
+
     return {"source": SHAPES, "words": list(shapes_words())}
 
 
@@ -53,6 +57,7 @@ def _is_shapes(spec: str) -> bool:
 def _precomputed_captions(root: Path) -> list[str] | None:
     """The captions stored in a precomputed folder's shards (their metadata only; no tensor is read)."""
     from safetensors import safe_open
+
     captions: list[str] = []
     for shard in sorted(root.glob("shard-*.safetensors")):
         try:
@@ -68,6 +73,7 @@ def _precomputed_captions(root: Path) -> list[str] | None:
 def vocabulary_of(spec: str) -> dict[str, Any] | None:
     """The vocabulary of the captions data SPEC `spec` holds (see the module docstring), or None if unknown."""
     from .precomputed import INDEX
+
     spec = str(spec or "").strip()
     if _is_shapes(spec):
         return shapes_vocabulary()
@@ -81,6 +87,7 @@ def vocabulary_of(spec: str) -> dict[str, Any] | None:
             return None if captions is None else vocabulary(f"the captions of {spec}", captions)
         if folder.is_dir() or spec.lower().endswith((".jsonl", ".csv")):
             from .readers import make_dataset
+
             data = make_dataset(spec, size=64, random_crop=False)
             if len(data) > MAX_CAPTIONS:
                 return None
@@ -88,6 +95,7 @@ def vocabulary_of(spec: str) -> dict[str, Any] | None:
                 captions = [caption for _, _, caption in data.entries]
             else:
                 from .readers import _read_caption
+
                 captions = [_read_caption(p.with_suffix(".txt")) for p in data.files]
             return vocabulary(f"the captions of {spec}", captions)
     except (OSError, ValueError, UnicodeDecodeError):  # data moved, damaged or unreadable: unknown, not a failure

@@ -7,6 +7,7 @@ must be given as a local file (``feature_extractor_weights_path``). A missing mo
 one clear line saying what to supply, before anything heavy is loaded. ``frechet_distance`` also takes any
 ``nn.Module`` feature extractor (torchmetrics' custom-extractor path), which the tests use offline.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -33,8 +34,9 @@ def _torchmetrics():
     try:
         import torchmetrics
     except ImportError:
-        raise MissingResource("this evaluation needs the torchmetrics package: pip install torchmetrics "
-                              "(it keeps your torch)") from None
+        raise MissingResource(
+            "this evaluation needs the torchmetrics package: pip install torchmetrics (it keeps your torch)"
+        ) from None
     return torchmetrics
 
 
@@ -49,8 +51,11 @@ def list_images(folder: str | Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        found += [
+            Path(dirpath) / f
+            for f in filenames
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        ]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -76,8 +81,10 @@ def read_prompts(images: str | Path, prompts: str | Path | None) -> list[tuple[P
     if prompts is None:
         prompts = images / "metadata.jsonl"
         if not prompts.is_file():
-            raise ValueError(f"no prompts: give --prompts FILE (one prompt per line, in sorted image order) or "
-                             f"--prompts metadata.jsonl; {prompts} does not exist")
+            raise ValueError(
+                f"no prompts: give --prompts FILE (one prompt per line, in sorted image order) or "
+                f"--prompts metadata.jsonl; {prompts} does not exist"
+            )
     prompts = Path(prompts)
     try:
         if prompts.suffix.lower() == ".jsonl":  # an append-only log: a torn last line is skipped with a warning
@@ -91,8 +98,11 @@ def read_prompts(images: str | Path, prompts: str | Path | None) -> list[tuple[P
     pairs: list[tuple[Path, str]] = []
     if prompts.suffix.lower() == ".jsonl":
         for n, row in rows:
-            if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not isinstance(row.get("prompt"),
-                                                                                                  str):
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("file"), str)
+                or not isinstance(row.get("prompt"), str)
+            ):
                 raise ValueError(f"{prompts} line {n}: expected an object with string 'file' and 'prompt'")
             path = prompts.parent / row["file"]
             if not path.is_file():
@@ -104,8 +114,10 @@ def read_prompts(images: str | Path, prompts: str | Path | None) -> list[tuple[P
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         files = list_images(images)
         if len(lines) != len(files):
-            raise ValueError(f"{prompts} has {len(lines)} prompts but {images} holds {len(files)} images; they are "
-                             f"paired in sorted file order, so the counts must match")
+            raise ValueError(
+                f"{prompts} has {len(lines)} prompts but {images} holds {len(files)} images; they are "
+                f"paired in sorted file order, so the counts must match"
+            )
         pairs = list(zip(files, lines))
     if not pairs:
         raise ValueError(f"no (image, prompt) pairs in {prompts}")
@@ -156,19 +168,23 @@ class _ClipFeatures(torch.nn.Module):
 
 def load_clip(model_dir: str | Path | None):
     """(model, processor) from a local Hugging Face CLIP directory, never downloading."""
-    where = ("a local Hugging Face CLIP model directory (config.json, model weights, tokenizer and preprocessor "
-             "files, e.g. a saved copy of openai/clip-vit-large-patch14)")
+    where = (
+        "a local Hugging Face CLIP model directory (config.json, model weights, tokenizer and preprocessor "
+        "files, e.g. a saved copy of openai/clip-vit-large-patch14)"
+    )
     if model_dir is None:
         raise MissingResource(f"CLIP score needs {where}: pass --clip-model DIR; nothing is downloaded")
     path = Path(model_dir)
     if not path.is_dir():
         raise MissingResource(f"CLIP model directory {path} does not exist: pass --clip-model DIR with {where}")
     if not (path / "config.json").is_file():
-        raise MissingResource(f"{path} is not a Hugging Face model directory (no config.json): pass --clip-model DIR "
-                              f"with {where}")
+        raise MissingResource(
+            f"{path} is not a Hugging Face model directory (no config.json): pass --clip-model DIR with {where}"
+        )
     try:
         from transformers import CLIPModel, CLIPProcessor
         from transformers.utils import logging as hf_logging
+
         verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -181,22 +197,25 @@ def load_clip(model_dir: str | Path | None):
                 hf_logging.enable_progress_bar()
     except Exception as e:  # noqa: BLE001 - any loading failure is the same one-line message
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MissingResource(f"cannot load a CLIP model from {path} ({first}); pass --clip-model DIR with "
-                              f"{where}") from None
+        raise MissingResource(
+            f"cannot load a CLIP model from {path} ({first}); pass --clip-model DIR with {where}"
+        ) from None
     return model.eval(), processor
 
 
-def clip_scores(pairs: Sequence[tuple[Path, str]], model, processor, batch_size: int = 16,
-                device: str | torch.device = "cpu") -> dict[str, Any]:
+def clip_scores(
+    pairs: Sequence[tuple[Path, str]], model, processor, batch_size: int = 16, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """torchmetrics CLIPScore over the pairs; also each image's own score (100 x cosine)."""
     _torchmetrics()
     from torchmetrics.multimodal.clip_score import CLIPScore
+
     wrapped = _ClipFeatures(model).to(device)
     metric = CLIPScore(model_name_or_path=lambda: (wrapped, processor)).to(device)
     per_item: list[float] = []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            batch = pairs[start:start + batch_size]
+            batch = pairs[start : start + batch_size]
             metric.update([load_uint8(p).to(device) for p, _ in batch], [t for _, t in batch])
             per_item += wrapped.last_scores()
         value = float(metric.compute())
@@ -204,18 +223,30 @@ def clip_scores(pairs: Sequence[tuple[Path, str]], model, processor, batch_size:
     return {"summary": {"clip_score": value, "num_images": len(pairs)}, "items": items}
 
 
-def run_clip_score(images: str | Path, prompts: str | Path | None = None, clip_model: str | Path | None = None,
-                   batch_size: int = 16, out: str | Path = "out/eval", json_path: str | Path | None = None,
-                   device: str = "cpu") -> dict[str, Any]:
+def run_clip_score(
+    images: str | Path,
+    prompts: str | Path | None = None,
+    clip_model: str | Path | None = None,
+    batch_size: int = 16,
+    out: str | Path = "out/eval",
+    json_path: str | Path | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     from .report import make_report, make_table, report_path, write_report
+
     pairs = read_prompts(images, prompts)
     _torchmetrics()
     model, processor = load_clip(clip_model)
     result = clip_scores(pairs, model, processor, batch_size, device)
     s = result["summary"]
     tables = [make_table(f"CLIP score ({clip_model})", ["images", "CLIP score"], [[s["num_images"], s["clip_score"]]])]
-    arguments = {"images": str(images), "prompts": None if prompts is None else str(prompts),
-                 "clip_model": str(clip_model), "batch_size": batch_size, "device": str(device)}
+    arguments = {
+        "images": str(images),
+        "prompts": None if prompts is None else str(prompts),
+        "clip_model": str(clip_model),
+        "batch_size": batch_size,
+        "device": str(device),
+    }
     report = make_report("clip-score", str(clip_model), arguments, s, result["items"], tables)
     report["path"] = str(write_report(report, report_path(json_path, out, "clip-score")))
     return report
@@ -226,6 +257,7 @@ def run_clip_score(images: str | Path, prompts: str | Path | None = None, clip_m
 
 def _fid_supports_weights_path() -> bool:
     from torchmetrics.image.fid import FrechetInceptionDistance
+
     return "feature_extractor_weights_path" in inspect.signature(FrechetInceptionDistance.__init__).parameters
 
 
@@ -235,18 +267,25 @@ def check_inception(weights: str | Path | None) -> Path:
     tm = _torchmetrics()
     missing = []
     if weights is None:
-        missing.append(f"the FID Inception weights (torch-fidelity's {FID_WEIGHTS_NAME}): pass --inception-weights "
-                       f"FILE")
+        missing.append(
+            f"the FID Inception weights (torch-fidelity's {FID_WEIGHTS_NAME}): pass --inception-weights FILE"
+        )
     elif not Path(weights).is_file():
-        missing.append(f"the FID Inception weights file: {weights} does not exist (pass --inception-weights FILE, "
-                       f"torch-fidelity's {FID_WEIGHTS_NAME})")
+        missing.append(
+            f"the FID Inception weights file: {weights} does not exist (pass --inception-weights FILE, "
+            f"torch-fidelity's {FID_WEIGHTS_NAME})"
+        )
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
     if not bool(_TORCH_FIDELITY_AVAILABLE):
-        missing.append("the torch-fidelity package, which holds FID's InceptionV3 (pip install torch-fidelity "
-                       "with a torchvision that matches your torch)")
+        missing.append(
+            "the torch-fidelity package, which holds FID's InceptionV3 (pip install torch-fidelity "
+            "with a torchvision that matches your torch)"
+        )
     if not missing and not _fid_supports_weights_path():
-        missing.append(f"a torchmetrics that loads Inception weights from a file (this is {tm.__version__}; "
-                       f"upgrade torchmetrics)")
+        missing.append(
+            f"a torchmetrics that loads Inception weights from a file (this is {tm.__version__}; upgrade torchmetrics)"
+        )
     if missing:
         raise MissingResource("FID cannot run: it needs " + "; and ".join(missing) + "; nothing is downloaded")
     return Path(weights)
@@ -264,13 +303,19 @@ def _batches_by_size(paths: Sequence[Path], batch_size: int):
         yield torch.stack(batch)
 
 
-def frechet_distance(real: Sequence[Path], fake: Sequence[Path], feature: int | torch.nn.Module = 2048,
-                     weights: str | Path | None = None, batch_size: int = 32,
-                     device: str | torch.device = "cpu") -> float:
+def frechet_distance(
+    real: Sequence[Path],
+    fake: Sequence[Path],
+    feature: int | torch.nn.Module = 2048,
+    weights: str | Path | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> float:
     """torchmetrics FID between two lists of image files (uint8 RGB, batched by equal size). `feature` is an
     Inception feature width (needs `weights`) or any module mapping uint8 [N, 3, H, W] to [N, D]."""
     _torchmetrics()
     from torchmetrics.image.fid import FrechetInceptionDistance
+
     for name, paths in (("real", real), ("fake", fake)):
         if len(paths) < 2:
             raise ValueError(f"FID needs at least 2 {name} images, got {len(paths)}")
@@ -285,11 +330,19 @@ def frechet_distance(real: Sequence[Path], fake: Sequence[Path], feature: int | 
         return float(metric.compute())
 
 
-def run_fid(real: str | Path, fake: str | Path, inception_weights: str | Path | None = None, batch_size: int = 32,
-            out: str | Path = "out/eval", json_path: str | Path | None = None, device: str = "cpu",
-            feature: torch.nn.Module | None = None) -> dict[str, Any]:
+def run_fid(
+    real: str | Path,
+    fake: str | Path,
+    inception_weights: str | Path | None = None,
+    batch_size: int = 32,
+    out: str | Path = "out/eval",
+    json_path: str | Path | None = None,
+    device: str = "cpu",
+    feature: torch.nn.Module | None = None,
+) -> dict[str, Any]:
     """The whole `binlat eval fid`. `feature` replaces the Inception network (for tests; reported as custom)."""
     from .report import make_report, make_table, report_path, write_report
+
     real_files, fake_files = list_images(real), list_images(fake)
     for name, folder, files in (("real", real, real_files), ("fake", fake, fake_files)):
         if len(files) < 2:
@@ -303,11 +356,16 @@ def run_fid(real: str | Path, fake: str | Path, inception_weights: str | Path | 
         extractor = f"custom {type(feature).__name__}"
     summary = {"fid": value, "num_real": len(real_files), "num_fake": len(fake_files), "feature_extractor": extractor}
     tables = [make_table("FID", ["real images", "fake images", "FID"], [[len(real_files), len(fake_files), value]])]
-    arguments = {"real": str(real), "fake": str(fake),
-                 "inception_weights": None if inception_weights is None else str(inception_weights),
-                 "batch_size": batch_size, "device": str(device)}
-    items = [{"file": str(p), "set": "real"} for p in real_files] + [{"file": str(p), "set": "fake"}
-                                                                     for p in fake_files]
+    arguments = {
+        "real": str(real),
+        "fake": str(fake),
+        "inception_weights": None if inception_weights is None else str(inception_weights),
+        "batch_size": batch_size,
+        "device": str(device),
+    }
+    items = [{"file": str(p), "set": "real"} for p in real_files] + [
+        {"file": str(p), "set": "fake"} for p in fake_files
+    ]
     report = make_report("fid", None, arguments, summary, items, tables)
     report["path"] = str(write_report(report, report_path(json_path, out, "fid")))
     return report

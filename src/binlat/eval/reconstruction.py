@@ -9,6 +9,7 @@ used and its size reported. Metrics on uint8 images (reconstructions clamped to 
 ``to_pil`` does): PSNR and SSIM (binlat.metrics) and, when local VGG16/LPIPS weights are given, the LPIPS-style
 distance of ``PerceptualLoss``.
 """
+
 from __future__ import annotations
 
 import io
@@ -73,10 +74,10 @@ class CodecChoice:
     codec: str
     quality: int
     method: int | None
-    size: int                   # bytes
-    fits: bool                  # size <= budget
+    size: int  # bytes
+    fits: bool  # size <= budget
     data: bytes = field(repr=False)
-    monotone: bool = True       # False when file size was seen to fall as quality rose (the search then scans all)
+    monotone: bool = True  # False when file size was seen to fall as quality rose (the search then scans all)
     tried: dict[int, int] = field(default_factory=dict, repr=False)  # quality -> size of every file made
 
 
@@ -111,8 +112,16 @@ def _search(image: Image.Image, codec: str, budget: float, method: int | None) -
     best = lo
     if violated:
         best = max(q for q in range(QUALITY_MIN, QUALITY_MAX + 1) if size(q) <= budget)
-    return CodecChoice(codec, best, method, size(best), True, files[best], monotone=not violated,
-                       tried={q: len(d) for q, d in sorted(files.items())})
+    return CodecChoice(
+        codec,
+        best,
+        method,
+        size(best),
+        True,
+        files[best],
+        monotone=not violated,
+        tried={q: len(d) for q, d in sorted(files.items())},
+    )
 
 
 def fit_to_budget(image: Image.Image, codec: str, budget_bytes: float) -> CodecChoice:
@@ -139,28 +148,38 @@ def load_tokenizer(model: str | Path, device: str | torch.device = "cpu"):
     """A tokenizer from a pipeline bundle (its tokenizer/) or a tokenizer model directory."""
     from binlat.bundle import INDEX_NAME
     from binlat.tokenizer import BinaryTokenizer
+
     path = Path(model)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist (pass --model DIR: a pipeline bundle or a "
-                                f"tokenizer directory)")
+        raise FileNotFoundError(
+            f"model directory {path} does not exist (pass --model DIR: a pipeline bundle or a tokenizer directory)"
+        )
     if (path / INDEX_NAME).is_file():
         path = path / "tokenizer"
     elif not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: neither a pipeline bundle ({INDEX_NAME}) nor a tokenizer directory "
-                                f"(config.json + model.safetensors)")
+        raise FileNotFoundError(
+            f"{path}: neither a pipeline bundle ({INDEX_NAME}) nor a tokenizer directory "
+            f"(config.json + model.safetensors)"
+        )
     return BinaryTokenizer.from_pretrained(path, device=device)
 
 
 def load_lpips(weights: str | Path | None) -> tuple[torch.nn.Module | None, dict[str, Any]]:
     """(PerceptualLoss, status) for a local weights file; (None, status with the reason) without one."""
     if not weights:
-        return None, {"available": False, "reason": "no --lpips-weights FILE given (a local safetensors file of VGG16 "
-                                                    "features under torchvision's names, optionally with LPIPS heads)"}
+        return None, {
+            "available": False,
+            "reason": "no --lpips-weights FILE given (a local safetensors file of VGG16 "
+            "features under torchvision's names, optionally with LPIPS heads)",
+        }
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"LPIPS weights {path} not found: pass --lpips-weights with a local safetensors file "
-                                f"of VGG16 features (torchvision names), or leave it out to skip LPIPS")
+        raise FileNotFoundError(
+            f"LPIPS weights {path} not found: pass --lpips-weights with a local safetensors file "
+            f"of VGG16 features (torchvision names), or leave it out to skip LPIPS"
+        )
     from binlat.tokenizer.losses import PerceptualLoss
+
     return PerceptualLoss(path), {"available": True, "reason": None, "weights": str(path)}
 
 
@@ -168,8 +187,10 @@ def eval_dataset(spec: str, size: int, allow_commands: bool = False):
     """The data SPEC as evaluation images: ``shapes`` -> the evaluation-seed stream, else centre crops.
     ``allow_commands``: see :func:`binlat.data.readers.make_dataset` (only for a spec the user typed)."""
     from binlat.data.readers import make_dataset
-    return make_dataset(spec, size=size, seed=EVAL_SHAPES_SEED, random_crop=False, hflip=False,
-                        allow_commands=allow_commands)
+
+    return make_dataset(
+        spec, size=size, seed=EVAL_SHAPES_SEED, random_crop=False, hflip=False, allow_commands=allow_commands
+    )
 
 
 def _batches(samples: Iterable[dict[str, Any]], n: int, batch_size: int) -> Iterable[list[dict[str, Any]]]:
@@ -194,10 +215,17 @@ def _lpips_one(lpips: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> floa
         return float(lpips(x, y))
 
 
-def evaluate_reconstruction(tokenizer, data: Iterable[dict[str, Any]], num_images: int, size: int,
-                            batch_size: int = 16, lpips: torch.nn.Module | None = None,
-                            codecs: Sequence[str] = CODECS, keep_examples: int = 8,
-                            progress: bool = False) -> dict[str, Any]:
+def evaluate_reconstruction(
+    tokenizer,
+    data: Iterable[dict[str, Any]],
+    num_images: int,
+    size: int,
+    batch_size: int = 16,
+    lpips: torch.nn.Module | None = None,
+    codecs: Sequence[str] = CODECS,
+    keep_examples: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Tokenizer vs codecs on the first `num_images` samples of `data`.
 
     Returns ``{"summary", "items", "examples"}``; examples are up to `keep_examples` rows of PIL images
@@ -220,19 +248,32 @@ def evaluate_reconstruction(tokenizer, data: Iterable[dict[str, Any]], num_image
         original, rec = to_uint8(images), to_uint8(recon.cpu())
         tok_psnr, tok_ssim = psnr(rec, original), ssim(rec, original)
         for j, sample in enumerate(batch):
-            item: dict[str, Any] = {"index": index, "key": sample.get("key", f"shapes-{EVAL_SHAPES_SEED}-{index}"),
-                                    "caption": sample.get("caption", "")}
-            item["tokenizer"] = {"bytes": budget, "psnr": float(tok_psnr[j]), "ssim": float(tok_ssim[j]),
-                                 "lpips": _lpips_one(lpips, rec[j], original[j]) if lpips is not None else None}
+            item: dict[str, Any] = {
+                "index": index,
+                "key": sample.get("key", f"shapes-{EVAL_SHAPES_SEED}-{index}"),
+                "caption": sample.get("caption", ""),
+            }
+            item["tokenizer"] = {
+                "bytes": budget,
+                "psnr": float(tok_psnr[j]),
+                "ssim": float(tok_ssim[j]),
+                "lpips": _lpips_one(lpips, rec[j], original[j]) if lpips is not None else None,
+            }
             pil = uint8_to_pil(original[j])
             row = [pil, uint8_to_pil(rec[j])]
             for codec in codecs:
                 choice = fit_to_budget(pil, codec, budget)
                 dec = pil_to_uint8(decode_image(choice.data))
-                item[codec] = {"quality": choice.quality, "method": choice.method, "bytes": choice.size,
-                               "fits": choice.fits, "monotone": choice.monotone,
-                               "psnr": float(psnr(dec, original[j])[0]), "ssim": float(ssim(dec, original[j])[0]),
-                               "lpips": _lpips_one(lpips, dec, original[j]) if lpips is not None else None}
+                item[codec] = {
+                    "quality": choice.quality,
+                    "method": choice.method,
+                    "bytes": choice.size,
+                    "fits": choice.fits,
+                    "monotone": choice.monotone,
+                    "psnr": float(psnr(dec, original[j])[0]),
+                    "ssim": float(ssim(dec, original[j])[0]),
+                    "lpips": _lpips_one(lpips, dec, original[j]) if lpips is not None else None,
+                }
                 row.append(uint8_to_pil(dec))
             if len(examples) < keep_examples:
                 examples.append(row)
@@ -247,28 +288,44 @@ def evaluate_reconstruction(tokenizer, data: Iterable[dict[str, Any]], num_image
 
     def side(name: str) -> dict[str, Any]:
         rows = [it[name] for it in items]
-        out = {"psnr": _mean([r["psnr"] for r in rows]), "exact": sum(r["psnr"] >= PSNR_CAP_DB for r in rows),
-               "ssim": _mean([r["ssim"] for r in rows]),
-               "lpips": _mean([r["lpips"] for r in rows]) if lpips is not None else None,
-               "mean_bytes": _mean([r["bytes"] for r in rows])}
+        out = {
+            "psnr": _mean([r["psnr"] for r in rows]),
+            "exact": sum(r["psnr"] >= PSNR_CAP_DB for r in rows),
+            "ssim": _mean([r["ssim"] for r in rows]),
+            "lpips": _mean([r["lpips"] for r in rows]) if lpips is not None else None,
+            "mean_bytes": _mean([r["bytes"] for r in rows]),
+        }
         if name != "tokenizer":
-            out |= {"fits": sum(r["fits"] for r in rows), "mean_quality": _mean([r["quality"] for r in rows]),
-                    "min_quality": min(r["quality"] for r in rows), "max_quality": max(r["quality"] for r in rows),
-                    "max_bytes": max(r["bytes"] for r in rows),
-                    "monotone_violations": sum(not r["monotone"] for r in rows)}
+            out |= {
+                "fits": sum(r["fits"] for r in rows),
+                "mean_quality": _mean([r["quality"] for r in rows]),
+                "min_quality": min(r["quality"] for r in rows),
+                "max_quality": max(r["quality"] for r in rows),
+                "max_bytes": max(r["bytes"] for r in rows),
+                "monotone_violations": sum(not r["monotone"] for r in rows),
+            }
         return out
 
-    summary = {"num_images": len(items), "image_size": size, "num_tokens": cfg.num_tokens,
-               "bits_per_token": cfg.num_bits, "bits_per_image": bits, "budget_bytes": budget,
-               "tokenizer": side("tokenizer")} | {c: side(c) for c in codecs}
+    summary = {
+        "num_images": len(items),
+        "image_size": size,
+        "num_tokens": cfg.num_tokens,
+        "bits_per_token": cfg.num_bits,
+        "bits_per_image": bits,
+        "budget_bytes": budget,
+        "tokenizer": side("tokenizer"),
+    } | {c: side(c) for c in codecs}
     return {"summary": summary, "items": items, "examples": examples}
 
 
 def reconstruction_tables(summary: dict[str, Any], codecs: Sequence[str] = CODECS) -> list[dict[str, Any]]:
     from .report import make_table
+
     n = summary["num_images"]
-    title = (f"reconstruction: {n} images at {summary['image_size']} px; budget {summary['num_tokens']} x "
-             f"{summary['bits_per_token']} bits = {summary['bits_per_image']} bits = {summary['budget_bytes']:g} bytes")
+    title = (
+        f"reconstruction: {n} images at {summary['image_size']} px; budget {summary['num_tokens']} x "
+        f"{summary['bits_per_token']} bits = {summary['bits_per_image']} bits = {summary['budget_bytes']:g} bytes"
+    )
     columns = ["method", "bytes/image", "PSNR dB", "SSIM", "LPIPS", "fits budget", "quality"]
     t = summary["tokenizer"]
     rows: list[list[Any]] = [["binlat tokenizer", t["mean_bytes"], t["psnr"], t["ssim"], t["lpips"], f"{n}/{n}", None]]
@@ -279,16 +336,26 @@ def reconstruction_tables(summary: dict[str, Any], codecs: Sequence[str] = CODEC
     return [make_table(title, columns, rows)]
 
 
-def run_reconstruction(model: str | Path, data: str, num_images: int = 64, size: int | None = None,
-                       batch_size: int = 16, lpips_weights: str | Path | None = None, out: str | Path = "out/eval",
-                       json_path: str | Path | None = None, device: str = "cpu",
-                       progress: bool = False, allow_data_commands: bool = False) -> dict[str, Any]:
+def run_reconstruction(
+    model: str | Path,
+    data: str,
+    num_images: int = 64,
+    size: int | None = None,
+    batch_size: int = 16,
+    lpips_weights: str | Path | None = None,
+    out: str | Path = "out/eval",
+    json_path: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    allow_data_commands: bool = False,
+) -> dict[str, Any]:
     """The whole `binlat eval reconstruction`: evaluate, write the report and a comparison sheet; return the report
     (its "tables" are what the CLI prints)."""
     from binlat.grid import contact_sheet
     from binlat.io import atomic_write_bytes
 
     from .report import make_report, report_path, write_report
+
     if num_images < 1 or batch_size < 1:
         raise ValueError("num_images and batch_size must be >= 1")
     lpips, lpips_status = load_lpips(lpips_weights)
@@ -297,8 +364,9 @@ def run_reconstruction(model: str | Path, data: str, num_images: int = 64, size:
         lpips = lpips.to(device)
     size = size or tokenizer.config.image_size
     tokenizer.check_size(size, size)
-    result = evaluate_reconstruction(tokenizer, eval_dataset(data, size, allow_data_commands), num_images, size, batch_size, lpips,
-                                     progress=progress)
+    result = evaluate_reconstruction(
+        tokenizer, eval_dataset(data, size, allow_data_commands), num_images, size, batch_size, lpips, progress=progress
+    )
     summary = result["summary"] | {"lpips": lpips_status}
     out = Path(out)
     sheet = None
@@ -307,7 +375,8 @@ def run_reconstruction(model: str | Path, data: str, num_images: int = 64, size:
         for i, row in enumerate(result["examples"]):
             it = result["items"][i]
             names = ["original", f"binlat {summary['budget_bytes']:g} B"] + [
-                f"{_CODEC_NAMES[c]} q{it[c]['quality']} {it[c]['bytes']} B" for c in CODECS]
+                f"{_CODEC_NAMES[c]} q{it[c]['quality']} {it[c]['bytes']} B" for c in CODECS
+            ]
             labels += names
             images += row
         buf = io.BytesIO()
@@ -315,12 +384,22 @@ def run_reconstruction(model: str | Path, data: str, num_images: int = 64, size:
         sheet = out / "reconstruction-examples.png"
         atomic_write_bytes(sheet, buf.getvalue())
     summary["examples_sheet"] = None if sheet is None else str(sheet)
-    arguments = {"model": str(model), "data": data, "num_images": num_images, "size": size,
-                 "batch_size": batch_size, "lpips_weights": None if lpips_weights is None else str(lpips_weights),
-                 "device": str(device), "eval_shapes_seed": EVAL_SHAPES_SEED, "codecs": list(CODECS),
-                 "webp_methods": [WEBP_DEFAULT_METHOD, WEBP_SMALLEST_METHOD], "jpeg_optimize": True}
-    report = make_report("reconstruction", str(model), arguments, summary, result["items"],
-                         reconstruction_tables(summary))
+    arguments = {
+        "model": str(model),
+        "data": data,
+        "num_images": num_images,
+        "size": size,
+        "batch_size": batch_size,
+        "lpips_weights": None if lpips_weights is None else str(lpips_weights),
+        "device": str(device),
+        "eval_shapes_seed": EVAL_SHAPES_SEED,
+        "codecs": list(CODECS),
+        "webp_methods": [WEBP_DEFAULT_METHOD, WEBP_SMALLEST_METHOD],
+        "jpeg_optimize": True,
+    }
+    report = make_report(
+        "reconstruction", str(model), arguments, summary, result["items"], reconstruction_tables(summary)
+    )
     path = write_report(report, report_path(json_path, out, "reconstruction"))
     report["path"] = str(path)
     return report

@@ -13,6 +13,7 @@ A report is a JSON object::
 Only measured figures go in; nothing is hard-coded. JSON has no infinity, so a non-finite float is written as the
 string "inf", "-inf" or "nan" (an identical reconstruction has infinite PSNR).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -68,6 +69,7 @@ def render_table(table: Mapping[str, Any], indent: str = "") -> str:
 
 def print_tables(tables: Sequence[Mapping[str, Any]], file: Any = None) -> None:
     import sys
+
     stream = file or sys.stdout
     for i, table in enumerate(tables):
         if i:
@@ -79,6 +81,7 @@ def parse_table(text: str) -> list[list[str]]:
     """Rows (header included) of a table printed by :func:`render_table`, split on runs of 2+ spaces;
     for tests and scripts that read the printed figures back."""
     import re
+
     lines = text.strip("\n").splitlines()
     return [re.split(r"\s{2,}", line.strip()) for line in lines[1:] if line.strip() and set(line.strip()) - {"-", " "}]
 
@@ -98,9 +101,16 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def make_report(kind: str, model: str | None, arguments: Mapping[str, Any], summary: Mapping[str, Any],
-                items: Sequence[Mapping[str, Any]], tables: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def make_report(
+    kind: str,
+    model: str | None,
+    arguments: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    items: Sequence[Mapping[str, Any]],
+    tables: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
     from binlat import __version__ as version  # noqa: PLC0415
+
     report = {
         "kind": kind,
         "model": None if model is None else str(model),
@@ -117,6 +127,7 @@ def make_report(kind: str, model: str | None, arguments: Mapping[str, Any], summ
 def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
     """Write the report atomically as indented JSON (strict: no NaN/Infinity literals)."""
     from binlat.io import atomic_write_bytes  # noqa: PLC0415
+
     path = Path(path)
     text = json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     try:

@@ -1,4 +1,5 @@
 """Generator networks over binary tokens (networks only; sampling lives in binlat.processes)."""
+
 from .ar import ARCache, ARTransformer
 from .config import GeneratorConfig
 from .diffusion import DiffusionTransformer

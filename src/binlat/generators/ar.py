@@ -5,6 +5,7 @@ categorical over its 2^(B/g) values given the values of groups < j (GroupedToken
 is then the final normed hidden state, and `group_logits` turns it into one group's logits; the process draws a
 group, then asks for the next. A pure network; the decoding loop (guidance, sampling, cache handling) is
 binlat.processes.ar."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,14 +29,22 @@ class ARBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.mlp = GeluMLP(dim, cfg.mlp_ratio * dim)
 
-    def forward(self, x: torch.Tensor, offset: int, text: torch.Tensor | None, text_mask: torch.Tensor | None,
-                cache: KVCache | None, refined: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.norm1(x) + self.pos_emb[:, offset: offset + x.shape[1]]
+    def forward(
+        self,
+        x: torch.Tensor,
+        offset: int,
+        text: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        refined: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.norm1(x) + self.pos_emb[:, offset : offset + x.shape[1]]
         context = None if text is None else self.text_proj(text)
         if refined is not None and context is not None:
             context = context + refined
-        x = x + self.attn(h, context=context, context_mask=text_mask if text is not None else None,
-                          causal=True, cache=cache)
+        x = x + self.attn(
+            h, context=context, context_mask=text_mask if text is not None else None, causal=True, cache=cache
+        )
         return x + self.mlp(self.norm2(x))
 
 
@@ -61,8 +70,10 @@ class GroupedTokenHead(nn.Module):
         if not 0 <= j < len(self.out):
             raise ValueError(f"group index {j} outside the head's {len(self.out)} groups")
         if earlier.shape[-1] != j or earlier.shape[:-1] != hidden.shape[:-1]:
-            raise ValueError(f"group {j} reads the values of the {j} groups before it, one row per hidden row: "
-                             f"expected [{', '.join(map(str, hidden.shape[:-1]))}, {j}], got {list(earlier.shape)}")
+            raise ValueError(
+                f"group {j} reads the values of the {j} groups before it, one row per hidden row: "
+                f"expected [{', '.join(map(str, hidden.shape[:-1]))}, {j}], got {list(earlier.shape)}"
+            )
         if j == 0:
             return self.out[0](hidden)
         z = hidden
@@ -90,8 +101,13 @@ class StaticARCache(ARCache):
         c = model.config
         weight = model.x_embed.weight
         capacity = text_length + c.num_tokens + 1
-        super().__init__(c.num_layers, [StaticKVCache(batch, c.num_heads, capacity, c.head_dim, dtype=weight.dtype,
-                                                      device=weight.device) for _ in range(c.num_layers)])
+        super().__init__(
+            c.num_layers,
+            [
+                StaticKVCache(batch, c.num_heads, capacity, c.head_dim, dtype=weight.dtype, device=weight.device)
+                for _ in range(c.num_layers)
+            ],
+        )
         self.text_length = text_length
         self.positions = torch.arange(capacity, device=weight.device)
         self.index = torch.zeros(1, dtype=torch.long, device=weight.device)
@@ -157,15 +173,23 @@ class ARTransformer(nn.Module, ModelMixin):
         x = self.x_embed(bits.to(dtype))
         mask = cache.layers[0].valid_buffer[:, None, None, : index + 1]
         for block, layer in zip(self.blocks, cache.layers):
-            h = block.norm1(x) + block.pos_emb[:, offset: offset + 1]
+            h = block.norm1(x) + block.pos_emb[:, offset : offset + 1]
             x = x + block.attn.step(h, layer, mask, index)
             x = x + block.mlp(block.norm2(x))
             layer.length = index + 1
         cache.length += 1
         return self._output(x)[:, -1]
 
-    def static_step(self, bits: torch.Tensor, offset: torch.Tensor, index: torch.Tensor, positions: torch.Tensor,
-                    keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    def static_step(
+        self,
+        bits: torch.Tensor,
+        offset: torch.Tensor,
+        index: torch.Tensor,
+        positions: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
         """decode_step with every shape fixed, for torch.compile: row `offset` (1-element tensor) at key `index`,
         attention over the whole buffers (`keys`/`values` per block, written in place) with keys past `index`
         masked. Equal to decode_step to float tolerance, not bit for bit (longer reductions, fused kernels)."""
@@ -177,8 +201,14 @@ class ARTransformer(nn.Module, ModelMixin):
             x = x + block.mlp(block.norm2(x))
         return self._output(x)[:, -1]
 
-    def forward(self, bits: torch.Tensor | None, text: Sequence[torch.Tensor], text_mask: torch.Tensor,
-                cache: ARCache | None = None, group_values: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        bits: torch.Tensor | None,
+        text: Sequence[torch.Tensor],
+        text_mask: torch.Tensor,
+        cache: ARCache | None = None,
+        group_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Without a cache: rows [start ; embed(bits)] (bits [N, T, B] or None) -> logits [N, T+1, B]; row i
         predicts token i. With a cache: only the new tokens' bits are given (None on the first call, which
         also feeds the text) and logits for those rows come back.
@@ -211,15 +241,25 @@ class ARTransformer(nn.Module, ModelMixin):
         for i, block in enumerate(self.blocks):
             states = text[i].to(dtype) if first else None
             layer_cache = None if cache is None else cache.layers[i]
-            x = run_block(block, x, offset, states, mask if first else None, layer_cache, refined,
-                          checkpointing=self.gradient_checkpointing and cache is None)
+            x = run_block(
+                block,
+                x,
+                offset,
+                states,
+                mask if first else None,
+                layer_cache,
+                refined,
+                checkpointing=self.gradient_checkpointing and cache is None,
+            )
         if cache is not None:
             cache.length += x.shape[1]
         out = self._output(x)
         if group_values is None:
             return out
         if group_values.shape != (*out.shape[:-1], self.config.bit_groups):
-            raise ValueError(f"group_values must be [{', '.join(map(str, out.shape[:-1]))}, "
-                             f"{self.config.bit_groups}] (one value per group of each row), got "
-                             f"{list(group_values.shape)}")
+            raise ValueError(
+                f"group_values must be [{', '.join(map(str, out.shape[:-1]))}, "
+                f"{self.config.bit_groups}] (one value per group of each row), got "
+                f"{list(group_values.shape)}"
+            )
         return torch.stack([self.head(out, group_values[..., :j], j) for j in range(self.config.bit_groups)], -2)

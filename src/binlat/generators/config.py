@@ -1,4 +1,5 @@
 """Generator configurations (diffusion and AR share the same fields)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,20 +59,25 @@ class GeneratorConfig:
         if isinstance(self.bit_groups, bool) or not isinstance(self.bit_groups, int) or self.bit_groups < 1:
             raise ValueError(f"bit_groups must be an integer >= 1, got {self.bit_groups!r}")
         if self.align_dim < 0 or (self.align_dim and not 0 <= self.align_block < self.num_layers):
-            raise ValueError(f"align_dim must be >= 0 and align_block a block index below num_layers "
-                             f"({self.num_layers}), got {self.align_dim} and {self.align_block}")
+            raise ValueError(
+                f"align_dim must be >= 0 and align_block a block index below num_layers "
+                f"({self.num_layers}), got {self.align_dim} and {self.align_block}"
+            )
         if self.text_refiner_layers < 0:
             raise ValueError(f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}")
         if self.position_grid is not None:
             self.position_grid = tuple(self.position_grid)
             if len(self.position_grid) != 2 or min(self.position_grid) < 1:
-                raise ValueError(f"position_grid must be [rows, cols] of positive integers, got "
-                                 f"{list(self.position_grid)}")
+                raise ValueError(
+                    f"position_grid must be [rows, cols] of positive integers, got {list(self.position_grid)}"
+                )
         if self.text_layers is not None:
             self.text_layers = tuple(self.text_layers)
             if len(self.text_layers) != self.num_layers or any(i < 0 for i in self.text_layers):
-                raise ValueError(f"text_layers must list {self.num_layers} non-negative layer indices "
-                                 f"(one per block), got {list(self.text_layers)}")
+                raise ValueError(
+                    f"text_layers must list {self.num_layers} non-negative layer indices "
+                    f"(one per block), got {list(self.text_layers)}"
+                )
         if self.prediction not in ("flip", "x0"):
             raise ValueError(f"prediction must be 'flip' or 'x0', got {self.prediction!r}")
 
@@ -88,12 +94,13 @@ def group_bits(config: GeneratorConfig) -> int:
     when a network is built: a training config learns num_bits from its tokenizer."""
     groups, bits = config.bit_groups, config.num_bits
     if bits % groups:
-        raise ValueError(f"bit_groups ({groups}) must divide num_bits ({bits}): a token's bits split into equal "
-                         f"groups")
+        raise ValueError(f"bit_groups ({groups}) must divide num_bits ({bits}): a token's bits split into equal groups")
     if bits // groups > MAX_GROUP_BITS:
         fewest = next(d for d in range(groups, bits + 1) if bits % d == 0 and bits // d <= MAX_GROUP_BITS)
-        raise ValueError(f"bit_groups ({groups}) leaves {bits // groups} bits per group of a {bits}-bit token; at "
-                         f"most {MAX_GROUP_BITS} (2^{MAX_GROUP_BITS} values): the fewest groups that fit is {fewest}")
+        raise ValueError(
+            f"bit_groups ({groups}) leaves {bits // groups} bits per group of a {bits}-bit token; at "
+            f"most {MAX_GROUP_BITS} (2^{MAX_GROUP_BITS} values): the fewest groups that fit is {fewest}"
+        )
     return bits // groups
 
 
@@ -102,8 +109,9 @@ def make_text_refiner(config: GeneratorConfig) -> TextRefiner | None:
     width), or None."""
     if not config.text_refiner_layers:
         return None
-    return TextRefiner(config.text_dim, config.dim, config.text_refiner_layers, config.num_heads, config.head_dim,
-                       config.mlp_ratio)
+    return TextRefiner(
+        config.text_dim, config.dim, config.text_refiner_layers, config.num_heads, config.head_dim, config.mlp_ratio
+    )
 
 
 def initial_positions(config: GeneratorConfig, leading: int = 0):
@@ -113,6 +121,8 @@ def initial_positions(config: GeneratorConfig, leading: int = 0):
         return sincos_positions(config.num_tokens + leading, config.dim)
     rows, cols = config.position_grid
     if rows * cols != config.num_tokens:  # checked here: a training config learns num_tokens from its tokenizer
-        raise ValueError(f"position_grid must be [rows, cols] with rows x cols = num_tokens ({config.num_tokens}), "
-                         f"got {[rows, cols]}")
+        raise ValueError(
+            f"position_grid must be [rows, cols] with rows x cols = num_tokens ({config.num_tokens}), "
+            f"got {[rows, cols]}"
+        )
     return sincos_grid_positions(*config.position_grid, config.dim, leading=leading)

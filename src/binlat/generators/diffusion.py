@@ -1,6 +1,7 @@
 """Bernoulli diffusion transformer: noisy bits + t + per-layer text states -> one logit per bit.
 
 A pure network: it knows nothing of the noise schedule or of sampling (see binlat.processes.diffusion)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -9,8 +10,17 @@ import torch
 from torch import nn
 
 from ..modeling import ModelMixin
-from ..nn import (run_block, AdaLNContinuous, AdaLNZero, Attention, GeluMLP, PooledTextEmbedding,
-                  TimestepEmbedding, layer_norm, modulate)
+from ..nn import (
+    AdaLNContinuous,
+    AdaLNZero,
+    Attention,
+    GeluMLP,
+    PooledTextEmbedding,
+    TimestepEmbedding,
+    layer_norm,
+    modulate,
+    run_block,
+)
 from .config import GeneratorConfig, initial_positions, make_text_refiner
 
 
@@ -30,9 +40,15 @@ class DiffusionBlock(nn.Module):
             nn.init.zeros_(self.text_update.weight)
             nn.init.zeros_(self.text_update.bias)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                refined: torch.Tensor | None = None, stream: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        refined: torch.Tensor | None = None,
+        stream: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """With config.joint_text, `stream` is the text stream so far ([N, L, dim], None before the first block)
         and (x, stream) comes back; otherwise x."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(temb)
@@ -48,7 +64,7 @@ class DiffusionBlock(nn.Module):
         rows = torch.cat((context, h), dim=1)
         valid = torch.cat((text_mask, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)), dim=1)
         out = self.attn(rows, context_mask=valid)
-        text_out, image_out = out[:, : context.shape[1]], out[:, context.shape[1]:]
+        text_out, image_out = out[:, : context.shape[1]], out[:, context.shape[1] :]
         update = self.text_update(text_out)
         stream = update if stream is None else stream + update
         x = x + gate1.unsqueeze(1) * image_out
@@ -61,8 +77,10 @@ class DiffusionTransformer(nn.Module, ModelMixin):
     def __init__(self, config: GeneratorConfig):
         super().__init__()
         if config.bit_groups != 1:
-            raise ValueError("bit_groups is an AR generator option; the diffusion generator does not take it "
-                             "(it predicts one logit per bit)")
+            raise ValueError(
+                "bit_groups is an AR generator option; the diffusion generator does not take it "
+                "(it predicts one logit per bit)"
+            )
         self.config = config
         self.x_embed = nn.Linear(config.num_bits, config.dim)
         # Self-conditioning: the previous x_0 estimate enters beside x_t. Zero-initialised, so the network starts
@@ -79,12 +97,19 @@ class DiffusionTransformer(nn.Module, ModelMixin):
         self.proj_out = nn.Linear(config.dim, config.num_bits)
         self.align_head = None  # REPA's projector (training only): block align_block's rows -> align_dim
         if config.align_dim:
-            self.align_head = nn.Sequential(nn.Linear(config.dim, config.dim), nn.SiLU(),
-                                            nn.Linear(config.dim, config.align_dim))
+            self.align_head = nn.Sequential(
+                nn.Linear(config.dim, config.dim), nn.SiLU(), nn.Linear(config.dim, config.align_dim)
+            )
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: Sequence[torch.Tensor], text_mask: torch.Tensor,
-                estimate: torch.Tensor | None = None, aligned: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text: Sequence[torch.Tensor],
+        text_mask: torch.Tensor,
+        estimate: torch.Tensor | None = None,
+        aligned: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x_t [N, K, B] bits (0/1, any dtype); t [N] in [0, 1]; text: one [N, L, text_dim] per block;
         text_mask [N, L] (True/1 = real token); with `config.self_condition`, `estimate` [N, K, B] is a previous
         estimate of P(x_0 = 1) (None: no estimate yet, read as 1/2 everywhere). Returns logits [N, K, B]; with
@@ -111,11 +136,13 @@ class DiffusionTransformer(nn.Module, ModelMixin):
         projected = None
         for i, (block, states) in enumerate(zip(self.blocks, text)):
             if block.text_update is None:
-                x = run_block(block, x, temb, states.to(dtype), mask, refined,
-                              checkpointing=self.gradient_checkpointing)
+                x = run_block(
+                    block, x, temb, states.to(dtype), mask, refined, checkpointing=self.gradient_checkpointing
+                )
             else:
-                x, stream = run_block(block, x, temb, states.to(dtype), mask, refined, stream,
-                                      checkpointing=self.gradient_checkpointing)
+                x, stream = run_block(
+                    block, x, temb, states.to(dtype), mask, refined, stream, checkpointing=self.gradient_checkpointing
+                )
             if aligned and i == self.config.align_block:
                 projected = self.align_head(x)
         logits = self.proj_out(self.norm_out(x, temb))

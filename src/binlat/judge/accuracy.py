@@ -9,6 +9,7 @@ held-out composition (a yellow triangle or a purple circle; categories colors an
 The images function comes from the caller: ``pipeline_images`` wraps anything called like a Pipeline (this module
 never builds one), binlat.eval adds the ground-truth renders. Reports and failure sheets are binlat.eval's.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,26 +29,55 @@ HELD_OUT_CATEGORIES = ("colors", "color_attr")
 ImagesFn = Callable[[list[str], int], list[Image.Image]]
 
 
-def pipeline_images(pipe, generator: str = "diffusion", num_steps: int | None = None,
-                    guidance_scale: float | None = None, temperature: float | None = None, batch_size: int = 8,
-                    size: int | None = None, progress: bool = False, rho: float | None = None,
-                    protocol: int | None = None) -> ImagesFn:
+def pipeline_images(
+    pipe,
+    generator: str = "diffusion",
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    temperature: float | None = None,
+    batch_size: int = 8,
+    size: int | None = None,
+    progress: bool = False,
+    rho: float | None = None,
+    protocol: int | None = None,
+) -> ImagesFn:
     """Images from a Pipeline (image i of a call uses seed + i; settings left None take the bundle's)."""
+
     def make(prompts: list[str], seed: int) -> list[Image.Image]:
-        result = pipe(prompts, generator=generator, num_steps=num_steps, guidance_scale=guidance_scale,
-                      temperature=temperature, rho=rho, protocol=protocol, seed=seed, height=size, width=size,
-                      batch_size=batch_size, progress=progress)
+        result = pipe(
+            prompts,
+            generator=generator,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            rho=rho,
+            protocol=protocol,
+            seed=seed,
+            height=size,
+            width=size,
+            batch_size=batch_size,
+            progress=progress,
+        )
         return list(result.images)
+
     return make
 
 
 def _compact(objects: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"shape": o["shape"], "color": o["color"], "cx": float(o["cx"]), "cy": float(o["cy"]),
-             "area": int(o["area"])} for o in objects]
+    return [
+        {"shape": o["shape"], "color": o["color"], "cx": float(o["cx"]), "cy": float(o["cy"]), "area": int(o["area"])}
+        for o in objects
+    ]
 
 
-def evaluate_shapes(images_fn: ImagesFn, per_category: int = 64, seed: int = 0, held_out: bool = True,
-                    categories: Sequence[str] = CATEGORIES, progress: bool = False) -> dict[str, Any]:
+def evaluate_shapes(
+    images_fn: ImagesFn,
+    per_category: int = 64,
+    seed: int = 0,
+    held_out: bool = True,
+    categories: Sequence[str] = CATEGORIES,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Judge `per_category` images per category (and per held-out category).
 
     Returns ``{"summary", "items", "failures"}``: failures are ``(image, prompt, seed, item)`` tuples."""
@@ -68,9 +98,17 @@ def evaluate_shapes(images_fn: ImagesFn, per_category: int = 64, seed: int = 0, 
             verdict = judge(image, prompt)
             if verdict["category"] != category:  # prompt_set and parse_caption disagree: a bug, not a miss
                 raise RuntimeError(f"prompt {prompt!r} of {category} parses as {verdict['category']}")
-            item = {"set": kind, "category": category, "index": i, "prompt": prompt, "seed": seed + i,
-                    "correct": bool(verdict["correct"]), "reason": verdict["reason"], "failure": verdict["failure"],
-                    "objects": _compact(verdict["objects"])}
+            item = {
+                "set": kind,
+                "category": category,
+                "index": i,
+                "prompt": prompt,
+                "seed": seed + i,
+                "correct": bool(verdict["correct"]),
+                "reason": verdict["reason"],
+                "failure": verdict["failure"],
+                "objects": _compact(verdict["objects"]),
+            }
             items.append(item)
             correct += item["correct"]
             if not item["correct"]:
@@ -82,6 +120,7 @@ def evaluate_shapes(images_fn: ImagesFn, per_category: int = 64, seed: int = 0, 
 
 def summarise(items: Sequence[dict[str, Any]], categories: Sequence[str] = CATEGORIES) -> dict[str, Any]:
     """Accuracy per category and overall (mean of the categories), and the held-out sets apart."""
+
     def block(kind: str, cats: Sequence[str]) -> dict[str, Any]:
         per = {}
         for c in cats:
@@ -90,21 +129,38 @@ def summarise(items: Sequence[dict[str, Any]], categories: Sequence[str] = CATEG
                 k = sum(it["correct"] for it in rows)
                 per[c] = {"accuracy": k / len(rows), "correct": k, "count": len(rows)}
         overall = float(np.mean([v["accuracy"] for v in per.values()])) if per else None
-        return {"categories": per, "overall": overall,
-                "correct": sum(v["correct"] for v in per.values()), "count": sum(v["count"] for v in per.values())}
+        return {
+            "categories": per,
+            "overall": overall,
+            "correct": sum(v["correct"] for v in per.values()),
+            "count": sum(v["count"] for v in per.values()),
+        }
 
     main = block("main", categories)
     held = block("held_out", [c for c in HELD_OUT_CATEGORIES if c in categories])
-    return {"accuracy": {c: v["accuracy"] for c, v in main["categories"].items()}, "overall": main["overall"],
-            "categories": main["categories"], "correct": main["correct"], "count": main["count"],
-            "held_out": held, "relations": relation_outcomes(items)}
+    return {
+        "accuracy": {c: v["accuracy"] for c, v in main["categories"].items()},
+        "overall": main["overall"],
+        "categories": main["categories"],
+        "correct": main["correct"],
+        "count": main["count"],
+        "held_out": held,
+        "relations": relation_outcomes(items),
+    }
 
 
 def relation_outcomes(items: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Of the main set's position images whose two objects came out right: how many hold the relation, how many
     draw its exact opposite (a role reversal: the binding failure) and how many miss the axis."""
-    rows = [it for it in items if it["set"] == "main" and it["category"] == "position"
-            and (it["correct"] or it.get("failure") in ("reversed", "axis"))]
-    return {"holds": sum(it["correct"] for it in rows),
-            "reversed": sum(it.get("failure") == "reversed" for it in rows),
-            "axis": sum(it.get("failure") == "axis" for it in rows)}
+    rows = [
+        it
+        for it in items
+        if it["set"] == "main"
+        and it["category"] == "position"
+        and (it["correct"] or it.get("failure") in ("reversed", "axis"))
+    ]
+    return {
+        "holds": sum(it["correct"] for it in rows),
+        "reversed": sum(it.get("failure") == "reversed" for it in rows),
+        "axis": sum(it.get("failure") == "axis" for it in rows),
+    }

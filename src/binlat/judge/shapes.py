@@ -117,8 +117,12 @@ def _describe(objects: list[dict[str, Any]]) -> str:
 
 
 # Each relation's opposite: "A above B" drawn as "A below B" is a reversal (the roles swapped), not a layout error.
-OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-            "below": "above"}
+OPPOSITE = {
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
 
 
 def judge(image: Image.Image | np.ndarray, caption: str) -> dict[str, Any]:
@@ -134,8 +138,10 @@ def judge(image: Image.Image | np.ndarray, caption: str) -> dict[str, Any]:
     need, relation = want["objects"], want["relation"]
     result = {"correct": False, "category": want["category"], "objects": objects}
     if len(objects) != len(need):
-        return result | {"reason": f"expected {len(need)} objects, found {len(objects)}: {_describe(objects)}",
-                         "failure": "count"}
+        return result | {
+            "reason": f"expected {len(need)} objects, found {len(objects)}: {_describe(objects)}",
+            "failure": "count",
+        }
     attributes_matched, opposite_holds = False, False
     # At most 4 objects, so trying every assignment is cheap and handles any order.
     for perm in itertools.permutations(objects):
@@ -152,6 +158,8 @@ def judge(image: Image.Image | np.ndarray, caption: str) -> dict[str, Any]:
         opposite_holds = opposite_holds or relation_holds(OPPOSITE[relation], a, b)
     if attributes_matched:
         how = "reversed" if opposite_holds else "wrong axis"
-        return result | {"reason": f"relation '{relation}' does not hold ({how}): {_describe(objects)}",
-                         "failure": "reversed" if opposite_holds else "axis"}
+        return result | {
+            "reason": f"relation '{relation}' does not hold ({how}): {_describe(objects)}",
+            "failure": "reversed" if opposite_holds else "axis",
+        }
     return result | {"reason": f"shapes/colours do not match: {_describe(objects)}", "failure": "attributes"}

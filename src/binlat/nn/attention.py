@@ -5,11 +5,12 @@ One module covers the three uses:
 - diffusion: image rows query [text ; image] keys, padded text keys masked;
 - AR: the same with a causal mask aligned bottom-right, plus a key/value cache for decoding.
 """
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .norms import RMSNorm
 from .rotary import apply_rotary
@@ -58,17 +59,18 @@ class KVCache:
             valid[:, : self.length] = self.valid
             self._valid = valid
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         rows = k.shape[2]
         self._reserve(rows, k)
         if valid is not None and self._valid is None:
             self._valid = torch.ones(k.shape[0], self._k.shape[2], dtype=torch.bool, device=k.device)
         end = self.length + rows
-        self._k[:, :, self.length: end] = k
-        self._v[:, :, self.length: end] = v
+        self._k[:, :, self.length : end] = k
+        self._v[:, :, self.length : end] = v
         if self._valid is not None:
-            self._valid[:, self.length: end] = True if valid is None else valid
+            self._valid[:, self.length : end] = True if valid is None else valid
         self.length = end
         return self.k, self.v, self.valid
 
@@ -88,8 +90,16 @@ class StaticKVCache:
     `update` has KVCache's contract (views of the rows written so far), so a prefill runs through
     Attention.forward unchanged; `Attention.step` is the one-row decoding step over it."""
 
-    def __init__(self, batch: int, num_heads: int, capacity: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        batch: int,
+        num_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.k_buffer = torch.zeros(batch, num_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v_buffer = torch.zeros_like(self.k_buffer)
         self.valid_buffer = torch.ones(batch, capacity, dtype=torch.bool, device=device)
@@ -114,15 +124,16 @@ class StaticKVCache:
     def valid(self) -> torch.Tensor:
         return self.valid_buffer[:, : self.length]
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"static KV cache holds {self.capacity} keys; {end} asked for")
-        self.k_buffer[:, :, self.length: end] = k
-        self.v_buffer[:, :, self.length: end] = v
+        self.k_buffer[:, :, self.length : end] = k
+        self.v_buffer[:, :, self.length : end] = v
         if valid is not None:
-            self.valid_buffer[:, self.length: end] = valid
+            self.valid_buffer[:, self.length : end] = valid
         self.length = end
         return self.k, self.v, self.valid
 
@@ -131,8 +142,9 @@ def _all_valid(k: torch.Tensor) -> torch.Tensor:
     return torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
 
 
-def attention_mask(key_valid: torch.Tensor | None, num_queries: int, num_keys: int, causal: bool,
-                   device: torch.device) -> torch.Tensor | None:
+def attention_mask(
+    key_valid: torch.Tensor | None, num_queries: int, num_keys: int, causal: bool, device: torch.device
+) -> torch.Tensor | None:
     """Boolean mask [B or 1, 1, Lq, Lk] for SDPA (True = may attend), or None when nothing is masked.
 
     Causal masking is aligned bottom-right: query i (among the last Lq rows) sees key j iff
@@ -169,10 +181,15 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, causal: bool = False,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """x [B, Lq, dim]; context [B, Lc, dim] key rows placed before x; context_mask [B, Lc] bool
         (True = real token; without context, [B, Lq] over x's own rows); rotary (cos, sin) [L, Dh] for the rows of x
         (self-attention only); cache: keys/values of earlier calls, extended in place."""
@@ -199,8 +216,9 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(out.transpose(1, 2).reshape(b, num_queries, -1))
 
-    def step(self, x: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor, index: int | torch.Tensor
-             ) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor, index: int | torch.Tensor
+    ) -> torch.Tensor:
         """One decoding row x [B, 1, dim] at key position `index` of a StaticKVCache (causal self-attention over
         the cache, whose earlier rows hold the context): its key and value are written in place.
 
@@ -213,8 +231,8 @@ class Attention(nn.Module):
         k = self.norm_k(self._heads(self.to_k(x)))
         v = self._heads(self.to_v(x))
         if isinstance(index, int):
-            cache.k_buffer[:, :, index: index + 1] = k
-            cache.v_buffer[:, :, index: index + 1] = v
+            cache.k_buffer[:, :, index : index + 1] = k
+            cache.v_buffer[:, :, index : index + 1] = v
             keys, values = cache.k_buffer[:, :, : index + 1], cache.v_buffer[:, :, : index + 1]
         else:
             cache.k_buffer.index_copy_(2, index, k)

@@ -1,4 +1,5 @@
 """Gradient checkpointing of transformer blocks: trade recomputation for activation memory in training."""
+
 from __future__ import annotations
 
 import torch

@@ -1,9 +1,10 @@
 """Feed-forward layers and the timestep embedding."""
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class SwiGLU(nn.Module):

@@ -1,9 +1,10 @@
 """Normalisation and modulation layers shared by every network."""
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class RMSNorm(nn.Module):

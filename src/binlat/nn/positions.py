@@ -1,4 +1,5 @@
 """Initial values for learned position embeddings."""
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Tables are interleaved per axis ([c0, c0, c1, c1, ...]) but applied with the half-split rotation
 (dimension d pairs with d + Dh/2). That combination is not a norm-preserving rotation; it is what the
 released tokenizer was trained with, so we keep it exactly."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,8 +11,9 @@ from collections.abc import Sequence
 import torch
 
 
-def rotary_tables(positions: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    positions: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [L, n_axes] (float32) -> (cos, sin), each [L, sum(axes_dims)] float32.
 
     Angles are formed in float64 and rounded to float32 after cos/sin, as the release does."""
@@ -34,8 +36,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (h * cos + rotated * sin).to(x.dtype)
 
 
-def rope_1d(length: int, head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_1d(
+    length: int, head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [length, head_dim] of plain 1D RoPE in the half-split layout that apply_rotary rotates (dimension
     d pairs with d + head_dim/2 at one frequency): a true rotation, so attention scores depend on relative position
     only. For new modules; the tokenizer keeps the release's tables (rotary_tables)."""

@@ -3,6 +3,7 @@ refiner): the frozen text encoder carries word order only implicitly, and the ge
 that have no position of their own. Binding "a circle above a square" takes a token's role, which rests on order
 (the noun before "above" goes on top). The refiner's self-attention sees order through RoPE, which depends on
 relative position only, so a leading "a photo of" shifts nothing."""
+
 from __future__ import annotations
 
 import torch

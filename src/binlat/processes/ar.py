@@ -14,6 +14,7 @@ drawn group by group: group j's logits given the groups already drawn (cond and 
 values), guided as bit logits are, then one categorical draw from the sample's own generator. A group's value is
 its bits read as a binary number, first bit most significant (bits_to_values / values_to_bits).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -74,8 +75,13 @@ class ARDecoding:
         if not 0 <= self.context_flip < 0.5:
             raise ValueError(f"context_flip must lie in [0, 0.5), got {self.context_flip!r}")
 
-    def loss(self, network: torch.nn.Module, bits: torch.Tensor, text: TextFeatures,
-             generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self,
+        network: torch.nn.Module,
+        bits: torch.Tensor,
+        text: TextFeatures,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher forcing: row i (start token + tokens < i) predicts every bit of token i; BCE on all bits (a
         grouped head: each group's cross-entropy, per bit, see _group_loss).
         With `context_flip` each context bit is flipped with that probability (drawn from the sample's generator)
@@ -85,8 +91,11 @@ class ARDecoding:
         context = bits[:, :-1]
         if self.context_flip > 0:
             shape = tuple(context.shape[1:])
-            u = torch.rand(context.shape, device=bits.device) if generators is None else uniform(
-                shape, generators, bits.device)
+            u = (
+                torch.rand(context.shape, device=bits.device)
+                if generators is None
+                else uniform(shape, generators, bits.device)
+            )
             context = torch.where(u < self.context_flip, 1 - context, context)
         groups = bit_groups(network)
         if groups > 1:
@@ -98,8 +107,9 @@ class ARDecoding:
         return loss, {"bit_accuracy": accuracy}
 
     @staticmethod
-    def _group_loss(network: torch.nn.Module, context: torch.Tensor, bits: torch.Tensor, text: TextFeatures,
-                    groups: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _group_loss(
+        network: torch.nn.Module, context: torch.Tensor, bits: torch.Tensor, text: TextFeatures, groups: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Grouped head: cross-entropy of each group's true value given the true groups before it. Summed over a
         token's groups that is its NLL in nats; divided by its B bits it reads like the bit head's mean BCE (both
         are a token's NLL per bit). bit_accuracy: the bits of each group's most likely value (given the true
@@ -114,10 +124,19 @@ class ARDecoding:
         return loss, {"bit_accuracy": accuracy}
 
     @torch.inference_mode()
-    def sample(self, network: torch.nn.Module, cond: TextFeatures, uncond: TextFeatures | None,
-               generators: Sequence[torch.Generator], settings: ARSampling | None = None, *,
-               progress: bool = False, prefix: torch.Tensor | None = None, return_logits: bool = False,
-               **given: Any) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    def sample(
+        self,
+        network: torch.nn.Module,
+        cond: TextFeatures,
+        uncond: TextFeatures | None,
+        generators: Sequence[torch.Generator],
+        settings: ARSampling | None = None,
+        *,
+        progress: bool = False,
+        prefix: torch.Tensor | None = None,
+        return_logits: bool = False,
+        **given: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Bits [N, K, B] (float 0/1); `given` overrides fields of `settings`. temperature 0 thresholds the guided
         logits; otherwise bits are drawn from Bernoulli(sigmoid(logits / temperature)). `prefix` [N, k, B] fixes
         the first k tokens (see `continue_from`). A grouped head draws each group from softmax(logits /
@@ -158,16 +177,30 @@ class ARDecoding:
                 tokens[:, i] = bernoulli(torch.sigmoid(logits / temperature), generators)
         return (tokens, all_logits) if return_logits else tokens
 
-    def continue_from(self, network: torch.nn.Module, prefix: torch.Tensor, cond: TextFeatures,
-                      uncond: TextFeatures | None, generators: Sequence[torch.Generator],
-                      settings: ARSampling | None = None, *, progress: bool = False) -> torch.Tensor:
+    def continue_from(
+        self,
+        network: torch.nn.Module,
+        prefix: torch.Tensor,
+        cond: TextFeatures,
+        uncond: TextFeatures | None,
+        generators: Sequence[torch.Generator],
+        settings: ARSampling | None = None,
+        *,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Keep the tokens of `prefix` [N, k, B] and write the rest."""
         device = next(network.parameters()).device
         return self.sample(network, cond, uncond, generators, settings, progress=progress, prefix=prefix.to(device))
 
 
-def _draw_groups(network: torch.nn.Module, hidden: torch.Tensor, n: int, groups: int, s: ARSampling,
-                 generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw_groups(
+    network: torch.nn.Module,
+    hidden: torch.Tensor,
+    n: int,
+    groups: int,
+    s: ARSampling,
+    generators: Sequence[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of a grouped head from the step's hidden rows [N or 2N, dim]: for j = 0..g-1, group j's logits
     given the values drawn so far (the unconditional rows read the same values as their conditional twins), guided,
     then the most likely value (temperature 0) or one categorical draw per sample. Returns the token's bits [N, B]
@@ -186,8 +219,9 @@ def _draw_groups(network: torch.nn.Module, hidden: torch.Tensor, n: int, groups:
     return values_to_bits(values, width), torch.stack(all_logits, 1)
 
 
-def teacher_forced(network: torch.nn.Module, bits: torch.Tensor, text: TextFeatures
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced(
+    network: torch.nn.Module, bits: torch.Tensor, text: TextFeatures
+) -> tuple[torch.Tensor, torch.Tensor]:
     """How the network scores `bits` [N, K, B] under `text` (conditional, no guidance), each token given the true
     tokens before it: per unit of the head (a bit, or a group of a grouped head, given the true groups before it)
     the log-probability of its true value and the probability of its most likely value, both [N, K, units].
@@ -253,16 +287,23 @@ class _Static:
             self.started = True
             new = _rows(tokens[:, :i], self.rows != n) if i else None
             return self.network(new, self.text.layers, self.text.mask, self.cache)[:, -1]
-        self.row[:n] = tokens[:, i - 1: i]
+        self.row[:n] = tokens[:, i - 1 : i]
         if self.rows != n:
-            self.row[n:] = tokens[:, i - 1: i]
+            self.row[n:] = tokens[:, i - 1 : i]
         if self.compiled is None:
             return self.network.decode_step(self.row, self.cache)
         c = self.cache
         c.index.fill_(c.layers[0].length)
         offset = c.index - c.text_length
-        out = self.compiled(self.row, offset, c.index, c.positions, [layer.k_buffer for layer in c.layers],
-                            [layer.v_buffer for layer in c.layers], c.layers[0].valid_buffer)
+        out = self.compiled(
+            self.row,
+            offset,
+            c.index,
+            c.positions,
+            [layer.k_buffer for layer in c.layers],
+            [layer.v_buffer for layer in c.layers],
+            c.layers[0].valid_buffer,
+        )
         c.length += 1
         for layer in c.layers:
             layer.length += 1

@@ -5,6 +5,7 @@ Every process keeps one calling convention, so the pipeline, the trainer and edi
   `sample(network, cond, uncond, generators, settings=None, *, progress=False, **settings_fields) -> bits [N, K, B]`
   `loss(network, bits, text, generators=None) -> (loss, metrics)`, every random draw of sample i from generators[i]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,9 @@ def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") ->
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
-def uniform(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device | str = "cpu"
-            ) -> torch.Tensor:
+def uniform(
+    shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """[N, *shape] uniforms in [0, 1), row i drawn from generators[i]."""
     # Drawn where each generator lives, then moved: a CPU generator serves any device with the same numbers.
     return torch.stack([torch.rand(tuple(shape), generator=g, device=g.device) for g in generators]).to(device)
@@ -89,9 +91,15 @@ def guide(logits: torch.Tensor, guidance_scale: float, batch: int) -> torch.Tens
     return (1 + guidance_scale) * cond - guidance_scale * uncond
 
 
-def check_sampling_args(num_steps: int | None = None, guidance_scale: float = 0.0, temperature: float = 1.0,
-                        rho: float | None = None, protocol: int | None = None) -> None:
+def check_sampling_args(
+    num_steps: int | None = None,
+    guidance_scale: float = 0.0,
+    temperature: float = 1.0,
+    rho: float | None = None,
+    protocol: int | None = None,
+) -> None:
     import math
+
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"steps must be an integer >= 1, got {num_steps!r}")
     if num_steps is not None and num_steps > MAX_STEPS:

@@ -4,6 +4,7 @@ Forward process: every bit drifts toward a fair coin, x_t ~ Bernoulli(x_0 (1 - t
 The network reads x_t and returns one logit per bit: with the "flip" parametrisation (the paper's epsilon) the
 logit says whether that bit of x_t was flipped relative to x_0; with "x0" it is the logit of x_0 itself.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,8 +24,7 @@ def q_probs(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return x0 * (1 - t.view(-1, 1, 1)) + t.view(-1, 1, 1) / 2
 
 
-def q_sample(x0: torch.Tensor, t: torch.Tensor, generators: Sequence[torch.Generator] | None = None
-             ) -> torch.Tensor:
+def q_sample(x0: torch.Tensor, t: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """x_t ~ Bernoulli(q_probs(x_0, t))."""
     if generators is None:
         return torch.bernoulli(q_probs(x0, t))
@@ -65,8 +65,8 @@ class DiffusionSampling:
     num_steps: int = 20
     guidance_scale: float = 7.5
     temperature: float = 1.0  # 0 thresholds the guided logits
-    rho: float = 1.0          # time-step spacing exponent
-    protocol: int = 1         # 1 re-noises the x_0 estimate; 2 also weighs in the current x_t
+    rho: float = 1.0  # time-step spacing exponent
+    protocol: int = 1  # 1 re-noises the x_0 estimate; 2 also weighs in the current x_t
 
     def __post_init__(self) -> None:
         check_sampling_args(self.num_steps, self.guidance_scale, self.temperature, self.rho, self.protocol)
@@ -76,7 +76,7 @@ class DiffusionSampling:
 class BernoulliDiffusion:
     Settings = DiffusionSampling
 
-    prediction: str = "flip"            # "flip" (epsilon) or "x0"
+    prediction: str = "flip"  # "flip" (epsilon) or "x0"
     time_sampling: str = "logit_normal"  # "logit_normal" (paper) or "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -94,8 +94,9 @@ class BernoulliDiffusion:
             raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {self.time_sampling!r}")
 
     # --- training -----------------------------------------------------------------------------------------
-    def sample_t(self, batch: int, device: torch.device | str = "cpu",
-                 generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    def sample_t(
+        self, batch: int, device: torch.device | str = "cpu", generators: Sequence[torch.Generator] | None = None
+    ) -> torch.Tensor:
         """Training times: uniform, or sigmoid(N(mean, std)) (logistic-normal, the paper's choice)."""
         if generators is None:
             u = torch.rand(batch, device=device)
@@ -110,10 +111,17 @@ class BernoulliDiffusion:
     def x0_logits(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         return x0_logits_from_flip(out, x_t) if self.prediction == "flip" else out
 
-    def loss(self, network: torch.nn.Module, x0: torch.Tensor, text: TextFeatures,
-             generators: Sequence[torch.Generator] | None = None, *, t: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, align_to: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self,
+        network: torch.nn.Module,
+        x0: torch.Tensor,
+        text: TextFeatures,
+        generators: Sequence[torch.Generator] | None = None,
+        *,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        align_to: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Binary cross-entropy of the predicted x_0 against the clean bits, and the bit accuracy; with
         `align_to` [N, K, D] (features of the clean images) and align_weight, plus REPA's alignment term.
 
@@ -129,8 +137,11 @@ class BernoulliDiffusion:
         estimate = self._training_estimate(network, x_t, t, text, generators) if self.self_condition else None
         align = align_to is not None and self.align_weight > 0
         given = () if estimate is None else (estimate,)  # a network without self-conditioning takes four inputs
-        out = network(x_t, t, text.layers, text.mask, *given, aligned=True) if align else \
-            network(x_t, t, text.layers, text.mask, *given)
+        out = (
+            network(x_t, t, text.layers, text.mask, *given, aligned=True)
+            if align
+            else network(x_t, t, text.layers, text.mask, *given)
+        )
         logits = self.x0_logits((out[0] if align else out).float(), x_t)
         loss = F.binary_cross_entropy_with_logits(logits, x0)
         metrics = {}
@@ -142,8 +153,14 @@ class BernoulliDiffusion:
             accuracy = ((logits > 0).float() == x0).float().mean()
         return loss, {"bit_accuracy": accuracy, **metrics}
 
-    def _training_estimate(self, network: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: TextFeatures,
-                           generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    def _training_estimate(
+        self,
+        network: torch.nn.Module,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text: TextFeatures,
+        generators: Sequence[torch.Generator] | None,
+    ) -> torch.Tensor:
         """Self-conditioning's input in training: for a random half of the samples (a coin from each sample's
         generator) the network's own estimate of P(x_0 = 1) from x_t with no estimate, without gradient; 1/2
         (no estimate) for the rest, so the network learns both the first sampling step and the later ones."""
@@ -159,10 +176,19 @@ class BernoulliDiffusion:
 
     # --- sampling -----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def sample(self, network: torch.nn.Module, cond: TextFeatures, uncond: TextFeatures | None,
-               generators: Sequence[torch.Generator], settings: DiffusionSampling | None = None, *,
-               progress: bool = False, x_start: torch.Tensor | None = None, t_start: float = 1.0,
-               **given: Any) -> torch.Tensor:
+    def sample(
+        self,
+        network: torch.nn.Module,
+        cond: TextFeatures,
+        uncond: TextFeatures | None,
+        generators: Sequence[torch.Generator],
+        settings: DiffusionSampling | None = None,
+        *,
+        progress: bool = False,
+        x_start: torch.Tensor | None = None,
+        t_start: float = 1.0,
+        **given: Any,
+    ) -> torch.Tensor:
         """Bits [N, K, B] (float 0/1). `given` overrides fields of `settings` (num_steps=20, ...). x_start/t_start
         start from a partly noised input instead of pure noise (see `redraw`); by default sampling starts from
         Bernoulli(1/2) at t = 1."""
@@ -203,12 +229,22 @@ class BernoulliDiffusion:
                 x = bernoulli(protocol2_prob(p, x, t, t_next), generators)
         return x
 
-    def redraw(self, network: torch.nn.Module, x0: torch.Tensor, strength: float, cond: TextFeatures,
-               uncond: TextFeatures | None, generators: Sequence[torch.Generator],
-               settings: DiffusionSampling | None = None, *, progress: bool = False) -> torch.Tensor:
+    def redraw(
+        self,
+        network: torch.nn.Module,
+        x0: torch.Tensor,
+        strength: float,
+        cond: TextFeatures,
+        uncond: TextFeatures | None,
+        generators: Sequence[torch.Generator],
+        settings: DiffusionSampling | None = None,
+        *,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Re-draw clean bits x0 [N, K, B]: noise them to t = strength with the forward process, then sample from
         there down to 0 (SDEdit in bit space). Sample i's noise and steps both come from generators[i]."""
         device = next(network.parameters()).device
         x_t = q_sample(x0.to(device), torch.full((x0.shape[0],), strength, device=device), generators)
-        return self.sample(network, cond, uncond, generators, settings, progress=progress, x_start=x_t,
-                           t_start=strength)
+        return self.sample(
+            network, cond, uncond, generators, settings, progress=progress, x_start=x_t, t_start=strength
+        )

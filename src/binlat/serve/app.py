@@ -11,6 +11,7 @@ The parts: schemas.py (request and response bodies), bodies.py (reading them), l
 checks), workqueue.py, errors.py (error handlers), guards.py (the middlewares that refuse requests: host, origin,
 admission and body), routes.py, and runner.py (uvicorn, with the connection limits and rate-limited logs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,15 +23,21 @@ from fastapi import FastAPI
 
 from ..pipeline import Pipeline
 from .errors import add_error_handlers
-from .guards import (LOOPBACK_HOSTS, AdmissionMiddleware, HostAllowListMiddleware, SameOriginMiddleware,
-                     check_allowed_hosts)
+from .guards import (
+    LOOPBACK_HOSTS,
+    AdmissionMiddleware,
+    HostAllowListMiddleware,
+    SameOriginMiddleware,
+    check_allowed_hosts,
+)
 from .limits import Checks, ServeLimits
 from .routes import Served, add_routes
 from .workqueue import WorkQueue, serialise_text_encoder
 
 
-def create_app(pipe: Pipeline, limits: ServeLimits | None = None,
-               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> FastAPI:
+def create_app(
+    pipe: Pipeline, limits: ServeLimits | None = None, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS
+) -> FastAPI:
     """`allowed_hosts`: the names a request's Host header may give (guards.check_allowed_hosts); a request for any
     other name, as DNS rebinding makes, is refused."""
     limits = limits or ServeLimits()
@@ -44,14 +51,17 @@ def create_app(pipe: Pipeline, limits: ServeLimits | None = None,
         yield
         queue.shutdown()
 
-    app = FastAPI(title="binlat", version=_version(), lifespan=lifespan,
-                  description="Text-to-image generation in a 1D binary latent space. Every error answers "
-                              "{\"error\": \"...\"}.", **_json_without_content_type())
+    app = FastAPI(
+        title="binlat",
+        version=_version(),
+        lifespan=lifespan,
+        description='Text-to-image generation in a 1D binary latent space. Every error answers {"error": "..."}.',
+        **_json_without_content_type(),
+    )
     app.state.served = Served(pipe, limits, queue, Checks(pipe, limits))
     app.state.allowed_hosts = allowed_hosts
     # Added innermost first; a request refused by an outer one never reaches the queue, and its body is never read.
-    app.add_middleware(AdmissionMiddleware, queue=queue, max_bytes=limits.max_body_bytes,
-                       timeout=limits.body_timeout)
+    app.add_middleware(AdmissionMiddleware, queue=queue, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
     app.add_middleware(SameOriginMiddleware, allowed_hosts=allowed_hosts)
     app.add_middleware(HostAllowListMiddleware, allowed_hosts=allowed_hosts)
     add_error_handlers(app)
@@ -67,4 +77,5 @@ def _json_without_content_type() -> dict[str, Any]:
 
 def _version() -> str:
     from .. import __version__
+
     return __version__

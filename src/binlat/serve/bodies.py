@@ -1,6 +1,7 @@
 """Reading request bodies: the JSON-object check every JSON body gets before it is parsed (nesting at most
 MAX_JSON_DEPTH deep), and the image endpoints' bodies, which are either multipart/form-data (file field `image`) or
 JSON (`image_base64`) and must hold a PNG, JPEG or WebP file."""
+
 from __future__ import annotations
 
 import base64
@@ -82,8 +83,9 @@ def check_upload_format(data: bytes) -> None:
         with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS):
             pass
     except UnidentifiedImageError:
-        raise ApiError(422, "image: not a recognised image format; this server accepts PNG, JPEG and WebP "
-                            "files") from None
+        raise ApiError(
+            422, "image: not a recognised image format; this server accepts PNG, JPEG and WebP files"
+        ) from None
     except Exception:  # noqa: BLE001 — a damaged header of an accepted format: decode_image says what is wrong
         pass
 
@@ -122,8 +124,11 @@ async def _image_fields(request: Request) -> tuple[dict[str, Any], bytes]:
     fields = await json_object(request)
     encoded = fields.pop("image_base64", None)
     if encoded is None:
-        raise ApiError(422, "image_base64: missing; send the image file base64-encoded (or upload it as "
-                            "multipart/form-data field 'image')")
+        raise ApiError(
+            422,
+            "image_base64: missing; send the image file base64-encoded (or upload it as "
+            "multipart/form-data field 'image')",
+        )
     if not isinstance(encoded, str):
         raise ApiError(422, "image_base64: must be a base64 string")
     encoded = re.sub(r"^data:[^,]*;base64,", "", encoded.strip())
@@ -150,6 +155,8 @@ def image_body_doc(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema()
     props = {k: v for k, v in schema.get("properties", {}).items() if k != "image_base64"}
     props["image"] = {"type": "string", "format": "binary", "description": "the image file"}
-    content = {"application/json": {"schema": schema},
-               "multipart/form-data": {"schema": {"type": "object", "properties": props, "required": ["image"]}}}
+    content = {
+        "application/json": {"schema": schema},
+        "multipart/form-data": {"schema": {"type": "object", "properties": props, "required": ["image"]}},
+    }
     return {"requestBody": {"required": True, "content": content}}

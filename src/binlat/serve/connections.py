@@ -11,6 +11,7 @@
 
 `protocol_class(header_timeout, max_open)` makes the class to pass as uvicorn.Config(http=...).
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -4,6 +4,7 @@
 give it, FastAPI's HTTP and validation errors and anything unexpected the same JSON shape. The middlewares that
 refuse requests before a route sees them (host, origin, admission, body) are in guards.py.
 """
+
 from __future__ import annotations
 
 import json

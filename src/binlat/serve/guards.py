@@ -11,6 +11,7 @@
 
 Every refusal is this API's JSON `{"error": ...}`; one that leaves a body unread also closes the connection.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -89,9 +90,12 @@ class HostAllowListMiddleware:
             if message["type"] == "http.response.start":
                 host = _header(scope, b"host")
                 shown = repr(host[:100]) if host else "(none)"
-                await error_response(400, f"Host {shown} is not allowed: this server answers to "
-                                          f"{', '.join(self.allowed)} (binlat serve --allowed-host NAME adds a name)",
-                                     headers=CLOSE)(scope, receive, send)
+                await error_response(
+                    400,
+                    f"Host {shown} is not allowed: this server answers to "
+                    f"{', '.join(self.allowed)} (binlat serve --allowed-host NAME adds a name)",
+                    headers=CLOSE,
+                )(scope, receive, send)
 
         check = TrustedHostMiddleware(passed, allowed_hosts=list(self.allowed), www_redirect=False)
         await check(scope, receive, refused)
@@ -121,9 +125,12 @@ class SameOriginMiddleware:
             site = _header(scope, b"sec-fetch-site").lower()
             origin = _header(scope, b"origin")
             if site == "cross-site" or self._foreign(origin, _header(scope, b"host").lower()):
-                response = error_response(403, f"cross-site request refused (Origin {origin or '-'}, Sec-Fetch-Site "
-                                               f"{site or '-'}): call the API from its own page or without a browser",
-                                          headers=CLOSE)
+                response = error_response(
+                    403,
+                    f"cross-site request refused (Origin {origin or '-'}, Sec-Fetch-Site "
+                    f"{site or '-'}): call the API from its own page or without a browser",
+                    headers=CLOSE,
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -187,8 +194,10 @@ class AdmissionMiddleware:
                     if not message.get("more_body", False):
                         return chunks, None
         except TimeoutError:
-            return None, (408, f"request body not complete after {self.timeout:g} s (body_timeout): send the "
-                               f"whole body promptly")
+            return None, (
+                408,
+                f"request body not complete after {self.timeout:g} s (body_timeout): send the whole body promptly",
+            )
 
     async def _run(self, scope, receive, send, chunks: collections.deque[bytes], ticket) -> None:
         gone = asyncio.Event()
@@ -216,8 +225,9 @@ class AdmissionMiddleware:
                 await watcher
 
     def _too_large(self, size: str) -> str:
-        return (f"request body too large: {size} sent, this server accepts at most {self.max_bytes} bytes "
-                f"(max_body_bytes)")
+        return (
+            f"request body too large: {size} sent, this server accepts at most {self.max_bytes} bytes (max_body_bytes)"
+        )
 
 
 async def _refuse(scope, receive, send, status: int, message: str, headers: dict | None = None) -> None:

@@ -1,4 +1,5 @@
 """This server's limits, and the checks of a request against them and against the loaded model."""
+
 from __future__ import annotations
 
 import re
@@ -12,19 +13,19 @@ from .errors import ApiError
 class ServeLimits:
     """What one request may ask for and how much work the server takes on at once."""
 
-    max_concurrent: int = 1          # generations running at the same time (worker threads)
-    max_queue: int = 8               # requests admitted at once (reading a body, waiting or running); more: 429
+    max_concurrent: int = 1  # generations running at the same time (worker threads)
+    max_queue: int = 8  # requests admitted at once (reading a body, waiting or running); more: 429
     max_body_bytes: int = 16 * 2**20  # request body size; more gets 413
-    max_n: int = 8                   # images per request (prompts x n)
-    max_steps: int = 100             # diffusion steps
-    max_prompt_chars: int = 1000     # characters per prompt
-    max_size: int = 1024             # pixels per side
+    max_n: int = 8  # images per request (prompts x n)
+    max_steps: int = 100  # diffusion steps
+    max_prompt_chars: int = 1000  # characters per prompt
+    max_size: int = 1024  # pixels per side
     # Connections (uvicorn; see runner.py). A hostile client must not hold the server with idle or slow sockets.
-    max_connections: int = 64        # open connections served; a request beyond gets 503, and a connection
+    max_connections: int = 64  # open connections served; a request beyond gets 503, and a connection
     #                                  opened while twice as many are open is closed at once
-    header_timeout: int = 10         # seconds for a request's line and headers, from connecting or the last response
-    body_timeout: int = 30           # seconds for the whole body, from when the server starts reading it; else 408
-    keep_alive_timeout: int = 5      # seconds an idle kept-alive connection stays open
+    header_timeout: int = 10  # seconds for a request's line and headers, from connecting or the last response
+    body_timeout: int = 30  # seconds for the whole body, from when the server starts reading it; else 408
+    keep_alive_timeout: int = 5  # seconds an idle kept-alive connection stays open
     max_header_bytes: int = 16 * 1024  # an unfinished request line + headers held; more is a 400
 
     def __post_init__(self) -> None:
@@ -32,8 +33,10 @@ class ServeLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.max_queue < self.max_concurrent:
-            raise ValueError(f"max_queue ({self.max_queue}) counts running requests too, so it must be at least "
-                             f"max_concurrent ({self.max_concurrent})")
+            raise ValueError(
+                f"max_queue ({self.max_queue}) counts running requests too, so it must be at least "
+                f"max_concurrent ({self.max_concurrent})"
+            )
 
 
 def parse_size(value: int | str | list[int] | None) -> tuple[int, int] | None:
@@ -66,8 +69,9 @@ class Checks:
         if min(h, w) < 1:
             raise ApiError(422, f"size: {h}x{w} is not a positive size")
         if max(h, w) > self.limits.max_size:
-            raise ApiError(422, f"size: {h}x{w} is over this server's limit of {self.limits.max_size} px per side "
-                                f"(max_size)")
+            raise ApiError(
+                422, f"size: {h}x{w} is over this server's limit of {self.limits.max_size} px per side (max_size)"
+            )
         try:
             self.pipe.tokenizer.check_size(h, w)
         except ValueError as e:
@@ -80,11 +84,15 @@ class Checks:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # JSON allows "\ud800"; the text encoder cannot take it
-            raise ApiError(422, f"{field}: not valid Unicode text (unpaired surrogate at character {e.start})"
-                           ) from None
+            raise ApiError(
+                422, f"{field}: not valid Unicode text (unpaired surrogate at character {e.start})"
+            ) from None
         if len(text) > self.limits.max_prompt_chars:
-            raise ApiError(422, f"{field}: {len(text)} characters is over this server's limit of "
-                                f"{self.limits.max_prompt_chars} (max_prompt_chars)")
+            raise ApiError(
+                422,
+                f"{field}: {len(text)} characters is over this server's limit of "
+                f"{self.limits.max_prompt_chars} (max_prompt_chars)",
+            )
         return text
 
     def steps(self, steps: int | None, default: int) -> int:
@@ -92,14 +100,15 @@ class Checks:
         if steps is None:
             return min(default, self.limits.max_steps)
         if steps > self.limits.max_steps:
-            raise ApiError(422, f"steps: {steps} is over this server's limit of {self.limits.max_steps} "
-                                f"(max_steps)")
+            raise ApiError(422, f"steps: {steps} is over this server's limit of {self.limits.max_steps} (max_steps)")
         return steps
 
     def count(self, total: int, detail: str) -> None:
         if total > self.limits.max_n:
-            raise ApiError(422, f"n: {total} images ({detail}) is over this server's limit of {self.limits.max_n} "
-                                f"per request (max_n)")
+            raise ApiError(
+                422,
+                f"n: {total} images ({detail}) is over this server's limit of {self.limits.max_n} per request (max_n)",
+            )
 
     def generator(self, kind: str) -> None:
         if kind not in self.pipe.generators:

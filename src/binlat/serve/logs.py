@@ -7,6 +7,7 @@ the message, exception type) and `overall` in all pass per `window` seconds. The
 the next record of a kind that is let through says how many of its kind were dropped, and the server's last log
 line sums up what was never reported. Records below WARNING (uvicorn's access lines) are not limited.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,14 @@ _OTHER = ("", 0, "(other kinds)", "")
 
 
 class RateLimitFilter(logging.Filter):
-    def __init__(self, per_kind: int = 10, overall: int = 50, window: float = 10.0, max_kinds: int = 256,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        per_kind: int = 10,
+        overall: int = 50,
+        window: float = 10.0,
+        max_kinds: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         super().__init__()
         self.per_kind, self.overall, self.window, self.max_kinds = per_kind, overall, window, max_kinds
         self.clock = clock
@@ -67,8 +74,10 @@ class RateLimitFilter(logging.Filter):
         if not dropped:
             return None
         kinds = sorted(dropped.items(), key=lambda item: -item[1])
-        shown = "; ".join(f"{n} x {name} {logging.getLevelName(level)} {text!r}" + (f" ({error})" if error else "")
-                          for (name, level, text, error), n in kinds[:5])
+        shown = "; ".join(
+            f"{n} x {name} {logging.getLevelName(level)} {text!r}" + (f" ({error})" if error else "")
+            for (name, level, text, error), n in kinds[:5]
+        )
         more = f"; {len(kinds) - 5} more kinds" if len(kinds) > 5 else ""
         return f"{sum(dropped.values())} log records were not written (rate limit): {shown}{more}"
 

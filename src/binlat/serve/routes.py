@@ -5,6 +5,7 @@ goes to the `WorkQueue`, under the ticket guards.AdmissionMiddleware took for it
 `cancellable`, so a client that disconnects stops its generation at the next step. The routes find the loaded
 pipeline and the rest through `app.state.served`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,8 +32,16 @@ from .errors import ApiError, internal_error
 from .guards import TICKET
 from .limits import Checks, ServeLimits
 from .page import PAGE
-from .schemas import (EditRequest, ErrorResponse, GenerateRequest, ImagesResponse, ReconstructRequest,
-                      ReconstructResponse, Sampling, validation_message)
+from .schemas import (
+    EditRequest,
+    ErrorResponse,
+    GenerateRequest,
+    ImagesResponse,
+    ReconstructRequest,
+    ReconstructResponse,
+    Sampling,
+    validation_message,
+)
 from .workqueue import Ticket, WorkQueue, cancellable
 
 
@@ -97,8 +106,9 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 408, 413, 415, 422, 
 
 
 def _sampling(pipe: Pipeline, req: Sampling, generator: str) -> dict[str, Any]:
-    return pipe.sampling_settings(generator, guidance_scale=req.guidance_scale, temperature=req.temperature,
-                                  rho=req.rho, protocol=req.protocol)
+    return pipe.sampling_settings(
+        generator, guidance_scale=req.guidance_scale, temperature=req.temperature, rho=req.rho, protocol=req.protocol
+    )
 
 
 def _png_base64(image) -> str:
@@ -108,39 +118,66 @@ def _png_base64(image) -> str:
 
 
 def _image_record(image, seed: int, prompt: str, **meta: Any) -> dict[str, Any]:
-    return {"png_base64": _png_base64(image), "seed": seed, "prompt": prompt, "width": image.width,
-            "height": image.height, **meta}
+    return {
+        "png_base64": _png_base64(image),
+        "seed": seed,
+        "prompt": prompt,
+        "width": image.width,
+        "height": image.height,
+        **meta,
+    }
 
 
 async def page() -> HTMLResponse:
-    return HTMLResponse(PAGE, headers={
-        "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                                   "img-src data: blob:; connect-src 'self'; form-action 'none'; "
-                                   "base-uri 'none'; frame-ancestors 'none'",
-        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+    return HTMLResponse(
+        PAGE,
+        headers={
+            "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "img-src data: blob:; connect-src 'self'; form-action 'none'; "
+            "base-uri 'none'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 async def healthz(served: ServedDep) -> dict[str, Any]:
     queue, limits = served.queue, served.limits
-    return {"status": "ok", "running": queue.running, "admitted": queue.admitted,
-            "max_concurrent": limits.max_concurrent, "max_queue": limits.max_queue}
+    return {
+        "status": "ok",
+        "running": queue.running,
+        "admitted": queue.admitted,
+        "max_concurrent": limits.max_concurrent,
+        "max_queue": limits.max_queue,
+    }
 
 
 async def models(served: ServedDep) -> dict[str, Any]:
     pipe, tok = served.pipe, served.pipe.tokenizer.config
-    return {"generators": sorted(pipe.generators), "image_size": pipe.config.image_size,
-            "size_multiple": tok.size_multiple, "num_tokens": tok.num_tokens, "num_bits": tok.num_bits,
-            "trained": pipe.config.trained, "description": pipe.config.description,
-            "text_encoder": pipe.config.text_encoder, "limits": asdict(served.limits),
-            "sampling": {g: pipe.sampling_settings(g) for g in sorted(pipe.generators)},
-            "can_edit": editing.edit_generator(pipe.generators) in pipe.generators}
+    return {
+        "generators": sorted(pipe.generators),
+        "image_size": pipe.config.image_size,
+        "size_multiple": tok.size_multiple,
+        "num_tokens": tok.num_tokens,
+        "num_bits": tok.num_bits,
+        "trained": pipe.config.trained,
+        "description": pipe.config.description,
+        "text_encoder": pipe.config.text_encoder,
+        "limits": asdict(served.limits),
+        "sampling": {g: pipe.sampling_settings(g) for g in sorted(pipe.generators)},
+        "can_edit": editing.edit_generator(pipe.generators) in pipe.generators,
+    }
 
 
 async def generate(req: GenerateRequest, served: ServedDep, ticket: TicketDep) -> JSONResponse:
     pipe, checks = served.pipe, served.checks
     if (req.prompt is None) == (req.prompts is None):
-        raise ApiError(422, "prompt: give either `prompt` (one text) or `prompts` (a list of texts)"
-                       if req.prompt is None else "prompt: give `prompt` or `prompts`, not both")
+        raise ApiError(
+            422,
+            "prompt: give either `prompt` (one text) or `prompts` (a list of texts)"
+            if req.prompt is None
+            else "prompt: give `prompt` or `prompts`, not both",
+        )
     if req.prompt is not None:
         prompts = [checks.prompt(req.prompt)]
     else:
@@ -157,15 +194,26 @@ async def generate(req: GenerateRequest, served: ServedDep, ticket: TicketDep) -
 
     def work() -> list[dict[str, Any]]:
         cancellable(pipe.generators[req.generator])
-        out = pipe(expanded, generator=req.generator, num_steps=steps, guidance_scale=settings["guidance_scale"],
-                   temperature=settings["temperature"], rho=settings["rho"], protocol=settings["protocol"],
-                   seed=seed, height=height, width=width, progress=False)
+        out = pipe(
+            expanded,
+            generator=req.generator,
+            num_steps=steps,
+            guidance_scale=settings["guidance_scale"],
+            temperature=settings["temperature"],
+            rho=settings["rho"],
+            protocol=settings["protocol"],
+            seed=seed,
+            height=height,
+            width=width,
+            progress=False,
+        )
         meta = {"generator": req.generator, **settings_record(req.generator, settings | {"num_steps": steps})}
         return [_image_record(im, s, p, **meta) for im, s, p in zip(out.images, out.seeds, out.prompts)]
 
     images, waited, worked = await served.queue.run(work, ticket)
-    return JSONResponse({"images": images, "timing_s": round(worked, 4), "queue_s": round(waited, 4),
-                         "trained": pipe.config.trained})
+    return JSONResponse(
+        {"images": images, "timing_s": round(worked, 4), "queue_s": round(waited, 4), "trained": pipe.config.trained}
+    )
 
 
 async def reconstruct(request: Request, served: ServedDep, ticket: TicketDep) -> JSONResponse:
@@ -175,9 +223,14 @@ async def reconstruct(request: Request, served: ServedDep, ticket: TicketDep) ->
 
     def work() -> dict[str, Any]:
         out = editing.reconstruct(pipe, decode_image(data), height, width)
-        return {"bits_hex": editing.pack_bits_hex(out.bits[0]), "num_tokens": tok.num_tokens,
-                "num_bits": tok.num_bits, "png_base64": _png_base64(out.images[0]), "width": width,
-                "height": height}
+        return {
+            "bits_hex": editing.pack_bits_hex(out.bits[0]),
+            "num_tokens": tok.num_tokens,
+            "num_bits": tok.num_bits,
+            "png_base64": _png_base64(out.images[0]),
+            "width": width,
+            "height": height,
+        }
 
     result, waited, worked = await served.queue.run(work, ticket)
     return JSONResponse(result | {"timing_s": round(worked, 4), "queue_s": round(waited, 4)})
@@ -197,17 +250,28 @@ async def edit(request: Request, served: ServedDep, ticket: TicketDep) -> JSONRe
 
     def work() -> list[dict[str, Any]]:
         cancellable(pipe.generators[kind])
-        out = editing.edit(pipe, decode_image(data), prompt, strength=req.strength, num_steps=steps,
-                           guidance_scale=settings["guidance_scale"], temperature=settings["temperature"],
-                           rho=settings["rho"], protocol=settings["protocol"], seed=seed, height=height,
-                           width=width, num_images=req.n)
-        meta = {"generator": kind, "strength": req.strength,
-                **settings_record(kind, settings | {"num_steps": steps})}
+        out = editing.edit(
+            pipe,
+            decode_image(data),
+            prompt,
+            strength=req.strength,
+            num_steps=steps,
+            guidance_scale=settings["guidance_scale"],
+            temperature=settings["temperature"],
+            rho=settings["rho"],
+            protocol=settings["protocol"],
+            seed=seed,
+            height=height,
+            width=width,
+            num_images=req.n,
+        )
+        meta = {"generator": kind, "strength": req.strength, **settings_record(kind, settings | {"num_steps": steps})}
         return [_image_record(im, s, prompt, **meta) for im, s in zip(out.images, out.seeds)]
 
     images, waited, worked = await served.queue.run(work, ticket)
-    return JSONResponse({"images": images, "timing_s": round(worked, 4), "queue_s": round(waited, 4),
-                         "trained": pipe.config.trained})
+    return JSONResponse(
+        {"images": images, "timing_s": round(worked, 4), "queue_s": round(waited, 4), "trained": pipe.config.trained}
+    )
 
 
 def add_routes(router: APIRouter) -> None:
@@ -217,11 +281,26 @@ def add_routes(router: APIRouter) -> None:
     add("/", page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     add("/healthz", healthz, methods=["GET"], summary="liveness and load")
     add("/v1/models", models, methods=["GET"], summary="what the loaded model can do, and this server's limits")
-    add("/v1/generate", generate, methods=["POST"], summary="images from prompts",
-        responses={200: {"model": ImagesResponse}, **_ERRORS})
-    add("/v1/reconstruct", reconstruct, methods=["POST"],
+    add(
+        "/v1/generate",
+        generate,
+        methods=["POST"],
+        summary="images from prompts",
+        responses={200: {"model": ImagesResponse}, **_ERRORS},
+    )
+    add(
+        "/v1/reconstruct",
+        reconstruct,
+        methods=["POST"],
         summary="an image's bits and what the tokenizer makes of them",
-        openapi_extra=image_body_doc(ReconstructRequest), responses={200: {"model": ReconstructResponse}, **_ERRORS})
-    add("/v1/edit", edit, methods=["POST"],
+        openapi_extra=image_body_doc(ReconstructRequest),
+        responses={200: {"model": ReconstructResponse}, **_ERRORS},
+    )
+    add(
+        "/v1/edit",
+        edit,
+        methods=["POST"],
         summary="re-draw an image under a new prompt (diffusion from t = strength)",
-        openapi_extra=image_body_doc(EditRequest), responses={200: {"model": ImagesResponse}, **_ERRORS})
+        openapi_extra=image_body_doc(EditRequest),
+        responses={200: {"model": ImagesResponse}, **_ERRORS},
+    )

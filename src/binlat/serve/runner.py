@@ -7,6 +7,7 @@ bound of twice max_connections open). So the server holds at most about four tim
 (open, being closed, waiting to be accepted), however many clients connect. Its logs, asyncio's and the app's are
 rate-limited while it runs (logs.py).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -66,10 +67,19 @@ def uvicorn_config(app: FastAPI, limits: ServeLimits, log_level: str = "info", *
     import uvicorn
 
     bound = 2 * limits.max_connections  # open connections, and connections waiting to be accepted
-    return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5, ws="none",
-                          http=protocol_class(limits.header_timeout, bound), backlog=bound,
-                          limit_concurrency=limits.max_connections, timeout_keep_alive=limits.keep_alive_timeout,
-                          h11_max_incomplete_event_size=limits.max_header_bytes, **options)
+    return uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        ws="none",
+        http=protocol_class(limits.header_timeout, bound),
+        backlog=bound,
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=limits.keep_alive_timeout,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        **options,
+    )
 
 
 def url_of(sock: socket.socket) -> str:
@@ -77,8 +87,14 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info",
-          sock: socket.socket | None = None, limits: ServeLimits | None = None) -> None:
+def serve(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+    limits: ServeLimits | None = None,
+) -> None:
     """Serve until interrupted (Ctrl+C / SIGTERM stop it gracefully). `limits`: by default the app's own."""
     import uvicorn
 
@@ -87,9 +103,13 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 7860, log_level: st
     sock = sock or bind_socket(host, port)
     if not is_loopback(host):
         names = ", ".join(getattr(app.state, "allowed_hosts", LOOPBACK_HOSTS))
-        print(f"binlat: warning: listening on {host}, which is not a loopback address: anyone who can reach "
-              f"this machine can use the model (the API has no authentication); requests are served for the "
-              f"Host names {names} (--allowed-host adds one)", file=sys.stderr, flush=True)
+        print(
+            f"binlat: warning: listening on {host}, which is not a loopback address: anyone who can reach "
+            f"this machine can use the model (the API has no authentication); requests are served for the "
+            f"Host names {names} (--allowed-host adds one)",
+            file=sys.stderr,
+            flush=True,
+        )
     # /docs (Swagger) loads its scripts from a CDN and stays blank offline: point at what works without a network.
     print(f"binlat: serving on {url_of(sock)} (page at /, API schema at /openapi.json)", flush=True)
     bound_host, bound_port = sock.getsockname()[:2]

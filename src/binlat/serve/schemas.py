@@ -2,6 +2,7 @@
 
 `validation_message` turns pydantic's errors on these models into the one-line `{"error": ...}` text.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -25,17 +26,24 @@ def _default(setting: str) -> str:
 class Sampling(_Strict):
     # Left out, a setting takes the model's tuned value (model_index.json "sampling", see /v1/models), else the
     # built-in default.
-    steps: int | None = Field(None, ge=1, description=f"diffusion steps ({_default('num_steps')}; capped by the "
-                                                        "server's max_steps; ignored by the AR generator)")
-    guidance_scale: float | None = Field(None, ge=0, description=f"classifier-free guidance scale w "
-                                                                   f"({_default('guidance_scale')})")
-    temperature: float | None = Field(None, ge=0, description=f"sampling temperature; 0 thresholds "
-                                                                f"({_default('temperature')})")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description=f"diffusion steps ({_default('num_steps')}; capped by the "
+        "server's max_steps; ignored by the AR generator)",
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0, description=f"classifier-free guidance scale w ({_default('guidance_scale')})"
+    )
+    temperature: float | None = Field(
+        None, ge=0, description=f"sampling temperature; 0 thresholds ({_default('temperature')})"
+    )
     rho: float | None = Field(None, gt=0, description=f"time-step spacing exponent ({_default('rho')})")
     protocol: Literal[1, 2] | None = Field(None, description=f"diffusion step protocol ({_default('protocol')})")
     seed: int | None = Field(None, ge=0, le=2**53, description="base seed; image i uses seed + i (default random)")
-    size: int | str | list[int] | None = Field(None, description="N, 'HxW' or [H, W] in pixels (default: the "
-                                                                   "model's image size)")
+    size: int | str | list[int] | None = Field(
+        None, description="N, 'HxW' or [H, W] in pixels (default: the model's image size)"
+    )
     n: int = Field(1, ge=1, description="images per prompt")
 
 
@@ -55,8 +63,10 @@ class GenerateRequest(Sampling):
 class EditRequest(Sampling):
     prompt: str = Field(description="what the edited image should show")
     strength: float = Field(0.6, ge=0, le=1, description="0 keeps the image, 1 ignores it")
-    image_base64: str | None = Field(None, description="the image file, base64 (JSON requests only; multipart "
-                                                       "requests upload it as the field `image`)")
+    image_base64: str | None = Field(
+        None,
+        description="the image file, base64 (JSON requests only; multipart requests upload it as the field `image`)",
+    )
 
 
 class ReconstructRequest(_Strict):

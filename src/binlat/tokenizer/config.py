@@ -1,4 +1,5 @@
 """Binary tokenizer configuration."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,9 +54,20 @@ class TokenizerConfig:
     region_shortcut: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "patch_size", "num_tokens", "num_bits", "encoder_layers", "encoder_heads",
-                     "encoder_head_dim", "decoder_layers", "decoder_heads", "decoder_head_dim", "mlp_ratio",
-                     "image_size"):
+        for name in (
+            "in_channels",
+            "patch_size",
+            "num_tokens",
+            "num_bits",
+            "encoder_layers",
+            "encoder_heads",
+            "encoder_head_dim",
+            "decoder_layers",
+            "decoder_heads",
+            "decoder_head_dim",
+            "mlp_ratio",
+            "image_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.rope_axes_dims = tuple(self.rope_axes_dims)
@@ -66,8 +78,10 @@ class TokenizerConfig:
         for name, heads in (("encoder_head_dim", self.encoder_head_dim), ("decoder_head_dim", self.decoder_head_dim)):
             if sum(self.rope_axes_dims) != heads:
                 raise ValueError(f"sum(rope_axes_dims)={sum(self.rope_axes_dims)} must equal {name}={heads}")
-        for name, idx, layers in (("downsample_after", self.downsample_after, self.encoder_layers),
-                                  ("upsample_after", self.upsample_after, self.decoder_layers)):
+        for name, idx, layers in (
+            ("downsample_after", self.downsample_after, self.encoder_layers),
+            ("upsample_after", self.upsample_after, self.decoder_layers),
+        ):
             if len(set(idx)) != len(idx) or any(not 0 <= i < layers for i in idx):
                 raise ValueError(f"{name} must list distinct block indices in [0, {layers}), got {list(idx)}")
         if self.pixel_head_channels < 0:

@@ -1,11 +1,12 @@
 """Tokenizer training losses: reconstruction, perceptual (LPIPS-style, user-supplied weights), adversarial."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..io import check_values, load_safetensors
 
@@ -18,8 +19,10 @@ _LPIPS_SCALE = (0.458, 0.448, 0.450)
 def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """L1 between the images' horizontal and vertical finite differences: an edge-aware term that a per-pixel
     loss, dominated by flat background, weighs too little (corners and small objects are edges)."""
+
     def diffs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
     (ax, ay), (bx, by) = diffs(a), diffs(b)
     return ((ax - bx).abs().mean() + (ay - by).abs().mean()) / 2
 
@@ -90,7 +93,7 @@ class PatchDiscriminator(nn.Module):
         blocks: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = width
         for i in range(1, layers):
-            out = min(width * 2 ** i, 512)
+            out = min(width * 2**i, 512)
             blocks += [nn.Conv2d(ch, out, 4, 2, 1), nn.GroupNorm(8 if out % 8 == 0 else 1, out), nn.LeakyReLU(0.2)]
             ch = out
         blocks.append(nn.Conv2d(ch, 1, 3, 1, 1))
@@ -108,8 +111,9 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
-def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
-                        max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_gan_weight(
+    rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
     """||grad rec|| / ||grad gan|| at the decoder's last layer (VQGAN), so neither loss drowns the other."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]

@@ -4,14 +4,15 @@ encoder:  [K latent tokens ; image patches] -> blocks (with 2x2 down-sampling) -
 quantizer: features -> B bit-logits per token; bits = sigmoid(logit) > 1/2 (inference) or Bernoulli (training)
 decoder:  bits @ codebook -> [K rows ; mask tokens on a small grid] -> blocks (with 2x2 up-sampling) -> pixels
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..modeling import ModelMixin
 from ..nn import Attention, RMSNorm, SwiGLU, rotary_tables, run_block
@@ -34,12 +35,14 @@ class TokenizerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def token_positions(num_latent: int, height: int, width: int, scale: float | None,
-                    device: torch.device | None = None) -> torch.Tensor:
+def token_positions(
+    num_latent: int, height: int, width: int, scale: float | None, device: torch.device | None = None
+) -> torch.Tensor:
     """3-axis positions [num_latent + h*w, 3]: latent k -> (k, 0, 0); patch (r, c) -> (0, r, c).
 
     With a scale S, rows and columns are stretched to span [0, S-1] whatever the grid size (division first,
     in float32, as the release does); a side of one patch sits at 0."""
+
     def axis(n: int) -> torch.Tensor:
         idx = torch.arange(n, dtype=torch.float32, device=device)
         if scale is None:
@@ -94,8 +97,9 @@ class _Stack(nn.Module):
 
     gradient_checkpointing = False
 
-    def _run(self, x: torch.Tensor, num_latent: int, height: int, width: int, scale: float | None,
-             down: bool) -> tuple[torch.Tensor, int, int]:
+    def _run(
+        self, x: torch.Tensor, num_latent: int, height: int, width: int, scale: float | None, down: bool
+    ) -> tuple[torch.Tensor, int, int]:
         rotary = self._rotary(num_latent, height, width, scale, x.device)
         for i, block in enumerate(self.blocks):
             x = run_block(block, x, rotary, checkpointing=self.gradient_checkpointing)
@@ -123,8 +127,10 @@ class Encoder(_Stack):
         self.pos_embed = GridEmbedding(max(1, cfg.image_size // cfg.patch_size), dim) if cfg.abs_pos_embed else None
         self.region_shortcut = cfg.region_shortcut
         self.latent_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, dim) * 0.02)
-        self.blocks = nn.ModuleList(TokenizerBlock(dim, cfg.encoder_heads, cfg.encoder_head_dim, cfg.mlp_ratio)
-                                    for _ in range(cfg.encoder_layers))
+        self.blocks = nn.ModuleList(
+            TokenizerBlock(dim, cfg.encoder_heads, cfg.encoder_head_dim, cfg.mlp_ratio)
+            for _ in range(cfg.encoder_layers)
+        )
         self.resample = nn.ModuleDict({str(i): Downsample(dim) for i in cfg.downsample_after})
         self.norm_out = RMSNorm(dim)
         self.proj_out = nn.Linear(dim, dim)
@@ -140,7 +146,7 @@ class Encoder(_Stack):
             patches = patches + self.pos_embed(height, width)
         x = torch.cat((latent, patches), dim=1)
         x, _, _ = self._run(x, latent.shape[1], height, width, scale, down=True)
-        return self.proj_out(self.norm_out(x[:, :latent.shape[1]]))
+        return self.proj_out(self.norm_out(x[:, : latent.shape[1]]))
 
 
 class Quantizer(nn.Module):
@@ -170,12 +176,14 @@ class Decoder(_Stack):
         side = max(1, cfg.image_size // cfg.patch_size // 2 ** len(cfg.upsample_after))
         self.pos_embed = GridEmbedding(side, dim) if cfg.abs_pos_embed else None
         self.region_shortcut = cfg.region_shortcut
-        self.blocks = nn.ModuleList(TokenizerBlock(dim, cfg.decoder_heads, cfg.decoder_head_dim, cfg.mlp_ratio)
-                                    for _ in range(cfg.decoder_layers))
+        self.blocks = nn.ModuleList(
+            TokenizerBlock(dim, cfg.decoder_heads, cfg.decoder_head_dim, cfg.mlp_ratio)
+            for _ in range(cfg.decoder_layers)
+        )
         self.resample = nn.ModuleDict({str(i): Upsample(dim) for i in cfg.upsample_after})
         self.norm_out = RMSNorm(dim)
         head = cfg.pixel_head_channels or cfg.in_channels
-        self.to_pixels = nn.Linear(dim, cfg.patch_size ** 2 * head)
+        self.to_pixels = nn.Linear(dim, cfg.patch_size**2 * head)
         self.pixel_conv = nn.Conv2d(head, cfg.in_channels, 3, padding=1) if cfg.pixel_head_channels else None
 
     @property
@@ -183,8 +191,7 @@ class Decoder(_Stack):
         """The layer that writes pixels (the adversarial loss balances its gradient against reconstruction's)."""
         return self.pixel_conv if self.pixel_conv is not None else self.to_pixels
 
-    def forward(self, latent: torch.Tensor, grid_height: int, grid_width: int, scale: float | None
-                ) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, grid_height: int, grid_width: int, scale: float | None) -> torch.Tensor:
         """latent [N, K, D] (embedded bits) -> images [N, C, grid_height*p, grid_width*p], unclamped."""
         factor = 2 ** len(self.resample)
         height, width = grid_height // factor, grid_width // factor
@@ -198,7 +205,7 @@ class Decoder(_Stack):
             masks = masks + unpool_regions(x, height, width)
         x = torch.cat((x, masks), dim=1)
         x, height, width = self._run(x, latent.shape[1], height, width, scale, down=False)
-        pixels = self.to_pixels(self.norm_out(x[:, latent.shape[1]:]))
+        pixels = self.to_pixels(self.norm_out(x[:, latent.shape[1] :]))
         p = self.patch_size
         c = self.pixel_conv.in_channels if self.pixel_conv is not None else self.channels
         pixels = pixels.reshape(-1, height, width, p, p, c).permute(0, 5, 1, 3, 2, 4)
@@ -209,9 +216,9 @@ class Decoder(_Stack):
 @dataclass
 class TokenizerOutput:
     reconstruction: torch.Tensor  # [N, C, H, W]
-    logits: torch.Tensor          # [N, K, B]
-    bits: torch.Tensor            # [N, K, B] float 0/1 (sampled in training, thresholded otherwise)
-    probs: torch.Tensor           # sigmoid(logits / tau) in training, sigmoid(logits) otherwise
+    logits: torch.Tensor  # [N, K, B]
+    bits: torch.Tensor  # [N, K, B] float 0/1 (sampled in training, thresholded otherwise)
+    probs: torch.Tensor  # sigmoid(logits / tau) in training, sigmoid(logits) otherwise
 
 
 class BinaryTokenizer(nn.Module, ModelMixin):
@@ -236,9 +243,11 @@ class BinaryTokenizer(nn.Module, ModelMixin):
         m = self.config.size_multiple
         if height < m or width < m or height % m or width % m:
             fit = lambda n: max(m, round(n / m) * m)  # noqa: E731
-            raise ValueError(f"image size {height}x{width} is not supported by this tokenizer: height and width must "
-                             f"be positive multiples of {m} px (patch size times 2 per resampling stage); "
-                             f"nearest allowed: {fit(height)}x{fit(width)}")
+            raise ValueError(
+                f"image size {height}x{width} is not supported by this tokenizer: height and width must "
+                f"be positive multiples of {m} px (patch size times 2 per resampling stage); "
+                f"nearest allowed: {fit(height)}x{fit(width)}"
+            )
 
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> the encoder's per-token features [N, K, encoder_dim], before the bit projection."""
@@ -272,8 +281,13 @@ class BinaryTokenizer(nn.Module, ModelMixin):
         p = self.config.patch_size
         return self.decoder(latent, height // p, width // p, self.scale)
 
-    def forward(self, images: torch.Tensor, temperature: float | None = None, noise: torch.Tensor | None = None,
-                soft: bool = False) -> TokenizerOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        temperature: float | None = None,
+        noise: torch.Tensor | None = None,
+        soft: bool = False,
+    ) -> TokenizerOutput:
         """Full round trip. In training mode bits are Bernoulli(sigmoid(logit / tau)) samples with a
         straight-through gradient (`noise`: optional uniforms [N, K, B] deciding them); in eval mode they are
         thresholded. `soft` (training only) feeds the decoder the probabilities sigmoid(logit) themselves

@@ -1,9 +1,10 @@
 """2x2 token down- and up-sampling between transformer blocks (image rows only; latent rows pass through)."""
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def tokens_to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Checkpoints on disk: listing, the numerics that exact resume needs, safe loading, leftovers of killed writes,
 export of a run's EMA weights, and the loss plot beside them."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -56,8 +60,9 @@ def read_state(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: cannot read ({e})") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}); the checkpoint is damaged"
-                              ) from None
+        raise CheckpointError(
+            f"{file}: not valid JSON ({e.msg} at line {e.lineno}); the checkpoint is damaged"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
     for key in ("step", "bad_steps", "skipped_steps"):
@@ -66,8 +71,9 @@ def read_state(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{file}: {key} must be an integer in [0, {MAX_STEP}], got {value!r}")
     for key, kind in STATE_KEYS.items():
         if (key in state or key in ("kind", "model_config")) and not isinstance(state.get(key), kind):
-            raise CheckpointError(f"{file}: {key} must be a JSON {'string' if kind is str else 'object'}, "
-                                  f"got {state.get(key)!r:.60}")
+            raise CheckpointError(
+                f"{file}: {key} must be a JSON {'string' if kind is str else 'object'}, got {state.get(key)!r:.60}"
+            )
     m = CHECKPOINT_RE.match(path.name)
     if m and int(m.group(1)) != state["step"]:
         raise CheckpointError(f"{file}: step {state['step']} in the folder of step {int(m.group(1))}")
@@ -77,6 +83,7 @@ def read_state(path: Path) -> dict[str, Any]:
 def numerics() -> dict[str, Any]:
     """What decides float rounding besides the data: exact resume holds when these match."""
     from ..hardware import cpu_info
+
     return {"cpu": cpu_info().model, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
@@ -87,11 +94,15 @@ def load_torch_state(path: Path) -> Any:
     except FileNotFoundError:
         raise WeightsError(f"{path}: file not found (incomplete checkpoint?)") from None
     except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path}: refused to load: the file holds more than plain tensors "
-                           f"(weights_only=True rejected it: {str(e).splitlines()[0]})") from None
+        raise WeightsError(
+            f"{path}: refused to load: the file holds more than plain tensors "
+            f"(weights_only=True rejected it: {str(e).splitlines()[0]})"
+        ) from None
     except Exception as e:  # noqa: BLE001 — zip and pickle readers raise many types on damaged files
-        raise WeightsError(f"{path}: cannot read (truncated or corrupt?): {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise WeightsError(
+            f"{path}: cannot read (truncated or corrupt?): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
 
 def clean_leftovers(run_dir: Path) -> None:
@@ -126,10 +137,18 @@ def plot_losses(run_dir: Path) -> None:
     if not rows:
         return
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = sorted({k for r in rows for k in r
-                   if "loss" in k or k in ("bit_accuracy", "psnr", "eval_psnr", "eval_shapes_accuracy")})
+
+    keys = sorted(
+        {
+            k
+            for r in rows
+            for k in r
+            if "loss" in k or k in ("bit_accuracy", "psnr", "eval_psnr", "eval_shapes_accuracy")
+        }
+    )
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
@@ -149,12 +168,14 @@ def model_for_export(kind: str, model_config: dict) -> torch.nn.Module:
     return model_class(config_from_dict(model_class.config_class, model_config, "model_config"))
 
 
-def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "latest",
-               dtype: torch.dtype | None = None) -> Path:
+def export_run(
+    run_dir: str | Path, out: str | Path, checkpoint: str = "latest", dtype: torch.dtype | None = None
+) -> Path:
     """Write the EMA weights of a run's checkpoint as a model directory that from_pretrained loads
     (`dtype`: store the weights in that precision, e.g. torch.float16 for a release half the size), with the
     provenance.json a bundle's model card reads (the run's data, steps, size and caption vocabulary: binlat.card)."""
     from ..card import provenance_file, run_provenance
+
     run_dir = Path(run_dir)
     found = list_checkpoints(run_dir)
     path = (found[-1] if found else run_dir / "checkpoints") if checkpoint == "latest" else Path(checkpoint)

@@ -1,4 +1,5 @@
 """Training configuration: one JSON file per run (presets live in configs/{tokenizer,diffusion,ar}/)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,46 +16,46 @@ MAX_STEP = 10**9  # training steps (and checkpoint steps): far past any run, wel
 
 @dataclass
 class TokenizerTraining:
-    l1_weight: float = 1.0           # smooth-L1 reconstruction
-    l2_weight: float = 0.0           # optional extra MSE
-    gradient_weight: float = 0.0     # L1 on image gradients (edges)
-    bit_reg_weight: float = 0.01     # p(1 - p) regulariser
-    perceptual_weight: float = 0.0   # needs perceptual_weights (local VGG16 safetensors); off otherwise
-    perceptual_weights: str | None = None # local VGG16 safetensors file for the perceptual loss
-    gan_weight: float = 0.0          # adversarial loss (patch discriminator, hinge), adaptive weighting
-    gan_start: int = 0               # step at which the adversarial loss switches on
-    disc_lr: float = 1e-4            # discriminator learning rate
-    tau_start: float = 1.0           # Bernoulli temperature, annealed linearly over tau_steps
-    tau_end: float = 1.0             # Bernoulli temperature at the end of tau_steps
-    tau_steps: int = 0               # steps over which the temperature anneals (0: tau_end throughout)
+    l1_weight: float = 1.0  # smooth-L1 reconstruction
+    l2_weight: float = 0.0  # optional extra MSE
+    gradient_weight: float = 0.0  # L1 on image gradients (edges)
+    bit_reg_weight: float = 0.01  # p(1 - p) regulariser
+    perceptual_weight: float = 0.0  # needs perceptual_weights (local VGG16 safetensors); off otherwise
+    perceptual_weights: str | None = None  # local VGG16 safetensors file for the perceptual loss
+    gan_weight: float = 0.0  # adversarial loss (patch discriminator, hinge), adaptive weighting
+    gan_start: int = 0  # step at which the adversarial loss switches on
+    disc_lr: float = 1e-4  # discriminator learning rate
+    tau_start: float = 1.0  # Bernoulli temperature, annealed linearly over tau_steps
+    tau_end: float = 1.0  # Bernoulli temperature at the end of tau_steps
+    tau_steps: int = 0  # steps over which the temperature anneals (0: tau_end throughout)
     multires_sizes: list[int] = field(default_factory=list)  # random size per batch from this list
     # Soft start: the decoder reads the bit probabilities (a continuous latent) until the training PSNR, averaged
     # over the last soft_window steps, reaches soft_until_psnr dB; sampled bits from then on. A fixed step would
     # switch too early on a slow run (bits slow the escape from the all-white plateau) or too late on a fast one.
-    soft_until_psnr: float = 0.0     # 0: bits from the first step
-    soft_window: int = 20            # steps averaged for soft_until_psnr
-    soft_max_steps: int = 0          # switch at this step at the latest (0: no limit)
-    freeze_encoder: bool = False     # decoder-only second stage
-    init_from: str | None = None     # start from a tokenizer model directory
+    soft_until_psnr: float = 0.0  # 0: bits from the first step
+    soft_window: int = 20  # steps averaged for soft_until_psnr
+    soft_max_steps: int = 0  # switch at this step at the latest (0: no limit)
+    freeze_encoder: bool = False  # decoder-only second stage
+    init_from: str | None = None  # start from a tokenizer model directory
 
 
 @dataclass
 class GeneratorTraining:
-    tokenizer: str = ""              # trained tokenizer model directory (frozen)
-    text_encoder: str = "all-MiniLM-L6-v2" # frozen text encoder: a local folder or a Hub id (cached)
-    text_max_length: int = 128       # caption tokens kept (longer captions are cut)
-    prompt_dropout: float = 0.1      # share of captions replaced by "" (classifier-free guidance)
-    prediction: str = "flip"         # diffusion: "flip" (epsilon) or "x0"
-    time_sampling: str = "logit_normal" # diffusion: how training times t are drawn (logit_normal | uniform)
+    tokenizer: str = ""  # trained tokenizer model directory (frozen)
+    text_encoder: str = "all-MiniLM-L6-v2"  # frozen text encoder: a local folder or a Hub id (cached)
+    text_max_length: int = 128  # caption tokens kept (longer captions are cut)
+    prompt_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    prediction: str = "flip"  # diffusion: "flip" (epsilon) or "x0"
+    time_sampling: str = "logit_normal"  # diffusion: how training times t are drawn (logit_normal | uniform)
     # AR: each bit of the teacher-forced context is flipped with this probability while the targets stay clean
     # (bitwise self-correction, as in Infinity), so the network learns to recover from its own sampling errors.
     context_flip: float = 0.0
     # diffusion: REPA's weight: block model.align_block's rows are aligned (1 - cosine) to the frozen tokenizer
     # encoder's per-token features of the clean image, through a head the network gains for it (0: off)
     repa_weight: float = 0.0
-    sample_steps: int = 20           # diffusion steps of sample grids and probe scores
-    sample_guidance: float = 3.0     # guidance scale of sample grids and probe scores
-    init_from: str | None = None     # start from a generator model directory of this kind (fine-tuning)
+    sample_steps: int = 20  # diffusion steps of sample grids and probe scores
+    sample_guidance: float = 3.0  # guidance scale of sample grids and probe scores
+    init_from: str | None = None  # start from a generator model directory of this kind (fine-tuning)
     # The run is meant to learn from images without captions: silences the warning that data without captions
     # trains an unconditional generator.
     unconditional: bool = False
@@ -65,41 +66,41 @@ SHAPES_SAMPLE_PROMPTS = ["a red circle", "two squares", "a blue triangle to the 
 
 @dataclass
 class TrainConfig:
-    kind: str = "tokenizer"          # tokenizer | a registered generator kind (binlat.registry): diffusion, ar
+    kind: str = "tokenizer"  # tokenizer | a registered generator kind (binlat.registry): diffusion, ar
     # Fields of the model's own config class (TokenizerConfig / GeneratorConfig), checked as such when the config
     # is read. A generator may leave out what its tokenizer and text encoder fix (num_tokens, num_bits, text_dim,
     # text_layers): `model_config` fills those in when the task is built.
     model: dict[str, Any] = field(default_factory=dict)
-    data: str = "shapes"             # --data SPEC: shapes[:options], a folder, a manifest, shards, a precompute folder
-    image_size: int = 64             # training images are resized and cropped to this side (px)
-    batch_size: int = 32             # global batch per optimiser step (all processes, all accumulation steps)
-    grad_accum: int = 1              # micro-batches per optimiser step (batch_size is split among them)
-    max_steps: int = 1000            # optimiser steps of the run (--max-steps)
-    lr: float = 3e-4                 # peak learning rate (after warm-up)
+    data: str = "shapes"  # --data SPEC: shapes[:options], a folder, a manifest, shards, a precompute folder
+    image_size: int = 64  # training images are resized and cropped to this side (px)
+    batch_size: int = 32  # global batch per optimiser step (all processes, all accumulation steps)
+    grad_accum: int = 1  # micro-batches per optimiser step (batch_size is split among them)
+    max_steps: int = 1000  # optimiser steps of the run (--max-steps)
+    lr: float = 3e-4  # peak learning rate (after warm-up)
     # adamw | muon (Muon for the weight matrices inside the blocks, AdamW for the rest, one lr: train/optimizers.py)
     optimizer: str = "adamw"
-    weight_decay: float = 0.0        # AdamW weight decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99]) # AdamW betas
-    warmup_steps: int = 100          # linear learning-rate warm-up from 0 (a short --max-steps run shrinks it)
-    lr_schedule: str = "constant"    # constant | cosine (after warm-up)
-    min_lr_ratio: float = 0.1        # cosine floor, as a share of lr
-    grad_clip: float = 1.0           # gradient-norm clip (0: none)
-    ema_decay: float = 0.999         # decay of the EMA weights that samples and export use
-    mixed_precision: str = "no"      # no | bf16
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas
+    warmup_steps: int = 100  # linear learning-rate warm-up from 0 (a short --max-steps run shrinks it)
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.1  # cosine floor, as a share of lr
+    grad_clip: float = 1.0  # gradient-norm clip (0: none)
+    ema_decay: float = 0.999  # decay of the EMA weights that samples and export use
+    mixed_precision: str = "no"  # no | bf16
     grad_checkpointing: bool = False  # recompute block activations in the backward (less memory, ~30 % more compute)
     # torch.compile of the training forward (dynamic shapes: caption lengths vary). About 1.2x faster steps on
     # a CPU after a compile of a few minutes; fused kernels round differently, so it is off by default.
     compile: bool = False
-    seed: int = 0                    # initialisation and every random draw of a sample (keyed by sample index)
-    num_workers: int = 0             # DataLoader worker processes
-    save_every: int = 500            # steps between checkpoints (and one at the end)
-    keep_last: int = 3               # checkpoints kept
-    log_every: int = 10              # steps between logged metrics (metrics.jsonl, the progress bar)
-    sample_every: int = 0            # 0: no sample grids
+    seed: int = 0  # initialisation and every random draw of a sample (keyed by sample index)
+    num_workers: int = 0  # DataLoader worker processes
+    save_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_last: int = 3  # checkpoints kept
+    log_every: int = 10  # steps between logged metrics (metrics.jsonl, the progress bar)
+    sample_every: int = 0  # 0: no sample grids
     # Prompts of the sample grids; empty: the run's own captions (the first three distinct ones of its data; for the
     # shapes data, SHAPES_SAMPLE_PROMPTS).
     sample_prompts: list[str] = field(default_factory=list)
-    max_bad_steps: int = 20          # consecutive non-finite losses before the run stops
+    max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     # Samples skipped in a row (unreadable, corrupt) before the run stops naming the data: data that is all bad
     # would otherwise loop for ever.
     max_consecutive_skips: int = 1000
@@ -111,8 +112,17 @@ class TrainConfig:
         kinds = registry.model_kinds()
         if self.kind not in kinds:
             raise ValueError(f"kind must be {', '.join(kinds[:-1])} or {kinds[-1]}, got {self.kind!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "save_every", "keep_last", "log_every", "image_size",
-                     "max_bad_steps", "max_consecutive_skips"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "save_every",
+            "keep_last",
+            "log_every",
+            "image_size",
+            "max_bad_steps",
+            "max_consecutive_skips",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self._check_numbers()
@@ -133,18 +143,37 @@ class TrainConfig:
     def _check_numbers(self) -> None:
         """Every number in range and finite (an lr of Infinity would "train" to non-finite weights and save them);
         errors name the key as --set spells it."""
-        integers = {"max_steps": (1, MAX_STEP), "warmup_steps": (0, MAX_STEP), "save_every": (1, MAX_STEP),
-                    "log_every": (1, MAX_STEP), "sample_every": (0, MAX_STEP), "num_workers": (0, 1024),
-                    "seed": (0, 2**32 - 1), "tokenizer.gan_start": (0, MAX_STEP), "tokenizer.tau_steps": (0, MAX_STEP),
-                    "tokenizer.soft_window": (1, MAX_STEP), "tokenizer.soft_max_steps": (0, MAX_STEP),
-                    "generator.text_max_length": (1, 1 << 20), "generator.sample_steps": (1, MAX_STEPS)}
+        integers = {
+            "max_steps": (1, MAX_STEP),
+            "warmup_steps": (0, MAX_STEP),
+            "save_every": (1, MAX_STEP),
+            "log_every": (1, MAX_STEP),
+            "sample_every": (0, MAX_STEP),
+            "num_workers": (0, 1024),
+            "seed": (0, 2**32 - 1),
+            "tokenizer.gan_start": (0, MAX_STEP),
+            "tokenizer.tau_steps": (0, MAX_STEP),
+            "tokenizer.soft_window": (1, MAX_STEP),
+            "tokenizer.soft_max_steps": (0, MAX_STEP),
+            "generator.text_max_length": (1, 1 << 20),
+            "generator.sample_steps": (1, MAX_STEPS),
+        }
         for name, (low, high) in integers.items():
             check_number(name, self._get(name), low, high, integer=True)
         check_number("lr", self.lr, 0, low_open=True)
         check_number("tokenizer.disc_lr", self.tokenizer.disc_lr, 0, low_open=True)
-        for name in ("weight_decay", "grad_clip", "tokenizer.l1_weight", "tokenizer.l2_weight",
-                     "tokenizer.gradient_weight", "tokenizer.bit_reg_weight", "tokenizer.perceptual_weight",
-                     "tokenizer.gan_weight", "tokenizer.soft_until_psnr", "generator.sample_guidance"):
+        for name in (
+            "weight_decay",
+            "grad_clip",
+            "tokenizer.l1_weight",
+            "tokenizer.l2_weight",
+            "tokenizer.gradient_weight",
+            "tokenizer.bit_reg_weight",
+            "tokenizer.perceptual_weight",
+            "tokenizer.gan_weight",
+            "tokenizer.soft_until_psnr",
+            "generator.sample_guidance",
+        ):
             check_number(name, self._get(name), 0)
         check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)

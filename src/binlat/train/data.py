@@ -3,6 +3,7 @@ and skipped samples.
 
 Every random choice of a sample is drawn from a generator seeded by (run seed, global sample index), and the global
 batch of step s is always samples [s*G, (s+1)*G), whatever the number of processes."""
+
 from __future__ import annotations
 
 import logging
@@ -124,22 +125,29 @@ class SkipGuard:
         self.run += len(messages)
         self.last = messages[-1]
         if self.total and self.run >= min(self.limit, 2 * self.total):
-            raise UnreadableDataError(f"none of the {self.total} samples of {self.source} could be read "
-                                      f"({self.run} skipped in a row; the last: {self.last}); stopping")
+            raise UnreadableDataError(
+                f"none of the {self.total} samples of {self.source} could be read "
+                f"({self.run} skipped in a row; the last: {self.last}); stopping"
+            )
         if self.run >= self.limit:
-            raise UnreadableDataError(f"{self.run} samples in a row could not be read from {self.source} "
-                                      f"(max_consecutive_skips={self.limit}; the last: {self.last}); stopping: "
-                                      f"check the data")
+            raise UnreadableDataError(
+                f"{self.run} samples in a row could not be read from {self.source} "
+                f"(max_consecutive_skips={self.limit}; the last: {self.last}); stopping: "
+                f"check the data"
+            )
 
     def end_of_pass(self, good: int, skipped: int) -> None:
         """A whole pass over streaming data is over: stop if it held no usable sample at all."""
         if good:
             return
         if not skipped:
-            raise UnreadableDataError(f"{self.source} gave no samples in a whole pass (empty, or nothing in this "
-                                      f"process's share of it); stopping")
-        raise UnreadableDataError(f"every sample of {self.source} in a whole pass was skipped ({skipped}; the "
-                                  f"last: {self.last}); stopping")
+            raise UnreadableDataError(
+                f"{self.source} gave no samples in a whole pass (empty, or nothing in this "
+                f"process's share of it); stopping"
+            )
+        raise UnreadableDataError(
+            f"every sample of {self.source} in a whole pass was skipped ({skipped}; the last: {self.last}); stopping"
+        )
 
 
 class SkippedSamples:
@@ -190,14 +198,19 @@ def guarded(loader, guard: SkipGuard):
         yield batch
 
 
-def stream_batches(source, per_process: int, num_workers: int, first: int, stride: int,
-                   guard: SkipGuard) -> Iterator[dict[str, Any]]:
+def stream_batches(
+    source, per_process: int, num_workers: int, first: int, stride: int, guard: SkipGuard
+) -> Iterator[dict[str, Any]]:
     """Streaming data (folders, manifests, WebDataset shards) has no random access: each process reads its own
     split in order, and indices count samples as they come (resume restarts the stream). It ends only with
     the run, or with an UnreadableDataError when samples are skipped too long in a row or a whole pass has
     none."""
-    loader = DataLoader(SkipReports(source), batch_size=per_process, num_workers=num_workers,
-                        collate_fn=lambda s: [x for x in s if x is not None])
+    loader = DataLoader(
+        SkipReports(source),
+        batch_size=per_process,
+        num_workers=num_workers,
+        collate_fn=lambda s: [x for x in s if x is not None],
+    )
     skipped: list[str] = []
     while True:
         batches = good = skips = 0
@@ -223,8 +236,9 @@ def stream_batches(source, per_process: int, num_workers: int, first: int, strid
 def per_process_batch(batch_size: int, world: int, grad_accum: int) -> int:
     """The micro-batch of one process: the global batch split over processes and accumulation steps, exactly."""
     if batch_size % (world * grad_accum):
-        raise ValueError(f"batch_size {batch_size} must be divisible by processes x grad_accum "
-                         f"= {world} x {grad_accum}")
+        raise ValueError(
+            f"batch_size {batch_size} must be divisible by processes x grad_accum = {world} x {grad_accum}"
+        )
     return batch_size // (world * grad_accum)
 
 

@@ -3,6 +3,7 @@
 Every random choice of a sample (its noise, its time, its prompt dropout) is drawn from a generator seeded by
 (run seed, global sample index), and the global batch of step s is always samples [s*G, (s+1)*G). So one process
 and N processes with the same global batch take the same steps, and a resumed run continues bit for bit."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,18 +25,48 @@ from tqdm.auto import tqdm
 
 from ..config import config_to_dict
 from ..hardware import require_bf16
-from ..io import (WeightsError, append_jsonl, atomic_directory, atomic_write_bytes, check_state_dict, load_safetensors,
-                  save_safetensors)
+from ..io import (
+    WeightsError,
+    append_jsonl,
+    atomic_directory,
+    atomic_write_bytes,
+    check_state_dict,
+    load_safetensors,
+    save_safetensors,
+)
 from ..metrics import psnr_of_mse
-from .checkpoints import (CheckpointError, clean_leftovers, list_checkpoints, load_torch_state, numerics, plot_losses,
-                          read_state)
+from .checkpoints import (
+    CheckpointError,
+    clean_leftovers,
+    list_checkpoints,
+    load_torch_state,
+    numerics,
+    plot_losses,
+    read_state,
+)
 from .config import TrainConfig
-from .sharding import (SHARDED_TYPES, check_one_run, check_sharding_has_an_accelerator, full_model_state,
-                       full_optimizer_state, load_optimizer_state)
-from .data import (IndexedData, SkipGuard, SkippedSamples, StepBatches, collate, describe_data, guarded,
-                   per_process_batch, sample_generator, stream_batches)
+from .data import (
+    IndexedData,
+    SkipGuard,
+    SkippedSamples,
+    StepBatches,
+    collate,
+    describe_data,
+    guarded,
+    per_process_batch,
+    sample_generator,
+    stream_batches,
+)
 from .optimizers import make_optimizer
 from .schedule import EMA, lr_at
+from .sharding import (
+    SHARDED_TYPES,
+    check_one_run,
+    check_sharding_has_an_accelerator,
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+)
 
 log = logging.getLogger("binlat.train")
 
@@ -45,23 +76,30 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None,
-                 allow_data_commands: bool = False):
+    def __init__(
+        self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None, allow_data_commands: bool = False
+    ):
         """``allow_data_commands``: cfg.data may name shard URLs, which webdataset opens by running a program
         (``pipe:`` a shell command). Only for a data spec the caller typed, never one read from a config file."""
         from .tasks import make_task
+
         self.cfg, self.run_dir = cfg, Path(run_dir)
         # accelerate keeps one process-wide state; a new run in the same process (a notebook, the tests) may ask for
         # another precision, so drop the old run's settings (the distributed set-up itself is kept).
         from accelerate.state import AcceleratorState
+
         AcceleratorState._reset_state(reset_partial_state=False)
         check_sharding_has_an_accelerator()  # before accelerate sets up FSDP/DeepSpeed on a CPU
-        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=self._trackers(),
-                               project_dir=str(self.run_dir))
+        self.acc = Accelerator(
+            mixed_precision=cfg.mixed_precision, log_with=self._trackers(), project_dir=str(self.run_dir)
+        )
         check_sharding_has_an_accelerator(self.acc.distributed_type, self.acc.device)
         if cfg.mixed_precision == "bf16":  # before anything is written: emulated bf16 is far slower than float32
-            require_bf16(self.acc.device, "bf16 mixed-precision training",
-                         fix='set mixed_precision to "no" (--set mixed_precision=no)')
+            require_bf16(
+                self.acc.device,
+                "bf16 mixed-precision training",
+                fix='set mixed_precision to "no" (--set mixed_precision=no)',
+            )
         check_one_run(self.acc.num_processes, self.acc.distributed_type)
         self.per_process = per_process_batch(cfg.batch_size, self.acc.num_processes, cfg.grad_accum)
         torch.manual_seed(cfg.seed)  # model initialisation: identical on every process
@@ -70,10 +108,13 @@ class Trainer:
         if cfg.grad_checkpointing:
             self.model.enable_gradient_checkpointing()
         if cfg.optimizer == "muon" and str(getattr(self.acc.distributed_type, "value", "")).upper() in SHARDED_TYPES:
-            raise ValueError("optimizer muon orthogonalises whole weight matrices and cannot step sharded ones "
-                             "(FSDP/DeepSpeed); use --set optimizer=adamw, or a DDP launch config")
-        self.optimizer = make_optimizer(self.model, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas),
-                                        weight_decay=cfg.weight_decay)
+            raise ValueError(
+                "optimizer muon orthogonalises whole weight matrices and cannot step sharded ones "
+                "(FSDP/DeepSpeed); use --set optimizer=adamw, or a DDP launch config"
+            )
+        self.optimizer = make_optimizer(
+            self.model, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
         self.ema = EMA(self.model, cfg.ema_decay)
         self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
         self._optimizer_state: dict | None = None  # a resumed run's, loaded once the model is prepared
@@ -99,8 +140,10 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if cfg.compile:  # the training forward only; checkpoints, EMA and samples use the plain module
             if self.acc.is_local_main_process:
-                tqdm.write("compiling the training forward (compile: true): the first steps take a few minutes "
-                           "(about 2 on a 2-core CPU); the progress bar's rate and ETA start after the first step")
+                tqdm.write(
+                    "compiling the training forward (compile: true): the first steps take a few minutes "
+                    "(about 2 on a 2-core CPU); the progress bar's rate and ETA start after the first step"
+                )
             network = self.acc.unwrap_model(self.model)
             network.forward = torch.compile(network.forward, dynamic=True)
         if self._optimizer_state is not None:  # after prepare: a sharded model takes its optimizer state sharded
@@ -108,7 +151,9 @@ class Trainer:
             self._optimizer_state = None
         self.task.prepare(self.acc)
         if self.acc.is_main_process:
-            atomic_write_bytes(self.run_dir / "config.json", (json.dumps(config_to_dict(cfg), indent=2) + "\n").encode())
+            atomic_write_bytes(
+                self.run_dir / "config.json", (json.dumps(config_to_dict(cfg), indent=2) + "\n").encode()
+            )
         self.acc.init_trackers("tb", config=_flat(config_to_dict(cfg)))
 
     def _trackers(self) -> list[str]:
@@ -128,12 +173,23 @@ class Trainer:
             self._describe_data(source)
         if not hasattr(source, "sample"):
             first = self.step * self.cfg.batch_size + self.acc.process_index * self.per_process
-            return stream_batches(source, self.per_process, self.cfg.num_workers, first,
-                                  stride=self.per_process * self.acc.num_processes,
-                                  guard=SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips))
+            return stream_batches(
+                source,
+                self.per_process,
+                self.cfg.num_workers,
+                first,
+                stride=self.per_process * self.acc.num_processes,
+                guard=SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips),
+            )
         data = IndexedData(source, self.cfg.seed)
-        sampler = StepBatches(self.step, self.cfg.max_steps, self.per_process, self.acc.num_processes,
-                              self.acc.process_index, self.cfg.grad_accum)
+        sampler = StepBatches(
+            self.step,
+            self.cfg.max_steps,
+            self.per_process,
+            self.acc.num_processes,
+            self.acc.process_index,
+            self.cfg.grad_accum,
+        )
         self.data = data
         loader = DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
         return guarded(loader, SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips, data.length))
@@ -146,9 +202,11 @@ class Trainer:
         if self.acc.is_local_main_process:
             tqdm.write(message)
         if self.cfg.kind != "tokenizer" and captioned == 0 and not self.cfg.generator.unconditional:
-            self._warn(f"no sample of {self.cfg.data} has a caption: the generator will learn unconditional "
-                       f"generation only. Put a same-named .txt beside each image (or a caption column in the "
-                       f"manifest), or pass --unconditional if that is what you want")
+            self._warn(
+                f"no sample of {self.cfg.data} has a caption: the generator will learn unconditional "
+                f"generation only. Put a same-named .txt beside each image (or a caption column in the "
+                f"manifest), or pass --unconditional if that is what you want"
+            )
 
     # --- loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -227,8 +285,10 @@ class Trainer:
             self.skipped_steps += 1
             log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
             if self.bad_steps >= cfg.max_bad_steps:
-                raise NonFiniteLossError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
-                                   f"The last good checkpoint is intact (lower the learning rate, check the data)")
+                raise NonFiniteLossError(
+                    f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
+                    f"The last good checkpoint is intact (lower the learning rate, check the data)"
+                )
             return None
         self.bad_steps = 0
         # Every process logs the mean over the global batch, as a single process would.
@@ -292,7 +352,7 @@ class Trainer:
             bar.close()  # also on an error: its message then starts on a line of its own
             self.skips.close()
         for tracker in acc.trackers:  # not acc.end_training(): that also destroys the process group, which
-            tracker.finish()          # accelerate's per-process state never re-creates for a later run here
+            tracker.finish()  # accelerate's per-process state never re-creates for a later run here
         return last
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -332,10 +392,16 @@ class Trainer:
                 save_safetensors(ema_state, tmp / "ema.safetensors")
                 torch.save(optimizer_state, tmp / "optimizer.pt")
                 self.task.save_extra(tmp)
-                state = {"step": self.step, "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps,
-                         "kind": self.cfg.kind, "config": config_to_dict(self.cfg),
-                         "model_config": config_to_dict(self.task.model_config), "task": self.task.state(),
-                         "numerics": numerics()}
+                state = {
+                    "step": self.step,
+                    "bad_steps": self.bad_steps,
+                    "skipped_steps": self.skipped_steps,
+                    "kind": self.cfg.kind,
+                    "config": config_to_dict(self.cfg),
+                    "model_config": config_to_dict(self.task.model_config),
+                    "task": self.task.state(),
+                    "numerics": numerics(),
+                }
                 (tmp / "state.json").write_text(json.dumps(state, indent=2))
             for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
                 # Renamed first, so a kill mid-delete never leaves a step-* folder with only some files.
@@ -372,9 +438,11 @@ class Trainer:
             if damaged:
                 self._warn(f"--resume {resume}: resumed from {path.name}, the newest intact checkpoint")
             return
-        raise CheckpointError(f"--resume {resume}: no intact checkpoint under {self.run_dir / 'checkpoints'}: "
-                              f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged (the warnings "
-                              f"above and log.txt say why)")
+        raise CheckpointError(
+            f"--resume {resume}: no intact checkpoint under {self.run_dir / 'checkpoints'}: "
+            f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged (the warnings "
+            f"above and log.txt say why)"
+        )
 
     def _warn(self, message: str) -> None:
         """A warning the user should see now: log.txt, and one line on stderr from the main process."""
@@ -401,8 +469,12 @@ class Trainer:
         if state.get("numerics", numerics()) != numerics():
             # Float kernels round differently across CPUs, thread counts and torch builds: training continues
             # correctly, but no longer bit for bit as the uninterrupted run would have.
-            log.warning("resuming on other numerics than the checkpoint was written with (%s, now %s): the run will "
-                        "not end bit for bit where an uninterrupted one would", state["numerics"], numerics())
+            log.warning(
+                "resuming on other numerics than the checkpoint was written with (%s, now %s): the run will "
+                "not end bit for bit where an uninterrupted one would",
+                state["numerics"],
+                numerics(),
+            )
         self.step, self.bad_steps = state["step"], state["bad_steps"]
         self.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.step)

@@ -8,6 +8,7 @@ serves both.
 
 The two live in one `torch.optim.Optimizer`, so the trainer, accelerate and checkpoints see a single optimiser:
 one list of parameter groups (the trainer sets every group's lr), one state keyed by parameter index."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,8 +30,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
     The two inner optimisers share this optimiser's parameter-group dicts and its state (their parameters are
     disjoint), so state_dict/load_state_dict are the base class's, index-keyed over all groups in order."""
 
-    def __init__(self, matrices: list[torch.Tensor], others: list[torch.Tensor], *, lr: float,
-                 betas: tuple[float, float], weight_decay: float):
+    def __init__(
+        self,
+        matrices: list[torch.Tensor],
+        others: list[torch.Tensor],
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+    ):
         if not matrices:
             raise ValueError("optimizer muon found no weight matrix inside a stack of blocks to apply to")
         self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
@@ -65,8 +73,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
 
-def make_optimizer(model: nn.Module, name: str, *, lr: float, betas: tuple[float, float],
-                   weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, name: str, *, lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.Optimizer:
     """The trainable parameters of `model` under optimiser `name` (one of OPTIMIZERS)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if name == "adamw":

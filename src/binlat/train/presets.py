@@ -6,6 +6,7 @@ take: the preset's own `model.num_tokens`/`num_bits` where it sets them, else it
 that model directory's config when it is on this machine (the shipped `default/tokenizer`, a local folder; never
 the Hub), else the class defaults, and `grid_from` says which.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ class PresetFacts:
     image_size: int
     parameters: int
     architecture: str  # e.g. "patch 8, 2L×128 encoder, 4L×128 decoder" or "6L×192 over all-MiniLM-L6-v2"
-    grid_from: str     # "the preset", "tokenizer default/tokenizer", or "class defaults (...)"
+    grid_from: str  # "the preset", "tokenizer default/tokenizer", or "class defaults (...)"
 
     @property
     def grid(self) -> str:
@@ -40,6 +41,7 @@ def _local_tokenizer_config(name: str) -> Any | None:
     """The config of tokenizer model directory `name` when it is on this machine, else None (no Hub lookup)."""
     from ..modeling import CONFIG_NAME, named_model_dir
     from ..tokenizer import BinaryTokenizer
+
     if not name:
         return None
     try:
@@ -56,15 +58,19 @@ def architecture(kind: str, config: Any, text_encoder: str = "") -> str:
     2×2 resampling and position reference size."""
     if kind == TOKENIZER:
         c = config
-        parts = [f"patch {c.patch_size}", f"{c.encoder_layers}L×{c.encoder_heads * c.encoder_head_dim} encoder",
-                 f"{c.decoder_layers}L×{c.decoder_heads * c.decoder_head_dim} decoder"]
+        parts = [
+            f"patch {c.patch_size}",
+            f"{c.encoder_layers}L×{c.encoder_heads * c.encoder_head_dim} encoder",
+            f"{c.decoder_layers}L×{c.decoder_heads * c.decoder_head_dim} decoder",
+        ]
         if c.downsample_after:
             parts.append("2×2 after block " + "/".join(str(i) for i in c.downsample_after))
         if c.rope_reference_size:
             parts.append(f"reference {c.rope_reference_size}")
         return ", ".join(parts)
-    return f"{config.num_layers}L×{config.num_heads * config.head_dim}" + (f" over {text_encoder}" if text_encoder
-                                                                            else "")
+    return f"{config.num_layers}L×{config.num_heads * config.head_dim}" + (
+        f" over {text_encoder}" if text_encoder else ""
+    )
 
 
 def preset_facts(preset: str | Path) -> PresetFacts:
@@ -73,6 +79,7 @@ def preset_facts(preset: str | Path) -> PresetFacts:
 
     from ..config import load_config
     from .config import TrainConfig
+
     cfg = load_config(TrainConfig, preset)
     resolved: dict[str, Any] = {"image_size": cfg.image_size}
     grid_from, text_encoder = "the preset", ""
@@ -88,6 +95,12 @@ def preset_facts(preset: str | Path) -> PresetFacts:
     config = cfg.model_config(**resolved)
     with torch.device("meta"):
         model = registry.model_class(cfg.kind)(config)
-    return PresetFacts(kind=cfg.kind, num_tokens=config.num_tokens, num_bits=config.num_bits,
-                       image_size=cfg.image_size, parameters=sum(p.numel() for p in model.parameters()),
-                       architecture=architecture(cfg.kind, config, text_encoder), grid_from=grid_from)
+    return PresetFacts(
+        kind=cfg.kind,
+        num_tokens=config.num_tokens,
+        num_bits=config.num_bits,
+        image_size=cfg.image_size,
+        parameters=sum(p.numel() for p in model.parameters()),
+        architecture=architecture(cfg.kind, config, text_encoder),
+        grid_from=grid_from,
+    )

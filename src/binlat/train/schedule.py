@@ -1,13 +1,13 @@
 """The learning-rate schedule and the EMA copy of the weights."""
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .sharding import full_tensors, like
-
 from .config import TrainConfig
+from .sharding import full_tensors, like
 
 
 class EMA:

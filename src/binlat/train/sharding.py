@@ -10,6 +10,7 @@ index (as `torch.optim.Optimizer.state_dict` writes it); a sharded run resumes a
 Before any of that, a launch that asks for sharding on a machine without an accelerator, or whose processes
 accelerate does not see as one world, is stopped with one line (check_sharding_has_an_accelerator, check_one_run).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,6 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
-
 
 SHARDED_TYPES = ("FSDP", "DEEPSPEED")
 CPU_LAUNCH_CONFIG = "configs/accelerate/cpu-ddp-2proc.yaml"
@@ -29,17 +29,21 @@ def check_sharding_has_an_accelerator(distributed_type: Any = None, device: torc
     available devices", ...). Decided by the condition, not by a message: the launch asks for sharding (the
     launcher's ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED, or the Accelerator's distributed type) and there is
     no accelerator (torch sees none, or the Accelerator's device is a CPU)."""
-    asked = {kind for kind in SHARDED_TYPES
-             if os.environ.get(f"ACCELERATE_USE_{kind}", "").strip().lower() in ("1", "true", "yes")}
+    asked = {
+        kind
+        for kind in SHARDED_TYPES
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "").strip().lower() in ("1", "true", "yes")
+    }
     if distributed_type is not None:
         asked.add(str(getattr(distributed_type, "value", distributed_type)).upper())
     sharded = sorted(asked & set(SHARDED_TYPES))
     no_accelerator = not torch.accelerator.is_available() if device is None else device.type == "cpu"
     if sharded and no_accelerator:
         name = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}[sharded[0]]
-        raise ValueError(f"this launch asks for {name} sharding, which needs GPUs, and this machine has none; on CPUs "
-                         f"launch with {CPU_LAUNCH_CONFIG} (DDP over processes) or run without accelerate launch")
-
+        raise ValueError(
+            f"this launch asks for {name} sharding, which needs GPUs, and this machine has none; on CPUs "
+            f"launch with {CPU_LAUNCH_CONFIG} (DDP over processes) or run without accelerate launch"
+        )
 
 
 def check_one_run(world: int, distributed_type: Any) -> None:
@@ -49,9 +53,12 @@ def check_one_run(world: int, distributed_type: Any) -> None:
     if launched and launched.isdigit() and int(launched) != world:
         # e.g. an FSDP or DeepSpeed launch config that accelerate turned into single-process runs on a CPU:
         # every process would train its own copy into the same folder.
-        raise ValueError(f"the launcher started {launched} processes but accelerate sees a world of {world} "
-                         f"({distributed_type}); these processes do not form one run. Check the "
-                         f"launch config against this machine (on CPUs: configs/accelerate/cpu-ddp-2proc.yaml)")
+        raise ValueError(
+            f"the launcher started {launched} processes but accelerate sees a world of {world} "
+            f"({distributed_type}); these processes do not form one run. Check the "
+            f"launch config against this machine (on CPUs: configs/accelerate/cpu-ddp-2proc.yaml)"
+        )
+
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
@@ -71,8 +78,10 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     state = optimizer.state_dict()
     if not is_sharded(model):
         return state
-    return {"state": {i: {k: _full(v) for k, v in s.items()} for i, s in sorted(state["state"].items())},
-            "param_groups": state["param_groups"]}
+    return {
+        "state": {i: {k: _full(v) for k, v in s.items()} for i, s in sorted(state["state"].items())},
+        "param_groups": state["param_groups"],
+    }
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -83,12 +92,15 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
         def shard(value: Any, param: torch.Tensor) -> Any:
             if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape:
-                return distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
-                                         src_data_rank=None)
+                return distribute_tensor(
+                    value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+                )
             return value
 
-        state = {"state": {i: {k: shard(v, params[int(i)]) for k, v in s.items()} for i, s in state["state"].items()},
-                 "param_groups": state["param_groups"]}
+        state = {
+            "state": {i: {k: shard(v, params[int(i)]) for k, v in s.items()} for i, s in state["state"].items()},
+            "param_groups": state["param_groups"],
+        }
     optimizer.load_state_dict(state)
 
 

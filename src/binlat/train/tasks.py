@@ -1,4 +1,5 @@
 """The three trainers as small tasks the engine drives: what to build, what data to read, how to score a batch."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,11 +37,17 @@ class Task:
     def dataset(self) -> Any:
         from ..data.precomputed import INDEX, PrecomputedDataset
         from ..data.readers import make_dataset
+
         spec = self.cfg.data.removeprefix("precomputed:")
         if (Path(spec) / INDEX).is_file():
             return self.check_precomputed(PrecomputedDataset(spec))
-        return make_dataset(self.cfg.data, size=self.cfg.image_size, seed=self.cfg.seed,
-                            include_held_out=self.sees_held_out, allow_commands=self.allow_data_commands)
+        return make_dataset(
+            self.cfg.data,
+            size=self.cfg.image_size,
+            seed=self.cfg.seed,
+            include_held_out=self.sees_held_out,
+            allow_commands=self.allow_data_commands,
+        )
 
     def check_precomputed(self, data):
         raise ValueError("precomputed bits only serve generator training; give the tokenizer images")
@@ -55,8 +62,11 @@ class Task:
         ours, theirs = dataclasses.asdict(self.model.config), dataclasses.asdict(start.config)
         differ = [f"{k} {theirs.get(k)} (run: {v})" for k, v in ours.items() if theirs.get(k) != v]
         if differ:
-            raise ValueError(f"init_from {directory}: its model differs from this run's in " + ", ".join(differ)
-                             + "; set the run's model to match, or start from scratch")
+            raise ValueError(
+                f"init_from {directory}: its model differs from this run's in "
+                + ", ".join(differ)
+                + "; set the run's model to match, or start from scratch"
+            )
         self.model.load_state_dict(start.state_dict())
 
     def loss(self, model, batch, step: int, gens: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
@@ -109,14 +119,17 @@ class TokenizerTask(Task):
         if opts.perceptual_weight > 0:
             if opts.perceptual_weights and Path(opts.perceptual_weights).is_file():
                 from ..tokenizer.losses import PerceptualLoss
+
                 self.perceptual = PerceptualLoss(opts.perceptual_weights).to(device)
             else:
                 log.warning(
                     "perceptual loss off: tokenizer.perceptual_weights (a local VGG16 safetensors file) not given "
-                    "or not found")
+                    "or not found"
+                )
         self.disc = self.disc_opt = None
         if opts.gan_weight > 0:
             from ..tokenizer.losses import PatchDiscriminator
+
             self.disc = PatchDiscriminator(self.model_config.in_channels)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=opts.disc_lr, betas=(0.5, 0.9))
         # (real, reconstruction) of every micro-batch of the current step, for the discriminator's update in
@@ -135,7 +148,7 @@ class TokenizerTask(Task):
         if self.bits_from is not None:
             return
         if "psnr" in metrics:
-            self.recent_psnr = (self.recent_psnr + [metrics["psnr"]])[-o.soft_window:]
+            self.recent_psnr = (self.recent_psnr + [metrics["psnr"]])[-o.soft_window :]
         ready = len(self.recent_psnr) == o.soft_window and sum(self.recent_psnr) / o.soft_window >= o.soft_until_psnr
         if ready or (o.soft_max_steps and step + 1 >= o.soft_max_steps):
             self.bits_from = step + 1
@@ -185,12 +198,16 @@ class TokenizerTask(Task):
             rec = rec + o.perceptual_weight * self.perceptual(recon, images)
         loss = rec + o.bit_reg_weight * bit_regularizer(out.probs)
         # The engine turns the (process-averaged) clamped MSE into PSNR.
-        metrics = {"rec_loss": rec.detach(), "mse": F.mse_loss(recon.detach().clamp(-1, 1), images),
-                   "soft_latent": float(soft)}
+        metrics = {
+            "rec_loss": rec.detach(),
+            "mse": F.mse_loss(recon.detach().clamp(-1, 1), images),
+            "soft_latent": float(soft),
+        }
         if self.disc is not None and step >= o.gan_start and model.training:
             g_loss = -self.disc(recon).mean()
             last = self.accelerator.unwrap_model(model).decoder.last_layer.weight
             from ..tokenizer.losses import adaptive_gan_weight
+
             weight = adaptive_gan_weight(rec, g_loss, last)
             loss = loss + o.gan_weight * weight * g_loss
             metrics["gan_g_loss"] = g_loss.detach()
@@ -207,6 +224,7 @@ class TokenizerTask(Task):
         if not fakes:
             return
         from ..tokenizer.losses import hinge_d_loss
+
         self.disc_opt.zero_grad(set_to_none=True)
         for real, fake in fakes:
             self.accelerator.backward(hinge_d_loss(self.disc(real), self.disc(fake)) / len(fakes))
@@ -231,6 +249,7 @@ class TokenizerTask(Task):
         if not self.cfg.data.startswith("shapes"):
             return {}
         from ..data.shapes import ShapesStream
+
         held_out = ShapesStream(size=self.cfg.image_size, seed=12345)
         images = torch.stack([held_out.sample(i)["image"] for i in range(64)])
         with torch.inference_mode():
@@ -239,8 +258,9 @@ class TokenizerTask(Task):
         return {"eval_psnr": psnr_of_mse(max(mse, 1e-10))}
 
     def sample_grid(self, model, cfg):
-        from ..grid import contact_sheet
         from ..generation import to_pil
+        from ..grid import contact_sheet
+
         data = self.dataset()
         samples = [data.sample(i) if hasattr(data, "sample") else data[i] for i in range(4)]
         images = torch.stack([s["image"] for s in samples])
@@ -261,6 +281,7 @@ class GeneratorTask(Task):
         super().__init__(cfg, device, allow_data_commands)
         from ..text import TextEncoder, text_layer_map
         from ..text.encoder import CachedTextEncoder
+
         o = cfg.generator
         if not o.tokenizer:
             raise ValueError("generator.tokenizer must name a trained tokenizer model directory")
@@ -270,9 +291,14 @@ class GeneratorTask(Task):
         layers = cfg.model_config().num_layers
         # REPA aligns to the tokenizer encoder's features: the network's head is as wide as they are
         align = {"align_dim": tok.encoder_dim, "align_block": min(1, layers - 1)} if o.repa_weight else {}
-        self.build(num_bits=tok.num_bits, num_tokens=tok.num_tokens, text_dim=self.text_encoder.hidden_size,
-                   text_layers=text_layer_map(self.text_encoder.num_layers, layers), prediction=o.prediction,
-                   **align)
+        self.build(
+            num_bits=tok.num_bits,
+            num_tokens=tok.num_tokens,
+            text_dim=self.text_encoder.hidden_size,
+            text_layers=text_layer_map(self.text_encoder.num_layers, layers),
+            prediction=o.prediction,
+            **align,
+        )
         if o.init_from:
             self.init_from(o.init_from)
         self.cached_text = CachedTextEncoder(self.text_encoder, list(self.model_config.text_layers))
@@ -284,8 +310,10 @@ class GeneratorTask(Task):
         self.model_config = self.cfg.model_config(**resolved)
         for name in self.FIXED:
             if name in resolved and getattr(self.model_config, name) != resolved[name]:
-                raise ValueError(f"model.{name} = {getattr(self.model_config, name)} but the tokenizer/text encoder "
-                                 f"give {resolved[name]}; fix the config or drop the key to take theirs")
+                raise ValueError(
+                    f"model.{name} = {getattr(self.model_config, name)} but the tokenizer/text encoder "
+                    f"give {resolved[name]}; fix the config or drop the key to take theirs"
+                )
         self.model = self.new_model()
         self.process = registry.generator(self.cfg.kind).trainer(self.cfg.generator, self.model_config)
 
@@ -294,29 +322,39 @@ class GeneratorTask(Task):
 
     def check_precomputed(self, data):
         from ..data.precomputed import weights_fingerprint
+
         tok, idx = self.tokenizer.config, data.index
         if (idx["num_tokens"], idx["num_bits"]) != (tok.num_tokens, tok.num_bits):
-            raise ValueError(f"{data.root} holds {idx['num_tokens']}x{idx['num_bits']} bits; the tokenizer makes "
-                             f"{tok.num_tokens}x{tok.num_bits}")
+            raise ValueError(
+                f"{data.root} holds {idx['num_tokens']}x{idx['num_bits']} bits; the tokenizer makes "
+                f"{tok.num_tokens}x{tok.num_bits}"
+            )
         made_by = idx.get("tokenizer_sha256")
         if made_by and made_by != weights_fingerprint(self.tokenizer):
-            raise ValueError(f"{data.root} holds the bits of another tokenizer ({idx.get('tokenizer')}) than "
-                             f"generator.tokenizer {self.cfg.generator.tokenizer}; precompute again with "
-                             f"--tokenizer {self.cfg.generator.tokenizer}")
+            raise ValueError(
+                f"{data.root} holds the bits of another tokenizer ({idx.get('tokenizer')}) than "
+                f"generator.tokenizer {self.cfg.generator.tokenizer}; precompute again with "
+                f"--tokenizer {self.cfg.generator.tokenizer}"
+            )
         self.data_spec = idx.get("data") or ""
         if self.cfg.generator.repa_weight:
-            raise ValueError(f"generator.repa_weight aligns to the tokenizer's features of the images, and {data.root} "
-                             f"holds bits only; train from the images (--data the image folder or shapes) or set "
-                             f"--set generator.repa_weight=0")
+            raise ValueError(
+                f"generator.repa_weight aligns to the tokenizer's features of the images, and {data.root} "
+                f"holds bits only; train from the images (--data the image folder or shapes) or set "
+                f"--set generator.repa_weight=0"
+            )
         if data.has_text:
             if list(idx["text_layers"]) != list(self.model_config.text_layers):
-                raise ValueError(f"{data.root} stores text layers {idx['text_layers']}, the model reads "
-                                 f"{list(self.model_config.text_layers)}; precompute again with --text-layers")
+                raise ValueError(
+                    f"{data.root} stores text layers {idx['text_layers']}, the model reads "
+                    f"{list(self.model_config.text_layers)}; precompute again with --text-layers"
+                )
             self.uncond = data.uncond()
         return data
 
     def _text(self, batch, drop: list[bool]):
         from ..text import TextFeatures
+
         if "text" in batch:  # precomputed: [N, layers, L, D] float16 + mask; dropped rows take the empty prompt
             text, mask = batch["text"].float(), batch["text_mask"].bool()
             rows = torch.tensor(drop)
@@ -349,17 +387,23 @@ class GeneratorTask(Task):
             return {}
         from ..judge.accuracy import evaluate_shapes, pipeline_images
         from ..pipeline import Pipeline
+
         pipe = Pipeline(self.tokenizer, self.text_encoder, **{self.cfg.kind: model})
-        images = pipeline_images(pipe, self.cfg.kind, num_steps=self.cfg.generator.sample_steps,
-                                 guidance_scale=self.cfg.generator.sample_guidance, size=self.cfg.image_size)
+        images = pipeline_images(
+            pipe,
+            self.cfg.kind,
+            num_steps=self.cfg.generator.sample_steps,
+            guidance_scale=self.cfg.generator.sample_guidance,
+            size=self.cfg.image_size,
+        )
         summary = evaluate_shapes(images, per_category=4, seed=0, held_out=False)["summary"]
-        return {"eval_shapes_accuracy": summary["overall"],
-                **{f"eval_{c}": a for c, a in summary["accuracy"].items()}}
+        return {"eval_shapes_accuracy": summary["overall"], **{f"eval_{c}": a for c, a in summary["accuracy"].items()}}
 
     def own_prompts(self, count: int = 3, look: int = 64) -> list[str]:
         """Sample-grid prompts from the run's own data: the first `count` distinct captions among its first `look`
         samples (the shapes data: SHAPES_SAMPLE_PROMPTS); none where the data has no captions (then no grid)."""
         from .config import SHAPES_SAMPLE_PROMPTS
+
         if self.cfg.data.startswith("shapes") or self.data_spec.startswith("shapes"):
             return list(SHAPES_SAMPLE_PROMPTS)
         if self.sample_prompts is None:
@@ -377,17 +421,24 @@ class GeneratorTask(Task):
     def sample_grid(self, model, cfg):
         from ..grid import contact_sheet
         from ..pipeline import Pipeline
+
         prompts = cfg.sample_prompts or self.own_prompts()
         if not prompts:  # data without captions: nothing to prompt with (the pipeline refuses empty prompts)
             return None
         kwargs = {cfg.kind: model}
         pipe = Pipeline(self.tokenizer, self.text_encoder, **kwargs)
-        out = pipe(prompts, generator=cfg.kind, num_steps=cfg.generator.sample_steps,
-                   guidance_scale=cfg.generator.sample_guidance, seed=0, height=cfg.image_size, progress=False)
+        out = pipe(
+            prompts,
+            generator=cfg.kind,
+            num_steps=cfg.generator.sample_steps,
+            guidance_scale=cfg.generator.sample_guidance,
+            seed=0,
+            height=cfg.image_size,
+            progress=False,
+        )
         return contact_sheet(out.images, out.prompts, out.seeds, cell=128)
 
 
 def make_task(cfg: TrainConfig, device: torch.device, allow_data_commands: bool = False) -> Task:
     task = TokenizerTask if cfg.kind == "tokenizer" else GeneratorTask
     return task(cfg, device, allow_data_commands)
-
