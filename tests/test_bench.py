@@ -86,6 +86,11 @@ def test_tiny_bench_prints_eight_tables_and_writes_every_figure(tiny_run):
     # table 1 explains a missed batch-1 target by its measured cause; table 3 names its tokenizer
     assert "why batch 1 misses" in text and "operator calls" in text
     assert "tokenizer: tiny" in text and "SCALED" in text and result["meta"]["e2e_tokenizer"] == "preset"
+    # table 3's targets: each size's speedup against that size's counted FLOP ratio, not a fixed number
+    for size in (512, 1024):
+        bound = result[f"e2e_{size}_flop_ratio"]
+        verdict = "met" if result[f"e2e_{size}_speedup"] >= round(bound, 2) else "NOT met"
+        assert f"target at {size} px (the FLOP ratio) >= {round(bound, 2):g}x: {verdict}" in text
 
 
 def _hand_count(c: GeneratorConfig, n: int, k: int, m: int) -> int:
