@@ -60,6 +60,7 @@ def run_config(max_steps: int) -> dict:
         "trackers": [],
         "sample_every": 0,
         "num_workers": 0,
+        "mixed_precision": "no",  # compared across process counts to float tolerance
     }
 
 

@@ -436,7 +436,10 @@ def two_process_runs(tmp_path_factory):
     (--multi_gpu) with ACCELERATE_USE_CPU=true, which makes accelerate use MULTI_CPU with the gloo backend."""
     root = tmp_path_factory.mktemp("ddp")
     config = root / "tokenizer.json"
-    config.write_text(json.dumps(tokenizer_dict(max_steps=4, save_every=4, log_every=1, warmup_steps=2)))
+    # float32: the runs are compared to float tolerance (bf16 autocast, the default where native, rounds the split
+    # batch differently from the whole one)
+    over = dict(max_steps=4, save_every=4, log_every=1, warmup_steps=2, mixed_precision="no")
+    config.write_text(json.dumps(tokenizer_dict(**over)))
     launcher = root / "launch_binlat.py"
     launcher.write_text(LAUNCHER)
     probes = root / "probes"
@@ -598,7 +601,8 @@ def test_step_batches_cover_the_global_batch(world, accum):
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
-    cfgs = [make_cfg(tokenizer_dict(max_steps=3, save_every=3, grad_accum=a)) for a in (1, 4)]
+    # float32 (as in the two-process test): compared to float tolerance
+    cfgs = [make_cfg(tokenizer_dict(max_steps=3, save_every=3, grad_accum=a, mixed_precision="no")) for a in (1, 4)]
     for cfg, name in zip(cfgs, ("plain", "accum")):
         Trainer(cfg, tmp_path / name).train()
     assert_same_tensors(
@@ -1306,3 +1310,22 @@ def test_precomputed_bits_bring_their_tokenizer_and_a_failed_start_leaves_no_run
     with pytest.raises(ValueError, match="another tokenizer"):
         trainer.train()
     assert not api_run.exists()
+
+
+def test_mixed_precision_auto_trains_bf16_only_where_it_is_native(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    """mixed_precision "auto" (the default): bf16 autocast where bf16 is native, float32 where it would be emulated;
+    the run says which, before step 1. Decided here by BINLAT_ASSUME_BF16, so both branches run on any CPU."""
+    from binlat.train.engine import precision_line, resolve_precision
+
+    assert TrainConfig().mixed_precision == "auto"
+    for native, chosen in (("1", "bf16"), ("0", "no")):
+        monkeypatch.setenv("BINLAT_ASSUME_BF16", native)
+        assert resolve_precision("auto") == chosen and resolve_precision("no") == "no"
+        trainer = Trainer(cfg_for("diffusion", tokenizer_dir, max_steps=1, save_every=1), tmp_path / f"run{native}")
+        assert trainer.precision == chosen and trainer.acc.mixed_precision == chosen
+        trainer.train()
+        out = capsys.readouterr().out
+        assert precision_line("auto", chosen) in out
+        assert ("bf16 autocast (native bf16 on this machine" in out) == (chosen == "bf16")
+    with pytest.raises(ValueError, match="mixed_precision must be 'auto', 'no' or 'bf16'"):
+        cfg_for("diffusion", tokenizer_dir, mixed_precision="fp16")

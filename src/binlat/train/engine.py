@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import config_to_dict
-from ..hardware import require_bf16
+from ..hardware import bf16_native, require_bf16
 from ..io import (
     WeightsError,
     append_jsonl,
@@ -75,6 +75,25 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run stopped; its last checkpoint is intact."""
 
 
+def resolve_precision(asked: str) -> str:
+    """mixed_precision "auto": bf16 autocast where this process's device runs bf16 natively, else "no" (float32);
+    an explicit "no" or "bf16" as given."""
+    if asked != "auto":
+        return asked
+    # decided before accelerate's state exists (it takes the precision at creation): the device it will pick
+    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    return "bf16" if bf16_native(device) else "no"
+
+
+def precision_line(asked: str, chosen: str) -> str:
+    """The one line a run prints about the number format it trains in."""
+    if chosen == "bf16":
+        why = "native bf16 on this machine" if asked == "auto" else "mixed_precision bf16"
+        return f"precision: bf16 autocast ({why}; --set mixed_precision=no trains in float32)"
+    why = "no native bf16 on this machine" if asked == "auto" else "mixed_precision no"
+    return f"precision: float32 ({why})"
+
+
 class Trainer:
     def __init__(
         self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None, allow_data_commands: bool = False
@@ -90,9 +109,8 @@ class Trainer:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         check_sharding_has_an_accelerator()  # before accelerate sets up FSDP/DeepSpeed on a CPU
-        self.acc = Accelerator(
-            mixed_precision=cfg.mixed_precision, log_with=self._trackers(), project_dir=str(self.run_dir)
-        )
+        self.precision = resolve_precision(cfg.mixed_precision)
+        self.acc = Accelerator(mixed_precision=self.precision, log_with=self._trackers(), project_dir=str(self.run_dir))
         check_sharding_has_an_accelerator(self.acc.distributed_type, self.acc.device)
         if cfg.mixed_precision == "bf16":  # before anything is written: emulated bf16 is far slower than float32
             require_bf16(
@@ -198,9 +216,12 @@ class Trainer:
         """One line before step 1 naming the data (describe_data); a warning when a generator's data has no captions
         at all (it would learn unconditional generation without a word)."""
         message, captioned = describe_data(source, self.cfg.data, self.cfg.image_size)
+        precision = precision_line(self.cfg.mixed_precision, self.precision)
         log.info(message)
+        log.info(precision)
         if self.acc.is_local_main_process:
             tqdm.write(message)
+            tqdm.write(precision)
         if self.cfg.kind != "tokenizer" and captioned == 0 and not self.cfg.generator.unconditional:
             self._warn(
                 f"no sample of {self.cfg.data} has a caption: the generator will learn unconditional "
