@@ -26,7 +26,7 @@ from binlat.commands.common import CLIError
 from binlat.text import TextEncoder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
-META_KEYS = {"file", "prompt", "seed", "generator", "steps", "guidance_scale", "temperature", "rho", "protocol"}
+META_KEYS = {"file", "prompt", "seed", "generator", "num_steps", "guidance_scale", "temperature", "rho", "protocol"}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_generate_writes_image_metadata_and_grid(cli, capsys, tmp_path) -> None:
     assert len(meta) == 1
     assert META_KEYS <= set(meta[0])
     assert meta[0]["file"] == "00000.png" and meta[0]["prompt"] == "a red circle" and meta[0]["seed"] == 1
-    assert meta[0]["generator"] == "diffusion" and meta[0]["steps"] == 3
+    assert meta[0]["generator"] == "diffusion" and meta[0]["num_steps"] == 3
     assert meta[0]["guidance_scale"] == 7.5 and meta[0]["temperature"] == 1.0 and meta[0]["rho"] == 1.0
     assert "cfg" not in meta[0]  # one name for one idea: the one Python and HTTP use
     assert meta[0]["protocol"] == 1
@@ -141,7 +141,7 @@ def test_generate_options_recorded(cli, capsys, tmp_path) -> None:
         == 0
     )
     m = read_meta(out)[0]
-    assert (m["guidance_scale"], m["temperature"], m["rho"], m["protocol"], m["steps"]) == (0.0, 0.5, 2.0, 2, 2)
+    assert (m["guidance_scale"], m["temperature"], m["rho"], m["protocol"], m["num_steps"]) == (0.0, 0.5, 2.0, 2, 2)
     assert Image.open(out / "00000.png").size == (128, 64)
     # --guidance-scale is the option's name, --cfg its alias: both set the same setting
     assert cli("generate", "x", "--out", out, "--seed", 0, "--steps", 2, "--guidance-scale", 1.25, "--no-progress") == 0

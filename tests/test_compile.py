@@ -124,7 +124,7 @@ def test_cli_generate_compile_writes_the_eager_images(pipe, tmp_path, monkeypatc
             written.append(im.convert("RGB"))
     assert np.abs(pixels(written) - pixels(eager.images)).max() <= 1  # measured: 0 (identical PNGs)
     meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    assert [(m["prompt"], m["seed"], m["steps"], m["dtype"]) for m in meta] == [
+    assert [(m["prompt"], m["seed"], m["num_steps"], m["dtype"]) for m in meta] == [
         (PROMPTS[0], 5, 2, "float32"),
         (PROMPTS[1], 6, 2, "float32"),
     ]

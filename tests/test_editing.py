@@ -289,7 +289,7 @@ def test_cli_edit_and_continue_use_the_bundle_settings(cli, images, tmp_path, tu
     generated, edited, continued = read_meta(out)
     tuned = TUNED_SAMPLING["diffusion"]
     for row in (generated, edited):  # the settings used are recorded, and they are the bundle's
-        assert (row["steps"], row["guidance_scale"], row["temperature"], row["rho"], row["protocol"]) == (
+        assert (row["num_steps"], row["guidance_scale"], row["temperature"], row["rho"], row["protocol"]) == (
             tuned["num_steps"],
             tuned["guidance_scale"],
             tuned["temperature"],
@@ -300,7 +300,7 @@ def test_cli_edit_and_continue_use_the_bundle_settings(cli, images, tmp_path, tu
         TUNED_SAMPLING["ar"]["guidance_scale"],
         TUNED_SAMPLING["ar"]["temperature"],
     )
-    assert not {"steps", "rho", "protocol"} & set(continued)  # AR continuation reads none of them
+    assert not {"num_steps", "steps", "rho", "protocol"} & set(continued)  # AR continuation reads none of them
     assert same_images(
         [Image.open(out / generated["file"]).convert("RGB")], [Image.open(out / edited["file"]).convert("RGB")]
     )

@@ -384,6 +384,6 @@ def test_cli_bundle_sampling_and_generate_records_the_settings_used(saved, tmp_p
         == 0
     )
     rows = [json.loads(line) for line in (tmp_path / "g" / "metadata.jsonl").read_text().splitlines()]
-    assert [(r["guidance_scale"], r["steps"]) for r in rows] == [(1.5, 2), (4.0, 2)]
+    assert [(r["guidance_scale"], r["num_steps"]) for r in rows] == [(1.5, 2), (4.0, 2)]
     assert cli.main(["bundle", *parts, "--sampling", "{oops"]) != 0
     assert cli.main(["bundle", *parts, "--sampling", '{"diffusion": {"cfg": 2}}']) != 0

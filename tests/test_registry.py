@@ -168,7 +168,7 @@ def test_bundle_with_the_new_kind_saves_loads_and_generates(pipe, tmp_path) -> N
         == 0
     )
     record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
-    assert (record["generator"], record["steps"]) == ("masked", 2)
+    assert (record["generator"], record["num_steps"]) == ("masked", 2)
 
 
 def test_trainer_trains_and_exports_the_new_kind(pipe, tmp_path) -> None:

@@ -122,14 +122,17 @@ def test_generate_returns_seeded_pngs_with_metadata(client) -> None:
     data = r.json()
     assert data["timing_s"] >= 0 and [im["seed"] for im in data["images"]] == [7, 8]
     first = data["images"][0]
-    assert first["prompt"] == "a red circle" and first["steps"] == 3 and first["generator"] == "diffusion"
+    assert first["prompt"] == "a red circle" and first["num_steps"] == 3 and first["generator"] == "diffusion"
     assert (first["guidance_scale"], first["temperature"], first["protocol"]) == (2.0, 0.9, 1)
     assert decode_png(first["png_base64"]).size == (64, 64)
     again = client.post("/v1/generate", json=body | {"n": 1, "seed": 8}).json()
     assert again["images"][0]["png_base64"] == data["images"][1]["png_base64"]  # image i uses seed + i
+    # num_steps is the field's name (as in Python and the metadata), steps its alias: the same image
+    named = client.post("/v1/generate", json={k: v for k, v in body.items() if k != "steps"} | {"num_steps": 3, "n": 1})
+    assert named.json()["images"][0]["png_base64"] == first["png_base64"]
     ar = client.post("/v1/generate", json=body | {"generator": "ar", "rho": 2.0, "protocol": 2}).json()["images"][0]
     assert (ar["generator"], ar["guidance_scale"], ar["temperature"]) == ("ar", 2.0, 0.9)
-    assert not {"steps", "rho", "protocol"} & set(ar)  # AR decoding reads none of them: not recorded as used
+    assert not {"num_steps", "steps", "rho", "protocol"} & set(ar)  # AR reads none of them: not recorded as used
 
 
 def test_generate_prompt_list_ar_and_sizes(client) -> None:
@@ -138,7 +141,7 @@ def test_generate_prompt_list_ar_and_sizes(client) -> None:
     )
     assert r.status_code == 200, r.text
     images = r.json()["images"]
-    assert [im["prompt"] for im in images] == ["a cat", "a dog"] and "steps" not in images[0]
+    assert [im["prompt"] for im in images] == ["a cat", "a dog"] and "num_steps" not in images[0]
     assert decode_png(images[1]["png_base64"]).size == (48, 32)
     r = client.post("/v1/generate", json={"prompt": "x", "steps": 2, "size": "32x64", "protocol": 2})
     assert r.status_code == 200 and r.json()["images"][0]["width"] == 64
@@ -467,7 +470,7 @@ def test_model_sampling_defaults_fill_what_a_request_leaves_out(pipe) -> None:
         assert info["sampling"]["diffusion"]["guidance_scale"] == 2.5
         assert info["sampling"]["ar"]["guidance_scale"] == 7.5  # built-in where the model sets nothing
         left_out = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 3}).json()["images"][0]
-        assert (left_out["guidance_scale"], left_out["steps"]) == (2.5, 3)
+        assert (left_out["guidance_scale"], left_out["num_steps"]) == (2.5, 3)
         given = c.post(
             "/v1/generate", json={"prompt": "a red circle", "seed": 3, "guidance_scale": 2.5, "steps": 3}
         ).json()["images"][0]
@@ -479,7 +482,7 @@ def test_model_sampling_defaults_fill_what_a_request_leaves_out(pipe) -> None:
         edited = c.post(
             "/v1/edit", json={"image_base64": b64, "prompt": "a red circle", "strength": 1.0, "seed": 3}
         ).json()["images"][0]
-        assert (edited["guidance_scale"], edited["steps"]) == (2.5, 3)
+        assert (edited["guidance_scale"], edited["num_steps"]) == (2.5, 3)
         assert edited["png_base64"] == left_out["png_base64"]
 
 

@@ -17,9 +17,9 @@ from PIL import Image
 
 from . import registry
 
-# The name a record (a metadata.jsonl line, an HTTP image's metadata) gives each setting: the CLI's and HTTP's
-# "steps" for num_steps, the settings' own names for the rest.
-RECORD_NAMES: dict[str, str] = {"num_steps": "steps"}
+# The name a record (a metadata.jsonl line, an HTTP image's metadata) gives each setting: the settings' own names,
+# as Python and HTTP take them (diffusers' num_steps and guidance_scale); none is renamed today.
+RECORD_NAMES: dict[str, str] = {}
 
 
 def settings_record(generator: str, settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -243,7 +243,7 @@ def run_shapes(
         "model": None if model is None else str(model),
         "generator": generator if generating else None,
         "per_category": per_category,
-        "steps": steps_used,
+        "num_steps": steps_used,
         "guidance_scale": None if ground_truth else guidance_scale,
         "temperature": None if ground_truth else temperature,
         "rho": None if ground_truth else rho,

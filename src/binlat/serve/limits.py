@@ -100,7 +100,9 @@ class Checks:
         if steps is None:
             return min(default, self.limits.max_steps)
         if steps > self.limits.max_steps:
-            raise ApiError(422, f"steps: {steps} is over this server's limit of {self.limits.max_steps} (max_steps)")
+            raise ApiError(
+                422, f"num_steps: {steps} is over this server's limit of {self.limits.max_steps} (max_steps)"
+            )
         return steps
 
     def count(self, total: int, detail: str) -> None:

@@ -186,7 +186,7 @@ async def generate(req: GenerateRequest, served: ServedDep, ticket: TicketDep) -
         prompts = [checks.prompt(p, f"prompts[{i}]") for i, p in enumerate(req.prompts)]
     checks.generator(req.generator)
     settings = _sampling(pipe, req, req.generator)
-    steps = checks.steps(req.steps, settings["num_steps"])
+    steps = checks.steps(req.num_steps, settings["num_steps"])
     checks.count(len(prompts) * req.n, f"{len(prompts)} prompt(s) x n={req.n}")
     height, width = checks.size(req.size)
     expanded = [p for p in prompts for _ in range(req.n)]
@@ -243,7 +243,7 @@ async def edit(request: Request, served: ServedDep, ticket: TicketDep) -> JSONRe
     kind = editing.edit_generator(pipe.generators)
     checks.generator(kind)
     settings = _sampling(pipe, req, kind)
-    steps = checks.steps(req.steps, settings["num_steps"])
+    steps = checks.steps(req.num_steps, settings["num_steps"])
     checks.count(req.n, f"n={req.n}")
     height, width = checks.size(req.size)
     seed = editing.resolve_seed(req.seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..pipeline import BUILTIN_SAMPLING
 from ..registry import generator_kinds
@@ -26,11 +26,12 @@ def _default(setting: str) -> str:
 class Sampling(_Strict):
     # Left out, a setting takes the model's tuned value (model_index.json "sampling", see /v1/models), else the
     # built-in default.
-    steps: int | None = Field(
+    num_steps: int | None = Field(
         None,
         ge=1,
+        validation_alias=AliasChoices("num_steps", "steps"),  # "steps", as the CLI's --steps, is kept as an alias
         description=f"diffusion steps ({_default('num_steps')}; capped by the "
-        "server's max_steps; ignored by the AR generator)",
+        "server's max_steps; ignored by the AR generator; `steps` is an alias)",
     )
     guidance_scale: float | None = Field(
         None, ge=0, description=f"classifier-free guidance scale w ({_default('guidance_scale')})"
@@ -103,7 +104,7 @@ class ErrorResponse(BaseModel):
 
 
 # Form fields arrive as text: these are read as numbers (bodies.form_value) before the strict checks.
-INT_FIELDS = frozenset({"steps", "protocol", "seed", "n"})
+INT_FIELDS = frozenset({"num_steps", "steps", "protocol", "seed", "n"})
 FLOAT_FIELDS = frozenset({"guidance_scale", "temperature", "rho", "strength"})
 
 _FIELD_HINTS = {
