@@ -474,6 +474,15 @@ def test_presets_and_the_shipped_model_resolve_by_name_from_any_folder(tmp_path,
     assert resolve_config("mine.json") == Path("mine.json")  # a file wins
     for preset in ("diffusion/shapes-64", "ar/shapes-64"):  # presets never name a repo path
         assert json.loads(resolve_config(preset).read_text())["generator"]["tokenizer"] == "default/tokenizer"
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        return [s for v in value for s in strings(v)] if isinstance(value, list) else [value]
+
+    for name in preset_names():  # no preset holds a path of this repository's folders (runs/, models/, configs/)
+        found = [s for s in strings(json.loads(resolve_config(name).read_text())) if isinstance(s, str)]
+        assert not [s for s in found if s.split("/")[0] in ("runs", "models", "configs")], (name, found)
     if default_model_dir() is None:
         pytest.skip("no shipped model in this installation")
     assert named_model_dir("default") == default_model_dir()

@@ -1329,3 +1329,15 @@ def test_mixed_precision_auto_trains_bf16_only_where_it_is_native(tmp_path, toke
         assert ("bf16 autocast (native bf16 on this machine" in out) == (chosen == "bf16")
     with pytest.raises(ValueError, match="mixed_precision must be 'auto', 'no' or 'bf16'"):
         cfg_for("diffusion", tokenizer_dir, mixed_precision="fp16")
+
+
+def test_the_decoder_stage_preset_asks_for_the_tokenizer_it_starts_from(tmp_path, monkeypatch):
+    """tokenizer/shapes-64-decoder freezes a trained encoder; a preset cannot know where the user's is, so it names
+    none, and a run without --set tokenizer.init_from stops before making a run folder, naming the key."""
+    from binlat.config import resolve_config
+
+    cfg = make_cfg(json.loads(resolve_config("tokenizer/shapes-64-decoder").read_text()))
+    assert cfg.tokenizer.freeze_encoder and cfg.tokenizer.init_from is None
+    with pytest.raises(ValueError, match=r"freeze_encoder trains only the decoder.*--set tokenizer.init_from=DIR"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -108,6 +108,11 @@ class TokenizerTask(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device, allow_data_commands: bool = False):
         super().__init__(cfg, device, allow_data_commands)
         opts = cfg.tokenizer
+        if opts.freeze_encoder and not opts.init_from:  # a frozen random encoder would train a decoder of noise
+            raise ValueError(
+                "tokenizer.freeze_encoder trains only the decoder, over a trained encoder: name the tokenizer to "
+                "start from with --set tokenizer.init_from=DIR (an exported tokenizer or model directory)"
+            )
         self.model_config = cfg.model_config(image_size=cfg.image_size)
         self.model = self.new_model()
         if opts.init_from:
