@@ -139,12 +139,17 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
         "1.2x faster steps after a few minutes of compiling: docs/recipe.md"
     )
     table.notes.append(f"compiled training forward: {compiled} ({why})")
+    autocast = (
+        "on"
+        if plan.train_bf16
+        else "off (float32 steps against the float32 peak; a preset left at mixed_precision auto trains bf16 "
+        "where bf16 is native)"
+    )
     table.notes.append(
-        f"autocast bf16: {'on' if plan.train_bf16 else 'off'}, gradient checkpointing: "
-        f"{'on' if plan.train_checkpointing else 'off'} (as the preset's configs); peak RSS = the "
-        f"worker's resident high-water mark over its steps (VmHWM, reset once trainer, EMA copy and "
-        f"data were built); growth = peak minus the resident size at that point (activations, "
-        f"gradients, optimiser state)"
+        f"autocast bf16: {autocast}, gradient checkpointing: {'on' if plan.train_checkpointing else 'off'} "
+        f"(as the preset's configs); peak RSS = the worker's resident high-water mark over its steps (VmHWM, reset "
+        f"once trainer, EMA copy and data were built); growth = peak minus the resident size at that point "
+        f"(activations, gradients, optimiser state)"
     )
     # Weights, gradients, AdamW moments and the EMA copy alone need 20 bytes per parameter: skip what cannot fit.
     available = memory_available_mib()
