@@ -261,7 +261,7 @@ class BinaryTokenizer(nn.Module, ModelMixin):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [N, C, H, W] in [-1, 1] -> bits [N, K, B] (torch.bool)."""
-        return torch.sigmoid(self.encode_logits(images).float()) > 0.5
+        return self.encode_with_features(images)[0]
 
     def encode_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """encode(images) and the features it thresholds (one encoder pass)."""
