@@ -290,6 +290,23 @@ def test_repa_aligns_a_block_to_the_tokenizers_features(tmp_path, tokenizer_dir,
         cfg_for("ar", tokenizer_dir, generator={"tokenizer": str(tokenizer_dir), "repa_weight": 1.0})
 
 
+def test_time_logit_mean_shifts_the_diffusion_training_times(tmp_path, tokenizer_dir):
+    """generator.time_logit_mean reaches the process that draws the training times (median sigmoid(mean)); it is
+    refused for AR, which has no times, and out of range."""
+    cfg = cfg_for("diffusion", tokenizer_dir, generator={"tokenizer": str(tokenizer_dir), "time_logit_mean": 1.0})
+    trainer = Trainer(cfg, tmp_path / "run")
+    process = trainer.task.process
+    trainer.close()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        t = process.sample_t(20000)
+    assert abs(t.median().item() - 0.7311) < 0.02  # sigmoid(1)
+    with pytest.raises(ValueError, match="time_logit_mean is a diffusion option"):
+        cfg_for("ar", tokenizer_dir, generator={"tokenizer": str(tokenizer_dir), "time_logit_mean": 1.0})
+    with pytest.raises(ValueError, match="time_logit_mean"):
+        cfg_for("diffusion", tokenizer_dir, generator={"tokenizer": str(tokenizer_dir), "time_logit_mean": 50.0})
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 3. an interrupted run, resumed, ends bit for bit where an uninterrupted one does
 

@@ -238,6 +238,7 @@ register(
         trainer=lambda options, config: BernoulliDiffusion(
             prediction=config.prediction,
             time_sampling=options.time_sampling,
+            logit_mean=options.time_logit_mean,
             self_condition=config.self_condition,
             align_weight=options.repa_weight,
         ),

@@ -47,6 +47,9 @@ class GeneratorTraining:
     prompt_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     prediction: str = "flip"  # diffusion: "flip" (epsilon) or "x0"
     time_sampling: str = "logit_normal"  # diffusion: how training times t are drawn (logit_normal | uniform)
+    # diffusion, logit_normal: the mean of logit(t). Above 0 trains more on noisy times, where the sampler decides the
+    # layout (SD3 shifts its times the same way); 0 is the paper's sigmoid(N(0, 1)), median t 0.5.
+    time_logit_mean: float = 0.0
     # AR: each bit of the teacher-forced context is flipped with this probability while the targets stay clean
     # (bitwise self-correction, as in Infinity), so the network learns to recover from its own sampling errors.
     context_flip: float = 0.0
@@ -135,8 +138,9 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
         if not 0 <= self.generator.prompt_dropout <= 1:
             raise ValueError("generator.prompt_dropout must lie in [0, 1]")
-        if self.generator.repa_weight and self.kind != "diffusion":
-            raise ValueError(f"generator.repa_weight is a diffusion option; kind {self.kind} takes 0")
+        for option in ("repa_weight", "time_logit_mean"):
+            if getattr(self.generator, option) and self.kind != "diffusion":
+                raise ValueError(f"generator.{option} is a diffusion option; kind {self.kind} takes 0")
         if not 0 <= self.generator.context_flip < 0.5:
             raise ValueError(f"generator.context_flip must lie in [0, 0.5), got {self.generator.context_flip}")
         self.model_config(image_size=self.image_size)  # a wrong key or value fails here, not at build time
@@ -177,6 +181,7 @@ class TrainConfig:
         ):
             check_number(name, self._get(name), 0)
         check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("generator.time_logit_mean", self.generator.time_logit_mean, -5, 5)  # median t 0.007 to 0.993
         check_number("ema_decay", self.ema_decay, 0, 1, high_open=True)
         for name in ("tokenizer.tau_start", "tokenizer.tau_end"):
             check_number(name, self._get(name), 0, low_open=True)
