@@ -8,7 +8,8 @@ binlat.processes.ar."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -29,6 +30,16 @@ class ARBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.mlp = GeluMLP(dim, cfg.mlp_ratio * dim)
 
+    def step(
+        self, x: torch.Tensor, positions: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """The block's one residual step, whichever way it attends: `positions` are the rows of pos_emb for the
+        rows of x, and `attend` maps the normed, positioned rows to their attention output (causal attention over
+        text and a KVCache in forward; Attention.step over a static cache in decode_step and static_step). Every
+        path runs these same operations, so decode_step keeps forward's bits."""
+        x = x + attend(self.norm1(x) + positions)
+        return x + self.mlp(self.norm2(x))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -38,14 +49,13 @@ class ARBlock(nn.Module):
         cache: KVCache | None,
         refined: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.norm1(x) + self.pos_emb[:, offset : offset + x.shape[1]]
         context = None if text is None else self.text_proj(text)
         if refined is not None and context is not None:
             context = context + refined
-        x = x + self.attn(
-            h, context=context, context_mask=text_mask if text is not None else None, causal=True, cache=cache
+        attend = partial(
+            self.attn, context=context, context_mask=text_mask if text is not None else None, causal=True, cache=cache
         )
-        return x + self.mlp(self.norm2(x))
+        return self.step(x, self.pos_emb[:, offset : offset + x.shape[1]], attend)
 
 
 class GroupedTokenHead(nn.Module):
@@ -173,9 +183,8 @@ class ARTransformer(nn.Module, ModelMixin):
         x = self.x_embed(bits.to(dtype))
         mask = cache.layers[0].valid_buffer[:, None, None, : index + 1]
         for block, layer in zip(self.blocks, cache.layers):
-            h = block.norm1(x) + block.pos_emb[:, offset : offset + 1]
-            x = x + block.attn.step(h, layer, mask, index)
-            x = x + block.mlp(block.norm2(x))
+            attend = partial(block.attn.step, cache=layer, mask=mask, index=index)
+            x = block.step(x, block.pos_emb[:, offset : offset + 1], attend)
             layer.length = index + 1
         cache.length += 1
         return self._output(x)[:, -1]
@@ -196,9 +205,8 @@ class ARTransformer(nn.Module, ModelMixin):
         x = self.x_embed(bits.to(self.x_embed.weight.dtype))
         mask = (valid & (positions <= index))[:, None, None, :]
         for block, k, v in zip(self.blocks, keys, values):
-            h = block.norm1(x) + block.pos_emb.index_select(1, offset)
-            x = x + block.attn.step(h, _Buffers(k, v), mask, index)
-            x = x + block.mlp(block.norm2(x))
+            attend = partial(block.attn.step, cache=_Buffers(k, v), mask=mask, index=index)
+            x = block.step(x, block.pos_emb.index_select(1, offset), attend)
         return self._output(x)[:, -1]
 
     def forward(
