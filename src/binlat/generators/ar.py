@@ -105,7 +105,7 @@ class StaticARCache(ARCache):
     """ARCache over preallocated StaticKVCache buffers sized for text + start + every token: nothing grows.
 
     `positions` [capacity] (0, 1, ...) and `index` (the key row of the next step, a 1-element tensor) serve the
-    fixed-shape step (ARTransformer.static_step)."""
+    fixed-shape step (ARTransformer.static_step): static_step_inputs hands them over, advance counts the row."""
 
     def __init__(self, model: ARTransformer, batch: int, text_length: int):
         c = model.config
@@ -121,6 +121,26 @@ class StaticARCache(ARCache):
         self.text_length = text_length
         self.positions = torch.arange(capacity, device=weight.device)
         self.index = torch.zeros(1, dtype=torch.long, device=weight.device)
+
+    def static_step_inputs(self) -> tuple:
+        """static_step's arguments after the bits, for the next row: `index` is set (in place, so a compiled step
+        reads the same tensor every time) to the key position that row takes."""
+        self.index.fill_(self.layers[0].length)
+        return (
+            self.index - self.text_length,
+            self.index,
+            self.positions,
+            [layer.k_buffer for layer in self.layers],
+            [layer.v_buffer for layer in self.layers],
+            self.layers[0].valid_buffer,
+        )
+
+    def advance(self) -> None:
+        """Count the row a step wrote into every layer in place (static_step, with only tensors in and out, cannot
+        move these Python counters itself)."""
+        self.length += 1
+        for layer in self.layers:
+            layer.length += 1
 
 
 class _Buffers:
@@ -185,8 +205,7 @@ class ARTransformer(nn.Module, ModelMixin):
         for block, layer in zip(self.blocks, cache.layers):
             attend = partial(block.attn.step, cache=layer, mask=mask, index=index)
             x = block.step(x, block.pos_emb[:, offset : offset + 1], attend)
-            layer.length = index + 1
-        cache.length += 1
+        cache.advance()
         return self._output(x)[:, -1]
 
     def static_step(

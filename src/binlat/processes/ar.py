@@ -292,21 +292,8 @@ class _Static:
             self.row[n:] = tokens[:, i - 1 : i]
         if self.compiled is None:
             return self.network.decode_step(self.row, self.cache)
-        c = self.cache
-        c.index.fill_(c.layers[0].length)
-        offset = c.index - c.text_length
-        out = self.compiled(
-            self.row,
-            offset,
-            c.index,
-            c.positions,
-            [layer.k_buffer for layer in c.layers],
-            [layer.v_buffer for layer in c.layers],
-            c.layers[0].valid_buffer,
-        )
-        c.length += 1
-        for layer in c.layers:
-            layer.length += 1
+        out = self.compiled(self.row, *self.cache.static_step_inputs())
+        self.cache.advance()
         return out
 
 
