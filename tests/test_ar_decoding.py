@@ -135,6 +135,24 @@ def test_fixed_shape_step_agrees_to_float_tolerance(net, monkeypatch, guidance):
     assert torch.equal(bits, ref_bits)  # a flip would need a uniform within ~1e-6 of a probability
 
 
+def test_fixed_shape_step_traces_as_one_graph(net):
+    """What decode='compiled' relies on: static_step traces whole, no graph break (the eager backend checks the trace
+    without generating kernels), and over the cache's own inputs it keeps agreeing with decode_step."""
+    cond = text([3, 5], 0)
+    step = torch.compile(net.static_step, backend="eager", fullgraph=True, dynamic=False)
+    caches = [net.new_cache(2, cond.mask.shape[1]) for _ in range(2)]
+    row = (torch.rand(2, 1, CFG.num_bits, generator=torch.Generator().manual_seed(4)) < 0.5).float()
+    with torch.no_grad():
+        for cache in caches:
+            net(None, cond.layers, cond.mask, cache)
+        fixed, static = caches
+        for _ in range(3):
+            out = step(row, *fixed.static_step_inputs())
+            fixed.advance()
+            torch.testing.assert_close(out, net.decode_step(row, static), atol=1e-4, rtol=0)
+    assert fixed.length == static.length and [a.length for a in fixed.layers] == [b.length for b in static.layers]
+
+
 def test_static_cache_preallocates_and_never_grows(net):
     cond = text([3, 5], 0)
     cache = net.new_cache(2, cond.mask.shape[1])
