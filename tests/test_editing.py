@@ -203,6 +203,27 @@ def test_bad_arguments_raise_value_errors(pipe) -> None:
         editing.edit(ar_only, a, "x")
 
 
+@pytest.mark.parametrize(("seed", "count"), [(True, 1), (2.7, 1), ("7", 1), (-1, 1), (2**64, 1), (2**64 - 1, 2)])
+def test_generation_and_editing_refuse_a_bad_seed_with_the_same_words(pipe, seed, count) -> None:
+    """Issue 28: a seed is one check (binlat.validators.check_seed) wherever it is given, so True and 2.7 are
+    refused by generation as by editing, not taken as 1 and 2 by one of them."""
+    a = picture_a()
+    calls = {
+        "pipeline": lambda: pipe(["x"] * count, seed=seed, num_steps=STEPS),
+        "edit": lambda: editing.edit(pipe, a, "x", strength=0.5, num_steps=STEPS, seed=seed, num_images=count),
+        "continue_ar": lambda: editing.continue_ar(pipe, a, "x", keep_tokens=5, seed=seed, num_images=count),
+        "interpolate": lambda: editing.interpolate(pipe, a, a, seed=seed),
+    }
+    if count > 1:  # interpolate makes its frames from one seed
+        del calls["interpolate"]
+    messages = {}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="^seed must be an integer") as caught:
+            call()
+        messages[name] = str(caught.value)
+    assert len(set(messages.values())) == 1, messages
+
+
 def test_open_image_names_the_problem(tmp_path) -> None:
     with pytest.raises(ValueError, match="not a recognised image"):
         editing.open_image(b"definitely not a png")

@@ -7,7 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from binlat.validators import SEED_LIMIT, check_bool, check_int, check_seed, int_range, is_int, is_number
+from binlat.validators import (
+    SEED_LIMIT,
+    check_bool,
+    check_int,
+    check_seed,
+    int_range,
+    is_int,
+    is_number,
+    resolve_seed,
+)
 
 
 class ParseError(ValueError):
@@ -100,3 +109,12 @@ def test_check_seed_refuses_seeds_out_of_range_for_all_images(seed, count, most)
     with pytest.raises(ValueError) as caught:
         check_seed(seed, count)
     assert str(caught.value) == f"seed must be an integer in [0, {most}] (image i uses seed + i), got {seed}"
+
+
+def test_resolve_seed_checks_a_given_seed_and_draws_one_when_none():
+    assert resolve_seed(5, count=3) == 5
+    drawn = resolve_seed(None)
+    assert is_int(drawn) and 0 <= drawn < 2**31
+    for bad in (True, 2.7, -1):
+        with pytest.raises(ValueError, match="^seed must be an integer"):
+            resolve_seed(bad)

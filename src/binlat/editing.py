@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import math
-import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from . import registry
 from .generation import PipelineOutput, check_prompts
 from .pipeline import Pipeline
-from .processes.common import check_seed, make_generators
+from .processes.common import make_generators
+from .validators import resolve_seed
 
 # Decoded pixel budget for an input image (a small PNG can claim a huge canvas).
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
@@ -160,13 +160,6 @@ def unpack_bits_hex(text: str, num_tokens: int, num_bits: int) -> torch.Tensor:
 
 
 # --- argument checks ----------------------------------------------------------------------------------------
-def resolve_seed(seed: int | None, count: int = 1) -> int:
-    """The given seed (checked as the first of `count` consecutive ones), or a fresh random one when None."""
-    if seed is None:
-        return secrets.randbelow(2**31)
-    return check_seed(seed, count)
-
-
 def _check_count(name: str, value: int, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

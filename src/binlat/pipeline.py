@@ -8,7 +8,6 @@ is binlat.bundle's; a download of the Instella-T2I release is converted into a b
 from __future__ import annotations
 
 import functools
-import secrets
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -25,10 +24,11 @@ from .generation import Generators, PipelineOutput, check_prompts, to_pil
 from .generators import GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
-from .processes.common import check_sampling_args, check_seed, make_generators
+from .processes.common import check_sampling_args, make_generators
 from .release import resolve_pipeline_dir
 from .text import TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
+from .validators import resolve_seed
 
 
 class Pipeline:
@@ -435,7 +435,7 @@ class Pipeline:
         self.tokenizer.check_size(height, width)
         batch = min(batch_size, len(prompts))
         self.check_work(generator, batch, height, width, kept_images=len(prompts) if keep_all else batch)
-        base = secrets.randbelow(2**31) if seed is None else check_seed(seed, len(prompts))
+        base = resolve_seed(seed, len(prompts))
         return self._batches(prompts, generator, settings, base, height, width, batch_size, return_bits, progress)
 
     def _batches(

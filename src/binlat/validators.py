@@ -1,10 +1,12 @@
 """Checks of plain values that many callers make, written once so that every caller gives the same answer: an
-integer (never a bool or a float), a bool, a seed. A check returns the value or raises an error naming the field,
-the bad value and what is allowed (ValueError unless the caller names a subclass, such as a ConfigError)."""
+integer (never a bool or a float), a bool, a seed (the pipeline, editing and the server resolve seeds alike). A
+check returns the value or raises an error naming the field, the bad value and what is allowed (ValueError unless
+the caller names a subclass, such as a ConfigError)."""
 
 from __future__ import annotations
 
 import numbers
+import secrets
 from typing import Any
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
@@ -65,3 +67,11 @@ def check_seed(seed: Any, count: int = 1) -> int:
         most = f"2**64 - {count}" if count > 1 else "2**64 - 1"
         raise ValueError(f"seed must be an integer in [0, {most}] (image i uses seed + i), got {seed}")
     return seed
+
+
+def resolve_seed(seed: Any, count: int = 1) -> int:
+    """The given seed, checked as the first of `count` consecutive ones (`check_seed`), or a fresh random one
+    when None (below 2**31, so that it is short enough to read back and type in)."""
+    if seed is None:
+        return secrets.randbelow(2**31)
+    return check_seed(seed, count)

@@ -8,7 +8,8 @@ import argparse
 import math
 import re
 
-from ..processes.common import MAX_STEPS, SEED_LIMIT
+from ..processes.common import MAX_STEPS
+from ..validators import SEED_LIMIT
 from .common import EXIT_USAGE, SAMPLING_SETTINGS
 
 

@@ -9,7 +9,6 @@ Every process keeps one calling convention, so the pipeline, the trainer and edi
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -28,19 +27,6 @@ def settings_of(cls: type[S], settings: S | None, given: dict[str, Any]) -> S:
 
 
 MAX_STEPS = 10_000  # sampling steps: far past any useful count, well before sizes overflow
-SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
-
-
-def check_seed(seed: Any, count: int = 1) -> int:
-    """`seed` as the first of `count` consecutive seeds: an integer with seed, ..., seed + count - 1 all in
-    [0, 2**64), or a ValueError saying so."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed)
-    if not 0 <= seed <= SEED_LIMIT - max(count, 1):
-        most = f"2**64 - {count}" if count > 1 else "2**64 - 1"
-        raise ValueError(f"seed must be an integer in [0, {most}] (image i uses seed + i), got {seed}")
-    return seed
 
 
 def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:

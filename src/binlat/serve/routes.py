@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import editing
 from ..generation import settings_record
 from ..pipeline import Pipeline
+from ..validators import resolve_seed
 from .bodies import decode_image, image_body_doc, image_request, json_object
 from .errors import ApiError, internal_error
 from .guards import TICKET
@@ -190,7 +191,7 @@ async def generate(req: GenerateRequest, served: ServedDep, ticket: TicketDep) -
     checks.count(len(prompts) * req.n, f"{len(prompts)} prompt(s) x n={req.n}")
     height, width = checks.size(req.size)
     expanded = [p for p in prompts for _ in range(req.n)]
-    seed = editing.resolve_seed(req.seed)
+    seed = resolve_seed(req.seed)
 
     def work() -> list[dict[str, Any]]:
         cancellable(pipe.generators[req.generator])
@@ -246,7 +247,7 @@ async def edit(request: Request, served: ServedDep, ticket: TicketDep) -> JSONRe
     steps = checks.steps(req.num_steps, settings["num_steps"])
     checks.count(req.n, f"n={req.n}")
     height, width = checks.size(req.size)
-    seed = editing.resolve_seed(req.seed)
+    seed = resolve_seed(req.seed)
 
     def work() -> list[dict[str, Any]]:
         cancellable(pipe.generators[kind])
