@@ -1294,7 +1294,7 @@ def _(env: Env) -> None:
 
 @case("api-image-bits-size-zero", "editing.image_bits")
 def _(env: Env) -> None:
-    with pytest.raises(ValueError, match="height must be a positive integer number of pixels, got 0"):
+    with pytest.raises(ValueError, match=r"height must be an integer >= 1 \(pixels\), got 0"):
         editing.image_bits(env.pipe, RED, 0, 64)
 
 

@@ -101,7 +101,7 @@ def test_text_layer_map() -> None:
     assert len(ids) == 16 and ids[0] == 0 and ids[-1] == 23
     assert all(a < b for a, b in zip(ids, ids[1:]))
     for bad in [(0, 4), (6, 0), (6.0, 4), (-1, 2)]:
-        with pytest.raises(ValueError, match="positive int"):
+        with pytest.raises(ValueError, match=r"must be an integer >= 1, got "):
             text_layer_map(*bad)
 
 

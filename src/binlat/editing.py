@@ -27,7 +27,7 @@ from . import registry
 from .generation import PipelineOutput, check_prompts
 from .pipeline import Pipeline
 from .processes.common import make_generators
-from .validators import resolve_seed
+from .validators import check_int, is_number, resolve_seed
 
 # Decoded pixel budget for an input image (a small PNG can claim a huge canvas).
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
@@ -84,9 +84,8 @@ def _rgb(image: Image.Image) -> Image.Image:
 def _target_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[int, int]:
     height = pipe.config.image_size if height is None else height
     width = height if width is None else width
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
+    check_int("height", height, 1, note="pixels")
+    check_int("width", width, 1, note="pixels")
     pipe.tokenizer.check_size(height, width)
     pipe.check_work(None, 1, height, width)
     return height, width
@@ -160,12 +159,6 @@ def unpack_bits_hex(text: str, num_tokens: int, num_bits: int) -> torch.Tensor:
 
 
 # --- argument checks ----------------------------------------------------------------------------------------
-def _check_count(name: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def _generator_for(operation: str, available: Iterable[str]) -> str:
     kinds = registry.kinds_that_can(operation)
     if not kinds:
@@ -197,12 +190,7 @@ def _check_prompt(prompt: object) -> str:
 
 
 def check_strength(strength: float) -> float:
-    if (
-        isinstance(strength, bool)
-        or not isinstance(strength, (int, float))
-        or not math.isfinite(strength)
-        or not 0.0 <= strength <= 1.0
-    ):
+    if not is_number(strength) or not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 ignores it), got {strength!r}")
     return float(strength)
 
@@ -250,7 +238,7 @@ def edit(
     settings = pipe.sampling_settings(
         kind, num_steps=num_steps, guidance_scale=guidance_scale, temperature=temperature, rho=rho, protocol=protocol
     )
-    _check_count("number of images", num_images, 1)
+    check_int("number of images", num_images, 1)
     _check_generator(pipe, kind)
     height, width = _target_size(pipe, height, width)
     base = resolve_seed(seed, num_images)
@@ -285,7 +273,7 @@ def interpolation_bits(bits_a: torch.Tensor, bits_b: torch.Tensor, steps: int = 
     uniform u from `seed`; frame k takes B's bit where u < k / (steps - 1), else A's. The switched positions of
     a frame include those of every earlier frame, so frame 0 is A, the last frame is B, and the distance from A
     never shrinks."""
-    _check_count("steps", steps, 2)
+    check_int("steps", steps, 2)
     seed = resolve_seed(seed)
     a, b = (
         bits_a.reshape(bits_a.shape[-2:]).to(torch.uint8).cpu(),
@@ -311,7 +299,7 @@ def interpolate(
     width: int | None = None,
 ) -> list[Image.Image]:
     """`steps` images going from A's reconstruction to B's by switching bits (see `interpolation_bits`)."""
-    _check_count("steps", steps, 2)
+    check_int("steps", steps, 2)
     resolve_seed(seed)
     height, width = _target_size(pipe, height, width)
     frames = interpolation_bits(
@@ -353,14 +341,10 @@ def continue_ar(
     prompt = _check_prompt(prompt)
     kind = continue_generator(pipe.generators)
     settings = pipe.sampling_settings(kind, guidance_scale=guidance_scale, temperature=temperature)
-    _check_count("number of images", num_images, 1)
+    check_int("number of images", num_images, 1)
     _check_generator(pipe, kind)
     num_tokens = pipe.tokenizer.config.num_tokens
-    if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int) or not 0 <= keep_tokens <= num_tokens:
-        raise ValueError(
-            f"keep_tokens must be an integer in [0, {num_tokens}] (the image has {num_tokens} tokens), "
-            f"got {keep_tokens!r}"
-        )
+    check_int("keep_tokens", keep_tokens, 0, num_tokens, note=f"the image has {num_tokens} tokens")
     height, width = _target_size(pipe, height, width)
     base = resolve_seed(seed, num_images)
     seeds = [base + i for i in range(num_images)]

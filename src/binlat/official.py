@@ -15,6 +15,7 @@ from .config import ConfigError
 from .io import FileRefused, WeightsError, check_state_dict, load_safetensors, read_bounded
 from .registry import MODEL_CLASSES, TOKENIZER  # noqa: F401 (MODEL_CLASSES, kind -> model class, is public here)
 from .tokenizer import TokenizerConfig
+from .validators import check_int
 
 # What the release's README and LICENSE say of its weights (github.com/AMD-AGI/Instella-T2I): a converted model
 # keeps them, and its model card repeats them (binlat.card).
@@ -108,8 +109,8 @@ def _check_scale(kind: str, scale: Any) -> None:
         return
     if kind != TOKENIZER:
         raise ValueError(f"a scale applies only to a tokenizer, not to kind {kind!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
-        raise ValueError(f"scale must be a positive integer (pixels) or None (no scaling), got {scale!r}")
+    if scale is not None:
+        check_int("scale", scale, 1, note="pixels, or None for no scaling")
 
 
 def convert_config(kind: str, official: dict[str, Any], source: str = "config", scale: int | None | str = FROM_CONFIG):

@@ -28,7 +28,7 @@ from .processes.common import check_sampling_args, make_generators
 from .release import resolve_pipeline_dir
 from .text import TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
-from .validators import resolve_seed
+from .validators import check_int, resolve_seed
 
 
 class Pipeline:
@@ -428,8 +428,7 @@ class Pipeline:
             protocol=protocol,
         )
         self.warn_vocabulary(prompts, generator)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
+        check_int("batch size", batch_size, 1)
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"
         width = height if width is None else width
         self.tokenizer.check_size(height, width)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..nn import TextRefiner, sincos_grid_positions, sincos_positions
+from ..validators import check_int
 
 
 @dataclass
@@ -56,8 +57,7 @@ class GeneratorConfig:
         for name in ("num_bits", "num_tokens", "num_layers", "num_heads", "head_dim", "text_dim", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if isinstance(self.bit_groups, bool) or not isinstance(self.bit_groups, int) or self.bit_groups < 1:
-            raise ValueError(f"bit_groups must be an integer >= 1, got {self.bit_groups!r}")
+        check_int("bit_groups", self.bit_groups, 1)
         if self.align_dim < 0 or (self.align_dim and not 0 <= self.align_block < self.num_layers):
             raise ValueError(
                 f"align_dim must be >= 0 and align_block a block index below num_layers "

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..text import TextFeatures
+from ..validators import check_int
 
 S = TypeVar("S")
 
@@ -86,10 +87,10 @@ def check_sampling_args(
 ) -> None:
     import math
 
-    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
-        raise ValueError(f"steps must be an integer >= 1, got {num_steps!r}")
-    if num_steps is not None and num_steps > MAX_STEPS:
-        raise ValueError(f"steps must be at most {MAX_STEPS}, got {num_steps}")
+    if num_steps is not None:
+        check_int("steps", num_steps, 1)
+        if num_steps > MAX_STEPS:  # said apart from the type: a count past the limit is a different mistake
+            raise ValueError(f"steps must be at most {MAX_STEPS}, got {num_steps}")
     for name, value, low in (("guidance scale", guidance_scale, 0.0), ("temperature", temperature, 0.0)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
             raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")

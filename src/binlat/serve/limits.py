@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from ..pipeline import Pipeline
+from ..validators import check_int
 from .errors import ApiError
 
 
@@ -30,8 +31,7 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, value, 1)
         if self.max_queue < self.max_concurrent:
             raise ValueError(
                 f"max_queue ({self.max_queue}) counts running requests too, so it must be at least "

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..validators import check_int
+
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {DEFAULT_TEXT_ENCODER.lower(), "minilm"}
 
@@ -103,9 +105,8 @@ def text_layer_map(num_text_layers: int, num_blocks: int) -> list[int]:
     ``round``, so the first block gets layer 0 and the last gets the last layer.
     A single block gets the last layer. E.g. ``text_layer_map(6, 4) == [0, 2, 3, 5]``.
     """
-    for name, value in (("num_text_layers", num_text_layers), ("num_blocks", num_blocks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int("num_text_layers", num_text_layers, 1)
+    check_int("num_blocks", num_blocks, 1)
     if num_text_layers == num_blocks:
         return list(range(num_blocks))
     if num_blocks == 1:
@@ -115,8 +116,7 @@ def text_layer_map(num_text_layers: int, num_blocks: int) -> list[int]:
 
 
 def _check_max_length(max_length: int) -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    check_int("max_length", max_length, 1)
 
 
 class TextEncoder(nn.Module):

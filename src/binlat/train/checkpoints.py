@@ -18,6 +18,7 @@ import torch
 from .. import registry
 from ..config import config_from_dict
 from ..io import WeightsError, check_state_dict, load_safetensors, read_jsonl
+from ..validators import check_int
 from .config import MAX_STEP  # a step count in state.json beyond this is damage, not a run
 
 log = logging.getLogger("binlat.train")
@@ -67,8 +68,7 @@ def read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
     for key in ("step", "bad_steps", "skipped_steps"):
         value = state.get(key, 0 if key == "skipped_steps" else None)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEP:
-            raise CheckpointError(f"{file}: {key} must be an integer in [0, {MAX_STEP}], got {value!r}")
+        check_int(f"{file}: {key}", value, 0, MAX_STEP, error=CheckpointError)
     for key, kind in STATE_KEYS.items():
         if (key in state or key in ("kind", "model_config")) and not isinstance(state.get(key), kind):
             raise CheckpointError(
