@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .validators import is_int
+
 MEMORY_ENV = "BINLAT_MAX_MEMORY"
 # Layer counts up to this are built on the meta device as they are; deeper ones are extrapolated (a million meta
 # blocks would still take minutes and gigabytes of Python objects).
@@ -38,7 +40,7 @@ class MemoryBudgetError(ValueError):
 
 def parse_memory(text: str | int) -> int:
     """ "8G", "512M", "1.5GiB", "4096" (bytes) -> bytes (K, M, G, T are powers of 1024)."""
-    if isinstance(text, int) and not isinstance(text, bool):
+    if is_int(text):
         value = text
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import jsondepth
+from .validators import check_bool, check_int, is_int, is_number
 
 C = TypeVar("C")
 
@@ -41,7 +42,7 @@ def check_number(
         f"{'<' if high_open else '<='} {show(high)}" if high is not None else "",
     ]
     want = f"{name} must be {kind}" + (f" {' and '.join(b for b in bounds if b)}" if any(bounds) else "")
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+    if not (is_int(value) if integer else is_number(value)):
         raise ValueError(f"{want}, got {value!r}")
     if not integer and not math.isfinite(value):
         raise ValueError(f"{want}, got {value}")
@@ -84,15 +85,11 @@ def _check(value: Any, hint: Any, name: str) -> Any:
             return value
         return config_from_dict(hint, value, source=name)
     if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"'{name}' must be true or false, got {value!r}")
-        return value
+        return check_bool(f"'{name}'", value, error=ConfigError)
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{name}' must be an integer, got {value!r}")
-        return value
+        return check_int(f"'{name}'", value, error=ConfigError)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise ConfigError(f"'{name}' must be a number, got {value!r}")
         try:
             value = float(value)

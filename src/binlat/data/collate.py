@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..validators import is_int
+
 
 def _is_marker(sample: dict[str, Any]) -> bool:
     """A sample that could not be read, reduced to the messages saying why: ``{"skipped": [...]}``."""
@@ -32,7 +34,7 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         values = [s[name] for s in kept]
         if isinstance(values[0], torch.Tensor):
             out[name] = torch.stack(values)
-        elif isinstance(values[0], int) and not isinstance(values[0], bool):
+        elif is_int(values[0]):
             out[name] = torch.tensor(values, dtype=torch.long)
         else:
             out[name] = values
