@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from binlat.processes.common import check_sampling_args
 from binlat.validators import (
     SEED_LIMIT,
     check_bool,
@@ -118,3 +119,10 @@ def test_resolve_seed_checks_a_given_seed_and_draws_one_when_none():
     for bad in (True, 2.7, -1):
         with pytest.raises(ValueError, match="^seed must be an integer"):
             resolve_seed(bad)
+
+
+@pytest.mark.parametrize("field", ["guidance_scale", "temperature", "rho"])
+def test_sampling_settings_refuse_a_bool_as_a_number(field):
+    """A flag is not a number here either: True is refused as a guidance scale, as it is as a strength."""
+    with pytest.raises(ValueError, match=f"{field.replace('_', ' ')} must be a finite number.*got True"):
+        check_sampling_args(**{field: True})

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..text import TextFeatures
-from ..validators import check_int
+from ..validators import check_int, is_number
 
 S = TypeVar("S")
 
@@ -92,9 +92,9 @@ def check_sampling_args(
         if num_steps > MAX_STEPS:  # said apart from the type: a count past the limit is a different mistake
             raise ValueError(f"steps must be at most {MAX_STEPS}, got {num_steps}")
     for name, value, low in (("guidance scale", guidance_scale, 0.0), ("temperature", temperature, 0.0)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        if not is_number(value) or not math.isfinite(value) or value < low:  # True is not a scale of 1
             raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
-    if rho is not None and (not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0):
+    if rho is not None and (not is_number(rho) or not math.isfinite(rho) or rho <= 0):
         raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
     if protocol is not None and protocol not in (1, 2):
         raise ValueError(f"protocol must be 1 or 2, got {protocol!r}")
