@@ -6,7 +6,8 @@
 #   3. the generators on the frozen tokenizer's bits, side by side, one thread each, with a compiled training forward
 #                                                                    (configs/diffusion/shapes-64.json, configs/ar/shapes-64.json):
 #      diffusion 3,000 steps on the uniform stream, twice 3,000 more on the mix, then 4,500 fine-tuning steps at a
-#      lower learning rate on the pool (docs/recipe.md, rows GE, GG, GI, F3); AR 3,000 steps on the uniform stream
+#      lower learning rate on the pool (docs/recipe.md, rows GE, GG, GI, F3); AR (the preset's grouped head,
+#      model.bit_groups 2) 3,000 steps on the mix stream (docs/recipe.md, "The grouped-head AR generator, shipped")
 #   4. each generator's guidance (and AR temperature) picked on a probe prompt set (seed 1000, not the published
 #      evaluation's seed 0), then the EMA weights bundled in float16.
 # RECIPE=2h trains instead what fits the fidelity issue's two hours (docs/recipe.md, row F1): after stages 1 and 2,
@@ -56,7 +57,7 @@ shipped_diffusion() {
 if [ "$RECIPE" = shipped ]; then
     shipped_diffusion &
     diffusion_job=$!
-    train ar ar --resume auto &
+    train ar ar --resume auto --data "$MIX" &
     ar_job=$!
     DIFFUSION_RUN=diffusion-finetune
 else
