@@ -232,12 +232,12 @@ def test_training_worker_times_the_trainers_own_step(kind, monkeypatch):
     from binlat.train.engine import Trainer
 
     calls = []
-    step = Trainer._step
-    monkeypatch.setattr(Trainer, "_step", lambda self, batches: calls.append(self.step) or step(self, batches))
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batches: calls.append(self.step) or step(self, batches))
     spec = bench_training.train_spec(bench.make_plan(tiny=True), kind)
     spec["threads"] = torch.get_num_threads()
     result = bench_training.train_worker(spec)
-    assert calls == [0, 1]  # one warm-up step, then plan.train_steps (1) timed ones, all through Trainer._step
+    assert calls == [0, 1]  # one warm-up step, then plan.train_steps (1) timed ones, all through Trainer.train_step
     assert len(result["times"]) == 1 and result["times"][0] > 0
     assert result["params"] > 0 and result["peak_rss_mib"] >= result["before_rss_mib"] > 0
 

@@ -1,7 +1,7 @@
 """Table 5: one optimiser step of each trainer, taken by binlat.train's own Trainer, each in a fresh subprocess.
 
 The worker builds the Trainer from the preset's training config (model sizes and batch from the plan) and times
-`Trainer._step` on a fixed batch of random data, so the bench times exactly what `binlat train` runs per step:
+`Trainer.train_step` on a fixed batch of random data, so the bench times exactly what `binlat train` runs per step:
 the task's loss, backward, gradient clipping, AdamW and the EMA update."""
 
 from __future__ import annotations
@@ -262,7 +262,6 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Warm-up, then `steps` timed Trainer steps; the resident peak over the timed steps."""
     from ..config import config_from_dict
     from ..train.config import TrainConfig
-    from ..train.data import SkippedSamples
     from ..train.engine import Trainer
 
     torch.set_num_threads(int(spec["threads"]))
@@ -274,19 +273,13 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
             trainer = Trainer(cfg, run_dir)
         try:
             batch = _random_batch(trainer.task, cfg, int(spec["text_length"]))
-            trainer.skips, trainer.images_seen = SkippedSamples(show=False), 0  # as Trainer._train sets them up
-            batches = iter(lambda: dict(batch), None)  # endless; a fresh dict each time, as _step pops from it
+            batches = iter(lambda: dict(batch), None)  # endless; a fresh dict each time, as train_step pops from it
             peak = PeakRSS()  # model, data and EMA copy built; the optimiser state comes with the first step
-
-            def step() -> None:
-                trainer._step(batches)
-                trainer.step += 1
-
-            step()  # warm-up
+            trainer.train_step(batches)  # warm-up
             times = []
             for _ in range(int(spec["steps"])):
                 t0 = time.perf_counter()
-                step()
+                trainer.train_step(batches)
                 times.append(time.perf_counter() - t0)
             model = trainer.acc.unwrap_model(trainer.model)
             return {

@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,10 @@ class Trainer:
         )
         self.ema = EMA(self.model, cfg.ema_decay)
         self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
+        self.skips = SkippedSamples(
+            show=self.acc.is_main_process
+        )  # the samples the readers skipped, as steps meet them
+        self.images_seen = 0  # by this process since the last logged rate
         self._optimizer_state: dict | None = None  # a resumed run's, loaded once the model is prepared
         self._log_handler: logging.Handler | None = None
         # A run folder this run made, removed again if the run fails before its loop starts (nothing to keep; a
@@ -208,7 +213,6 @@ class Trainer:
             self.acc.process_index,
             self.cfg.grad_accum,
         )
-        self.data = data
         loader = DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
         return guarded(loader, SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips, data.length))
 
@@ -263,61 +267,39 @@ class Trainer:
         Python finalises, and the process aborts after a finished run ("terminate called without an active
         exception")."""
         self.close()
-        self.model = self.optimizer = self.ema = self.task = self.data = None
+        self.model = self.optimizer = self.ema = self.task = None
         self.acc.free_memory()
         gc.collect()
         self.acc.state.destroy_process_group()
 
-    def _step(self, batches) -> dict[str, float] | None:
-        """One optimiser step over grad_accum micro-batches; None when a non-finite loss made it a skipped step."""
+    def train_step(self, batches: Iterator[dict]) -> dict[str, float] | None:
+        """One optimiser step over grad_accum micro-batches drawn from `batches`; self.step then counts it. Returns
+        the step's metrics (the mean over the global batch, the same on every process), or None for a skipped step
+        (a micro-batch with no readable sample, or a non-finite loss)."""
         cfg, acc = self.cfg, self.acc
         lr = lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        totals: dict[str, float] = {}
+        sums: dict[str, float] = {}
         finite = True
         for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            self.skips.add(batch.pop("skipped", []))
+            batch = self._next_micro_batch(batches)
             if self._no_samples(batch):
-                # Indexed data whose every sample here was skipped: no process trains on this step (under DDP all
-                # must run the same backward passes). Its other micro-batches are drawn all the same, so every
-                # later step keeps its samples.
-                for _ in range(micro + 1, cfg.grad_accum):
-                    self.skips.add(next(batches).pop("skipped", []))
-                self.optimizer.zero_grad(set_to_none=True)
-                self.skipped_steps += 1
-                log.warning("step %d: no readable sample in a micro-batch, step skipped", self.step)
+                self._skip_unreadable_step(batches, drawn=micro + 1)
                 return None
             gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
-            ctx = acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with ctx, acc.autocast():
+            with self._gradient_sync(last=micro == cfg.grad_accum - 1), acc.autocast():
                 loss, metrics = self.task.loss(self.model, batch, self.step, gens)
                 finite &= bool(torch.isfinite(loss.detach()))
                 acc.backward(loss / cfg.grad_accum)
-            for k, v in {"loss": loss, **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
+            for name, value in {"loss": loss, **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + float(torch.as_tensor(value).detach()) / cfg.grad_accum
             self.images_seen += len(batch["index"])
-        finite_all = acc.reduce(torch.tensor(float(finite), device=acc.device), reduction="sum")
-        if int(finite_all) != acc.num_processes:
-            # A non-finite loss anywhere: drop this step's gradients everywhere and carry on.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
-            if self.bad_steps >= cfg.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
-                    f"The last good checkpoint is intact (lower the learning rate, check the data)"
-                )
+        if not self._finite_everywhere(finite):
+            self._skip_non_finite_step()
             return None
         self.bad_steps = 0
-        # Every process logs the mean over the global batch, as a single process would.
-        names = sorted(totals)
-        means = acc.reduce(torch.tensor([totals[k] for k in names], device=acc.device), reduction="mean")
-        totals = dict(zip(names, means.tolist()))
-        if "mse" in totals:
-            totals["psnr"] = psnr_of_mse(max(totals["mse"], 1e-10))
+        totals = self._global_means(sums)
         if cfg.grad_clip > 0:
             norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             totals["grad_norm"] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
@@ -327,12 +309,64 @@ class Trainer:
         self.task.observe(self.step, totals)
         self.ema.update(acc.unwrap_model(self.model), self.step)
         totals["lr"] = lr
+        self.step += 1
         return totals
+
+    def _next_micro_batch(self, batches: Iterator[dict]) -> dict:
+        """The next micro-batch, the messages of the samples its reader skipped counted (and the first few shown)."""
+        batch = next(batches)
+        self.skips.add(batch.pop("skipped", []))
+        return batch
 
     def _no_samples(self, batch: dict) -> bool:
         """Whether any process's micro-batch is empty (all processes take part, and agree)."""
         empty = torch.tensor(float(len(batch["index"]) == 0), device=self.acc.device)
         return bool(self.acc.reduce(empty, reduction="sum") > 0)
+
+    def _skip_unreadable_step(self, batches: Iterator[dict], drawn: int) -> None:
+        """Indexed data whose every sample in a micro-batch was skipped: no process trains on this step (under DDP
+        all must run the same backward passes). Its other micro-batches are drawn all the same, so every later step
+        keeps its samples."""
+        for _ in range(drawn, self.cfg.grad_accum):
+            self._next_micro_batch(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        log.warning("step %d: no readable sample in a micro-batch, step skipped", self.step)
+        self.step += 1
+
+    def _gradient_sync(self, last: bool):
+        """Under DDP the gradients are averaged across processes once per step, in the last micro-batch's
+        backward; the others only accumulate."""
+        return contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+
+    def _finite_everywhere(self, finite: bool) -> bool:
+        """Whether every process's losses of this step were finite (all processes take part, and agree)."""
+        finite_count = self.acc.reduce(torch.tensor(float(finite), device=self.acc.device), reduction="sum")
+        return int(finite_count) == self.acc.num_processes
+
+    def _skip_non_finite_step(self) -> None:
+        """A non-finite loss anywhere: drop this step's gradients everywhere and carry on, up to max_bad_steps such
+        steps in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
+                f"The last good checkpoint is intact (lower the learning rate, check the data)"
+            )
+        self.step += 1
+
+    def _global_means(self, sums: dict[str, float]) -> dict[str, float]:
+        """This process's metrics (already means over its micro-batches) as means over the global batch, as a
+        single process would log them; PSNR from the mean MSE where there is one."""
+        names = sorted(sums)
+        means = self.acc.reduce(torch.tensor([sums[k] for k in names], device=self.acc.device), reduction="mean")
+        totals = dict(zip(names, means.tolist()))
+        if "mse" in totals:
+            totals["psnr"] = psnr_of_mse(max(totals["mse"], 1e-10))
+        return totals
 
     def _train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
@@ -340,14 +374,12 @@ class Trainer:
         self._looping = True
         first_step = self.step
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc=cfg.kind)
-        self.skips = SkippedSamples(show=acc.is_main_process)
         postfix: dict[str, str] = {}
         last: dict[str, float] = {}
         tick, self.images_seen = time.perf_counter(), 0
         try:
             while self.step < cfg.max_steps:
-                totals = self._step(batches)
-                self.step += 1
+                totals = self.train_step(batches)
                 if cfg.compile and self.step == first_step + 1:  # the compile is paid: time the rate from here
                     bar.reset(total=cfg.max_steps)
                     bar.update(self.step - 1)
