@@ -1092,13 +1092,13 @@ def test_soft_latent_switches_on_psnr_or_at_the_step_limit():
 
     t = task(soft_until_psnr=20.0, soft_window=2)
     for step, psnr in enumerate([25.0, 14.0, 27.0]):  # a full window first averages >= 20 dB at step 2
-        t.observe(step, {"psnr": psnr})
+        t.after_step(step, {"psnr": psnr})
         assert t.soft(step + 1) == (step < 2)
     assert t.bits_from == 3 and not t.soft(3)
     t = task(soft_until_psnr=99.0, soft_max_steps=2)
-    t.observe(0, {"psnr": 10.0})
+    t.after_step(0, {"psnr": 10.0})
     assert t.bits_from is None and t.soft(1)
-    t.observe(1, {"psnr": 10.0})
+    t.after_step(1, {"psnr": 10.0})
     assert t.bits_from == 2 and not t.soft(2) and t.soft(1)
     assert task().bits_from == 0 and not task().soft(0)  # soft start off: bits from the first step
 
@@ -1180,9 +1180,9 @@ def test_the_discriminator_sees_every_micro_batch(tmp_path):
     original_after_step = trainer.task.after_step
     reads: list[int] = []
 
-    def after_step(step, gens):
+    def after_step(step, metrics):
         start = len(seen)
-        original_after_step(step, gens)
+        original_after_step(step, metrics)
         reads.append(sum(len(x) for x in seen[start:]))
 
     trainer.task.after_step = after_step

@@ -305,8 +305,7 @@ class Trainer:
             totals["grad_norm"] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.task.after_step(self.step, gens)
-        self.task.observe(self.step, totals)
+        self.task.after_step(self.step, totals)
         self.ema.update(acc.unwrap_model(self.model), self.step)
         totals["lr"] = lr
         self.step += 1

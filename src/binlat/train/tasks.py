@@ -75,11 +75,9 @@ class Task:
     def prepare(self, accelerator) -> None:
         pass
 
-    def after_step(self, step: int, gens: list[torch.Generator]) -> None:
-        pass
-
-    def observe(self, step: int, metrics: dict[str, float]) -> None:
-        """Called after each optimiser step with the process-averaged metrics (identical on every process)."""
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        """The task's own work once the optimiser has stepped; `metrics` are the step's, averaged over the processes
+        (the same on every process)."""
 
     def state(self) -> dict:
         """What the task must carry across a resume (stored in the checkpoint's state.json)."""
@@ -148,7 +146,13 @@ class TokenizerTask(Task):
         """Whether the decoder reads probabilities instead of sampled bits at this step (see soft_until_psnr)."""
         return self.bits_from is None or step < self.bits_from
 
-    def observe(self, step, metrics):
+    def after_step(self, step, metrics):
+        self.train_discriminator(step)
+        self.watch_soft_latent(step, metrics)
+
+    def watch_soft_latent(self, step: int, metrics: dict[str, float]) -> None:
+        """Switch the decoder to sampled bits once the PSNR over the last soft_window steps reaches soft_until_psnr,
+        or at soft_max_steps."""
         o = self.cfg.tokenizer
         if self.bits_from is not None:
             return
@@ -221,7 +225,7 @@ class TokenizerTask(Task):
             self.fakes.append((images.detach(), recon.detach()))
         return loss, metrics
 
-    def after_step(self, step, gens):
+    def train_discriminator(self, step: int) -> None:
         """The discriminator's step, over every micro-batch of this optimiser step (its gradients averaged, as the
         generator's are)."""
         fakes = self.fakes if self.fakes_step == step else []
