@@ -443,7 +443,7 @@ class Trainer:
                 save_safetensors(model_state, tmp / "model.safetensors")
                 save_safetensors(ema_state, tmp / "ema.safetensors")
                 torch.save(optimizer_state, tmp / "optimizer.pt")
-                self.task.save_extra(tmp)
+                task_state = self.task.save_checkpoint(tmp)
                 state = {
                     "step": self.step,
                     "bad_steps": self.bad_steps,
@@ -451,7 +451,7 @@ class Trainer:
                     "kind": self.cfg.kind,
                     "config": config_to_dict(self.cfg),
                     "model_config": config_to_dict(self.task.model_config),
-                    "task": self.task.state(),
+                    "task": task_state,
                     "numerics": numerics(),
                 }
                 (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -513,11 +513,10 @@ class Trainer:
         check_state_dict(self.model, model_state, str(path / "model.safetensors"))
         check_state_dict(self.model, ema_state, str(path / "ema.safetensors"))
         optimizer_state = load_torch_state(path / "optimizer.pt")
-        self.task.load_extra(path)
+        self.task.load_checkpoint(path, state.get("task", {}))
         self.model.load_state_dict(model_state)
         self.ema.shadow = ema_state
         self._optimizer_state = optimizer_state
-        self.task.load_state(state.get("task", {}))
         if state.get("numerics", numerics()) != numerics():
             # Float kernels round differently across CPUs, thread counts and torch builds: training continues
             # correctly, but no longer bit for bit as the uninterrupted run would have.

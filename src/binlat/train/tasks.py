@@ -79,18 +79,14 @@ class Task:
         """The task's own work once the optimiser has stepped; `metrics` are the step's, averaged over the processes
         (the same on every process)."""
 
-    def state(self) -> dict:
-        """What the task must carry across a resume (stored in the checkpoint's state.json)."""
+    def save_checkpoint(self, directory: Path) -> dict:
+        """What the task carries across a resume: its own files, written into the checkpoint folder `directory`,
+        and the small values it returns, which the engine keeps in the checkpoint's state.json."""
         return {}
 
-    def load_state(self, state: dict) -> None:
-        pass
-
-    def save_extra(self, directory: Path) -> None:
-        pass
-
-    def load_extra(self, directory: Path) -> None:
-        pass
+    def load_checkpoint(self, directory: Path, state: dict) -> None:
+        """Take back what save_checkpoint kept (`state`: the values it returned). Every file is read and checked
+        before anything changes, so a damaged checkpoint leaves the task as it was."""
 
     def sample_grid(self, model, cfg: TrainConfig):
         return None
@@ -163,13 +159,6 @@ class TokenizerTask(Task):
             self.bits_from = step + 1
             log.info("step %d: the decoder reads sampled bits from now on", step + 1)
 
-    def state(self):
-        return {"bits_from": self.bits_from, "recent_psnr": self.recent_psnr}
-
-    def load_state(self, state):
-        if "bits_from" in state:
-            self.bits_from, self.recent_psnr = state["bits_from"], list(state["recent_psnr"])
-
     def new_model(self) -> BinaryTokenizer:
         return BinaryTokenizer(self.model_config)
 
@@ -239,18 +228,21 @@ class TokenizerTask(Task):
             self.accelerator.backward(hinge_d_loss(self.disc(real), self.disc(fake)) / len(fakes))
         self.disc_opt.step()
 
-    def save_extra(self, directory):
+    def save_checkpoint(self, directory):
         if self.disc is not None:
             save_safetensors(self.accelerator.unwrap_model(self.disc).state_dict(), directory / "disc.safetensors")
             torch.save(self.disc_opt.state_dict(), directory / "disc_optimizer.pt")
+        return {"bits_from": self.bits_from, "recent_psnr": self.recent_psnr}
 
-    def load_extra(self, directory):
+    def load_checkpoint(self, directory, state):
         if self.disc is not None and (directory / "disc.safetensors").is_file():
-            state = load_safetensors(directory / "disc.safetensors")
-            check_state_dict(self.disc, state, str(directory / "disc.safetensors"))
+            disc_state = load_safetensors(directory / "disc.safetensors")
+            check_state_dict(self.disc, disc_state, str(directory / "disc.safetensors"))
             optimizer_state = load_torch_state(directory / "disc_optimizer.pt")  # both read before either is used
-            self.disc.load_state_dict(state)
+            self.disc.load_state_dict(disc_state)
             self.disc_opt.load_state_dict(optimizer_state)
+        if "bits_from" in state:
+            self.bits_from, self.recent_psnr = state["bits_from"], list(state["recent_psnr"])
 
     def evaluate(self, model) -> dict[str, float]:
         """The tokenizer's ceiling: PSNR of EMA round trips with thresholded bits on 64 shapes images from a seed
