@@ -242,6 +242,23 @@ def test_training_worker_times_the_trainers_own_step(kind, monkeypatch):
     assert result["params"] > 0 and result["peak_rss_mib"] >= result["before_rss_mib"] > 0
 
 
+def test_the_benchs_generator_task_loads_no_encoders_and_says_what_needs_them():
+    """The bench trains a GeneratorTask built on given text states: no tokenizer or text encoder is loaded, the
+    plan's model names the shapes, and training on images stops with a line naming what is missing."""
+    from binlat.config import config_from_dict
+    from binlat.train.config import TrainConfig
+    from binlat.train.tasks import GeneratorTask
+
+    spec = bench_training.train_spec(bench.make_plan(tiny=True), "diffusion")
+    cfg = config_from_dict(TrainConfig, spec["config"], "bench training spec")
+    task = bench_training._task_factory(spec)(cfg, torch.device("cpu"))
+    assert isinstance(task, GeneratorTask) and task.tokenizer is task.text_encoder is task.cached_text is None
+    assert task.model_config.text_dim == spec["config"]["model"]["text_dim"]
+    batch = {"image": torch.zeros(1, 3, 8, 8), "caption": ["a red circle"], "index": torch.arange(1)}
+    with pytest.raises(ValueError, match="training on images needs the frozen tokenizer and text encoder"):
+        task.loss(task.model, batch, 0, [torch.Generator()])
+
+
 def test_peak_rss_sees_an_allocation():
     peak = PeakRSS()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched

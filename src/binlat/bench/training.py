@@ -6,7 +6,6 @@ the task's loss, backward, gradient clipping, AdamW and the EMA update."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
@@ -209,41 +208,27 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
 
 
 # --- the worker: python -m binlat.bench --train-worker SPEC_JSON -------------------------------------------
-def _precomputed_task_class():
-    from ..train.tasks import GeneratorTask, Task
+def _task_factory(spec: dict[str, Any]):
+    """Generators: a GeneratorTask as it trains on `binlat precompute` output, without the frozen tokenizer and text
+    encoder it loads for raw images (the bench has neither, and a text encoder of the preset's width may not exist
+    here); its loss, the part that is timed, is binlat train's own. The tokenizer: binlat train's task (None)."""
+    if spec["kind"] == "tokenizer":
+        return None
+    from ..train.tasks import GeneratorTask
 
-    class PrecomputedGeneratorTask(GeneratorTask):
-        """GeneratorTask as it trains on `binlat precompute` output, minus the frozen tokenizer and text encoder
-        it loads for raw images (the bench has neither, and a text encoder of the preset's width may not exist
-        here). Its loss, the part that is timed, is GeneratorTask's own."""
+    text_length = int(spec["text_length"])
 
-        def __init__(self, cfg, device, text_length: int):
-            Task.__init__(self, cfg, device)
-            self.build(prediction=cfg.generator.prediction)  # the plan gives the token grid and the text width
-            c = self.model_config
-            self.uncond = precomputed_text(text_features(1, c.num_layers, c.text_dim, text_length, UNCOND_REAL, 2))
+    def precomputed_generator_task(cfg, device):
+        c = cfg.model_config()  # the plan's model names the token grid and the text width
+        uncond = precomputed_text(text_features(1, c.num_layers, c.text_dim, text_length, UNCOND_REAL, 2))
+        return GeneratorTask(cfg, device, uncond=uncond)
 
-    return PrecomputedGeneratorTask
+    return precomputed_generator_task
 
 
 def precomputed_text(features) -> dict[str, torch.Tensor]:
     """Text features as `binlat precompute` stores them: [N, layers, L, D] float16 states and a [N, L] mask."""
     return {"text": torch.stack(features.layers, 1).half(), "text_mask": features.mask}
-
-
-@contextlib.contextmanager
-def _trainer_task(spec: dict[str, Any]):
-    """Generators: have the Trainer build a PrecomputedGeneratorTask (it builds its task with tasks.make_task)."""
-    if spec["kind"] == "tokenizer":
-        yield
-        return
-    from unittest import mock
-
-    from ..train import tasks
-
-    task_class = _precomputed_task_class()
-    with mock.patch.object(tasks, "make_task", lambda cfg, device, *_: task_class(cfg, device, spec["text_length"])):
-        yield
 
 
 def _random_batch(task, cfg, text_length: int) -> dict[str, Any]:
@@ -267,10 +252,10 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(spec["threads"]))
     cfg = config_from_dict(TrainConfig, spec["config"], "bench training spec")
     with tempfile.TemporaryDirectory(prefix="binlat-bench-") as run_dir:
-        with _trainer_task(spec), warnings.catch_warnings():
+        with warnings.catch_warnings():
             # No trackers is what the bench wants (nothing written per step); accelerate warns about it.
             warnings.filterwarnings("ignore", message=".*no supported trackers", category=UserWarning)
-            trainer = Trainer(cfg, run_dir)
+            trainer = Trainer(cfg, run_dir, task_factory=_task_factory(spec))
         try:
             batch = _random_batch(trainer.task, cfg, int(spec["text_length"]))
             batches = iter(lambda: dict(batch), None)  # endless; a fresh dict each time, as train_step pops from it

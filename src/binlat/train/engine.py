@@ -14,9 +14,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -69,6 +69,9 @@ from .sharding import (
     load_optimizer_state,
 )
 
+if TYPE_CHECKING:
+    from .tasks import Task
+
 log = logging.getLogger("binlat.train")
 
 
@@ -97,10 +100,18 @@ def precision_line(asked: str, chosen: str) -> str:
 
 class Trainer:
     def __init__(
-        self, cfg: TrainConfig, run_dir: str | Path, resume: str | None = None, allow_data_commands: bool = False
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        resume: str | None = None,
+        allow_data_commands: bool = False,
+        task_factory: Callable[[TrainConfig, torch.device], Task] | None = None,
     ):
         """``allow_data_commands``: cfg.data may name shard URLs, which webdataset opens by running a program
-        (``pipe:`` a shell command). Only for a data spec the caller typed, never one read from a config file."""
+        (``pipe:`` a shell command). Only for a data spec the caller typed, never one read from a config file.
+
+        ``task_factory(cfg, device)``: builds the run's task in place of tasks.make_task (the bench's, which trains
+        on batches it makes itself)."""
         from .tasks import make_task
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -122,7 +133,10 @@ class Trainer:
         check_one_run(self.acc.num_processes, self.acc.distributed_type)
         self.per_process = per_process_batch(cfg.batch_size, self.acc.num_processes, cfg.grad_accum)
         torch.manual_seed(cfg.seed)  # model initialisation: identical on every process
-        self.task = make_task(cfg, self.acc.device, allow_data_commands)
+        if task_factory is None:
+            self.task = make_task(cfg, self.acc.device, allow_data_commands)
+        else:
+            self.task = task_factory(cfg, self.acc.device)
         self.model = self.task.model
         if cfg.grad_checkpointing:
             self.model.enable_gradient_checkpointing()

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from ..tokenizer import BinaryTokenizer, bit_regularizer
 from ..tokenizer.losses import gradient_l1
 from .checkpoints import load_torch_state
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger("binlat.train")
 
@@ -33,6 +36,7 @@ class Task:
         self.cfg, self.device = cfg, device
         # Whether cfg.data may name URLs that run programs: only a --data the user typed with the opt-in flag.
         self.allow_data_commands = allow_data_commands
+        self.accelerator: Accelerator | None = None  # the engine's, given to prepare once it has one
 
     def dataset(self) -> Any:
         from ..data.precomputed import INDEX, PrecomputedDataset
@@ -72,8 +76,9 @@ class Task:
     def loss(self, model, batch, step: int, gens: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def prepare(self, accelerator) -> None:
-        pass
+    def prepare(self, accelerator: Accelerator) -> None:
+        """Called once the engine has prepared the model: a task prepares what else it trains here."""
+        self.accelerator = accelerator
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
         """The task's own work once the optimiser has stepped; `metrics` are the step's, averaged over the processes
@@ -162,8 +167,8 @@ class TokenizerTask(Task):
     def new_model(self) -> BinaryTokenizer:
         return BinaryTokenizer(self.model_config)
 
-    def prepare(self, accelerator) -> None:
-        self.accelerator = accelerator
+    def prepare(self, accelerator):
+        super().prepare(accelerator)
         if self.disc is not None:
             self.disc, self.disc_opt = accelerator.prepare(self.disc, self.disc_opt)
 
@@ -273,50 +278,85 @@ class TokenizerTask(Task):
 
 class GeneratorTask(Task):
     """Training of any registered generator kind (its network and its process's loss) on bits from a frozen
-    tokenizer and states from a frozen text encoder."""
+    tokenizer and states from a frozen text encoder, or on bits and states precomputed by them."""
 
     # What the tokenizer and the text encoder decide; a run's `model` may repeat them, not change them.
     FIXED = ("num_bits", "num_tokens", "text_dim", "align_dim")
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, allow_data_commands: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        device: torch.device,
+        allow_data_commands: bool = False,
+        uncond: dict[str, torch.Tensor] | None = None,
+    ):
+        """`uncond`: the empty prompt's text states as `binlat precompute` stores them ("text", "text_mask"). Given,
+        the task trains on precomputed bits and text states alone and loads no tokenizer or text encoder: the run's
+        `model` names the token grid and the text width, and the task cannot read images or captions, evaluate or
+        draw samples (the bench times its steps so)."""
         super().__init__(cfg, device, allow_data_commands)
-        from ..text import TextEncoder, text_layer_map
+        from ..text import TextEncoder
         from ..text.encoder import CachedTextEncoder
 
         o = cfg.generator
-        if not o.tokenizer:
-            raise ValueError("generator.tokenizer must name a trained tokenizer model directory")
-        self.tokenizer = BinaryTokenizer.from_pretrained(o.tokenizer, device=device).requires_grad_(False)
-        self.text_encoder = TextEncoder(o.text_encoder, max_length=o.text_max_length, device=device)
-        tok = self.tokenizer.config
-        layers = cfg.model_config().num_layers
-        # REPA aligns to the tokenizer encoder's features: the network's head is as wide as they are
-        align = {"align_dim": tok.encoder_dim, "align_block": min(1, layers - 1)} if o.repa_weight else {}
-        self.build(
-            num_bits=tok.num_bits,
-            num_tokens=tok.num_tokens,
-            text_dim=self.text_encoder.hidden_size,
-            text_layers=text_layer_map(self.text_encoder.num_layers, layers),
-            prediction=o.prediction,
-            **align,
-        )
+        self.tokenizer: BinaryTokenizer | None = None
+        self.text_encoder: TextEncoder | None = None
+        resolved: dict[str, Any] = {"prediction": o.prediction}
+        if uncond is None:
+            if not o.tokenizer:
+                raise ValueError("generator.tokenizer must name a trained tokenizer model directory")
+            self.tokenizer = BinaryTokenizer.from_pretrained(o.tokenizer, device=device).requires_grad_(False)
+            self.text_encoder = TextEncoder(o.text_encoder, max_length=o.text_max_length, device=device)
+            resolved.update(self._fixed_by(self.tokenizer, self.text_encoder))
+        self.model_config = self._checked_model_config(resolved)
+        self.model = self.new_model()
+        self.process = registry.generator(cfg.kind).trainer(o, self.model_config)
         if o.init_from:
             self.init_from(o.init_from)
-        self.cached_text = CachedTextEncoder(self.text_encoder, list(self.model_config.text_layers))
+        self.cached_text: CachedTextEncoder | None = None
+        if self.text_encoder is not None:
+            self.cached_text = CachedTextEncoder(self.text_encoder, list(self.model_config.text_layers))
+        # The states a dropped prompt of precomputed data takes: as given, or the data's (check_precomputed).
+        self.uncond = uncond
         self.data_spec = ""  # what a precomputed folder was made from (its index's "data")
         self.sample_prompts: list[str] | None = None  # own_prompts' pick, once read
 
-    def build(self, **resolved) -> None:
-        """The network and its process: the run's `model` over `resolved` (see TrainConfig.model_config)."""
-        self.model_config = self.cfg.model_config(**resolved)
+    def _fixed_by(self, tokenizer: BinaryTokenizer, text_encoder) -> dict[str, Any]:
+        """What the tokenizer and the text encoder fix in the network: its token grid, its text width and the text
+        layers its blocks read; with REPA, the width of its alignment head."""
+        from ..text import text_layer_map
+
+        tok, layers = tokenizer.config, self.cfg.model_config().num_layers
+        fixed = {
+            "num_bits": tok.num_bits,
+            "num_tokens": tok.num_tokens,
+            "text_dim": text_encoder.hidden_size,
+            "text_layers": text_layer_map(text_encoder.num_layers, layers),
+        }
+        if self.cfg.generator.repa_weight:  # REPA aligns to the tokenizer encoder's features: as wide as they are
+            fixed.update(align_dim=tok.encoder_dim, align_block=min(1, layers - 1))
+        return fixed
+
+    def _checked_model_config(self, resolved: dict[str, Any]):
+        """The run's `model` over `resolved` (see TrainConfig.model_config), refused where it changes a FIXED value."""
+        config = self.cfg.model_config(**resolved)
         for name in self.FIXED:
-            if name in resolved and getattr(self.model_config, name) != resolved[name]:
+            if name in resolved and getattr(config, name) != resolved[name]:
                 raise ValueError(
-                    f"model.{name} = {getattr(self.model_config, name)} but the tokenizer/text encoder "
+                    f"model.{name} = {getattr(config, name)} but the tokenizer/text encoder "
                     f"give {resolved[name]}; fix the config or drop the key to take theirs"
                 )
-        self.model = self.new_model()
-        self.process = registry.generator(self.cfg.kind).trainer(self.cfg.generator, self.model_config)
+        return config
+
+    def frozen_encoders(self, purpose: str) -> tuple[BinaryTokenizer, Any]:
+        """The frozen tokenizer and text encoder, which `purpose` (a few words) needs; an error where the task was
+        built on precomputed text states without them."""
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError(
+                f"{purpose} needs the frozen tokenizer and text encoder; this task was built on precomputed text "
+                f"states without them"
+            )
+        return self.tokenizer, self.text_encoder
 
     def new_model(self):
         return registry.model_class(self.cfg.kind)(self.model_config)
@@ -324,14 +364,15 @@ class GeneratorTask(Task):
     def check_precomputed(self, data):
         from ..data.precomputed import weights_fingerprint
 
-        tok, idx = self.tokenizer.config, data.index
+        tokenizer, _ = self.frozen_encoders("checking precomputed bits")
+        tok, idx = tokenizer.config, data.index
         if (idx["num_tokens"], idx["num_bits"]) != (tok.num_tokens, tok.num_bits):
             raise ValueError(
                 f"{data.root} holds {idx['num_tokens']}x{idx['num_bits']} bits; the tokenizer makes "
                 f"{tok.num_tokens}x{tok.num_bits}"
             )
         made_by = idx.get("tokenizer_sha256")
-        if made_by and made_by != weights_fingerprint(self.tokenizer):
+        if made_by and made_by != weights_fingerprint(tokenizer):
             raise ValueError(
                 f"{data.root} holds the bits of another tokenizer ({idx.get('tokenizer')}) than "
                 f"generator.tokenizer {self.cfg.generator.tokenizer}; precompute again with "
@@ -361,6 +402,7 @@ class GeneratorTask(Task):
             rows = torch.tensor(drop)
             text[rows], mask[rows] = self.uncond["text"][0].float(), self.uncond["text_mask"][0].bool()
             return TextFeatures(list(text.to(self.device).unbind(1)), mask.to(self.device))
+        self.frozen_encoders("training on captions")
         captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
         return self.cached_text(captions).to(self.device)
 
@@ -371,11 +413,13 @@ class GeneratorTask(Task):
         with torch.no_grad():
             if "bits" in batch:
                 bits = batch["bits"].float().to(self.device)
-            elif o.repa_weight:
-                bits, features = self.tokenizer.encode_with_features(batch["image"].to(self.device))
-                bits = bits.float()
             else:
-                bits = self.tokenizer.encode(batch["image"].to(self.device)).float()
+                tokenizer, _ = self.frozen_encoders("training on images")
+                if o.repa_weight:
+                    bits, features = tokenizer.encode_with_features(batch["image"].to(self.device))
+                    bits = bits.float()
+                else:
+                    bits = tokenizer.encode(batch["image"].to(self.device)).float()
             text = self._text(batch, drop)
         if features is not None:
             return self.process.loss(model, bits, text, gens, align_to=features)
@@ -389,7 +433,7 @@ class GeneratorTask(Task):
         from ..judge.accuracy import evaluate_shapes, pipeline_images
         from ..pipeline import Pipeline
 
-        pipe = Pipeline(self.tokenizer, self.text_encoder, **{self.cfg.kind: model})
+        pipe = Pipeline(*self.frozen_encoders("evaluating"), **{self.cfg.kind: model})
         images = pipeline_images(
             pipe,
             self.cfg.kind,
@@ -426,8 +470,7 @@ class GeneratorTask(Task):
         prompts = cfg.sample_prompts or self.own_prompts()
         if not prompts:  # data without captions: nothing to prompt with (the pipeline refuses empty prompts)
             return None
-        kwargs = {cfg.kind: model}
-        pipe = Pipeline(self.tokenizer, self.text_encoder, **kwargs)
+        pipe = Pipeline(*self.frozen_encoders("drawing samples"), **{cfg.kind: model})
         out = pipe(
             prompts,
             generator=cfg.kind,
