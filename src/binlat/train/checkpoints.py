@@ -1,5 +1,5 @@
-"""Checkpoints on disk: listing, the numerics that exact resume needs, safe loading, leftovers of killed writes,
-export of a run's EMA weights, and the loss plot beside them."""
+"""Checkpoints on disk: listing, the choice of the one to resume from, the numerics that exact resume needs, safe
+loading, leftovers of killed writes, export of a run's EMA weights, and the loss plot beside them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,40 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file()
     ]
     return [p for _, p in sorted(found)]
+
+
+def resume_newest_intact(run_dir: Path, resume: str, load: Callable[[Path], None], warn: Callable[[str], None]) -> None:
+    """`load` the checkpoint `resume` names: a checkpoint folder, "latest" (the run's newest intact checkpoint) or
+    "auto" (the same, or nothing for a fresh start when the run has no checkpoint). A damaged newer checkpoint (a
+    missing or corrupt file, a bad state.json: `load` raised) is passed over for the one before it, with a `warn`ing
+    naming it and why."""
+    if resume not in ("latest", "auto"):
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no state.json)")
+        load(path)
+        return
+    found = list_checkpoints(run_dir)
+    if not found:
+        if resume == "auto":  # a fresh run
+            return
+        raise FileNotFoundError(f"--resume latest: no checkpoint under {run_dir / 'checkpoints'}")
+    damaged = []
+    for path in reversed(found):
+        try:
+            load(path)
+        except (CheckpointError, WeightsError) as e:
+            damaged.append(path.name)
+            warn(f"--resume {resume}: skipping damaged checkpoint {path.name} ({e})")
+            continue
+        if damaged:
+            warn(f"--resume {resume}: resumed from {path.name}, the newest intact checkpoint")
+        return
+    raise CheckpointError(
+        f"--resume {resume}: no intact checkpoint under {run_dir / 'checkpoints'}: "
+        f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged (the warnings "
+        f"above and log.txt say why)"
+    )
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 
 from ..data.base import skip_log_line, skip_logged
 from ..data.collate import collate  # the engine's collate_fn too, shared with every data reader
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 log = logging.getLogger("binlat.train")
 
@@ -231,6 +234,21 @@ def stream_batches(
             yield batch
         guard.end_of_pass(good, skips)
         first += stride * batches
+
+
+def training_batches(
+    source, cfg: TrainConfig, start_step: int, per_process: int, world: int, rank: int
+) -> Iterator[dict[str, Any]]:
+    """Process `rank` of `world`'s micro-batches from `start_step` on, each with the messages of the samples its
+    reader skipped: indexed data in step order (StepBatches), streaming data in stream order (stream_batches)."""
+    if not hasattr(source, "sample"):
+        first = start_step * cfg.batch_size + rank * per_process
+        guard = SkipGuard(cfg.data, cfg.max_consecutive_skips)
+        return stream_batches(source, per_process, cfg.num_workers, first, stride=per_process * world, guard=guard)
+    data = IndexedData(source, cfg.seed)
+    sampler = StepBatches(start_step, cfg.max_steps, per_process, world, rank, cfg.grad_accum)
+    loader = DataLoader(data, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate)
+    return guarded(loader, SkipGuard(cfg.data, cfg.max_consecutive_skips, data.length))
 
 
 def per_process_batch(batch_size: int, world: int, grad_accum: int) -> int:

@@ -21,13 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import config_to_dict
 from ..hardware import bf16_native, require_bf16
 from ..io import (
-    WeightsError,
     append_jsonl,
     atomic_directory,
     atomic_write_bytes,
@@ -37,26 +35,21 @@ from ..io import (
 )
 from ..metrics import psnr_of_mse
 from .checkpoints import (
-    CheckpointError,
     clean_leftovers,
     list_checkpoints,
     load_torch_state,
     numerics,
     plot_losses,
     read_state,
+    resume_newest_intact,
 )
 from .config import TrainConfig
 from .data import (
-    IndexedData,
-    SkipGuard,
     SkippedSamples,
-    StepBatches,
-    collate,
     describe_data,
-    guarded,
     per_process_batch,
     sample_generator,
-    stream_batches,
+    training_batches,
 )
 from .optimizers import make_optimizer
 from .schedule import EMA, lr_at
@@ -170,7 +163,7 @@ class Trainer:
             root.addHandler(self._log_handler)
         if resume:
             try:
-                self._resume(resume)
+                resume_newest_intact(self.run_dir, resume, self._load, self._warn)
             except BaseException:
                 self._drop_unused_run_dir()
                 raise
@@ -205,30 +198,10 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------------------------
     def _loader(self):
-        source = self.task.dataset()
-        if self.acc.is_main_process:
+        acc, source = self.acc, self.task.dataset()
+        if acc.is_main_process:
             self._describe_data(source)
-        if not hasattr(source, "sample"):
-            first = self.step * self.cfg.batch_size + self.acc.process_index * self.per_process
-            return stream_batches(
-                source,
-                self.per_process,
-                self.cfg.num_workers,
-                first,
-                stride=self.per_process * self.acc.num_processes,
-                guard=SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips),
-            )
-        data = IndexedData(source, self.cfg.seed)
-        sampler = StepBatches(
-            self.step,
-            self.cfg.max_steps,
-            self.per_process,
-            self.acc.num_processes,
-            self.acc.process_index,
-            self.cfg.grad_accum,
-        )
-        loader = DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=collate)
-        return guarded(loader, SkipGuard(self.cfg.data, self.cfg.max_consecutive_skips, data.length))
+        return training_batches(source, self.cfg, self.step, self.per_process, acc.num_processes, acc.process_index)
 
     def _describe_data(self, source) -> None:
         """One line before step 1 naming the data (describe_data); a warning when a generator's data has no captions
@@ -477,38 +450,6 @@ class Trainer:
             plot_losses(self.run_dir)
         acc.wait_for_everyone()
         return target
-
-    def _resume(self, resume: str) -> None:
-        """`resume`: a checkpoint folder, "latest" (the run's newest intact checkpoint) or "auto" (the same, or a
-        fresh start when the run has no checkpoint). A damaged newer checkpoint (a missing or corrupt file, a bad
-        state.json) is passed over for the one before it, with a warning naming it and why."""
-        if resume not in ("latest", "auto"):
-            path = Path(resume)
-            if not (path / "state.json").is_file():
-                raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no state.json)")
-            self._load(path)
-            return
-        found = list_checkpoints(self.run_dir)
-        if not found:
-            if resume == "auto":  # a fresh run
-                return
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {self.run_dir / 'checkpoints'}")
-        damaged = []
-        for path in reversed(found):
-            try:
-                self._load(path)
-            except (CheckpointError, WeightsError) as e:
-                damaged.append(path.name)
-                self._warn(f"--resume {resume}: skipping damaged checkpoint {path.name} ({e})")
-                continue
-            if damaged:
-                self._warn(f"--resume {resume}: resumed from {path.name}, the newest intact checkpoint")
-            return
-        raise CheckpointError(
-            f"--resume {resume}: no intact checkpoint under {self.run_dir / 'checkpoints'}: "
-            f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged (the warnings "
-            f"above and log.txt say why)"
-        )
 
     def _warn(self, message: str) -> None:
         """A warning the user should see now: log.txt, and one line on stderr from the main process."""
