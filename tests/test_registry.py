@@ -1,15 +1,17 @@
 """A third generator kind, registered by this file alone, works everywhere a generator does.
 
 The toy is a masked-bit generator: every bit starts masked (0.5), and each of `num_steps` rounds reveals a share of
-the bits, drawn from the network's guided logits. Nothing outside binlat.registry is told about it: the pipeline
-generates with it, saves and reloads it, the CLI offers it, and the trainer trains and exports it."""
+the bits, drawn from the network's guided logits times `sharpness`, a setting no other kind has. Nothing outside
+binlat.registry is told about it: the pipeline generates with it, saves and reloads it, the CLI offers it, and the
+trainer trains and exports it; its own setting and defaults come from its Settings dataclass alone."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,6 +29,7 @@ from binlat.pipeline import Pipeline
 from binlat.processes.common import bernoulli, check_sampling_args, guide, settings_of, uniform, with_guidance
 from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
+from binlat.validators import is_number
 
 MASKED = 0.5
 
@@ -52,12 +55,16 @@ class MaskedBitNet(nn.Module, ModelMixin):
 
 @dataclass(frozen=True)
 class MaskedSampling:
-    num_steps: int = 4
+    num_steps: int = 4  # diffusion's default is 20: each kind's own default is its built-in value
     guidance_scale: float = 7.5
     temperature: float = 1.0
+    # A plain field: its CLI option (--sharpness), type and HTTP field are read off it, its help off the metadata
+    sharpness: float = field(default=1.0, metadata={"help": "factor on the guided logits before each draw"})
 
     def __post_init__(self) -> None:
         check_sampling_args(self.num_steps, self.guidance_scale, self.temperature)
+        if not is_number(self.sharpness) or not math.isfinite(self.sharpness) or self.sharpness <= 0:
+            raise ValueError(f"sharpness must be a finite number > 0, got {self.sharpness!r}")
 
 
 class MaskedBits:
@@ -88,7 +95,7 @@ class MaskedBits:
             drawn = (
                 (logits > 0).float()
                 if s.temperature == 0
-                else bernoulli(torch.sigmoid(logits / s.temperature), generators)
+                else bernoulli(torch.sigmoid(s.sharpness * logits / s.temperature), generators)
             )
             reveal = (order < (step + 1) / s.num_steps) & (x == MASKED)
             x = torch.where(reveal, drawn, x)
@@ -137,6 +144,28 @@ def test_pipeline_generates_with_the_new_kind(pipe) -> None:
     assert torch.equal(out.bits, again.bits) and torch.equal(out.bits[1:], alone.bits)
     with pytest.raises(ValueError, match="steps"):
         pipe(["a cat"], generator="masked", num_steps=0)
+
+
+def test_the_new_kinds_own_setting_and_defaults_work_through_python(pipe) -> None:
+    from binlat.pipeline import BUILTIN_SAMPLING
+
+    assert BUILTIN_SAMPLING["num_steps"] == 20 and BUILTIN_SAMPLING["sharpness"] == 1.0
+    assert pipe.sampling_settings("masked")["num_steps"] == 4  # its own default, not diffusion's
+    assert pipe.sampling_settings("diffusion")["num_steps"] == 20
+    kwargs = {"generator": "masked", "seed": 3, "return_bits": True, "progress": False}
+    plain = pipe(["a red circle"], **kwargs)
+    assert torch.equal(plain.bits, pipe(["a red circle"], sharpness=1.0, **kwargs).bits)
+    sharp = pipe(["a red circle"], sharpness=8.0, **kwargs)
+    assert torch.equal(sharp.bits, pipe(["a red circle"], sharpness=8.0, **kwargs).bits)
+    assert not torch.equal(plain.bits, sharp.bits)
+    # Every generator takes every setting and ignores those it does not read, as AR decoding ignores num_steps
+    diffusion = {"generator": "diffusion", "num_steps": 2, "seed": 3, "return_bits": True, "progress": False}
+    assert torch.equal(pipe(["x"], **diffusion).bits, pipe(["x"], sharpness=8.0, **diffusion).bits)
+    for bad in (0.0, -1.0, math.nan, True):
+        with pytest.raises(ValueError, match=f"^sharpness must be a finite number > 0, got {bad!r}$"):
+            pipe(["a cat"], generator="masked", sharpness=bad)
+    with pytest.raises(TypeError, match="sharpnes.*valid:.*sharpness"):
+        pipe(["a cat"], generator="masked", sharpnes=2.0)
 
 
 def test_bundle_with_the_new_kind_saves_loads_and_generates(pipe, tmp_path) -> None:

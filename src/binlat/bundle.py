@@ -2,9 +2,9 @@
 rewrites: a directory with `model_index.json` (a PipelineConfig) and one model directory per part, `tokenizer/` and
 `diffusion/` and/or `ar/`. The text encoder is referenced by name or path, not copied.
 
-The index's name, its config, the built-in sampling settings its `sampling` may override, the reading and
-writing of the file and the reading of the parts' configs (with what the bundle will cost in memory) live here,
-below all three, so that none of them imports another for the format.
+The index's name, its config, the reading and writing of the file and the reading of the parts' configs (with
+what the bundle will cost in memory) live here, below all three, so that none of them imports another for the
+format. The settings its `sampling` may give are binlat.sampling's.
 """
 
 from __future__ import annotations
@@ -17,22 +17,13 @@ from typing import Any
 from . import budget, jsondepth, registry
 from .config import ConfigError, config_from_dict, config_to_dict
 from .io import atomic_write_bytes, read_bounded
-from .processes.common import check_sampling_args
+from .sampling import check as check_settings
+from .sampling import names as setting_names
+from .sampling import unknown as unknown_settings
 from .text import DEFAULT_TEXT_ENCODER
 from .tokenizer import BinaryTokenizer
 
 INDEX_NAME = "model_index.json"
-
-
-# Built-in sampling settings, used where neither the call nor the bundle's `sampling` gives one. Every generator
-# accepts them all; its process's `Settings` reads the ones it uses (AR decoding has no steps, rho or protocol).
-BUILTIN_SAMPLING: dict[str, Any] = {
-    "num_steps": 20,
-    "guidance_scale": 7.5,
-    "temperature": 1.0,
-    "rho": 1.0,
-    "protocol": 1,
-}
 
 
 def check_vocabulary(vocabulary: Any, where: str = "vocabulary") -> None:
@@ -57,7 +48,7 @@ class PipelineConfig:
     trained: bool = True  # False marks a randomly initialised bundle (its images are noise)
     description: str = ""
     # The sampling settings this model was tuned for, per generator, e.g. {"diffusion": {"guidance_scale": 3.0}};
-    # a call's own arguments win, and keys left out take the built-in defaults (BUILTIN_SAMPLING).
+    # a call's own arguments win, and keys left out take the built-in defaults (binlat.sampling.builtin).
     sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The words of each generator's training captions, {"ar": {"source": "shapes", "words": [...]}} (binlat.card,
     # from the parts' provenance): a prompt with other words is warned about. A generator left out checks nothing.
@@ -78,10 +69,10 @@ class PipelineConfig:
                 raise ValueError(
                     f"sampling: keys are generator kinds {kinds} mapping to settings, got {kind!r}: {settings!r}"
                 )
-            unknown = sorted(set(settings) - set(BUILTIN_SAMPLING))
+            unknown = unknown_settings(settings)
             if unknown:
-                raise ValueError(f"sampling.{kind}: unknown setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
-            check_sampling_args(**settings)
+                raise ValueError(f"sampling.{kind}: unknown setting(s) {unknown}; valid: {setting_names()}")
+            check_settings(settings, kind)
         for kind, vocabulary in self.vocabulary.items():
             if kind not in kinds:
                 raise ValueError(f"vocabulary: keys are generator kinds {kinds}, got {kind!r}")

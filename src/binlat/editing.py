@@ -18,6 +18,7 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -214,20 +215,18 @@ def edit(
     image: Image.Image,
     prompt: str,
     strength: float = 0.6,
-    num_steps: int | None = None,
-    guidance_scale: float | None = None,
-    temperature: float | None = None,
-    rho: float | None = None,
-    protocol: int | None = None,
+    *,
     seed: int | None = None,
     height: int | None = None,
     width: int | None = None,
     num_images: int = 1,
     progress: bool = False,
+    **settings: Any,
 ) -> PipelineOutput:
     """Re-draw an image under `prompt`: bits x_0 of the image, x_t ~ Bernoulli(x_0 (1 - t) + t/2) at
     t = strength, then the diffusion sampler runs its `num_steps` steps from t = strength down to 0.
-    Sampling settings left as None take the bundle's (`pipe.sampling_settings`), as plain generation does.
+    `settings` are sampling settings as `Pipeline.__call__` takes them; those left out or None take the bundle's
+    (`pipe.sampling_settings`), as plain generation does.
 
     Image i uses seed `seed + i` for both the noising and the sampling, drawn in the order plain generation
     draws them, so strength 1 gives exactly `pipe(prompt, seed=seed)` with the same settings. strength 0 samples
@@ -235,9 +234,7 @@ def edit(
     prompt = _check_prompt(prompt)
     strength = check_strength(strength)
     kind = edit_generator(pipe.generators)
-    settings = pipe.sampling_settings(
-        kind, num_steps=num_steps, guidance_scale=guidance_scale, temperature=temperature, rho=rho, protocol=protocol
-    )
+    settings = pipe.sampling_settings(kind, **settings)
     check_int("number of images", num_images, 1)
     _check_generator(pipe, kind)
     height, width = _target_size(pipe, height, width)
@@ -327,20 +324,20 @@ def continue_ar(
     image: Image.Image,
     prompt: str,
     keep_tokens: int,
-    guidance_scale: float | None = None,
-    temperature: float | None = None,
+    *,
     seed: int | None = None,
     height: int | None = None,
     width: int | None = None,
     num_images: int = 1,
     progress: bool = False,
+    **settings: Any,
 ) -> PipelineOutput:
     """Keep the first `keep_tokens` tokens of the image's bits and let the AR generator write the rest under
-    `prompt`. keep_tokens = K returns the image's bits; keep_tokens = 0 is plain AR generation. Settings left as
-    None take the bundle's AR settings (`pipe.sampling_settings`)."""
+    `prompt`. keep_tokens = K returns the image's bits; keep_tokens = 0 is plain AR generation. Sampling settings
+    (guidance_scale, temperature) left out or None take the bundle's AR settings (`pipe.sampling_settings`)."""
     prompt = _check_prompt(prompt)
     kind = continue_generator(pipe.generators)
-    settings = pipe.sampling_settings(kind, guidance_scale=guidance_scale, temperature=temperature)
+    settings = pipe.sampling_settings(kind, **settings)
     check_int("number of images", num_images, 1)
     _check_generator(pipe, kind)
     num_tokens = pipe.tokenizer.config.num_tokens

@@ -17,17 +17,14 @@ from PIL import Image
 
 from . import registry
 
-# The name a record (a metadata.jsonl line, an HTTP image's metadata) gives each setting: the settings' own names,
-# as Python and HTTP take them (diffusers' num_steps and guidance_scale); none is renamed today.
-RECORD_NAMES: dict[str, str] = {}
-
 
 def settings_record(generator: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The settings `generator`'s process reads (the fields of its Settings, binlat.registry), taken from a complete
-    settings dict (Pipeline.sampling_settings) under their record names: what a metadata line records. AR decoding
-    reads no steps, rho or protocol, so its records leave them out instead of listing values it ignored."""
+    settings dict (Pipeline.sampling_settings) under their own names, as Python and HTTP take them: what a record
+    (a metadata.jsonl line, an HTTP image's metadata) keeps. AR decoding reads no steps, rho or protocol, so its
+    records leave them out instead of listing values it ignored."""
     fields = dataclasses.fields(registry.generator(generator).settings)
-    return {RECORD_NAMES.get(f.name, f.name): settings[f.name] for f in fields}
+    return {f.name: settings[f.name] for f in fields}
 
 
 @dataclass

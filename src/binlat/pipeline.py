@@ -18,14 +18,16 @@ import torch
 from PIL import Image
 
 from . import budget, modeling, registry
-from .bundle import BUILTIN_SAMPLING, PipelineConfig, load_part_configs, read_index, write_index
 from .bundle import INDEX_NAME as INDEX_NAME  # re-exported: where Python callers found it before binlat.bundle
+from .bundle import PipelineConfig, load_part_configs, read_index, write_index
 from .generation import Generators, PipelineOutput, check_prompts, to_pil
 from .generators import GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
-from .processes.common import check_sampling_args, make_generators
+from .processes.common import make_generators
 from .release import resolve_pipeline_dir
+from .sampling import BUILTIN_SAMPLING as BUILTIN_SAMPLING  # re-exported: where callers found it before
+from .sampling import resolve as resolve_settings
 from .text import TextEncoder, TextFeatures, text_layer_map
 from .tokenizer import BinaryTokenizer, TokenizerConfig
 from .validators import check_int, resolve_seed
@@ -294,20 +296,12 @@ class Pipeline:
         return new
 
     def sampling_settings(self, generator: str = "diffusion", **given: Any) -> dict[str, Any]:
-        """The complete, checked settings a call uses: its own (non-None) arguments, else the bundle's `sampling`
-        for `generator`, else the built-ins. Every entry point (Python, CLI, server, eval) resolves through here."""
+        """The complete, checked settings a call uses, every registered setting (binlat.sampling): its own
+        (non-None) arguments, else the bundle's `sampling` for `generator`, else the built-ins. Every entry point
+        (Python, CLI, server, eval) resolves through here. An unknown name is a TypeError."""
         if generator not in registry.generator_kinds():
             raise ValueError(f"generator must be one of {registry.generator_kinds()}, got {generator!r}")
-        unknown = sorted(set(given) - set(BUILTIN_SAMPLING))
-        if unknown:
-            raise TypeError(f"unknown sampling setting(s) {unknown}; valid: {sorted(BUILTIN_SAMPLING)}")
-        settings = {
-            **BUILTIN_SAMPLING,
-            **self.config.sampling.get(generator, {}),
-            **{k: v for k, v in given.items() if v is not None},
-        }
-        check_sampling_args(**settings)
-        return settings
+        return resolve_settings(generator, self.config.sampling.get(generator, {}), given)
 
     @torch.inference_mode()
     def decode(self, bits: torch.Tensor, height: int, width: int) -> list[Image.Image]:
@@ -322,36 +316,22 @@ class Pipeline:
         self,
         prompts: str | Sequence[str],
         generator: str = "diffusion",
-        num_steps: int | None = None,
-        guidance_scale: float | None = None,
-        temperature: float | None = None,
-        rho: float | None = None,
-        protocol: int | None = None,
+        *,
         seed: int | None = None,
         height: int | None = None,
         width: int | None = None,
         batch_size: int = 8,
         return_bits: bool = False,
         progress: bool = True,
+        **settings: Any,
     ) -> PipelineOutput:
         """Generate one image per prompt. Image i uses seed `seed + i`, so it can be regenerated alone.
-        Sampling settings left as None take the bundle's tuned ones (`config.sampling`), else the built-ins."""
+        `settings` are the sampling settings (num_steps, guidance_scale, temperature, rho, protocol and any a
+        registered kind adds: the fields of its process's Settings, binlat.sampling); one left out or None takes
+        the bundle's tuned value (`config.sampling`), else the built-in one."""
         parts = list(
             self._start(
-                prompts,
-                generator,
-                num_steps,
-                guidance_scale,
-                temperature,
-                rho,
-                protocol,
-                seed,
-                height,
-                width,
-                batch_size,
-                return_bits,
-                progress,
-                keep_all=True,
+                prompts, generator, settings, seed, height, width, batch_size, return_bits, progress, keep_all=True
             )
         )
         return PipelineOutput(
@@ -366,48 +346,27 @@ class Pipeline:
         prompts: str | Sequence[str],
         generator: str = "diffusion",
         *,
-        num_steps: int | None = None,
-        guidance_scale: float | None = None,
-        temperature: float | None = None,
-        rho: float | None = None,
-        protocol: int | None = None,
         seed: int | None = None,
         height: int | None = None,
         width: int | None = None,
         batch_size: int = 8,
         return_bits: bool = False,
         progress: bool = True,
+        **settings: Any,
     ) -> Iterator[PipelineOutput]:
         """What __call__ makes, one PipelineOutput per batch of `batch_size` prompts as soon as it is decoded (for
         writing images as they come). Every argument is checked here, before the first batch is asked for, and the
         memory a batch needs is estimated (binlat.budget): a request that would not fit is a MemoryBudgetError.
         Prompts are encoded batch by batch, so their number costs time, not memory."""
         return self._start(
-            prompts,
-            generator,
-            num_steps,
-            guidance_scale,
-            temperature,
-            rho,
-            protocol,
-            seed,
-            height,
-            width,
-            batch_size,
-            return_bits,
-            progress,
-            keep_all=False,
+            prompts, generator, settings, seed, height, width, batch_size, return_bits, progress, keep_all=False
         )
 
     def _start(
         self,
         prompts,
         generator,
-        num_steps,
-        guidance_scale,
-        temperature,
-        rho,
-        protocol,
+        given: dict[str, Any],
         seed,
         height,
         width,
@@ -419,14 +378,7 @@ class Pipeline:
         prompts = check_prompts(prompts)
         if generator not in self.generators:
             raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
-        settings = self.sampling_settings(
-            generator,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            rho=rho,
-            protocol=protocol,
-        )
+        settings = self.sampling_settings(generator, **given)
         self.warn_vocabulary(prompts, generator)
         check_int("batch size", batch_size, 1)
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"

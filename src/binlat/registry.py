@@ -3,7 +3,9 @@
 This is the one place that knows which generators exist. The pipeline, the trainer, the converter, editing, the
 server and the evaluations look a kind up here and then work through the common interfaces: a network built from
 its config, and a process with `Settings`, `sample` and `loss` (binlat.processes.common). A new generator is its
-own network and process files plus one `register` call; `tests/test_registry.py` registers a toy one.
+own network and process files plus one `register` call; `tests/test_registry.py` registers toy ones. The fields of
+its process's `Settings` are its sampling settings: binlat.sampling makes them keyword arguments, CLI options and
+HTTP fields.
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ class GeneratorKind:
         return setting in {f.name for f in dataclasses.fields(self.settings)}
 
     def sampling(self, settings: Mapping[str, Any]) -> Any:
-        """The kind's settings object from a complete settings dict (Pipeline.sampling_settings)."""
-        return self.settings(**{f.name: settings[f.name] for f in dataclasses.fields(self.settings)})
+        """The kind's settings object from a settings dict (Pipeline.sampling_settings): the entries it reads; a
+        field the dict leaves out keeps its default."""
+        return self.settings(
+            **{f.name: settings[f.name] for f in dataclasses.fields(self.settings) if f.name in settings}
+        )
 
     def can(self, operation: str) -> bool:
         """Whether the process offers `operation` (e.g. "redraw" for editing, "continue_from" for continuation)."""
@@ -74,6 +79,11 @@ _KINDS: dict[str, GeneratorKind] = {}
 def register(kind: GeneratorKind) -> GeneratorKind:
     if kind.name in _KINDS or kind.name == TOKENIZER:
         raise ValueError(f"generator kind {kind.name!r} is already taken")
+    # A default is the setting's built-in value (binlat.sampling): a call may leave any setting out.
+    missing = dataclasses.MISSING
+    bare = [f.name for f in dataclasses.fields(kind.settings) if f.default is missing and f.default_factory is missing]
+    if bare:
+        raise ValueError(f"generator kind {kind.name!r}: its Settings fields {bare} need a default")
     _KINDS[kind.name] = kind
     return kind
 

@@ -81,21 +81,22 @@ def warn_vocabulary(pipe, prompts, generator: str) -> None:
     pipe.warn_vocabulary(prompts, generator, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
 
 
-def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> None:
-    """Fill the sampling options the user left out with the pipeline's settings (recorded in metadata as used)."""
+def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> dict:
+    """The complete settings the run uses (Pipeline.sampling_settings): the options given, the pipeline's for
+    those left out; also written back into the options."""
     given = {setting: getattr(args, name) for name, setting in SAMPLING_SETTINGS.items() if hasattr(args, name)}
     settings = pipe.sampling_settings(generator, **given)
     for name, setting in SAMPLING_SETTINGS.items():
         if hasattr(args, name):
             setattr(args, name, settings[setting])
+    return settings
 
 
-def sampling_record(generator: str, args: argparse.Namespace) -> dict:
-    """The sampling options a metadata line records, after resolve_sampling: only those `generator` uses."""
+def sampling_record(generator: str, settings: dict) -> dict:
+    """The sampling settings a metadata line records: only those `generator` reads."""
     from ..generation import settings_record
 
-    given = {setting: getattr(args, name, None) for name, setting in SAMPLING_SETTINGS.items()}
-    return settings_record(generator, given)
+    return settings_record(generator, settings)
 
 
 def output_dir(path: str) -> Path:

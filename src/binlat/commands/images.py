@@ -27,7 +27,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     out = output_dir(args.out)
     pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
-    resolve_sampling(pipe, args.generator, args)
+    settings = resolve_sampling(pipe, args.generator, args)
     warn_vocabulary(pipe, prompts, args.generator)
     if args.dtype != "float32":
         import torch
@@ -36,23 +36,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compile:
         pipe.compile()
     height, width = args.size or (None, None)
-    fixed = {"generator": args.generator, **sampling_record(args.generator, args)}
+    fixed = {"generator": args.generator, **sampling_record(args.generator, settings)}
     writer, names, shown = ImageWriter(out), [], ([], [], [])
     # Each batch's images and metadata lines are written as soon as it is decoded: a run stopped part way keeps
     # what it made.
     for part in pipe.batches(
         prompts,
         args.generator,
-        num_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        temperature=args.temperature,
-        rho=args.rho,
-        protocol=args.protocol,
         seed=args.seed,
         height=height,
         width=width,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        **settings,
     ):
         records = [
             {
@@ -100,34 +96,30 @@ def _records(result, pipe, args: argparse.Namespace, **fields) -> list[dict]:
 
 def _image_job(args: argparse.Namespace, generator_for):
     """The output folder, the input image and the pipeline, checked in that order; the generator kind the job runs
-    on (`generator_for(pipe.generators)`), with the sampling options left out taken from the pipeline for it."""
+    on (`generator_for(pipe.generators)`) and the sampling settings it uses, those left out the pipeline's."""
     out = output_dir(args.out)
     image = input_image(args.image)
     pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
     kind = generator_for(pipe.generators)
-    resolve_sampling(pipe, kind, args)
+    settings = resolve_sampling(pipe, kind, args)
     warn_vocabulary(pipe, [args.prompt], kind)
-    return out, image, pipe, kind, args.size or (None, None)
+    return out, image, pipe, kind, settings, args.size or (None, None)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..editing import edit, edit_generator
 
-    out, image, pipe, kind, (height, width) = _image_job(args, edit_generator)
+    out, image, pipe, kind, settings, (height, width) = _image_job(args, edit_generator)
     result = edit(
         pipe,
         image,
         args.prompt,
         strength=args.strength,
-        num_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        temperature=args.temperature,
-        rho=args.rho,
-        protocol=args.protocol,
         seed=args.seed,
         height=height,
         width=width,
         progress=not args.no_progress,
+        **settings,
     )
     records = _records(
         result,
@@ -137,7 +129,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         source=str(args.image),
         strength=args.strength,
         generator=kind,
-        **sampling_record(kind, args),
+        **sampling_record(kind, settings),
     )
     names = write_results(out, result.images, records)
     print(
@@ -184,18 +176,17 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_continue(args: argparse.Namespace) -> int:
     from ..editing import continue_ar, continue_generator
 
-    out, image, pipe, kind, (height, width) = _image_job(args, continue_generator)
+    out, image, pipe, kind, settings, (height, width) = _image_job(args, continue_generator)
     result = continue_ar(
         pipe,
         image,
         args.prompt,
         args.keep_tokens,
-        guidance_scale=args.guidance_scale,
-        temperature=args.temperature,
         seed=args.seed,
         height=height,
         width=width,
         progress=not args.no_progress,
+        **settings,
     )
     records = _records(
         result,
@@ -205,7 +196,7 @@ def cmd_continue(args: argparse.Namespace) -> int:
         source=str(args.image),
         keep_tokens=args.keep_tokens,
         generator=kind,
-        **sampling_record(kind, args),
+        **sampling_record(kind, settings),
     )
     names = write_results(out, result.images, records)
     print(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from binlat import registry
 from binlat.data.shapes import render, scene_for_caption, to_tensor
+from binlat.generation import settings_record
 from binlat.judge.accuracy import ImagesFn, evaluate_shapes, pipeline_images
+from binlat.sampling import settings as registered_settings
 
 MAX_SHEET_FAILURES = 96
 SHEET_NAME = "shapes-failures.png"
@@ -149,11 +150,7 @@ def run_shapes(
     model: str | Path | None,
     generator: str = "diffusion",
     per_category: int = 64,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    temperature: float | None = None,
-    rho: float | None = None,
-    protocol: int | None = None,
+    sampling: Mapping[str, Any] | None = None,
     seed: int = 0,
     batch_size: int = 8,
     out: str | Path = "out/eval",
@@ -168,14 +165,15 @@ def run_shapes(
     pipeline=None,
 ) -> dict[str, Any]:
     """The whole `binlat eval shapes`: make or render the images, judge them, write the failure sheet and the
-    report; return the report (its "tables" are what the CLI prints). `pipeline` may be given ready-made."""
+    report; return the report (its "tables" are what the CLI prints). `sampling`: settings as Pipeline.__call__
+    takes them (those left out take the model's). `pipeline` may be given ready-made."""
     from binlat.io import atomic_write_bytes
 
     from .report import make_report, report_path, write_report
 
     if no_tokenizer and not ground_truth:
         raise ValueError("--no-tokenizer only applies with --ground-truth")
-    steps_used = None  # recorded only for a generator that takes steps
+    used = {name: None for name in registered_settings()}  # recorded only where the generator reads them
     if ground_truth:
         tokenizer = None
         if not no_tokenizer:
@@ -205,21 +203,10 @@ def run_shapes(
             pipeline = Pipeline.from_pretrained(model, text_encoder=text_encoder, device=device)
         size = size or pipeline.config.image_size
         mode = f"{generator} generator"
-        settings = pipeline.sampling_settings(
-            generator,
-            num_steps=steps,
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            rho=rho,
-            protocol=protocol,
-        )
-        steps, guidance_scale, temperature = settings["num_steps"], settings["guidance_scale"], settings["temperature"]
-        kind = registry.generator(generator)
-        steps_used = steps if kind.uses("num_steps") else None
-        rho = settings["rho"] if kind.uses("rho") else None
-        protocol = settings["protocol"] if kind.uses("protocol") else None
+        settings = pipeline.sampling_settings(generator, **(sampling or {}))
+        used |= settings_record(generator, settings)
         images_fn = pipeline_images(
-            pipeline, generator, steps, guidance_scale, temperature, batch_size, size, progress, rho, protocol
+            pipeline, generator, batch_size=batch_size, size=size, progress=progress, **settings
         )
     if size < 64:
         print(
@@ -243,11 +230,7 @@ def run_shapes(
         "model": None if model is None else str(model),
         "generator": generator if generating else None,
         "per_category": per_category,
-        "num_steps": steps_used,
-        "guidance_scale": None if ground_truth else guidance_scale,
-        "temperature": None if ground_truth else temperature,
-        "rho": None if ground_truth else rho,
-        "protocol": None if ground_truth else protocol,
+        **used,
         "seed": seed,
         "batch_size": batch_size,
         "ground_truth": ground_truth,

@@ -32,31 +32,25 @@ ImagesFn = Callable[[list[str], int], list[Image.Image]]
 def pipeline_images(
     pipe,
     generator: str = "diffusion",
-    num_steps: int | None = None,
-    guidance_scale: float | None = None,
-    temperature: float | None = None,
+    *,
     batch_size: int = 8,
     size: int | None = None,
     progress: bool = False,
-    rho: float | None = None,
-    protocol: int | None = None,
+    **settings: Any,
 ) -> ImagesFn:
-    """Images from a Pipeline (image i of a call uses seed + i; settings left None take the bundle's)."""
+    """Images from a Pipeline (image i of a call uses seed + i); `settings` are sampling settings as the pipeline
+    takes them, those left out or None taking the bundle's."""
 
     def make(prompts: list[str], seed: int) -> list[Image.Image]:
         result = pipe(
             prompts,
             generator=generator,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            rho=rho,
-            protocol=protocol,
             seed=seed,
             height=size,
             width=size,
             batch_size=batch_size,
             progress=progress,
+            **settings,
         )
         return list(result.images)
 

@@ -26,7 +26,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..text import TextFeatures
-from .common import bernoulli, categorical, check_sampling_args, guide, settings_of, uniform, with_guidance
+from .common import (
+    bernoulli,
+    categorical,
+    check_sampling_args,
+    guidance_scale_setting,
+    guide,
+    settings_of,
+    temperature_setting,
+    uniform,
+    with_guidance,
+)
 
 
 def bit_groups(network: torch.nn.Module) -> int:
@@ -51,8 +61,8 @@ def values_to_bits(values: torch.Tensor, width: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ARSampling:
-    guidance_scale: float = 7.5
-    temperature: float = 1.0  # 0 thresholds the guided logits
+    guidance_scale: float = guidance_scale_setting()
+    temperature: float = temperature_setting()
 
     def __post_init__(self) -> None:
         check_sampling_args(None, self.guidance_scale, self.temperature)

@@ -1,7 +1,9 @@
 """Pieces shared by the processes: per-sample random streams, guidance, text batching, settings.
 
 Every process keeps one calling convention, so the pipeline, the trainer and editing never ask which one it is:
-  `Settings`                                         a frozen dataclass of its sampling settings (checked when made)
+  `Settings`                                         a frozen dataclass of its sampling settings (checked when made;
+                                                     every field has a default, and binlat.sampling derives the
+                                                     Python, CLI and HTTP settings from these fields)
   `sample(network, cond, uncond, generators, settings=None, *, progress=False, **settings_fields) -> bits [N, K, B]`
   `loss(network, bits, text, generators=None) -> (loss, metrics)`, every random draw of sample i from generators[i]
 """
@@ -18,6 +20,22 @@ from ..text import TextFeatures
 from ..validators import check_int, is_number
 
 S = TypeVar("S")
+
+
+def setting(default: Any, help: str, *, short: str | None = None, cli_aliases: tuple[str, ...] = ()) -> Any:
+    """A `Settings` field with the words the entry points show for it (binlat.sampling reads them): `help` for
+    --help and the HTTP schema; `short`, a shorter name that is the CLI option's and an HTTP alias (steps for
+    num_steps); `cli_aliases`, more option spellings (cfg). A plain `name: type = default` field works as well."""
+    return dataclasses.field(default=default, metadata={"help": help, "short": short, "cli_aliases": cli_aliases})
+
+
+def guidance_scale_setting(default: float = 7.5) -> Any:
+    """The guidance scale field that diffusion and AR decoding share, so both show it alike."""
+    return setting(default, "classifier-free guidance scale w", cli_aliases=("cfg",))
+
+
+def temperature_setting(default: float = 1.0) -> Any:
+    return setting(default, "sampling temperature; 0 thresholds the guided logits")
 
 
 def settings_of(cls: type[S], settings: S | None, given: dict[str, Any]) -> S:

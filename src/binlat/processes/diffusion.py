@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..text import TextFeatures
-from .common import bernoulli, check_sampling_args, guide, settings_of, uniform, with_guidance
+from .common import (
+    bernoulli,
+    check_sampling_args,
+    guidance_scale_setting,
+    guide,
+    setting,
+    settings_of,
+    temperature_setting,
+    uniform,
+    with_guidance,
+)
 
 
 def q_probs(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -62,11 +72,11 @@ def protocol2_prob(p: torch.Tensor, x_t: torch.Tensor, t: float, t_next: float) 
 
 @dataclass(frozen=True)
 class DiffusionSampling:
-    num_steps: int = 20
-    guidance_scale: float = 7.5
-    temperature: float = 1.0  # 0 thresholds the guided logits
-    rho: float = 1.0  # time-step spacing exponent
-    protocol: int = 1  # 1 re-noises the x_0 estimate; 2 also weighs in the current x_t
+    num_steps: int = setting(20, "diffusion steps", short="steps")
+    guidance_scale: float = guidance_scale_setting()
+    temperature: float = temperature_setting()
+    rho: float = setting(1.0, "time-step spacing exponent")
+    protocol: int = setting(1, "step protocol, 1 or 2: 1 re-noises the x_0 estimate, 2 also weighs in the current x_t")
 
     def __post_init__(self) -> None:
         check_sampling_args(self.num_steps, self.guidance_scale, self.temperature, self.rho, self.protocol)
