@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from binlat import registry
@@ -197,7 +199,30 @@ def test_bundle_with_the_new_kind_saves_loads_and_generates(pipe, tmp_path) -> N
         == 0
     )
     record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
-    assert (record["generator"], record["num_steps"]) == ("masked", 2)
+    assert (record["generator"], record["num_steps"], record["sharpness"]) == ("masked", 2, 1.0)
+
+
+def test_the_new_kinds_own_setting_works_through_the_cli(pipe, tmp_path, capsys) -> None:
+    from binlat.cli import build_parser
+
+    bundle = pipe.save_pretrained(tmp_path / "bundle")
+    generate = ["generate", "a blue square", "--model", str(bundle), "--generator", "masked", "--seed", "0"]
+    out = tmp_path / "out"
+    assert main([*generate, "--sharpness", "2", "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+    assert (record["sharpness"], record["num_steps"]) == (2.0, 4)  # the option, and the kind's own default
+    made = pipe(["a blue square"], generator="masked", seed=0, sharpness=2.0, progress=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(out / record["file"])), np.asarray(made))
+    capsys.readouterr()
+    for bad, message in (("0", "sharpness must be a finite number > 0, got 0.0"), ("x", "must be a number, got 'x'")):
+        with pytest.raises(SystemExit) as refused:  # argparse's exit: the option's type refused the text
+            main([*generate, "--sharpness", bad, "--out", str(tmp_path / "bad"), "--no-progress"])
+        assert refused.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "--sharpness" in err and message in err, err
+    assert not (tmp_path / "bad").exists()  # refused as the options were read, before anything was made
+    usage = " ".join(build_parser()._subparsers._group_actions[0].choices["generate"].format_help().split())
+    assert "--sharpness SHARPNESS factor on the guided logits before each draw; read by masked" in usage
 
 
 def test_trainer_trains_and_exports_the_new_kind(pipe, tmp_path) -> None:
@@ -229,3 +254,18 @@ def test_trainer_trains_and_exports_the_new_kind(pipe, tmp_path) -> None:
     assert (net.config.num_tokens, net.config.num_bits) == (16, 32) and len(net.config.text_layers) == 2
     with pytest.raises(ValueError, match="unknown key"):
         config_from_dict(TrainConfig, {"kind": "masked", "model": {"colour": "red"}})
+
+
+def test_a_settings_field_needs_a_default() -> None:
+    """A setting's default is its built-in value: a call may leave any setting out, so register asks for one."""
+
+    @dataclass(frozen=True)
+    class NoDefault:
+        level: float
+
+    class Process:
+        Settings = NoDefault
+
+    with pytest.raises(ValueError, match=r"\['level'\] need a default"):
+        registry.register(registry.GeneratorKind("bare", MaskedBitNet, Process, sampler=Process, trainer=Process))
+    assert "bare" not in registry.generator_kinds()

@@ -438,21 +438,26 @@ def _(env: Env) -> None:
     assert not (env.tmp / "out").exists()
 
 
+# The option's text is read as the setting's type, then checked by the Settings dataclass that declares it: the
+# words are the Python API's (API_BAD_SAMPLING), the value as that type.
 CLI_BAD_SAMPLING = [
-    ("steps", "0", "steps must be >= 1, got 0"),
-    ("steps", "-3", "steps must be >= 1, got -3"),
+    ("steps", "0", "steps must be an integer >= 1, got 0"),
+    ("steps", "-3", "steps must be an integer >= 1, got -3"),
     ("steps", "nan", "steps must be an integer, got 'nan'"),
     ("steps", "inf", "steps must be an integer, got 'inf'"),
-    ("cfg", "-1", "guidance scale must be a finite number >= 0, got -1"),
-    ("cfg", "nan", "guidance scale must be a finite number >= 0, got nan"),
-    ("cfg", "inf", "guidance scale must be a finite number >= 0, got inf"),
-    ("temperature", "-0.5", "temperature must be a finite number >= 0, got -0.5"),
-    ("temperature", "nan", "temperature must be a finite number >= 0, got nan"),
-    ("temperature", "-inf", "temperature must be a finite number >= 0, got -inf"),
-    ("rho", "0", "rho must be a finite number > 0, got 0"),
-    ("rho", "-1", "rho must be a finite number > 0, got -1"),
+    ("steps", "10001", "steps must be at most 10000, got 10001"),
+    ("cfg", "-1", "guidance scale must be a finite number >= 0.0, got -1.0"),
+    ("cfg", "nan", "guidance scale must be a finite number >= 0.0, got nan"),
+    ("cfg", "inf", "guidance scale must be a finite number >= 0.0, got inf"),
+    ("temperature", "-0.5", "temperature must be a finite number >= 0.0, got -0.5"),
+    ("temperature", "nan", "temperature must be a finite number >= 0.0, got nan"),
+    ("temperature", "-inf", "temperature must be a finite number >= 0.0, got -inf"),
+    ("rho", "0", "rho must be a finite number > 0, got 0.0"),
+    ("rho", "-1", "rho must be a finite number > 0, got -1.0"),
     ("rho", "nan", "rho must be a finite number > 0, got nan"),
     ("rho", "inf", "rho must be a finite number > 0, got inf"),
+    ("protocol", "3", "protocol must be 1 or 2, got 3"),
+    ("protocol", "two", "protocol must be an integer, got 'two'"),
 ]
 for _option, _value, _message in CLI_BAD_SAMPLING:
 

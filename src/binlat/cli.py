@@ -28,7 +28,7 @@ from .commands.evaluation import cmd_bench, cmd_eval
 from .commands.images import cmd_continue, cmd_edit, cmd_generate, cmd_interpolate, cmd_serve
 from .commands.models import cmd_bundle, cmd_card, cmd_conformance, cmd_convert_official
 from .commands.training import cmd_config_show, cmd_export, cmd_params, cmd_precompute, cmd_probe, cmd_train
-from .registry import generator_kinds, model_kinds, release_kinds
+from .registry import generator_kinds, kinds_that_can, model_kinds, release_kinds
 
 MAX_FRAMES = 1000  # interpolate --steps
 
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.6,
         help="how far to noise the image's bits: 0 keeps it, 1 ignores it (default 0.6)",
     )
-    add_sampling_options(ed)
+    add_sampling_options(ed, kinds_that_can("redraw"))
     ed.add_argument("--seed", type=seed_value, default=None)
     add_image_job_options(ed)
     ed.set_defaults(func=cmd_edit)
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="tokens of the image to keep (0 .. the model's token count)",
     )
-    add_sampling_options(co, ("guidance_scale", "temperature"))
+    add_sampling_options(co, kinds_that_can("continue_from"))
     co.add_argument("--seed", type=seed_value, default=None)
     add_image_job_options(co)
     co.set_defaults(func=cmd_continue)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Sequence
+from typing import Any
 
-from ..processes.common import MAX_STEPS
 from ..validators import SEED_LIMIT
-from .common import EXIT_USAGE, SAMPLING_SETTINGS
+from .common import EXIT_USAGE
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,12 +49,6 @@ def number(name: str, low: float, inclusive: bool = True):
         return value
 
     return parse
-
-
-def protocol_value(text: str) -> int:
-    if text.strip() not in ("1", "2"):
-        raise argparse.ArgumentTypeError(f"protocol must be 1 or 2, got {text!r}")
-    return int(text)
 
 
 def size_value(text: str) -> tuple[int, int]:
@@ -99,35 +94,63 @@ def at_least(name: str, low: int, high: int | None = None):
     return parse
 
 
-SAMPLING_OPTIONS = {  # option -> (argparse type, help); the Pipeline setting each gives is SAMPLING_SETTINGS's
-    "steps": (positive_int("steps", MAX_STEPS), "diffusion steps"),
-    "guidance_scale": (number("guidance scale", 0.0), "guidance scale w"),
-    "temperature": (number("temperature", 0.0), "sampling temperature; 0 thresholds"),
-    "rho": (number("rho", 0.0, inclusive=False), "time-step spacing exponent"),
-    "protocol": (protocol_value, "diffusion step protocol, 1 or 2"),
-}
+def _typed(setting, text: str) -> Any:
+    """An option's text as its setting's type (the Settings field's annotation)."""
+    kind = setting.value_type
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.strip().lower()]
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except (KeyError, ValueError):
+        wanted = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise argparse.ArgumentTypeError(f"{setting.label} must be {wanted}, got {text!r}") from None
+    return text  # any other type: its Settings judges the text
 
 
-# Other spellings accepted for an option: the short --cfg, and --num-steps, the name Python uses (diffusers').
-SAMPLING_ALIASES = {"guidance_scale": ("cfg",), "steps": ("num-steps",)}
+def setting_value(setting):
+    """The argparse type of a sampling setting's option: the text as the setting's type, checked as the Settings
+    that declares it checks it (binlat.sampling.check), so the CLI refuses what Python and HTTP refuse."""
+    from ..sampling import check
+
+    def parse(text: str) -> Any:
+        value = _typed(setting, text)
+        try:
+            check({setting.name: value})
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    return parse
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, names=tuple(SAMPLING_OPTIONS)) -> None:
-    """Sampling options default to None: the model bundle's tuned settings apply, else the built-in ones."""
-    from ..pipeline import BUILTIN_SAMPLING
+def add_sampling_options(parser: argparse.ArgumentParser, kinds: Sequence[str] | None = None) -> None:
+    """One option per sampling setting of the generator `kinds` (default: every registered one), all read off their
+    Settings dataclasses (binlat.sampling): named after the setting (its short name first: --steps, then
+    --num-steps), typed and checked by its field, helped by its metadata. Options default to None: the model
+    bundle's tuned settings apply, else the built-in ones. `sampling_options` (option dest -> setting) tells
+    `sampling_given` which options they are."""
+    from ..registry import generator_kinds
+    from ..sampling import settings
 
-    for name in names:
-        kind, text = SAMPLING_OPTIONS[name]
-        default = BUILTIN_SAMPLING[SAMPLING_SETTINGS[name]]
-        aliases = [f"--{alias}" for alias in SAMPLING_ALIASES.get(name, ())]
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            *aliases,
-            dest=name,
-            type=kind,
-            default=None,
-            help=f"{text} (default: the model's setting, else {default})",
-        )
+    kinds = generator_kinds() if kinds is None else tuple(kinds)
+    chosen = [s for s in settings().values() if set(s.kinds) & set(kinds)]
+    for s in chosen:
+        readers = [k for k in s.kinds if k in kinds]
+        only = f"; read by {', '.join(readers)}" if len(readers) < len(kinds) else ""
+        try:
+            parser.add_argument(
+                *s.options,
+                dest=s.dest,
+                type=setting_value(s),
+                default=None,
+                help=f"{s.help}{only} (default: the model's setting, else {s.default_text()})",
+            )
+        except argparse.ArgumentError as e:  # a setting named like an option the command has (seed, size, ...)
+            raise ValueError(f"sampling setting {s.name!r} of {', '.join(s.kinds)}: {e}; rename the setting") from None
+    parser.set_defaults(sampling_options={s.dest: s.name for s in chosen})
 
 
 def memory_value(text: str) -> int:

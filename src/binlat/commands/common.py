@@ -13,15 +13,6 @@ from ..io import FileRefused, read_bounded
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-# Sampling option -> the Pipeline setting it gives (binlat.cli adds the options, typed and with help). The option
-# names are also the keys of metadata.jsonl and of the HTTP API ("steps" for num_steps).
-SAMPLING_SETTINGS = {
-    "steps": "num_steps",
-    "guidance_scale": "guidance_scale",
-    "temperature": "temperature",
-    "rho": "rho",
-    "protocol": "protocol",
-}
 
 
 class CLIError(Exception):
@@ -81,15 +72,16 @@ def warn_vocabulary(pipe, prompts, generator: str) -> None:
     pipe.warn_vocabulary(prompts, generator, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
 
 
+def sampling_given(args: argparse.Namespace) -> dict:
+    """The sampling settings the command's options give, by setting name (None where left out); the options are
+    those arguments.add_sampling_options added."""
+    return {setting: getattr(args, dest) for dest, setting in getattr(args, "sampling_options", {}).items()}
+
+
 def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> dict:
     """The complete settings the run uses (Pipeline.sampling_settings): the options given, the pipeline's for
-    those left out; also written back into the options."""
-    given = {setting: getattr(args, name) for name, setting in SAMPLING_SETTINGS.items() if hasattr(args, name)}
-    settings = pipe.sampling_settings(generator, **given)
-    for name, setting in SAMPLING_SETTINGS.items():
-        if hasattr(args, name):
-            setattr(args, name, settings[setting])
-    return settings
+    those left out."""
+    return pipe.sampling_settings(generator, **sampling_given(args))
 
 
 def sampling_record(generator: str, settings: dict) -> dict:

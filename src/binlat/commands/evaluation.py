@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import EXIT_FAILED
+from .common import EXIT_FAILED, sampling_given
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -48,13 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.model,
             generator=args.generator,
             per_category=args.per_category,
-            sampling={
-                "num_steps": args.steps,
-                "guidance_scale": args.guidance_scale,
-                "temperature": args.temperature,
-                "rho": args.rho,
-                "protocol": args.protocol,
-            },
+            sampling=sampling_given(args),
             seed=args.seed,
             batch_size=args.batch_size,
             out=out,

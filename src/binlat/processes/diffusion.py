@@ -72,7 +72,7 @@ def protocol2_prob(p: torch.Tensor, x_t: torch.Tensor, t: float, t_next: float) 
 
 @dataclass(frozen=True)
 class DiffusionSampling:
-    num_steps: int = setting(20, "diffusion steps", short="steps")
+    num_steps: int = setting(20, "sampling steps", short="steps")
     guidance_scale: float = guidance_scale_setting()
     temperature: float = temperature_setting()
     rho: float = setting(1.0, "time-step spacing exponent")
