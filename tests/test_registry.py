@@ -2,8 +2,9 @@
 
 The toy is a masked-bit generator: every bit starts masked (0.5), and each of `num_steps` rounds reveals a share of
 the bits, drawn from the network's guided logits times `sharpness`, a setting no other kind has. Nothing outside
-binlat.registry is told about it: the pipeline generates with it, saves and reloads it, the CLI offers it, and the
-trainer trains and exports it; its own setting and defaults come from its Settings dataclass alone."""
+binlat.registry is told about it: the pipeline generates with it, saves and reloads it, the CLI and the server offer
+it, and the trainer trains and exports it; its own setting (a keyword argument, a CLI option, an HTTP field, a
+record key) and its defaults come from its Settings dataclass alone."""
 
 from __future__ import annotations
 
@@ -254,6 +255,35 @@ def test_trainer_trains_and_exports_the_new_kind(pipe, tmp_path) -> None:
     assert (net.config.num_tokens, net.config.num_bits) == (16, 32) and len(net.config.text_layers) == 2
     with pytest.raises(ValueError, match="unknown key"):
         config_from_dict(TrainConfig, {"kind": "masked", "model": {"colour": "red"}})
+
+
+def test_the_new_kinds_own_setting_works_through_http(pipe) -> None:
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from binlat.serve import create_app
+
+    with TestClient(create_app(pipe), base_url="http://127.0.0.1") as client:
+        sampling = client.get("/v1/models").json()["sampling"]
+        assert (sampling["masked"]["sharpness"], sampling["masked"]["num_steps"]) == (1.0, 4)
+        schema = client.get("/openapi.json").json()["paths"]["/v1/generate"]["post"]["requestBody"]
+        field = schema["content"]["application/json"]["schema"]["properties"]["sharpness"]
+        assert "factor on the guided logits before each draw" in field["description"]
+        request = {"prompt": "a blue square", "generator": "masked", "seed": 0, "sharpness": 2}
+        answer = client.post("/v1/generate", json=request)
+        assert answer.status_code == 200, answer.text
+        image = answer.json()["images"][0]
+        assert (image["generator"], image["sharpness"], image["num_steps"]) == ("masked", 2.0, 4)
+        made = pipe(["a blue square"], generator="masked", seed=0, sharpness=2.0, progress=False).images[0]
+        served = Image.open(io.BytesIO(base64.b64decode(image["png_base64"])))
+        assert np.array_equal(np.asarray(served), np.asarray(made))
+        refused = client.post("/v1/generate", json=request | {"sharpness": 0})
+        assert refused.status_code == 422
+        assert refused.json() == {"error": "sharpness: sharpness must be a finite number > 0, got 0.0"}
+        refused = client.post("/v1/generate", json=request | {"sharpness": "2"})
+        assert refused.status_code == 422 and refused.json()["error"].startswith("sharpness: ")
 
 
 def test_a_settings_field_needs_a_default() -> None:

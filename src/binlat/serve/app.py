@@ -32,6 +32,7 @@ from .guards import (
 )
 from .limits import Checks, ServeLimits
 from .routes import Served, add_routes
+from .schemas import request_bodies
 from .workqueue import WorkQueue, serialise_text_encoder
 
 
@@ -58,14 +59,15 @@ def create_app(
         description='Text-to-image generation in a 1D binary latent space. Every error answers {"error": "..."}.',
         **_json_without_content_type(),
     )
-    app.state.served = Served(pipe, limits, queue, Checks(pipe, limits))
+    bodies = request_bodies()  # with the settings of the kinds registered now
+    app.state.served = Served(pipe, limits, queue, Checks(pipe, limits), bodies)
     app.state.allowed_hosts = allowed_hosts
     # Added innermost first; a request refused by an outer one never reaches the queue, and its body is never read.
     app.add_middleware(AdmissionMiddleware, queue=queue, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
     app.add_middleware(SameOriginMiddleware, allowed_hosts=allowed_hosts)
     app.add_middleware(HostAllowListMiddleware, allowed_hosts=allowed_hosts)
     add_error_handlers(app)
-    add_routes(app.router)
+    add_routes(app.router, bodies)
     return app
 
 

@@ -10,15 +10,16 @@ import contextlib
 import io
 import json
 import re
+import typing
 from typing import Any
 
 from fastapi import Request
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel
 
 from .. import editing, jsondepth
 from .errors import ApiError
-from .schemas import FLOAT_FIELDS, INT_FIELDS, validate
+from .schemas import validate
 
 MAX_FORM_FIELDS = 32
 MAX_UPLOAD_PIXELS = 4096 * 4096  # decoded size of an uploaded image
@@ -56,15 +57,25 @@ async def json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-def form_value(name: str, text: str) -> Any:
-    """Form fields arrive as text: numbers for numeric fields, text otherwise (strict checks follow)."""
-    text = text.strip() if name in INT_FIELDS | FLOAT_FIELDS | {"size"} else text
-    if name in INT_FIELDS:
-        with contextlib.suppress(ValueError):
-            return int(text)
-    elif name in FLOAT_FIELDS:
-        with contextlib.suppress(ValueError):
-            return float(text)
+def _field_types(model: type[BaseModel], name: str) -> set[Any]:
+    """The types a field of `model` (by its name or an alias) may take, None left out; none for an unknown name."""
+    for field_name, field in model.model_fields.items():
+        alias = field.validation_alias
+        if name == field_name or (isinstance(alias, AliasChoices) and name in alias.choices):
+            return set(typing.get_args(field.annotation) or (field.annotation,)) - {type(None)}
+    return set()
+
+
+def form_value(model: type[BaseModel], name: str, text: str) -> Any:
+    """Form fields arrive as text: a number where `model`'s field is one, text otherwise (strict checks follow)."""
+    types = _field_types(model, name)
+    if not types or types == {str}:  # text as given (a prompt keeps its spaces); unknown names are refused later
+        return text
+    text = text.strip()
+    for kind in (int, float):
+        if kind in types:
+            with contextlib.suppress(ValueError):
+                return kind(text)
     return text
 
 
@@ -72,7 +83,7 @@ async def image_request(request: Request, model: type[BaseModel]) -> tuple[Any, 
     """(the fields as a `model`, the image file's bytes) from multipart/form-data (file field `image`) or JSON
     (`image_base64`). The file's format is checked here, from its header; the image is only decoded later, in the
     work queue (`decode_image`)."""
-    fields, data = await _image_fields(request)
+    fields, data = await _image_fields(request, model)
     check_upload_format(data)
     return validate(model, fields), data
 
@@ -90,7 +101,7 @@ def check_upload_format(data: bytes) -> None:
         pass
 
 
-async def _image_fields(request: Request) -> tuple[dict[str, Any], bytes]:
+async def _image_fields(request: Request, model: type[BaseModel]) -> tuple[dict[str, Any], bytes]:
     ctype = content_type(request)
     if ctype == "multipart/form-data":
         try:
@@ -111,7 +122,7 @@ async def _image_fields(request: Request) -> tuple[dict[str, Any], bytes]:
                 elif not isinstance(value, str):
                     raise ApiError(422, f"{key}: only the field 'image' may be a file")
                 elif value.strip() or key == "prompt":  # an empty optional form field means "default"
-                    fields[key] = form_value(key, value)
+                    fields[key] = form_value(model, key, value)
         finally:
             await form.close()  # spooled upload files
         if data is None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
-import inspect
 import io
-import typing
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any
@@ -34,45 +32,30 @@ from .guards import TICKET
 from .limits import Checks, ServeLimits
 from .page import PAGE
 from .schemas import (
-    EditRequest,
     ErrorResponse,
-    GenerateRequest,
     ImagesResponse,
     ReconstructRequest,
     ReconstructResponse,
-    Sampling,
-    validation_message,
+    RequestBodies,
+    given_settings,
+    validate,
 )
 from .workqueue import Ticket, WorkQueue, cancellable
 
 
-def _body_model(endpoint: Callable[..., Any]) -> type[BaseModel] | None:
-    """The pydantic model an endpoint takes as its typed JSON body, if any."""
-    hints = typing.get_type_hints(endpoint)
-    hints.pop("return", None)
-    return next((t for t in hints.values() if inspect.isclass(t) and issubclass(t, BaseModel)), None)
-
-
 class ApiRoute(APIRoute):
-    """A route that answers every failure in this API's one JSON shape: a typed body is checked to be a JSON
-    object before FastAPI parses it (400/415 with the reason), its validation errors become one 422 line naming
-    each bad field, and anything unexpected becomes a logged 500, so the server keeps running."""
+    """A route that answers every failure in this API's one JSON shape: the endpoints read their bodies themselves
+    (bodies.py: 400/415 with the reason, one 422 line naming each bad field), and anything unexpected becomes a
+    logged 500, so the server keeps running."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
-        model = _body_model(self.endpoint)
 
         async def handler(request: Request) -> Response:
             try:
-                if model is not None:
-                    await json_object(request)  # FastAPI reads the same cached body afterwards
                 return await handle(request)
-            except (ApiError, StarletteHTTPException):
+            except (ApiError, StarletteHTTPException, RequestValidationError):
                 raise
-            except RequestValidationError as e:
-                if model is None:
-                    raise
-                raise ApiError(422, validation_message(e.errors(), model)) from None
             except Exception as e:  # noqa: BLE001 — the point: no request takes the server down
                 raise internal_error(request, e) from e
 
@@ -81,12 +64,14 @@ class ApiRoute(APIRoute):
 
 @dataclass(frozen=True)
 class Served:
-    """What the routes work with: the loaded pipeline, this server's limits and checks, and the work queue."""
+    """What the routes work with: the loaded pipeline, this server's limits and checks, the work queue, and the
+    request bodies made with the app (their sampling settings those of the kinds registered then)."""
 
     pipe: Pipeline
     limits: ServeLimits
     queue: WorkQueue
     checks: Checks
+    bodies: RequestBodies
 
 
 async def _served(request: Request) -> Served:
@@ -106,10 +91,16 @@ TicketDep = Annotated[Ticket | None, Depends(_ticket)]
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 408, 413, 415, 422, 429, 500)}
 
 
-def _sampling(pipe: Pipeline, req: Sampling, generator: str) -> dict[str, Any]:
-    return pipe.sampling_settings(
-        generator, guidance_scale=req.guidance_scale, temperature=req.temperature, rho=req.rho, protocol=req.protocol
-    )
+def _sampling(served: Served, req: BaseModel, generator: str) -> dict[str, Any]:
+    """The request's sampling settings, the model's where it leaves one out, with steps capped by max_steps."""
+    given = given_settings(req)
+    try:
+        settings = served.pipe.sampling_settings(generator, **given)
+    except (ValueError, TypeError) as e:  # each field passed its own check; `generator`'s Settings may ask more
+        raise ApiError(422, str(e)) from None
+    if "num_steps" in settings:
+        settings["num_steps"] = served.checks.steps(given.get("num_steps"), settings["num_steps"])
+    return settings
 
 
 def _png_base64(image) -> str:
@@ -170,7 +161,8 @@ async def models(served: ServedDep) -> dict[str, Any]:
     }
 
 
-async def generate(req: GenerateRequest, served: ServedDep, ticket: TicketDep) -> JSONResponse:
+async def generate(request: Request, served: ServedDep, ticket: TicketDep) -> JSONResponse:
+    req = validate(served.bodies.generate, await json_object(request))
     pipe, checks = served.pipe, served.checks
     if (req.prompt is None) == (req.prompts is None):
         raise ApiError(
@@ -186,8 +178,7 @@ async def generate(req: GenerateRequest, served: ServedDep, ticket: TicketDep) -
             raise ApiError(422, "prompts: empty list; give at least one prompt")
         prompts = [checks.prompt(p, f"prompts[{i}]") for i, p in enumerate(req.prompts)]
     checks.generator(req.generator)
-    settings = _sampling(pipe, req, req.generator)
-    steps = checks.steps(req.num_steps, settings["num_steps"])
+    settings = _sampling(served, req, req.generator)
     checks.count(len(prompts) * req.n, f"{len(prompts)} prompt(s) x n={req.n}")
     height, width = checks.size(req.size)
     expanded = [p for p in prompts for _ in range(req.n)]
@@ -195,20 +186,8 @@ async def generate(req: GenerateRequest, served: ServedDep, ticket: TicketDep) -
 
     def work() -> list[dict[str, Any]]:
         cancellable(pipe.generators[req.generator])
-        out = pipe(
-            expanded,
-            generator=req.generator,
-            num_steps=steps,
-            guidance_scale=settings["guidance_scale"],
-            temperature=settings["temperature"],
-            rho=settings["rho"],
-            protocol=settings["protocol"],
-            seed=seed,
-            height=height,
-            width=width,
-            progress=False,
-        )
-        meta = {"generator": req.generator, **settings_record(req.generator, settings | {"num_steps": steps})}
+        out = pipe(expanded, generator=req.generator, seed=seed, height=height, width=width, progress=False, **settings)
+        meta = {"generator": req.generator, **settings_record(req.generator, settings)}
         return [_image_record(im, s, p, **meta) for im, s, p in zip(out.images, out.seeds, out.prompts)]
 
     images, waited, worked = await served.queue.run(work, ticket)
@@ -238,13 +217,12 @@ async def reconstruct(request: Request, served: ServedDep, ticket: TicketDep) ->
 
 
 async def edit(request: Request, served: ServedDep, ticket: TicketDep) -> JSONResponse:
-    req, data = await image_request(request, EditRequest)
+    req, data = await image_request(request, served.bodies.edit)
     pipe, checks = served.pipe, served.checks
     prompt = checks.prompt(req.prompt)
     kind = editing.edit_generator(pipe.generators)
     checks.generator(kind)
-    settings = _sampling(pipe, req, kind)
-    steps = checks.steps(req.num_steps, settings["num_steps"])
+    settings = _sampling(served, req, kind)
     checks.count(req.n, f"n={req.n}")
     height, width = checks.size(req.size)
     seed = resolve_seed(req.seed)
@@ -256,17 +234,13 @@ async def edit(request: Request, served: ServedDep, ticket: TicketDep) -> JSONRe
             decode_image(data),
             prompt,
             strength=req.strength,
-            num_steps=steps,
-            guidance_scale=settings["guidance_scale"],
-            temperature=settings["temperature"],
-            rho=settings["rho"],
-            protocol=settings["protocol"],
             seed=seed,
             height=height,
             width=width,
             num_images=req.n,
+            **settings,
         )
-        meta = {"generator": kind, "strength": req.strength, **settings_record(kind, settings | {"num_steps": steps})}
+        meta = {"generator": kind, "strength": req.strength, **settings_record(kind, settings)}
         return [_image_record(im, s, prompt, **meta) for im, s in zip(out.images, out.seeds)]
 
     images, waited, worked = await served.queue.run(work, ticket)
@@ -275,9 +249,16 @@ async def edit(request: Request, served: ServedDep, ticket: TicketDep) -> JSONRe
     )
 
 
-def add_routes(router: APIRouter) -> None:
-    """Put the API's routes on `router`, each an ApiRoute. Given the app's own router (`app.router`), so that
-    `app.routes` lists them: newer FastAPI keeps an included router's routes out of that list."""
+def _json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI text for a JSON body read by hand (the bodies are made with the app, so no signature names them)."""
+    content = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def add_routes(router: APIRouter, bodies: RequestBodies) -> None:
+    """Put the API's routes on `router`, each an ApiRoute, documented with `bodies`. Given the app's own router
+    (`app.router`), so that `app.routes` lists them: newer FastAPI keeps an included router's routes out of that
+    list."""
     add = functools.partial(router.add_api_route, route_class_override=ApiRoute)
     add("/", page, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     add("/healthz", healthz, methods=["GET"], summary="liveness and load")
@@ -287,6 +268,7 @@ def add_routes(router: APIRouter) -> None:
         generate,
         methods=["POST"],
         summary="images from prompts",
+        openapi_extra=_json_body_doc(bodies.generate),
         responses={200: {"model": ImagesResponse}, **_ERRORS},
     )
     add(
@@ -302,6 +284,6 @@ def add_routes(router: APIRouter) -> None:
         edit,
         methods=["POST"],
         summary="re-draw an image under a new prompt (diffusion from t = strength)",
-        openapi_extra=image_body_doc(EditRequest),
+        openapi_extra=image_body_doc(bodies.edit),
         responses={200: {"model": ImagesResponse}, **_ERRORS},
     )

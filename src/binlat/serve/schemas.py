@@ -1,17 +1,21 @@
 """Request and response bodies of the HTTP API, validated strictly; they also document it in /openapi.json.
 
-`validation_message` turns pydantic's errors on these models into the one-line `{"error": ...}` text.
+The generate and edit bodies have one field per sampling setting (binlat.sampling), typed, described and checked
+as the registered kinds' Settings dataclasses say: `request_bodies()` makes them when an app is made, so a kind
+registered before then brings its settings with it. `validation_message` turns pydantic's errors on these models into
+the one-line `{"error": ...}` text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from ..pipeline import BUILTIN_SAMPLING
-from ..registry import generator_kinds
+from ..registry import generator_kinds, kinds_that_can
+from ..sampling import Setting, check, settings
 from .errors import ApiError
 
 
@@ -19,28 +23,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-def _default(setting: str) -> str:
-    return f"default: the model's, else {BUILTIN_SAMPLING[setting]}"
-
-
-class Sampling(_Strict):
-    # Left out, a setting takes the model's tuned value (model_index.json "sampling", see /v1/models), else the
-    # built-in default.
-    num_steps: int | None = Field(
-        None,
-        ge=1,
-        validation_alias=AliasChoices("num_steps", "steps"),  # "steps", as the CLI's --steps, is kept as an alias
-        description=f"diffusion steps ({_default('num_steps')}; capped by the "
-        "server's max_steps; ignored by the AR generator; `steps` is an alias)",
-    )
-    guidance_scale: float | None = Field(
-        None, ge=0, description=f"classifier-free guidance scale w ({_default('guidance_scale')})"
-    )
-    temperature: float | None = Field(
-        None, ge=0, description=f"sampling temperature; 0 thresholds ({_default('temperature')})"
-    )
-    rho: float | None = Field(None, gt=0, description=f"time-step spacing exponent ({_default('rho')})")
-    protocol: Literal[1, 2] | None = Field(None, description=f"diffusion step protocol ({_default('protocol')})")
+class _ImageRequest(_Strict):
+    # Beside these, a request has the sampling settings (request_bodies); left out, a setting takes the model's
+    # tuned value (model_index.json "sampling", see /v1/models), else the built-in default.
     seed: int | None = Field(None, ge=0, le=2**53, description="base seed; image i uses seed + i (default random)")
     size: int | str | list[int] | None = Field(
         None, description="N, 'HxW' or [H, W] in pixels (default: the model's image size)"
@@ -48,7 +33,7 @@ class Sampling(_Strict):
     n: int = Field(1, ge=1, description="images per prompt")
 
 
-class GenerateRequest(Sampling):
+class _GenerateFields(_ImageRequest):
     prompt: str | None = Field(None, description="one prompt (or give `prompts`)")
     prompts: list[str] | None = Field(None, description="several prompts (or give `prompt`)")
     generator: str = Field("diffusion", description="a generator kind the model holds (see /v1/models)")
@@ -61,13 +46,74 @@ class GenerateRequest(Sampling):
         return kind
 
 
-class EditRequest(Sampling):
+class _EditFields(_ImageRequest):
     prompt: str = Field(description="what the edited image should show")
     strength: float = Field(0.6, ge=0, le=1, description="0 keeps the image, 1 ignores it")
     image_base64: str | None = Field(
         None,
         description="the image file, base64 (JSON requests only; multipart requests upload it as the field `image`)",
     )
+
+
+# What this server adds to a setting's own description: its limit on steps (limits.Checks.steps).
+_SERVER_NOTES = {"num_steps": "capped by the server's max_steps"}
+
+
+def _setting_field(setting: Setting, kinds: Sequence[str]) -> tuple[Any, Any]:
+    notes = [f"default: the model's, else {setting.default_text()}", _SERVER_NOTES.get(setting.name)]
+    readers = [k for k in setting.kinds if k in kinds]
+    if len(readers) < len(kinds):
+        notes.append(f"read by {', '.join(readers)}")
+    if setting.short:
+        notes.append(f"`{setting.short}` is an alias")
+    return setting.value_type | None, Field(
+        None,
+        validation_alias=AliasChoices(setting.name, setting.short) if setting.short else None,
+        description=f"{setting.help} ({'; '.join(n for n in notes if n)})",
+    )
+
+
+def _checked_setting(cls, value: Any, info) -> Any:
+    """A setting given is checked as its Settings dataclass checks it, so HTTP refuses what Python refuses."""
+    if value is not None:
+        try:
+            check({info.field_name: value})
+        except (ValueError, TypeError) as e:
+            raise ValueError(str(e)) from None
+    return value
+
+
+def _with_settings(name: str, base: type[BaseModel], kinds: Sequence[str]) -> type[BaseModel]:
+    """`base` and one optional field per sampling setting that one of `kinds` reads."""
+    chosen = {s.name: s for s in settings().values() if set(s.kinds) & set(kinds)}
+    clash = sorted(set(chosen) & set(base.model_fields))
+    if clash:
+        raise ValueError(f"sampling setting(s) {clash} are named like fields {name} already has; rename them")
+    fields = {setting: _setting_field(s, kinds) for setting, s in chosen.items()}
+    validators = {"_settings_checked": field_validator(*fields)(_checked_setting)} if fields else {}
+    return create_model(name, __base__=base, __validators__=validators, **fields)
+
+
+@dataclass(frozen=True)
+class RequestBodies:
+    """The bodies of one app's generate and edit requests, with the settings of the kinds registered when it was
+    made: every kind's for generate, those that can redraw for edit (which runs on such a kind)."""
+
+    generate: type[BaseModel]
+    edit: type[BaseModel]
+
+
+def request_bodies() -> RequestBodies:
+    return RequestBodies(
+        generate=_with_settings("GenerateRequest", _GenerateFields, generator_kinds()),
+        edit=_with_settings("EditRequest", _EditFields, kinds_that_can("redraw")),
+    )
+
+
+def given_settings(request: BaseModel) -> dict[str, Any]:
+    """The sampling settings a request's fields give, by name (None where left out)."""
+    known = settings()
+    return {name: getattr(request, name) for name in type(request).model_fields if name in known}
 
 
 class ReconstructRequest(_Strict):
@@ -103,10 +149,6 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-# Form fields arrive as text: these are read as numbers (bodies.form_value) before the strict checks.
-INT_FIELDS = frozenset({"num_steps", "steps", "protocol", "seed", "n"})
-FLOAT_FIELDS = frozenset({"guidance_scale", "temperature", "rho", "strength"})
-
 _FIELD_HINTS = {
     "size": "must be N, 'HxW' or [H, W] in pixels",
     "seed": "must be an integer in [0, 2^53] or null",
@@ -129,7 +171,10 @@ def validation_message(errors: Iterable[dict[str, Any]], model: type[BaseModel])
             parts.append(f"{name}: unknown field (known fields: {known})")
             continue
         label = f"{name}[{loc[1]}]" if len(loc) > 1 and isinstance(loc[1], int) else name
-        parts.append(f"{label}: {_FIELD_HINTS.get(name, e.get('msg', 'invalid value'))}")
+        said = e.get("msg", "invalid value")
+        if e.get("type") == "value_error" and "error" in (e.get("ctx") or {}):  # a check's own words, unprefixed
+            said = str(e["ctx"]["error"])
+        parts.append(f"{label}: {_FIELD_HINTS.get(name, said)}")
     return "; ".join(parts) or "invalid request"
 
 
