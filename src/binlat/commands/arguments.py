@@ -140,16 +140,13 @@ def add_sampling_options(parser: argparse.ArgumentParser, kinds: Sequence[str] |
     for s in chosen:
         readers = [k for k in s.kinds if k in kinds]
         only = f"; read by {', '.join(readers)}" if len(readers) < len(kinds) else ""
-        try:
-            parser.add_argument(
-                *s.options,
-                dest=s.dest,
-                type=setting_value(s),
-                default=None,
-                help=f"{s.help}{only} (default: the model's setting, else {s.default_text()})",
-            )
-        except argparse.ArgumentError as e:  # a setting named like an option the command has (seed, size, ...)
-            raise ValueError(f"sampling setting {s.name!r} of {', '.join(s.kinds)}: {e}; rename the setting") from None
+        parser.add_argument(
+            *s.options,
+            dest=s.dest,
+            type=setting_value(s),
+            default=None,
+            help=f"{s.help}{only} (default: the model's setting, else {s.default_text()})",
+        )
     parser.set_defaults(sampling_options={s.dest: s.name for s in chosen})
 
 
