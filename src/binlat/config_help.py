@@ -13,7 +13,16 @@ _FIELD = re.compile(r"^\s*(\w+)\s*:\s*[^=#]+(?:=[^#]*)?(?:#\s*(.*))?$")
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """Field name -> the comment on its line, or the comment lines just above it."""
+    """Field name -> the comment on its line, or the comment lines just above it; inherited fields (a generator
+    kind's config over the shared GeneratorConfig) from the source of the class that declares them."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            comments |= _own_field_comments(klass)
+    return comments
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     comments: dict[str, str] = {}
     above: list[str] = []
     try:
