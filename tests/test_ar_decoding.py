@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import binlat.processes.ar as ar_mod
-from binlat.generators import ARTransformer, GeneratorConfig
+from binlat.generators import ARConfig, ARTransformer
 from binlat.nn import StaticKVCache
 from binlat.processes import ARDecoding
 from binlat.processes.ar import ARSampling
 from binlat.processes.common import make_generators
 from binlat.text import TextFeatures
 
-CFG = GeneratorConfig(num_bits=16, num_tokens=12, num_layers=3, num_heads=2, head_dim=8, text_dim=12)
+CFG = ARConfig(num_bits=16, num_tokens=12, num_layers=3, num_heads=2, head_dim=8, text_dim=12)
 
 
 @pytest.fixture(scope="module")

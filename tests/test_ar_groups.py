@@ -1,4 +1,4 @@
-"""The AR generator's grouped token head (GeneratorConfig.bit_groups): a token's B bits as g consecutive groups,
+"""The AR generator's grouped token head (ARConfig.bit_groups): a token's B bits as g consecutive groups,
 group j a categorical over its 2^(B/g) values given the groups before it.
 
 Checked here: the config's limits and who refuses it; the bits <-> value convention (first bit most significant);
@@ -16,16 +16,15 @@ import torch
 from torch import nn
 
 import binlat.processes.ar as ar_mod
-from binlat.generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+from binlat.config import ConfigError, config_from_dict
+from binlat.generators import ARConfig, ARTransformer, DiffusionConfig
 from binlat.processes import ARDecoding
 from binlat.processes.ar import bits_to_values, teacher_forced, values_to_bits
 from binlat.processes.common import categorical, make_generators
 from binlat.text import TextFeatures
 
 TEXT_DIM = 12
-CFG = GeneratorConfig(
-    num_bits=16, num_tokens=10, num_layers=2, num_heads=2, head_dim=8, text_dim=TEXT_DIM, bit_groups=2
-)
+CFG = ARConfig(num_bits=16, num_tokens=10, num_layers=2, num_heads=2, head_dim=8, text_dim=TEXT_DIM, bit_groups=2)
 
 
 def randomise(model: nn.Module, seed: int) -> nn.Module:
@@ -60,31 +59,31 @@ def random_bits(n: int, k: int, b: int, seed: int) -> torch.Tensor:
 def test_bit_groups_limits_are_checked_with_clear_errors() -> None:
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="bit_groups must be an integer >= 1"):
-            GeneratorConfig(bit_groups=bad)
+            ARConfig(bit_groups=bad)
     small = dict(num_tokens=4, num_layers=1, num_heads=1, head_dim=8, text_dim=8)
     with pytest.raises(ValueError, match=r"bit_groups \(3\) must divide num_bits \(16\)"):
-        ARTransformer(GeneratorConfig(num_bits=16, bit_groups=3, **small))
+        ARTransformer(ARConfig(num_bits=16, bit_groups=3, **small))
     # 32 bits in 2 groups would be categoricals over 65,536 values; 4 groups of 8 bits is the fewest that fits
     with pytest.raises(ValueError, match="16 bits per group.*fewest groups that fit is 4"):
-        ARTransformer(GeneratorConfig(num_bits=32, bit_groups=2, **small))
+        ARTransformer(ARConfig(num_bits=32, bit_groups=2, **small))
     with pytest.raises(ValueError, match="fewest groups that fit is 8"):  # 6 would fit 12 bits but not divide 64
-        ARTransformer(GeneratorConfig(num_bits=64, bit_groups=4, **small))
-    assert ARTransformer(GeneratorConfig(num_bits=24, bit_groups=2, **small)).head.out[0].out_features == 4096
-    # the diffusion generator predicts one logit per bit and refuses the option
-    with pytest.raises(ValueError, match="bit_groups is an AR generator option"):
-        DiffusionTransformer(GeneratorConfig(num_bits=16, bit_groups=2, **small))
+        ARTransformer(ARConfig(num_bits=64, bit_groups=4, **small))
+    assert ARTransformer(ARConfig(num_bits=24, bit_groups=2, **small)).head.out[0].out_features == 4096
+    # the diffusion generator predicts one logit per bit: its config has no such option, and refuses it when read
+    with pytest.raises(ConfigError, match="bit_groups is the AR generator's option, not the diffusion generator's"):
+        config_from_dict(DiffusionConfig, {"num_bits": 16, "bit_groups": 2, **small})
     # a config read before its tokenizer fixes num_bits (the default 64 here) is not refused for the group size
-    assert GeneratorConfig(bit_groups=2).bit_groups == 2
+    assert ARConfig(bit_groups=2).bit_groups == 2
 
 
 def test_the_release_head_is_untouched() -> None:
     """bit_groups = 1: the same parameters (names, shapes, initial values under one seed) as a config without the
     field, bit logits out, and the grouped calls refused."""
-    plain = GeneratorConfig(num_bits=16, num_tokens=4, num_layers=1, num_heads=2, head_dim=8, text_dim=8)
+    plain = ARConfig(num_bits=16, num_tokens=4, num_layers=1, num_heads=2, head_dim=8, text_dim=8)
     torch.manual_seed(3)
     a = ARTransformer(plain)
     torch.manual_seed(3)
-    b = ARTransformer(GeneratorConfig(**{**plain.__dict__, "bit_groups": 1}))
+    b = ARTransformer(ARConfig(**{**plain.__dict__, "bit_groups": 1}))
     assert a.head is None and isinstance(a.proj_out, nn.Linear)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not any(k.startswith("head.") for k in a.state_dict())
@@ -175,7 +174,7 @@ def test_grouped_network_round_trips_through_save_and_load(net, tmp_path) -> Non
 class ConstantGroupNet(nn.Module):
     """Fake grouped network: fixed teacher-forced group logits, recording what it was handed."""
 
-    def __init__(self, logits: torch.Tensor, config: GeneratorConfig):
+    def __init__(self, logits: torch.Tensor, config: ARConfig):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(()))
         self.config, self.logits = config, logits
@@ -187,9 +186,7 @@ class ConstantGroupNet(nn.Module):
 
 
 def test_group_loss_hand_computed() -> None:
-    cfg = GeneratorConfig(
-        num_bits=4, num_tokens=2, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM, bit_groups=2
-    )
+    cfg = ARConfig(num_bits=4, num_tokens=2, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM, bit_groups=2)
     bits = torch.tensor([[[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]]])  # values: token 0 (2, 3), token 1 (0, 1)
     logits = torch.tensor(
         [[[[2.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 3.0]], [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]]
@@ -211,9 +208,7 @@ def test_group_loss_hand_computed() -> None:
 
 
 def test_group_loss_context_flip_noises_the_context_not_the_targets() -> None:
-    cfg = GeneratorConfig(
-        num_bits=16, num_tokens=30, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM, bit_groups=2
-    )
+    cfg = ARConfig(num_bits=16, num_tokens=30, num_layers=1, num_heads=1, head_dim=4, text_dim=TEXT_DIM, bit_groups=2)
     bits = random_bits(8, 30, 16, 12)
     net = ConstantGroupNet(torch.zeros(8, 30, 2, 256), cfg)
     loss, _ = ARDecoding(context_flip=0.2).loss(net, bits, text([2] * 8, 0), make_generators(range(8)))
@@ -228,7 +223,7 @@ def test_group_loss_is_comparable_to_the_bit_loss(net) -> None:
     teacher-forced NLL summed over tokens' groups, per bit, and teacher_forced gives the same figures."""
     bits, feats = random_bits(2, CFG.num_tokens, 16, 6), text([3, 4], 7)
     blank = randomise(ARTransformer(CFG), 8)
-    plain = randomise(ARTransformer(GeneratorConfig(**{**CFG.__dict__, "bit_groups": 1})), 8)
+    plain = randomise(ARTransformer(ARConfig(**{**CFG.__dict__, "bit_groups": 1})), 8)
     with torch.no_grad():
         for out in (*blank.head.out, plain.proj_out):
             out.weight.zero_()
@@ -360,7 +355,7 @@ def test_pipeline_and_continuation_run_a_grouped_generator() -> None:
     from binlat.pipeline import Pipeline
 
     tiny = Pipeline.random_tiny()
-    cfg = GeneratorConfig(**{**tiny.generators["ar"].config.__dict__, "bit_groups": 4})  # 32 bits: 4 x 8
+    cfg = ARConfig(**{**tiny.generators["ar"].config.__dict__, "bit_groups": 4})  # 32 bits: 4 x 8
     torch.manual_seed(0)
     pipe = Pipeline(tiny.tokenizer, tiny.text_encoder, ar=ARTransformer(cfg).eval())
     out = pipe(["a red circle", "two squares"], generator="ar", seed=3, return_bits=True, progress=False)

@@ -22,7 +22,7 @@ from binlat.bench.harness import PeakRSS, Table
 from binlat.bench.throughput import BOUND_GOAL
 from binlat.cli import main
 from binlat.eval.report import render_table
-from binlat.generators import DiffusionTransformer, GeneratorConfig
+from binlat.generators import DiffusionConfig, DiffusionTransformer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -93,7 +93,7 @@ def test_tiny_bench_prints_eight_tables_and_writes_every_figure(tiny_run):
         assert f"target at {size} px (the FLOP ratio) >= {round(bound, 2):g}x: {verdict}" in text
 
 
-def _hand_count(c: GeneratorConfig, n: int, k: int, m: int) -> int:
+def _hand_count(c: DiffusionConfig, n: int, k: int, m: int) -> int:
     """FLOPs of one DiffusionTransformer forward, written out layer by layer (2 FLOPs per multiply-add)."""
     d, b, r = c.dim, c.num_bits, c.mlp_ratio
     total = 2 * n * k * b * d  # x_embed
@@ -114,7 +114,7 @@ def _hand_count(c: GeneratorConfig, n: int, k: int, m: int) -> int:
 
 @pytest.mark.parametrize("n,k,m", [(3, 16, 5), (1, 7, 32)])
 def test_flop_counter_matches_hand_count_and_torch(n, k, m):
-    cfg = GeneratorConfig(num_bits=8, num_tokens=16, num_layers=2, num_heads=2, head_dim=8, text_dim=12)
+    cfg = DiffusionConfig(num_bits=8, num_tokens=16, num_layers=2, num_heads=2, head_dim=8, text_dim=12)
     flops = bench.diffusion_step_flops(cfg, n, m, k)
     assert flops["total"] == _hand_count(cfg, n, k, m)
     assert flops["total"] == sum(v for name, v in flops.items() if name != "total")

@@ -541,7 +541,7 @@ def test_config_show_lists_every_key_with_type_default_and_help(capsys):
     """Issue 27: `binlat config show PRESET [--set ...]` prints every key --set takes, from the dataclasses."""
     import dataclasses
 
-    from binlat.generators import GeneratorConfig
+    from binlat.generators import DiffusionConfig
     from binlat.train.config import GeneratorTraining, TokenizerTraining, TrainConfig
 
     assert main(["config", "show", "diffusion/shapes-64", "--set", "lr=2e-4"]) == 0
@@ -550,7 +550,7 @@ def test_config_show_lists_every_key_with_type_default_and_help(capsys):
     want = {f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "tokenizer", "generator")}
     want |= {f"tokenizer.{f.name}" for f in dataclasses.fields(TokenizerTraining)}
     want |= {f"generator.{f.name}" for f in dataclasses.fields(GeneratorTraining)}
-    want |= {f"model.{f.name}" for f in dataclasses.fields(GeneratorConfig)}
+    want |= {f"model.{f.name}" for f in dataclasses.fields(DiffusionConfig)}  # the diffusion kind's own class
     assert keys == want
     line = next(x for x in lines if x.startswith("lr = "))
     assert "lr = 0.0002" in line and "[float; default 0.0003]" in line and "learning rate" in line

@@ -27,7 +27,7 @@ from binlat import budget
 from binlat.budget import MemoryBudgetError
 from binlat.data.readers import ManifestDataset
 from binlat.data.transforms import ImageLoadError, ImageTransform, load_image
-from binlat.generators import DiffusionTransformer, GeneratorConfig
+from binlat.generators import DiffusionConfig, DiffusionTransformer
 from binlat.pipeline import Pipeline
 from binlat.tokenizer import BinaryTokenizer
 from test_reliability import (  # noqa: F401
@@ -189,10 +189,10 @@ def _(env: Env) -> None:
 
 
 def test_parameter_count_matches_a_real_build_and_extrapolates() -> None:
-    cfg = GeneratorConfig(num_bits=8, num_tokens=4, num_layers=3, num_heads=2, head_dim=8, text_dim=16)
+    cfg = DiffusionConfig(num_bits=8, num_tokens=4, num_layers=3, num_heads=2, head_dim=8, text_dim=16)
     real = sum(t.numel() for t in DiffusionTransformer(cfg).state_dict().values())
     assert budget.parameter_count(DiffusionTransformer, cfg) == real
-    deep = GeneratorConfig(
+    deep = DiffusionConfig(
         num_bits=8, num_tokens=4, num_layers=budget.EXACT_LAYERS + 3, num_heads=2, head_dim=8, text_dim=16
     )
     with torch.device("meta"):

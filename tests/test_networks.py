@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from binlat.generators import ARCache, ARTransformer, DiffusionTransformer, GeneratorConfig
+from binlat.config import ConfigError, config_from_dict
+from binlat.generators import ARCache, ARConfig, ARTransformer, DiffusionConfig, DiffusionTransformer, GeneratorConfig
 from binlat.tokenizer import BinaryTokenizer, TokenizerConfig, bit_regularizer
 
 
@@ -43,10 +44,10 @@ def tokenizer() -> BinaryTokenizer:
     return randomize(BinaryTokenizer(tiny_tokenizer_config())).eval()
 
 
-def gen_config(**kw) -> GeneratorConfig:
+def gen_config(config_class: type[GeneratorConfig], **kw) -> GeneratorConfig:
     base = dict(num_bits=8, num_tokens=6, num_layers=2, num_heads=2, head_dim=8, text_dim=12)
     base.update(kw)
-    return GeneratorConfig(**base)
+    return config_class(**base)
 
 
 def text_inputs(n: int = 3, length: int = 5, layers: int = 2, dim: int = 12):
@@ -211,7 +212,7 @@ def test_tokenizer_bfloat16():
 @pytest.fixture(scope="module")
 def diffusion() -> DiffusionTransformer:
     torch.manual_seed(5)
-    return randomize(DiffusionTransformer(gen_config())).eval()
+    return randomize(DiffusionTransformer(gen_config(DiffusionConfig))).eval()
 
 
 def test_diffusion_shapes_float32_and_bfloat16(diffusion):
@@ -221,7 +222,7 @@ def test_diffusion_shapes_float32_and_bfloat16(diffusion):
     out = diffusion(x, t, text, mask)
     assert out.shape == (3, 6, 8) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert not torch.allclose(out, diffusion(x, torch.tensor([0.1, 0.2, 0.3]), text, mask), atol=1e-4)
-    bf = DiffusionTransformer(gen_config())
+    bf = DiffusionTransformer(gen_config(DiffusionConfig))
     bf.load_state_dict(diffusion.state_dict())
     bf = bf.to(torch.bfloat16).eval()
     out_bf = bf(x.bool(), t, text, mask)
@@ -257,7 +258,7 @@ def test_diffusion_wrong_number_of_text_layers(diffusion):
 @pytest.fixture(scope="module")
 def ar() -> ARTransformer:
     torch.manual_seed(8)
-    return randomize(ARTransformer(gen_config())).eval()
+    return randomize(ARTransformer(gen_config(ARConfig))).eval()
 
 
 def test_ar_shapes_float32_and_bfloat16(ar):
@@ -275,7 +276,7 @@ def test_ar_shapes_float32_and_bfloat16(ar):
     out2 = ar(prefix2, text, mask)
     torch.testing.assert_close(out2[:, :4], out[:, :4], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out2[:, 4:], out[:, 4:], atol=1e-4)
-    bf = ARTransformer(gen_config())
+    bf = ARTransformer(gen_config(ARConfig))
     bf.load_state_dict(ar.state_dict())
     bf = bf.to(torch.bfloat16).eval()
     out_bf = bf(prefix, text, mask)
@@ -442,13 +443,11 @@ def test_text_refiner_reads_word_order_and_keeps_the_ar_cache_exact() -> None:
     """model.text_refiner_layers: the image rows read word order through the refiner (without it, text keys have
     no position: swapping two tokens changes nothing, the bag-of-words reading behind the relation reversals),
     padding changes nothing, and the AR generator's cached decoding still equals its full forward."""
-    c = GeneratorConfig(
-        num_bits=16, num_tokens=8, num_layers=2, num_heads=2, head_dim=16, text_dim=24, text_refiner_layers=2
-    )
+    c = dict(num_bits=16, num_tokens=8, num_layers=2, num_heads=2, head_dim=16, text_dim=24, text_refiner_layers=2)
     torch.manual_seed(0)
-    diffusion, ar = DiffusionTransformer(c).eval(), ARTransformer(c).eval()
+    diffusion, ar = DiffusionTransformer(DiffusionConfig(**c)).eval(), ARTransformer(ARConfig(**c)).eval()
     assert not diffusion.text_refiner.proj_out.weight.any()  # a new refiner starts silent, as a network without one
-    plain = DiffusionTransformer(GeneratorConfig(**{**c.__dict__, "text_refiner_layers": 0})).eval()
+    plain = DiffusionTransformer(DiffusionConfig(**{**c, "text_refiner_layers": 0})).eval()
     assert plain.text_refiner is None
     with torch.no_grad():  # off the zero-initialised gates, so the text reaches the output
         for p in [*diffusion.parameters(), *plain.parameters(), *ar.parameters()]:
@@ -487,19 +486,18 @@ def test_position_grid_starts_the_generators_positions_from_a_2d_table(tmp_path)
     """model.position_grid: token k sits at (k // cols, k % cols); tokens of one row share the row half of the table,
     tokens of one column the column half; the AR start row is zero; a grid that is not the token count is refused;
     the option survives save/load."""
-    c = GeneratorConfig(
-        num_bits=16, num_tokens=12, num_layers=1, num_heads=2, head_dim=8, text_dim=8, position_grid=[3, 4]
-    )
+    shared = dict(num_bits=16, num_tokens=12, num_layers=1, num_heads=2, head_dim=8, text_dim=8, position_grid=[3, 4])
+    c = DiffusionConfig(**shared)
     table = DiffusionTransformer(c).blocks[0].pos_emb.detach()[0]
     half = c.dim // 2
     assert torch.equal(table[4, :half], table[7, :half]) and not torch.equal(table[4, half:], table[7, half:])
     assert torch.equal(table[1, half:], table[9, half:]) and not torch.equal(table[1, :half], table[9, :half])
-    ar_table = ARTransformer(c).blocks[0].pos_emb.detach()[0]
+    ar_table = ARTransformer(ARConfig(**shared)).blocks[0].pos_emb.detach()[0]
     assert not ar_table[0].any() and torch.equal(ar_table[1:], table)
     with pytest.raises(ValueError, match="rows x cols = num_tokens"):
-        DiffusionTransformer(GeneratorConfig(num_tokens=12, num_layers=1, position_grid=[3, 3]))
+        DiffusionTransformer(DiffusionConfig(num_tokens=12, num_layers=1, position_grid=[3, 3]))
     with pytest.raises(ValueError, match="positive integers"):
-        GeneratorConfig(num_tokens=12, position_grid=[12])
+        GeneratorConfig(num_tokens=12, position_grid=[12])  # the shared fields' checks
     DiffusionTransformer(c).save_pretrained(tmp_path / "d")
     assert DiffusionTransformer.from_pretrained(tmp_path / "d").config.position_grid == (3, 4)
 
@@ -508,10 +506,10 @@ def test_joint_text_starts_as_the_plain_network_and_lets_the_text_read_the_image
     """model.joint_text: the text rows are queries too and carry a stream from block to block. A new network equals
     the release's (the stream enters through a zero projection); once that opens, what block 2 reads of the text
     depends on the image (the plain network's text keys never do); padding changes nothing; the AR kind refuses it."""
-    c = GeneratorConfig(num_bits=16, num_tokens=8, num_layers=2, num_heads=2, head_dim=16, text_dim=24, joint_text=True)
+    c = DiffusionConfig(num_bits=16, num_tokens=8, num_layers=2, num_heads=2, head_dim=16, text_dim=24, joint_text=True)
     torch.manual_seed(0)
     joint = DiffusionTransformer(c).eval()
-    plain = DiffusionTransformer(GeneratorConfig(**{**c.__dict__, "joint_text": False})).eval()
+    plain = DiffusionTransformer(DiffusionConfig(**{**c.__dict__, "joint_text": False})).eval()
     with torch.no_grad():
         for name, p in joint.named_parameters():  # off the zero initialisations, so every path reaches the output
             if not p.any() and "text_update" not in name:
@@ -538,5 +536,5 @@ def test_joint_text_starts_as_the_plain_network_and_lets_the_text_read_the_image
         padded = [torch.cat((w, torch.randn(2, 3, 24)), 1) for w in text]
         longer = torch.cat((mask, torch.zeros(2, 3, dtype=torch.bool)), 1)
         torch.testing.assert_close(joint(x, t, padded, longer), out, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="joint_text is a diffusion generator option"):
-        ARTransformer(c)
+    with pytest.raises(ConfigError, match="joint_text is the diffusion generator's option"):
+        config_from_dict(ARConfig, {"joint_text": True})

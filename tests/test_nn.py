@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from binlat.generators import GeneratorConfig
+from binlat.generators import DiffusionConfig
 from binlat.generators.diffusion import DiffusionBlock
 from binlat.nn import (
     AdaLNContinuous,
@@ -203,7 +203,7 @@ def test_adaln_zero_starts_as_identity():
     ada = AdaLNZero(16)
     assert torch.count_nonzero(ada.linear.weight) == 0 and torch.count_nonzero(ada.linear.bias) == 0
     assert all(torch.count_nonzero(c) == 0 for c in ada(torch.randn(2, 16)))
-    cfg = GeneratorConfig(num_bits=4, num_tokens=5, num_layers=1, num_heads=2, head_dim=8, text_dim=6)
+    cfg = DiffusionConfig(num_bits=4, num_tokens=5, num_layers=1, num_heads=2, head_dim=8, text_dim=6)
     block = DiffusionBlock(cfg)
     x = torch.randn(2, 5, 16)
     out = block(x, torch.randn(2, 16), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
@@ -483,9 +483,10 @@ def test_sincos_positions_table(dim):
 
 
 def test_fresh_generators_start_with_distinct_positions():
-    from binlat.generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+    from binlat.generators import ARTransformer, DiffusionTransformer
 
-    cfg = GeneratorConfig(num_bits=4, num_tokens=6, num_layers=1, num_heads=2, head_dim=8, text_dim=8)
-    for model in (DiffusionTransformer(cfg), ARTransformer(cfg)):
+    shared = dict(num_bits=4, num_tokens=6, num_layers=1, num_heads=2, head_dim=8, text_dim=8)
+    for network in (DiffusionTransformer, ARTransformer):
+        model = network(network.config_class(**shared))
         pos = model.blocks[0].pos_emb[0]
         assert (torch.cdist(pos, pos) + torch.eye(pos.shape[0])).min() > 0.1

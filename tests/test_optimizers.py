@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from binlat.generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+from binlat.generators import ARTransformer, DiffusionTransformer
 from binlat.train.config import TrainConfig
 from binlat.train.optimizers import MuonWithAdamW, is_hidden_matrix, make_optimizer
 
@@ -13,7 +13,7 @@ from binlat.train.optimizers import MuonWithAdamW, is_hidden_matrix, make_optimi
 @pytest.mark.parametrize("network", [DiffusionTransformer, ARTransformer])
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(network) -> None:
     model = network(
-        GeneratorConfig(
+        network.config_class(
             num_bits=8, num_tokens=4, num_layers=2, num_heads=2, head_dim=8, text_dim=12, text_refiner_layers=1
         )
     )

@@ -1148,7 +1148,7 @@ def _(env: Env) -> None:
     model = env.copy_bundle()
     config = model / "diffusion" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "colour": "red"}))
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['colour'\] for GeneratorConfig"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['colour'\] for DiffusionConfig"):
         DiffusionTransformer.from_pretrained(model / "diffusion")
 
 

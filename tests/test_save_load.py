@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 import binlat.modeling
 from binlat.config import ConfigError, config_from_dict, load_config
-from binlat.generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+from binlat.generators import ARConfig, ARTransformer, DiffusionConfig, DiffusionTransformer, GeneratorConfig
 from binlat.io import WeightsError
 from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
 
@@ -44,16 +45,16 @@ def tok_config(**kw) -> TokenizerConfig:
     return TokenizerConfig(**base)
 
 
-def gen_config(**kw) -> GeneratorConfig:
+def gen_config(config_class: type[GeneratorConfig], **kw) -> GeneratorConfig:
     base = dict(num_bits=8, num_tokens=6, num_layers=2, num_heads=2, head_dim=8, text_dim=12, text_layers=(3, 5))
     base.update(kw)
-    return GeneratorConfig(**base)
+    return config_class(**base)
 
 
 MODELS = {
     "tokenizer": (BinaryTokenizer, tok_config),
-    "diffusion": (DiffusionTransformer, gen_config),
-    "ar": (ARTransformer, gen_config),
+    "diffusion": (DiffusionTransformer, functools.partial(gen_config, DiffusionConfig)),
+    "ar": (ARTransformer, functools.partial(gen_config, ARConfig)),
 }
 
 
@@ -292,7 +293,7 @@ def test_invalid_tokenizer_configs(kw, match):
 )
 def test_invalid_generator_configs(kw, match):
     with pytest.raises(ValueError, match=match):
-        gen_config(**kw)
+        gen_config(DiffusionConfig, **kw)
 
 
 def test_from_pretrained_missing_directory(tmp_path):

@@ -1,6 +1,6 @@
 """binlat: text-to-image generation in a 1D binary latent space."""
 
-from .generators import ARTransformer, DiffusionTransformer, GeneratorConfig
+from .generators import ARConfig, ARTransformer, DiffusionConfig, DiffusionTransformer, GeneratorConfig
 from .tokenizer import BinaryTokenizer, TokenizerConfig
 
 __version__ = "0.1.0"
@@ -10,6 +10,8 @@ __all__ = [
     "TokenizerConfig",
     "DiffusionTransformer",
     "ARTransformer",
+    "DiffusionConfig",
+    "ARConfig",
     "GeneratorConfig",
     "__version__",
 ]

@@ -110,9 +110,19 @@ def _check(value: Any, hint: Any, name: str) -> Any:
 
 
 def config_from_dict(cls: type[C], data: Any, source: str = "config") -> C:
-    """Build dataclass `cls` from `data`, naming every unknown key and every mistyped value."""
+    """Build dataclass `cls` from `data`, naming every unknown key and every mistyped value.
+
+    A class may take keys that are not its fields, such as the other kind's options that a generator kind's older
+    files hold (binlat.generators.GeneratorConfig): its classmethod `drop_foreign_keys(data)` removes them first,
+    or raises ValueError saying why one is refused."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
+    drop_foreign_keys = getattr(cls, "drop_foreign_keys", None)
+    if drop_foreign_keys is not None:
+        try:
+            data = drop_foreign_keys(data)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

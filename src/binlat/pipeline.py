@@ -178,7 +178,7 @@ class Pipeline:
             upsample_after=(0,),
             image_size=64,
         )
-        gen = GeneratorConfig(
+        shared = dict(  # every kind's network at the same size, each with its own options at their defaults
             num_bits=32,
             num_tokens=16,
             num_layers=2,
@@ -191,7 +191,7 @@ class Pipeline:
         with torch.random.fork_rng():  # built in this order, so the weights depend only on the seed
             torch.manual_seed(seed)
             tokenizer = BinaryTokenizer(tok)
-            networks = {k: registry.generator(k).network(gen) for k in kinds}
+            networks = {k: registry.generator(k).network(registry.generator(k).config(**shared)) for k in kinds}
         config = PipelineConfig(
             text_encoder=text_encoder.name_or_path,
             generators=kinds,

@@ -199,7 +199,7 @@ def bench_bf16(plan: Plan, figures: dict[str, float]) -> Table:
         ]
     )
     # A full generation at the preset's own sizes: text features -> 20 guided steps -> decode to pixels.
-    gen_cfg = gen_config(plan)
+    gen_cfg = gen_config(plan, "diffusion")
     tok_cfg = TokenizerConfig(**plan.tokenizer)
     g32, t32 = diffusion_network(gen_cfg), seeded(lambda: BinaryTokenizer(tok_cfg), 1)
     g16, t16 = copy.deepcopy(g32).to(torch.bfloat16), copy.deepcopy(t32).to(torch.bfloat16)

@@ -35,7 +35,7 @@ def bench_ar(plan: Plan, figures: dict[str, float]) -> Table:
     )
     table.notes.append("warm-up: cached = one full run; recompute = its last 2 steps (a prefix fixes the others)")
     for tokens in plan.ar_tokens:
-        net = seeded(lambda: ARTransformer(gen_config(plan, num_tokens=tokens)))
+        net = seeded(lambda: ARTransformer(gen_config(plan, "ar", num_tokens=tokens)))
         for batch in plan.ar_batches:
             cond, uncond = prompt_pair(plan, batch)
 
@@ -104,7 +104,7 @@ def _ar_overhead(plan: Plan, tokens: int, step_s: float) -> str:
     from ..generators import ARTransformer
     from ..processes.common import with_guidance
 
-    net = seeded(lambda: ARTransformer(gen_config(plan, num_tokens=tokens)))
+    net = seeded(lambda: ARTransformer(gen_config(plan, "ar", num_tokens=tokens)))
     cond, uncond = prompt_pair(plan, 1)
     text = with_guidance(cond, uncond, plan.guidance)
     row = torch.zeros(2, 1, net.config.num_bits)
@@ -131,7 +131,7 @@ def bench_tokens(plan: Plan, figures: dict[str, float]) -> Table:
     from ..processes.common import with_guidance
 
     counts = plan.token_counts
-    net = diffusion_network(gen_config(plan, num_tokens=max(counts)))
+    net = diffusion_network(gen_config(plan, "diffusion", num_tokens=max(counts)))
     config = net.config
     cond, uncond = prompt_pair(plan, 1)
     text = with_guidance(cond, uncond, plan.guidance)  # 2 rows: one guided image
@@ -172,7 +172,7 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
 
     tok_cfg = TokenizerConfig(**(plan.e2e_tokenizer or plan.tokenizer))
     # The generator writes the token grid of the tokenizer that decodes it (the release's: 128 x 128 bits).
-    gen_cfg = gen_config(plan, num_tokens=tok_cfg.num_tokens, num_bits=tok_cfg.num_bits)
+    gen_cfg = gen_config(plan, "diffusion", num_tokens=tok_cfg.num_tokens, num_bits=tok_cfg.num_bits)
     table = Table(
         "[3/8] End to end: binlat vs a latent-diffusion pipeline of diffusers parts (seconds per image)",
         ["size", "binlat s/img", "n", "latent-diff s/img", "n", "speedup", "binlat GFLOP", "LDM GFLOP", "FLOP ratio"],

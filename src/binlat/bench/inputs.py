@@ -34,10 +34,11 @@ def prompt_pair(plan: Plan, batch: int, layers: int | None = None):
     )
 
 
-def gen_config(plan: Plan, **overrides):
-    from ..generators import GeneratorConfig
+def gen_config(plan: Plan, kind: str, **overrides):
+    """Generator `kind`'s config at the plan's size, with `overrides`."""
+    from ..registry import generator
 
-    return GeneratorConfig(**{**plan.generator, **overrides})
+    return generator(kind).config(**{**plan.generator, **overrides})
 
 
 def seeded(build: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:
@@ -62,7 +63,7 @@ def diffusion_network(config, seed: int = 0) -> torch.nn.Module:
 
 def efficiency_step(plan: Plan, batch: int, **overrides):
     """The batched step of tables 4 and 7: (config, network, inputs) at the paper's token count."""
-    config = gen_config(plan, num_tokens=plan.paper_tokens, **overrides)
+    config = gen_config(plan, "diffusion", num_tokens=plan.paper_tokens, **overrides)
     net = diffusion_network(config)
     cond = text_features(batch, config.num_layers, config.text_dim, plan.text_length)
     gen = torch.Generator().manual_seed(0)

@@ -1,7 +1,7 @@
 """Generator networks over binary tokens (networks only; sampling lives in binlat.processes)."""
 
 from .ar import ARCache, ARTransformer
-from .config import GeneratorConfig
+from .config import ARConfig, DiffusionConfig, GeneratorConfig
 from .diffusion import DiffusionTransformer
 
-__all__ = ["GeneratorConfig", "DiffusionTransformer", "ARTransformer", "ARCache"]
+__all__ = ["GeneratorConfig", "DiffusionConfig", "ARConfig", "DiffusionTransformer", "ARTransformer", "ARCache"]

@@ -16,11 +16,11 @@ from torch import nn
 
 from ..modeling import ModelMixin
 from ..nn import Attention, GeluMLP, KVCache, RMSNorm, StaticKVCache, run_block
-from .config import GeneratorConfig, group_bits, initial_positions, make_text_refiner
+from .config import ARConfig, check_config_class, group_bits, initial_positions, make_text_refiner
 
 
 class ARBlock(nn.Module):
-    def __init__(self, cfg: GeneratorConfig):
+    def __init__(self, cfg: ARConfig):
         super().__init__()
         dim = cfg.dim
         self.norm1 = RMSNorm(dim)
@@ -151,13 +151,11 @@ class _Buffers:
 
 
 class ARTransformer(nn.Module, ModelMixin):
-    config_class = GeneratorConfig
+    config_class = ARConfig
 
-    def __init__(self, config: GeneratorConfig):
+    def __init__(self, config: ARConfig):
         super().__init__()
-        for option in ("self_condition", "pooled_text", "joint_text", "align_dim"):
-            if getattr(config, option):
-                raise ValueError(f"{option} is a diffusion generator option; the AR generator does not take it")
+        check_config_class(self, config)
         self.config = config
         self.start_token = nn.Parameter(torch.randn(1, 1, config.dim) * 0.02)
         self.x_embed = nn.Linear(config.num_bits, config.dim)

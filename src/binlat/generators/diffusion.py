@@ -21,13 +21,13 @@ from ..nn import (
     modulate,
     run_block,
 )
-from .config import GeneratorConfig, initial_positions, make_text_refiner
+from .config import DiffusionConfig, check_config_class, initial_positions, make_text_refiner
 
 
 class DiffusionBlock(nn.Module):
     """AdaLN-Zero block; image rows query [own projection of this block's text layer ; image rows]."""
 
-    def __init__(self, cfg: GeneratorConfig):
+    def __init__(self, cfg: DiffusionConfig):
         super().__init__()
         dim = cfg.dim
         self.adaln = AdaLNZero(dim)
@@ -72,15 +72,11 @@ class DiffusionBlock(nn.Module):
 
 
 class DiffusionTransformer(nn.Module, ModelMixin):
-    config_class = GeneratorConfig
+    config_class = DiffusionConfig
 
-    def __init__(self, config: GeneratorConfig):
+    def __init__(self, config: DiffusionConfig):
         super().__init__()
-        if config.bit_groups != 1:
-            raise ValueError(
-                "bit_groups is an AR generator option; the diffusion generator does not take it "
-                "(it predicts one logit per bit)"
-            )
+        check_config_class(self, config)
         self.config = config
         self.x_embed = nn.Linear(config.num_bits, config.dim)
         # Self-conditioning: the previous x_0 estimate enters beside x_t. Zero-initialised, so the network starts

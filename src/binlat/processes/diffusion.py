@@ -90,7 +90,7 @@ class BernoulliDiffusion:
     time_sampling: str = "logit_normal"  # "logit_normal" (paper) or "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    # The network reads its previous x_0 estimate (GeneratorConfig.self_condition): sampling hands each step the
+    # The network reads its previous x_0 estimate (DiffusionConfig.self_condition): sampling hands each step the
     # last step's estimate; training gives half the samples the network's own estimate of the same x_t.
     self_condition: bool = False
     # REPA (Yu et al., 2024): the loss also pulls the network's alignment head towards the given features of the

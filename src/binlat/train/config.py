@@ -70,9 +70,9 @@ SHAPES_SAMPLE_PROMPTS = ["a red circle", "two squares", "a blue triangle to the 
 @dataclass
 class TrainConfig:
     kind: str = "tokenizer"  # tokenizer | a registered generator kind (binlat.registry): diffusion, ar
-    # Fields of the model's own config class (TokenizerConfig / GeneratorConfig), checked as such when the config
-    # is read. A generator may leave out what its tokenizer and text encoder fix (num_tokens, num_bits, text_dim,
-    # text_layers): `model_config` fills those in when the task is built.
+    # Fields of the model's own config class (TokenizerConfig, or the generator kind's: DiffusionConfig, ARConfig),
+    # checked as such when the config is read. A generator may leave out what its tokenizer and text encoder fix
+    # (num_tokens, num_bits, text_dim, text_layers): `model_config` fills those in when the task is built.
     model: dict[str, Any] = field(default_factory=dict)
     data: str = "shapes"  # --data SPEC: shapes[:options], a folder, a manifest, shards, a precompute folder
     image_size: int = 64  # training images are resized and cropped to this side (px)
