@@ -16,6 +16,7 @@ import torch
 
 import binlat
 from binlat import bench
+from binlat.bench import inputs as bench_inputs
 from binlat.bench import plan as bench_plan
 from binlat.bench import training as bench_training
 from binlat.bench.harness import PeakRSS, Table
@@ -181,6 +182,17 @@ def test_the_bench_reads_presets_through_the_package(preset_copy):
         _edit(preset_copy / kind / "shapes-64.json", num_layers=3)
     plan = bench.make_plan("shapes-64", quick=True)
     assert plan.generator["num_layers"] == 3 and plan.preset.training["ar"]["model"]["num_layers"] == 3
+
+
+def test_each_generator_kind_keeps_its_own_options(preset_copy):
+    """The kinds share one body (the shared fields must agree) but not their own options: the AR preset's grouped
+    head (bit_groups) reaches every AR network the bench builds, the diffusion networks never see it."""
+    _edit(preset_copy / "ar" / "shapes-64.json", bit_groups=4)
+    plan = bench.make_plan("shapes-64", quick=True)
+    assert "bit_groups" not in plan.generator
+    assert plan.generator_fields("ar")["bit_groups"] == 4 and "bit_groups" not in plan.generator_fields("diffusion")
+    assert bench_training.train_spec(plan, "ar")["config"]["model"]["bit_groups"] == 4
+    assert bench_inputs.gen_config(plan, "ar").bit_groups == 4
 
 
 def test_broken_presets_are_named(preset_copy):

@@ -38,7 +38,7 @@ def gen_config(plan: Plan, kind: str, **overrides):
     """Generator `kind`'s config at the plan's size, with `overrides`."""
     from ..registry import generator
 
-    return generator(kind).config(**{**plan.generator, **overrides})
+    return generator(kind).config(**{**plan.generator_fields(kind), **overrides})
 
 
 def seeded(build: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from ..generators import GeneratorConfig
 from ..registry import TOKENIZER, model_kinds
 
 QUICK_THROUGHPUT_STEPS = 4  # --quick: table 8 times this many diffusion steps of the 20
@@ -34,13 +36,15 @@ class Preset:
 
     name: str
     tokenizer: dict[str, Any]  # TokenizerConfig fields (image_size included)
-    generator: dict[str, Any]  # GeneratorConfig fields at the preset's own token count
+    generator: dict[str, Any]  # the generators' shared GeneratorConfig fields at the preset's own token count
     image_size: int
     tokenizer_batch: int
     generator_batch: int
     mixed_precision: bool = False  # training configs ask for bf16 autocast
     grad_checkpointing: bool = False
     training: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> its whole training config (JSON)
+    # kind -> the options of its own config class the preset sets (e.g. the AR head's bit_groups)
+    generator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def preset_root():
@@ -98,7 +102,11 @@ def load_preset(name: str) -> Preset:
             f"preset {name}: presets/tokenizer/{name}.json: {e}; fix configs/tokenizer/{name}.json"
         ) from None
     grid = {"num_tokens": tok_cfg.num_tokens, "num_bits": tok_cfg.num_bits}
-    generators = [_tuples({**grid, **configs[k].get("model", {})}) for k in GENERATOR_KINDS]
+    # The bench times one generator body: the kinds must agree on the shared fields; each keeps its own options.
+    shared_names = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    models = {k: _tuples({**grid, **configs[k].get("model", {})}) for k in GENERATOR_KINDS}
+    generators = [{n: v for n, v in m.items() if n in shared_names} for m in models.values()]
+    options = {k: {n: v for n, v in m.items() if n not in shared_names} for k, m in models.items()}
     if any(g != generators[0] for g in generators):
         raise ValueError(
             f"preset {name}: {' and '.join(f'configs/{k}/{name}.json' for k in GENERATOR_KINDS)} give "
@@ -114,6 +122,7 @@ def load_preset(name: str) -> Preset:
         mixed_precision=any(c.get("mixed_precision", "no") == "bf16" for c in configs.values()),
         grad_checkpointing=any(c.get("grad_checkpointing", False) for c in configs.values()),
         training=configs,
+        generator_options={k: o for k, o in options.items() if o},
     )
 
 
@@ -224,10 +233,15 @@ class Plan:
     shipped_tokenizer: dict[str, Any] = field(default_factory=dict)
     shipped_generator: dict[str, Any] = field(default_factory=dict)
     train_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> training config (JSON)
+    generator_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> its own config options
     throughput_batch: int = 64
     throughput_steps: int | None = None  # diffusion steps timed in table 8 (the rest scaled); None: all
     bf16_batch: int = 8
     notes: list[str] = field(default_factory=list)
+
+    def generator_fields(self, kind: str, shared: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Generator `kind`'s config fields: the shared ones (`shared`, else the plan's) and the kind's own options."""
+        return {**(self.generator if shared is None else shared), **self.generator_options.get(kind, {})}
 
     @property
     def width(self) -> str:
@@ -290,6 +304,7 @@ def make_plan(preset: str = "shapes-64", quick: bool = False, tiny: bool = False
         efficiency_compiled=not quick,
         train_compiled=not quick,
         train_steps=2 if quick else 5,
+        generator_options={k: dict(o) for k, o in p.generator_options.items()},
     )
     plan.shipped_name, plan.shipped_tokenizer, plan.shipped_generator, plan.train_configs = shipped_recipe(p)
     plan.train_batches = {k: plan.train_configs[k].get("batch_size", v) for k, v in plan.train_batches.items()}

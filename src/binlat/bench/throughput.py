@@ -79,7 +79,8 @@ def bench_throughput(plan: Plan, figures: dict[str, Any]) -> Table:
     nets = {}
     for kind in generator_kinds():
         spec = generator(kind)
-        net = seeded(lambda spec=spec: spec.network(spec.config(**plan.shipped_generator)))
+        fields = plan.generator_fields(kind, plan.shipped_generator)
+        net = seeded(lambda spec=spec, fields=fields: spec.network(spec.config(**fields)))
         nets[kind] = (net, spec.sampler(net.config), spec.uses("num_steps"))
     steps = plan.throughput_steps or plan.steps
     one_cond, _ = prompt_pair(plan, 1)

@@ -28,7 +28,7 @@ from .throughput import peak_flops, training_step_flops
 # --- the parent: one worker per trainer -------------------------------------------------------------------------
 def train_spec(plan: Plan, kind: str) -> dict[str, Any]:
     """What a worker trains: the preset's training config for `kind` with the plan's sizes, batch and precision."""
-    model = plan.shipped_tokenizer if kind == "tokenizer" else plan.shipped_generator
+    model = plan.shipped_tokenizer if kind == "tokenizer" else plan.generator_fields(kind, plan.shipped_generator)
     model = {k: list(v) if isinstance(v, tuple) else v for k, v in model.items()}
     config = dict(
         plan.train_configs[kind],
