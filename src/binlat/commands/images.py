@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 from .common import (
     ImageWriter,
@@ -78,11 +79,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _records(result, pipe, args: argparse.Namespace, **fields) -> list[dict]:
-    """metadata.jsonl lines for an edit-style result: the given fields plus each image's prompt, seed and size."""
-    return [
+def _image_job(args: argparse.Namespace, generator_for, make, job: str, detail: dict, summary: str) -> int:
+    """An edit-style job (edit, continue): the output folder, the input image and the pipeline, checked in that
+    order; the generator kind it runs on (`generator_for(pipe.generators)`) and the sampling settings it uses, those
+    left out the pipeline's; then `make(pipe, image, seed=..., ...)`'s images, written with metadata lines of `job`,
+    the source, `detail`, the kind and settings, and each image's prompt, seed and size. `summary` says in the
+    closing line what was made."""
+    out = output_dir(args.out)
+    image = input_image(args.image)
+    pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
+    kind = generator_for(pipe.generators)
+    settings = resolve_sampling(pipe, kind, args)
+    warn_vocabulary(pipe, [args.prompt], kind)
+    height, width = args.size or (None, None)
+    result = make(pipe, image, seed=args.seed, height=height, width=width, progress=not args.no_progress, **settings)
+    fixed = {"kind": job, "source": str(args.image), **detail, "generator": kind, **sampling_record(kind, settings)}
+    records = [
         {
-            **fields,
+            **fixed,
             "prompt": prompt,
             "seed": seed,
             "height": im.height,
@@ -92,51 +106,22 @@ def _records(result, pipe, args: argparse.Namespace, **fields) -> list[dict]:
         }
         for im, prompt, seed in zip(result.images, result.prompts, result.seeds)
     ]
-
-
-def _image_job(args: argparse.Namespace, generator_for):
-    """The output folder, the input image and the pipeline, checked in that order; the generator kind the job runs
-    on (`generator_for(pipe.generators)`) and the sampling settings it uses, those left out the pipeline's."""
-    out = output_dir(args.out)
-    image = input_image(args.image)
-    pipe = load_pipeline(args.model, args.text_encoder, args.allow_nonfinite_weights)
-    kind = generator_for(pipe.generators)
-    settings = resolve_sampling(pipe, kind, args)
-    warn_vocabulary(pipe, [args.prompt], kind)
-    return out, image, pipe, kind, settings, args.size or (None, None)
+    names = write_results(out, result.images, records)
+    print(f"wrote {out / names[0]} ({summary}, seed {result.seeds[0]}), metadata in {out / 'metadata.jsonl'}")
+    return 0
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..editing import edit, edit_generator
 
-    out, image, pipe, kind, settings, (height, width) = _image_job(args, edit_generator)
-    result = edit(
-        pipe,
-        image,
-        args.prompt,
-        strength=args.strength,
-        seed=args.seed,
-        height=height,
-        width=width,
-        progress=not args.no_progress,
-        **settings,
-    )
-    records = _records(
-        result,
-        pipe,
+    return _image_job(
         args,
-        kind="edit",
-        source=str(args.image),
-        strength=args.strength,
-        generator=kind,
-        **sampling_record(kind, settings),
+        edit_generator,
+        partial(edit, prompt=args.prompt, strength=args.strength),
+        "edit",
+        {"strength": args.strength},
+        f"edit of {args.image} at strength {args.strength:g}",
     )
-    names = write_results(out, result.images, records)
-    print(
-        f"wrote {out / names[0]} (edit of {args.image} at strength {args.strength:g}, seed {result.seeds[0]}), "
-        f"metadata in {out / 'metadata.jsonl'}"
-    )
-    return 0
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
@@ -176,34 +161,14 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_continue(args: argparse.Namespace) -> int:
     from ..editing import continue_ar, continue_generator
 
-    out, image, pipe, kind, settings, (height, width) = _image_job(args, continue_generator)
-    result = continue_ar(
-        pipe,
-        image,
-        args.prompt,
-        args.keep_tokens,
-        seed=args.seed,
-        height=height,
-        width=width,
-        progress=not args.no_progress,
-        **settings,
-    )
-    records = _records(
-        result,
-        pipe,
+    return _image_job(
         args,
-        kind="continue",
-        source=str(args.image),
-        keep_tokens=args.keep_tokens,
-        generator=kind,
-        **sampling_record(kind, settings),
+        continue_generator,
+        partial(continue_ar, prompt=args.prompt, keep_tokens=args.keep_tokens),
+        "continue",
+        {"keep_tokens": args.keep_tokens},
+        f"first {args.keep_tokens} tokens of {args.image} kept",
     )
-    names = write_results(out, result.images, records)
-    print(
-        f"wrote {out / names[0]} (first {args.keep_tokens} tokens of {args.image} kept, seed {result.seeds[0]}), "
-        f"metadata in {out / 'metadata.jsonl'}"
-    )
-    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
