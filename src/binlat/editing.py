@@ -138,9 +138,18 @@ def reconstruct(
 ) -> PipelineOutput:
     """Encode an image to bits and decode them again: what the tokenizer keeps of it."""
     height, width = _target_size(pipe, height, width)
-    bits = image_bits(pipe, image, height, width)
+    return _decoded(pipe, image_bits(pipe, image, height, width), [0], "", height, width)
+
+
+def _decoded(
+    pipe: Pipeline, bits: torch.Tensor, seeds: list[int], prompt: str, height: int, width: int
+) -> PipelineOutput:
+    """Bits [N, K, B] with their images, one seed each, all made under `prompt`."""
     return PipelineOutput(
-        images=decode_bits(pipe, bits, height, width), seeds=[0], bits=bits.to(torch.uint8).cpu(), prompts=[""]
+        images=decode_bits(pipe, bits, height, width),
+        seeds=seeds,
+        bits=bits.to(torch.uint8).cpu(),
+        prompts=[prompt] * len(seeds),
     )
 
 
@@ -197,17 +206,16 @@ def check_strength(strength: float) -> float:
 
 
 # --- edit ---------------------------------------------------------------------------------------------------
-def _conditioning(pipe: Pipeline, kind: str, prompt: str, n: int):
-    """The generator of `kind`, its process, and the prompt's (repeated n times) and the empty prompt's features."""
+def _sampler_inputs(pipe: Pipeline, kind: str, prompt: str, seeds: list[int], settings: dict[str, Any]):
+    """The generator of `kind`, its process, and what its sampling calls take after their start: the prompt's
+    features (one row per seed), the empty prompt's, one random generator per seed and the sampling settings."""
     network = pipe.generators[kind]
     layers = pipe.text_layers(kind)
     cond, uncond = pipe.encode_prompts([prompt])
     process = pipe.process(kind)
-    return network, process, cond.index([0] * n).select(layers), uncond.select(layers)
-
-
-def _generators(network: torch.nn.Module, seeds: list[int]) -> list[torch.Generator]:
-    return make_generators(seeds, next(network.parameters()).device)
+    generators = make_generators(seeds, next(network.parameters()).device)
+    sampling = registry.generator(kind).sampling(settings)
+    return network, process, (cond.index([0] * len(seeds)).select(layers), uncond.select(layers), generators, sampling)
 
 
 def edit(
@@ -245,23 +253,9 @@ def edit(
     if strength == 0.0:
         bits = x0
     else:
-        network, process, cond, uncond = _conditioning(pipe, kind, prompt, num_images)
-        bits = process.redraw(
-            network,
-            x0,
-            strength,
-            cond,
-            uncond,
-            _generators(network, seeds),
-            registry.generator(kind).sampling(settings),
-            progress=progress,
-        )
-    return PipelineOutput(
-        images=decode_bits(pipe, bits, height, width),
-        seeds=seeds,
-        bits=bits.to(torch.uint8).cpu(),
-        prompts=[prompt] * num_images,
-    )
+        network, process, inputs = _sampler_inputs(pipe, kind, prompt, seeds, settings)
+        bits = process.redraw(network, x0, strength, *inputs, progress=progress)
+    return _decoded(pipe, bits, seeds, prompt, height, width)
 
 
 # --- interpolate --------------------------------------------------------------------------------------------
@@ -350,19 +344,6 @@ def continue_ar(
     if keep_tokens == num_tokens:
         bits = x0
     else:
-        network, process, cond, uncond = _conditioning(pipe, kind, prompt, num_images)
-        bits = process.continue_from(
-            network,
-            x0[:, :keep_tokens],
-            cond,
-            uncond,
-            _generators(network, seeds),
-            registry.generator(kind).sampling(settings),
-            progress=progress,
-        )
-    return PipelineOutput(
-        images=decode_bits(pipe, bits, height, width),
-        seeds=seeds,
-        bits=bits.to(torch.uint8).cpu(),
-        prompts=[prompt] * num_images,
-    )
+        network, process, inputs = _sampler_inputs(pipe, kind, prompt, seeds, settings)
+        bits = process.continue_from(network, x0[:, :keep_tokens], *inputs, progress=progress)
+    return _decoded(pipe, bits, seeds, prompt, height, width)
