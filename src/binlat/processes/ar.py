@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +26,14 @@ from tqdm.auto import tqdm
 
 from ..text import TextFeatures
 from .common import (
+    Process,
     bernoulli,
     categorical,
     check_sampling_args,
     guidance_scale_setting,
     guide,
-    settings_of,
     temperature_setting,
     uniform,
-    with_guidance,
 )
 
 
@@ -72,8 +70,9 @@ DECODE_MODES = ("static", "appending", "compiled")
 
 
 @dataclass
-class ARDecoding:
+class ARDecoding(Process):
     Settings = ARSampling
+    draw_options = ("prefix", "return_logits")
 
     use_cache: bool = True
     decode: str = "static"  # with the cache: "static" | "appending" | "compiled" (see the module docstring)
@@ -133,31 +132,26 @@ class ARDecoding:
             accuracy = (guess == bits).float().mean()
         return loss, {"bit_accuracy": accuracy}
 
-    @torch.inference_mode()
-    def sample(
+    def _draw(
         self,
         network: torch.nn.Module,
-        cond: TextFeatures,
-        uncond: TextFeatures | None,
+        text: TextFeatures,
+        n: int,
+        s: ARSampling,
         generators: Sequence[torch.Generator],
-        settings: ARSampling | None = None,
         *,
-        progress: bool = False,
+        progress: bool,
         prefix: torch.Tensor | None = None,
         return_logits: bool = False,
-        **given: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Bits [N, K, B] (float 0/1); `given` overrides fields of `settings`. temperature 0 thresholds the guided
-        logits; otherwise bits are drawn from Bernoulli(sigmoid(logits / temperature)). `prefix` [N, k, B] fixes
-        the first k tokens (see `continue_from`). A grouped head draws each group from softmax(logits /
-        temperature) (temperature 0: the most likely value) given the groups drawn before it. `return_logits`
-        also returns each step's guided logits: [N, B], or for a grouped head [N, g, 2^b]."""
-        s = settings_of(ARSampling, settings, given)
+        """`sample` (Process.sample): temperature 0 thresholds the guided logits; otherwise bits are drawn from
+        Bernoulli(sigmoid(logits / temperature)). `prefix` [N, k, B] fixes the first k tokens (see
+        `continue_from`). A grouped head draws each group from softmax(logits / temperature) (temperature 0: the
+        most likely value) given the groups drawn before it. `return_logits` also returns each step's guided
+        logits: [N, B], or for a grouped head [N, g, 2^b]."""
         guidance_scale, temperature = s.guidance_scale, s.temperature
         cfg = network.config
-        n = cond.mask.shape[0]
         device = next(network.parameters()).device
-        text = with_guidance(cond, uncond, guidance_scale).to(device)
         doubled = text.mask.shape[0] != n
         k0 = 0 if prefix is None else prefix.shape[1]
         if k0 > cfg.num_tokens:

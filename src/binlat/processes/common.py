@@ -1,6 +1,7 @@
 """Pieces shared by the processes: per-sample random streams, guidance, text batching, settings.
 
-Every process keeps one calling convention, so the pipeline, the trainer and editing never ask which one it is:
+Every process keeps one calling convention, so the pipeline, the trainer and editing never ask which one it is
+(`Process` writes its `sample` once for the processes here):
   `Settings`                                         a frozen dataclass of its sampling settings (checked when made;
                                                      every field has a default, and binlat.sampling derives the
                                                      Python, CLI and HTTP settings from these fields)
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -116,3 +117,38 @@ def check_sampling_args(
         raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
     if protocol is not None and protocol not in (1, 2):
         raise ValueError(f"protocol must be 1 or 2, got {protocol!r}")
+
+
+class Process:
+    """`sample` as the convention above has it, for a process that draws with classifier-free guidance: it lays
+    `given` over `settings` and checks them (`Settings`), puts the text rows of one forward pass on the network's
+    device ([cond ; uncond] when guided, `with_guidance`), and leaves the drawing to the process's `_draw`."""
+
+    Settings: ClassVar[type]
+    # sample's keywords that are the process's own (passed to _draw), not settings; any other name is a setting
+    draw_options: ClassVar[tuple[str, ...]] = ()
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        network: torch.nn.Module,
+        cond: TextFeatures,
+        uncond: TextFeatures | None,
+        generators: Sequence[torch.Generator],
+        settings: Any = None,
+        *,
+        progress: bool = False,
+        **given: Any,
+    ) -> Any:
+        """Bits [N, K, B] (float 0/1) for the N rows of `cond`, sample i drawn from generators[i]; `given` overrides
+        fields of `settings`. The process's `draw_options` (see its `_draw`) may be given too."""
+        options = {name: given.pop(name) for name in self.draw_options if name in given}
+        s = settings_of(self.Settings, settings, given)
+        device = next(network.parameters()).device
+        text = with_guidance(cond, uncond, s.guidance_scale).to(device)
+        return self._draw(network, text, cond.mask.shape[0], s, generators, progress=progress, **options)
+
+    def _draw(self, network, text: TextFeatures, n: int, s, generators, *, progress: bool, **options: Any) -> Any:
+        """`sample`'s bits for n samples under the checked settings `s`, from `text` (n rows, or 2n when guided, on
+        the network's device); `options` are those of `draw_options` that the call gave."""
+        raise NotImplementedError

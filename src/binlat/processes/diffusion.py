@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +16,14 @@ from tqdm.auto import tqdm
 
 from ..text import TextFeatures
 from .common import (
+    Process,
     bernoulli,
     check_sampling_args,
     guidance_scale_setting,
     guide,
     setting,
-    settings_of,
     temperature_setting,
     uniform,
-    with_guidance,
 )
 
 
@@ -83,8 +81,9 @@ class DiffusionSampling:
 
 
 @dataclass
-class BernoulliDiffusion:
+class BernoulliDiffusion(Process):
     Settings = DiffusionSampling
+    draw_options = ("x_start", "t_start")
 
     prediction: str = "flip"  # "flip" (epsilon) or "x0"
     time_sampling: str = "logit_normal"  # "logit_normal" (paper) or "uniform"
@@ -185,29 +184,23 @@ class BernoulliDiffusion:
         return estimate
 
     # --- sampling -----------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def sample(
+    def _draw(
         self,
         network: torch.nn.Module,
-        cond: TextFeatures,
-        uncond: TextFeatures | None,
+        text: TextFeatures,
+        n: int,
+        s: DiffusionSampling,
         generators: Sequence[torch.Generator],
-        settings: DiffusionSampling | None = None,
         *,
-        progress: bool = False,
+        progress: bool,
         x_start: torch.Tensor | None = None,
         t_start: float = 1.0,
-        **given: Any,
     ) -> torch.Tensor:
-        """Bits [N, K, B] (float 0/1). `given` overrides fields of `settings` (num_steps=20, ...). x_start/t_start
-        start from a partly noised input instead of pure noise (see `redraw`); by default sampling starts from
-        Bernoulli(1/2) at t = 1."""
-        s = settings_of(DiffusionSampling, settings, given)
+        """`sample` (Process.sample): `num_steps` steps from t = 1 to 0. x_start/t_start start from a partly
+        noised input instead of pure noise (see `redraw`); by default sampling starts from Bernoulli(1/2) at t = 1."""
         num_steps, guidance_scale, temperature = s.num_steps, s.guidance_scale, s.temperature
         cfg = network.config
-        n = cond.mask.shape[0]
         device = next(network.parameters()).device
-        text = with_guidance(cond, uncond, guidance_scale).to(device)
         ts = timesteps(num_steps, s.rho) * t_start
         if x_start is None:
             x = (uniform((cfg.num_tokens, cfg.num_bits), generators, device) < 0.5).float()
