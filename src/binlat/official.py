@@ -46,7 +46,7 @@ def release_provenance(kind: str) -> dict[str, Any]:
 
 
 # Shared by every network: attention and tokenizer-style blocks. Each network's own renames (and the parameters
-# it drops) are in its registry.ReleaseFormat.
+# it drops) are in its release_formats.ReleaseFormat.
 _BLOCK_RULES = [
     (r"\.attn\.q_proj\.", ".attn.to_q."),
     (r"\.attn\.k_proj\.", ".attn.to_k."),

@@ -38,7 +38,7 @@ from .registry import TOKENIZER as TOKENIZER_KIND
 TEXT_ENCODER = "amd/AMD-OLMo-1B"
 TEXT_MAX_LENGTH = 128
 IMAGE_SIZE = 512  # the release's scripts default to --image_size 512
-# The release's networks, binlat kind -> registry.ReleaseFormat (part name, file, renames, sampling defaults).
+# The release's networks, binlat kind -> release_formats.ReleaseFormat (part name, file, renames, sampling defaults).
 FORMATS = {kind: registry.release_format(kind) for kind in registry.release_kinds()}
 GENERATOR_KINDS = tuple(k for k in FORMATS if k != TOKENIZER_KIND)
 # The release's sampling defaults (its test scripts'), in binlat's setting names, per generator kind.
