@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The reliability catalogue's shared checks (Env.cli_fails, Env.server_fails) assert inside this helper module:
+# rewrite its asserts as pytest does a test file's, so a failure shows the values compared.
+pytest.register_assert_rewrite("reliability_support")
+
 
 @pytest.fixture
 def random_vgg16(tmp_path) -> Path:

@@ -8,8 +8,9 @@
 * Values checked: non-float, fp8 and non-finite weights; non-finite or out-of-range hyperparameters; state.json;
   seeds, step counts and `bundle --sampling` past their ranges.
 
-Cases are registered with @case("surface-what", ENTRY) as in test_reliability.py, whose Env, fixtures and helpers
-they use; test_entries_are_entry_points checks the cli/api/data entries against that file's derivations.
+Cases are registered with @case("surface-what", ENTRY) as in the reliability catalogue (tests/test_reliability_*.py),
+whose Env, fixtures and helpers they use (tests/reliability_support.py); test_entries_are_entry_points checks the
+cli/api/data entries against that module's derivations.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
 from binlat.train.checkpoints import CheckpointError, plot_losses, read_state
 from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
-from test_reliability import (  # noqa: F401
+from reliability_support import (  # noqa: F401
     TOKENIZER_MODEL,
     TRAIN_CONFIG,
     Env,

@@ -8,7 +8,8 @@
   a prompts file.
 * Text is encoded per batch; offline, an uncached Hub id fails at once.
 
-Cases are registered with @case("surface-what", ENTRY) as in test_reliability.py, whose Env and fixtures they use.
+Cases are registered with @case("surface-what", ENTRY) as in the reliability catalogue (tests/test_reliability_*.py),
+whose Env and fixtures they use (tests/reliability_support.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from binlat.data.transforms import ImageLoadError, ImageTransform, load_image
 from binlat.generators import DiffusionConfig, DiffusionTransformer
 from binlat.pipeline import Pipeline
 from binlat.tokenizer import BinaryTokenizer
-from test_reliability import (  # noqa: F401
+from reliability_support import (  # noqa: F401
     Env,
     api_entry_points,
     bundle,
