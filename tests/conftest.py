@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# The reliability catalogue's shared checks (Env.cli_fails, Env.server_fails) assert inside this helper module:
-# rewrite its asserts as pytest does a test file's, so a failure shows the values compared.
-pytest.register_assert_rewrite("reliability_support")
+# Helper modules whose functions assert for the tests that call them (the reliability catalogue's Env.cli_fails and
+# Env.server_fails, the training tests' assert_same_tensors): rewrite their asserts as pytest does a test file's,
+# so a failure shows the values compared.
+pytest.register_assert_rewrite("reliability_support", "train_support")
 
 
 @pytest.fixture
