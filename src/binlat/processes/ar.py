@@ -7,7 +7,7 @@ Modes (ARDecoding's `use_cache` and `decode`):
 - "compiled" (opt in): torch.compile of ARTransformer.static_step, every shape fixed; fused kernels and
   whole-buffer attention round differently, so it equals the others to float tolerance, not bit for bit;
 - reference (use_cache=False): the released sampler's algorithm, the whole sequence recomputed at every step.
-"static", "appending" and reference give the same logits bit for bit (tests/test_processes.py checks it).
+"static", "appending" and reference give the same logits bit for bit (tests/test_processes_ar.py checks it).
 
 A network with a grouped head (config.bit_groups = g > 1; the step then yields hidden states) has each token
 drawn group by group: group j's logits given the groups already drawn (cond and uncond rows given the same
