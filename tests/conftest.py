@@ -8,9 +8,11 @@ import pytest
 import torch
 
 # Helper modules whose functions assert for the tests that call them (the reliability catalogue's Env.cli_fails and
-# Env.server_fails, the hostile files' fails_at_run_time, the training tests' assert_same_tensors, the eval tests'
-# assert_one_line): rewrite their asserts as pytest does a test file's, so a failure shows the values compared.
-pytest.register_assert_rewrite("reliability_support", "hostile_files_support", "train_support", "eval_support")
+# Env.server_fails, the hostile files' fails_at_run_time, the training tests' assert_same_tensors, the eval and CLI
+# tests' one-line error checks): rewrite their asserts as pytest does a test file's, so a failure shows the values.
+pytest.register_assert_rewrite(
+    "reliability_support", "hostile_files_support", "train_support", "eval_support", "cli_support"
+)
 
 
 @pytest.fixture
