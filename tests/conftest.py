@@ -1,4 +1,5 @@
-"""Helpers shared by several test files."""
+"""Helpers shared by several test files. A family of test files split from one (reliability, hostile files, train,
+eval, cli, networks, processes) keeps what only its members share in tests/<family>_support.py instead."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 The catalogue is split by surface: tests/test_reliability_cli_generate.py, _cli_models.py, _cli_commands.py,
 _api.py, _data.py and _server.py each register their cases with their own `new_catalogue()` and run them in one
 parametrised test_catalogue; tests/test_reliability_coverage.py checks that every entry point of the package has a
-case in one of them. The hostile-input files (tests/test_hostile_files.py, tests/test_hostile_memory.py) reuse the
-same Env, fixtures and helpers.
+case in one of them. The hostile-input files (tests/test_hostile_files_*.py, tests/test_hostile_memory.py) reuse
+the same Env, fixtures and helpers.
 
 Each case feeds one bad input to one surface and asserts two things:
   * a clear, specific refusal:
