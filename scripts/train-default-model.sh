@@ -6,8 +6,9 @@
 #   3. the generators on the frozen tokenizer's bits, side by side, one thread each, with a compiled training forward
 #                                                                    (configs/diffusion/shapes-64.json, configs/ar/shapes-64.json):
 #      diffusion 3,000 steps on the uniform stream, twice 3,000 more on the mix, then 4,500 fine-tuning steps at a
-#      lower learning rate on the pool (docs/recipe.md, rows GE, GG, GI, F3); AR (the preset's grouped head,
-#      model.bit_groups 2) 3,000 steps on the mix stream (docs/recipe.md, "The grouped-head AR generator, shipped")
+#      lower learning rate on the pool (docs/recipe.md, rows GE, GG, GI, F3); AR (the preset's grouped head and
+#      2-block text refiner) 6,000 steps on the mix stream (docs/recipe.md, "The shipped AR: grouped head, text
+#      refiner, 6,000 steps")
 #   4. each generator's guidance (and AR temperature) picked on a probe prompt set (seed 1000, not the published
 #      evaluation's seed 0), then the EMA weights bundled in float16.
 # RECIPE=2h trains instead what fits the fidelity issue's two hours (docs/recipe.md, row F1): after stages 1 and 2,

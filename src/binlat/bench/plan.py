@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from ..generators import GeneratorConfig
 from ..registry import TOKENIZER, model_kinds
 
+# The generator sizes every kind of a preset must share: the bench times one body (width, depth, token grid, text).
+BODY_FIELDS = frozenset(("num_bits", "num_tokens", "num_layers", "num_heads", "head_dim", "text_dim", "mlp_ratio"))
 QUICK_THROUGHPUT_STEPS = 4  # --quick: table 8 times this many diffusion steps of the 20
 PAPER_TOKENS = 128  # the paper's token count at 512 px (comparisons 2-4 use it with the preset's width)
 TEXT_LENGTH = 32  # the fixed text: 32 positions, left-padded
@@ -36,7 +36,7 @@ class Preset:
 
     name: str
     tokenizer: dict[str, Any]  # TokenizerConfig fields (image_size included)
-    generator: dict[str, Any]  # the generators' shared GeneratorConfig fields at the preset's own token count
+    generator: dict[str, Any]  # the generators' body (BODY_FIELDS) at the preset's own token count
     image_size: int
     tokenizer_batch: int
     generator_batch: int
@@ -102,11 +102,11 @@ def load_preset(name: str) -> Preset:
             f"preset {name}: presets/tokenizer/{name}.json: {e}; fix configs/tokenizer/{name}.json"
         ) from None
     grid = {"num_tokens": tok_cfg.num_tokens, "num_bits": tok_cfg.num_bits}
-    # The bench times one generator body: the kinds must agree on the shared fields; each keeps its own options.
-    shared_names = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    # The bench times one generator body: the kinds must agree on its sizes; each keeps its other options (the AR
+    # head's bit_groups, a text refiner, ...), which every network of that kind is built with.
     models = {k: _tuples({**grid, **configs[k].get("model", {})}) for k in GENERATOR_KINDS}
-    generators = [{n: v for n, v in m.items() if n in shared_names} for m in models.values()]
-    options = {k: {n: v for n, v in m.items() if n not in shared_names} for k, m in models.items()}
+    generators = [{n: v for n, v in m.items() if n in BODY_FIELDS} for m in models.values()]
+    options = {k: {n: v for n, v in m.items() if n not in BODY_FIELDS} for k, m in models.items()}
     if any(g != generators[0] for g in generators):
         raise ValueError(
             f"preset {name}: {' and '.join(f'configs/{k}/{name}.json' for k in GENERATOR_KINDS)} give "
