@@ -40,28 +40,16 @@ def token_nll_bits(network, bits: torch.Tensor, text) -> tuple[torch.Tensor, tor
     return -log_p.sum(-1) / math.log(2), (top > 0.95).float().mean(-1)
 
 
-def swap_roles(prompt: str, relations) -> str:
-    """'a red circle above a square' -> 'a square above a red circle' (prefix and suffix kept)."""
-    from binlat.data.shapes import PREFIX, SUFFIX
-
-    head = PREFIX if prompt.startswith(PREFIX) else ""
-    tail = SUFFIX if prompt.endswith(SUFFIX) else ""
-    core = prompt[len(head) : len(prompt) - len(tail)]
-    rel = next(r for r in relations if f" {r} " in core)
-    left, right = core.split(f" {rel} ")
-    return f"{head}{right} {rel} {left}{tail}"
-
-
 COUNTS = ("two", "three", "four")
 
 
 def alternative(prompt: str, category: str) -> str | None:
     """The caption that differs from `prompt` in the one thing its category tests, or None."""
-    from binlat.data.shapes import COLORS, RELATIONS
+    from binlat.data.shapes import COLORS, swap_roles
 
     words = prompt.split(" ")
     if category == "position":
-        return swap_roles(prompt, RELATIONS)
+        return swap_roles(prompt)
     if category == "color_attr":
         first, second = [i for i, w in enumerate(words) if w in COLORS]
         words[first], words[second] = words[second], words[first]

@@ -21,22 +21,10 @@ import collections
 import json
 
 
-def swap_roles(prompt: str) -> str:
-    """'a red circle above a square' -> 'a square above a red circle' (prefix and suffix kept)."""
-    from binlat.data.shapes import PREFIX, RELATIONS, SUFFIX
-
-    head = PREFIX if prompt.startswith(PREFIX) else ""
-    tail = SUFFIX if prompt.endswith(SUFFIX) else ""
-    core = prompt[len(head) : len(prompt) - len(tail)]
-    relation = next(r for r in RELATIONS if f" {r} " in core)
-    left, right = core.split(f" {relation} ")
-    return f"{head}{right} {relation} {left}{tail}"
-
-
 def main() -> None:
     import numpy as np
 
-    from binlat.data.shapes import prompt_set, render, scene_for_caption
+    from binlat.data.shapes import prompt_set, render, scene_for_caption, swap_roles
     from binlat.editing import edit
     from binlat.judge.shapes import judge
     from binlat.pipeline import Pipeline

@@ -35,6 +35,7 @@ from binlat.data.shapes import (
     render,
     sample_scene,
     scene_for_caption,
+    swap_roles,
 )
 from binlat.judge.shapes import classify_shape, connected_components, detect_objects, judge
 
@@ -373,3 +374,19 @@ def test_failure_sheet_names_the_judges_reason_under_each_image(monkeypatch) -> 
     from binlat.grid import label_lines
 
     assert label_lines("a circle\nwhy: relation reversed", 26) == ["a circle", "why: relation reversed"]
+
+
+def test_swap_roles_reverses_the_objects_of_every_position_caption():
+    """Every position caption of the domain, prefix and suffix kept, swapped twice is itself; swapped once it is a
+    caption of the domain whose parsed objects come in the other order under the same relation."""
+    captions = prompt_set("position", 200, seed=3)
+    for caption in captions:
+        swapped = swap_roles(caption)
+        assert swap_roles(swapped) == caption and swapped != caption
+        want, got = parse_caption(caption), parse_caption(swapped)
+        assert got["relation"] == want["relation"] and got["objects"] == want["objects"][::-1]
+    assert swap_roles("a photo of a red circle above a square on a white background") == (
+        "a photo of a square above a red circle on a white background"
+    )
+    with pytest.raises(ValueError, match="not a position caption"):
+        swap_roles("two red squares")

@@ -454,3 +454,17 @@ def prompt_set(category: str, n: int, seed: int = 0, held_out: bool = False) -> 
     while len(out) < n:
         out.extend(captions[i] for i in rng.permutation(len(captions)))
     return out[:n]
+
+
+def swap_roles(caption: str) -> str:
+    """A position caption with its two objects swapped, prefix and suffix kept: 'a red circle above a square' ->
+    'a square above a red circle'. The same relation word with the roles reversed: what the diagnosis scripts ask a
+    generator to tell apart."""
+    head = PREFIX if caption.startswith(PREFIX) else ""
+    tail = SUFFIX if caption.endswith(SUFFIX) and len(caption) > len(head) + len(SUFFIX) else ""
+    core = caption[len(head) : len(caption) - len(tail)]
+    relation = next((r for r in RELATIONS if f" {r} " in core), None)
+    if relation is None:
+        raise ValueError(f"not a position caption (no relation among {list(RELATIONS)}): {caption!r}")
+    first, second = core.split(f" {relation} ")
+    return f"{head}{second} {relation} {first}{tail}"
