@@ -91,11 +91,35 @@ def test_an_old_style_config_json_with_the_other_kinds_options_at_their_defaults
     assert model_for_export("ar" if network is ARTransformer else "diffusion", OLD_STYLE).config == model.config
 
 
-def test_the_shipped_ar_config_holds_the_diffusion_options_at_their_defaults_and_loads() -> None:
-    saved = json.loads((ROOT / "models" / "default" / "ar" / "config.json").read_text())
-    assert DIFFUSION_OPTIONS <= set(saved)  # written when one class served both kinds
-    config = ARTransformer.read_config(ROOT / "models" / "default" / "ar")
-    assert config.bit_groups == saved["bit_groups"] and not hasattr(config, "prediction")
+# models/default/ar/config.json as shipped at commit 1095bae, written while one class served both kinds
+SHIPPED_AR_1095BAE = {
+    "num_bits": 16,
+    "num_tokens": 64,
+    "num_layers": 6,
+    "num_heads": 4,
+    "head_dim": 48,
+    "text_dim": 384,
+    "mlp_ratio": 4,
+    "text_layers": [0, 1, 2, 3, 4, 5],
+    "prediction": "flip",
+    "self_condition": False,
+    "pooled_text": False,
+    "joint_text": False,
+    "align_dim": 0,
+    "align_block": 1,
+    "text_refiner_layers": 0,
+    "position_grid": None,
+    "bit_groups": 2,
+}
+
+
+def test_a_shipped_old_style_ar_config_with_the_diffusion_options_at_their_defaults_loads(tmp_path) -> None:
+    assert DIFFUSION_OPTIONS <= set(SHIPPED_AR_1095BAE)
+    (tmp_path / "config.json").write_text(json.dumps(SHIPPED_AR_1095BAE))
+    config = ARTransformer.read_config(tmp_path)
+    assert config.bit_groups == 2 and not hasattr(config, "prediction")
+    # the AR shipped now was written by its own class: none of the diffusion options
+    assert not DIFFUSION_OPTIONS & set(json.loads((ROOT / "models" / "default" / "ar" / "config.json").read_text()))
 
 
 @pytest.mark.parametrize(
