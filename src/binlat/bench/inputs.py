@@ -35,10 +35,13 @@ def prompt_pair(plan: Plan, batch: int, layers: int | None = None):
 
 
 def gen_config(plan: Plan, kind: str, **overrides):
-    """Generator `kind`'s config at the plan's size, with `overrides`."""
+    """Generator `kind`'s config at the plan's body size, with `overrides`: what the comparisons time (other token
+    grids and widths, against the release's sampler), so without the preset's own options, which may not fit another
+    grid (a grouped AR head's groups are sized for the preset's bits). The shipped-recipe tables (5, 8) build with
+    Plan.generator_fields instead."""
     from ..registry import generator
 
-    return generator(kind).config(**{**plan.generator_fields(kind), **overrides})
+    return generator(kind).config(**{**plan.generator, **overrides})
 
 
 def seeded(build: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:
