@@ -67,26 +67,14 @@ from binlat.text import TextEncoder
 from binlat.tokenizer import BinaryTokenizer, TokenizerConfig
 from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
+from tiny_models import TINY_TOKENIZER_MODEL
 
 LOCAL = "http://localhost"  # the server answers only to loopback Host names (TestClient's own is "testserver")
 LIMITS = ServeLimits(
     max_concurrent=1, max_queue=4, max_body_bytes=1_000_000, max_n=4, max_steps=8, max_prompt_chars=1000, max_size=128
 )
 LONG_PROMPT = ("a red circle above a blue square " * 3200)[:100_000]
-TOKENIZER_MODEL = {
-    "patch_size": 8,
-    "num_tokens": 16,
-    "num_bits": 16,
-    "encoder_layers": 1,
-    "encoder_heads": 2,
-    "encoder_head_dim": 16,
-    "decoder_layers": 1,
-    "decoder_heads": 2,
-    "decoder_head_dim": 16,
-    "rope_axes_dims": [4, 6, 6],
-    "downsample_after": [0],
-    "upsample_after": [0],
-}
+TOKENIZER_MODEL = TINY_TOKENIZER_MODEL
 TRAIN_CONFIG = {
     "kind": "tokenizer",
     "model": TOKENIZER_MODEL,

@@ -28,25 +28,13 @@ import torch
 from binlat import cli
 from binlat.io import load_safetensors
 from binlat.train.tasks import TokenizerTask
+from tiny_models import TINY_TOKENIZER_MODEL
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
 
 TINY = {
     "kind": "tokenizer",
-    "model": {
-        "patch_size": 8,
-        "num_tokens": 16,
-        "num_bits": 16,
-        "encoder_layers": 1,
-        "encoder_heads": 2,
-        "encoder_head_dim": 16,
-        "decoder_layers": 1,
-        "decoder_heads": 2,
-        "decoder_head_dim": 16,
-        "rope_axes_dims": [4, 6, 6],
-        "downsample_after": [0],
-        "upsample_after": [0],
-    },
+    "model": dict(TINY_TOKENIZER_MODEL),
     "image_size": 64,
     "batch_size": 8,
     "max_steps": 12,

@@ -10,6 +10,7 @@ from binlat.config import config_from_dict
 from binlat.pipeline import Pipeline
 from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
+from tiny_models import TINY_TOKENIZER_MODEL
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
 
@@ -133,20 +134,7 @@ def test_pipeline_refuses_bf16_only_where_emulated(tiny, tmp_path, monkeypatch):
 
 def test_training_refuses_bf16_autocast_where_emulated(tmp_path, monkeypatch):
     monkeypatch.setenv(hardware.ASSUME_BF16_ENV, "0")
-    model = {
-        "patch_size": 8,
-        "num_tokens": 16,
-        "num_bits": 16,
-        "encoder_layers": 1,
-        "encoder_heads": 2,
-        "encoder_head_dim": 16,
-        "decoder_layers": 1,
-        "decoder_heads": 2,
-        "decoder_head_dim": 16,
-        "rope_axes_dims": [4, 6, 6],
-        "downsample_after": [0],
-        "upsample_after": [0],
-    }
+    model = dict(TINY_TOKENIZER_MODEL)
     cfg = config_from_dict(
         TrainConfig,
         {

@@ -16,22 +16,10 @@ from binlat.tokenizer.losses import PerceptualLoss
 from binlat.train.checkpoints import export_run
 from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
+from tiny_models import TINY_TOKENIZER_MODEL
 
 pytestmark = pytest.mark.filterwarnings("ignore:`log_with=.*no supported trackers:UserWarning")
-MODEL = {
-    "patch_size": 8,
-    "num_tokens": 16,
-    "num_bits": 16,
-    "encoder_layers": 1,
-    "encoder_heads": 2,
-    "encoder_head_dim": 16,
-    "decoder_layers": 1,
-    "decoder_heads": 2,
-    "decoder_head_dim": 16,
-    "rope_axes_dims": [4, 6, 6],
-    "downsample_after": [0],
-    "upsample_after": [0],
-}
+MODEL = TINY_TOKENIZER_MODEL
 
 
 @pytest.fixture(autouse=True)

@@ -18,21 +18,9 @@ from binlat.train.checkpoints import export_run
 from binlat.train.config import TrainConfig
 from binlat.train.engine import Trainer
 from binlat.train.tasks import GeneratorTask, TokenizerTask
+from tiny_models import TINY_TOKENIZER_MODEL
 
-TOKENIZER_MODEL = {
-    "patch_size": 8,
-    "num_tokens": 16,
-    "num_bits": 16,
-    "encoder_layers": 1,
-    "encoder_heads": 2,
-    "encoder_head_dim": 16,
-    "decoder_layers": 1,
-    "decoder_heads": 2,
-    "decoder_head_dim": 16,
-    "rope_axes_dims": [4, 6, 6],
-    "downsample_after": [0],
-    "upsample_after": [0],
-}
+TOKENIZER_MODEL = TINY_TOKENIZER_MODEL
 GENERATOR_MODEL = {"num_layers": 2, "num_heads": 2, "head_dim": 16}
 CHECKPOINT_FILES = {"model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"}
 
