@@ -160,6 +160,16 @@ def attention_mask(
     return mask
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """scaled_dot_product_attention, in float32 where a CPU trains under bf16 autocast: there PyTorch's bf16
+    attention backward runs about 3x slower than float32's at these head sizes (fwd + bwd, 32 x 4 heads x 64 x 96,
+    head 48, Intel Xeon with AMX: 25.9 ms against 9.3 ms), while the projections around it keep bf16's speed."""
+    if q.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     """Multi-head attention with per-head RMSNorm on queries and keys, no biases.
 
@@ -213,7 +223,7 @@ class Attention(nn.Module):
             k, v, valid = cache.update(k, v, valid)
 
         mask = attention_mask(valid, num_queries, k.shape[2], causal, x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, mask)
         return self.to_out(out.transpose(1, 2).reshape(b, num_queries, -1))
 
     def step(
@@ -238,5 +248,5 @@ class Attention(nn.Module):
             cache.k_buffer.index_copy_(2, index, k)
             cache.v_buffer.index_copy_(2, index, v)
             keys, values = cache.k_buffer, cache.v_buffer
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = attend(q, keys, values, mask)
         return self.to_out(out.transpose(1, 2).reshape(b, 1, -1))
