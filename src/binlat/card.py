@@ -48,8 +48,8 @@ def run_provenance(config: Mapping[str, Any], step: int) -> dict[str, Any]:
     from .data.vocabulary import vocabulary_of
 
     kind, data = config.get("kind"), str(config.get("data") or "")
-    generator = kind != TOKENIZER
-    options = (config.get("generator") if generator else config.get("tokenizer")) or {}
+    is_generator = kind != TOKENIZER
+    options = (config.get("generator") if is_generator else config.get("tokenizer")) or {}
     return {
         "kind": kind,
         "made_by": "binlat train",
@@ -57,9 +57,9 @@ def run_provenance(config: Mapping[str, Any], step: int) -> dict[str, Any]:
         "data_from": _made_from(data),
         "steps": step,
         "image_size": config.get("image_size"),
-        "text_encoder": options.get("text_encoder") if generator else None,
+        "text_encoder": options.get("text_encoder") if is_generator else None,
         "init_from": options.get("init_from"),
-        "vocabulary": vocabulary_of(data) if generator else None,
+        "vocabulary": vocabulary_of(data) if is_generator else None,
     }
 
 

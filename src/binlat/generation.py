@@ -18,12 +18,12 @@ from PIL import Image
 from . import registry
 
 
-def settings_record(generator: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings `generator`'s process reads (the fields of its Settings, binlat.registry), taken from a complete
-    settings dict (Pipeline.sampling_settings) under their own names, as Python and HTTP take them: what a record
-    (a metadata.jsonl line, an HTTP image's metadata) keeps. AR decoding reads no steps, rho or protocol, so its
-    records leave them out instead of listing values it ignored."""
-    fields = dataclasses.fields(registry.generator(generator).settings)
+def settings_record(kind: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings generator `kind`'s process reads (the fields of its Settings, binlat.registry), taken from a
+    complete settings dict (Pipeline.sampling_settings) under their own names, as Python and HTTP take them: what a
+    record (a metadata.jsonl line, an HTTP image's metadata) keeps. AR decoding reads no steps, rho or protocol, so
+    its records leave them out instead of listing values it ignored."""
+    fields = dataclasses.fields(registry.generator(kind).settings)
     return {f.name: settings[f.name] for f in fields}
 
 

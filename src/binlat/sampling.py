@@ -104,11 +104,11 @@ def _gathered(name: str, declared: list[tuple[str, dataclasses.Field, Any]]) -> 
     )
 
 
-def builtin(generator: str | None = None) -> dict[str, Any]:
-    """Every setting's built-in value; with `generator`, its own Settings' defaults for the settings it reads."""
+def builtin(kind: str | None = None) -> dict[str, Any]:
+    """Every setting's built-in value; with a generator `kind`, its own Settings' defaults for the settings it reads."""
     values = {name: s.default for name, s in settings().items()}
-    if generator is not None:
-        values |= {f.name: _default(f) for f in dataclasses.fields(registry.generator(generator).settings)}
+    if kind is not None:
+        values |= {f.name: _default(f) for f in dataclasses.fields(registry.generator(kind).settings)}
     return values
 
 
@@ -126,28 +126,28 @@ def unknown_message(given: Iterable[str]) -> str:
     return f"unknown sampling setting(s) {sorted(given)}; valid: {names()}"
 
 
-def check(values: Mapping[str, Any], generator: str | None = None) -> None:
+def check(values: Mapping[str, Any], kind: str | None = None) -> None:
     """Check each value by making one kind's Settings with it, so the dataclass's own checks judge it (a
-    ValueError naming the setting, the value and what is allowed): `generator`'s Settings for the settings it
+    ValueError naming the setting, the value and what is allowed): generator `kind`'s Settings for the settings it
     reads, the first registered kind's that reads it for the rest. An unknown name is a TypeError."""
     left = dict(values)
     if unknown(left):
         raise TypeError(unknown_message(unknown(left)))
-    order = [] if generator is None else [generator]
-    for kind in order + [k for k in registry.generator_kinds() if k != generator]:
-        cls = registry.generator(kind).settings
+    order = [] if kind is None else [kind]
+    for other in order + [k for k in registry.generator_kinds() if k != kind]:
+        cls = registry.generator(other).settings
         mine = {f.name: left.pop(f.name) for f in dataclasses.fields(cls) if f.name in left}
         if mine:
             cls(**mine)
 
 
-def resolve(generator: str, tuned: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
-    """The complete, checked settings a call on `generator` uses: each one `given` (None counts as left out),
-    else `tuned` (the bundle's for this generator), else the built-in value. An unknown name is a TypeError."""
+def resolve(kind: str, tuned: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The complete, checked settings a call on generator `kind` uses: each one `given` (None counts as left out),
+    else `tuned` (the bundle's for this kind), else the built-in value. An unknown name is a TypeError."""
     if unknown(given):
         raise TypeError(unknown_message(unknown(given)))
-    values = builtin(generator) | dict(tuned) | {k: v for k, v in given.items() if v is not None}
-    check(values, generator)
+    values = builtin(kind) | dict(tuned) | {k: v for k, v in given.items() if v is not None}
+    check(values, kind)
     return values
 
 

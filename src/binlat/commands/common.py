@@ -63,13 +63,13 @@ def load_pipeline(model: str | None, text_encoder: str | None, allow_nonfinite: 
     return Pipeline.from_pretrained(path, text_encoder=text_encoder, allow_nonfinite=allow_nonfinite)
 
 
-def warn_vocabulary(pipe, prompts, generator: str) -> None:
-    """One stderr line naming the prompts' words that lie outside the generator's training vocabulary, if any (the
-    pipeline then stays quiet about them for the rest of the run)."""
+def warn_vocabulary(pipe, prompts, kind: str) -> None:
+    """One stderr line naming the prompts' words that lie outside generator `kind`'s training vocabulary, if any
+    (the pipeline then stays quiet about them for the rest of the run)."""
     from ..generation import check_prompts
 
     prompts = check_prompts(prompts)  # a bad prompt is its one-line error, not a warning first
-    pipe.warn_vocabulary(prompts, generator, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    pipe.warn_vocabulary(prompts, kind, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
 
 
 def sampling_given(args: argparse.Namespace) -> dict:
@@ -78,17 +78,17 @@ def sampling_given(args: argparse.Namespace) -> dict:
     return {setting: getattr(args, dest) for dest, setting in getattr(args, "sampling_options", {}).items()}
 
 
-def resolve_sampling(pipe, generator: str, args: argparse.Namespace) -> dict:
+def resolve_sampling(pipe, kind: str, args: argparse.Namespace) -> dict:
     """The complete settings the run uses (Pipeline.sampling_settings): the options given, the pipeline's for
     those left out."""
-    return pipe.sampling_settings(generator, **sampling_given(args))
+    return pipe.sampling_settings(kind, **sampling_given(args))
 
 
-def sampling_record(generator: str, settings: dict) -> dict:
-    """The sampling settings a metadata line records: only those `generator` reads."""
+def sampling_record(kind: str, settings: dict) -> dict:
+    """The sampling settings a metadata line records: only those generator `kind` reads."""
     from ..generation import settings_record
 
-    return settings_record(generator, settings)
+    return settings_record(kind, settings)
 
 
 def output_dir(path: str) -> Path:

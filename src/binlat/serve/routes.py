@@ -91,12 +91,12 @@ TicketDep = Annotated[Ticket | None, Depends(_ticket)]
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 408, 413, 415, 422, 429, 500)}
 
 
-def _sampling(served: Served, req: BaseModel, generator: str) -> dict[str, Any]:
+def _sampling(served: Served, req: BaseModel, kind: str) -> dict[str, Any]:
     """The request's sampling settings, the model's where it leaves one out, with steps capped by max_steps."""
     given = given_settings(req)
     try:
-        settings = served.pipe.sampling_settings(generator, **given)
-    except (ValueError, TypeError) as e:  # each field passed its own check; `generator`'s Settings may ask more
+        settings = served.pipe.sampling_settings(kind, **given)
+    except (ValueError, TypeError) as e:  # each field passed its own check; `kind`'s Settings may ask more
         raise ApiError(422, str(e)) from None
     if "num_steps" in settings:
         settings["num_steps"] = served.checks.steps(given.get("num_steps"), settings["num_steps"])
