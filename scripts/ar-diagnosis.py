@@ -71,7 +71,7 @@ def rerank(pipe, network, layers, prompts, seed: int, n: int) -> dict:
     cond, empty = cond.select(layers), uncond.select(layers).index([0] * len(prompts))
     correct, nll_cond, ratio = [], [], []
     for j in range(n):
-        out = pipe(prompts, generator="ar", seed=seed + 7919 * j, return_bits=True, progress=False)
+        out = pipe(prompts, kind="ar", seed=seed + 7919 * j, return_bits=True, progress=False)
         correct.append(torch.tensor([judge(im, q)["correct"] for im, q in zip(out.images, prompts)]).float())
         c = token_nll_bits(network, out.bits.float(), cond)[0].sum(1)
         nll_cond.append(c)
@@ -115,7 +115,7 @@ def main() -> None:
                 for s in range(0, len(renders), 32)
             ]
         ).float()
-    out = pipe(prompts, generator="ar", seed=args.seed, return_bits=True, progress=False)
+    out = pipe(prompts, kind="ar", seed=args.seed, return_bits=True, progress=False)
     own_bits = out.bits.float()
     own_ok = torch.tensor([judge(im, q)["correct"] for im, q in zip(out.images, prompts)])
     text = pipe.encode_prompts(prompts)[0].select(layers)

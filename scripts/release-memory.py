@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> None:
         t = time.perf_counter()
         pipe(
             PROMPT,
-            generator=args.generator,
+            kind=args.generator,
             num_steps=args.steps,
             height=args.size,
             width=args.size,

@@ -108,7 +108,7 @@ def test_editing_continuation_and_generation_keep_their_bits(monkeypatch):
 
     def run():
         edited = editing.continue_ar(pipe, image, "a red circle", keep_tokens=5, seed=3, num_images=2)
-        made = pipe(["a red circle", "two squares"], generator="ar", seed=1, return_bits=True)
+        made = pipe(["a red circle", "two squares"], kind="ar", seed=1, return_bits=True)
         return edited.bits, made.bits
 
     ours = run()

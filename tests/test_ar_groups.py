@@ -358,9 +358,9 @@ def test_pipeline_and_continuation_run_a_grouped_generator() -> None:
     cfg = ARConfig(**{**tiny.generators["ar"].config.__dict__, "bit_groups": 4})  # 32 bits: 4 x 8
     torch.manual_seed(0)
     pipe = Pipeline(tiny.tokenizer, tiny.text_encoder, ar=ARTransformer(cfg).eval())
-    out = pipe(["a red circle", "two squares"], generator="ar", seed=3, return_bits=True, progress=False)
+    out = pipe(["a red circle", "two squares"], kind="ar", seed=3, return_bits=True, progress=False)
     assert out.bits.shape == (2, 16, 32) and len(out.images) == 2
-    alone = pipe(["two squares"], generator="ar", seed=4, return_bits=True, progress=False)
+    alone = pipe(["two squares"], kind="ar", seed=4, return_bits=True, progress=False)
     assert torch.equal(alone.bits, out.bits[1:])
     edited = editing.continue_ar(pipe, Image.new("RGB", (64, 64), "white"), "a red circle", keep_tokens=5, seed=1)
     assert edited.bits.shape == (1, 16, 32)

@@ -83,8 +83,8 @@ def test_compiled_ar_decoding_gives_the_eager_bits(pipe, compiled):
     """After compile() the AR generator decodes with the compiled fixed-shape step (decode="compiled", opt in: it
     agrees with the default static step to float tolerance); on this model it gives the same bits."""
     assert compiled.process("ar").decode == "compiled" and pipe.process("ar").decode == "static"
-    eager = pipe(PROMPTS, generator="ar", seed=5, return_bits=True, progress=False)
-    fast = compiled(PROMPTS, generator="ar", seed=5, return_bits=True, progress=False)
+    eager = pipe(PROMPTS, kind="ar", seed=5, return_bits=True, progress=False)
+    fast = compiled(PROMPTS, kind="ar", seed=5, return_bits=True, progress=False)
     assert (fast.bits != eager.bits).sum().item() <= 1
 
 
@@ -136,18 +136,18 @@ def test_cli_generate_compile_writes_the_eager_images(pipe, tmp_path, monkeypatc
     reason="this CPU has no native bf16 (set BINLAT_ASSUME_BF16=1 to run it "
     "emulated); test_bfloat16_refused_where_emulated runs instead",
 )
-@pytest.mark.parametrize("generator", ["diffusion", "ar"])
-def test_bfloat16_pipeline_keeps_nearly_all_bits(pipe, generator):
-    base = pipe(PROMPTS, generator=generator, num_steps=4, seed=3, return_bits=True, progress=False)
-    unrelated = pipe(PROMPTS, generator=generator, num_steps=4, seed=103, return_bits=True, progress=False)
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_bfloat16_pipeline_keeps_nearly_all_bits(pipe, kind):
+    base = pipe(PROMPTS, kind=kind, num_steps=4, seed=3, return_bits=True, progress=False)
+    unrelated = pipe(PROMPTS, kind=kind, num_steps=4, seed=103, return_bits=True, progress=False)
     low_pipe = fresh_copy(pipe).to(dtype=torch.bfloat16)
-    low = low_pipe(PROMPTS, generator=generator, num_steps=4, seed=3, return_bits=True, progress=False)
+    low = low_pipe(PROMPTS, kind=kind, num_steps=4, seed=3, return_bits=True, progress=False)
     chance = (unrelated.bits == base.bits).float().mean().item()
     agreement = (low.bits == base.bits).float().mean().item()
-    assert chance < UNRELATED_MAX_AGREEMENT < BF16_MIN_AGREEMENT[generator]  # the bound is out of chance's reach
-    assert agreement >= BF16_MIN_AGREEMENT[generator], (agreement, chance)
-    assert next(low_pipe.generators[generator].parameters()).dtype == torch.bfloat16
-    assert next(pipe.generators[generator].parameters()).dtype == torch.float32  # the original is untouched
+    assert chance < UNRELATED_MAX_AGREEMENT < BF16_MIN_AGREEMENT[kind]  # the bound is out of chance's reach
+    assert agreement >= BF16_MIN_AGREEMENT[kind], (agreement, chance)
+    assert next(low_pipe.generators[kind].parameters()).dtype == torch.bfloat16
+    assert next(pipe.generators[kind].parameters()).dtype == torch.float32  # the original is untouched
     assert low.images[0].size == base.images[0].size
     assert pixels(low.images).std() > 0  # a real picture, not a constant canvas
 

@@ -153,7 +153,7 @@ def test_continue_ar_keeps_the_prefix(pipe) -> None:
 
 def test_continue_ar_takes_the_bundle_settings_a_call_leaves_out(tuned) -> None:
     none = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=0, seed=4)
-    plain = tuned(["a red circle"], generator="ar", seed=4, return_bits=True, progress=False)
+    plain = tuned(["a red circle"], kind="ar", seed=4, return_bits=True, progress=False)
     assert torch.equal(none.bits, plain.bits)
     part = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=5, seed=4)
     explicit = editing.continue_ar(tuned, picture_a(), "a red circle", keep_tokens=5, seed=4, **TUNED_SAMPLING["ar"])

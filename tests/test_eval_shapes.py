@@ -71,11 +71,9 @@ def test_wrong_colours_score_zero_where_colours_are_named() -> None:
 def test_cli_shapes_rejects_blank_generator(bundle, tmp_path, monkeypatch, capsys) -> None:
     calls = []
 
-    def white(self, prompts, generator="diffusion", seed=None, height=None, **kw):
+    def white(self, prompts, kind="diffusion", seed=None, height=None, **kw):
         prompts = check_prompts(prompts)
-        calls.append(
-            (generator, seed, kw.get("num_steps"), kw.get("guidance_scale"), kw.get("rho"), kw.get("protocol"))
-        )
+        calls.append((kind, seed, kw.get("num_steps"), kw.get("guidance_scale"), kw.get("rho"), kw.get("protocol")))
         size = height or self.config.image_size
         return PipelineOutput(
             images=[Image.new("RGB", (size, size), "white") for _ in prompts],

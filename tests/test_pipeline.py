@@ -49,9 +49,9 @@ FAST = dict(num_steps=3, progress=False)
 
 
 # --- generation ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("generator", ["diffusion", "ar"])
-def test_generate_images(pipe, generator: str) -> None:
-    out = pipe(["a red circle", "a blue square"], generator=generator, seed=0, return_bits=True, **FAST)
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_generate_images(pipe, kind: str) -> None:
+    out = pipe(["a red circle", "a blue square"], kind=kind, seed=0, return_bits=True, **FAST)
     assert len(out.images) == 2 and out.seeds == [0, 1] and out.prompts == ["a red circle", "a blue square"]
     for im in out.images:
         assert isinstance(im, Image.Image) and im.mode == "RGB" and im.size == (64, 64)
@@ -59,11 +59,11 @@ def test_generate_images(pipe, generator: str) -> None:
     assert bool(((out.bits == 0) | (out.bits == 1)).all())
 
 
-@pytest.mark.parametrize("generator", ["diffusion", "ar"])
-def test_non_square_size(pipe, generator: str) -> None:
-    out = pipe("a red circle", generator=generator, seed=0, height=64, width=128, **FAST)
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_non_square_size(pipe, kind: str) -> None:
+    out = pipe("a red circle", kind=kind, seed=0, height=64, width=128, **FAST)
     assert out.images[0].size == (128, 64)  # PIL: (width, height)
-    out = pipe("a red circle", generator=generator, seed=0, height=128, width=64, **FAST)
+    out = pipe("a red circle", kind=kind, seed=0, height=128, width=64, **FAST)
     assert out.images[0].size == (64, 128)
 
 
@@ -76,28 +76,28 @@ def test_single_string_prompt(pipe) -> None:
     assert out.prompts == ["a cat"] and out.seeds == [3] and len(out.images) == 1
 
 
-@pytest.mark.parametrize("generator", ["diffusion", "ar"])
-def test_same_seed_same_images(pipe, generator: str) -> None:
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_same_seed_same_images(pipe, kind: str) -> None:
     prompts = ["a red circle", "a green triangle"]
-    a = pipe(prompts, generator=generator, seed=42, return_bits=True, **FAST)
-    b = pipe(prompts, generator=generator, seed=42, return_bits=True, **FAST)
-    c = pipe(prompts, generator=generator, seed=43, return_bits=True, **FAST)
+    a = pipe(prompts, kind=kind, seed=42, return_bits=True, **FAST)
+    b = pipe(prompts, kind=kind, seed=42, return_bits=True, **FAST)
+    c = pipe(prompts, kind=kind, seed=43, return_bits=True, **FAST)
     assert torch.equal(a.bits, b.bits) and same_images(a.images, b.images)
     assert not torch.equal(a.bits, c.bits)
 
 
-@pytest.mark.parametrize("generator", ["diffusion", "ar"])
-def test_image_i_reproducible_alone(pipe, generator: str) -> None:
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_image_i_reproducible_alone(pipe, kind: str) -> None:
     """Image i of a call with seed s is the image of that prompt generated alone with seed s + i,
     whatever the batch size or the other prompts."""
     prompts = ["a red circle", "a much longer prompt about a small blue square on a white background", "a red circle"]
-    full = pipe(prompts, generator=generator, seed=10, return_bits=True, **FAST)
+    full = pipe(prompts, kind=kind, seed=10, return_bits=True, **FAST)
     assert full.seeds == [10, 11, 12]
     for i, prompt in enumerate(prompts):
-        alone = pipe(prompt, generator=generator, seed=10 + i, return_bits=True, **FAST)
+        alone = pipe(prompt, kind=kind, seed=10 + i, return_bits=True, **FAST)
         assert torch.equal(alone.bits[0], full.bits[i]), i
         assert same_images(alone.images, [full.images[i]]), i
-    small_batches = pipe(prompts, generator=generator, seed=10, return_bits=True, batch_size=1, **FAST)
+    small_batches = pipe(prompts, kind=kind, seed=10, return_bits=True, batch_size=1, **FAST)
     assert torch.equal(small_batches.bits, full.bits) and same_images(small_batches.images, full.images)
 
 
@@ -125,10 +125,10 @@ def test_save_and_load_roundtrip(pipe, saved) -> None:
     loaded = Pipeline.from_pretrained(saved, text_encoder=pipe.text_encoder)
     assert loaded.config == pipe.config
     assert sorted(loaded.generators) == ["ar", "diffusion"]
-    for generator in ("diffusion", "ar"):
-        a = pipe(["a red circle", "a cat"], generator=generator, seed=5, return_bits=True, **FAST)
-        b = loaded(["a red circle", "a cat"], generator=generator, seed=5, return_bits=True, **FAST)
-        assert torch.equal(a.bits, b.bits) and same_images(a.images, b.images), generator
+    for kind in ("diffusion", "ar"):
+        a = pipe(["a red circle", "a cat"], kind=kind, seed=5, return_bits=True, **FAST)
+        b = loaded(["a red circle", "a cat"], kind=kind, seed=5, return_bits=True, **FAST)
+        assert torch.equal(a.bits, b.bits) and same_images(a.images, b.images), kind
 
 
 def test_save_overwrites_atomically(pipe, tmp_path) -> None:
@@ -139,6 +139,53 @@ def test_save_overwrites_atomically(pipe, tmp_path) -> None:
     assert (target / "model_index.json").is_file()
 
 
+# --- the kind's keyword: kind=, and generator= for one release ----------------------------------------------------
+def test_kind_keyword_and_position_give_the_same_bits(pipe) -> None:
+    by_name = pipe(["a red circle"], kind="ar", seed=7, return_bits=True, **FAST)
+    by_position = pipe(["a red circle"], "ar", seed=7, return_bits=True, **FAST)
+    diffusion = pipe(["a red circle"], kind="diffusion", seed=7, return_bits=True, **FAST)
+    assert torch.equal(by_name.bits, by_position.bits) and not torch.equal(by_name.bits, diffusion.bits)
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_old_generator_keyword_warns_and_gives_the_same_bits(pipe, kind: str) -> None:
+    new = pipe(["a red circle", "two squares"], kind=kind, seed=3, return_bits=True, **FAST)
+    with pytest.warns(DeprecationWarning, match=f"kind={kind!r}") as caught:
+        old = pipe(["a red circle", "two squares"], generator=kind, seed=3, return_bits=True, **FAST)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    assert torch.equal(old.bits, new.bits) and same_images(old.images, new.images)
+    with pytest.warns(DeprecationWarning, match="Pipeline.batches"):
+        parts = list(pipe.batches(["a red circle", "two squares"], generator=kind, seed=3, return_bits=True, **FAST))
+    assert torch.equal(torch.cat([p.bits for p in parts]), new.bits)
+    with pytest.warns(DeprecationWarning, match="kind="):
+        assert pipe.sampling_settings(generator=kind, num_steps=3) == pipe.sampling_settings(kind, num_steps=3)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda pipe, **kw: pipe("a cat", **kw),
+        lambda pipe, **kw: pipe.batches("a cat", **kw),
+        lambda pipe, **kw: pipe.sampling_settings(**kw),
+    ],
+    ids=["call", "batches", "sampling_settings"],
+)
+def test_kind_given_twice_is_a_type_error(pipe, call) -> None:
+    with pytest.raises(TypeError, match="kind twice"):
+        call(pipe, kind="ar", generator="ar", progress=False)
+    with pytest.raises(TypeError, match="kind twice"):
+        pipe("a cat", "ar", generator="diffusion", progress=False)
+
+
+@pytest.mark.parametrize("rng", [torch.Generator().manual_seed(0), None])
+def test_a_torch_generator_is_a_type_error_naming_seed_and_kind(pipe, rng) -> None:
+    """diffusers takes generator=torch.Generator(...); binlat seeds with seed= and takes the kind as kind=."""
+    with pytest.raises(TypeError, match=r"binlat seeds with seed= .*the generator kind goes in kind="):
+        pipe("a cat", generator=rng, progress=False)
+    with pytest.raises(TypeError, match="seed="):
+        pipe.batches("a cat", kind="ar", generator=rng, progress=False)
+
+
 # --- errors ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, match",
@@ -146,7 +193,7 @@ def test_save_overwrites_atomically(pipe, tmp_path) -> None:
         (dict(prompts=[]), "no prompts"),
         (dict(prompts=["a cat", "   "]), "prompt 1 is empty"),
         (dict(prompts=[""]), "empty"),
-        (dict(prompts=["a cat"], generator="gan"), "available"),
+        (dict(prompts=["a cat"], kind="gan"), "available"),
         (dict(prompts=["a cat"], height=65), "65"),
         (dict(prompts=["a cat"], height=64, width=65), "multiples"),
         (dict(prompts=["a cat"], num_steps=0), "steps"),
@@ -180,7 +227,7 @@ def test_unknown_generator_in_single_generator_bundle(pipe, saved, tmp_path) -> 
     (only / "model_index.json").write_text(json.dumps(index))
     loaded = Pipeline.from_pretrained(only, text_encoder=pipe.text_encoder)
     with pytest.raises(ValueError, match=r"'ar'.*available: \['diffusion'\]"):
-        loaded("a cat", generator="ar", progress=False)
+        loaded("a cat", kind="ar", progress=False)
 
 
 def test_check_prompts() -> None:
@@ -256,7 +303,7 @@ def test_cli_bundle_in_float16(saved, tmp_path) -> None:
             saved / part / "model.safetensors"
         ).stat().st_size
     half = Pipeline.from_pretrained(out)
-    images = half(["a red circle"], generator="ar", seed=1, **FAST).images
+    images = half(["a red circle"], kind="ar", seed=1, **FAST).images
     assert images[0].size == (64, 64)
 
 
@@ -273,12 +320,12 @@ def test_bundle_sampling_defaults_apply_and_calls_override(saved, tmp_path) -> N
     assert tuned_pipe.sampling_settings("diffusion")["guidance_scale"] == 0.0
     assert tuned_pipe.sampling_settings("diffusion", guidance_scale=2.0)["guidance_scale"] == 2.0
     assert plain.sampling_settings("diffusion")["guidance_scale"] == 7.5  # built-in
-    for generator, explicit in (("diffusion", {"guidance_scale": 0.0, "num_steps": 3}), ("ar", {"temperature": 0.0})):
-        a = tuned_pipe(["a red circle"], generator=generator, seed=2, return_bits=True)
-        b = plain(["a red circle"], generator=generator, seed=2, return_bits=True, **explicit)
+    for kind, explicit in (("diffusion", {"guidance_scale": 0.0, "num_steps": 3}), ("ar", {"temperature": 0.0})):
+        a = tuned_pipe(["a red circle"], kind=kind, seed=2, return_bits=True)
+        b = plain(["a red circle"], kind=kind, seed=2, return_bits=True, **explicit)
         c = tuned_pipe(
             ["a red circle"],
-            generator=generator,
+            kind=kind,
             seed=2,
             return_bits=True,
             guidance_scale=7.5,
@@ -286,14 +333,14 @@ def test_bundle_sampling_defaults_apply_and_calls_override(saved, tmp_path) -> N
         )
         d = plain(
             ["a red circle"],
-            generator=generator,
+            kind=kind,
             seed=2,
             return_bits=True,
             guidance_scale=7.5,
             **{k: v for k, v in explicit.items() if k != "guidance_scale"},
         )
-        assert torch.equal(a.bits, b.bits), generator
-        assert torch.equal(c.bits, d.bits), generator
+        assert torch.equal(a.bits, b.bits), kind
+        assert torch.equal(c.bits, d.bits), kind
 
 
 def test_sampling_settings_are_complete_and_checked(pipe) -> None:

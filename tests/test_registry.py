@@ -135,18 +135,14 @@ def test_registered_kind_is_listed(masked_kind) -> None:
 
 def test_pipeline_generates_with_the_new_kind(pipe) -> None:
     assert "masked" in pipe.generators and pipe.config.generators == ("diffusion", "ar", "masked")
-    out = pipe(
-        ["a red circle", "two squares"], generator="masked", num_steps=3, seed=4, return_bits=True, progress=False
-    )
+    out = pipe(["a red circle", "two squares"], kind="masked", num_steps=3, seed=4, return_bits=True, progress=False)
     assert out.bits.shape == (2, 16, 32) and set(out.bits.unique().tolist()) <= {0, 1}
     assert len(out.images) == 2 and out.images[0].size == (64, 64)
-    again = pipe(
-        ["a red circle", "two squares"], generator="masked", num_steps=3, seed=4, return_bits=True, progress=False
-    )
-    alone = pipe(["two squares"], generator="masked", num_steps=3, seed=5, return_bits=True, progress=False)
+    again = pipe(["a red circle", "two squares"], kind="masked", num_steps=3, seed=4, return_bits=True, progress=False)
+    alone = pipe(["two squares"], kind="masked", num_steps=3, seed=5, return_bits=True, progress=False)
     assert torch.equal(out.bits, again.bits) and torch.equal(out.bits[1:], alone.bits)
     with pytest.raises(ValueError, match="steps"):
-        pipe(["a cat"], generator="masked", num_steps=0)
+        pipe(["a cat"], kind="masked", num_steps=0)
 
 
 def test_the_new_kinds_own_setting_and_defaults_work_through_python(pipe) -> None:
@@ -166,17 +162,17 @@ def test_the_new_kinds_own_setting_and_defaults_work_through_python(pipe) -> Non
     assert torch.equal(pipe(["x"], **diffusion).bits, pipe(["x"], sharpness=8.0, **diffusion).bits)
     for bad in (0.0, -1.0, math.nan, True):
         with pytest.raises(ValueError, match=f"^sharpness must be a finite number > 0, got {bad!r}$"):
-            pipe(["a cat"], generator="masked", sharpness=bad)
+            pipe(["a cat"], kind="masked", sharpness=bad)
     with pytest.raises(TypeError, match="sharpnes.*valid:.*sharpness"):
-        pipe(["a cat"], generator="masked", sharpnes=2.0)
+        pipe(["a cat"], kind="masked", sharpnes=2.0)
 
 
 def test_bundle_with_the_new_kind_saves_loads_and_generates(pipe, tmp_path) -> None:
     bundle = pipe.save_pretrained(tmp_path / "bundle")
     assert (bundle / "masked" / "config.json").is_file()
     loaded = Pipeline.from_pretrained(bundle, text_encoder=pipe.text_encoder)
-    a = pipe(["a blue square"], generator="masked", num_steps=2, seed=0, return_bits=True, progress=False)
-    b = loaded(["a blue square"], generator="masked", num_steps=2, seed=0, return_bits=True, progress=False)
+    a = pipe(["a blue square"], kind="masked", num_steps=2, seed=0, return_bits=True, progress=False)
+    b = loaded(["a blue square"], kind="masked", num_steps=2, seed=0, return_bits=True, progress=False)
     assert torch.equal(a.bits, b.bits)
     out = tmp_path / "out"
     assert (
@@ -212,7 +208,7 @@ def test_the_new_kinds_own_setting_works_through_the_cli(pipe, tmp_path, capsys)
     assert main([*generate, "--sharpness", "2", "--out", str(out), "--no-progress"]) == 0
     record = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
     assert (record["sharpness"], record["num_steps"]) == (2.0, 4)  # the option, and the kind's own default
-    made = pipe(["a blue square"], generator="masked", seed=0, sharpness=2.0, progress=False).images[0]
+    made = pipe(["a blue square"], kind="masked", seed=0, sharpness=2.0, progress=False).images[0]
     assert np.array_equal(np.asarray(Image.open(out / record["file"])), np.asarray(made))
     capsys.readouterr()
     for bad, message in (("0", "sharpness must be a finite number > 0, got 0.0"), ("x", "must be a number, got 'x'")):
@@ -276,7 +272,7 @@ def test_the_new_kinds_own_setting_works_through_http(pipe) -> None:
         assert answer.status_code == 200, answer.text
         image = answer.json()["images"][0]
         assert (image["generator"], image["sharpness"], image["num_steps"]) == ("masked", 2.0, 4)
-        made = pipe(["a blue square"], generator="masked", seed=0, sharpness=2.0, progress=False).images[0]
+        made = pipe(["a blue square"], kind="masked", seed=0, sharpness=2.0, progress=False).images[0]
         served = Image.open(io.BytesIO(base64.b64decode(image["png_base64"])))
         assert np.array_equal(np.asarray(served), np.asarray(made))
         refused = client.post("/v1/generate", json=request | {"sharpness": 0})

@@ -130,10 +130,10 @@ def test_cli_writes_a_bundle_that_generates(release_dir, text_dir, tmp_path, cap
     assert index["sampling"]["ar"] == {"guidance_scale": 7.5, "temperature": 1.0}
     pipe = Pipeline.from_pretrained(out, text_encoder=str(text_dir))
     assert pipe.sampling_settings("diffusion") == index["sampling"]["diffusion"]
-    for generator in ("diffusion", "ar"):
+    for kind in ("diffusion", "ar"):
         result = pipe(
             ["a cat on a sofa", "a red cube"],
-            generator=generator,
+            kind=kind,
             num_steps=3,
             height=64,
             seed=1,
@@ -450,7 +450,7 @@ def test_only_the_generator_a_call_uses_is_loaded(bundle, text_dir):
     pipe = Pipeline.from_pretrained(bundle, text_encoder=str(text_dir))
     assert set(pipe.generators) == {"diffusion", "ar"} and pipe.generators.loaded() == {}
     assert "ar" in pipe.generators and pipe.generators.loaded() == {}  # asking does not load
-    pipe("a cat", generator="ar", height=64, seed=0, progress=False)
+    pipe("a cat", kind="ar", height=64, seed=0, progress=False)
     assert set(pipe.generators.loaded()) == {"ar"}
     pipe.to(dtype=torch.float64)  # a generator loaded later takes the placement asked for before
     assert next(pipe.generators["diffusion"].parameters()).dtype == torch.float64

@@ -133,10 +133,10 @@ for _name, _value, _message in API_BAD_SAMPLING:
 @case("api-zero-guidance-and-temperature-are-valid", "Pipeline.__call__")
 def _(env: Env) -> None:
     # Not errors: w = 0 is unguided sampling, temperature 0 thresholds the probabilities.
-    for generator in ("diffusion", "ar"):
+    for kind in ("diffusion", "ar"):
         result = env.pipe(
             ["a cat"],
-            generator=generator,
+            kind=kind,
             num_steps=1,
             guidance_scale=0.0,
             temperature=0.0,
@@ -150,7 +150,7 @@ def _(env: Env) -> None:
 @case("api-unknown-generator", "Pipeline.__call__")
 def _(env: Env) -> None:
     with pytest.raises(ValueError, match=r"generator 'gan' is not in this model; available: \['ar', 'diffusion'\]"):
-        env.pipe(["a cat"], generator="gan", progress=False)
+        env.pipe(["a cat"], kind="gan", progress=False)
 
 
 @case("api-model-dir-missing-config", "BinaryTokenizer.from_pretrained")

@@ -90,16 +90,16 @@ def test_tokenizer_round_trip_measures_as_reported(shipped) -> None:
     assert psnr >= report("reconstruction")["summary"]["tokenizer"]["psnr"] - 1.0
 
 
-@pytest.mark.parametrize("generator", ["diffusion", "ar"])
-def test_generators_reproduce_the_published_verdicts(shipped, generator) -> None:
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_generators_reproduce_the_published_verdicts(shipped, kind) -> None:
     """The first 4 items of every category of the published report, regenerated with their prompt and seed and
     judged again: the verdicts (correct or not, and the objects found) agree. Float rounding on another CPU may
     flip a rare sampled bit, so 90 % agreement is required rather than all."""
-    items = [it for it in report(generator)["items"] if it["set"] == "main" and it["index"] < 4]
+    items = [it for it in report(kind)["items"] if it["set"] == "main" and it["index"] < 4]
     assert len(items) == 24
     agree = 0
     for it in items:
-        image = shipped([it["prompt"]], generator=generator, seed=it["seed"], progress=False).images[0]
+        image = shipped([it["prompt"]], kind=kind, seed=it["seed"], progress=False).images[0]
         verdict = judge(image, it["prompt"])
         agree += bool(verdict["correct"]) == it["correct"] and len(verdict["objects"]) == len(it["objects"])
     assert agree >= 0.9 * len(items), f"{agree}/{len(items)} verdicts reproduced"

@@ -208,7 +208,7 @@ def test_self_conditioned_diffusion_and_context_flip_ar_train_export_and_generat
     )
     out = pipe(["a red circle"], num_steps=3, guidance_scale=1.0, seed=0, progress=False, return_bits=True)
     assert out.bits.shape == (1, 16, 16)
-    assert pipe(["two squares"], generator="ar", seed=0, progress=False, return_bits=True).bits.shape == (1, 16, 16)
+    assert pipe(["two squares"], kind="ar", seed=0, progress=False, return_bits=True).bits.shape == (1, 16, 16)
     for bad, message in (
         ({"generator": {**generator, "context_flip": 0.5}, "kind": "ar", "model": small}, "context_flip"),
         ({"generator": generator, "kind": "ar", "model": {**small, "self_condition": True}}, "self_condition"),

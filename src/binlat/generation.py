@@ -1,12 +1,16 @@
 """What a generation call takes and gives, apart from the Pipeline that makes it: prompts checked as text, images
-as PIL, outputs, the record of the settings a call used, and a pipeline's generators by kind, loaded on first use.
+as PIL, outputs, the record of the settings a call used, a pipeline's generators by kind, loaded on first use, and
+the one place that still accepts the generator kind under its old keyword, `generator=`.
 The CLI, the server, editing, training's sample grids and evaluation use these without needing a Pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +20,41 @@ import torch
 from PIL import Image
 
 from . import registry
+
+
+def generator_keyword(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an entry point whose generator-kind parameter is `kind`. Up to 0.1.0 it was `generator`, a word
+    that also named the network and torch RNGs, and that diffusers' callers pass a torch.Generator as. For one
+    release a caller's `generator="ar"` still works, with a DeprecationWarning naming `kind=`; a `generator` that
+    is not a string (a torch.Generator) is a TypeError saying how binlat seeds, and so is the kind given both
+    ways."""
+    position = list(inspect.signature(function).parameters).index("kind")
+
+    @functools.wraps(function)
+    def accepting(*args: Any, **kwargs: Any) -> Any:
+        if "generator" in kwargs:
+            kwargs["kind"] = _old_kind(
+                function.__qualname__, kwargs.pop("generator"), "kind" in kwargs or len(args) > position
+            )
+        return function(*args, **kwargs)
+
+    return accepting
+
+
+def _old_kind(name: str, value: Any, kind_given: bool) -> str:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name}() got a {type(value).__name__} as generator=: binlat seeds with seed= (image i uses seed + i), "
+            f"and the generator kind goes in kind= (e.g. kind='ar')"
+        )
+    if kind_given:
+        raise TypeError(f"{name}() got the generator kind twice, as kind and as generator={value!r}; pass kind= only")
+    warnings.warn(
+        f"{name}(generator={value!r}) is deprecated: the generator kind is now kind={value!r}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return value
 
 
 def settings_record(kind: str, settings: Mapping[str, Any]) -> dict[str, Any]:

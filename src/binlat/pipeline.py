@@ -20,7 +20,7 @@ from PIL import Image
 from . import budget, modeling, registry
 from .bundle import INDEX_NAME as INDEX_NAME  # re-exported: where Python callers found it before binlat.bundle
 from .bundle import PipelineConfig, load_part_configs, read_index, write_index
-from .generation import Generators, PipelineOutput, check_prompts, to_pil
+from .generation import Generators, PipelineOutput, check_prompts, generator_keyword, to_pil
 from .generators import GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
@@ -239,12 +239,13 @@ class Pipeline:
         n = len(prompts)
         return features.index(list(range(n))), features.index([n])
 
-    def check_work(self, generator: str | None, batch: int, height: int, width: int, kept_images: int = 1) -> None:
+    @generator_keyword
+    def check_work(self, kind: str | None, batch: int, height: int, width: int, kept_images: int = 1) -> None:
         """Refuse (budget.MemoryBudgetError, one line) a request whose estimated memory exceeds the limit: one batch
-        through `generator` (None: the costliest of the pipeline's), one image through the tokenizer decoder, and
-        the images kept. Warns once per size when a side is beyond the size the tokenizer was trained at."""
+        through generator `kind` (None: the costliest of the pipeline's), one image through the tokenizer decoder,
+        and the images kept. Warns once per size when a side is beyond the size the tokenizer was trained at."""
         tok = self.tokenizer.config
-        kinds = [generator] if generator is not None else list(self._generator_configs)
+        kinds = [kind] if kind is not None else list(self._generator_configs)
         estimate = max(
             budget.generation_bytes(
                 tok,
@@ -272,16 +273,17 @@ class Pipeline:
                 stacklevel=3,
             )
 
+    @generator_keyword
     def warn_vocabulary(
-        self, prompts: str | Sequence[str], generator: str = "diffusion", warn: Callable[[str], None] | None = None
+        self, prompts: str | Sequence[str], kind: str = "diffusion", warn: Callable[[str], None] | None = None
     ) -> list[str]:
-        """The words of `prompts` outside `generator`'s training vocabulary (config.vocabulary) not named before by
+        """The words of `prompts` outside generator `kind`'s training vocabulary (config.vocabulary) not named before by
         this pipeline; when there are any, one message naming them goes to `warn` (default: a UserWarning). Every
         generation calls it, so a run names each unknown word once. A generator without a vocabulary (bundles made
         before cards, open-domain captions) checks nothing."""
         from .data.vocabulary import unknown_words, unknown_words_message
 
-        vocabulary = self.config.vocabulary.get(generator)
+        vocabulary = self.config.vocabulary.get(kind)
         if not vocabulary:
             return []
         prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -295,13 +297,14 @@ class Pipeline:
                 warn(message)
         return new
 
-    def sampling_settings(self, generator: str = "diffusion", **given: Any) -> dict[str, Any]:
+    @generator_keyword
+    def sampling_settings(self, kind: str = "diffusion", **given: Any) -> dict[str, Any]:
         """The complete, checked settings a call uses, every registered setting (binlat.sampling): its own
-        (non-None) arguments, else the bundle's `sampling` for `generator`, else the built-ins. Every entry point
-        (Python, CLI, server, eval) resolves through here. An unknown name is a TypeError."""
-        if generator not in registry.generator_kinds():
-            raise ValueError(f"generator must be one of {registry.generator_kinds()}, got {generator!r}")
-        return resolve_settings(generator, self.config.sampling.get(generator, {}), given)
+        (non-None) arguments, else the bundle's `sampling` for generator `kind`, else the built-ins. Every entry
+        point (Python, CLI, server, eval) resolves through here. An unknown name is a TypeError."""
+        if kind not in registry.generator_kinds():
+            raise ValueError(f"kind must be one of the generator kinds {registry.generator_kinds()}, got {kind!r}")
+        return resolve_settings(kind, self.config.sampling.get(kind, {}), given)
 
     @torch.inference_mode()
     def decode(self, bits: torch.Tensor, height: int, width: int) -> list[Image.Image]:
@@ -312,10 +315,11 @@ class Pipeline:
         device = next(self.tokenizer.parameters()).device
         return [to_pil(self.tokenizer.decode(b[None].to(device), height, width))[0] for b in bits]
 
+    @generator_keyword
     def __call__(
         self,
         prompts: str | Sequence[str],
-        generator: str = "diffusion",
+        kind: str = "diffusion",
         *,
         seed: int | None = None,
         height: int | None = None,
@@ -330,9 +334,7 @@ class Pipeline:
         registered kind adds: the fields of its process's Settings, binlat.sampling); one left out or None takes
         the bundle's tuned value (`config.sampling`), else the built-in one."""
         parts = list(
-            self._start(
-                prompts, generator, settings, seed, height, width, batch_size, return_bits, progress, keep_all=True
-            )
+            self._start(prompts, kind, settings, seed, height, width, batch_size, return_bits, progress, keep_all=True)
         )
         return PipelineOutput(
             images=[im for p in parts for im in p.images],
@@ -341,10 +343,11 @@ class Pipeline:
             bits=torch.cat([p.bits for p in parts]) if return_bits else None,
         )
 
+    @generator_keyword
     def batches(
         self,
         prompts: str | Sequence[str],
-        generator: str = "diffusion",
+        kind: str = "diffusion",
         *,
         seed: int | None = None,
         height: int | None = None,
@@ -359,13 +362,13 @@ class Pipeline:
         memory a batch needs is estimated (binlat.budget): a request that would not fit is a MemoryBudgetError.
         Prompts are encoded batch by batch, so their number costs time, not memory."""
         return self._start(
-            prompts, generator, settings, seed, height, width, batch_size, return_bits, progress, keep_all=False
+            prompts, kind, settings, seed, height, width, batch_size, return_bits, progress, keep_all=False
         )
 
     def _start(
         self,
         prompts,
-        generator,
+        kind,
         given: dict[str, Any],
         seed,
         height,
@@ -376,23 +379,23 @@ class Pipeline:
         keep_all: bool,
     ) -> Iterator[PipelineOutput]:
         prompts = check_prompts(prompts)
-        if generator not in self.generators:
-            raise ValueError(f"generator {generator!r} is not in this model; available: {sorted(self.generators)}")
-        settings = self.sampling_settings(generator, **given)
-        self.warn_vocabulary(prompts, generator)
+        if kind not in self.generators:
+            raise ValueError(f"generator {kind!r} is not in this model; available: {sorted(self.generators)}")
+        settings = self.sampling_settings(kind, **given)
+        self.warn_vocabulary(prompts, kind)
         check_int("batch size", batch_size, 1)
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"
         width = height if width is None else width
         self.tokenizer.check_size(height, width)
         batch = min(batch_size, len(prompts))
-        self.check_work(generator, batch, height, width, kept_images=len(prompts) if keep_all else batch)
+        self.check_work(kind, batch, height, width, kept_images=len(prompts) if keep_all else batch)
         base = resolve_seed(seed, len(prompts))
-        return self._batches(prompts, generator, settings, base, height, width, batch_size, return_bits, progress)
+        return self._batches(prompts, kind, settings, base, height, width, batch_size, return_bits, progress)
 
     def _batches(
         self,
         prompts: list[str],
-        generator: str,
+        kind: str,
         settings: dict[str, Any],
         base: int,
         height: int,
@@ -405,10 +408,9 @@ class Pipeline:
         # Text is encoded batch by batch (20,000 prompts at once once took 8 GB); the empty prompt and the previous
         # batch's prompts are remembered, so a prompt repeated across neighbouring batches is encoded once.
         known: dict[str, TextFeatures] = {}
-        layers = self.text_layers(generator)
-        network = self.generators[generator]
-        kind = registry.generator(generator)
-        process, sampling = self.process(generator), kind.sampling(settings)
+        layers = self.text_layers(kind)
+        network = self.generators[kind]
+        process, sampling = self.process(kind), registry.generator(kind).sampling(settings)
         device = next(network.parameters()).device
         for start in range(0, len(prompts), batch_size):
             rows = list(range(start, min(start + batch_size, len(prompts))))

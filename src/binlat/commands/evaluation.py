@@ -46,7 +46,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         report = run_shapes(
             args.model,
-            generator=args.generator,
+            kind=args.generator,
             per_category=args.per_category,
             sampling=sampling_given(args),
             seed=args.seed,

@@ -2,7 +2,7 @@
 
 The scoring itself (prompt sets per category, the judge, accuracy per category and overall, the held-out sets
 apart) is binlat.judge.accuracy's, which training's running score and the probes share. Images come from a pipeline
-(``generator`` diffusion or ar), or in ground-truth mode from ``render(scene_for_caption(prompt, rng))`` with
+(generator ``kind`` diffusion or ar), or in ground-truth mode from ``render(scene_for_caption(prompt, rng))`` with
 ``rng = numpy.random.default_rng(seed + i)``, either passed through the tokenizer (encode -> decode: the tokenizer's
 ceiling on this benchmark) or as rendered (``tokenizer=None``), which must score ~1.0 and so checks the harness and
 the judge themselves.
@@ -148,7 +148,7 @@ def failure_sheet(
 
 def run_shapes(
     model: str | Path | None,
-    generator: str = "diffusion",
+    kind: str = "diffusion",
     per_category: int = 64,
     sampling: Mapping[str, Any] | None = None,
     seed: int = 0,
@@ -202,12 +202,10 @@ def run_shapes(
 
             pipeline = Pipeline.from_pretrained(model, text_encoder=text_encoder, device=device)
         size = size or pipeline.config.image_size
-        mode = f"{generator} generator"
-        settings = pipeline.sampling_settings(generator, **(sampling or {}))
-        used |= settings_record(generator, settings)
-        images_fn = pipeline_images(
-            pipeline, generator, batch_size=batch_size, size=size, progress=progress, **settings
-        )
+        mode = f"{kind} generator"
+        settings = pipeline.sampling_settings(kind, **(sampling or {}))
+        used |= settings_record(kind, settings)
+        images_fn = pipeline_images(pipeline, kind, batch_size=batch_size, size=size, progress=progress, **settings)
     if size < 64:
         print(
             f"note: judging is meant for images of 64 px and more (shapes-spec); these are {size} px", file=sys.stderr
@@ -228,7 +226,7 @@ def run_shapes(
     generating = not ground_truth
     arguments = {
         "model": None if model is None else str(model),
-        "generator": generator if generating else None,
+        "generator": kind if generating else None,  # the report keeps the CLI's name
         "per_category": per_category,
         **used,
         "seed": seed,

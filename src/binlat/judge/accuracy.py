@@ -31,7 +31,7 @@ ImagesFn = Callable[[list[str], int], list[Image.Image]]
 
 def pipeline_images(
     pipe,
-    generator: str = "diffusion",
+    kind: str = "diffusion",
     *,
     batch_size: int = 8,
     size: int | None = None,
@@ -44,7 +44,7 @@ def pipeline_images(
     def make(prompts: list[str], seed: int) -> list[Image.Image]:
         result = pipe(
             prompts,
-            generator=generator,
+            kind=kind,
             seed=seed,
             height=size,
             width=size,

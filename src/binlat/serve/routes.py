@@ -186,7 +186,7 @@ async def generate(request: Request, served: ServedDep, ticket: TicketDep) -> JS
 
     def work() -> list[dict[str, Any]]:
         cancellable(pipe.generators[req.generator])
-        out = pipe(expanded, generator=req.generator, seed=seed, height=height, width=width, progress=False, **settings)
+        out = pipe(expanded, kind=req.generator, seed=seed, height=height, width=width, progress=False, **settings)
         meta = {"generator": req.generator, **settings_record(req.generator, settings)}
         return [_image_record(im, s, p, **meta) for im, s, p in zip(out.images, out.seeds, out.prompts)]
 

@@ -473,7 +473,7 @@ class GeneratorTask(Task):
         pipe = Pipeline(*self.frozen_encoders("drawing samples"), **{cfg.kind: model})
         out = pipe(
             prompts,
-            generator=cfg.kind,
+            kind=cfg.kind,
             num_steps=cfg.generator.sample_steps,
             guidance_scale=cfg.generator.sample_guidance,
             seed=0,
