@@ -207,8 +207,8 @@ def check_strength(strength: float) -> float:
 
 # --- edit ---------------------------------------------------------------------------------------------------
 def _sampler_inputs(pipe: Pipeline, kind: str, prompt: str, seeds: list[int], settings: dict[str, Any]):
-    """The generator of `kind`, its process, and what its sampling calls take after their start: the prompt's
-    features (one row per seed), the empty prompt's, one random generator per seed and the sampling settings."""
+    """The network of generator `kind`, its process, and what its sampling calls take after their start: the
+    prompt's features (one row per seed), the empty prompt's, one torch.Generator per seed and the settings."""
     network = pipe.generators[kind]
     layers = pipe.text_layers(kind)
     cond, uncond = pipe.encode_prompts([prompt])

@@ -423,8 +423,8 @@ class Pipeline:
             joint = TextFeatures.cat([known[p] for p in batch + [""]]).select(layers)  # one length for both
             cond, uncond = joint.index(list(range(len(batch)))), joint.index([len(batch)])
             known = {p: known[p] for p in batch + [""]}
-            gens = make_generators([seeds[i] for i in rows], device)
-            bits = process.sample(network, cond, uncond, gens, sampling, progress=progress)
+            generators = make_generators([seeds[i] for i in rows], device)
+            bits = process.sample(network, cond, uncond, generators, sampling, progress=progress)
             yield PipelineOutput(
                 images=self.decode(bits, height, width),
                 seeds=[seeds[i] for i in rows],

@@ -76,8 +76,8 @@ def validation_loss(task, network, count: int = 256, seed: int = PROBE_SEED) -> 
         samples = [stream.sample(i) for i in range(start, min(start + 64, count))]
         bits = task.tokenizer.encode(torch.stack([s["image"] for s in samples]).to(task.device)).float()
         text = task.cached_text([s["caption"] for s in samples]).to(task.device)
-        gens = make_generators(list(range(start, start + len(samples))), task.device)
-        loss, _ = task.process.loss(network.eval(), bits, text, gens)
+        generators = make_generators(list(range(start, start + len(samples))), task.device)
+        loss, _ = task.process.loss(network.eval(), bits, text, generators)
         total += float(loss) * len(samples)
     return total / count
 

@@ -128,8 +128,8 @@ def bench_codec(plan: Plan, figures: dict[str, float]) -> Table:
     cfg = TokenizerConfig(**plan.tokenizer)
     tok = seeded(lambda: BinaryTokenizer(cfg))
     batch, size = plan.codec_batch, cfg.image_size
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, cfg.in_channels, size, size, generator=gen) * 2 - 1
+    rng = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, cfg.in_channels, size, size, generator=rng) * 2 - 1
     bits = tok.encode(images)
     enc = measure(lambda: tok.encode(images), plan.timing)
     dec = measure(lambda: tok.decode(bits, size, size), plan.timing)

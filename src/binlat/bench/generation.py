@@ -146,8 +146,8 @@ def bench_tokens(plan: Plan, figures: dict[str, float]) -> Table:
     )
     base = None
     for tokens in counts:
-        gen = torch.Generator().manual_seed(tokens)
-        x = (torch.rand(2, tokens, config.num_bits, generator=gen) < 0.5).float()
+        rng = torch.Generator().manual_seed(tokens)
+        x = (torch.rand(2, tokens, config.num_bits, generator=rng) < 0.5).float()
         t = torch.full((2,), 0.5)
         m = measure(lambda: net(x, t, text.layers, text.mask), plan.timing)
         flops = diffusion_step_flops(config, 2, plan.text_length, tokens)["total"]
@@ -216,7 +216,7 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
         "GFLOP: matrix products and convolutions per image (torch FlopCounterMode on the meta "
         "device); both sides random init, float32, same threads"
     )
-    gen = diffusion_network(gen_cfg)
+    network = diffusion_network(gen_cfg)
     tokenizer = seeded(lambda: BinaryTokenizer(tok_cfg))
     cond, uncond = prompt_pair(plan, 1)
     process = BernoulliDiffusion(prediction=gen_cfg.prediction)
@@ -225,7 +225,7 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
 
     def sample() -> torch.Tensor:
         return process.sample(
-            gen, cond, uncond, make_generators([0]), num_steps=plan.steps, guidance_scale=plan.guidance
+            network, cond, uncond, make_generators([0]), num_steps=plan.steps, guidance_scale=plan.guidance
         )
 
     def binlat_image(size: int) -> torch.Tensor:

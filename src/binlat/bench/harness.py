@@ -58,9 +58,9 @@ def measure(
 
 def matmul_peak(size: int, dtype: torch.dtype, timing: Timing, runs: int = 7) -> tuple[float, Measured]:
     """Dense matmul FLOP/s: median time of a size x size @ size x size product (2 n^3 FLOPs)."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dtype)
-    b = torch.randn(size, size, generator=gen).to(dtype)
+    rng = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=rng).to(dtype)
+    b = torch.randn(size, size, generator=rng).to(dtype)
     m = measure(
         lambda: torch.matmul(a, b),
         replace(

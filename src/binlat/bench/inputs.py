@@ -18,8 +18,8 @@ def text_features(batch: int, layers: int, dim: int, length: int = TEXT_LENGTH, 
     with `real` real tokens at the end."""
     from ..text import TextFeatures
 
-    gen = torch.Generator().manual_seed(seed)
-    states = [torch.randn(1, length, dim, generator=gen).expand(batch, -1, -1).contiguous() for _ in range(layers)]
+    rng = torch.Generator().manual_seed(seed)
+    states = [torch.randn(1, length, dim, generator=rng).expand(batch, -1, -1).contiguous() for _ in range(layers)]
     mask = torch.zeros(batch, length, dtype=torch.bool)
     mask[:, length - real :] = True
     return TextFeatures(states, mask)
@@ -57,10 +57,10 @@ def diffusion_network(config, seed: int = 0) -> torch.nn.Module:
     from ..generators import DiffusionTransformer
 
     net = seeded(lambda: DiffusionTransformer(config), seed)
-    gen = torch.Generator().manual_seed(seed + 1000)
+    rng = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for block in net.blocks:
-            block.adaln.linear.weight.copy_(torch.randn(block.adaln.linear.weight.shape, generator=gen) * 0.02)
+            block.adaln.linear.weight.copy_(torch.randn(block.adaln.linear.weight.shape, generator=rng) * 0.02)
     return net
 
 
@@ -69,7 +69,7 @@ def efficiency_step(plan: Plan, batch: int, **overrides):
     config = gen_config(plan, "diffusion", num_tokens=plan.paper_tokens, **overrides)
     net = diffusion_network(config)
     cond = text_features(batch, config.num_layers, config.text_dim, plan.text_length)
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.rand(batch, config.num_tokens, config.num_bits, generator=gen) < 0.5).float()
-    t = torch.rand(batch, generator=gen)
+    rng = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, config.num_tokens, config.num_bits, generator=rng) < 0.5).float()
+    t = torch.rand(batch, generator=rng)
     return config, net, (x, t, cond.layers, cond.mask)

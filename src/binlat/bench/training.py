@@ -234,12 +234,12 @@ def precomputed_text(features) -> dict[str, torch.Tensor]:
 def _random_batch(task, cfg, text_length: int) -> dict[str, Any]:
     """One collated batch of random data of the task's shapes, as the Trainer's data loader gives it."""
     n, c = cfg.batch_size, task.model_config
-    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     batch: dict[str, Any] = {"index": torch.arange(n), "caption": [""] * n}
     if cfg.kind == "tokenizer":
-        batch["image"] = torch.rand(n, c.in_channels, c.image_size, c.image_size, generator=gen) * 2 - 1
+        batch["image"] = torch.rand(n, c.in_channels, c.image_size, c.image_size, generator=rng) * 2 - 1
         return batch
-    batch["bits"] = (torch.rand(n, c.num_tokens, c.num_bits, generator=gen) < 0.5).float()
+    batch["bits"] = (torch.rand(n, c.num_tokens, c.num_bits, generator=rng) < 0.5).float()
     return {**batch, **precomputed_text(text_features(n, c.num_layers, c.text_dim, text_length))}
 
 

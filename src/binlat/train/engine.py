@@ -274,9 +274,9 @@ class Trainer:
             if self._no_samples(batch):
                 self._skip_unreadable_step(batches, drawn=micro + 1)
                 return None
-            gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
+            generators = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
             with self._gradient_sync(last=micro == cfg.grad_accum - 1), acc.autocast():
-                loss, metrics = self.task.loss(self.model, batch, self.step, gens)
+                loss, metrics = self.task.loss(self.model, batch, self.step, generators)
                 finite &= bool(torch.isfinite(loss.detach()))
                 acc.backward(loss / cfg.grad_accum)
             for name, value in {"loss": loss, **metrics}.items():

@@ -73,7 +73,7 @@ class Task:
             )
         self.model.load_state_dict(start.state_dict())
 
-    def loss(self, model, batch, step: int, gens: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, batch, step: int, generators: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
     def prepare(self, accelerator: Accelerator) -> None:
@@ -179,7 +179,7 @@ class TokenizerTask(Task):
             return o.tau_end
         return o.tau_start + (o.tau_end - o.tau_start) * min(1.0, step / o.tau_steps)
 
-    def loss(self, model, batch, step, gens):
+    def loss(self, model, batch, step, generators):
         o = self.cfg.tokenizer
         images = batch["image"].to(self.device)
         if o.multires_sizes:
@@ -188,7 +188,7 @@ class TokenizerTask(Task):
             if size != images.shape[-1]:
                 images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
         cfg = self.model_config
-        noise = uniform((cfg.num_tokens, cfg.num_bits), gens, images.device)
+        noise = uniform((cfg.num_tokens, cfg.num_bits), generators, images.device)
         soft = self.soft(step)
         out = model(images, temperature=self.temperature(step), noise=noise, soft=soft)
         recon = out.reconstruction.float()
@@ -406,9 +406,9 @@ class GeneratorTask(Task):
         captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
         return self.cached_text(captions).to(self.device)
 
-    def loss(self, model, batch, step, gens):
+    def loss(self, model, batch, step, generators):
         o = self.cfg.generator
-        drop = [float(torch.rand((), generator=g)) < o.prompt_dropout for g in gens]
+        drop = [float(torch.rand((), generator=g)) < o.prompt_dropout for g in generators]
         features = None
         with torch.no_grad():
             if "bits" in batch:
@@ -422,8 +422,8 @@ class GeneratorTask(Task):
                     bits = tokenizer.encode(batch["image"].to(self.device)).float()
             text = self._text(batch, drop)
         if features is not None:
-            return self.process.loss(model, bits, text, gens, align_to=features)
-        return self.process.loss(model, bits, text, gens)
+            return self.process.loss(model, bits, text, generators, align_to=features)
+        return self.process.loss(model, bits, text, generators)
 
     def evaluate(self, model) -> dict[str, float]:
         """On shapes data (also precomputed from shapes): the judged accuracy of the EMA model on 4 prompts per
