@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -184,6 +185,21 @@ def test_a_torch_generator_is_a_type_error_naming_seed_and_kind(pipe, rng) -> No
         pipe("a cat", generator=rng, progress=False)
     with pytest.raises(TypeError, match="seed="):
         pipe.batches("a cat", kind="ar", generator=rng, progress=False)
+
+
+def test_call_and_batches_show_every_option() -> None:
+    """__call__ and batches declare their shared options once; their signatures (help(), inspect) list each one."""
+    names = ["self", "prompts", "kind", "seed", "height", "width", "batch_size", "return_bits", "progress", "settings"]
+    for method in (Pipeline.__call__, Pipeline.batches):
+        parameters = inspect.signature(method).parameters
+        assert list(parameters) == names, method
+        assert parameters["kind"].default == "diffusion" and parameters["batch_size"].default == 8
+    assert inspect.signature(Pipeline.__call__).return_annotation == "PipelineOutput"
+
+
+def test_the_private_flag_is_not_an_option(pipe) -> None:
+    with pytest.raises(TypeError, match="keep_all"):
+        pipe("a cat", keep_all=False, progress=False)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What a generation call takes and gives, apart from the Pipeline that makes it: prompts checked as text, images
-as PIL, outputs, the record of the settings a call used, a pipeline's generators by kind, loaded on first use, and
-the one place that still accepts the generator kind under its old keyword, `generator=`.
+as PIL, outputs, the record of the settings a call used, a pipeline's generators by kind, loaded on first use, the
+signature of entry points that share their options (`with_options`), and the one place that still accepts the
+generator kind under its old keyword, `generator=`.
 The CLI, the server, editing, training's sample grids and evaluation use these without needing a Pipeline.
 """
 
@@ -39,6 +40,22 @@ def generator_keyword(function: Callable[..., Any]) -> Callable[..., Any]:
         return function(*args, **kwargs)
 
     return accepting
+
+
+def with_options(source: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an entry point that takes `**options` and hands them to `source`, which declares them once as
+    keyword-only parameters (and its own **kwargs): the entry point's signature, as help() and inspect show it,
+    lists those in place of `**options`, so two entry points that take the same options write them once and
+    each still shows every parameter."""
+    shared = [p for p in inspect.signature(source).parameters.values() if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        own = inspect.signature(function)
+        kept = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+        function.__signature__ = own.replace(parameters=kept + shared)  # type: ignore[attr-defined]
+        return function
+
+    return decorate
 
 
 def _old_kind(name: str, value: Any, kind_given: bool) -> str:

@@ -20,7 +20,7 @@ from PIL import Image
 from . import budget, modeling, registry
 from .bundle import INDEX_NAME as INDEX_NAME  # re-exported: where Python callers found it before binlat.bundle
 from .bundle import PipelineConfig, load_part_configs, read_index, write_index
-from .generation import Generators, PipelineOutput, check_prompts, generator_keyword, to_pil
+from .generation import Generators, PipelineOutput, check_prompts, generator_keyword, to_pil, with_options
 from .generators import GeneratorConfig
 from .hardware import require_bf16
 from .io import atomic_directory
@@ -315,73 +315,28 @@ class Pipeline:
         device = next(self.tokenizer.parameters()).device
         return [to_pil(self.tokenizer.decode(b[None].to(device), height, width))[0] for b in bits]
 
-    @generator_keyword
-    def __call__(
-        self,
-        prompts: str | Sequence[str],
-        kind: str = "diffusion",
-        *,
-        seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        batch_size: int = 8,
-        return_bits: bool = False,
-        progress: bool = True,
-        **settings: Any,
-    ) -> PipelineOutput:
-        """Generate one image per prompt. Image i uses seed `seed + i`, so it can be regenerated alone.
-        `settings` are the sampling settings (num_steps, guidance_scale, temperature, rho, protocol and any a
-        registered kind adds: the fields of its process's Settings, binlat.sampling); one left out or None takes
-        the bundle's tuned value (`config.sampling`), else the built-in one."""
-        parts = list(
-            self._start(prompts, kind, settings, seed, height, width, batch_size, return_bits, progress, keep_all=True)
-        )
-        return PipelineOutput(
-            images=[im for p in parts for im in p.images],
-            seeds=[s for p in parts for s in p.seeds],
-            prompts=[t for p in parts for t in p.prompts],
-            bits=torch.cat([p.bits for p in parts]) if return_bits else None,
-        )
-
-    @generator_keyword
-    def batches(
-        self,
-        prompts: str | Sequence[str],
-        kind: str = "diffusion",
-        *,
-        seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        batch_size: int = 8,
-        return_bits: bool = False,
-        progress: bool = True,
-        **settings: Any,
-    ) -> Iterator[PipelineOutput]:
-        """What __call__ makes, one PipelineOutput per batch of `batch_size` prompts as soon as it is decoded (for
-        writing images as they come). Every argument is checked here, before the first batch is asked for, and the
-        memory a batch needs is estimated (binlat.budget): a request that would not fit is a MemoryBudgetError.
-        Prompts are encoded batch by batch, so their number costs time, not memory."""
-        return self._start(
-            prompts, kind, settings, seed, height, width, batch_size, return_bits, progress, keep_all=False
-        )
-
     def _start(
         self,
-        prompts,
-        kind,
-        given: dict[str, Any],
-        seed,
-        height,
-        width,
-        batch_size,
-        return_bits,
-        progress,
         keep_all: bool,
+        prompts: str | Sequence[str],
+        kind: str,
+        /,
+        *,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        batch_size: int = 8,
+        return_bits: bool = False,
+        progress: bool = True,
+        **settings: Any,
     ) -> Iterator[PipelineOutput]:
+        """The options __call__ and batches share, declared once here (help() shows them on both), checked before
+        the first batch is asked for. `keep_all`: the memory estimate counts every image (__call__ keeps them all)
+        instead of one batch's."""
         prompts = check_prompts(prompts)
         if kind not in self.generators:
             raise ValueError(f"generator {kind!r} is not in this model; available: {sorted(self.generators)}")
-        settings = self.sampling_settings(kind, **given)
+        settings = self.sampling_settings(kind, **settings)
         self.warn_vocabulary(prompts, kind)
         check_int("batch size", batch_size, 1)
         height = self.config.image_size if height is None else height  # 0 is a bad size, not "default"
@@ -391,6 +346,33 @@ class Pipeline:
         self.check_work(kind, batch, height, width, kept_images=len(prompts) if keep_all else batch)
         base = resolve_seed(seed, len(prompts))
         return self._batches(prompts, kind, settings, base, height, width, batch_size, return_bits, progress)
+
+    @generator_keyword
+    @with_options(_start)
+    def __call__(self, prompts: str | Sequence[str], kind: str = "diffusion", **options: Any) -> PipelineOutput:
+        """Generate one image per prompt with generator `kind`. Image i uses seed `seed + i`, so it can be
+        regenerated alone. height and width default to the bundle's image size; `return_bits` adds the bits
+        [N, K, B]. The other keywords are the sampling settings (num_steps, guidance_scale, temperature, rho,
+        protocol and any a registered kind adds: the fields of its process's Settings, binlat.sampling); one left
+        out or None takes the bundle's tuned value (`config.sampling`), else the built-in one."""
+        parts = list(self._start(True, prompts, kind, **options))
+        return PipelineOutput(
+            images=[im for p in parts for im in p.images],
+            seeds=[s for p in parts for s in p.seeds],
+            prompts=[t for p in parts for t in p.prompts],
+            bits=None if parts[0].bits is None else torch.cat([p.bits for p in parts]),
+        )
+
+    @generator_keyword
+    @with_options(_start)
+    def batches(
+        self, prompts: str | Sequence[str], kind: str = "diffusion", **options: Any
+    ) -> Iterator[PipelineOutput]:
+        """What __call__ makes, with the same arguments, one PipelineOutput per batch of `batch_size` prompts as soon
+        as it is decoded (for writing images as they come). Every argument is checked here, before the first batch
+        is asked for, and the memory a batch needs is estimated (binlat.budget): a request that would not fit is a
+        MemoryBudgetError. Prompts are encoded batch by batch, so their number costs time, not memory."""
+        return self._start(False, prompts, kind, **options)
 
     def _batches(
         self,
