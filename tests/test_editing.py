@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -201,6 +202,24 @@ def test_bad_arguments_raise_value_errors(pipe) -> None:
     ar_only = Pipeline(pipe.tokenizer, pipe.text_encoder, ar=pipe.generators["ar"])
     with pytest.raises(ValueError, match="diffusion generator"):
         editing.edit(ar_only, a, "x")
+
+
+def test_edit_and_continue_ar_show_every_option() -> None:
+    """The options edit and continue_ar share are declared once (editing._options); their signatures, as help()
+    and inspect show them, still list each one after the function's own parameters."""
+    shared = ["seed", "height", "width", "num_images", "progress", "settings"]
+    assert list(inspect.signature(editing.edit).parameters) == ["pipe", "image", "prompt", "strength", *shared]
+    assert list(inspect.signature(editing.continue_ar).parameters) == [
+        "pipe",
+        "image",
+        "prompt",
+        "keep_tokens",
+        *shared,
+    ]
+    for function in (editing.edit, editing.continue_ar):
+        parameters = inspect.signature(function).parameters
+        assert parameters["num_images"].default == 1 and parameters["progress"].default is False
+        assert parameters["seed"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 @pytest.mark.parametrize(("seed", "count"), [(True, 1), (2.7, 1), ("7", 1), (-1, 1), (2**64, 1), (2**64 - 1, 2)])

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import registry
-from .generation import PipelineOutput, check_prompts
+from .generation import PipelineOutput, check_prompts, with_options
 from .pipeline import Pipeline
 from .processes.common import make_generators
 from .validators import check_int, is_number, resolve_seed
@@ -205,6 +205,21 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
+def _options(
+    *,
+    seed: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images: int = 1,
+    progress: bool = False,
+    **settings: Any,
+) -> tuple[int | None, int | None, int | None, int, bool, dict[str, Any]]:
+    """The options `edit` and `continue_ar` share, declared once here (help() shows them on both): image i of
+    `num_images` uses seed `seed + i`; height and width default to the model's image size; `settings` are sampling
+    settings as `Pipeline.__call__` takes them. Returned in that order, unchecked."""
+    return seed, height, width, num_images, progress, settings
+
+
 # --- edit ---------------------------------------------------------------------------------------------------
 def _sampler_inputs(pipe: Pipeline, kind: str, prompt: str, seeds: list[int], settings: dict[str, Any]):
     """The network of generator `kind`, its process, and what its sampling calls take after their start: the
@@ -218,19 +233,8 @@ def _sampler_inputs(pipe: Pipeline, kind: str, prompt: str, seeds: list[int], se
     return network, process, (cond.index([0] * len(seeds)).select(layers), uncond.select(layers), generators, sampling)
 
 
-def edit(
-    pipe: Pipeline,
-    image: Image.Image,
-    prompt: str,
-    strength: float = 0.6,
-    *,
-    seed: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_images: int = 1,
-    progress: bool = False,
-    **settings: Any,
-) -> PipelineOutput:
+@with_options(_options)
+def edit(pipe: Pipeline, image: Image.Image, prompt: str, strength: float = 0.6, **options: Any) -> PipelineOutput:
     """Re-draw an image under `prompt`: bits x_0 of the image, x_t ~ Bernoulli(x_0 (1 - t) + t/2) at
     t = strength, then the diffusion sampler runs its `num_steps` steps from t = strength down to 0.
     `settings` are sampling settings as `Pipeline.__call__` takes them; those left out or None take the bundle's
@@ -239,6 +243,7 @@ def edit(
     Image i uses seed `seed + i` for both the noising and the sampling, drawn in the order plain generation
     draws them, so strength 1 gives exactly `pipe(prompt, seed=seed)` with the same settings. strength 0 samples
     nothing and returns the image's reconstruction bits."""
+    seed, height, width, num_images, progress, settings = _options(**options)
     prompt = _check_prompt(prompt)
     strength = check_strength(strength)
     kind = edit_generator(pipe.generators)
@@ -313,22 +318,12 @@ def strip(images: Sequence[Image.Image], gap: int = 0) -> Image.Image:
 
 
 # --- AR continuation ----------------------------------------------------------------------------------------
-def continue_ar(
-    pipe: Pipeline,
-    image: Image.Image,
-    prompt: str,
-    keep_tokens: int,
-    *,
-    seed: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_images: int = 1,
-    progress: bool = False,
-    **settings: Any,
-) -> PipelineOutput:
+@with_options(_options)
+def continue_ar(pipe: Pipeline, image: Image.Image, prompt: str, keep_tokens: int, **options: Any) -> PipelineOutput:
     """Keep the first `keep_tokens` tokens of the image's bits and let the AR generator write the rest under
     `prompt`. keep_tokens = K returns the image's bits; keep_tokens = 0 is plain AR generation. Sampling settings
     (guidance_scale, temperature) left out or None take the bundle's AR settings (`pipe.sampling_settings`)."""
+    seed, height, width, num_images, progress, settings = _options(**options)
     prompt = _check_prompt(prompt)
     kind = continue_generator(pipe.generators)
     settings = pipe.sampling_settings(kind, **settings)
