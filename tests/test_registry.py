@@ -151,14 +151,14 @@ def test_the_new_kinds_own_setting_and_defaults_work_through_python(pipe) -> Non
     assert BUILTIN_SAMPLING["num_steps"] == 20 and BUILTIN_SAMPLING["sharpness"] == 1.0
     assert pipe.sampling_settings("masked")["num_steps"] == 4  # its own default, not diffusion's
     assert pipe.sampling_settings("diffusion")["num_steps"] == 20
-    kwargs = {"generator": "masked", "seed": 3, "return_bits": True, "progress": False}
+    kwargs = {"kind": "masked", "seed": 3, "return_bits": True, "progress": False}
     plain = pipe(["a red circle"], **kwargs)
     assert torch.equal(plain.bits, pipe(["a red circle"], sharpness=1.0, **kwargs).bits)
     sharp = pipe(["a red circle"], sharpness=8.0, **kwargs)
     assert torch.equal(sharp.bits, pipe(["a red circle"], sharpness=8.0, **kwargs).bits)
     assert not torch.equal(plain.bits, sharp.bits)
     # Every generator takes every setting and ignores those it does not read, as AR decoding ignores num_steps
-    diffusion = {"generator": "diffusion", "num_steps": 2, "seed": 3, "return_bits": True, "progress": False}
+    diffusion = {"kind": "diffusion", "num_steps": 2, "seed": 3, "return_bits": True, "progress": False}
     assert torch.equal(pipe(["x"], **diffusion).bits, pipe(["x"], sharpness=8.0, **diffusion).bits)
     for bad in (0.0, -1.0, math.nan, True):
         with pytest.raises(ValueError, match=f"^sharpness must be a finite number > 0, got {bad!r}$"):
