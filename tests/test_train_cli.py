@@ -1,7 +1,7 @@
 """`binlat train` on the command line: a config of another kind, and --resume latest without a checkpoint, are
 one-line errors; --max-steps, --batch-size and --data override the config, and --resume latest/auto continue a
-run; --set reaches nested and typed keys; a preset that needs a key only the user can give stops before making a
-run folder."""
+run; --set reaches nested and typed keys, and an error it brings names the entry; a preset that needs a key only
+the user can give stops before making a run folder."""
 
 from __future__ import annotations
 
@@ -192,3 +192,29 @@ def test_the_decoder_stage_preset_asks_for_the_tokenizer_it_starts_from(tmp_path
     with pytest.raises(ValueError, match=r"freeze_encoder trains only the decoder.*--set tokenizer.init_from=DIR"):
         Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_set_value_is_named_as_the_set_entry(tmp_path, capsys):
+    """An error that a --set entry brought names that entry, not the preset file it was laid over; the file's own
+    errors still name the file."""
+    from binlat.config import ConfigError, load_config
+    from binlat.train.config import TrainConfig
+
+    run = tmp_path / "run"
+    rc = cli.main(["train", "diffusion", "--config", "diffusion/shapes-64", "--output", str(run), "--set", "lr=abc"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == "binlat: error: --set lr=abc: 'lr' must be a number, got 'abc'\n", err
+    assert not run.exists()
+    # A value its type allows but the config refuses: the last of two entries for the key is the one named
+    with pytest.raises(ConfigError, match=r"^--set lr=-1: lr must be a finite number > 0, got -1"):
+        load_config(TrainConfig, "diffusion/shapes-64", ["lr=2e-4", "lr=-1"])
+    with pytest.raises(ConfigError, match=r"^--set model\.bit_groups=2: model: bit_groups is the AR generator's"):
+        load_config(TrainConfig, "diffusion/shapes-64", ["max_steps=5", "model.bit_groups=2"])
+    config = tmp_path / "tok.json"
+    config.write_text(json.dumps(tokenizer_dict() | {"lr": "abc"}))
+    with pytest.raises(ConfigError, match=rf"^{config}: 'lr' must be a number"):
+        load_config(TrainConfig, config, ["max_steps=5"])  # the file's fault, with an entry that has none
+    # The file's fault mended by one entry and another entry at fault: that entry is named
+    with pytest.raises(ConfigError, match=r"^--set max_steps=0: max_steps must be"):
+        load_config(TrainConfig, config, ["lr=1e-4", "max_steps=0"])
+    assert load_config(TrainConfig, config, ["lr=1e-4"]).lr == 1e-4

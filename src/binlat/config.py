@@ -197,7 +197,8 @@ def resolve_config(name: str | Path, kind: str | None = None) -> Path:
 
 
 def load_config(cls: type[C], path: str | Path, overrides: list[str] = (), kind: str | None = None) -> C:
-    """`path`: a JSON file or a packaged preset's name (see resolve_config); `overrides` are --set KEY=VALUE."""
+    """`path`: a JSON file or a packaged preset's name (see resolve_config); `overrides` are --set KEY=VALUE. An
+    error names what it is in: the file, or the override that brought it."""
     path = resolve_config(path, kind)
     try:
         from .io import read_bounded  # a regular file of bounded size, checked before reading
@@ -213,6 +214,25 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] = (), kind:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except jsondepth.JSONNestingError as e:
         raise ConfigError(f"{path}: {e}") from None
-    if overrides:
-        data = apply_overrides(data, list(overrides))
-    return config_from_dict(cls, data, source=str(path))
+    overrides = list(overrides)
+    merged = apply_overrides(data, overrides)  # an entry it cannot apply is named by its own errors
+    try:
+        return config_from_dict(cls, merged, source=str(path))
+    except ConfigError as e:
+        raise _blamed(cls, data, overrides, path, e) from None
+
+
+def _blamed(cls: type, data: dict, overrides: list[str], path: Path, error: ConfigError) -> ConfigError:
+    """`error` (the file with every override) labelled with what it came from: the first `--set KEY=VALUE` after
+    which the config fails as it does with them all ("--set lr=abc: 'lr' must be a number, got 'abc'"), else the
+    file. The file alone may fail otherwise, an override mending that, so the first failure is not enough."""
+    for count in range(len(overrides) + 1):
+        try:
+            config_from_dict(cls, apply_overrides(data, overrides[:count]), source=str(path))
+        except ConfigError as e:
+            if str(e) == str(error):
+                if count == 0:
+                    return error
+                message = str(error).removeprefix(f"{path}: ")
+                return ConfigError(f"--set {overrides[count - 1]}: {message}")
+    return error
