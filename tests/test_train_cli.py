@@ -218,3 +218,7 @@ def test_a_bad_set_value_is_named_as_the_set_entry(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^--set max_steps=0: max_steps must be"):
         load_config(TrainConfig, config, ["lr=1e-4", "max_steps=0"])
     assert load_config(TrainConfig, config, ["lr=1e-4"]).lr == 1e-4
+    listed = tmp_path / "list.json"
+    listed.write_text("[1]")  # no object to lay the entry over: the file is named (was a TypeError)
+    with pytest.raises(ConfigError, match=rf"^{listed}: expected a JSON object"):
+        load_config(TrainConfig, listed, ["lr=1e-4"])

@@ -215,7 +215,8 @@ def load_config(cls: type[C], path: str | Path, overrides: list[str] = (), kind:
     except jsondepth.JSONNestingError as e:
         raise ConfigError(f"{path}: {e}") from None
     overrides = list(overrides)
-    merged = apply_overrides(data, overrides)  # an entry it cannot apply is named by its own errors
+    # An entry it cannot apply is named by apply_overrides' own errors; a file that is no object, by config_from_dict
+    merged = apply_overrides(data, overrides) if isinstance(data, dict) else data
     try:
         return config_from_dict(cls, merged, source=str(path))
     except ConfigError as e:
