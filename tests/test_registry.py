@@ -8,9 +8,11 @@ record key) and its defaults come from its Settings dataclass alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -295,3 +297,63 @@ def test_a_settings_field_needs_a_default() -> None:
     with pytest.raises(ValueError, match=r"\['level'\] need a default"):
         registry.register(registry.GeneratorKind("bare", MaskedBitNet, Process, sampler=Process, trainer=Process))
     assert "bare" not in registry.generator_kinds()
+
+
+@pytest.mark.parametrize(
+    ("field_name", "metadata", "named"),
+    [
+        ("seed", {}, "'seed'"),
+        ("generator", {}, "'generator'"),
+        ("kind", {}, "'kind'"),
+        ("return_bits", {}, "'return_bits'"),
+        ("count", {"short": "n"}, "'count' (its short name 'n')"),
+        ("destination", {"cli_aliases": ("out",)}, "'destination' (its CLI alias 'out')"),
+    ],
+)
+def test_a_setting_spelt_like_a_call_parameter_is_refused(field_name, metadata, named) -> None:
+    """A setting is a keyword argument, CLI option and HTTP field beside the calls' own parameters: one spelt like
+    them would be shadowed (or, for a CLI option, break the parser), so register refuses it, naming the field."""
+    Spelt = dataclasses.make_dataclass("Spelt", [(field_name, int, field(default=1, metadata=metadata))], frozen=True)
+
+    class Process:
+        Settings = Spelt
+
+    with pytest.raises(
+        ValueError, match=rf"^generator kind 'spelt': its Settings field {re.escape(named)} is spelt"
+    ) as e:
+        registry.register(registry.GeneratorKind("spelt", MaskedBitNet, Process, sampler=Process, trainer=Process))
+    assert "would shadow the setting; rename it" in str(e.value)
+    assert "spelt" not in registry.generator_kinds()
+
+
+def test_the_reserved_names_are_every_parameter_of_the_generation_calls() -> None:
+    """registry.RESERVED_SETTING_NAMES, the one list register checks, holds every name the calls that take sampling
+    settings take besides them: Python's keyword arguments, HTTP's fields and the CLI's options."""
+    import inspect
+
+    from binlat import editing, sampling
+    from binlat.cli import build_parser
+    from binlat.serve.schemas import request_bodies
+
+    python = {
+        name
+        for call in (Pipeline.__call__, Pipeline.batches, editing.edit, editing.continue_ar)
+        for name, p in inspect.signature(call).parameters.items()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    bodies = request_bodies()
+    http = (set(bodies.generate.model_fields) | set(bodies.edit.model_fields)) - set(sampling.settings())
+    commands = build_parser()._subparsers._group_actions[0].choices
+    parsers = [commands[name] for name in ("generate", "edit", "continue")]
+    parsers.append(commands["eval"]._subparsers._group_actions[0].choices["shapes"])
+    cli = {
+        action.dest
+        for parser in parsers
+        for action in parser._actions
+        if action.dest not in parser.get_default("sampling_options")
+    }
+    assert python and http and cli
+    assert python | http | cli <= registry.RESERVED_SETTING_NAMES, sorted(
+        (python | http | cli) - registry.RESERVED_SETTING_NAMES
+    )
+    assert {"generator", "kind"} <= registry.RESERVED_SETTING_NAMES  # the kind's old and new keyword (issue 28)

@@ -59,6 +59,39 @@ class GeneratorKind:
 
 _KINDS: dict[str, GeneratorKind] = {}
 
+# The names a generation call takes beside its sampling settings. A setting is a keyword argument, a CLI option
+# and an HTTP field beside these, so a setting spelt like one would be shadowed by it (or break the CLI's parser):
+# `register` refuses such a setting. tests/test_registry.py checks that this list covers the calls as they are.
+RESERVED_SETTING_NAMES: frozenset[str] = frozenset(
+    {
+        # Python: Pipeline.__call__ and .batches; binlat.editing's edit and continue_ar ("kind" is the new name of
+        # "generator", issue 28)
+        *("self", "prompts", "generator", "kind", "seed", "height", "width", "batch_size", "return_bits"),
+        *("progress", "pipe", "image", "prompt", "strength", "keep_tokens", "num_images"),
+        # HTTP: the fields of /v1/generate and /v1/edit besides the settings
+        *("size", "n", "image_base64"),
+        # the CLI: the options of generate, edit, continue and eval shapes besides the settings (argparse dests)
+        *("model", "out", "prompts_file", "grid", "text_encoder", "allow_nonfinite_weights", "max_memory"),
+        *("no_progress", "threads", "dtype", "compile", "help", "device", "ground_truth", "json", "per_category"),
+        *("no_held_out", "no_tokenizer"),
+    }
+)
+
+
+def _reserved_spellings(settings: type) -> list[str]:
+    """The Settings fields whose name, short name or CLI alias (binlat.processes.common.setting) is reserved,
+    each as a message names it: 'seed', or 'count' (its short name 'n')."""
+    clashes = []
+    for f in dataclasses.fields(settings):
+        spellings = [(f.name, ""), (f.metadata.get("short"), "short name")]
+        spellings += [(alias, "CLI alias") for alias in f.metadata.get("cli_aliases", ())]
+        clashes += [
+            f"{f.name!r} (its {what} {name!r})" if what else repr(f.name)
+            for name, what in spellings
+            if name in RESERVED_SETTING_NAMES
+        ]
+    return clashes
+
 
 def register(kind: GeneratorKind) -> GeneratorKind:
     if kind.name in _KINDS or kind.name == TOKENIZER:
@@ -68,6 +101,14 @@ def register(kind: GeneratorKind) -> GeneratorKind:
     bare = [f.name for f in dataclasses.fields(kind.settings) if f.default is missing and f.default_factory is missing]
     if bare:
         raise ValueError(f"generator kind {kind.name!r}: its Settings fields {bare} need a default")
+    clashes = _reserved_spellings(kind.settings)
+    if clashes:
+        which = f"field {clashes[0]} is" if len(clashes) == 1 else f"fields {', '.join(clashes)} are"
+        raise ValueError(
+            f"generator kind {kind.name!r}: its Settings {which} spelt like a parameter that the generation calls "
+            f"take themselves (Pipeline.__call__, binlat.editing, the CLI or HTTP; registry.RESERVED_SETTING_NAMES), "
+            f"which would shadow the setting; rename it"
+        )
     _KINDS[kind.name] = kind
     return kind
 
