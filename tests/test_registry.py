@@ -4,7 +4,7 @@ The toy is a masked-bit generator: every bit starts masked (0.5), and each of `n
 the bits, drawn from the network's guided logits times `sharpness`, a setting no other kind has. Nothing outside
 binlat.registry is told about it: the pipeline generates with it, saves and reloads it, the CLI and the server offer
 it, and the trainer trains and exports it; its own setting (a keyword argument, a CLI option, an HTTP field, a
-record key) and its defaults come from its Settings dataclass alone."""
+control on the served page, a record key) and its defaults come from its Settings dataclass alone."""
 
 from __future__ import annotations
 
@@ -282,6 +282,22 @@ def test_the_new_kinds_own_setting_works_through_http(pipe) -> None:
         assert refused.json() == {"error": "sharpness: sharpness must be a finite number > 0, got 0.0"}
         refused = client.post("/v1/generate", json=request | {"sharpness": "2"})
         assert refused.status_code == 422 and refused.json()["error"].startswith("sharpness: ")
+        # The page offers the kind and its setting, typed and described by the field; /v1/edit, which runs on a kind
+        # that can redraw, does not take it, so the page's edit form leaves it out
+        page = client.get("/").text
+        assert '<option value="masked">masked</option>' in page
+        assert '<label for="sharpness">Sharpness (masked)</label>' in page
+        control = re.search(r"<input id=\"sharpness\" [^>]*>", page).group(0)
+        for attribute in (
+            'data-setting="sharpness"',
+            'data-type="float"',
+            'type="number"',
+            'data-kinds="masked"',
+            'data-edit="0"',
+            'title="factor on the guided logits before each draw"',
+        ):
+            assert attribute in control, (attribute, control)
+        assert 'data-kinds="diffusion masked"' in re.search(r"<input id=\"steps\" [^>]*>", page).group(0)
 
 
 def test_a_settings_field_needs_a_default() -> None:

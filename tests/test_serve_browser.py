@@ -1,5 +1,6 @@
 """The real `binlat serve` process driven by headless Chromium: opening the page with a prompt and autorun=1
-must put a generated PNG in the gallery. Chromium is Debian's package (`./dev test` installs it when it can)."""
+must put a generated PNG in the gallery, drawn by the generator the query names (else the first registered).
+Chromium is Debian's package (`./dev test` installs it when it can)."""
 
 from __future__ import annotations
 
@@ -122,6 +123,9 @@ def test_page_generates_an_image_into_the_gallery(server, tmp_path) -> None:
         image = Image.open(io.BytesIO(base64.b64decode(b64)))
         assert image.format == "PNG" and image.size == (64, 64)
     assert 'data-seed="5"' in dom and 'data-seed="6"' in dom
+    # The generator the page starts on is the first registered kind the model has, as the API's default
+    metas = re.findall(r'<div class="meta">([^<]*)</div>', dom)
+    assert len(metas) == 2 and all(" · diffusion · " in meta for meta in metas), metas
     assert 'class="download"' in dom and 'download="binlat-generate-seed5.png"' in dom
     status = re.search(r'<div id="status"[^>]*>([^<]*)</div>', dom)
     assert status and "2 image(s)" in status.group(1), status
@@ -136,3 +140,11 @@ def test_page_shows_a_server_error(server, tmp_path) -> None:
         r'<div id="status"[^>]*>([^<]*)</div>', dom
     )
     assert status and "max_steps" in status.group(1), status
+
+
+def test_page_takes_the_generator_from_the_query(server, tmp_path) -> None:
+    """?generator= picks the generator (the page once lost it when it learnt the model's kinds, and drew with the
+    first of them)."""
+    dom = dump_dom(f"{server}/?prompt=a+red+circle&generator=ar&cfg=2&seed=1&autorun=1", tmp_path / "profile")
+    metas = re.findall(r'<div class="meta">([^<]*)</div>', dom)
+    assert len(metas) == 1 and " · ar · " in metas[0], (metas, dom[-3000:])

@@ -4,8 +4,8 @@ This is the one place that knows which generators exist. The pipeline, the train
 server and the evaluations look a kind up here and then work through the common interfaces: a network built from
 its config, and a process with `Settings`, `sample` and `loss` (binlat.processes.common). A new generator is its
 own network and process files plus one `register` call; `tests/test_registry.py` registers toy ones. The fields of
-its process's `Settings` are its sampling settings: binlat.sampling makes them keyword arguments, CLI options and
-HTTP fields.
+its process's `Settings` are its sampling settings: binlat.sampling makes them keyword arguments, CLI options,
+HTTP fields and the served page's controls.
 """
 
 from __future__ import annotations

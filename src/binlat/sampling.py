@@ -3,9 +3,9 @@
 Each kind's process has a `Settings` dataclass (binlat.processes.common), and its fields are the one list of
 settings: their names are the keywords Python takes, the HTTP fields and the keys of records and of a bundle's
 `sampling`; their defaults are the built-in values; their annotations their types; their metadata
-(processes.common.setting) their help and other spellings; and each value is checked by the dataclass that declares
-it, as it is made. The pipeline, the CLI, the server and the records all go through here, so a kind with a setting
-of its own needs its `register` call and nothing else.
+(processes.common.setting) their help, other spellings and the bounds or choices a form offers; and each value is
+checked by the dataclass that declares it, as it is made. The pipeline, the CLI, the server (its API and its page)
+and the records all go through here, so a kind with a setting of its own needs its `register` call and nothing else.
 
 Every generator takes every registered setting and reads those of its own Settings, so one settings dict serves
 whichever generator a call picks (AR decoding ignores num_steps). A setting's built-in value is that of the first
@@ -33,6 +33,9 @@ class Setting:
     help: str = ""
     short: str | None = None  # a shorter name: the CLI option's, and an HTTP alias (steps)
     cli_aliases: tuple[str, ...] = ()  # more option spellings (cfg)
+    minimum: Any = None  # the least value allowed, where the Settings declare it (inclusive)
+    maximum: Any = None  # the greatest
+    choices: tuple[Any, ...] = ()  # the values allowed, where the Settings list them
 
     @property
     def default(self) -> Any:
@@ -91,7 +94,7 @@ def settings() -> dict[str, Setting]:
 
 def _gathered(name: str, declared: list[tuple[str, dataclasses.Field, Any]]) -> Setting:
     def first(key: str) -> Any:
-        return next((f.metadata[key] for _, f, _ in declared if f.metadata.get(key)), None)
+        return next((f.metadata[key] for _, f, _ in declared if f.metadata.get(key) not in (None, "", ())), None)
 
     defaults = {kind: _default(f) for kind, f, _ in declared}
     return Setting(
@@ -101,6 +104,9 @@ def _gathered(name: str, declared: list[tuple[str, dataclasses.Field, Any]]) -> 
         help=first("help") or name.replace("_", " "),
         short=first("short"),
         cli_aliases=tuple(dict.fromkeys(a for _, f, _ in declared for a in f.metadata.get("cli_aliases", ()))),
+        minimum=first("minimum"),
+        maximum=first("maximum"),
+        choices=first("choices") or (),
     )
 
 

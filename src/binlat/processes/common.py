@@ -23,20 +23,33 @@ from ..validators import check_int, is_number
 S = TypeVar("S")
 
 
-def setting(default: Any, help: str, *, short: str | None = None, cli_aliases: tuple[str, ...] = ()) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    short: str | None = None,
+    cli_aliases: tuple[str, ...] = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[Any, ...] = (),
+) -> Any:
     """A `Settings` field with the words the entry points show for it (binlat.sampling reads them): `help` for
     --help and the HTTP schema; `short`, a shorter name that is the CLI option's and an HTTP alias (steps for
-    num_steps); `cli_aliases`, more option spellings (cfg). A plain `name: type = default` field works as well."""
-    return dataclasses.field(default=default, metadata={"help": help, "short": short, "cli_aliases": cli_aliases})
+    num_steps); `cli_aliases`, more option spellings (cfg); `minimum`/`maximum` (inclusive) or `choices`, the
+    values the Settings' own check allows, which a form offers (the served page). The check stays the Settings'
+    own; these declare what it allows. A plain `name: type = default` field works as well."""
+    words = {"help": help, "short": short, "cli_aliases": cli_aliases}
+    values = {"minimum": minimum, "maximum": maximum, "choices": tuple(choices)}
+    return dataclasses.field(default=default, metadata=words | values)
 
 
 def guidance_scale_setting(default: float = 7.5) -> Any:
     """The guidance scale field that diffusion and AR decoding share, so both show it alike."""
-    return setting(default, "classifier-free guidance scale w", cli_aliases=("cfg",))
+    return setting(default, "classifier-free guidance scale w", cli_aliases=("cfg",), minimum=0.0)
 
 
 def temperature_setting(default: float = 1.0) -> Any:
-    return setting(default, "sampling temperature; 0 thresholds the guided logits")
+    return setting(default, "sampling temperature; 0 thresholds the guided logits", minimum=0.0)
 
 
 def settings_of(cls: type[S], settings: S | None, given: dict[str, Any]) -> S:

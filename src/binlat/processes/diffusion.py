@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..text import TextFeatures
 from .common import (
+    MAX_STEPS,
     Process,
     bernoulli,
     check_sampling_args,
@@ -70,11 +71,13 @@ def protocol2_prob(p: torch.Tensor, x_t: torch.Tensor, t: float, t_next: float) 
 
 @dataclass(frozen=True)
 class DiffusionSampling:
-    num_steps: int = setting(20, "sampling steps", short="steps")
+    num_steps: int = setting(20, "sampling steps", short="steps", minimum=1, maximum=MAX_STEPS)
     guidance_scale: float = guidance_scale_setting()
     temperature: float = temperature_setting()
-    rho: float = setting(1.0, "time-step spacing exponent")
-    protocol: int = setting(1, "step protocol, 1 or 2: 1 re-noises the x_0 estimate, 2 also weighs in the current x_t")
+    rho: float = setting(1.0, "time-step spacing exponent")  # > 0: no inclusive bound to declare
+    protocol: int = setting(
+        1, "step protocol, 1 or 2: 1 re-noises the x_0 estimate, 2 also weighs in the current x_t", choices=(1, 2)
+    )
 
     def __post_init__(self) -> None:
         check_sampling_args(self.num_steps, self.guidance_scale, self.temperature, self.rho, self.protocol)

@@ -31,6 +31,7 @@ from .guards import (
     check_allowed_hosts,
 )
 from .limits import Checks, ServeLimits
+from .page import page_html
 from .routes import Served, add_routes
 from .schemas import request_bodies
 from .workqueue import WorkQueue, serialise_text_encoder
@@ -59,8 +60,8 @@ def create_app(
         description='Text-to-image generation in a 1D binary latent space. Every error answers {"error": "..."}.',
         **_json_without_content_type(),
     )
-    bodies = request_bodies()  # with the settings of the kinds registered now
-    app.state.served = Served(pipe, limits, queue, Checks(pipe, limits), bodies)
+    bodies = request_bodies()  # with the settings of the kinds registered now; the page offers the same
+    app.state.served = Served(pipe, limits, queue, Checks(pipe, limits), bodies, page_html(bodies))
     app.state.allowed_hosts = allowed_hosts
     # Added innermost first; a request refused by an outer one never reaches the queue, and its body is never read.
     app.add_middleware(AdmissionMiddleware, queue=queue, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)

@@ -1,9 +1,24 @@
 """The single self-contained page served at `/`: inline CSS and JavaScript, nothing fetched from elsewhere.
 
-Query parameters prefill the form (prompt, generator, steps, guidance_scale or cfg, temperature, rho, seed,
-size, n, protocol); `autorun=1` generates once the page has loaded."""
+`page_html(bodies)` makes it when an app is made: its generator menu lists the registered kinds, and its sampling
+controls are the settings the request bodies take (binlat.sampling, read off the kinds' Settings), each with its
+type, its bounds or choices where the Settings declare them, its help, the kinds that read it and the model's value
+for the chosen generator (from /v1/models), so a kind registered with a setting of its own shows it with no edit
+here. Query parameters prefill the form (prompt, generator, seed, size, n, and each setting by its name, its short
+name or a CLI alias: steps, cfg, ...); `autorun=1` generates once the page has loaded."""
 
-PAGE = r"""<!doctype html>
+from __future__ import annotations
+
+import json
+import re
+from html import escape
+from typing import Any
+
+from ..registry import generator_kinds
+from ..sampling import Setting, settings
+from .schemas import RequestBodies
+
+_TEMPLATE = r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -65,18 +80,8 @@ PAGE = r"""<!doctype html>
         <textarea id="prompt" name="prompt" placeholder="a red circle above a blue square" required></textarea>
         <div class="row">
           <div><label for="generator">Generator</label>
-            <select id="generator" name="generator"><option value="diffusion">diffusion</option></select></div>
-          <div><label for="protocol">Protocol (diffusion)</label>
-            <select id="protocol" name="protocol"><option value="1">1</option>
-              <option value="2">2</option></select></div>
-          <div><label for="steps">Steps (diffusion)</label>
-            <input id="steps" name="steps" type="number" min="1" max="100" step="1" value="" placeholder="model's"></div>
-          <div><label for="guidance_scale">Guidance scale</label>
-            <input id="guidance_scale" name="guidance_scale" type="number" min="0" step="0.5" value="" placeholder="model's"></div>
-          <div><label for="temperature">Temperature</label>
-            <input id="temperature" name="temperature" type="number" min="0" step="0.1" value="" placeholder="model's"></div>
-          <div><label for="rho">Time spacing ρ</label>
-            <input id="rho" name="rho" type="number" min="0.05" step="0.1" value="" placeholder="model's"></div>
+            <select id="generator" name="generator"><!-- generator options --></select></div>
+<!-- sampling controls -->
           <div><label for="seed">Seed (blank: random)</label>
             <input id="seed" name="seed" type="number" min="0" step="1" placeholder="random"></div>
           <div><label for="size">Size (px)</label>
@@ -139,17 +144,34 @@ function numberField(id, parse) {
   return value;
 }
 
-function sampling() {
-  const body = {
-    steps: numberField("steps", (v) => parseInt(v, 10)),
-    guidance_scale: numberField("guidance_scale", parseFloat),
-    temperature: numberField("temperature", parseFloat),
-    rho: numberField("rho", parseFloat),
-    protocol: parseInt($("protocol").value, 10),
+// The sampling controls: one per setting of the registered kinds, made from their Settings (data-setting: its
+// name; data-type: int, float, bool or text; data-kinds: the kinds that read it; data-edit: /v1/edit takes it).
+const settingControls = () => [...document.querySelectorAll("[data-setting]")];
+
+function settingValue(el) {
+  const raw = el.value.trim();
+  if (raw === "") return undefined;  // left blank: the model's setting
+  const type = el.dataset.type;
+  if (type === "bool") return raw === "true";
+  if (type === "text") return raw;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || (type === "int" && !Number.isInteger(value))) {
+    throw new Error(`${el.dataset.label} must be ${type === "int" ? "an integer" : "a number"}`);
+  }
+  return value;
+}
+
+// The request's settings (for an edit, those /v1/edit takes), then its seed, size and count.
+function sampling(forEdit) {
+  const body = {};
+  for (const el of settingControls()) {
+    if (!forEdit || el.dataset.edit === "1") body[el.dataset.setting] = settingValue(el);
+  }
+  Object.assign(body, {
     seed: numberField("seed", (v) => parseInt(v, 10)),
     size: numberField("size", (v) => parseInt(v, 10)),
     n: numberField("n", (v) => parseInt(v, 10)),
-  };
+  });
   for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
   return body;
 }
@@ -263,7 +285,7 @@ async function editImage() {
   const prompt = $("edit-prompt").value;
   if (!prompt.trim()) { setStatus("Type the new prompt for the edit.", true); return; }
   let params;
-  try { params = sampling(); } catch (e) { setStatus(e.message, true); return; }
+  try { params = sampling(true); } catch (e) { setStatus(e.message, true); return; }
   const form = new FormData();
   form.append("image", file, file.name || "image.png");
   form.append("prompt", prompt);
@@ -280,12 +302,19 @@ async function editImage() {
   }
 }
 
-// Blank sampling fields take the model's tuned settings; their placeholders show what those are.
+// Blank sampling fields take the model's tuned settings; their placeholders show what those are for the chosen
+// generator, or that it does not read the setting.
 let samplingDefaults = {};
 function showSamplingDefaults() {
-  const d = samplingDefaults[$("generator").value] || {};
-  const shown = { steps: d.num_steps, guidance_scale: d.guidance_scale, temperature: d.temperature, rho: d.rho };
-  for (const [id, value] of Object.entries(shown)) if (value !== undefined) $(id).placeholder = String(value);
+  const kind = $("generator").value;
+  const tuned = samplingDefaults[kind] || {};
+  for (const el of settingControls()) {
+    const reads = el.dataset.kinds.split(" ").includes(kind);
+    const value = tuned[el.dataset.setting];
+    const text = !reads ? `not read by ${kind}` : value === undefined ? "model's" : String(value);
+    if (el.tagName === "SELECT") el.options[0].textContent = reads ? `model's (${text})` : text;
+    else el.placeholder = text;
+  }
 }
 
 async function loadModel() {
@@ -296,13 +325,16 @@ async function loadModel() {
       "randomly initialised model: its images are noise";
     el.textContent = `${kind} · ${info.image_size}px · ${info.num_tokens} tokens × ${info.num_bits} bits`;
     el.className = info.trained ? "" : "untrained";
+    const chosen = $("generator").value;
     $("generator").replaceChildren(...info.generators.map(k => new Option(k, k)));  // the model's kinds
+    if (info.generators.includes(chosen)) $("generator").value = chosen;
     const size = $("size");
     size.step = info.size_multiple;
     size.min = info.size_multiple;
     size.max = info.limits.max_size;
     if (!new URLSearchParams(location.search).has("size")) size.value = info.image_size;
-    $("steps").max = info.limits.max_steps;
+    const steps = document.querySelector('[data-setting="num_steps"]');
+    if (steps) steps.max = info.limits.max_steps;
     $("n").max = info.limits.max_n;
     $("prompt").maxLength = info.limits.max_prompt_chars;
     $("edit").disabled = !info.can_edit;
@@ -315,9 +347,8 @@ async function loadModel() {
 
 function applyQuery() {
   const q = new URLSearchParams(location.search);
-  const fields = { prompt: "prompt", generator: "generator", steps: "steps", guidance_scale: "guidance_scale",
-                   cfg: "guidance_scale", temperature: "temperature", rho: "rho", seed: "seed", size: "size",
-                   n: "n", protocol: "protocol" };
+  const fields = { prompt: "prompt", generator: "generator", seed: "seed", size: "size", n: "n" };
+  for (const el of settingControls()) for (const name of el.dataset.params.split(" ")) fields[name] = el.id;
   for (const [param, id] of Object.entries(fields)) if (q.has(param)) $(id).value = q.get(param);
   return q.get("autorun") === "1";
 }
@@ -346,3 +377,71 @@ $("edit-image").addEventListener("change", () => {
 </body>
 </html>
 """
+
+
+BLANK = "model's"  # what a blank control says before the model's settings are known
+_FIXED_IDS = frozenset(re.findall(r'id="([^"]+)"', _TEMPLATE))  # the page's own ids, which no control may take
+
+
+def page_html(bodies: RequestBodies) -> str:
+    """The page, with a control for each sampling setting `bodies.generate` takes, marked for editing where
+    `bodies.edit` takes it too (the API's own bodies, so the form sends what they take)."""
+    known = settings()
+    editable = set(bodies.edit.model_fields) & set(known)
+    kinds = generator_kinds()
+    controls = [
+        _control(known[name], kinds, name in editable) for name in bodies.generate.model_fields if name in known
+    ]
+    menu = "".join(f'<option value="{escape(k)}">{escape(k)}</option>' for k in kinds)
+    return _TEMPLATE.replace("<!-- generator options -->", menu).replace(
+        "<!-- sampling controls -->", "\n".join(controls)
+    )
+
+
+def _kind_of(setting: Setting) -> str:
+    """How the page reads a setting's text: int, float, bool or text (what its Settings field is annotated)."""
+    value_type = setting.value_type
+    if value_type is bool:
+        return "bool"
+    return {int: "int", float: "float"}.get(value_type, "text")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def _attributes(values: dict[str, Any]) -> str:
+    return " ".join(f'{name}="{escape(str(value))}"' for name, value in values.items() if value is not None)
+
+
+def _control(setting: Setting, kinds: tuple[str, ...], editable: bool) -> str:
+    """A labelled input (a menu where the Settings list the choices, or for a bool) for one setting."""
+    ident = setting.dest if setting.dest not in _FIXED_IDS else f"setting-{setting.dest}"
+    label = setting.label[:1].upper() + setting.label[1:]
+    readers = [k for k in setting.kinds if k in kinds]
+    if len(readers) < len(kinds):
+        label += f" ({', '.join(readers)})"
+    kind = _kind_of(setting)
+    attributes = {
+        "id": ident,
+        "name": ident,
+        "title": setting.help,
+        "data-setting": setting.name,
+        "data-label": setting.label,
+        "data-type": kind,
+        "data-kinds": " ".join(setting.kinds),
+        "data-params": " ".join(dict.fromkeys(n for n in (setting.name, setting.short, *setting.cli_aliases) if n)),
+        "data-edit": "1" if editable else "0",
+    }
+    if setting.choices or kind == "bool":
+        choices = setting.choices or (True, False)
+        options = "".join(f'<option value="{escape(_shown(c))}">{escape(_shown(c))}</option>' for c in choices)
+        control = f'<select {_attributes(attributes)}><option value="">{BLANK}</option>{options}</select>'
+    else:
+        if kind in ("int", "float"):
+            number = {"step": "1" if kind == "int" else "any", "min": setting.minimum, "max": setting.maximum}
+            attributes |= {"type": "number", **number}
+        else:
+            attributes["type"] = "text"
+        control = f"<input {_attributes(attributes | {'placeholder': BLANK})}>"
+    return f'          <div><label for="{ident}">{escape(label)}</label>\n            {control}</div>'

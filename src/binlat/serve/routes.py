@@ -30,7 +30,6 @@ from .bodies import decode_image, image_body_doc, image_request, json_object
 from .errors import ApiError, internal_error
 from .guards import TICKET
 from .limits import Checks, ServeLimits
-from .page import PAGE
 from .schemas import (
     ErrorResponse,
     ImagesResponse,
@@ -65,13 +64,14 @@ class ApiRoute(APIRoute):
 @dataclass(frozen=True)
 class Served:
     """What the routes work with: the loaded pipeline, this server's limits and checks, the work queue, and the
-    request bodies made with the app (their sampling settings those of the kinds registered then)."""
+    request bodies and page made with the app (their sampling settings those of the kinds registered then)."""
 
     pipe: Pipeline
     limits: ServeLimits
     queue: WorkQueue
     checks: Checks
     bodies: RequestBodies
+    page: str
 
 
 async def _served(request: Request) -> Served:
@@ -120,9 +120,9 @@ def _image_record(image, seed: int, prompt: str, **meta: Any) -> dict[str, Any]:
     }
 
 
-async def page() -> HTMLResponse:
+async def page(served: ServedDep) -> HTMLResponse:
     return HTMLResponse(
-        PAGE,
+        served.page,
         headers={
             "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
             "img-src data: blob:; connect-src 'self'; form-action 'none'; "
