@@ -10,10 +10,16 @@ import torch
 
 # Helper modules whose functions assert for the tests that call them (the reliability catalogue's Env.cli_fails and
 # Env.server_fails, the hostile files' fails_at_run_time, the training tests' assert_same_tensors, the eval and CLI
-# tests' one-line error checks, the serve tests' assert_error): rewrite their asserts as pytest does a test file's,
-# so a failure shows the values.
+# tests' one-line error checks, the serve and hostile-server tests' assert_error): rewrite their asserts as pytest
+# does a test file's, so a failure shows the values.
 pytest.register_assert_rewrite(
-    "reliability_support", "hostile_files_support", "train_support", "eval_support", "cli_support", "serve_support"
+    "reliability_support",
+    "hostile_files_support",
+    "train_support",
+    "eval_support",
+    "cli_support",
+    "serve_support",
+    "hostile_server_support",
 )
 
 

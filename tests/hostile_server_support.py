@@ -1,5 +1,6 @@
-"""Helpers for test_hostile_server.py: the real server on 127.0.0.1 (in a thread, or in a subprocess under a memory
-or file-descriptor cap) and raw-socket clients that can stall, dribble or vanish as a hostile one would."""
+"""Helpers for the test_hostile_server_* files: the random tiny model behind a TestClient with small limits, the
+real server on 127.0.0.1 (in a thread, or in a subprocess under a memory or file-descriptor cap) and raw-socket
+clients that can stall, dribble or vanish as a hostile one would."""
 
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+from fastapi.testclient import TestClient
+
 import binlat
+from binlat.pipeline import Pipeline
+from binlat.serve import ServeLimits, create_app
 
 SRC = str(Path(binlat.__file__).resolve().parents[1])
 
@@ -225,3 +231,43 @@ def connect_many(port: int, count: int, within: float) -> list[socket.socket]:
     for sock in pending:
         sock.close()
     return done
+
+
+# --- in-process: the tiny model behind a TestClient -------------------------------------------------------------------
+LOCAL = "http://localhost"
+LIMITS = ServeLimits(
+    max_concurrent=1, max_queue=4, max_body_bytes=200_000, max_n=4, max_steps=8, max_prompt_chars=64, max_size=128
+)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return Pipeline.random_tiny()
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    with TestClient(create_app(pipe, LIMITS), base_url=LOCAL) as c:
+        yield c
+
+
+def assert_error(response, status: int, *needles: str) -> str:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and body["error"], body
+    for needle in needles:
+        assert needle in body["error"], (needle, body["error"])
+    return body["error"]
+
+
+def generate_request(prompt: str, steps: int) -> bytes:
+    body = json.dumps({"prompt": prompt, "steps": steps, "seed": 1}).encode()
+    return request_head("POST", "/v1/generate", len(body)) + body
+
+
+def wait_for(condition, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
