@@ -1,0 +1,113 @@
+"""Real-image data: make_dataset picks the reader a name asks for (the shapes stream, a folder, a manifest,
+shards), collate batches samples, and the readers split their samples across distributed ranks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from binlat.data.collate import collate
+from binlat.data.readers import (
+    ImageFolderDataset,
+    ManifestDataset,
+    WebDatasetShards,
+    make_dataset,
+)
+from binlat.data.shapes import CATEGORIES, ShapesStream
+from binlat.data.transforms import ImageTransform
+from data_support import (  # noqa: F401
+    GOOD_FOLDER_KEYS,
+    S,
+    _keys,
+    _manifest_images,
+    folder,
+    shards,
+)
+
+
+def test_make_dataset_dispatch(folder: Path, shards, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shapes = make_dataset("shapes", 32, seed=5)
+    assert isinstance(shapes, ShapesStream) and shapes.size == 32 and shapes.seed == 5
+    with caplog.at_level(logging.WARNING, logger="binlat.data"):
+        flipped = make_dataset("shapes:seed=3", 32, seed=5, hflip=True)
+    assert isinstance(flipped, ShapesStream) and flipped.seed == 3
+    assert any("hflip ignored" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="shapes:seed=N"):
+        make_dataset("shapes:colour=red", 32)
+    weighted = make_dataset("shapes:seed=4,color_attr=3,single=0", 32)
+    assert weighted.seed == 4 and weighted.category_weights["color_attr"] == 3
+    counts = Counter(s["scene"]["category"] for s in itertools.islice(iter(weighted), 400))
+    assert counts["single"] == 0 and counts["color_attr"] > 2 * counts["colors"] > 0  # 3:1 in expectation
+    for bad, message in (
+        ("shapes:position=x", "position must be a number"),
+        ("shapes:two=-1", "non-negative"),
+        ("shapes:" + ",".join(f"{c}=0" for c in CATEGORIES), "positive sum"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make_dataset(bad, 32)
+
+    ds = make_dataset(str(folder), S, seed=1, random_crop=False, hflip=True)
+    assert isinstance(ds, ImageFolderDataset)
+    assert ds.transform.size == S and not ds.transform.random_crop and ds.transform.hflip
+
+    images = _manifest_images(tmp_path)
+    for name in ("a.jsonl", "a.csv"):
+        path = images.parent / name
+        path.write_text(
+            json.dumps({"path": "imgs/0.png", "caption": "c"}) + "\n"
+            if name.endswith("jsonl")
+            else "path\nimgs/0.png\n"
+        )
+        assert isinstance(make_dataset(str(path), S), ManifestDataset)
+
+    root, _ = shards
+    assert isinstance(make_dataset(str(root / "shard-{000..001}.tar"), S), WebDatasetShards)
+    assert isinstance(make_dataset(str(root / "shard-*.tar"), S), WebDatasetShards)
+
+    for bad in ("no-such-thing", str(tmp_path / "missing.jsonl"), str(tmp_path / "x-{0..3}.tar"), ""):
+        with pytest.raises(ValueError, match=r"expected 'shapes'.*image folder.*\.jsonl/\.csv.*\.tar"):
+            make_dataset(bad, S)
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="neither a manifest nor a shard"):
+        make_dataset(str(tmp_path / "file.bin"), S)
+
+
+def test_collate(folder: Path) -> None:
+    samples = list(ImageFolderDataset(folder, ImageTransform(S, seed=0)))[:3]
+    batch = collate(samples)
+    assert batch["image"].shape == (3, 3, S, S)
+    assert batch["caption"] == [s["caption"] for s in samples]
+    assert batch["key"] == [s["key"] for s in samples]
+    stream = ShapesStream(size=32, seed=0)
+    shapes_batch = collate([stream.sample(i) for i in range(2)])
+    assert shapes_batch["image"].shape == (2, 3, 32, 32)
+    assert len(shapes_batch["scene"]) == 2 and "key" not in shapes_batch
+    with pytest.raises(ValueError, match="empty batch"):
+        collate([])
+
+
+def test_split_across_distributed_ranks(folder: Path, shards, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With torch.distributed initialised (faked: 2 ranks), ranks read disjoint parts."""
+    root, good = shards
+    for name in ("RANK", "WORLD_SIZE", "WORKER", "NUM_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    folder_keys, shard_keys = [], []
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, r=rank: r)
+        folder_part = _keys(ImageFolderDataset(folder, ImageTransform(S, seed=0)))
+        shard_part = _keys(WebDatasetShards(str(root / "shard-{000..002}.tar"), ImageTransform(S, seed=0)))
+        assert folder_part and shard_part
+        folder_keys += folder_part
+        shard_keys += shard_part
+    assert sorted(folder_keys) == sorted(GOOD_FOLDER_KEYS)
+    assert sorted(shard_keys) == sorted(good)
