@@ -9,9 +9,9 @@ import pytest
 import torch
 
 # Helper modules whose functions assert for the tests that call them (the reliability catalogue's Env.cli_fails and
-# Env.server_fails, the hostile files' fails_at_run_time, the training tests' assert_same_tensors, the eval and CLI
-# tests' one-line error checks, the serve and hostile-server tests' assert_error): rewrite their asserts as pytest
-# does a test file's, so a failure shows the values.
+# Env.server_fails, the hostile files' fails_at_run_time, the training tests' assert_same_tensors, the fault tests'
+# assert_checkpoints_intact, the eval and CLI tests' one-line error checks, the serve and hostile-server tests'
+# assert_error): rewrite their asserts as pytest does a test file's, so a failure shows the values.
 pytest.register_assert_rewrite(
     "reliability_support",
     "hostile_files_support",
@@ -20,6 +20,7 @@ pytest.register_assert_rewrite(
     "cli_support",
     "serve_support",
     "hostile_server_support",
+    "faults_support",
 )
 
 
