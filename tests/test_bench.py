@@ -76,6 +76,12 @@ def test_tiny_bench_prints_eight_tables_and_writes_every_figure(tiny_run):
     for kind in ("tokenizer", "diffusion", "ar"):
         assert result[f"train_{kind}_images_per_s"] > 0 and result[f"train_{kind}_peak_rss_mib"] > 0
         assert 0 < result[f"train_{kind}_peak_fraction"] < 1  # a share of the measured peak
+        if native:  # each trainer also in bf16, as binlat train runs it here, against its float32 step
+            assert result[f"train_{kind}_bf16_speedup"] > 0 and result[f"train_{kind}_bf16_images_per_s"] > 0
+            assert 0 <= result[f"train_{kind}_bf16_loss_rel_diff"] < 0.5
+            assert f"target {kind} bf16 images/s vs float32 >= 2x" in text
+        else:
+            assert f"train_{kind}_bf16_speedup" not in result
     # table 8: generation at the shipped sizes beside its FLOP bound, the text encoder apart
     for kind in ("diffusion", "ar"):
         assert 0 < result[f"sample_bound_fraction_{kind}"] < 1 and result[f"sample_images_per_s_{kind}"] > 0

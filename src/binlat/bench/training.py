@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .harness import PeakRSS, Table, fmt_s, memory_available_mib
+from .harness import PeakRSS, Table, fmt_s, memory_available_mib, target
 from .inputs import text_features
 from .plan import TRAIN_KINDS, UNCOND_REAL, Plan
 from .throughput import peak_flops, training_step_flops
@@ -104,20 +104,51 @@ def _tokenizer_losses(config: dict[str, Any], steps: int) -> str:
     return text
 
 
-def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
-    table = Table(
-        "[5/8] Training: one optimiser step of each trainer (fresh subprocess each, for a clean peak)",
-        ["trainer", "params", "batch", "step", "n", "images/s", "share of peak", "peak RSS", "RSS growth in steps"],
-    )
+def _precisions(plan: Plan, table: Table) -> tuple[Plan, list[bool]]:
+    """The plan to time, and its autocast settings: float32, or bf16 where the preset asks for it; and bf16 beside
+    float32 where bf16 is native and the preset leaves precision to the machine (mixed_precision auto trains bf16
+    there)."""
     from ..hardware import bf16_native
 
-    if plan.train_bf16 and not bf16_native("cpu"):
-        plan = replace(plan, train_bf16=False)
+    native = bf16_native("cpu")
+    if plan.train_bf16 and not native:
         table.notes.append(
             "the preset asks for bf16 autocast, which this CPU would emulate (no avx512_bf16/AMX): "
             "measured in float32, as binlat train would refuse bf16 here"
         )
-    specs = {k: train_spec(plan, k) for k in TRAIN_KINDS}
+        return replace(plan, train_bf16=False), [False]
+    if plan.train_bf16:
+        return plan, [True]
+    return plan, [False, True] if native else [False]
+
+
+def _run_all(plan: Plan, specs: dict[str, dict[str, Any]], skipped: dict[str, str]) -> dict[str, dict[str, Any]]:
+    run = {k: s for k, s in specs.items() if k not in skipped}
+    if plan.mode == "tiny":  # timings mean nothing here: overlap the workers' start-up
+        procs = {k: _run_worker(s) for k, s in run.items()}
+        return {k: _collect(p) for k, p in procs.items()}
+    return {k: _collect(_run_worker(s)) for k, s in run.items()}
+
+
+def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
+    table = Table(
+        "[5/8] Training: one optimiser step of each trainer (fresh subprocess each, for a clean peak)",
+        [
+            "trainer",
+            "precision",
+            "params",
+            "batch",
+            "step",
+            "n",
+            "images/s",
+            "vs float32",
+            "share of fp32 peak",
+            "peak RSS",
+            "RSS growth in steps",
+        ],
+    )
+    plan, precisions = _precisions(plan, table)
+    specs = {k: train_spec(replace(plan, train_bf16=precisions[0]), k) for k in TRAIN_KINDS}
     clip = specs["tokenizer"]["config"].get("grad_clip", 1.0)
     table.notes.append(
         f"step = binlat.train's Trainer step on the preset's training configs: the task's loss, "
@@ -126,8 +157,9 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
         f"(generators)"
     )
     table.notes.append(
-        f"sizes and configs: {plan.shipped_name}; share of peak = 3 x forward FLOPs (backward as 2 x "
-        f"forward, counted on the meta device) / step time / float32 matmul peak"
+        f"sizes and configs: {plan.shipped_name}; share of fp32 peak = 3 x forward FLOPs (backward as 2 x "
+        f"forward, counted on the meta device) / step time / float32 matmul peak (for a bf16 step too: what it "
+        f"achieves against the float32 peak)"
     )
     table.notes.append(f"tokenizer loss: {_tokenizer_losses(specs['tokenizer']['config'], plan.train_steps)}")
     compiled = ", ".join(f"{k} {'on' if specs[k]['config'].get('compile', False) else 'off'}" for k in TRAIN_KINDS)
@@ -138,14 +170,14 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
         "1.2x faster steps after a few minutes of compiling: docs/recipe.md"
     )
     table.notes.append(f"compiled training forward: {compiled} ({why})")
-    autocast = (
-        "on"
-        if plan.train_bf16
-        else "off (float32 steps against the float32 peak; a preset left at mixed_precision auto trains bf16 "
-        "where bf16 is native)"
-    )
+    autocast = {
+        (False,): "off (float32 steps; this CPU has no native bf16)",
+        (True,): "on (the preset asks for it)",
+        (False, True): "each trainer twice: float32, then bf16 autocast, which binlat train uses on this CPU "
+        "(mixed_precision auto: native bf16); same initial weights, same batch",
+    }[tuple(precisions)]
     table.notes.append(
-        f"autocast bf16: {autocast}, gradient checkpointing: {'on' if plan.train_checkpointing else 'off'} "
+        f"autocast bf16: {autocast}; gradient checkpointing: {'on' if plan.train_checkpointing else 'off'} "
         f"(as the preset's configs); peak RSS = the worker's resident high-water mark over its steps (VmHWM, reset "
         f"once trainer, EMA copy and data were built); growth = peak minus the resident size at that point "
         f"(activations, gradients, optimiser state)"
@@ -161,50 +193,84 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
                 f"skipped: weights + gradients + AdamW + EMA alone need {need / 1024:.1f} GiB, "
                 f"{available / 1024:.1f} GiB available"
             )
-    run = {k: s for k, s in specs.items() if k not in skipped}
-    if plan.mode == "tiny":  # timings mean nothing here: overlap the workers' start-up
-        procs = {k: _run_worker(s) for k, s in run.items()}
-        results = {k: _collect(p) for k, p in procs.items()}
-    else:
-        results = {k: _collect(_run_worker(s)) for k, s in run.items()}
-    for kind, r in results.items():
-        if "error" in r:
-            skipped[kind] = r["error"]
+    results = {}
+    for bf16 in precisions:
+        runs = _run_all(plan, {k: train_spec(replace(plan, train_bf16=bf16), k) for k in TRAIN_KINDS}, skipped)
+        results[bf16] = runs
+    for kind in TRAIN_KINDS:
+        if kind not in skipped and all("error" in r.get(kind, {"error": 1}) for r in results.values()):
+            skipped[kind] = next(r[kind]["error"] for r in results.values())
     if len(skipped) == len(TRAIN_KINDS):
         raise RuntimeError("; ".join(f"{k}: {v}" for k, v in skipped.items()))
     for kind in TRAIN_KINDS:
         batch = specs[kind]["config"]["batch_size"]
         if kind in skipped:
-            table.rows.append([kind, f"{params[kind] / 1e6:.1f} M", batch, "-", 0, "-", "-", "-", "-"])
+            table.rows.append([kind, "-", f"{params[kind] / 1e6:.1f} M", batch, "-", 0, "-", "-", "-", "-", "-"])
             table.footer.append(f"{kind}: {skipped[kind]}")
             continue
-        r = results[kind]
-        med = statistics.median(r["times"])
-        if r["peak_source"] != "VmHWM":
-            table.footer.append(f"{kind}: no /proc/self/clear_refs, so peak is ru_maxrss (may include start-up)")
-        shown = f"{r['params'] / 1e6:.1f} M" if r["params"] >= 1e5 else f"{r['params'] / 1e3:.1f} K"
-        flops = training_step_flops(kind, specs[kind]["config"]["model"], batch, plan.text_length)
-        share = None if flops is None else flops / med / peak_flops(plan, figures)
-        table.rows.append(
-            [
-                kind,
-                shown,
-                batch,
-                fmt_s(med),
-                len(r["times"]),
-                f"{batch / med:.1f}",
-                "n/a" if share is None else f"{100 * share:.1f} %",
-                f"{r['peak_rss_mib']:.0f} MiB",
-                f"{r['peak_rss_mib'] - r['before_rss_mib']:.0f} MiB",
-            ]
-        )
-        if share is not None:
-            figures[f"train_{kind}_peak_fraction"] = share
-        figures[f"train_{kind}_images_per_s"] = batch / med
-        figures[f"train_{kind}_step_s"] = med
-        figures[f"train_{kind}_peak_rss_mib"] = r["peak_rss_mib"]
-        figures[f"train_{kind}_rss_growth_mib"] = r["peak_rss_mib"] - r["before_rss_mib"]
+        for bf16 in precisions:
+            _row(table, figures, plan, kind, bf16, results, specs[kind], params[kind])
+    if len(precisions) == 2:
+        _bf16_verdicts(table, figures, plan, skipped)
     return table
+
+
+def _row(table, figures, plan, kind, bf16, results, spec, params) -> None:
+    batch = spec["config"]["batch_size"]
+    r = results[bf16][kind]
+    precision = "bf16" if bf16 else "float32"
+    shown = f"{params / 1e6:.1f} M" if params >= 1e5 else f"{params / 1e3:.1f} K"
+    if "error" in r:
+        table.rows.append([kind, precision, shown, batch, "-", 0, "-", "-", "-", "-", "-"])
+        table.footer.append(f"{kind} ({precision}): {r['error']}")
+        return
+    med = statistics.median(r["times"])
+    if r["peak_source"] != "VmHWM":
+        table.footer.append(f"{kind}: no /proc/self/clear_refs, so peak is ru_maxrss (may include start-up)")
+    flops = training_step_flops(kind, spec["config"]["model"], batch, plan.text_length)
+    share = None if flops is None else flops / med / peak_flops(plan, figures)
+    key = f"train_{kind}_bf16" if bf16 and False in results else f"train_{kind}"
+    versus = "-"
+    if key.endswith("_bf16") and "error" not in results[False][kind]:
+        speedup = statistics.median(results[False][kind]["times"]) / med
+        figures[f"{key}_speedup"] = speedup
+        versus = f"{speedup:.2f}x"
+        f32, low = results[False][kind]["losses"][-1], r["losses"][-1]
+        figures[f"{key}_loss_rel_diff"] = abs(low - f32) / max(abs(f32), 1e-12)
+    table.rows.append(
+        [
+            kind,
+            precision,
+            shown,
+            batch,
+            fmt_s(med),
+            len(r["times"]),
+            f"{batch / med:.1f}",
+            versus,
+            "n/a" if share is None else f"{100 * share:.1f} %",
+            f"{r['peak_rss_mib']:.0f} MiB",
+            f"{r['peak_rss_mib'] - r['before_rss_mib']:.0f} MiB",
+        ]
+    )
+    if share is not None:
+        figures[f"{key}_peak_fraction"] = share
+    figures[f"{key}_images_per_s"] = batch / med
+    figures[f"{key}_step_s"] = med
+    figures[f"{key}_peak_rss_mib"] = r["peak_rss_mib"]
+    figures[f"{key}_rss_growth_mib"] = r["peak_rss_mib"] - r["before_rss_mib"]
+
+
+def _bf16_verdicts(table: Table, figures: dict[str, float], plan: Plan, skipped: dict[str, str]) -> None:
+    """Issue 30's bf16 targets where bf16 is native: images/s >= 2x float32's, the same losses to 1 %."""
+    for kind in TRAIN_KINDS:
+        if f"train_{kind}_bf16_speedup" not in figures:
+            continue
+        table.footer.append(target(figures[f"train_{kind}_bf16_speedup"], 2, f"{kind} bf16 images/s vs float32"))
+        diff = figures[f"train_{kind}_bf16_loss_rel_diff"]
+        table.footer.append(
+            f"{kind}: loss after {plan.train_steps + 1} steps, bf16 vs float32 (same weights and batch): "
+            f"{100 * diff:.2f} % apart (target <= 1 %: {'met' if diff <= 0.01 else 'NOT met'})"
+        )
 
 
 # --- the worker: python -m binlat.bench --train-worker SPEC_JSON -------------------------------------------
@@ -261,14 +327,16 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
             batches = iter(lambda: dict(batch), None)  # endless; a fresh dict each time, as train_step pops from it
             peak = PeakRSS()  # model, data and EMA copy built; the optimiser state comes with the first step
             trainer.train_step(batches)  # warm-up
-            times = []
+            times, losses = [], []
             for _ in range(int(spec["steps"])):
                 t0 = time.perf_counter()
-                trainer.train_step(batches)
+                metrics = trainer.train_step(batches)
                 times.append(time.perf_counter() - t0)
+                losses.append(float("nan") if metrics is None else metrics["loss"])
             model = trainer.acc.unwrap_model(trainer.model)
             return {
                 "times": times,
+                "losses": losses,
                 "peak_rss_mib": peak.peak_mib(),
                 "before_rss_mib": peak.before_mib,
                 "peak_source": peak.source,
