@@ -31,6 +31,13 @@ COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 CATEGORIES: tuple[str, ...] = ("single", "colors", "two", "counting", "position", "color_attr")
 RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
+# Each relation's converse: "A above B" says what "B below A" says.
+CONVERSE: dict[str, str] = {
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("yellow", "triangle"), ("purple", "circle")})
 COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
 PREFIX = "a photo of "
@@ -316,6 +323,61 @@ def sample_scene(
     return _build_scene(content, caption, rng, size, exclude_held_out)
 
 
+def said_other_way(scene: Scene) -> Scene:
+    """A position scene with its caption said the other way round (:func:`other_way`): the same objects in the same
+    places, so the same picture, listed in the new caption's order with the converse relation."""
+    if scene.relation is None:
+        raise ValueError(f"not a position scene: {scene.caption!r}")
+    return Scene(scene.size, scene.objects[::-1], other_way(scene.caption), scene.category, CONVERSE[scene.relation])
+
+
+def _layout_holds(size: int, boxes: list[ShapeObject], relation: str) -> bool:
+    """Whether two objects keep the sampler's rules: inside the canvas, apart, and ``boxes[0] relation boxes[1]``
+    with its margins."""
+    first, second = boxes
+    inside = all(o.size / 2 <= v <= size - o.size / 2 for o in boxes for v in (o.cx, o.cy))
+    apart = box_gap(first.bbox, second.bbox) >= MIN_GAP_PX + 2 * _AA_FRINGE_PX
+    related = relation_holds(
+        relation, (first.cx, first.cy), (second.cx, second.cy), RELATION_MARGIN_FRAC * size, _AXIS_MARGIN_PX
+    )
+    return inside and apart and related
+
+
+def _exchanged_places(scene: Scene, relation: str) -> tuple[ShapeObject, ShapeObject] | None:
+    """The two objects of a position scene "A ``relation`` B" with their places exchanged, listed B then A: B centred
+    where A was and A where B was, each pushed back inside the canvas where its size needs it (at most half the
+    difference of the two sizes, 0.06 S), or None where that breaks the sampler's rules."""
+    a, b = scene.objects
+
+    def centred(o: ShapeObject, x: float, y: float) -> ShapeObject:
+        h = o.size / 2
+        return ShapeObject(o.shape, o.color, min(max(x, h), scene.size - h), min(max(y, h), scene.size - h), o.size)
+
+    moved = (centred(b, a.cx, a.cy), centred(a, b.cx, b.cy))
+    return moved if _layout_holds(scene.size, list(moved), relation) else None
+
+
+def swapped_roles(scene: Scene, rng: np.random.Generator) -> Scene:
+    """A position scene "A relation B" turned into "B relation A" (:func:`swap_roles`: the same words, the roles
+    reversed) and a picture that shows it: A and B keep their shapes, colours and sizes and exchange places
+    (:func:`_exchanged_places`). The relation depends only on the centres, which the exchange swaps, and the gap
+    between two boxes only on the sum of their sizes, so the rules break only where the larger object, pushed
+    back inside the canvas, comes too close to the other or loses a margin (about 3 scenes in 1,000 at 64 px); then
+    B and A are placed afresh for "B relation A" by the sampler's own placement from ``rng``, which is not drawn from
+    otherwise."""
+    if scene.relation is None:
+        raise ValueError(f"not a position scene: {scene.caption!r}")
+    moved = _exchanged_places(scene, scene.relation)
+    if moved is None:
+        b, a = scene.objects[1], scene.objects[0]
+        (bx, by), (ax, ay) = _place(rng, scene.size, [b.size, a.size], scene.relation)
+        moved = (
+            ShapeObject(b.shape, b.color, bx, by, b.size),
+            ShapeObject(a.shape, a.color, ax, ay, a.size),
+        )
+    return Scene(scene.size, moved, swap_roles(scene.caption), scene.category, scene.relation)
+
+
 def scene_for_caption(caption: str, rng: np.random.Generator, size: int = 64, exclude_held_out: bool = False) -> Scene:
     """A random scene matching any valid caption (ValueError if it cannot be parsed).
 
@@ -370,6 +432,20 @@ class ShapesStream(IterableDataset):
     DataLoader workers take the indices congruent to their id modulo their count.
     Batch with ``collate_fn=binlat.data.collate.collate`` (it lists the scenes, whose
     object counts vary).
+
+    ``both_ways`` and ``role_pairs`` (at most one) pair the samples up by index: sample
+    ``2k`` is drawn as without them, and when it is a position scene, sample ``2k + 1`` is
+    its partner rather than a draw of its own. With ``both_ways`` the partner is the same
+    scene, the same picture, said the other way round (:func:`said_other_way`: "B below A"
+    for "A above B"); with ``role_pairs`` it is the minimal pair for word order, the same
+    words with the roles reversed and A and B exchanging places (:func:`swapped_roles`:
+    "B above A"). Sample ``2k + 1`` re-derives sample ``2k`` from that sample's own
+    generator, so both stay functions of (seed, index). Position scenes then make up
+    p(3 - p)/2 of the stream rather than p (0.24 rather than 1/6 with equal weights),
+    half of them partners. The training loop reads contiguous index ranges, so a pair meets
+    in one micro-batch when that batch is even; iterating this stream with DataLoader
+    workers, indices ``i`` and ``i + 1`` fall to different workers and so into different
+    (neighbouring) batches, which is acceptable: the pair is still near in training.
     """
 
     def __init__(
@@ -379,30 +455,53 @@ class ShapesStream(IterableDataset):
         category_weights: dict[str, float] | None = None,
         exclude_held_out: bool = True,
         prefix_suffix_prob: float = 0.1,
+        both_ways: bool = False,
+        role_pairs: bool = False,
     ) -> None:
         super().__init__()
         _check_size(size)
         _normalised_weights(category_weights)  # fail early on bad weights
+        if both_ways and role_pairs:
+            raise ValueError(
+                "both_ways and role_pairs both pair sample 2k+1 with sample 2k's position scene and cannot both be "
+                "on: choose the same scene said the other way round (both_ways) or the swapped roles (role_pairs)"
+            )
         self.size = size
         self.seed = seed
         self.category_weights = category_weights
         self.exclude_held_out = exclude_held_out
         self.prefix_suffix_prob = prefix_suffix_prob
+        self.both_ways = both_ways
+        self.role_pairs = role_pairs
         self.start_index = 0
 
     def describe(self) -> dict[str, Any]:
         """What a run reads: an endless stream, every sample captioned by its scene."""
         return {"samples": None, "captioned": None, "captions": "the procedural scenes' own captions (endless)"}
 
-    def sample(self, index: int) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed, index])
-        scene = sample_scene(
-            rng,
+    def _drawn(self, index: int) -> Scene:
+        """Sample ``index``'s scene as drawn without pairing, from its own generator."""
+        return sample_scene(
+            np.random.default_rng([self.seed, index]),
             self.size,
             exclude_held_out=self.exclude_held_out,
             category_weights=self.category_weights,
             prefix_suffix_prob=self.prefix_suffix_prob,
         )
+
+    def scene(self, index: int) -> Scene:
+        """Sample ``index``'s scene: its own draw, or with pairing on and ``index`` odd, the partner of the position
+        scene at ``index - 1`` (the fallback placement of ``role_pairs`` draws from ``index``'s generator)."""
+        if index % 2 and (self.both_ways or self.role_pairs):
+            anchor = self._drawn(index - 1)
+            if anchor.category == "position":
+                if self.both_ways:
+                    return said_other_way(anchor)
+                return swapped_roles(anchor, np.random.default_rng([self.seed, index]))
+        return self._drawn(index)
+
+    def sample(self, index: int) -> dict[str, Any]:
+        scene = self.scene(index)
         return {"image": to_tensor(render(scene)), "caption": scene.caption, "scene": scene.to_dict()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -456,10 +555,8 @@ def prompt_set(category: str, n: int, seed: int = 0, held_out: bool = False) -> 
     return out[:n]
 
 
-def swap_roles(caption: str) -> str:
-    """A position caption with its two objects swapped, prefix and suffix kept: 'a red circle above a square' ->
-    'a square above a red circle'. The same relation word with the roles reversed: what the diagnosis scripts ask a
-    generator to tell apart."""
+def _position_parts(caption: str) -> tuple[str, str, str, str, str]:
+    """(prefix, A, relation, B, suffix) of a position caption 'A relation B', prefix and suffix '' where absent."""
     head = PREFIX if caption.startswith(PREFIX) else ""
     tail = SUFFIX if caption.endswith(SUFFIX) and len(caption) > len(head) + len(SUFFIX) else ""
     core = caption[len(head) : len(caption) - len(tail)]
@@ -467,4 +564,20 @@ def swap_roles(caption: str) -> str:
     if relation is None:
         raise ValueError(f"not a position caption (no relation among {list(RELATIONS)}): {caption!r}")
     first, second = core.split(f" {relation} ")
+    return head, first, relation, second, tail
+
+
+def swap_roles(caption: str) -> str:
+    """A position caption with its two objects swapped, prefix and suffix kept: 'a red circle above a square' ->
+    'a square above a red circle'. The same relation word with the roles reversed: what the diagnosis scripts ask a
+    generator to tell apart."""
+    head, first, relation, second, tail = _position_parts(caption)
     return f"{head}{second} {relation} {first}{tail}"
+
+
+def other_way(caption: str) -> str:
+    """The same scene said the other way round: the objects swapped and the relation replaced by its converse,
+    prefix and suffix kept: 'a red circle above a square' -> 'a square below a red circle'. Unlike
+    :func:`swap_roles`, it asks for the same picture (relation_holds(r, a, b) == relation_holds(CONVERSE[r], b, a))."""
+    head, first, relation, second, tail = _position_parts(caption)
+    return f"{head}{second} {CONVERSE[relation]} {first}{tail}"
