@@ -19,7 +19,7 @@ from binlat.data.readers import (
     WebDatasetShards,
     make_dataset,
 )
-from binlat.data.shapes import CATEGORIES, ShapesStream
+from binlat.data.shapes import CATEGORIES, ShapesStream, other_way, swap_roles
 from binlat.data.transforms import ImageTransform
 from data_support import (  # noqa: F401
     GOOD_FOLDER_KEYS,
@@ -76,6 +76,35 @@ def test_make_dataset_dispatch(folder: Path, shards, tmp_path: Path, caplog: pyt
     (tmp_path / "file.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="neither a manifest nor a shard"):
         make_dataset(str(tmp_path / "file.bin"), S)
+
+
+def test_shapes_spec_pairing_switches() -> None:
+    """both_ways=1 and role_pairs=1 make sample 2k+1 of a position scene 2k its partner (the same picture said the
+    other way round; the roles swapped and the places exchanged); off by default and at 0; other values, the key
+    without a value, and both at 1 are errors that say what they do."""
+    for bad, message in (
+        ("shapes:both_ways=yes", "both_ways must be 0 or 1"),
+        ("shapes:both_ways=0.5", "both_ways must be 0 or 1"),
+        ("shapes:role_pairs=2", r"role_pairs must be 0 or 1 \(1: each position scene followed by its roles swapped"),
+        ("shapes:both_ways", "'both_ways=1' or 'role_pairs=1'"),
+        ("shapes:role_pairs=1,both_ways=1", "both_ways and role_pairs .* cannot both be on"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make_dataset(bad, 32)
+    off = (make_dataset("shapes", 32), make_dataset("shapes:position=2", 32))
+    off += (make_dataset("shapes:both_ways=0,role_pairs=0", 32),)
+    assert not any(ds.both_ways or ds.role_pairs for ds in off)
+    alone = make_dataset("shapes:seed=4,position=5", 32)
+    for switch, turn in (("both_ways", other_way), ("role_pairs", swap_roles)):
+        paired = make_dataset(f"shapes:seed=4,{switch}=1,position=5", 32)
+        assert getattr(paired, switch) and not (paired.both_ways and paired.role_pairs)
+        assert paired.seed == 4 and paired.category_weights == alone.category_weights
+        samples = [paired.sample(i) for i in range(24)]
+        partners = [i for i in range(1, 24, 2) if samples[i - 1]["scene"]["category"] == "position"]
+        assert partners and all(samples[i]["caption"] == turn(samples[i - 1]["caption"]) for i in partners)
+        assert all(samples[i]["caption"] == alone.sample(i)["caption"] for i in range(24) if i not in partners)
+        same_picture = [torch.equal(samples[i]["image"], samples[i - 1]["image"]) for i in partners]
+        assert all(same_picture) if switch == "both_ways" else not any(same_picture)
 
 
 def test_collate(folder: Path) -> None:

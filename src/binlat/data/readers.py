@@ -236,20 +236,33 @@ class ManifestDataset(IndexedImageDataset):
 
 
 SPEC_FORMS = (
-    "'shapes' or 'shapes:seed=N,color_attr=2,...' (procedural shapes; category weights relative to 1), an "
+    "'shapes' or 'shapes:seed=N,color_attr=2,both_ways=1,...' (procedural shapes; category weights relative to 1; "
+    "both_ways=1 or role_pairs=1 follows each position scene with the same scene said the other way round or with "
+    "its roles swapped), an "
     "existing image folder (images + same-named .txt captions), a .jsonl/.csv manifest, or WebDataset .tar shards "
     "(path, brace pattern 'shard-{000..009}.tar', glob, or, typed on the command line with --allow-data-commands, "
     "a URL such as pipe:/http:)"
 )
 
+# The shapes spec's switches: ShapesStream's pairing options, each 0 (the default) or 1, at most one on.
+_SHAPES_SWITCHES = {
+    "both_ways": "1: each position scene followed by the same picture said the other way round",
+    "role_pairs": "1: each position scene followed by its roles swapped, the objects' places exchanged",
+}
 
-def _shapes_options(spec: str, seed: int) -> tuple[int, dict[str, float] | None] | None:
-    """(seed, category weights or None) of a shapes spec, or None if ``spec`` is not one.
+
+def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
+    """ShapesStream's options (seed, category_weights, both_ways, role_pairs) of a shapes spec, or None if ``spec``
+    is not one.
 
     ``shapes:seed=3,color_attr=2,position=2`` reseeds the stream and weights its categories; a category left out
-    keeps weight 1, so the weights are relative to the uniform mix."""
+    keeps weight 1, so the weights are relative to the uniform mix. ``both_ways=1`` makes sample 2k+1 of a position
+    scene 2k that scene said the other way round ("B below A" for "A above B"); ``role_pairs=1`` makes it the scene
+    with its roles swapped ("B above A", the objects' places exchanged). Both 0 by default; ShapesStream refuses
+    both at 1."""
+    options: dict[str, Any] = {"seed": seed, "category_weights": None}
     if spec == "shapes":
-        return seed, None
+        return options
     if not spec.startswith("shapes:"):
         return None
     from binlat.data.shapes import CATEGORIES
@@ -257,20 +270,29 @@ def _shapes_options(spec: str, seed: int) -> tuple[int, dict[str, float] | None]
     weights: dict[str, float] = {}
     for part in spec[len("shapes:") :].split(","):
         name, eq, value = (x.strip() for x in part.partition("="))
-        if not eq or (name != "seed" and name not in CATEGORIES):
+        if not eq or (name != "seed" and name not in _SHAPES_SWITCHES and name not in CATEGORIES):
             raise ValueError(
-                f"bad shapes spec {spec!r}: expected 'shapes:seed=N' and/or category weights "
-                f"such as 'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)})"
+                f"bad shapes spec {spec!r}: expected 'shapes:seed=N', category weights such as "
+                f"'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)}), 'both_ways=1' or 'role_pairs=1'"
             )
+        if name in _SHAPES_SWITCHES:
+            if value not in ("0", "1"):
+                raise ValueError(
+                    f"bad shapes spec {spec!r}: {name} must be 0 or 1 ({_SHAPES_SWITCHES[name]}), got {value!r}"
+                )
+            options[name] = value == "1"
+            continue
         try:
             if name == "seed":
-                seed = int(value)
+                options["seed"] = int(value)
             else:
                 weights[name] = float(value)
         except ValueError as exc:
             kind = "an integer" if name == "seed" else "a number"
             raise ValueError(f"bad shapes spec {spec!r}: {name} must be {kind}") from exc
-    return seed, ({c: weights.get(c, 1.0) for c in CATEGORIES} if weights else None)  # ShapesStream checks them
+    if weights:  # ShapesStream checks the weights, and that at most one switch is on
+        options["category_weights"] = {c: weights.get(c, 1.0) for c in CATEGORIES}
+    return options
 
 
 def _is_tar_spec(spec: str) -> bool:
@@ -307,9 +329,7 @@ def make_dataset(
         if hflip:
             logger.warning("hflip ignored for the shapes data: it would contradict left/right captions")
         try:
-            return ShapesStream(
-                size=size, seed=shapes[0], category_weights=shapes[1], exclude_held_out=not include_held_out
-            )
+            return ShapesStream(size=size, exclude_held_out=not include_held_out, **shapes)
         except ValueError as exc:
             raise ValueError(f"bad shapes spec {spec!r}: {exc}") from exc
     if not spec:
