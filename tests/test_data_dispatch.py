@@ -140,3 +140,19 @@ def test_split_across_distributed_ranks(folder: Path, shards, monkeypatch: pytes
         shard_keys += shard_part
     assert sorted(folder_keys) == sorted(GOOD_FOLDER_KEYS)
     assert sorted(shard_keys) == sorted(good)
+
+
+def test_shapes_spec_of_equal_weights_warns_it_is_the_uniform_mix(caplog) -> None:
+    """'shapes:position=1' keeps the other categories at weight 1: the uniform mix, not position captions only (a
+    reading that once mislabelled seven probes); the warning names the spelling that means only those named."""
+    with caplog.at_level(logging.WARNING, logger="binlat.data.readers"):
+        uniform = make_dataset("shapes:position=1", 32)
+    assert uniform.category_weights == {c: 1.0 for c in CATEGORIES}
+    only = "shapes:" + ",".join(f"{c}={int(c == 'position')}" for c in CATEGORIES)
+    assert "uniform mix" in caplog.text and repr(only) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="binlat.data.readers"):
+        scenes = make_dataset(only, 32)
+        make_dataset("shapes:position=2", 32)
+    assert caplog.text == ""
+    assert {scenes.sample(i)["scene"]["category"] for i in range(20)} == {"position"}

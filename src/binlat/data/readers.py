@@ -292,6 +292,14 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
             raise ValueError(f"bad shapes spec {spec!r}: {name} must be {kind}") from exc
     if weights:  # ShapesStream checks the weights, and that at most one switch is on
         options["category_weights"] = {c: weights.get(c, 1.0) for c in CATEGORIES}
+        if len(set(options["category_weights"].values())) == 1:  # "shapes:position=1" read as "position only"
+            named = ",".join(f"{c}={'1' if c in weights else '0'}" for c in CATEGORIES)
+            logger.warning(
+                "shapes spec %r weighs every category alike: that is the uniform mix (a category left out keeps "
+                "weight 1). For only the categories named, give the others 0: 'shapes:%s'",
+                spec,
+                named,
+            )
     return options
 
 
