@@ -22,8 +22,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 import binlat
-from binlat.pipeline import Pipeline
 from binlat.serve import ServeLimits, create_app
+from serve_support import LOCAL, pipe  # noqa: F401  (pipe: a fixture the tests use)
 
 SRC = str(Path(binlat.__file__).resolve().parents[1])
 
@@ -234,15 +234,10 @@ def connect_many(port: int, count: int, within: float) -> list[socket.socket]:
 
 
 # --- in-process: the tiny model behind a TestClient -------------------------------------------------------------------
-LOCAL = "http://localhost"
+# The same tiny model and Host as the serve tests (serve_support), with a larger body limit.
 LIMITS = ServeLimits(
     max_concurrent=1, max_queue=4, max_body_bytes=200_000, max_n=4, max_steps=8, max_prompt_chars=64, max_size=128
 )
-
-
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    return Pipeline.random_tiny()
 
 
 @pytest.fixture(scope="module")
