@@ -7,6 +7,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,7 +81,7 @@ def _check(value: Any, hint: Any, name: str) -> Any:
         return tuple(items) if origin is tuple else items
     if hint is Any:
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
         return config_from_dict(hint, value, source=name)
@@ -196,7 +197,7 @@ def resolve_config(name: str | Path, kind: str | None = None) -> Path:
     )
 
 
-def load_config(cls: type[C], path: str | Path, overrides: list[str] = (), kind: str | None = None) -> C:
+def load_config(cls: type[C], path: str | Path, overrides: Sequence[str] = (), kind: str | None = None) -> C:
     """`path`: a JSON file or a packaged preset's name (see resolve_config); `overrides` are --set KEY=VALUE. An
     error names what it is in: the file, or the override that brought it."""
     path = resolve_config(path, kind)

@@ -31,7 +31,7 @@ def contact_sheet(
     draw = ImageDraw.Draw(sheet)
     for i, (image, label) in enumerate(zip(images, labels)):
         x, y = (i % columns) * cell, (i // columns) * (cell + label_h)
-        sheet.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+        sheet.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (x, y))
         for j, line in enumerate(label):
             draw.text((x + 3, y + cell + 2 + LINE_HEIGHT * j), line, fill="black", font=font)
         if seeds is not None:

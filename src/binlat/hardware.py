@@ -47,7 +47,8 @@ class CPUInfo:
 
 def parse_cpuinfo(text: str) -> tuple[str | None, set[str]]:
     """Model name and flags of the first processor listed in /proc/cpuinfo text (all processors match)."""
-    model, flags = None, set()
+    model: str | None = None
+    flags: set[str] = set()
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if not sep:
@@ -77,7 +78,9 @@ def _physical_cores() -> int | None:
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> CPUInfo:
-    model, flags, source = None, set(), "platform"
+    model: str | None = None
+    flags: set[str] = set()
+    source = "platform"
     try:
         model, flags = parse_cpuinfo(CPUINFO.read_text(encoding="utf-8", errors="replace"))
         source = str(CPUINFO)

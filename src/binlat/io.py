@@ -37,7 +37,7 @@ class FileRefused(OSError):
     """A path that is not a regular file (a device, a FIFO, a directory), or one larger than its bound."""
 
 
-def read_bounded(path: str | Path, limit: int = MAX_TEXT_BYTES, what: str = "file") -> bytes:
+def read_bounded(path: str | os.PathLike[str], limit: int = MAX_TEXT_BYTES, what: str = "file") -> bytes:
     """The bytes of a regular file of at most `limit` bytes, checked before reading: a device (/dev/zero), a FIFO
     (opened without blocking), a socket or a directory is a FileRefused naming it, as is a file above the limit (or
     one that grows past it while read). Errors opening it (missing, no permission) are raised as they are."""

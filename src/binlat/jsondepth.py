@@ -29,8 +29,8 @@ def check_depth(data: str | bytes, max_depth: int) -> None:
     when an odd number of quotes precede it; the depth is the running count of opening minus closing brackets
     outside strings. Both are summed with numpy, a slice at a time. Unbalanced brackets are left to the parser,
     which reports them as invalid JSON."""
-    square, curly = ("[", "{") if isinstance(data, str) else (b"[", b"{")
-    if data.count(square) + data.count(curly) <= max_depth:  # the usual case, decided without a scan
+    brackets = data.count("[") + data.count("{") if isinstance(data, str) else data.count(b"[") + data.count(b"{")
+    if brackets <= max_depth:  # the usual case, decided without a scan
         return
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     import numpy as np

@@ -26,19 +26,19 @@ TOKENIZER = "tokenizer"  # the one model kind that is not a generator
 @dataclass(frozen=True)
 class GeneratorKind:
     name: str
-    network: type  # an nn.Module taking one config (`network.config_class`), with from_pretrained/save_pretrained
-    process: type  # its `Settings` dataclass, sample(...), loss(...); optional operations such as `redraw`
+    network: type[Any]  # an nn.Module taking one config (`network.config_class`), with from_pretrained/save_pretrained
+    process: type[Any]  # its `Settings` dataclass, sample(...), loss(...); optional operations such as `redraw`
     sampler: Callable[[Any], Any]  # the network's config -> the process that samples it
     # A run's generator options (train.config.GeneratorTraining) and the network's config -> its process
     trainer: Callable[[Any, Any], Any]
     release: ReleaseFormat | None = None  # how the Instella-T2I release stores it, if it has one
 
     @property
-    def config(self) -> type:
+    def config(self) -> type[Any]:
         return self.network.config_class
 
     @property
-    def settings(self) -> type:
+    def settings(self) -> type[Any]:
         return self.process.Settings
 
     def uses(self, setting: str) -> bool:
@@ -146,17 +146,21 @@ def release_kinds() -> tuple[str, ...]:
 def release_format(kind: str) -> ReleaseFormat:
     if kind not in release_kinds():
         raise ValueError(f"unknown kind {kind!r}; choose one of {release_kinds()}")
-    return TOKENIZER_RELEASE if kind == TOKENIZER else _KINDS[kind].release
+    if kind == TOKENIZER:
+        return TOKENIZER_RELEASE
+    release = _KINDS[kind].release
+    assert release is not None  # release_kinds() holds only the kinds that have one
+    return release
 
 
-def model_class(kind: str) -> type:
+def model_class(kind: str) -> type[Any]:
     return BinaryTokenizer if kind == TOKENIZER else generator(kind).network
 
 
 class _ModelClasses(Mapping):
     """kind -> model class, for the tokenizer and every registered generator."""
 
-    def __getitem__(self, kind: str) -> type:
+    def __getitem__(self, kind: str) -> type[Any]:
         if kind not in model_kinds():
             raise KeyError(kind)
         return model_class(kind)
@@ -168,7 +172,7 @@ class _ModelClasses(Mapping):
         return len(model_kinds())
 
 
-MODEL_CLASSES: Mapping[str, type] = _ModelClasses()
+MODEL_CLASSES: Mapping[str, type[Any]] = _ModelClasses()
 
 
 # --- the generators ---------------------------------------------------------------------------------------------

@@ -69,7 +69,11 @@ class Setting:
 
 
 def _default(field: dataclasses.Field) -> Any:
-    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is dataclasses.MISSING:  # was a TypeError from calling MISSING; now it says which
+        raise TypeError(f"sampling setting {field.name!r} has no default")
+    return field.default_factory()
 
 
 def _annotations(cls: type) -> dict[str, Any]:

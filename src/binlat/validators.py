@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numbers
 import secrets
-from typing import Any
+from typing import Any, TypeGuard
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """Whether `value` is an int and not a bool: bool is a subclass of int, but True is never meant as a count."""
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -110,9 +110,11 @@ def precompute(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if max_samples is None and not hasattr(data, "__len__"):
+    sized = hasattr(data, "__len__")
+    limit = max_samples or None  # 0, like None, means the whole of a finite dataset
+    if limit is None and not sized:  # max_samples=0 here was a TypeError from len()
         raise ValueError("this dataset is endless (e.g. shapes): pass max_samples")
-    total = min(max_samples or len(data), len(data) if hasattr(data, "__len__") else max_samples)
+    total = len(data) if limit is None else min(limit, len(data)) if sized else limit
     with_text = bool(text_encoder is not None and text_layers)
     pending: dict[str, Any] = {"captions": []}
     written, shard = 0, 0
@@ -135,6 +137,7 @@ def precompute(
 
     def text_of(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         # Padded (on the left, as everywhere) to the encoder's max length so every shard stacks.
+        assert text_encoder is not None and text_layers  # called only when with_text
         feats = text_encoder(captions).select(text_layers)
         pad = text_encoder.max_length - feats.mask.shape[1]
         layers = torch.nn.functional.pad(torch.stack(feats.layers, 1).to(torch.float16), (0, 0, pad, 0))
@@ -171,7 +174,7 @@ def precompute(
         "num_tokens": tokenizer.config.num_tokens,
         "num_bits": tokenizer.config.num_bits,
         "text_encoder": text_encoder.name_or_path if with_text else None,
-        "text_layers": list(text_layers) if with_text else None,
+        "text_layers": list(text_layers) if with_text and text_layers else None,
         "text_max_length": text_encoder.max_length if with_text else None,
     }
     atomic_write_bytes(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())

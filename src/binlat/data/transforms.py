@@ -94,7 +94,7 @@ def load_image(
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"image {label} is too large (decompression bomb guard): {exc}") from exc
     except UnidentifiedImageError as exc:

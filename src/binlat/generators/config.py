@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from ..nn import TextRefiner, sincos_grid_positions, sincos_positions
 from ..validators import check_int
@@ -47,7 +47,9 @@ class GeneratorConfig:
         if self.text_refiner_layers < 0:
             raise ValueError(f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}")
         if self.position_grid is not None:
-            self.position_grid = tuple(self.position_grid)
+            self.position_grid = cast(
+                "tuple[int, int]", tuple(self.position_grid)
+            )  # JSON gives a list; length checked next
             if len(self.position_grid) != 2 or min(self.position_grid) < 1:
                 raise ValueError(
                     f"position_grid must be [rows, cols] of positive integers, got {list(self.position_grid)}"

@@ -50,13 +50,13 @@ class KVCache:
         b, h, _, d = like.shape
         k = like.new_empty(b, h, new_capacity, d)
         v = like.new_empty(b, h, new_capacity, d)
-        if self._k is not None:
-            k[:, :, : self.length] = self.k
-            v[:, :, : self.length] = self.v
+        if self._k is not None and self._v is not None:  # set together
+            k[:, :, : self.length] = self._k[:, :, : self.length]
+            v[:, :, : self.length] = self._v[:, :, : self.length]
         self._k, self._v = k, v
         if self._valid is not None:
             valid = torch.ones(b, new_capacity, dtype=torch.bool, device=like.device)
-            valid[:, : self.length] = self.valid
+            valid[:, : self.length] = self._valid[:, : self.length]
             self._valid = valid
 
     def update(
@@ -64,15 +64,17 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         rows = k.shape[2]
         self._reserve(rows, k)
+        k_buffer, v_buffer = self._k, self._v
+        assert k_buffer is not None and v_buffer is not None  # _reserve allocated them
         if valid is not None and self._valid is None:
-            self._valid = torch.ones(k.shape[0], self._k.shape[2], dtype=torch.bool, device=k.device)
+            self._valid = torch.ones(k.shape[0], k_buffer.shape[2], dtype=torch.bool, device=k.device)
         end = self.length + rows
-        self._k[:, :, self.length : end] = k
-        self._v[:, :, self.length : end] = v
+        k_buffer[:, :, self.length : end] = k
+        v_buffer[:, :, self.length : end] = v
         if self._valid is not None:
             self._valid[:, self.length : end] = True if valid is None else valid
         self.length = end
-        return self.k, self.v, self.valid
+        return k_buffer[:, :, :end], v_buffer[:, :, :end], self.valid
 
     def repeat_batch(self, n: int) -> None:
         """Repeat every cached row n times along the batch (e.g. one prompt, many samples)."""

@@ -25,7 +25,7 @@ class BoundedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
-        self._timed_cycle = None
+        self._timed_cycle: object | None = None  # the cycle whose headers the timer waits for
         self._refused = len(self.connections) >= self.max_open
         if self._refused:
             transport.close()

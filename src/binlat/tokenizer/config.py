@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from ..config import check_number
 
@@ -70,7 +71,7 @@ class TokenizerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.rope_axes_dims = tuple(self.rope_axes_dims)
+        self.rope_axes_dims = cast("tuple[int, int, int]", tuple(self.rope_axes_dims))  # its length is checked below
         self.downsample_after = tuple(self.downsample_after)
         self.upsample_after = tuple(self.upsample_after)
         if len(self.rope_axes_dims) != 3 or any(d % 2 for d in self.rope_axes_dims):

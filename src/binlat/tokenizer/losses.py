@@ -35,13 +35,19 @@ class PerceptualLoss(nn.Module):
     (`features.<i>.weight/bias`) and, optionally, LPIPS linear heads (`lin<k>.model.1.weight` or `lin<k>.weight`);
     without heads every channel weighs the same."""
 
+    shift: torch.Tensor  # buffers
+    scale: torch.Tensor
+
     def __init__(self, weights_path: str | Path):
         super().__init__()
         state = load_safetensors(weights_path)
         check_values(state, str(weights_path))
-        layers, taps, channels, in_ch = [], [], [], 3
+        layers: list[nn.Module] = []
+        taps: list[int] = []
+        channels: list[int] = []
+        in_ch = 3
         for spec in _VGG16:
-            if spec == "M":
+            if isinstance(spec, str):  # "M", the only string
                 taps.append(len(layers) - 1)
                 channels.append(in_ch)
                 layers.append(nn.MaxPool2d(2))

@@ -11,6 +11,7 @@ one list of parameter groups (the trainer sets every group's lr), one state keye
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,8 +33,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def __init__(
         self,
-        matrices: list[torch.Tensor],
-        others: list[torch.Tensor],
+        matrices: Sequence[torch.Tensor],
+        others: Sequence[torch.Tensor],
         *,
         lr: float,
         betas: tuple[float, float],
