@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar, cast
 
 import torch
 
@@ -21,6 +21,13 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 M = TypeVar("M", bound="ModelMixin")
+
+
+# For annotations: a generator or tokenizer network (an nn.Module with ModelMixin) reached through the registry's
+# duck-typed interface (config, new_cache, decode steps, from_pretrained, ...). Its classes live in layers that most
+# users may not import (binlat.generators, binlat.tokenizer), and nn.Module types each attribute it does not know as
+# `Tensor | Module`, so the interface is Any: unchecked, as nn.Module left it, but named.
+Network: TypeAlias = Any
 
 
 DEFAULT_MODEL = "default"
@@ -152,9 +159,14 @@ class ModelMixin:
     config: Any
     gradient_checkpointing: bool = False
 
+    if TYPE_CHECKING:  # what the nn.Module subclasses' constructors take (the mixin itself has no __init__)
+
+        def __init__(self, config: Any) -> None: ...
+
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
-        for module in self.modules():  # type: ignore[attr-defined]
+        module: Any  # those with the flag: the blocks
+        for module in cast(torch.nn.Module, self).modules():  # the mixin's classes are nn.Modules
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = enabled
 
@@ -165,7 +177,7 @@ class ModelMixin:
         `from_pretrained` loads them back into the model's float32 parameters. `files` (name -> bytes) are written
         beside them in the same atomic write (e.g. binlat.card's provenance.json)."""
         save_directory = Path(save_directory)
-        state = self.state_dict()  # type: ignore[attr-defined]
+        state = cast(torch.nn.Module, self).state_dict()
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         with atomic_directory(save_directory) as tmp:
@@ -214,14 +226,16 @@ class ModelMixin:
         # allocating and initialising parameters only to overwrite them: a model costs its weights once, not twice.
         with torch.device("meta"):
             model = cls(config)
+        module = cast(torch.nn.Module, model)  # the same object, typed as the nn.Module it also is
         state = load_safetensors(directory / WEIGHTS_NAME)
-        check_state_dict(model, state, str(directory / WEIGHTS_NAME), allow_nonfinite=allow_nonfinite)
-        expected = model.state_dict()
+        check_state_dict(module, state, str(directory / WEIGHTS_NAME), allow_nonfinite=allow_nonfinite)
+        expected = module.state_dict()
         # A tensor already in the wanted dtype stays the mapped one; float16 files are widened as before.
         state = {
             k: v.to(dtype if dtype is not None and v.is_floating_point() else expected[k].dtype)
             for k, v in state.items()
         }
-        model.load_state_dict(state, strict=True, assign=True)
-        model.to(device=device)
-        return model.eval()
+        module.load_state_dict(state, strict=True, assign=True)
+        module.to(device=device)
+        module.eval()
+        return model

@@ -13,6 +13,7 @@ import torch
 from . import jsondepth, registry
 from .config import ConfigError
 from .io import FileRefused, WeightsError, check_state_dict, load_safetensors, read_bounded
+from .modeling import Network
 from .registry import MODEL_CLASSES, TOKENIZER  # noqa: F401 (MODEL_CLASSES, kind -> model class, is public here)
 from .tokenizer import TokenizerConfig
 from .validators import check_int
@@ -232,7 +233,7 @@ def build_official(
     weights_path: str | Path,
     scale: int | None | str = FROM_CONFIG,
     allow_nonfinite: bool = False,
-) -> torch.nn.Module:
+) -> Network:
     """Official config + weights -> a binlat model with those weights (eval mode); `scale` as in convert_config.
     Non-float or non-finite weights are a WeightsError naming the tensor (`allow_nonfinite`: NaN/inf load)."""
     registry.release_format(kind)  # an unknown kind is a ValueError naming the known ones

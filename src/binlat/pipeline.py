@@ -40,8 +40,8 @@ class Pipeline:
         text_encoder: TextEncoder,
         *,
         config: PipelineConfig | None = None,
-        loaders: dict[str, tuple[GeneratorConfig, Callable[[], torch.nn.Module]]] | None = None,
-        **generators: torch.nn.Module | None,
+        loaders: dict[str, tuple[GeneratorConfig, Callable[[], modeling.Network]]] | None = None,
+        **generators: modeling.Network | None,
     ):
         """Generators by kind, e.g. `Pipeline(tokenizer, text_encoder, diffusion=net, ar=other)`. `loaders` maps a
         kind to its config and a function that loads it; such a generator is checked against the tokenizer and
@@ -69,7 +69,7 @@ class Pipeline:
             self._check_generator(kind, cfg)
 
     # --- construction -------------------------------------------------------------------------------------
-    def _prepare(self, kind: str, model: torch.nn.Module) -> torch.nn.Module:
+    def _prepare(self, kind: str, model: modeling.Network) -> modeling.Network:
         if model.config != self._generator_configs[kind]:
             raise ValueError(f"{kind} generator: the loaded config differs from the one checked at construction")
         model.eval()

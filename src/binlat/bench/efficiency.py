@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..modeling import Network
 from .flops import diffusion_step_flops
 from .harness import Measured, Table, fmt_s, fmt_x, matmul_peak, matmul_time_split, measure
 from .inputs import diffusion_network, efficiency_step, gen_config, prompt_pair, seeded
@@ -207,7 +208,7 @@ def bench_bf16(plan: Plan, figures: dict[str, float]) -> Table:
     cond, uncond = prompt_pair(plan, n)
     process = BernoulliDiffusion(prediction=gen_cfg.prediction)
 
-    def generate(g: torch.nn.Module, tok: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(g: Network, tok: Network) -> tuple[torch.Tensor, torch.Tensor]:
         bits = process.sample(
             g, cond, uncond, make_generators(range(n)), num_steps=plan.steps, guidance_scale=plan.guidance
         )

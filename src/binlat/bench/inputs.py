@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..modeling import Network
 from .plan import TEXT_LENGTH, TEXT_REAL, UNCOND_REAL
 
 if TYPE_CHECKING:
@@ -44,13 +45,13 @@ def gen_config(plan: Plan, kind: str, **overrides):
     return generator(kind).config(**{**plan.generator, **overrides})
 
 
-def seeded(build: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:
+def seeded(build: Callable[[], Network], seed: int = 0) -> Network:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return build().eval()
 
 
-def diffusion_network(config, seed: int = 0) -> torch.nn.Module:
+def diffusion_network(config, seed: int = 0) -> Network:
     """A random DiffusionTransformer whose adaLN-Zero layers are random too: freshly initialised they are zero,
     every block is then the identity, and output-level comparisons (bf16 agreement) would only see the
     embedding and output layers. Timing is the same either way."""

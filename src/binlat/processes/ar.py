@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..modeling import Network
 from ..text import TextFeatures
 from .common import (
     Process,
@@ -37,7 +38,7 @@ from .common import (
 )
 
 
-def bit_groups(network: torch.nn.Module) -> int:
+def bit_groups(network: Network) -> int:
     """The network's config.bit_groups (1, bit logits, for a network without a config)."""
     return getattr(getattr(network, "config", None), "bit_groups", 1)
 
@@ -86,7 +87,7 @@ class ARDecoding(Process):
 
     def loss(
         self,
-        network: torch.nn.Module,
+        network: Network,
         bits: torch.Tensor,
         text: TextFeatures,
         generators: Sequence[torch.Generator] | None = None,
@@ -117,7 +118,7 @@ class ARDecoding(Process):
 
     @staticmethod
     def _group_loss(
-        network: torch.nn.Module, context: torch.Tensor, bits: torch.Tensor, text: TextFeatures, groups: int
+        network: Network, context: torch.Tensor, bits: torch.Tensor, text: TextFeatures, groups: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Grouped head: cross-entropy of each group's true value given the true groups before it. Summed over a
         token's groups that is its NLL in nats; divided by its B bits it reads like the bit head's mean BCE (both
@@ -134,7 +135,7 @@ class ARDecoding(Process):
 
     def _draw(
         self,
-        network: torch.nn.Module,
+        network: Network,
         text: TextFeatures,
         n: int,
         s: ARSampling,
@@ -183,7 +184,7 @@ class ARDecoding(Process):
 
     def continue_from(
         self,
-        network: torch.nn.Module,
+        network: Network,
         prefix: torch.Tensor,
         cond: TextFeatures,
         uncond: TextFeatures | None,
@@ -198,7 +199,7 @@ class ARDecoding(Process):
 
 
 def _draw_groups(
-    network: torch.nn.Module,
+    network: Network,
     hidden: torch.Tensor,
     n: int,
     groups: int,
@@ -223,9 +224,7 @@ def _draw_groups(
     return values_to_bits(values, width), torch.stack(all_logits, 1)
 
 
-def teacher_forced(
-    network: torch.nn.Module, bits: torch.Tensor, text: TextFeatures
-) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced(network: Network, bits: torch.Tensor, text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
     """How the network scores `bits` [N, K, B] under `text` (conditional, no guidance), each token given the true
     tokens before it: per unit of the head (a bit, or a group of a grouped head, given the true groups before it)
     the log-probability of its true value and the probability of its most likely value, both [N, K, units].
@@ -252,7 +251,7 @@ def _rows(bits: torch.Tensor, doubled: bool) -> torch.Tensor:
 class _Recompute:
     """The release's algorithm: the whole sequence [start ; tokens < i] at every step."""
 
-    def __init__(self, network: torch.nn.Module, text: TextFeatures, doubled: bool):
+    def __init__(self, network: Network, text: TextFeatures, doubled: bool):
         self.network, self.text, self.doubled = network, text, doubled
 
     def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
@@ -263,7 +262,7 @@ class _Recompute:
 class _Appending:
     """forward(new rows, ..., cache) on the growing KVCache: the prefix (or nothing) first, then one token a step."""
 
-    def __init__(self, network: torch.nn.Module, text: TextFeatures, doubled: bool):
+    def __init__(self, network: Network, text: TextFeatures, doubled: bool):
         self.network, self.text, self.doubled = network, text, doubled
         self.cache, self.seen = network.new_cache(), None
 
@@ -278,7 +277,7 @@ class _Static:
     """The prefill (text, start token, any prefix) through forward into a StaticARCache, then one decode_step (or
     the compiled static_step) per token; the rows of the newest token live in one preallocated buffer."""
 
-    def __init__(self, network: torch.nn.Module, text: TextFeatures, rows: int, compiled: bool):
+    def __init__(self, network: Network, text: TextFeatures, rows: int, compiled: bool):
         self.network, self.text, self.rows = network, text, rows
         self.cache = network.new_cache(rows, text.mask.shape[1])
         self.row = torch.zeros(rows, 1, network.config.num_bits, device=text.mask.device)
@@ -301,7 +300,7 @@ class _Static:
         return out
 
 
-def _compiled_step(network: torch.nn.Module):
+def _compiled_step(network: Network):
     """torch.compile of network.static_step, made once per network (shapes are fixed: one trace per batch size)."""
     compiled = getattr(network, "_binlat_compiled_step", None)
     if compiled is None:

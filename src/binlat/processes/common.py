@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ..modeling import Network
 from ..text import TextFeatures
 from ..validators import check_int, is_number
 
@@ -144,7 +145,7 @@ class Process:
     @torch.inference_mode()
     def sample(
         self,
-        network: torch.nn.Module,
+        network: Network,
         cond: TextFeatures,
         uncond: TextFeatures | None,
         generators: Sequence[torch.Generator],

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..modeling import Network
 from ..text import TextFeatures
 from .common import (
     MAX_STEPS,
@@ -125,7 +126,7 @@ class BernoulliDiffusion(Process):
 
     def loss(
         self,
-        network: torch.nn.Module,
+        network: Network,
         x0: torch.Tensor,
         text: TextFeatures,
         generators: Sequence[torch.Generator] | None = None,
@@ -167,7 +168,7 @@ class BernoulliDiffusion(Process):
 
     def _training_estimate(
         self,
-        network: torch.nn.Module,
+        network: Network,
         x_t: torch.Tensor,
         t: torch.Tensor,
         text: TextFeatures,
@@ -189,7 +190,7 @@ class BernoulliDiffusion(Process):
     # --- sampling -----------------------------------------------------------------------------------------
     def _draw(
         self,
-        network: torch.nn.Module,
+        network: Network,
         text: TextFeatures,
         n: int,
         s: DiffusionSampling,
@@ -237,7 +238,7 @@ class BernoulliDiffusion(Process):
 
     def redraw(
         self,
-        network: torch.nn.Module,
+        network: Network,
         x0: torch.Tensor,
         strength: float,
         cond: TextFeatures,

@@ -19,6 +19,7 @@ import torch
 from .. import registry
 from ..config import config_from_dict
 from ..io import WeightsError, check_state_dict, load_safetensors, read_jsonl
+from ..modeling import Network
 from ..validators import check_int
 from .config import MAX_STEP  # a step count in state.json beyond this is damage, not a run
 
@@ -197,7 +198,7 @@ def plot_losses(run_dir: Path) -> None:
     plt.close(fig)
 
 
-def model_for_export(kind: str, model_config: dict) -> torch.nn.Module:
+def model_for_export(kind: str, model_config: dict) -> Network:
     """An empty model of a run's resolved architecture (stored in every checkpoint's state.json)."""
     model_class = registry.model_class(kind)
     return model_class(config_from_dict(model_class.config_class, model_config, "model_config"))

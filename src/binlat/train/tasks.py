@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .. import registry
 from ..io import check_state_dict, load_safetensors, save_safetensors
 from ..metrics import psnr_of_mse
+from ..modeling import Network
 from ..processes.common import uniform
 from ..tokenizer import BinaryTokenizer, bit_regularizer
 from ..tokenizer.losses import gradient_l1
@@ -27,7 +28,7 @@ log = logging.getLogger("binlat.train")
 
 
 class Task:
-    model: torch.nn.Module
+    model: Network
     # Whether the shapes stream may render the held-out compositions: yes for the tokenizer, a general image codec
     # that reads no captions; never for the generators, whose held-out score tests composition.
     sees_held_out = False
@@ -56,7 +57,7 @@ class Task:
     def check_precomputed(self, data):
         raise ValueError("precomputed bits only serve generator training; give the tokenizer images")
 
-    def new_model(self) -> torch.nn.Module:
+    def new_model(self) -> Network:
         raise NotImplementedError
 
     def init_from(self, directory: str) -> None:
