@@ -42,7 +42,7 @@ def _made_from(spec: str) -> str | None:
         return None
 
 
-def run_provenance(config: Mapping[str, Any], step: int) -> dict[str, Any]:
+def run_provenance(config: Mapping[str, Any], step: int | None) -> dict[str, Any]:
     """What a model exported from a run records of itself: `config` is the run's TrainConfig as a dict (a
     checkpoint's state.json keeps it), `step` the checkpoint's step."""
     from .data.vocabulary import vocabulary_of

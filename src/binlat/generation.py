@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from . import registry
+from .modeling import Network
 
 
 def generator_keyword(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,14 +122,14 @@ class Generators(Mapping):
 
     def __init__(
         self,
-        models: dict[str, torch.nn.Module],
-        loaders: dict[str, Callable[[], torch.nn.Module]],
-        prepare: Callable[[str, torch.nn.Module], torch.nn.Module],
+        models: dict[str, Network],
+        loaders: dict[str, Callable[[], Network]],
+        prepare: Callable[[str, Network], Network],
     ):
         self._models, self._loaders, self._prepare = dict(models), dict(loaders), prepare
         self._lock = threading.Lock()  # two server threads asking at once load it once
 
-    def __getitem__(self, kind: str) -> torch.nn.Module:
+    def __getitem__(self, kind: str) -> Network:
         if kind not in self._models:
             with self._lock:
                 if kind not in self._models:
@@ -147,6 +148,6 @@ class Generators(Mapping):
     def __len__(self) -> int:
         return len(list(iter(self)))
 
-    def loaded(self) -> dict[str, torch.nn.Module]:
+    def loaded(self) -> dict[str, Network]:
         """The generators in memory now."""
         return dict(self._models)

@@ -49,7 +49,7 @@ class Pipeline:
         self.tokenizer, self.text_encoder = tokenizer.eval(), text_encoder
         for kind in list(generators) + list(loaders or {}):
             registry.generator(kind)  # an unknown kind is a ValueError naming the registered ones
-        models = {k: generators[k].eval() for k in registry.generator_kinds() if generators.get(k) is not None}
+        models = {k: g.eval() for k in registry.generator_kinds() if (g := generators.get(k)) is not None}
         loaders = {k: v for k, v in (loaders or {}).items() if k not in models}
         self._generator_configs = {k: m.config for k, m in models.items()} | {k: c for k, (c, _) in loaders.items()}
         if not self._generator_configs:
@@ -133,7 +133,7 @@ class Pipeline:
         tokenizer = BinaryTokenizer.from_pretrained(
             directory / "tokenizer", device=device, dtype=dtype, allow_nonfinite=allow_nonfinite
         )
-        loaders = {
+        loaders: dict[str, tuple[GeneratorConfig, Callable[[], modeling.Network]]] = {
             k: (
                 configs[k],
                 functools.partial(
@@ -221,7 +221,9 @@ class Pipeline:
         self._compiled = True
         for model in self.generators.loaded().values():
             model.forward = torch.compile(model.forward, dynamic=True)
-        self.tokenizer.decoder.forward = torch.compile(self.tokenizer.decoder.forward, dynamic=True)
+        self.tokenizer.decoder.forward = torch.compile(  # type: ignore[method-assign]  # patched in place on purpose
+            self.tokenizer.decoder.forward, dynamic=True
+        )
         return self
 
     def process(self, kind: str):
@@ -356,11 +358,12 @@ class Pipeline:
         protocol and any a registered kind adds: the fields of its process's Settings, binlat.sampling); one left
         out or None takes the bundle's tuned value (`config.sampling`), else the built-in one."""
         parts = list(self._start(True, prompts, kind, **options))
+        chunks = [p.bits for p in parts if p.bits is not None]  # every part's, as with_bits=True asked
         return PipelineOutput(
             images=[im for p in parts for im in p.images],
             seeds=[s for p in parts for s in p.seeds],
             prompts=[t for p in parts for t in p.prompts],
-            bits=None if parts[0].bits is None else torch.cat([p.bits for p in parts]),
+            bits=torch.cat(chunks) if len(chunks) == len(parts) else None,
         )
 
     @generator_keyword

@@ -158,9 +158,10 @@ class ARDecoding(Process):
         if k0 > cfg.num_tokens:
             raise ValueError(f"prefix has {k0} tokens; the model makes {cfg.num_tokens}")
         tokens = torch.zeros(n, cfg.num_tokens, cfg.num_bits, device=device)
-        if k0:
+        if prefix is not None and k0:
             tokens[:, :k0] = prefix.float().to(device)
         rows = text.mask.shape[0]
+        step: _Recompute | _Appending | _Static
         if not self.use_cache:
             step = _Recompute(network, text, doubled)
         elif self.decode == "appending":
@@ -264,7 +265,8 @@ class _Appending:
 
     def __init__(self, network: Network, text: TextFeatures, doubled: bool):
         self.network, self.text, self.doubled = network, text, doubled
-        self.cache, self.seen = network.new_cache(), None
+        self.cache = network.new_cache()
+        self.seen: int | None = None
 
     def __call__(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
         start = 0 if self.seen is None else self.seen

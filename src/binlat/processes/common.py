@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
@@ -21,7 +21,10 @@ from ..modeling import Network
 from ..text import TextFeatures
 from ..validators import check_int, is_number
 
-S = TypeVar("S")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+S = TypeVar("S", bound="DataclassInstance")
 
 
 def setting(
@@ -162,7 +165,17 @@ class Process:
         text = with_guidance(cond, uncond, s.guidance_scale).to(device)
         return self._draw(network, text, cond.mask.shape[0], s, generators, progress=progress, **options)
 
-    def _draw(self, network, text: TextFeatures, n: int, s, generators, *, progress: bool, **options: Any) -> Any:
+    def _draw(
+        self,
+        network: Network,
+        text: TextFeatures,
+        n: int,
+        s: Any,
+        generators: Sequence[torch.Generator],
+        *,
+        progress: bool,
+    ) -> Any:
         """`sample`'s bits for n samples under the checked settings `s`, from `text` (n rows, or 2n when guided, on
-        the network's device); `options` are those of `draw_options` that the call gave."""
+        the network's device); a process's `draw_options` that the call gave come as keyword arguments of its own
+        `_draw`."""
         raise NotImplementedError

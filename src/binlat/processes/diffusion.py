@@ -158,7 +158,7 @@ class BernoulliDiffusion(Process):
         logits = self.x0_logits((out[0] if align else out).float(), x_t)
         loss = F.binary_cross_entropy_with_logits(logits, x0)
         metrics = {}
-        if align:
+        if align and align_to is not None:  # align says both
             similarity = F.cosine_similarity(out[1].float(), align_to.float(), dim=-1).mean()
             loss = loss + self.align_weight * (1 - similarity)
             metrics["align_similarity"] = similarity.detach()

@@ -78,7 +78,8 @@ def resolve_precision(asked: str) -> str:
     if asked != "auto":
         return asked
     # decided before accelerate's state exists (it takes the precision at creation): the device it will pick
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    device = accelerator if accelerator is not None else torch.device("cpu")
     return "bf16" if bf16_native(device) else "no"
 
 
@@ -139,7 +140,7 @@ class Trainer:
                 "(FSDP/DeepSpeed); use --set optimizer=adamw, or a DDP launch config"
             )
         self.optimizer = make_optimizer(
-            self.model, cfg.optimizer, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+            self.model, cfg.optimizer, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
         )
         self.ema = EMA(self.model, cfg.ema_decay)
         self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
@@ -254,7 +255,8 @@ class Trainer:
         Python finalises, and the process aborts after a finished run ("terminate called without an active
         exception")."""
         self.close()
-        self.model = self.optimizer = self.ema = self.task = None
+        # dropped so that their memory goes now; nothing uses a trainer after this
+        self.model = self.optimizer = self.ema = self.task = None  # type: ignore[assignment]
         self.acc.free_memory()
         gc.collect()
         self.acc.state.destroy_process_group()
@@ -376,7 +378,9 @@ class Trainer:
                         totals["images_per_s"] = self.images_seen * acc.num_processes / max(elapsed, 1e-9)
                         tick, self.images_seen = time.perf_counter(), 0
                         self._log(totals)
-                        shown = {k: f"{totals[k]:.4g}" for k in ("loss", "bit_accuracy", "psnr") if k in totals}
+                        shown: dict[str, str] = {
+                            k: f"{totals[k]:.4g}" for k in ("loss", "bit_accuracy", "psnr") if k in totals
+                        }
                         postfix.update(shown, lr=f"{totals['lr']:.2e}", img_s=f"{totals['images_per_s']:.1f}")
                 skipped = {"skipped": str(self.skips.count)} if self.skips.count else {}
                 bar.set_postfix({**postfix, **skipped}, refresh=False)

@@ -29,6 +29,7 @@ log = logging.getLogger("binlat.train")
 
 class Task:
     model: Network
+    model_config: Any  # the kind's network config, set by each task
     # Whether the shapes stream may render the held-out compositions: yes for the tokenizer, a general image codec
     # that reads no captions; never for the generators, whose held-out score tests composition.
     sees_held_out = False
@@ -229,6 +230,8 @@ class TokenizerTask(Task):
             return
         from ..tokenizer.losses import hinge_d_loss
 
+        # fakes are kept only by a step that ran the discriminator, after prepare() gave the accelerator
+        assert self.disc is not None and self.disc_opt is not None and self.accelerator is not None
         self.disc_opt.zero_grad(set_to_none=True)
         for real, fake in fakes:
             self.accelerator.backward(hinge_d_loss(self.disc(real), self.disc(fake)) / len(fakes))
@@ -400,10 +403,12 @@ class GeneratorTask(Task):
 
         if "text" in batch:  # precomputed: [N, layers, L, D] float16 + mask; dropped rows take the empty prompt
             text, mask = batch["text"].float(), batch["text_mask"].bool()
+            assert self.uncond is not None  # given, or set by check_precomputed for data that stores text
             rows = torch.tensor(drop)
             text[rows], mask[rows] = self.uncond["text"][0].float(), self.uncond["text_mask"][0].bool()
             return TextFeatures(list(text.to(self.device).unbind(1)), mask.to(self.device))
         self.frozen_encoders("training on captions")
+        assert self.cached_text is not None  # made with the text encoder that frozen_encoders found
         captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
         return self.cached_text(captions).to(self.device)
 
