@@ -12,7 +12,7 @@ A part without provenance is "unknown" on the card, never guessed.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,8 @@ def find_reports(paths: Iterable[str | Path], bundle: str | Path) -> tuple[list[
     names its model). Also returns the paths of the folder's reports that measured another model."""
     from .io import read_bounded
 
-    found, other = [], []
+    found: list[tuple[str, Any]] = []
+    other: list[tuple[str, Any]] = []
     for given in paths:
         given = Path(given)
         if not given.exists():
@@ -159,7 +160,8 @@ def project_license() -> str:
     from importlib import metadata
 
     try:
-        return metadata.metadata("binlat").get("License") or PROJECT_LICENSE
+        licenses = metadata.metadata("binlat").get_all("License")  # the first, as Message.get gave it
+        return (licenses[0] if licenses else None) or PROJECT_LICENSE
     except metadata.PackageNotFoundError:
         return PROJECT_LICENSE
 
@@ -231,13 +233,14 @@ def model_card(
     index: Mapping[str, Any],
     tokenizer: Mapping[str, Any],
     parts: Mapping[str, dict[str, Any] | None],
-    reports: list[tuple[str, dict]] = (),
+    reports: Sequence[tuple[str, dict]] = (),
 ) -> str:
     """README.md of a bundle: `index` is its model_index.json, `tokenizer` its tokenizer's config.json, `parts`
     each part's provenance (None: unknown), `reports` (path, report) pairs of evaluations of it."""
     generators = list(index["generators"])
     released = [k for k, info in parts.items() if info and info.get("license")]
-    terms = dict(parts[released[0]]["license"]) if released else None  # the converted weights' license
+    first = parts[released[0]] if released else None  # the first released part's provenance
+    terms = dict(first["license"]) if first else None  # the converted weights' license
     fields: dict[str, str | list[str]] = {"license": terms["id"] if terms else project_license().lower()}
     if terms:
         fields |= {"license_name": terms["name"], "license_link": terms["link"]}
@@ -246,8 +249,8 @@ def model_card(
         "pipeline_tag": "text-to-image",
         "tags": ["binlat", "text-to-image", "binary-latent", *generators],
     }
-    if released and parts[released[0]].get("converted_from"):
-        fields["base_model"] = parts[released[0]]["converted_from"]
+    if first and first.get("converted_from"):
+        fields["base_model"] = first["converted_from"]
     k, b, size = tokenizer["num_tokens"], tokenizer["num_bits"], tokenizer["image_size"]
     out = [
         front_matter(fields),
@@ -281,9 +284,9 @@ def model_card(
             "`binlat card DIR --eval OUT`."
         )
     out += ["", "## License", ""]
-    if terms:
+    if terms and first:  # terms come from first
         own = [kind for kind in parts if kind not in released]
-        source = parts[released[0]].get("converted_from")
+        source = first.get("converted_from")
         out.append(
             f"The {' and '.join(released)} weights are converted from `{source}` and keep its license, "
             f"{terms.get('title') or terms['name']} ({terms['link']})."
@@ -302,7 +305,7 @@ def card_files(
     index: Mapping[str, Any],
     tokenizer: Mapping[str, Any],
     parts: Mapping[str, dict[str, Any] | None],
-    reports: list[tuple[str, dict]] = (),
+    reports: Sequence[tuple[str, dict]] = (),
 ) -> dict[str, bytes]:
     """The files a bundle's card adds: README.md and each known part's provenance.json (path in the bundle ->
     bytes)."""
@@ -311,7 +314,7 @@ def card_files(
     return files
 
 
-def write_card(bundle: str | Path, reports: list[tuple[str, dict]] = ()) -> Path:
+def write_card(bundle: str | Path, reports: Sequence[tuple[str, dict]] = ()) -> Path:
     """Write an existing bundle's README.md again, and its model_index.json "vocabulary", from the provenance of its
     parts and `reports` ((path, report) pairs: find_reports) (`binlat card`). Returns the card's path."""
     from .config import config_from_dict, config_to_dict

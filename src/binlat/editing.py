@@ -39,7 +39,7 @@ def open_image(
     source: str | Path | bytes,
     name: str | None = None,
     max_pixels: int = MAX_INPUT_PIXELS,
-    formats: Sequence[str] | None = None,
+    formats: list[str] | tuple[str, ...] | None = None,  # what Image.open takes
 ) -> Image.Image:
     """Read an image file (path or bytes) fully; anything unreadable is a ValueError (or OSError for a missing
     file) with a one-line message naming it. `formats` (Pillow's names, e.g. ("PNG", "JPEG", "WEBP")) limits the
@@ -111,7 +111,7 @@ def load_image_for(
     scale = max(width / src_w, height / src_h)
     new_w, new_h = max(width, math.ceil(src_w * scale - 1e-6)), max(height, math.ceil(src_h * scale - 1e-6))
     if (new_w, new_h) != (src_w, src_h):
-        image = image.resize((new_w, new_h), Image.BICUBIC)
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - width) // 2, (new_h - height) // 2
     image = image.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1.0

@@ -38,7 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe.compile()
     height, width = args.size or (None, None)
     fixed = {"generator": args.generator, **sampling_record(args.generator, settings)}
-    writer, names, shown = ImageWriter(out), [], ([], [], [])
+    writer, names = ImageWriter(out), []
+    shown: tuple[list, list, list] = ([], [], [])  # images, prompts, seeds
     # Each batch's images and metadata lines are written as soon as it is decoded: a run stopped part way keeps
     # what it made.
     for part in pipe.batches(

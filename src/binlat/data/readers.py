@@ -208,7 +208,7 @@ class ManifestDataset(IndexedImageDataset):
 
     def _parse_csv(self, text: str) -> list[tuple[str, str, str]]:
         reader = csv.reader(io.StringIO(text, newline=""))
-        out = []
+        out: list[tuple[str, str, str]] = []
         try:
             header = next(reader, None)
             if header is None:

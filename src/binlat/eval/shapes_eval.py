@@ -130,7 +130,8 @@ def failure_sheet(
     groups: dict[tuple[str, str], list] = {}
     for f in failures:
         groups.setdefault((f[3]["set"], f[3]["category"]), []).append(f)
-    chosen, queues = [], [list(g) for g in groups.values()]
+    chosen: list = []
+    queues = [list(g) for g in groups.values()]
     while len(chosen) < limit and any(queues):
         for q in queues:
             if q and len(chosen) < limit:
