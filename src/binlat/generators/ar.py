@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -69,9 +70,10 @@ class GroupedTokenHead(nn.Module):
     def __init__(self, dim: int, groups: int, width: int, mlp_ratio: int):
         super().__init__()
         values = 1 << width
-        self.embed = nn.ModuleList(nn.Embedding(values, dim) for _ in range(groups - 1))  # group i, read by > i
-        for embed in self.embed:  # small, as the start token: h (RMS about 1) dominates at first
+        embeds = [nn.Embedding(values, dim) for _ in range(groups - 1)]  # group i, read by > i
+        for embed in embeds:  # small, as the start token: h (RMS about 1) dominates at first
             nn.init.normal_(embed.weight, std=0.02)
+        self.embed = nn.ModuleList(embeds)
         self.norm = nn.ModuleList(RMSNorm(dim) for _ in range(groups - 1))
         self.mlp = nn.ModuleList(GeluMLP(dim, mlp_ratio * dim) for _ in range(groups - 1))
         self.out = nn.ModuleList(nn.Linear(dim, values) for _ in range(groups))
@@ -97,7 +99,8 @@ class ARCache:
     """Per-block key/value caches plus how many image rows they hold. Text keys enter on the first call."""
 
     def __init__(self, num_layers: int, layers: list | None = None):
-        self.layers = [KVCache() for _ in range(num_layers)] if layers is None else layers
+        # per block: KVCache here, StaticKVCache in a StaticARCache
+        self.layers: list[Any] = [KVCache() for _ in range(num_layers)] if layers is None else layers
         self.length = 0  # image rows (start token included) already in the cache
 
 
@@ -162,16 +165,21 @@ class ARTransformer(nn.Module, ModelMixin):
         self.text_refiner = make_text_refiner(config)
         self.blocks = nn.ModuleList(ARBlock(config) for _ in range(config.num_layers))
         self.norm_out = RMSNorm(config.dim)
+        self.proj_out: nn.Linear | None
+        self.head: GroupedTokenHead | None
         if config.bit_groups == 1:  # the release: one independent logit per bit
             self.proj_out, self.head = nn.Linear(config.dim, config.num_bits), None
         else:
             self.proj_out = None
             self.head = GroupedTokenHead(config.dim, config.bit_groups, group_bits(config), config.mlp_ratio)
 
+    def _blocks(self) -> Sequence[ARBlock]:
+        return cast("Sequence[ARBlock]", self.blocks)  # the ModuleList holds only ARBlocks
+
     def _output(self, x: torch.Tensor) -> torch.Tensor:
         """Bit logits (the release's head), or with a grouped head the normed hidden state group_logits reads."""
         h = self.norm_out(x)
-        return h if self.head is not None else self.proj_out(h)
+        return h if self.head is not None or self.proj_out is None else self.proj_out(h)  # one of them is None
 
     def group_logits(self, hidden: torch.Tensor, earlier: torch.Tensor, j: int) -> torch.Tensor:
         """Logits [..., 2^b] of group j given `hidden` [..., dim] (what forward, decode_step or static_step
@@ -185,6 +193,8 @@ class ARTransformer(nn.Module, ModelMixin):
         """A growing cache, or with batch and text length a StaticARCache (what decode_step and static_step use)."""
         if batch is None:
             return ARCache(len(self.blocks))
+        if text_length is None:  # was a TypeError from None + int inside StaticARCache
+            raise TypeError("new_cache(batch) needs text_length too")
         return StaticARCache(self, batch, text_length)
 
     def decode_step(self, bits: torch.Tensor, cache: StaticARCache) -> torch.Tensor:
@@ -200,7 +210,7 @@ class ARTransformer(nn.Module, ModelMixin):
             raise ValueError(f"sequence longer than the model's {self.config.num_tokens} tokens")
         x = self.x_embed(bits.to(dtype))
         mask = cache.layers[0].valid_buffer[:, None, None, : index + 1]
-        for block, layer in zip(self.blocks, cache.layers):
+        for block, layer in zip(self._blocks(), cache.layers):
             attend = partial(block.attn.step, cache=layer, mask=mask, index=index)
             x = block.step(x, block.pos_emb[:, offset : offset + 1], attend)
         cache.advance()
@@ -221,7 +231,7 @@ class ARTransformer(nn.Module, ModelMixin):
         masked. Equal to decode_step to float tolerance, not bit for bit (longer reductions, fused kernels)."""
         x = self.x_embed(bits.to(self.x_embed.weight.dtype))
         mask = (valid & (positions <= index))[:, None, None, :]
-        for block, k, v in zip(self.blocks, keys, values):
+        for block, k, v in zip(self._blocks(), keys, values):
             attend = partial(block.attn.step, cache=_Buffers(k, v), mask=mask, index=index)
             x = block.step(x, block.pos_emb.index_select(1, offset), attend)
         return self._output(x)[:, -1]
@@ -287,4 +297,6 @@ class ARTransformer(nn.Module, ModelMixin):
                 f"{self.config.bit_groups}] (one value per group of each row), got "
                 f"{list(group_values.shape)}"
             )
-        return torch.stack([self.head(out, group_values[..., :j], j) for j in range(self.config.bit_groups)], -2)
+        head = self.head
+        assert head is not None  # group_values without a grouped head was refused at the top
+        return torch.stack([head(out, group_values[..., :j], j) for j in range(self.config.bit_groups)], -2)

@@ -91,7 +91,9 @@ class DiffusionTransformer(nn.Module, ModelMixin):
         self.blocks = nn.ModuleList(DiffusionBlock(config) for _ in range(config.num_layers))
         self.norm_out = AdaLNContinuous(config.dim)
         self.proj_out = nn.Linear(config.dim, config.num_bits)
-        self.align_head = None  # REPA's projector (training only): block align_block's rows -> align_dim
+        self.align_head: nn.Sequential | None = (
+            None  # REPA's projector (training only): block align_block's rows -> align_dim
+        )
         if config.align_dim:
             self.align_head = nn.Sequential(
                 nn.Linear(config.dim, config.dim), nn.SiLU(), nn.Linear(config.dim, config.align_dim)
@@ -139,7 +141,10 @@ class DiffusionTransformer(nn.Module, ModelMixin):
                 x, stream = run_block(
                     block, x, temb, states.to(dtype), mask, refined, stream, checkpointing=self.gradient_checkpointing
                 )
-            if aligned and i == self.config.align_block:
+            if aligned and i == self.config.align_block and self.align_head is not None:  # refused above if None
                 projected = self.align_head(x)
         logits = self.proj_out(self.norm_out(x, temb))
-        return (logits, projected) if aligned else logits
+        if not aligned:
+            return logits
+        assert projected is not None  # the config keeps align_block below num_layers
+        return logits, projected

@@ -8,6 +8,8 @@ One module covers the three uses:
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,6 +84,13 @@ class KVCache:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.repeat_interleave(n, dim=0))
+
+
+class KVBuffers(Protocol):
+    """What Attention.step writes into: a StaticKVCache, or its two buffers alone (ARTransformer.static_step)."""
+
+    k_buffer: torch.Tensor
+    v_buffer: torch.Tensor
 
 
 class StaticKVCache:
@@ -228,9 +237,7 @@ class Attention(nn.Module):
         out = attend(q, k, v, mask)
         return self.to_out(out.transpose(1, 2).reshape(b, num_queries, -1))
 
-    def step(
-        self, x: torch.Tensor, cache: StaticKVCache, mask: torch.Tensor, index: int | torch.Tensor
-    ) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: KVBuffers, mask: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
         """One decoding row x [B, 1, dim] at key position `index` of a StaticKVCache (causal self-attention over
         the cache, whose earlier rows hold the context): its key and value are written in place.
 

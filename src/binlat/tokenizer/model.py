@@ -66,7 +66,7 @@ class GridEmbedding(nn.Module):
 
     def forward(self, height: int, width: int) -> torch.Tensor:
         """[1, height*width, dim]."""
-        table = self.table
+        table: torch.Tensor = self.table
         if (height, width) != (self.side, self.side):
             table = F.interpolate(table, size=(height, width), mode="bicubic", align_corners=False)
         return map_to_tokens(table)
@@ -96,6 +96,10 @@ class _Stack(nn.Module):
     """Shared by encoder and decoder: blocks with a 2x2 resampling of the image rows after chosen blocks."""
 
     gradient_checkpointing = False
+    blocks: nn.ModuleList  # set by Encoder and Decoder
+    resample: nn.ModuleDict
+    rope_axes_dims: tuple[int, int, int]
+    rope_theta: float
 
     def _run(
         self, x: torch.Tensor, num_latent: int, height: int, width: int, scale: float | None, down: bool
