@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from .io import append_jsonl, read_jsonl
 from .metrics import psnr_of_mse
+
+if TYPE_CHECKING:
+    from .train.tasks import GeneratorTask
 
 PROBE_SEED = 1000
 PROBE_THRESHOLD_DB = 18.0  # fidelity milestone (a): off the all-white plateau
@@ -144,7 +147,10 @@ def run_probe(
         from .registry import model_class
 
         net = model_class(cfg.kind).from_pretrained(model)
-        pipe = Pipeline(trainer.task.tokenizer, trainer.task.text_encoder, **{cfg.kind: net})
+        task = cast("GeneratorTask", trainer.task)  # a generator kind's run trains a GeneratorTask
+        # a run on precomputed text states has neither: an error naming that, where Pipeline(None, ...) failed
+        tokenizer, text_encoder = task.frozen_encoders("the probe's sampling")
+        pipe = Pipeline(tokenizer, text_encoder, **{cfg.kind: net})
         row["val_loss"] = validation_loss(trainer.task, net)
         # Sampled as the run's own running score samples (generator.sample_steps, .sample_guidance), not with the
         # built-in guidance 7.5, which mostly amplifies a short run's errors.

@@ -88,7 +88,7 @@ def vocabulary_of(spec: str) -> dict[str, Any] | None:
         if folder.is_dir() or spec.lower().endswith((".jsonl", ".csv")):
             from .readers import make_dataset
 
-            data = make_dataset(spec, size=64, random_crop=False)
+            data: Any = make_dataset(spec, size=64, random_crop=False)  # a manifest (entries) or a folder (files)
             if len(data) > MAX_CAPTIONS:
                 return None
             if hasattr(data, "entries"):  # a manifest holds its captions already

@@ -133,6 +133,8 @@ class _ClipFeatures(torch.nn.Module):
     whose pooler_output holds them, which torchmetrics <= 1.9 cannot normalise). The last embeddings returned
     are kept, so each image's own score can be read after a batch update."""
 
+    model: Any  # a CLIPModel, or a stand-in with its two feature methods
+
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
@@ -211,7 +213,8 @@ def clip_scores(
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     wrapped = _ClipFeatures(model).to(device)
-    metric = CLIPScore(model_name_or_path=lambda: (wrapped, processor)).to(device)
+    # torchmetrics accepts a loader (a callable returning model and processor) where its hints name only model ids
+    metric = CLIPScore(model_name_or_path=lambda: (wrapped, processor)).to(device)  # type: ignore[arg-type, return-value]
     per_item: list[float] = []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
@@ -288,6 +291,7 @@ def check_inception(weights: str | Path | None) -> Path:
         )
     if missing:
         raise MissingResource("FID cannot run: it needs " + "; and ".join(missing) + "; nothing is downloaded")
+    assert weights is not None  # else `missing` named it
     return Path(weights)
 
 

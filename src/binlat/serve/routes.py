@@ -88,7 +88,9 @@ async def _ticket(request: Request) -> Ticket | None:
 
 TicketDep = Annotated[Ticket | None, Depends(_ticket)]
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 408, 413, 415, 422, 429, 500)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 408, 413, 415, 422, 429, 500)
+}
 
 
 def _sampling(served: Served, req: BaseModel, kind: str) -> dict[str, Any]:
@@ -203,6 +205,7 @@ async def reconstruct(request: Request, served: ServedDep, ticket: TicketDep) ->
 
     def work() -> dict[str, Any]:
         out = editing.reconstruct(pipe, decode_image(data), height, width)
+        assert out.bits is not None  # reconstruct returns the bits it decoded
         return {
             "bits_hex": editing.pack_bits_hex(out.bits[0]),
             "num_tokens": tok.num_tokens,

@@ -8,7 +8,7 @@ the one-line `{"error": ...}` text.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,8 +89,11 @@ def _with_settings(name: str, base: type[BaseModel], kinds: Sequence[str]) -> ty
     clash = sorted(set(chosen) & set(base.model_fields))
     if clash:
         raise ValueError(f"sampling setting(s) {clash} are named like fields {name} already has; rename them")
-    fields = {setting: _setting_field(s, kinds) for setting, s in chosen.items()}
-    validators = {"_settings_checked": field_validator(*fields)(_checked_setting)} if fields else {}
+    # (type, FieldInfo) per name; Any, as **field_definitions is checked against create_model's other keywords too
+    fields: dict[str, Any] = {setting: _setting_field(s, kinds) for setting, s in chosen.items()}
+    validators: dict[str, Callable[..., Any]] = (
+        {"_settings_checked": field_validator(*fields)(_checked_setting)} if fields else {}
+    )
     return create_model(name, __base__=base, __validators__=validators, **fields)
 
 
@@ -155,7 +158,7 @@ _FIELD_HINTS = {
 }
 
 
-def validation_message(errors: Iterable[dict[str, Any]], model: type[BaseModel]) -> str:
+def validation_message(errors: Iterable[Mapping[str, Any]], model: type[BaseModel]) -> str:
     """One line naming each bad field once; `errors` as pydantic (or FastAPI, under "body") lists them."""
     parts, seen = [], set()
     for e in errors:

@@ -151,7 +151,7 @@ def cancellable(module: Any) -> Any:
 
 def serialise_text_encoder(pipe: Pipeline) -> None:
     """Fast tokenizers refuse concurrent calls ('Already borrowed'); with several workers, encode one at a time."""
-    encoder = pipe.text_encoder
+    encoder: Any = pipe.text_encoder  # patched in place: a wrapped forward and a marker attribute
     if getattr(encoder, "_binlat_serve_lock", None) is not None:
         return
     lock, forward = threading.Lock(), encoder.forward

@@ -11,6 +11,7 @@ import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -149,7 +150,7 @@ class TextEncoder(nn.Module):
             self.tokenizer.pad_token = fallback
 
         self._takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
-        config = self.model.config
+        config: Any = self.model.config  # a transformers config: BERT-like or T5-like names
         self.num_layers: int = getattr(config, "num_hidden_layers", None) or config.num_layers
         self.hidden_size: int = getattr(config, "hidden_size", None) or config.d_model
 
