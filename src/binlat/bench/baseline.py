@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,11 @@ def vae(plan: Plan):
 
 class LatentDiffusionBaseline:
     """Text -> 20 guided DDIM steps of a PixArt-style transformer on a 4-channel latent -> AutoencoderKL decode."""
+
+    # diffusers' models and scheduler, used through their own interfaces (not typed for mypy here)
+    transformer: Any
+    vae: Any
+    scheduler: Any
 
     def __init__(self, plan: Plan, size: int, transformer: torch.nn.Module, vae: torch.nn.Module):
         from diffusers import DDIMScheduler

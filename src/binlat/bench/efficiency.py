@@ -172,7 +172,7 @@ def bench_bf16(plan: Plan, figures: dict[str, float]) -> Table:
                 f"(the header's bf16 matmul peak shows the emulation); BINLAT_ASSUME_BF16=1 runs them"
             ]
         )
-        figures.update({k: None for k in BF16_KEYS})
+        figures.update({k: None for k in BF16_KEYS})  # type: ignore[misc]  # null in the report: not measured
         return table
     from ..processes import BernoulliDiffusion
     from ..processes.common import make_generators

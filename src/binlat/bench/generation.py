@@ -157,6 +157,7 @@ def bench_tokens(plan: Plan, figures: dict[str, float]) -> Table:
         )
         figures[f"diffusion_step_{tokens}tok_s"] = m.median
         figures[f"diffusion_step_{tokens}tok_flops"] = flops
+    assert base is not None  # counts holds three sizes
     figures["tokens_128_vs_1024_speedup"] = figures[f"diffusion_step_{counts[1]}tok_s"] / base[0]
     figures["tokens_128_vs_4096_speedup"] = figures[f"diffusion_step_{counts[2]}tok_s"] / base[0]
     table.footer.append(target(figures["tokens_128_vs_4096_speedup"], 25, f"{counts[0]}-token step vs {counts[2]}"))
@@ -251,12 +252,14 @@ def bench_e2e(plan: Plan, figures: dict[str, float]) -> Table:
             f"scaled from {b} px: binlat decode {fmt_s(base['ours_decode'])} (n={ours_b.n}), VAE "
             f"decode {fmt_s(vae_b.median)} (n={vae_b.n}), both measured"
         )
+    ours_n: int | str  # a measured count, or "measured+scaled" counts
+    theirs_n: int | str
     for size in plan.e2e_sizes:
         tokenizer.check_size(size, size)
         baseline = LatentDiffusionBaseline(plan, size, seeded(lambda: pixart(plan, size // 8), 2), decoder)
         latents, t = baseline.noise(), baseline.scheduler.timesteps[0]
         if size in plan.e2e_scaled:
-            first = base["size"]
+            first = int(base["size"])  # a size, kept in the dict of times
             ours_s = sampling.median + base["ours_decode"] * (
                 _decode_flops(tok_cfg, size) / _decode_flops(tok_cfg, first)
             )
