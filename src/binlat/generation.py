@@ -53,6 +53,7 @@ def with_options(source: Callable[..., Any]) -> Callable[[Callable[..., Any]], C
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
         own = inspect.signature(function)
         kept = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+        # inspect reads a function's __signature__ attribute; Callable does not declare it
         function.__signature__ = own.replace(parameters=kept + shared)  # type: ignore[attr-defined]
         return function
 

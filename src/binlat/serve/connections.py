@@ -23,6 +23,7 @@ class BoundedH11Protocol(H11Protocol):
     header_timeout: float = 10.0
     max_open: int = 128
 
+    # uvicorn passes its asyncio.Transport (the base declares BaseTransport)
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
         self._timed_cycle: object | None = None  # the cycle whose headers the timer waits for
