@@ -86,6 +86,9 @@ def test_text_features_match_the_encoder(tokenizer, encoder, tmp_path):
 def test_endless_data_needs_a_limit_and_missing_folder_is_explained(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="max_samples"):
         precompute(ShapesStream(size=64), tokenizer, tmp_path, progress=False)
+    # 0, which means "all" for a finite dataset, is the same refusal here (it was a TypeError from len())
+    with pytest.raises(ValueError, match="max_samples"):
+        precompute(ShapesStream(size=64), tokenizer, tmp_path, max_samples=0, progress=False)
     with pytest.raises(ValueError, match="binlat precompute"):
         PrecomputedDataset(tmp_path / "nothing")
 
