@@ -181,3 +181,8 @@ def test_static_kv_cache_update_contract():
     assert keys.shape[2] == 3 and mask[:, 2].all() and len(cache) == 3
     with pytest.raises(ValueError, match="holds 5 keys"):
         cache.update(torch.zeros(2, 1, 3, 3), torch.zeros(2, 1, 3, 3), None)
+
+
+def test_a_static_cache_needs_the_text_length_and_says_so(net):
+    with pytest.raises(TypeError, match="text_length"):  # was a TypeError from None + int, naming neither
+        net.new_cache(2)
