@@ -148,7 +148,8 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
         ],
     )
     plan, precisions = _precisions(plan, table)
-    specs = {k: train_spec(replace(plan, train_bf16=precisions[0]), k) for k in TRAIN_KINDS}
+    runs = {bf16: {k: train_spec(replace(plan, train_bf16=bf16), k) for k in TRAIN_KINDS} for bf16 in precisions}
+    specs = runs[precisions[0]]  # sizes, batches and configs: the same in every precision
     clip = specs["tokenizer"]["config"].get("grad_clip", 1.0)
     table.notes.append(
         f"step = binlat.train's Trainer step on the preset's training configs: the task's loss, "
@@ -193,13 +194,11 @@ def bench_training(plan: Plan, figures: dict[str, float]) -> Table:
                 f"skipped: weights + gradients + AdamW + EMA alone need {need / 1024:.1f} GiB, "
                 f"{available / 1024:.1f} GiB available"
             )
-    results = {}
-    for bf16 in precisions:
-        runs = _run_all(plan, {k: train_spec(replace(plan, train_bf16=bf16), k) for k in TRAIN_KINDS}, skipped)
-        results[bf16] = runs
+    results = {bf16: _run_all(plan, runs[bf16], skipped) for bf16 in precisions}
     for kind in TRAIN_KINDS:
-        if kind not in skipped and all("error" in r.get(kind, {"error": 1}) for r in results.values()):
-            skipped[kind] = next(r[kind]["error"] for r in results.values())
+        errors = [] if kind in skipped else [r[kind]["error"] for r in results.values() if "error" in r[kind]]
+        if errors and len(errors) == len(results):  # a kind that failed in every precision is skipped whole
+            skipped[kind] = errors[0]
     if len(skipped) == len(TRAIN_KINDS):
         raise RuntimeError("; ".join(f"{k}: {v}" for k, v in skipped.items()))
     for kind in TRAIN_KINDS:
@@ -229,9 +228,10 @@ def _row(table, figures, plan, kind, bf16, results, spec, params) -> None:
         table.footer.append(f"{kind}: no /proc/self/clear_refs, so peak is ru_maxrss (may include start-up)")
     flops = training_step_flops(kind, spec["config"]["model"], batch, plan.text_length)
     share = None if flops is None else flops / med / peak_flops(plan, figures)
-    key = f"train_{kind}_bf16" if bf16 and False in results else f"train_{kind}"
+    compared = bf16 and False in results  # a bf16 row beside a float32 one: its figures get their own keys
+    key = f"train_{kind}_bf16" if compared else f"train_{kind}"
     versus = "-"
-    if key.endswith("_bf16") and "error" not in results[False][kind]:
+    if compared and "error" not in results[False][kind]:
         speedup = statistics.median(results[False][kind]["times"]) / med
         figures[f"{key}_speedup"] = speedup
         versus = f"{speedup:.2f}x"
