@@ -51,6 +51,7 @@ RELATION_MARGIN_FRAC = 0.2
 # Anti-aliasing can tint one pixel beyond a box's edge on each side; keeping that
 # fringe out of the gap means even the rendered non-white footprints are >= 2 px apart.
 _AA_FRINGE_PX = 1.0
+_MIN_BOX_GAP = MIN_GAP_PX + 2 * _AA_FRINGE_PX  # between two boxes as the sampler places them
 # The judge measures centres on thresholded pixels, which can move a centre by ~1 px
 # (e.g. a triangle's thin apex vanishes); the dominant axis beats the other by this
 # much so a ground-truth render never flips to a neighbouring relation.
@@ -247,9 +248,14 @@ def _random_content(rng: np.random.Generator, category: str, exclude_held_out: b
     return {"category": category, "objects": objects, "relation": relation}
 
 
+def _sampled_relation_holds(relation: str, first: tuple[float, float], second: tuple[float, float], size: int) -> bool:
+    """The sampler's test of ``first relation second`` on a canvas of ``size``: with its margins, stricter than the
+    judge's, so a drawn scene is judged right."""
+    return relation_holds(relation, first, second, RELATION_MARGIN_FRAC * size, _AXIS_MARGIN_PX)
+
+
 def _place(rng: np.random.Generator, size: int, sides: list[float], relation: str | None) -> list[tuple[float, float]]:
     """Rejection-sample centres so boxes are inside, apart, and (if given) related."""
-    gap = MIN_GAP_PX + 2 * _AA_FRINGE_PX
     for _ in range(_MAX_PLACEMENT_TRIES):
         centres: list[tuple[float, float]] = []
         boxes: list[tuple[float, float, float, float]] = []
@@ -257,16 +263,14 @@ def _place(rng: np.random.Generator, size: int, sides: list[float], relation: st
             for _ in range(100):
                 cx, cy = rng.uniform(d / 2, size - d / 2, size=2)
                 box = (cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2)
-                if all(box_gap(box, other) >= gap for other in boxes):
+                if all(box_gap(box, other) >= _MIN_BOX_GAP for other in boxes):
                     break
             else:
                 break  # crowded: restart the whole layout
             centres.append((float(cx), float(cy)))
             boxes.append(box)
         else:
-            if relation is None or relation_holds(
-                relation, centres[0], centres[1], RELATION_MARGIN_FRAC * size, _AXIS_MARGIN_PX
-            ):
+            if relation is None or _sampled_relation_holds(relation, centres[0], centres[1], size):
                 return centres
     raise RuntimeError(f"could not place {len(sides)} objects on a {size}px canvas")
 
@@ -336,10 +340,8 @@ def _layout_holds(size: int, boxes: list[ShapeObject], relation: str) -> bool:
     with its margins."""
     first, second = boxes
     inside = all(o.size / 2 <= v <= size - o.size / 2 for o in boxes for v in (o.cx, o.cy))
-    apart = box_gap(first.bbox, second.bbox) >= MIN_GAP_PX + 2 * _AA_FRINGE_PX
-    related = relation_holds(
-        relation, (first.cx, first.cy), (second.cx, second.cy), RELATION_MARGIN_FRAC * size, _AXIS_MARGIN_PX
-    )
+    apart = box_gap(first.bbox, second.bbox) >= _MIN_BOX_GAP
+    related = _sampled_relation_holds(relation, (first.cx, first.cy), (second.cx, second.cy), size)
     return inside and apart and related
 
 
