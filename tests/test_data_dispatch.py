@@ -156,3 +156,15 @@ def test_shapes_spec_of_equal_weights_warns_it_is_the_uniform_mix(caplog) -> Non
         make_dataset("shapes:position=2", 32)
     assert caplog.text == ""
     assert {scenes.sample(i)["scene"]["category"] for i in range(20)} == {"position"}
+
+
+def test_a_runs_data_line_gives_the_shapes_category_shares() -> None:
+    """The line a run prints before step 1 names the categories' shares, so 'shapes:position=1' shows itself the
+    uniform mix on the terminal (the warning goes to the run's log)."""
+    from binlat.train.data import describe_data
+
+    uniform, _ = describe_data(make_dataset("shapes:position=1", 32), "shapes:position=1", 32)
+    assert "categories drawn: single 17 %, colors 17 %" in uniform and "position 17 %" in uniform
+    only = "shapes:" + ",".join(f"{c}={int(c == 'position')}" for c in CATEGORIES)
+    line, _ = describe_data(make_dataset(only, 32), only, 32)
+    assert "categories drawn: position 100 %;" in line

@@ -478,8 +478,17 @@ class ShapesStream(IterableDataset):
         self.start_index = 0
 
     def describe(self) -> dict[str, Any]:
-        """What a run reads: an endless stream, every sample captioned by its scene."""
-        return {"samples": None, "captioned": None, "captions": "the procedural scenes' own captions (endless)"}
+        """What a run reads: an endless stream, every sample captioned by its scene, and the categories' shares of
+        the draws (before pairing), which say at a glance whether a spec meant as one category is the uniform mix."""
+        shares = ", ".join(
+            f"{c} {100 * p:.0f} %" for c, p in zip(CATEGORIES, _normalised_weights(self.category_weights)) if p > 0
+        )
+        return {
+            "samples": None,
+            "captioned": None,
+            "captions": "the procedural scenes' own captions (endless)",
+            "mix": f"categories drawn: {shares}",
+        }
 
     def _drawn(self, index: int) -> Scene:
         """Sample ``index``'s scene as drawn without pairing, from its own generator."""

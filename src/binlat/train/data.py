@@ -268,4 +268,5 @@ def describe_data(source, spec: str, size: int) -> tuple[str, int | None]:
     count = "a stream of samples" if samples is None else f"{samples} samples"
     with_captions = "" if captioned is None or samples is None else f", {captioned} with captions"
     where = f"; captions from {about['captions']}" if about.get("captions") else ""
-    return f"data {spec}: {count}{with_captions}{where}; images at {size} x {size} px", captioned
+    mix = f"; {about['mix']}" if about.get("mix") else ""
+    return f"data {spec}: {count}{with_captions}{where}{mix}; images at {size} x {size} px", captioned
