@@ -188,6 +188,7 @@ register(
             logit_mean=options.time_logit_mean,
             self_condition=config.self_condition,
             align_weight=options.repa_weight,
+            contrast_weight=options.role_contrast,
         ),
         release=DIFFUSION_RELEASE,
     )
@@ -198,7 +199,9 @@ register(
         ARTransformer,
         ARDecoding,
         sampler=lambda config: ARDecoding(),
-        trainer=lambda options, config: ARDecoding(context_flip=options.context_flip),
+        trainer=lambda options, config: ARDecoding(
+            context_flip=options.context_flip, contrast_weight=options.role_contrast
+        ),
         release=AR_RELEASE,
     )
 )

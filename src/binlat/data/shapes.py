@@ -586,6 +586,16 @@ def swap_roles(caption: str) -> str:
     return f"{head}{second} {relation} {first}{tail}"
 
 
+def role_negative(caption: str) -> str | None:
+    """A training caption's hard negative for word order: a position caption with its roles swapped
+    (:func:`swap_roles`), which asks for the reversed layout with the same words; None for a caption that holds no
+    single relation word (the other categories), which has none."""
+    try:
+        return swap_roles(caption)
+    except ValueError:  # no relation word, or more than one
+        return None
+
+
 def other_way(caption: str) -> str:
     """The same scene said the other way round: the objects swapped and the relation replaced by its converse,
     prefix and suffix kept: 'a red circle above a square' -> 'a square below a red circle'. Unlike

@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 from ..modeling import Network
 from ..text import TextFeatures
 from .common import (
+    Negatives,
     Process,
     bernoulli,
     categorical,
     check_sampling_args,
+    contrast_term,
     guidance_scale_setting,
     guide,
     temperature_setting,
@@ -58,6 +60,25 @@ def values_to_bits(values: torch.Tensor, width: int) -> torch.Tensor:
     return ((values[..., None] >> shifts) & 1).flatten(-2).float()
 
 
+def teacher_forced_logits(
+    network: Network, context: torch.Tensor, bits: torch.Tensor, text: TextFeatures, groups: int
+) -> torch.Tensor:
+    """The network's logits for every token of `bits` given the true tokens before it: bit logits [N, K, B], or a
+    grouped head's [N, K, g, 2^b], each group's given the true groups before it."""
+    if groups > 1:
+        return network(context, text.layers, text.mask, group_values=bits_to_values(bits, groups)).float()
+    return network(context, text.layers, text.mask).float()
+
+
+def image_nll(logits: torch.Tensor, bits: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each image's NLL [N] in nats under teacher_forced_logits' output."""
+    if groups > 1:
+        values = bits_to_values(bits, groups)
+        nll = F.cross_entropy(logits.flatten(0, 2), values.flatten(), reduction="none")
+        return nll.view(bits.shape[0], -1).sum(1)
+    return F.binary_cross_entropy_with_logits(logits, bits, reduction="none").sum((1, 2))
+
+
 @dataclass(frozen=True)
 class ARSampling:
     guidance_scale: float = guidance_scale_setting()
@@ -78,6 +99,8 @@ class ARDecoding(Process):
     use_cache: bool = True
     decode: str = "static"  # with the cache: "static" | "appending" | "compiled" (see the module docstring)
     context_flip: float = 0.0  # training: share of the teacher-forced context's bits flipped (targets stay clean)
+    # training: weight of the hard-negative term (common.contrast_term) on the rows a batch gives negatives for
+    contrast_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -91,12 +114,17 @@ class ARDecoding(Process):
         bits: torch.Tensor,
         text: TextFeatures,
         generators: Sequence[torch.Generator] | None = None,
+        *,
+        negatives: Negatives | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher forcing: row i (start token + tokens < i) predicts every bit of token i; BCE on all bits (a
-        grouped head: each group's cross-entropy, per bit, see _group_loss).
+        grouped head: each group's cross-entropy given the true groups before it, summed over a token's groups and
+        divided by its B bits, so both heads' losses read as a token's NLL per bit).
         With `context_flip` each context bit is flipped with that probability (drawn from the sample's generator)
         while the targets stay the clean bits: the network learns to carry on correctly after a wrong bit, as it
-        must when it reads its own samples. Without it nothing is drawn at random."""
+        must when it reads its own samples. Without it nothing is drawn at random. With `negatives` and
+        contrast_weight, plus the hard-negative term: the rows' NLLs under their negative captions, from the same
+        context, against those under their own."""
         bits = bits.float()
         context = bits[:, :-1]
         if self.context_flip > 0:
@@ -108,30 +136,25 @@ class ARDecoding(Process):
             )
             context = torch.where(u < self.context_flip, 1 - context, context)
         groups = bit_groups(network)
+        logits = teacher_forced_logits(network, context, bits, text, groups)
         if groups > 1:
-            return self._group_loss(network, context, bits, text, groups)
-        logits = network(context, text.layers, text.mask).float()
-        loss = F.binary_cross_entropy_with_logits(logits, bits)
-        with torch.no_grad():
-            accuracy = ((logits > 0).float() == bits).float().mean()
-        return loss, {"bit_accuracy": accuracy}
-
-    @staticmethod
-    def _group_loss(
-        network: Network, context: torch.Tensor, bits: torch.Tensor, text: TextFeatures, groups: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Grouped head: cross-entropy of each group's true value given the true groups before it. Summed over a
-        token's groups that is its NLL in nats; divided by its B bits it reads like the bit head's mean BCE (both
-        are a token's NLL per bit). bit_accuracy: the bits of each group's most likely value (given the true
-        earlier groups) against the true bits."""
-        values = bits_to_values(bits, groups)
-        logits = network(context, text.layers, text.mask, group_values=values).float()  # [N, K, g, 2^b]
-        nll = F.cross_entropy(logits.flatten(0, 2), values.flatten(), reduction="sum")
-        loss = nll / bits.numel()
-        with torch.no_grad():
-            guess = values_to_bits(logits.argmax(-1), bits.shape[-1] // groups)
-            accuracy = (guess == bits).float().mean()
-        return loss, {"bit_accuracy": accuracy}
+            values = bits_to_values(bits, groups)
+            loss = F.cross_entropy(logits.flatten(0, 2), values.flatten(), reduction="sum") / bits.numel()
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, bits)
+        with torch.no_grad():  # a grouped head: the bits of each group's most likely value given the true groups before
+            guess = (logits > 0).float() if groups == 1 else values_to_bits(logits.argmax(-1), bits.shape[-1] // groups)
+            metrics = {"bit_accuracy": (guess == bits).float().mean()}
+        if negatives is not None and self.contrast_weight > 0:
+            rows = negatives.rows
+            own = image_nll(logits[rows], bits[rows], groups)
+            other = own  # no rows: an empty term (the metrics keep their names on every process and step)
+            if len(rows):
+                negative_logits = teacher_forced_logits(network, context[rows], bits[rows], negatives.text, groups)
+                other = image_nll(negative_logits, bits[rows], groups)
+            metrics.update(contrast_term(own, other, bits.shape[0]))
+            loss = loss + self.contrast_weight * metrics["contrast"]
+        return loss, metrics
 
     def _draw(
         self,

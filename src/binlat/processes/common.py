@@ -6,7 +6,9 @@ Every process keeps one calling convention, so the pipeline, the trainer and edi
                                                      every field has a default, and binlat.sampling derives the
                                                      Python, CLI and HTTP settings from these fields)
   `sample(network, cond, uncond, generators, settings=None, *, progress=False, **settings_fields) -> bits [N, K, B]`
-  `loss(network, bits, text, generators=None) -> (loss, metrics)`, every random draw of sample i from generators[i]
+  `loss(network, bits, text, generators=None, *, negatives=None) -> (loss, metrics)`, every random draw of sample i
+                                                     from generators[i]; `negatives` (hard-negative captions for some
+                                                     rows) adds the process's `contrast_weight` times `contrast_term`
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from ..modeling import Network
 from ..text import TextFeatures
@@ -95,6 +98,27 @@ def categorical(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> t
     cdf = probs.double().cumsum(-1)  # float64: rounding of a long sum never skips or repeats a value
     u = uniform((1,), generators, probs.device).double() * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
+@dataclasses.dataclass
+class Negatives:
+    """Hard-negative captions for some rows of a training batch: row `rows[j]`'s caption with its roles swapped
+    ("a square above a circle" for a render of "a circle above a square") has the features `text.index([j])`."""
+
+    rows: torch.Tensor  # [M] long, indices into the batch
+    text: TextFeatures  # M rows
+
+
+def contrast_term(own_nll: torch.Tensor, negative_nll: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """The hard-negative term: -log sigmoid(NLL under the negative caption - NLL under its own), per image in nats,
+    summed over the rows that have a negative and divided by the whole batch (so its weight does not depend on how
+    many rows have one). It is log 2 where the network cannot tell the two captions apart and falls toward 0 as the
+    image becomes likelier under its own caption; unlike an unbounded unlikelihood term it stops pushing once the
+    gap is a few nats. Also the mean gap over those rows (role_gap, 0 without rows), a metric."""
+    gap = negative_nll - own_nll
+    term = F.softplus(-gap).sum() / batch
+    mean_gap = gap.detach().mean() if len(gap) else gap.new_zeros(())
+    return {"contrast": term, "role_gap": mean_gap}
 
 
 def with_guidance(cond: TextFeatures, uncond: TextFeatures | None, guidance_scale: float) -> TextFeatures:

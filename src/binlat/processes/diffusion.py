@@ -18,9 +18,11 @@ from ..modeling import Network
 from ..text import TextFeatures
 from .common import (
     MAX_STEPS,
+    Negatives,
     Process,
     bernoulli,
     check_sampling_args,
+    contrast_term,
     guidance_scale_setting,
     guide,
     setting,
@@ -99,6 +101,8 @@ class BernoulliDiffusion(Process):
     # REPA (Yu et al., 2024): the loss also pulls the network's alignment head towards the given features of the
     # clean image, by this weight times (1 - cosine similarity) per token. 0: off.
     align_weight: float = 0.0
+    # Weight of the hard-negative term (common.contrast_term) on the rows a batch gives negatives for. 0: off.
+    contrast_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prediction not in ("flip", "x0"):
@@ -134,9 +138,12 @@ class BernoulliDiffusion(Process):
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         align_to: torch.Tensor | None = None,
+        negatives: Negatives | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Binary cross-entropy of the predicted x_0 against the clean bits, and the bit accuracy; with
-        `align_to` [N, K, D] (features of the clean images) and align_weight, plus REPA's alignment term.
+        `align_to` [N, K, D] (features of the clean images) and align_weight, plus REPA's alignment term; with
+        `negatives` and contrast_weight, plus the hard-negative term: the rows' NLLs under their negative captions,
+        from the same x_t and t, against those under their own.
 
         With `generators` (one per sample) sample i's time and noise come from generators[i] alone (identical
         losses on 1 or many processes, exact resume); `t` [N] and `noise` [N, K, B] (uniforms deciding x_t) may
@@ -158,6 +165,17 @@ class BernoulliDiffusion(Process):
         logits = self.x0_logits((out[0] if align else out).float(), x_t)
         loss = F.binary_cross_entropy_with_logits(logits, x0)
         metrics = {}
+        if negatives is not None and self.contrast_weight > 0:
+            rows, neg = negatives.rows, negatives.text
+            own = F.binary_cross_entropy_with_logits(logits[rows], x0[rows], reduction="none").sum((1, 2))
+            other = own  # no rows: an empty term (the metrics keep their names on every process and step)
+            if len(rows):
+                given_rows = () if estimate is None else (estimate[rows],)
+                neg_out = network(x_t[rows], t[rows], neg.layers, neg.mask, *given_rows)
+                neg_logits = self.x0_logits(neg_out.float(), x_t[rows])
+                other = F.binary_cross_entropy_with_logits(neg_logits, x0[rows], reduction="none").sum((1, 2))
+            metrics.update(contrast_term(own, other, x0.shape[0]))
+            loss = loss + self.contrast_weight * metrics["contrast"]
         if align and align_to is not None:  # align says both
             similarity = F.cosine_similarity(out[1].float(), align_to.float(), dim=-1).mean()
             loss = loss + self.align_weight * (1 - similarity)

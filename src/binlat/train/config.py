@@ -56,6 +56,11 @@ class GeneratorTraining:
     # diffusion: REPA's weight: block model.align_block's rows are aligned (1 - cosine) to the frozen tokenizer
     # encoder's per-token features of the clean image, through a head the network gains for it (0: off)
     repa_weight: float = 0.0
+    # Hard-negative captions (NegCLIP's word-order negatives, for a generator): each position caption "A rel B" is
+    # also read with its roles swapped ("B rel A"), and the loss adds this weight times -log sigmoid(NLL under the
+    # swapped caption - NLL under its own), per image in nats, from the same noise. A generator otherwise reads the
+    # caption as a bag of words: the roles are worth about one bit of an image's likelihood. 0: off.
+    role_contrast: float = 0.0
     sample_steps: int = 20  # diffusion steps of sample grids and probe scores
     sample_guidance: float = 3.0  # guidance scale of sample grids and probe scores
     init_from: str | None = None  # start from a generator model directory of this kind (fine-tuning)
@@ -141,6 +146,8 @@ class TrainConfig:
         for option in ("repa_weight", "time_logit_mean"):
             if getattr(self.generator, option) and self.kind != "diffusion":
                 raise ValueError(f"generator.{option} is a diffusion option; kind {self.kind} takes 0")
+        if self.generator.role_contrast < 0:
+            raise ValueError(f"generator.role_contrast must be >= 0, got {self.generator.role_contrast}")
         if not 0 <= self.generator.context_flip < 0.5:
             raise ValueError(f"generator.context_flip must lie in [0, 0.5), got {self.generator.context_flip}")
         self.model_config(image_size=self.image_size)  # a wrong key or value fails here, not at build time

@@ -427,9 +427,29 @@ class GeneratorTask(Task):
                 else:
                     bits = tokenizer.encode(batch["image"].to(self.device)).float()
             text = self._text(batch, drop)
-        if features is not None:
-            return self.process.loss(model, bits, text, generators, align_to=features)
-        return self.process.loss(model, bits, text, generators)
+            given = {} if features is None else {"align_to": features}
+            if o.role_contrast > 0:
+                given["negatives"] = self._negatives(batch, drop, half_precision="text" in batch)
+        return self.process.loss(model, bits, text, generators, **given)
+
+    def _negatives(self, batch, drop: list[bool], half_precision: bool):
+        """generator.role_contrast's hard negatives: the rows whose caption (kept, not dropped) is a position
+        caption, and the features of those captions with their roles swapped. Features of precomputed data are
+        stored in float16: a negative is rounded so too, so that nothing but the words tells it from its caption."""
+        from ..data.shapes import role_negative
+        from ..processes.common import Negatives
+
+        if self.cached_text is None:
+            raise ValueError("generator.role_contrast reads the captions with the text encoder, which this task lacks")
+        pairs = [(i, role_negative(c)) for i, (c, d) in enumerate(zip(batch["caption"], drop)) if not d]
+        kept = [(i, n) for i, n in pairs if n is not None]
+        rows = torch.tensor([i for i, _ in kept], dtype=torch.long, device=self.device)
+        if not kept:
+            return Negatives(rows, self.cached_text([""]).index([]).to(self.device))
+        text = self.cached_text([n for _, n in kept])
+        if half_precision:
+            text = text.to(dtype=torch.float16).to(dtype=torch.float32)
+        return Negatives(rows, text.to(self.device))
 
     def evaluate(self, model) -> dict[str, float]:
         """On shapes data (also precomputed from shapes): the judged accuracy of the EMA model on 4 prompts per
