@@ -363,3 +363,34 @@ def test_run_log_holds_only_its_own_run(tmp_path, monkeypatch):
     Trainer(make_cfg(tokenizer_dict(max_steps=2, save_every=2)), tmp_path / "second").train()
     assert "non-finite" in (tmp_path / "second" / "log.txt").read_text()
     assert "non-finite" not in (tmp_path / "first" / "log.txt").read_text()
+
+
+def test_role_contrast_gives_position_captions_their_swapped_roles_as_negatives(tmp_path, tokenizer_dir):
+    """generator.role_contrast: the trainer gives each kept position caption of a batch its negative (roles
+    swapped), rounded to float16 like the text of precomputed data; a run on position scenes logs the term and
+    the gap at every step; a negative weight is refused."""
+    position_only = "shapes:single=0,colors=0,two=0,counting=0,color_attr=0,position=1"
+    cfg = cfg_for(
+        "diffusion",
+        tokenizer_dir,
+        max_steps=2,
+        data=position_only,
+        generator={"tokenizer": str(tokenizer_dir), "role_contrast": 0.1},
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    task = trainer.task
+    captions = ["a circle above a square", "a circle", "a triangle to the left of a square", "a square below a circle"]
+    negatives = task._negatives({"caption": captions}, [False, False, False, True], half_precision=False)
+    assert negatives.rows.tolist() == [0, 2]  # row 1 has no relation, row 3 was dropped for guidance
+    expected = task.cached_text(["a square above a circle", "a square to the left of a triangle"])
+    assert all(torch.equal(a, b) for a, b in zip(negatives.text.layers, expected.layers))
+    assert torch.equal(negatives.text.mask, expected.mask)
+    rounded = task._negatives({"caption": captions[:1]}, [False], half_precision=True)
+    alone = task.cached_text(["a square above a circle"])
+    assert all(torch.equal(a, b.half().float()) for a, b in zip(rounded.text.layers, alone.layers))
+    trainer.train()
+    logged = metrics(tmp_path / "run")
+    assert len(logged) == 2 and all("contrast" in r and "role_gap" in r for r in logged), logged
+    assert all(0 < r["contrast"] <= math.log(2) for r in logged)
+    with pytest.raises(ValueError, match="role_contrast must be >= 0"):
+        cfg_for("ar", tokenizer_dir, generator={"tokenizer": str(tokenizer_dir), "role_contrast": -1.0})
