@@ -270,7 +270,7 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
     weights: dict[str, float] = {}
     for part in spec[len("shapes:") :].split(","):
         name, eq, value = (x.strip() for x in part.partition("="))
-        if not eq or (name != "seed" and name not in _SHAPES_SWITCHES and name not in CATEGORIES):
+        if not eq or (name not in ("seed", "above_left") and name not in _SHAPES_SWITCHES and name not in CATEGORIES):
             raise ValueError(
                 f"bad shapes spec {spec!r}: expected 'shapes:seed=N', category weights such as "
                 f"'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)}), 'both_ways=1' or 'role_pairs=1'"
@@ -285,6 +285,8 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
         try:
             if name == "seed":
                 options["seed"] = int(value)
+            elif name == "above_left":
+                options["above_left"] = float(value)
             else:
                 weights[name] = float(value)
         except ValueError as exc:

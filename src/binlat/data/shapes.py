@@ -223,7 +223,22 @@ def _pick(rng: np.random.Generator, seq: list[Any] | tuple[Any, ...]) -> Any:
     return seq[int(rng.integers(len(seq)))]
 
 
-def _random_content(rng: np.random.Generator, category: str, exclude_held_out: bool) -> dict[str, Any]:
+# The relations that put the caption's first noun on top or on the left ("A above B"); their converses put it second.
+LEADING_RELATIONS: tuple[str, ...] = ("above", "to the left of")
+
+
+def _position_relation(rng: np.random.Generator, above_left: float | None) -> str:
+    """A position caption's relation: uniform over RELATIONS (the spec's draw), or with `above_left` that share
+    from LEADING_RELATIONS and the rest from their converses (uniform within each pair)."""
+    if above_left is None:
+        return _pick(rng, RELATIONS)
+    leading = rng.random() < above_left
+    return _pick(rng, LEADING_RELATIONS if leading else tuple(CONVERSE[r] for r in LEADING_RELATIONS))
+
+
+def _random_content(
+    rng: np.random.Generator, category: str, exclude_held_out: bool, above_left: float | None = None
+) -> dict[str, Any]:
     relation = None
     two_shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:2]]
     if category == "single":
@@ -238,7 +253,7 @@ def _random_content(rng: np.random.Generator, category: str, exclude_held_out: b
         n, s = _pick(rng, tuple(COUNT_WORDS)), _pick(rng, SHAPES)
         objects = [_obj(s) for _ in range(n)]
     elif category == "position":
-        objects, relation = [_obj(s) for s in two_shapes], _pick(rng, RELATIONS)
+        objects, relation = [_obj(s) for s in two_shapes], _position_relation(rng, above_left)
     elif category == "color_attr":
         c1 = _pick(rng, _allowed_colors(two_shapes[0], exclude_held_out))
         c2 = _pick(rng, [c for c in _allowed_colors(two_shapes[1], exclude_held_out) if c != c1])
@@ -314,11 +329,12 @@ def sample_scene(
     exclude_held_out: bool = True,
     category_weights: dict[str, float] | None = None,
     prefix_suffix_prob: float = 0.1,
+    above_left: float | None = None,
 ) -> Scene:
-    """Draw a caption of some category and a scene that satisfies it."""
+    """Draw a caption of some category and a scene that satisfies it; `above_left`: see ShapesStream."""
     if category is None:
         category = CATEGORIES[int(rng.choice(len(CATEGORIES), p=_normalised_weights(category_weights)))]
-    content = _random_content(rng, category, exclude_held_out)
+    content = _random_content(rng, category, exclude_held_out, above_left)
     caption = format_caption(content)
     if rng.random() < prefix_suffix_prob:
         caption = PREFIX + caption
@@ -459,9 +475,12 @@ class ShapesStream(IterableDataset):
         prefix_suffix_prob: float = 0.1,
         both_ways: bool = False,
         role_pairs: bool = False,
+        above_left: float | None = None,
     ) -> None:
         super().__init__()
         _check_size(size)
+        if above_left is not None and not 0 <= above_left <= 1:
+            raise ValueError(f"above_left is a share of the position captions and must lie in [0, 1], got {above_left}")
         _normalised_weights(category_weights)  # fail early on bad weights
         if both_ways and role_pairs:
             raise ValueError(
@@ -475,6 +494,7 @@ class ShapesStream(IterableDataset):
         self.prefix_suffix_prob = prefix_suffix_prob
         self.both_ways = both_ways
         self.role_pairs = role_pairs
+        self.above_left = above_left
         self.start_index = 0
 
     def describe(self) -> dict[str, Any]:
@@ -498,6 +518,7 @@ class ShapesStream(IterableDataset):
             exclude_held_out=self.exclude_held_out,
             category_weights=self.category_weights,
             prefix_suffix_prob=self.prefix_suffix_prob,
+            above_left=self.above_left,
         )
 
     def scene(self, index: int) -> Scene:
