@@ -86,7 +86,7 @@ def test_shapes_spec_pairing_switches() -> None:
         ("shapes:both_ways=yes", "both_ways must be 0 or 1"),
         ("shapes:both_ways=0.5", "both_ways must be 0 or 1"),
         ("shapes:role_pairs=2", r"role_pairs must be 0 or 1 \(1: each position scene followed by its roles swapped"),
-        ("shapes:both_ways", "'both_ways=1' or 'role_pairs=1'"),
+        ("shapes:both_ways", "'both_ways=1', 'role_pairs=1' or 'above_left=0.8'"),
         ("shapes:role_pairs=1,both_ways=1", "both_ways and role_pairs .* cannot both be on"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -105,6 +105,17 @@ def test_shapes_spec_pairing_switches() -> None:
         assert all(samples[i]["caption"] == alone.sample(i)["caption"] for i in range(24) if i not in partners)
         same_picture = [torch.equal(samples[i]["image"], samples[i - 1]["image"]) for i in partners]
         assert all(same_picture) if switch == "both_ways" else not any(same_picture)
+
+
+def test_shapes_spec_above_left() -> None:
+    """above_left=P reaches the stream as a share of the position captions; a value that is no number, or no
+    share, is an error that names it."""
+    assert make_dataset("shapes", 32).above_left is None
+    assert make_dataset("shapes:position=2,above_left=0.8", 32).above_left == 0.8
+    with pytest.raises(ValueError, match="above_left must be a number"):
+        make_dataset("shapes:above_left=most", 32)
+    with pytest.raises(ValueError, match=r"above_left .* must lie in \[0, 1\]"):
+        make_dataset("shapes:above_left=2", 32)
 
 
 def test_collate(folder: Path) -> None:

@@ -23,6 +23,7 @@ from binlat.data.shapes import (
     CATEGORIES,
     CONVERSE,
     HELD_OUT,
+    LEADING_RELATIONS,
     PALETTE,
     RELATIONS,
     SHAPES,
@@ -568,3 +569,25 @@ def test_swapped_roles_exchanges_places_pushes_inside_or_places_afresh():
     assert (b.shape, b.color, b.size, a.shape, a.color, a.size) == ("circle", "blue", large, "triangle", "red", small)
     assert box_gap(b.bbox, a.bbox) >= 4.0 and relation_holds("to the left of", (b.cx, b.cy), (a.cx, a.cy), 12.8, 4.0)
     assert judge(render(afresh), afresh.caption)["correct"] and not judge(render(afresh), tight.caption)["correct"]
+
+
+def test_above_left_sets_the_share_of_leading_relations_and_is_off_by_default():
+    """above_left=P: that share of position captions says "above" or "to the left of" (the first noun on top or
+    on the left), the rest their converses, each scene still holding its caption; unset, the stream draws as
+    before the option (uniform over the four relations); a share outside [0, 1] is refused."""
+    position = {c: 0.0 for c in CATEGORIES} | {"position": 1.0}
+    plain = ShapesStream(seed=5, category_weights=position)
+    assert plain.above_left is None
+    assert [plain.scene(i) for i in range(8)] == [
+        sample_scene(np.random.default_rng([5, i]), category_weights=position) for i in range(8)
+    ]
+    for share in (1.0, 0.8, 0.0):
+        stream = ShapesStream(seed=5, category_weights=position, above_left=share)
+        scenes_ = [stream.scene(i) for i in range(300)]
+        leading = sum(s.relation in LEADING_RELATIONS for s in scenes_) / len(scenes_)
+        assert abs(leading - share) < 0.07, (share, leading)
+        assert {s.relation for s in scenes_} <= set(RELATIONS)
+        assert all(judge(render(s), s.caption)["correct"] for s in scenes_[:40])
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="above_left .* must lie in \\[0, 1\\]"):
+            ShapesStream(above_left=bad)

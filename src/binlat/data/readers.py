@@ -238,7 +238,7 @@ class ManifestDataset(IndexedImageDataset):
 SPEC_FORMS = (
     "'shapes' or 'shapes:seed=N,color_attr=2,both_ways=1,...' (procedural shapes; category weights relative to 1; "
     "both_ways=1 or role_pairs=1 follows each position scene with the same scene said the other way round or with "
-    "its roles swapped), an "
+    "its roles swapped; above_left=P says that share of position captions with 'above' or 'to the left of'), an "
     "existing image folder (images + same-named .txt captions), a .jsonl/.csv manifest, or WebDataset .tar shards "
     "(path, brace pattern 'shard-{000..009}.tar', glob, or, typed on the command line with --allow-data-commands, "
     "a URL such as pipe:/http:)"
@@ -259,7 +259,8 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
     keeps weight 1, so the weights are relative to the uniform mix. ``both_ways=1`` makes sample 2k+1 of a position
     scene 2k that scene said the other way round ("B below A" for "A above B"); ``role_pairs=1`` makes it the scene
     with its roles swapped ("B above A", the objects' places exchanged). Both 0 by default; ShapesStream refuses
-    both at 1."""
+    both at 1. ``above_left=0.8`` says 80 % of the position captions with "above" or "to the left of" (the first
+    noun on top or on the left) and the rest with their converses, where the spec draws the four alike."""
     options: dict[str, Any] = {"seed": seed, "category_weights": None}
     if spec == "shapes":
         return options
@@ -270,10 +271,11 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
     weights: dict[str, float] = {}
     for part in spec[len("shapes:") :].split(","):
         name, eq, value = (x.strip() for x in part.partition("="))
-        if not eq or (name not in ("seed", "above_left") and name not in _SHAPES_SWITCHES and name not in CATEGORIES):
+        if not eq or (name not in ("seed", "above_left", "above_left_until") and name not in _SHAPES_SWITCHES and name not in CATEGORIES):
             raise ValueError(
                 f"bad shapes spec {spec!r}: expected 'shapes:seed=N', category weights such as "
-                f"'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)}), 'both_ways=1' or 'role_pairs=1'"
+                f"'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)}), 'both_ways=1', 'role_pairs=1' or "
+                "'above_left=0.8'"
             )
         if name in _SHAPES_SWITCHES:
             if value not in ("0", "1"):
@@ -287,6 +289,8 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
                 options["seed"] = int(value)
             elif name == "above_left":
                 options["above_left"] = float(value)
+            elif name == "above_left_until":
+                options["above_left_until"] = int(value)
             else:
                 weights[name] = float(value)
         except ValueError as exc:

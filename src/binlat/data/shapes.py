@@ -476,6 +476,7 @@ class ShapesStream(IterableDataset):
         both_ways: bool = False,
         role_pairs: bool = False,
         above_left: float | None = None,
+        above_left_until: int | None = None,
     ) -> None:
         super().__init__()
         _check_size(size)
@@ -495,6 +496,7 @@ class ShapesStream(IterableDataset):
         self.both_ways = both_ways
         self.role_pairs = role_pairs
         self.above_left = above_left
+        self.above_left_until = above_left_until
         self.start_index = 0
 
     def describe(self) -> dict[str, Any]:
@@ -503,11 +505,14 @@ class ShapesStream(IterableDataset):
         shares = ", ".join(
             f"{c} {100 * p:.0f} %" for c, p in zip(CATEGORIES, _normalised_weights(self.category_weights)) if p > 0
         )
+        relations = (
+            "" if self.above_left is None else f"; position captions above / left of: {100 * self.above_left:.0f} %"
+        )
         return {
             "samples": None,
             "captioned": None,
             "captions": "the procedural scenes' own captions (endless)",
-            "mix": f"categories drawn: {shares}",
+            "mix": f"categories drawn: {shares}{relations}",
         }
 
     def _drawn(self, index: int) -> Scene:
@@ -518,7 +523,7 @@ class ShapesStream(IterableDataset):
             exclude_held_out=self.exclude_held_out,
             category_weights=self.category_weights,
             prefix_suffix_prob=self.prefix_suffix_prob,
-            above_left=self.above_left,
+            above_left=self.above_left if self.above_left_until is None or index < self.above_left_until else None,
         )
 
     def scene(self, index: int) -> Scene:
