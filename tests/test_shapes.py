@@ -591,3 +591,7 @@ def test_above_left_sets_the_share_of_leading_relations_and_is_off_by_default():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="above_left .* must lie in \\[0, 1\\]"):
             ShapesStream(above_left=bad)
+    # above_left_until=N: the share holds for samples 0..N-1 (a curriculum); later samples draw as the spec does
+    staged = ShapesStream(seed=5, category_weights=position, above_left=1.0, above_left_until=100)
+    assert all(staged.scene(i).relation in LEADING_RELATIONS for i in range(100))
+    assert [staged.scene(i) for i in range(100, 130)] == [plain.scene(i) for i in range(100, 130)]

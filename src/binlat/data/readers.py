@@ -271,7 +271,11 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
     weights: dict[str, float] = {}
     for part in spec[len("shapes:") :].split(","):
         name, eq, value = (x.strip() for x in part.partition("="))
-        if not eq or (name not in ("seed", "above_left", "above_left_until") and name not in _SHAPES_SWITCHES and name not in CATEGORIES):
+        if not eq or (
+            name not in ("seed", "above_left", "above_left_until")
+            and name not in _SHAPES_SWITCHES
+            and name not in CATEGORIES
+        ):
             raise ValueError(
                 f"bad shapes spec {spec!r}: expected 'shapes:seed=N', category weights such as "
                 f"'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)}), 'both_ways=1', 'role_pairs=1' or "
@@ -287,14 +291,14 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
         try:
             if name == "seed":
                 options["seed"] = int(value)
-            elif name == "above_left":
-                options["above_left"] = float(value)
+            elif name in ("above_left", "above_left_after"):
+                options[name] = float(value)
             elif name == "above_left_until":
                 options["above_left_until"] = int(value)
             else:
                 weights[name] = float(value)
         except ValueError as exc:
-            kind = "an integer" if name == "seed" else "a number"
+            kind = "an integer" if name in ("seed", "above_left_until") else "a number"
             raise ValueError(f"bad shapes spec {spec!r}: {name} must be {kind}") from exc
     if weights:  # ShapesStream checks the weights, and that at most one switch is on
         options["category_weights"] = {c: weights.get(c, 1.0) for c in CATEGORIES}

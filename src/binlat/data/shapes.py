@@ -477,11 +477,17 @@ class ShapesStream(IterableDataset):
         role_pairs: bool = False,
         above_left: float | None = None,
         above_left_until: int | None = None,
+        above_left_after: float | None = None,
     ) -> None:
         super().__init__()
         _check_size(size)
         if above_left is not None and not 0 <= above_left <= 1:
             raise ValueError(f"above_left is a share of the position captions and must lie in [0, 1], got {above_left}")
+        if above_left_until is not None and (above_left is None or above_left_until < 0):
+            raise ValueError(
+                f"above_left_until (a sample count, >= 0) ends the above_left share and needs one: got "
+                f"above_left_until={above_left_until}, above_left={above_left}"
+            )
         _normalised_weights(category_weights)  # fail early on bad weights
         if both_ways and role_pairs:
             raise ValueError(
@@ -497,6 +503,7 @@ class ShapesStream(IterableDataset):
         self.role_pairs = role_pairs
         self.above_left = above_left
         self.above_left_until = above_left_until
+        self.above_left_after = above_left_after
         self.start_index = 0
 
     def describe(self) -> dict[str, Any]:
@@ -523,7 +530,9 @@ class ShapesStream(IterableDataset):
             exclude_held_out=self.exclude_held_out,
             category_weights=self.category_weights,
             prefix_suffix_prob=self.prefix_suffix_prob,
-            above_left=self.above_left if self.above_left_until is None or index < self.above_left_until else None,
+            above_left=self.above_left
+            if self.above_left_until is None or index < self.above_left_until
+            else self.above_left_after,
         )
 
     def scene(self, index: int) -> Scene:
