@@ -272,7 +272,7 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
     for part in spec[len("shapes:") :].split(","):
         name, eq, value = (x.strip() for x in part.partition("="))
         if not eq or (
-            name not in ("seed", "above_left", "above_left_until")
+            name not in ("seed", "above_left", "above_left_until", "above_left_after")
             and name not in _SHAPES_SWITCHES
             and name not in CATEGORIES
         ):
