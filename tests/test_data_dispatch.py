@@ -116,8 +116,8 @@ def test_shapes_spec_above_left() -> None:
         make_dataset("shapes:above_left=most", 32)
     with pytest.raises(ValueError, match=r"above_left .* must lie in \[0, 1\]"):
         make_dataset("shapes:above_left=2", 32)
-    staged = make_dataset("shapes:above_left=1,above_left_until=64", 32)
-    assert (staged.above_left, staged.above_left_until) == (1.0, 64)
+    staged = make_dataset("shapes:above_left=1,above_left_until=64,above_left_after=0.75", 32)
+    assert (staged.above_left, staged.above_left_until, staged.above_left_after) == (1.0, 64, 0.75)
     with pytest.raises(ValueError, match="above_left_until must be an integer"):
         make_dataset("shapes:above_left=1,above_left_until=1e3", 32)
     with pytest.raises(ValueError, match="ends the above_left share and needs one"):

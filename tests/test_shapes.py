@@ -595,3 +595,10 @@ def test_above_left_sets_the_share_of_leading_relations_and_is_off_by_default():
     staged = ShapesStream(seed=5, category_weights=position, above_left=1.0, above_left_until=100)
     assert all(staged.scene(i).relation in LEADING_RELATIONS for i in range(100))
     assert [staged.scene(i) for i in range(100, 130)] == [plain.scene(i) for i in range(100, 130)]
+    # above_left_after=Q: the share from sample N on, in place of the spec's uniform draw
+    after = ShapesStream(seed=5, category_weights=position, above_left=1.0, above_left_until=100, above_left_after=0.0)
+    assert all(after.scene(i).relation in LEADING_RELATIONS for i in range(100))
+    assert not any(after.scene(i).relation in LEADING_RELATIONS for i in range(100, 160))
+    for bad in ({"above_left_after": 0.5}, {"above_left_until": 10, "above_left_after": 2.0}):
+        with pytest.raises(ValueError, match="above_left_after is the share after above_left_until"):
+            ShapesStream(above_left=1.0, **bad)

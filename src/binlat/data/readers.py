@@ -238,7 +238,8 @@ class ManifestDataset(IndexedImageDataset):
 SPEC_FORMS = (
     "'shapes' or 'shapes:seed=N,color_attr=2,both_ways=1,...' (procedural shapes; category weights relative to 1; "
     "both_ways=1 or role_pairs=1 follows each position scene with the same scene said the other way round or with "
-    "its roles swapped; above_left=P says that share of position captions with 'above' or 'to the left of'), an "
+    "its roles swapped; above_left=P says that share of position captions with 'above' or 'to the left of', for the "
+    "first above_left_until=N samples if given, above_left_after=Q after them), an "
     "existing image folder (images + same-named .txt captions), a .jsonl/.csv manifest, or WebDataset .tar shards "
     "(path, brace pattern 'shard-{000..009}.tar', glob, or, typed on the command line with --allow-data-commands, "
     "a URL such as pipe:/http:)"
@@ -260,7 +261,9 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
     scene 2k that scene said the other way round ("B below A" for "A above B"); ``role_pairs=1`` makes it the scene
     with its roles swapped ("B above A", the objects' places exchanged). Both 0 by default; ShapesStream refuses
     both at 1. ``above_left=0.8`` says 80 % of the position captions with "above" or "to the left of" (the first
-    noun on top or on the left) and the rest with their converses, where the spec draws the four alike."""
+    noun on top or on the left) and the rest with their converses, where the spec draws the four alike;
+    ``above_left_until=N`` keeps that share for samples 0..N-1 only, and ``above_left_after=Q`` is the share after
+    them (else the spec's uniform draw)."""
     options: dict[str, Any] = {"seed": seed, "category_weights": None}
     if spec == "shapes":
         return options

@@ -464,6 +464,14 @@ class ShapesStream(IterableDataset):
     in one micro-batch when that batch is even; iterating this stream with DataLoader
     workers, indices ``i`` and ``i + 1`` fall to different workers and so into different
     (neighbouring) batches, which is acceptable: the pair is still near in training.
+
+    ``above_left`` (a share) says that share of the position captions with "above" or "to the left of" (the first
+    noun on top or on the left) and the rest with their converses, where the spec draws the four relations alike;
+    ``above_left_until`` (a sample index) ends it, and ``above_left_after`` is the share from there on (None: the
+    spec's uniform draw). Why: with the four relations alike, which noun goes on top is the product of two things a
+    generator must learn together, the nouns' roles and the relation's direction; neither alone says anything about the
+    image, so gradient descent finds neither (docs/recipe.md, "Roles are an XOR"). Said mostly one way, the roles alone
+    predict the layout and are learned first.
     """
 
     def __init__(
@@ -483,6 +491,11 @@ class ShapesStream(IterableDataset):
         _check_size(size)
         if above_left is not None and not 0 <= above_left <= 1:
             raise ValueError(f"above_left is a share of the position captions and must lie in [0, 1], got {above_left}")
+        if above_left_after is not None and (above_left_until is None or not 0 <= above_left_after <= 1):
+            raise ValueError(
+                f"above_left_after is the share after above_left_until (which it needs) and must lie in [0, 1], got "
+                f"above_left_after={above_left_after}, above_left_until={above_left_until}"
+            )
         if above_left_until is not None and (above_left is None or above_left_until < 0):
             raise ValueError(
                 f"above_left_until (a sample count, >= 0) ends the above_left share and needs one: got "
