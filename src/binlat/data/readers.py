@@ -252,6 +252,15 @@ _SHAPES_SWITCHES = {
 }
 
 
+# The shapes spec's numeric options and how each is read (ShapesStream checks their ranges).
+_SHAPES_NUMBERS: dict[str, type] = {
+    "seed": int,
+    "above_left": float,
+    "above_left_until": int,
+    "above_left_after": float,
+}
+
+
 def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
     """ShapesStream's options (seed, category_weights, both_ways, role_pairs) of a shapes spec, or None if ``spec``
     is not one.
@@ -274,11 +283,7 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
     weights: dict[str, float] = {}
     for part in spec[len("shapes:") :].split(","):
         name, eq, value = (x.strip() for x in part.partition("="))
-        if not eq or (
-            name not in ("seed", "above_left", "above_left_until", "above_left_after")
-            and name not in _SHAPES_SWITCHES
-            and name not in CATEGORIES
-        ):
+        if not eq or (name not in _SHAPES_NUMBERS and name not in _SHAPES_SWITCHES and name not in CATEGORIES):
             raise ValueError(
                 f"bad shapes spec {spec!r}: expected 'shapes:seed=N', category weights such as "
                 f"'shapes:color_attr=2' (categories: {', '.join(CATEGORIES)}), 'both_ways=1', 'role_pairs=1' or "
@@ -291,18 +296,16 @@ def _shapes_options(spec: str, seed: int) -> dict[str, Any] | None:
                 )
             options[name] = value == "1"
             continue
+        read = _SHAPES_NUMBERS.get(name, float)  # a category's weight is a number
         try:
-            if name == "seed":
-                options["seed"] = int(value)
-            elif name in ("above_left", "above_left_after"):
-                options[name] = float(value)
-            elif name == "above_left_until":
-                options["above_left_until"] = int(value)
-            else:
-                weights[name] = float(value)
+            number = read(value)
         except ValueError as exc:
-            kind = "an integer" if name in ("seed", "above_left_until") else "a number"
+            kind = "an integer" if read is int else "a number"
             raise ValueError(f"bad shapes spec {spec!r}: {name} must be {kind}") from exc
+        if name in _SHAPES_NUMBERS:
+            options[name] = number
+        else:
+            weights[name] = number
     if weights:  # ShapesStream checks the weights, and that at most one switch is on
         options["category_weights"] = {c: weights.get(c, 1.0) for c in CATEGORIES}
         if len(set(options["category_weights"].values())) == 1:  # "shapes:position=1" read as "position only"
