@@ -599,6 +599,9 @@ def test_above_left_sets_the_share_of_leading_relations_and_is_off_by_default():
     after = ShapesStream(seed=5, category_weights=position, above_left=1.0, above_left_until=100, above_left_after=0.0)
     assert all(after.scene(i).relation in LEADING_RELATIONS for i in range(100))
     assert not any(after.scene(i).relation in LEADING_RELATIONS for i in range(100, 160))
+    # the data line a run prints says the curriculum, not only the first share
+    assert after.describe()["mix"].endswith("above / left of: 100 % for the first 100 samples, then 0 %")
+    assert staged.describe()["mix"].endswith("for the first 100 samples, then as drawn alike")
     for bad in ({"above_left_after": 0.5}, {"above_left_until": 10, "above_left_after": 2.0}):
         with pytest.raises(ValueError, match="above_left_after is the share after above_left_until"):
             ShapesStream(above_left=1.0, **bad)

@@ -528,6 +528,9 @@ class ShapesStream(IterableDataset):
         relations = (
             "" if self.above_left is None else f"; position captions above / left of: {100 * self.above_left:.0f} %"
         )
+        if self.above_left_until is not None:
+            after = "as drawn alike" if self.above_left_after is None else f"{100 * self.above_left_after:.0f} %"
+            relations += f" for the first {self.above_left_until} samples, then {after}"
         return {
             "samples": None,
             "captioned": None,
